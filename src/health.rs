@@ -1,0 +1,112 @@
+//! Readiness and liveness, shared by finale, the server integrations and user code.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::sync::Notify;
+
+/// The service's health as load balancers and orchestrators see it.
+///
+/// - **Readiness** is off until graceful start has seen every registered service report ready,
+///   and off again from the moment the [`Announce`](crate::Phase::Announce) phase starts, so the
+///   load balancer stops sending new traffic while the service still serves.
+/// - **Liveness** stays on until the process exits: a shutting-down service is not dead, and a
+///   failing liveness probe would make the orchestrator kill it before its telemetry is out.
+///
+/// Cheap to clone; every check is one atomic load.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let finale = finale::Finale::builder().build().unwrap();
+/// let health = finale.handle().health();
+/// assert!(!health.is_ready()); // not started yet
+/// assert!(health.is_live());
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Health {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    started: AtomicBool,
+    announced: AtomicBool,
+    not_ready_answers: AtomicU64,
+    probed: Notify,
+}
+
+impl Health {
+    pub(crate) fn new() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                started: AtomicBool::new(false),
+                announced: AtomicBool::new(false),
+                not_ready_answers: AtomicU64::new(0),
+                probed: Notify::new(),
+            }),
+        }
+    }
+
+    /// Whether the service should receive new traffic: started, and not shutting down.
+    pub fn is_ready(&self) -> bool {
+        self.inner.started.load(Ordering::Acquire) && !self.inner.announced.load(Ordering::Acquire)
+    }
+
+    /// Whether the process is alive. Stays `true` until exit, through the whole shutdown.
+    pub fn is_live(&self) -> bool {
+        true
+    }
+
+    /// Records that a readiness probe was answered "not ready".
+    ///
+    /// Health endpoints call this for every `503` they serve during the shutdown; the drain delay
+    /// can end early once the load balancer has seen enough of them (see
+    /// [`DrainDelay`](crate::DrainDelay)).
+    pub fn record_not_ready_answer(&self) {
+        if self.inner.announced.load(Ordering::Acquire) {
+            self.inner.not_ready_answers.fetch_add(1, Ordering::AcqRel);
+            self.inner.probed.notify_waiters();
+        }
+    }
+
+    /// How many "not ready" answers were served since the shutdown was announced.
+    pub fn not_ready_answers(&self) -> u64 {
+        self.inner.not_ready_answers.load(Ordering::Acquire)
+    }
+
+    /// Waits until at least `n` "not ready" answers were served since the announce.
+    pub(crate) async fn wait_not_ready_answers(&self, n: u64) {
+        loop {
+            let notified = self.inner.probed.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.not_ready_answers() >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Marks graceful start as complete: readiness turns on (unless already announced).
+    pub(crate) fn set_started(&self) {
+        self.inner.started.store(true, Ordering::Release);
+    }
+
+    /// Turns readiness off for good. Returns whether this call did it.
+    pub(crate) fn announce(&self) -> bool {
+        !self.inner.announced.swap(true, Ordering::AcqRel)
+    }
+}
+
+impl fmt::Debug for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Health")
+            .field("ready", &self.is_ready())
+            .field("live", &self.is_live())
+            .finish()
+    }
+}

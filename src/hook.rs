@@ -1,0 +1,247 @@
+//! Hooks: named async functions that run in one phase of the sequence.
+
+use std::borrow::Cow;
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::phase::Phase;
+
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// The error a hook or task returned, kept for the report.
+///
+/// Cheap to clone; [`source`](std::error::Error::source) gives the original error.
+#[derive(Clone)]
+pub struct HookError {
+    inner: Arc<BoxError>,
+}
+
+impl HookError {
+    pub(crate) fn new(error: impl Into<BoxError>) -> Self {
+        Self {
+            inner: Arc::new(error.into()),
+        }
+    }
+
+    pub(crate) fn msg(message: impl Into<String>) -> Self {
+        Self::new(message.into())
+    }
+}
+
+impl fmt::Debug for HookError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self.inner, f)
+    }
+}
+
+impl fmt::Display for HookError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&**self.inner, f)
+    }
+}
+
+impl StdError for HookError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&**self.inner)
+    }
+}
+
+impl PartialEq for HookError {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// What a hook's or task's future may return: `()` or `Result<(), E>` for any error type that
+/// converts into `Box<dyn Error + Send + Sync>` (any `std::error::Error`, `anyhow::Error`,
+/// `String`, ...).
+///
+/// This trait is sealed.
+pub trait HookOutput: sealed::Sealed + Send + 'static {
+    #[doc(hidden)]
+    fn into_result(self) -> Result<(), HookError>;
+}
+
+impl sealed::Sealed for () {}
+impl HookOutput for () {
+    fn into_result(self) -> Result<(), HookError> {
+        Ok(())
+    }
+}
+
+impl<E> sealed::Sealed for Result<(), E> where E: Into<BoxError> + Send + 'static {}
+impl<E> HookOutput for Result<(), E>
+where
+    E: Into<BoxError> + Send + 'static,
+{
+    fn into_result(self) -> Result<(), HookError> {
+        self.map_err(HookError::new)
+    }
+}
+
+/// What a running hook knows about its situation.
+#[derive(Clone, Debug)]
+pub struct HookContext {
+    pub(crate) phase: Phase,
+    pub(crate) deadline: Instant,
+}
+
+impl HookContext {
+    /// The phase the hook runs in.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// When the hook will be abandoned: its own timeout or its phase's deadline, whichever is first.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// How long until the [`deadline`](HookContext::deadline).
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+}
+
+type HookFn = Box<dyn FnOnce(HookContext) -> BoxFuture<Result<(), HookError>> + Send + 'static>;
+
+/// A named async function that runs once, in one [`Phase`], when the shutdown sequence reaches it.
+///
+/// Hooks of one phase run concurrently with each other and with the phase's tasks. A hook that
+/// errors, panics or overruns is recorded in the report and abandoned; the others and the later
+/// phases still run.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use finale::{Hook, Phase};
+///
+/// let close_pool = Hook::new(Phase::Workers, "close-db-pool", |_ctx| async {
+///     // pool.close().await;
+/// })
+/// .timeout(Duration::from_secs(2));
+///
+/// let commit = Hook::new(Phase::Workers, "commit-offsets", |ctx| async move {
+///     let _left = ctx.remaining();
+///     Ok::<(), std::io::Error>(())
+/// });
+/// # let _ = (close_pool, commit);
+/// ```
+pub struct Hook {
+    pub(crate) phase: Phase,
+    pub(crate) name: Cow<'static, str>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) order: i32,
+    pub(crate) run: HookFn,
+}
+
+impl Hook {
+    /// A hook named `name` that runs `f` in `phase`.
+    pub fn new<F, Fut>(phase: Phase, name: impl Into<Cow<'static, str>>, f: F) -> Self
+    where
+        F: FnOnce(HookContext) -> Fut + Send + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: HookOutput,
+    {
+        Self {
+            phase,
+            name: name.into(),
+            timeout: None,
+            order: 0,
+            run: Box::new(move |ctx| {
+                let fut = f(ctx);
+                Box::pin(async move { fut.await.into_result() })
+            }),
+        }
+    }
+
+    /// Gives the hook its own timeout, within its phase's. A timeout longer than the phase can
+    /// last is a [`ConfigError::TimeoutBeyondPhase`](crate::ConfigError::TimeoutBeyondPhase) at
+    /// registration.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Orders hooks within their phase: hooks with a lower order run (concurrently with each
+    /// other) before hooks with a higher one start. Default `0`.
+    ///
+    /// The telemetry integrations use this to push metrics before traces and logs, and to release
+    /// the log writer last.
+    #[must_use]
+    pub fn order(mut self, order: i32) -> Self {
+        self.order = order;
+        self
+    }
+
+    /// The hook's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The hook's phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+}
+
+impl fmt::Debug for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hook")
+            .field("phase", &self.phase)
+            .field("name", &self.name)
+            .field("timeout", &self.timeout)
+            .field("order", &self.order)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Turns a panic inside a boxed future into an `Err(message)`.
+pub(crate) struct CatchUnwind<T> {
+    inner: BoxFuture<T>,
+}
+
+impl<T> CatchUnwind<T> {
+    pub(crate) fn new(inner: BoxFuture<T>) -> Self {
+        Self { inner }
+    }
+}
+
+impl<T> Future for CatchUnwind<T> {
+    type Output = Result<T, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // The future is never polled again after a panic (it is dropped with `self`), so no
+        // broken invariant can be observed: asserting unwind safety is sound.
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(payload) => Poll::Ready(Err(panic_message(&*payload))),
+        }
+    }
+}
+
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-string payload".to_owned()
+    }
+}
