@@ -68,16 +68,52 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | (none) | the core: phases, budget, signals, hooks, tasks, in-flight tracking, health, report |
+//! | `tower` | a tower layer: in-flight tracking, 503 while draining; `/livez` and `/readyz` |
+//! | `axum` | serve an axum `Router` under finale (implies `tower`) |
+//! | `hyper` | serve a hyper / hyper-util service under finale (implies `tower`) |
+//! | `tonic` | serve tonic services under finale, tonic-health included (implies `tower`) |
+//! | `pushgateway` | final push to a Prometheus Pushgateway from metrics-exporter-prometheus |
+//! | `otlp` | bounded, parallel flush and shutdown of OpenTelemetry SDK providers |
+//! | `tracing-appender` | release a tracing-appender `WorkerGuard` last, bounded |
 //!
 //! ## Minimum supported Rust version
 //!
-//! Rust 1.85 (edition 2024).
+//! Rust 1.88 (edition 2024); the core alone builds with 1.85.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
 
 mod config;
 mod finale;
+
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub mod tower;
+
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub mod axum;
+
+#[cfg(feature = "hyper")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
+pub mod hyper;
+
+#[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+pub mod tonic;
+
+#[cfg(feature = "pushgateway")]
+#[cfg_attr(docsrs, doc(cfg(feature = "pushgateway")))]
+pub mod pushgateway;
+
+#[cfg(feature = "otlp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otlp")))]
+pub mod otlp;
+
+#[cfg(feature = "tracing-appender")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tracing-appender")))]
+pub mod appender;
+
 mod health;
 mod hook;
 pub mod names;
