@@ -612,15 +612,15 @@ impl Finale {
                 Ok(Err(e)) => Some(e.clone()),
                 Err(panic) => Some(HookError::msg(format!("panicked: {panic}"))),
             };
-            if let Some(error) = failure {
-                if !shared.requested.is_cancelled() {
-                    if needs_ready && !ready_flag.is_cancelled() {
-                        shared.request(Reason::StartupFailed { name, error });
-                    } else if critical {
-                        shared.request(Reason::TaskFailed { name, error });
-                    } else {
-                        tracing::warn!(target: "finale", task = %name, %error, "task failed");
-                    }
+            if let Some(error) = failure
+                && !shared.requested.is_cancelled()
+            {
+                if needs_ready && !ready_flag.is_cancelled() {
+                    shared.request(Reason::StartupFailed { name, error });
+                } else if critical {
+                    shared.request(Reason::TaskFailed { name, error });
+                } else {
+                    tracing::warn!(target: "finale", task = %name, %error, "task failed");
                 }
             }
             // A task that ended cannot hold up graceful start.

@@ -78,7 +78,7 @@
 //!
 //! ## Minimum supported Rust version
 //!
-//! Rust 1.88 (edition 2024); the core alone builds with 1.85.
+//! Rust 1.88 (edition 2024).
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]

@@ -339,10 +339,8 @@ async fn run_phase(
     let mut works: Vec<Option<Entry>> = entries.drain(..).map(Some).collect();
     let mut outcome = PhaseOutcome::Completed;
     let mut escalation_seen = shared.escalated.is_cancelled();
-    if escalation_seen {
-        if let OnEscalate::Shorten(d) = on_escalate {
-            deadline = deadline.min(Instant::now() + d);
-        }
+    if escalation_seen && let OnEscalate::Shorten(d) = on_escalate {
+        deadline = deadline.min(Instant::now() + d);
     }
     let mut ended_at: Vec<Option<Duration>> = vec![None; n];
 
