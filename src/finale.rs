@@ -64,6 +64,10 @@ pub(crate) struct Shared {
     pub(crate) escalated: StopToken,
     /// Cancelled when the phase of the same index starts.
     pub(crate) phase_started: [StopToken; 4],
+    /// Each phase's deadline, set just before its token is cancelled.
+    phase_deadlines: Mutex<[Option<tokio::time::Instant>; 4]>,
+    /// What was cut short at a deadline, for the report.
+    cut: Mutex<Vec<String>>,
     reason: Mutex<Option<Reason>>,
     state: AtomicU8,
     rejected: AtomicU64,
@@ -89,6 +93,16 @@ impl Shared {
 
     pub(crate) fn set_state(&self, state: State) {
         self.state.store(state.to_u8(), Ordering::Release);
+    }
+
+    /// Sets the phase's deadline, then cancels its token, so anything woken by the token sees it.
+    pub(crate) fn start_phase(&self, phase: Phase, deadline: tokio::time::Instant) {
+        lock(&self.phase_deadlines)[phase.index()] = Some(deadline);
+        self.phase_started[phase.index()].cancel();
+    }
+
+    pub(crate) fn take_cut(&self) -> Vec<String> {
+        std::mem::take(&mut *lock(&self.cut))
     }
 
     pub(crate) fn requests_rejected(&self) -> u64 {
@@ -213,6 +227,21 @@ impl Handle {
     /// The budget this run uses.
     pub fn budget(&self) -> Budget {
         self.shared.budget
+    }
+
+    /// The deadline of `phase`, once it has started: when what is unfinished in it is abandoned.
+    /// Servers use it to cut their remaining connections themselves, just before, and report them.
+    pub fn phase_deadline(&self, phase: Phase) -> Option<tokio::time::Instant> {
+        lock(&self.shared.phase_deadlines)[phase.index()]
+    }
+
+    /// Records something that was cut short at a deadline (a connection, a stream that never
+    /// ended), so the report names it. It counts as a
+    /// [`DeadlineOverrun`](crate::ExitStatus::DeadlineOverrun).
+    pub fn record_cut(&self, what: impl Into<String>) {
+        let what = what.into();
+        tracing::warn!(target: "finale", cut = %what, "cut at the deadline");
+        lock(&self.shared.cut).push(what);
     }
 
     /// Records one request answered `503` because it arrived while draining; counted in the
@@ -438,6 +467,8 @@ impl Builder {
             requested: StopToken::new(),
             escalated: StopToken::new(),
             phase_started: std::array::from_fn(|_| StopToken::new()),
+            phase_deadlines: Mutex::new([None; 4]),
+            cut: Mutex::new(Vec::new()),
             reason: Mutex::new(None),
             state: AtomicU8::new(State::Starting.to_u8()),
             rejected: AtomicU64::new(0),

@@ -325,6 +325,9 @@ pub struct ShutdownReport {
     pub in_flight_at_drain_start: usize,
     /// Requests answered `503` because they arrived while draining.
     pub requests_rejected: u64,
+    /// What was cut short at a deadline: connections and streams still open when their phase
+    /// ended (see [`Handle::record_cut`](crate::Handle::record_cut)).
+    pub cut: Vec<String>,
     /// Whether a second signal cut the shutdown short.
     pub escalated: bool,
     /// From the trigger to the end of the Telemetry phase.
@@ -363,7 +366,12 @@ impl ShutdownReport {
         std::process::exit(self.exit_code)
     }
 
-    pub(crate) fn classify(reason: &Reason, phases: &[PhaseReport], escalated: bool) -> ExitStatus {
+    pub(crate) fn classify(
+        reason: &Reason,
+        phases: &[PhaseReport],
+        cut: &[String],
+        escalated: bool,
+    ) -> ExitStatus {
         if escalated {
             return ExitStatus::Forced;
         }
@@ -382,7 +390,8 @@ impl ShutdownReport {
         {
             return ExitStatus::ComponentFailure;
         }
-        if non_telemetry().any(|e| matches!(e.outcome, Outcome::TimedOut | Outcome::Abandoned))
+        if !cut.is_empty()
+            || non_telemetry().any(|e| matches!(e.outcome, Outcome::TimedOut | Outcome::Abandoned))
             || phases
                 .iter()
                 .any(|p| p.phase != Phase::Telemetry && p.outcome == PhaseOutcome::DeadlineReached)
@@ -430,6 +439,9 @@ impl fmt::Display for ShutdownReport {
                 ", {} requests rejected while draining",
                 self.requests_rejected
             )?;
+        }
+        for c in &self.cut {
+            write!(f, "\n  cut at deadline: {c}")?;
         }
         for p in &self.phases {
             write!(

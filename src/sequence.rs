@@ -235,9 +235,9 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
             }
             _ => budget.workers_timeout,
         };
-        // Tasks learn about their phase before anything in it is awaited.
-        shared.phase_started[phase.index()].cancel();
         let deadline = (start + limit).min(pre_end);
+        // Tasks learn about their phase (and its deadline) before anything in it is awaited.
+        shared.start_phase(phase, deadline);
         let span = tracing::info_span!(target: "finale", parent: &shutdown_span, "finale.phase", phase = phase.as_str());
         let (outcome, reports) = run_phase(
             shared,
@@ -263,9 +263,11 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
     // Record everything known so far before the Telemetry phase flushes it.
     let before_telemetry = t0.elapsed();
     crate::names::record(&reason, &phases, in_flight_at_drain_start, before_telemetry);
+    let cut = shared.take_cut();
     let mut report = ShutdownReport {
-        status: ShutdownReport::classify(&reason, &phases, escalated),
+        status: ShutdownReport::classify(&reason, &phases, &cut, escalated),
         exit_code: 0,
+        cut,
         reason,
         phases,
         in_flight_at_drain_start,
@@ -280,12 +282,12 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
     let phase = Phase::Telemetry;
     let start = Instant::now();
     shared.set_state(State::ShuttingDown(phase));
-    shared.phase_started[phase.index()].cancel();
     let deadline = if escalated {
         start + budget.escalation_budget
     } else {
         hard_end.max(start + budget.telemetry_reserve)
     };
+    shared.start_phase(phase, deadline);
     let entries = std::mem::take(&mut by_phase[phase.index()]);
     let span = tracing::Span::none();
     let (outcome, reports) = run_phase(
@@ -307,7 +309,13 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
     });
     report.total = t0.elapsed();
     report.requests_rejected = shared.requests_rejected();
-    report.status = ShutdownReport::classify(&report.reason, &report.phases, report.escalated);
+    report.cut.extend(shared.take_cut());
+    report.status = ShutdownReport::classify(
+        &report.reason,
+        &report.phases,
+        &report.cut,
+        report.escalated,
+    );
     report.exit_code = shared.exit_codes.code(report.status);
     shared.set_state(State::Finished);
     report

@@ -675,3 +675,34 @@ async fn the_report_reads_as_a_timeline() {
         assert!(text.contains(needle), "{needle} missing in\n{text}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_service_sees_its_deadline_and_reports_what_it_cut() {
+    let finale = builder()
+        .drain_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let handle = finale.handle();
+    finale
+        .spawn(Task::service("http", |ctx| async move {
+            ctx.set_ready();
+            ctx.stopped().await;
+            let deadline = ctx
+                .handle()
+                .phase_deadline(Phase::Drain)
+                .expect("set before the stop");
+            // Cut the stream that never ends a little before the phase deadline.
+            tokio::time::sleep_until(deadline - Duration::from_millis(100)).await;
+            ctx.handle()
+                .record_cut("GET /events (SSE) from 127.0.0.1:4242");
+        }))
+        .unwrap();
+    let t = Instant::now();
+    handle.trigger("test");
+    let report = finale.run().await;
+    assert_eq!(t.elapsed(), Duration::from_millis(2900));
+    assert_eq!(report.cut, ["GET /events (SSE) from 127.0.0.1:4242"]);
+    assert_eq!(report.entry("http").unwrap().outcome, Outcome::Completed);
+    assert_eq!(report.status, ExitStatus::DeadlineOverrun);
+    assert!(report.to_string().contains("cut at deadline: GET /events"));
+}
