@@ -14,6 +14,9 @@
 //! - `QUICKSTART_RUNTIME=current_thread|multi_thread`: the tokio runtime flavour.
 //! - `FINALE_*`: any budget setting (see the README's defaults table).
 
+// Examples print the report; the library itself never prints.
+#![allow(clippy::print_stderr)]
+
 use std::time::Duration;
 
 use finale::{Finale, Hook, Phase, Task};
