@@ -34,27 +34,27 @@ pub const MAX_DURATION: Duration = Duration::from_secs(3600);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Setting {
-    /// [`Builder::total_budget`], `FINALE_TOTAL_BUDGET`.
+    /// [`Builder::total_budget`](crate::Builder::total_budget), `FINALE_TOTAL_BUDGET`.
     TotalBudget,
-    /// [`Builder::telemetry_reserve`], `FINALE_TELEMETRY_RESERVE`.
+    /// [`Builder::telemetry_reserve`](crate::Builder::telemetry_reserve), `FINALE_TELEMETRY_RESERVE`.
     TelemetryReserve,
-    /// [`Builder::drain_delay`], `FINALE_DRAIN_DELAY`.
+    /// [`Builder::drain_delay`](crate::Builder::drain_delay), `FINALE_DRAIN_DELAY`.
     DrainDelay,
     /// The probe count of [`DrainDelay::UntilProbed`], `FINALE_DRAIN_PROBES`.
     DrainProbes,
-    /// [`Builder::announce_timeout`], `FINALE_ANNOUNCE_TIMEOUT`.
+    /// [`Builder::announce_timeout`](crate::Builder::announce_timeout), `FINALE_ANNOUNCE_TIMEOUT`.
     AnnounceTimeout,
-    /// [`Builder::drain_timeout`], `FINALE_DRAIN_TIMEOUT`.
+    /// [`Builder::drain_timeout`](crate::Builder::drain_timeout), `FINALE_DRAIN_TIMEOUT`.
     DrainTimeout,
-    /// [`Builder::workers_timeout`], `FINALE_WORKERS_TIMEOUT`.
+    /// [`Builder::workers_timeout`](crate::Builder::workers_timeout), `FINALE_WORKERS_TIMEOUT`.
     WorkersTimeout,
-    /// [`Builder::escalation_budget`], `FINALE_ESCALATION_BUDGET`.
+    /// [`Builder::escalation_budget`](crate::Builder::escalation_budget), `FINALE_ESCALATION_BUDGET`.
     EscalationBudget,
-    /// [`Builder::startup_timeout`], `FINALE_STARTUP_TIMEOUT`.
+    /// [`Builder::startup_timeout`](crate::Builder::startup_timeout), `FINALE_STARTUP_TIMEOUT`.
     StartupTimeout,
-    /// [`Builder::grace_period`], `FINALE_GRACE_PERIOD`.
+    /// [`Builder::grace_period`](crate::Builder::grace_period), `FINALE_GRACE_PERIOD`.
     GracePeriod,
-    /// [`Builder::safety_margin`], `FINALE_SAFETY_MARGIN`.
+    /// [`Builder::safety_margin`](crate::Builder::safety_margin), `FINALE_SAFETY_MARGIN`.
     SafetyMargin,
 }
 
@@ -150,7 +150,7 @@ impl DrainDelay {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Misfit {
-    /// [`Builder::build`] fails with [`ConfigError::DoesNotFit`] (the default).
+    /// [`Builder::build`](crate::Builder::build) fails with [`ConfigError::DoesNotFit`] (the default).
     #[default]
     Error,
     /// Log a warning through `tracing` and go on.
