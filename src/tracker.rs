@@ -134,6 +134,8 @@ struct TrackerShared {
     orphans_acquired: AtomicU64,
     orphans_released: AtomicU64,
     draining: AtomicBool,
+    /// The drain waiter is parked and wants one wake-up; the first release that sees it takes it.
+    waiting: AtomicBool,
     zero: tokio::sync::Notify,
 }
 
@@ -161,21 +163,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// This thread's slots, by tracker id. The first tracker a thread uses sits in `fast`.
+/// This thread's slots, by tracker id. The most recently used one sits in `fast`.
 struct LocalSlots {
     fast: Cell<Option<(usize, &'static Slot)>>,
-    rest: RefCell<Vec<(usize, &'static Slot, &'static TrackerShared)>>,
-    fast_owner: Cell<Option<&'static TrackerShared>>,
+    all: RefCell<Vec<(usize, &'static Slot, &'static TrackerShared)>>,
 }
 
 impl Drop for LocalSlots {
     fn drop(&mut self) {
         // The thread is exiting: hand its slots to the next new thread. Their counts stay; the
         // next owner goes on counting from them.
-        if let (Some((_, slot)), Some(owner)) = (self.fast.get(), self.fast_owner.get()) {
-            lock(&owner.free).push(slot);
-        }
-        for (_, slot, owner) in self.rest.borrow_mut().drain(..) {
+        for (_, slot, owner) in self.all.borrow_mut().drain(..) {
             lock(&owner.free).push(slot);
         }
     }
@@ -185,8 +183,7 @@ thread_local! {
     static LOCAL: LocalSlots = const {
         LocalSlots {
             fast: Cell::new(None),
-            rest: RefCell::new(Vec::new()),
-            fast_owner: Cell::new(None),
+            all: RefCell::new(Vec::new()),
         }
     };
 }
@@ -209,22 +206,19 @@ fn with_slot(tracker: &'static TrackerShared, f: impl FnOnce(&Slot)) -> bool {
 
 #[cold]
 fn slow_slot(local: &LocalSlots, tracker: &'static TrackerShared, f: impl FnOnce(&Slot)) {
-    if local.fast.get().is_none() {
-        let slot = tracker.new_slot();
-        local.fast.set(Some((tracker.id, slot)));
-        local.fast_owner.set(Some(tracker));
-        return f(slot);
-    }
-    let mut rest = local.rest.borrow_mut();
-    let slot = match rest.iter().find(|(id, ..)| *id == tracker.id) {
-        Some(&(_, slot, _)) => slot,
+    let mut all = local.all.borrow_mut();
+    // Most recently used last, so a thread that moved on to a new tracker (tests and benches
+    // build one per run) finds it at once.
+    let slot = match all.iter().rposition(|(id, ..)| *id == tracker.id) {
+        Some(i) => all[i].1,
         None => {
             let slot = tracker.new_slot();
-            rest.push((tracker.id, slot, tracker));
+            all.push((tracker.id, slot, tracker));
             slot
         }
     };
-    drop(rest);
+    drop(all);
+    local.fast.set(Some((tracker.id, slot)));
     f(slot)
 }
 
@@ -272,6 +266,7 @@ impl InFlight {
             orphans_acquired: AtomicU64::new(0),
             orphans_released: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
             zero: tokio::sync::Notify::new(),
         });
         Self {
@@ -316,6 +311,7 @@ impl InFlight {
             let notified = self.shared.zero.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
+            self.shared.waiting.store(true, Ordering::SeqCst);
             if self.count() == 0 {
                 return;
             }
@@ -366,9 +362,14 @@ impl Drop for InFlightGuard {
         if !with_slot(shared, Slot::release) {
             shared.orphans_released.fetch_add(1, Ordering::AcqRel);
         }
-        if shared.draining.load(Ordering::Relaxed) {
-            // Draining: wake the drain waiter so it re-counts. `notify_one` keeps a permit if
-            // the waiter is between its registration and its await.
+        // Draining and the waiter is parked: wake it once so it re-counts. Only the first
+        // release after each park pays for the wake-up; the rest see `waiting == false` with a
+        // plain load. `notify_one` keeps a permit if the waiter is between its registration and
+        // its await.
+        if shared.draining.load(Ordering::Relaxed)
+            && shared.waiting.load(Ordering::Relaxed)
+            && shared.waiting.swap(false, Ordering::AcqRel)
+        {
             shared.zero.notify_one();
         }
     }
