@@ -11,7 +11,9 @@
 //!   panic triggers the shutdown (exit code 4).
 //! - `QUICKSTART_SLOW_DRAIN=1`: a drain hook and a flush hook that never finish, so a second
 //!   signal has something to cut short (exit code 7), and a third exits at once (exit code 8).
-//! - `QUICKSTART_RUNTIME=current_thread|multi_thread`: the tokio runtime flavour.
+//! - `QUICKSTART_SLOW_START=1`: a service that is not ready until stopped, so a signal arrives
+//!   during graceful start.
+//! - `QUICKSTART_RUNTIME=current_thread|multi_thread_1|multi_thread`: the tokio runtime.
 //! - `FINALE_*`: any budget setting (see the README's defaults table).
 
 // Examples print the report; the library itself never prints.
@@ -32,6 +34,11 @@ fn main() {
 
     let mut runtime = match std::env::var("QUICKSTART_RUNTIME").as_deref() {
         Ok("current_thread") => tokio::runtime::Builder::new_current_thread(),
+        Ok("multi_thread_1") => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(1);
+            b
+        }
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = runtime.enable_all().build().expect("a tokio runtime");
@@ -80,6 +87,14 @@ async fn run() -> ! {
                     std::io::ErrorKind::AddrInUse,
                     "address already in use",
                 ))
+            }))
+            .expect("unique name");
+    }
+    if env("QUICKSTART_SLOW_START").is_some() {
+        finale
+            .spawn(Task::service("warming-cache", |ctx| async move {
+                tracing::info!("warming the cache");
+                ctx.stopped().await;
             }))
             .expect("unique name");
     }

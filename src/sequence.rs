@@ -52,6 +52,10 @@ pub(crate) fn listen(shared: &Arc<Shared>, signals: &[Signal]) -> Vec<AbortHandl
             }
         }
     }
+    if !tasks.is_empty() {
+        let names: Vec<&str> = signals.iter().map(|s| s.as_str()).collect();
+        tracing::info!(target: "finale", signals = %names.join(", "), "listening for signals");
+    }
     tasks
 }
 

@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const RUNTIMES: [&str; 2] = ["current_thread", "multi_thread"];
+const RUNTIMES: [&str; 3] = ["current_thread", "multi_thread_1", "multi_thread"];
 /// Wide bound for anything that should take milliseconds.
 const BOUND: Duration = Duration::from_secs(10);
 
@@ -225,6 +225,20 @@ fn a_failed_start_exits_with_the_startup_failure_code() {
             out.contains("startup of \"listener\" failed: address already in use"),
             "{out}"
         );
+        assert!(!out.contains("started: ready"), "{out}");
+    }
+}
+
+#[test]
+fn a_signal_during_graceful_start_shuts_down_what_started() {
+    for runtime in RUNTIMES {
+        let mut s = Service::start(runtime, &[("QUICKSTART_SLOW_START", "1")]);
+        s.wait_for("listening for signals");
+        s.signal("TERM");
+        let (status, out, _) = s.wait_exit();
+        assert_eq!(status.code(), Some(0), "{runtime}: {out}");
+        assert!(out.contains("shutdown after signal SIGTERM"), "{out}");
+        assert!(out.contains("task \"warming-cache\""), "{out}");
         assert!(!out.contains("started: ready"), "{out}");
     }
 }
