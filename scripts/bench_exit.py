@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Whole-process figures: from SIGTERM to process exit, over several runs (median, min-max).
+
+Usage:
+  python3 scripts/bench_exit.py [--runs N] [--example NAME] [--features F] [--backends]
+
+Builds the example in release mode, starts it, waits until it logs that it is ready, sends
+SIGTERM and measures until the process has exited. Loopback only; every process it starts is
+stopped by PID.
+
+  --example quickstart            an idle service, drain delay 0, no backends (default)
+  --example full_service --backends
+                                  the full example with a real Pushgateway and a real OTLP
+                                  collector (rotel) started on free loopback ports
+"""
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+READY = {"quickstart": "started: ready", "full_service": "started: ready"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"port {port} did not open")
+
+
+def start_backends(tmp: str) -> tuple[list[subprocess.Popen], dict[str, str]]:
+    procs = []
+    pg = free_port()
+    procs.append(subprocess.Popen(
+        ["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{pg}", "--persistence.file=",
+         "--log.level=warn"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    grpc, http = free_port(), free_port()
+    procs.append(subprocess.Popen(
+        ["rotel-agent", "start", "--otlp-grpc-endpoint", f"127.0.0.1:{grpc}",
+         "--otlp-http-endpoint", f"127.0.0.1:{http}", "--exporter", "blackhole",
+         "--pid-file", os.path.join(tmp, "rotel.pid"), "--log-file", os.path.join(tmp, "rotel.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    wait_port(pg)
+    wait_port(grpc)
+    env = {
+        "PUSHGATEWAY_URL": f"http://127.0.0.1:{pg}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{grpc}",
+    }
+    return procs, env
+
+
+def one_run(binary: str, env: dict[str, str], ready: str) -> float:
+    proc = subprocess.Popen([binary], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            if ready in line:
+                seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not seen.wait(20):
+        proc.kill()
+        raise RuntimeError("the service did not become ready")
+    start = time.perf_counter()
+    os.kill(proc.pid, signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    elapsed = time.perf_counter() - start
+    if code != 0:
+        raise RuntimeError(f"exit code {code}")
+    return elapsed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--example", default="quickstart")
+    ap.add_argument("--features", default="")
+    ap.add_argument("--backends", action="store_true")
+    args = ap.parse_args()
+
+    cmd = ["cargo", "build", "--release", "--quiet", "--example", args.example]
+    if args.features:
+        cmd += ["--features", args.features]
+    subprocess.run(cmd, check=True)
+    binary = os.path.join("target", "release", "examples", args.example)
+
+    env = dict(os.environ, RUST_LOG="info", NO_COLOR="1", FINALE_DRAIN_DELAY="0s")
+    for k in ("KUBERNETES_SERVICE_HOST", "ECS_CONTAINER_METADATA_URI_V4", "ECS_CONTAINER_METADATA_URI"):
+        env.pop(k, None)
+    procs, tmp = [], tempfile.mkdtemp(prefix="finale-bench-")
+    try:
+        if args.backends:
+            for tool in ("prometheus-pushgateway", "rotel-agent"):
+                if not shutil.which(tool):
+                    print(f"{tool} not found: run scripts/install-components.sh")
+                    return 1
+            procs, backend_env = start_backends(tmp)
+            env.update(backend_env)
+        times = [one_run(binary, env, READY.get(args.example, "started: ready")) for _ in range(args.runs)]
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
+    ms = sorted(t * 1000 for t in times)
+    print(f"{args.example}{' with backends' if args.backends else ''}: SIGTERM to exit over "
+          f"{len(ms)} runs: median {statistics.median(ms):.1f} ms, min {ms[0]:.1f} ms, max {ms[-1]:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
