@@ -114,6 +114,7 @@ pub mod otlp;
 #[cfg_attr(docsrs, doc(cfg(feature = "tracing-appender")))]
 pub mod appender;
 
+mod flush;
 mod health;
 mod hook;
 pub mod names;
@@ -133,6 +134,7 @@ pub use crate::config::{
     PlanMisfit, Setting,
 };
 pub use crate::finale::{Builder, Finale, Handle, State};
+pub use crate::flush::{ORDER_LOG_WRITER, ORDER_METRICS, ORDER_TRACES_LOGS};
 pub use crate::health::Health;
 pub use crate::hook::{Hook, HookContext, HookError, HookOutput};
 pub use crate::phase::Phase;
