@@ -1,1 +1,988 @@
-//! (integration under construction)
+//! A final push of metrics-exporter-prometheus's metrics to a Prometheus Pushgateway, in the
+//! Telemetry phase, and optionally a periodic push while the service runs.
+//!
+//! metrics-exporter-prometheus's own push loop never pushes at exit, has no request timeout and,
+//! with its default features, panics without a rustls crypto provider. finale does not use it:
+//! it renders the [`PrometheusHandle`] itself and sends the text with a small plain-HTTP client
+//! under the Telemetry slot's deadline. Build the recorder with
+//! `PrometheusBuilder::new().install_recorder()` (or `build_recorder` plus
+//! `metrics::set_global_recorder`); no exporter feature of metrics-exporter-prometheus is needed.
+//!
+//! # What is pushed, where, and how
+//!
+//! - The body is `handle.render()`: every metric the recorder holds, finale's own shutdown
+//!   metrics ([`names`](crate::names)) included, since they are recorded before the Telemetry
+//!   phase starts.
+//! - The URL is `<url>/metrics/job/<job>{/<label>/<value>}`: the job plus the grouping labels.
+//!   A value that is empty or holds anything but `A-Z a-z 0-9 - . _ ~` (a `/` for instance) is sent
+//!   the Pushgateway's way, `<label>@base64/<base64url of the value>`.
+//! - [`Method::Put`] (default) replaces the whole group, [`Method::Post`] only the metrics of the
+//!   same names, [`Method::Delete`] deletes the group at exit (for long-lived services whose
+//!   series should not outlive them; periodic pushes then use PUT), [`Method::None`] sends
+//!   nothing at exit.
+//! - Each request has a timeout; failed attempts (connection errors, timeouts, `429` and `5xx`
+//!   answers) are retried with a doubling backoff, as long as the stage's share of the slot
+//!   allows (see [`ORDER_METRICS`]). A `4xx` answer is final: the
+//!   Pushgateway rejected the content.
+//!
+//! # What the report says
+//!
+//! The hook (named `pushgateway` unless [renamed](PushgatewayBuilder::name)) completes once the
+//! Pushgateway answered `2xx`. Otherwise it fails with a [`PushError`] that says what failed, for
+//! example `Pushgateway answered 400 Bad Request to PUT http://…: … is not a COUNTER`, and the
+//! run's status becomes [`TelemetryNotDelivered`](crate::ExitStatus::TelemetryNotDelivered).
+//!
+//! # Periodic pushes
+//!
+//! With [`push_interval`](PushgatewayBuilder::push_interval), a worker task (named
+//! `pushgateway (periodic)`) pushes every interval while the service runs. It stops when the
+//! Telemetry phase starts; the final push waits for a periodic push still in flight to be
+//! answered, and no periodic push starts after it, so no stale push can land after the final
+//! one.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! use finale::Finale;
+//! use finale::pushgateway::Pushgateway;
+//! use metrics_exporter_prometheus::PrometheusBuilder;
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let metrics = PrometheusBuilder::new().install_recorder()?;
+//!     let finale = Finale::builder().build()?;
+//!     Pushgateway::builder("http://pushgateway.monitoring:9091", "nightly-import")
+//!         .label("instance", "worker-3")
+//!         .build(metrics)?
+//!         .register(&finale)?;
+//!     // ... run the job, then trigger the shutdown ...
+//!     finale.run_and_exit().await
+//! }
+//! ```
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::time::Instant;
+
+use crate::config::ConfigError;
+use crate::finale::Finale;
+use crate::flush::{ORDER_METRICS, Share, stage_deadline};
+use crate::hook::{Hook, HookContext};
+use crate::phase::Phase;
+use crate::task::{Task, TaskContext};
+
+/// Default timeout of one request to the Pushgateway: 2 s.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default number of attempts of the final push: 3.
+pub const DEFAULT_ATTEMPTS: u32 = 3;
+/// Default wait before the first retry, doubled for each further one (at most 1 s): 100 ms.
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(100);
+/// Default name of the hook in the report: `pushgateway`.
+pub const DEFAULT_NAME: &str = "pushgateway";
+
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How much of an error answer's body goes into the error.
+const MAX_ERROR_BODY: usize = 512;
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// What the final push does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Method {
+    /// `PUT`: replace the whole group with the rendered metrics.
+    #[default]
+    Put,
+    /// `POST`: replace only the metrics of the same names in the group.
+    Post,
+    /// `DELETE`: delete the group, so a stopped instance leaves no stale series.
+    Delete,
+    /// Nothing at exit (periodic pushes, if any, still stop before the end).
+    None,
+}
+
+impl Method {
+    /// The HTTP method's name, or `none`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Put => "PUT",
+            Method::Post => "POST",
+            Method::Delete => "DELETE",
+            Method::None => "none",
+        }
+    }
+
+    fn http(self) -> http::Method {
+        match self {
+            Method::Post => http::Method::POST,
+            Method::Delete => http::Method::DELETE,
+            Method::Put | Method::None => http::Method::PUT,
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A [`Pushgateway`] setting that cannot work, found by [`PushgatewayBuilder::build`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PushgatewayConfigError {
+    /// The Pushgateway URL is not an absolute `http://host:port[/prefix]` URL.
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The job name is empty.
+    EmptyJob,
+    /// A grouping label's name is not a valid Prometheus label name, is reserved (`__…`), or is
+    /// `job` (which is the job name).
+    InvalidLabelName {
+        /// The name as given.
+        name: String,
+    },
+    /// The same grouping label was given twice.
+    DuplicateLabel {
+        /// The name.
+        name: String,
+    },
+    /// The credentials cannot be sent in an HTTP header (a control character, say).
+    InvalidCredentials,
+    /// A duration setting is zero.
+    ZeroDuration {
+        /// Which setting.
+        setting: &'static str,
+    },
+    /// The number of attempts is zero.
+    ZeroAttempts,
+}
+
+impl fmt::Display for PushgatewayConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidUrl { url, reason } => write!(
+                f,
+                "invalid Pushgateway URL {url:?}: {reason}; expected http://host:port, \
+                 optionally with a path prefix"
+            ),
+            Self::EmptyJob => f.write_str("the Pushgateway job name is empty"),
+            Self::InvalidLabelName { name } => write!(
+                f,
+                "invalid grouping label name {name:?}: use [a-zA-Z_][a-zA-Z0-9_]*, not starting \
+                 with \"__\", and not \"job\" (the job is given separately)"
+            ),
+            Self::DuplicateLabel { name } => {
+                write!(f, "grouping label {name:?} is given more than once")
+            }
+            Self::InvalidCredentials => f.write_str(
+                "the Pushgateway credentials contain characters that cannot go in an HTTP header",
+            ),
+            Self::ZeroDuration { setting } => {
+                write!(f, "the Pushgateway {setting} must be greater than zero")
+            }
+            Self::ZeroAttempts => f.write_str("the Pushgateway push needs at least one attempt"),
+        }
+    }
+}
+
+impl StdError for PushgatewayConfigError {}
+
+/// Why a push did not reach the Pushgateway.
+///
+/// Its [`Display`](fmt::Display) says what failed (and, for a transport error, the innermost
+/// cause), because that is what the [report](crate::ShutdownReport) shows;
+/// [`source`](StdError::source) gives the client's error.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PushError {
+    /// The Pushgateway answered, but not `2xx`.
+    Rejected {
+        /// The method of the request.
+        method: Method,
+        /// The grouping key URL.
+        url: String,
+        /// The answer's status.
+        status: StatusCode,
+        /// The start of the answer's body, which says why.
+        body: String,
+        /// How many requests were made.
+        attempts: u32,
+    },
+    /// The request did not get through: connection refused, reset, or a protocol error.
+    Unreachable {
+        /// The method of the request.
+        method: Method,
+        /// The grouping key URL.
+        url: String,
+        /// How many requests were made.
+        attempts: u32,
+        /// The client's error.
+        source: hyper_util::client::legacy::Error,
+    },
+    /// No answer came in time: within the request timeout or before the stage's time ran out.
+    TimedOut {
+        /// The method of the request.
+        method: Method,
+        /// The grouping key URL.
+        url: String,
+        /// How many requests were made.
+        attempts: u32,
+        /// How long the last request waited.
+        waited: Duration,
+    },
+}
+
+impl PushError {
+    /// Whether another attempt could succeed: a transport error, a timeout, `429` or `5xx`.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PushError::Rejected { status, .. } => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            PushError::Unreachable { .. } | PushError::TimedOut { .. } => true,
+        }
+    }
+
+    fn set_attempts(&mut self, n: u32) {
+        match self {
+            PushError::Rejected { attempts, .. }
+            | PushError::Unreachable { attempts, .. }
+            | PushError::TimedOut { attempts, .. } => *attempts = n,
+        }
+    }
+}
+
+struct Tries(u32);
+
+impl fmt::Display for Tries {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            1 => f.write_str("1 attempt"),
+            n => write!(f, "{n} attempts"),
+        }
+    }
+}
+
+impl fmt::Display for PushError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PushError::Rejected {
+                method,
+                url,
+                status,
+                body,
+                attempts,
+            } => {
+                write!(f, "Pushgateway answered {status} to {method} {url}")?;
+                if !body.is_empty() {
+                    write!(f, ": {body}")?;
+                }
+                if *attempts > 1 {
+                    write!(f, " ({})", Tries(*attempts))?;
+                }
+                Ok(())
+            }
+            PushError::Unreachable {
+                method,
+                url,
+                attempts,
+                source,
+            } => {
+                write!(f, "Pushgateway unreachable: {method} {url} failed")?;
+                let mut cause: Option<&(dyn StdError + 'static)> = Some(source);
+                let mut innermost = source as &(dyn StdError + 'static);
+                while let Some(c) = cause {
+                    innermost = c;
+                    cause = c.source();
+                }
+                write!(f, " after {}: {innermost}", Tries(*attempts))
+            }
+            PushError::TimedOut {
+                method,
+                url,
+                attempts,
+                waited,
+            } => write!(
+                f,
+                "Pushgateway did not answer {method} {url} within {waited:?} ({})",
+                Tries(*attempts)
+            ),
+        }
+    }
+}
+
+impl StdError for PushError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            PushError::Unreachable { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Auth {
+    Basic { user: String, password: String },
+    Bearer(String),
+}
+
+/// Configures a [`Pushgateway`]. Created by [`Pushgateway::builder`].
+///
+/// # Default values
+///
+/// | setting | default |
+/// |---|---|
+/// | [`label`](PushgatewayBuilder::label) | none: the group is the job alone |
+/// | [`method`](PushgatewayBuilder::method) | [`Method::Put`] |
+/// | [`basic_auth`](PushgatewayBuilder::basic_auth), [`bearer_token`](PushgatewayBuilder::bearer_token) | none |
+/// | [`request_timeout`](PushgatewayBuilder::request_timeout) | 2 s ([`DEFAULT_REQUEST_TIMEOUT`]) |
+/// | [`attempts`](PushgatewayBuilder::attempts) | 3 ([`DEFAULT_ATTEMPTS`]) |
+/// | [`retry_backoff`](PushgatewayBuilder::retry_backoff) | 100 ms, doubling, at most 1 s ([`DEFAULT_RETRY_BACKOFF`]) |
+/// | [`push_interval`](PushgatewayBuilder::push_interval) | none: only the final push |
+/// | [`name`](PushgatewayBuilder::name) | `pushgateway` ([`DEFAULT_NAME`]) |
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct PushgatewayBuilder {
+    url: String,
+    job: String,
+    labels: Vec<(String, String)>,
+    method: Method,
+    auth: Option<Auth>,
+    request_timeout: Duration,
+    attempts: u32,
+    backoff: Duration,
+    interval: Option<Duration>,
+    name: String,
+}
+
+impl fmt::Debug for PushgatewayBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PushgatewayBuilder")
+            .field("url", &self.url)
+            .field("job", &self.job)
+            .field("labels", &self.labels)
+            .field("method", &self.method)
+            .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
+            .field("request_timeout", &self.request_timeout)
+            .field("attempts", &self.attempts)
+            .field("backoff", &self.backoff)
+            .field("interval", &self.interval)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl PushgatewayBuilder {
+    /// Adds a grouping label, such as `instance`. Its value may hold anything, `/` included.
+    pub fn label(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.push((name.into(), value.into()));
+        self
+    }
+
+    /// What the final push does.
+    pub fn method(mut self, method: Method) -> Self {
+        self.method = method;
+        self
+    }
+
+    /// Sends HTTP basic authentication with every request (replaces a bearer token).
+    pub fn basic_auth(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.auth = Some(Auth::Basic {
+            user: user.into(),
+            password: password.into(),
+        });
+        self
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every request (replaces basic authentication).
+    pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.auth = Some(Auth::Bearer(token.into()));
+        self
+    }
+
+    /// The timeout of one request, from connecting to the end of the answer.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// How many requests the final push may make, time permitting.
+    pub fn attempts(mut self, attempts: u32) -> Self {
+        self.attempts = attempts;
+        self
+    }
+
+    /// The wait before the first retry; it doubles for each further one, up to 1 s.
+    pub fn retry_backoff(mut self, backoff: Duration) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Also pushes every `interval` while the service runs (one attempt each; a failure is
+    /// logged and the next tick tries again).
+    pub fn push_interval(mut self, interval: Duration) -> Self {
+        self.interval = Some(interval);
+        self
+    }
+
+    /// The hook's name in the report; the periodic task is named `<name> (periodic)`. Give two
+    /// Pushgateways different names.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Validates the settings and builds the [`Pushgateway`].
+    ///
+    /// # Errors
+    ///
+    /// A [`PushgatewayConfigError`] that says what to fix.
+    pub fn build(self, handle: PrometheusHandle) -> Result<Pushgateway, PushgatewayConfigError> {
+        let url = grouping_url(&self.url, &self.job, &self.labels)?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|_| PushgatewayConfigError::InvalidUrl {
+                url: self.url.clone(),
+                reason: "it does not parse once the grouping key is added",
+            })?;
+        for (setting, d) in [
+            ("request timeout", Some(self.request_timeout)),
+            ("retry backoff", Some(self.backoff)),
+            ("push interval", self.interval),
+        ] {
+            if d.is_some_and(|d| d.is_zero()) {
+                return Err(PushgatewayConfigError::ZeroDuration { setting });
+            }
+        }
+        if self.attempts == 0 {
+            return Err(PushgatewayConfigError::ZeroAttempts);
+        }
+        let auth = match &self.auth {
+            None => None,
+            Some(Auth::Basic { user, password }) => Some(format!(
+                "Basic {}",
+                base64(format!("{user}:{password}").as_bytes(), STANDARD)
+            )),
+            Some(Auth::Bearer(token)) => Some(format!("Bearer {token}")),
+        }
+        .map(|v| HeaderValue::from_str(&v).map_err(|_| PushgatewayConfigError::InvalidCredentials))
+        .transpose()?
+        .map(|mut v| {
+            v.set_sensitive(true);
+            v
+        });
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(self.request_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(Pushgateway {
+            inner: Arc::new(Inner {
+                handle,
+                url,
+                uri,
+                method: self.method,
+                auth,
+                request_timeout: self.request_timeout,
+                attempts: self.attempts,
+                backoff: self.backoff,
+                interval: self.interval,
+                name: self.name,
+                client,
+                lane: tokio::sync::Mutex::new(()),
+                finished: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+/// Pushes the metrics of a [`PrometheusHandle`] to a Prometheus Pushgateway at exit (and, if
+/// asked, periodically). Cheap to clone. See the [module docs](self).
+#[derive(Clone)]
+pub struct Pushgateway {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    handle: PrometheusHandle,
+    url: String,
+    uri: Uri,
+    method: Method,
+    auth: Option<HeaderValue>,
+    request_timeout: Duration,
+    attempts: u32,
+    backoff: Duration,
+    interval: Option<Duration>,
+    name: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+    /// Held for the whole of every push, periodic or final, so they never overlap.
+    lane: tokio::sync::Mutex<()>,
+    /// Set by the final push (before it takes the lane): no periodic push may start after it.
+    finished: AtomicBool,
+}
+
+impl fmt::Debug for Pushgateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &*self.inner;
+        f.debug_struct("Pushgateway")
+            .field("url", &i.url)
+            .field("method", &i.method)
+            .field("auth", &i.auth.as_ref().map(|_| "<redacted>"))
+            .field("request_timeout", &i.request_timeout)
+            .field("attempts", &i.attempts)
+            .field("interval", &i.interval)
+            .field("name", &i.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pushgateway {
+    /// Starts configuring a push of `job`'s metrics to the Pushgateway at `url`
+    /// (`http://host:port`, optionally with a path prefix).
+    pub fn builder(url: impl Into<String>, job: impl Into<String>) -> PushgatewayBuilder {
+        PushgatewayBuilder {
+            url: url.into(),
+            job: job.into(),
+            labels: Vec::new(),
+            method: Method::Put,
+            auth: None,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            attempts: DEFAULT_ATTEMPTS,
+            backoff: DEFAULT_RETRY_BACKOFF,
+            interval: None,
+            name: DEFAULT_NAME.to_owned(),
+        }
+    }
+
+    /// The group's URL: `<url>/metrics/job/<job>{/<label>/<value>}`.
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    /// Registers the final push as a Telemetry hook of order
+    /// [`ORDER_METRICS`] and, with a
+    /// [`push_interval`](PushgatewayBuilder::push_interval), spawns the periodic pusher.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::DuplicateName`] if the hook's or the task's name is taken.
+    ///
+    /// # Panics
+    ///
+    /// With a push interval, outside a tokio runtime (the periodic pusher is spawned on it).
+    pub fn register(&self, finale: &Finale) -> Result<(), ConfigError> {
+        let this = self.clone();
+        finale.hook(
+            Hook::new(
+                Phase::Telemetry,
+                self.inner.name.clone(),
+                move |ctx| async move { this.final_push(&ctx).await },
+            )
+            .order(ORDER_METRICS),
+        )?;
+        if let Some(interval) = self.inner.interval {
+            let this = self.clone();
+            finale.spawn(
+                Task::worker(format!("{} (periodic)", self.inner.name), move |ctx| {
+                    this.periodic(ctx, interval)
+                })
+                .stop_in(Phase::Telemetry),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Pushes now, with the configured [`Method`] (PUT for [`Method::None`]), retrying as
+    /// configured. For pushes outside the shutdown, such as a batch job's checkpoints.
+    ///
+    /// # Errors
+    ///
+    /// A [`PushError`] saying why the last attempt failed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a request in flight is dropped. Whether the Pushgateway applied it is then
+    /// unknown.
+    pub async fn push(&self) -> Result<(), PushError> {
+        let budget = (self.inner.request_timeout + MAX_BACKOFF) * self.inner.attempts;
+        let method = match self.inner.method {
+            Method::None => Method::Put,
+            m => m,
+        };
+        let _lane = self.inner.lane.lock().await;
+        self.send_with_retries(method, Instant::now() + budget)
+            .await
+    }
+
+    async fn final_push(&self, ctx: &HookContext) -> Result<(), PushError> {
+        let deadline = stage_deadline(ctx, Share::METRICS);
+        let inner = &*self.inner;
+        // Ordering: the flag is set before we queue for the lane, and a periodic push checks it
+        // after taking the lane, so none can start once we hold it.
+        inner.finished.store(true, Ordering::Release);
+        let method = inner.method;
+        let lane = match tokio::time::timeout_at(deadline, inner.lane.lock()).await {
+            Ok(lane) => lane,
+            Err(_) => {
+                let error = PushError::TimedOut {
+                    method,
+                    url: inner.url.clone(),
+                    attempts: 0,
+                    waited: inner.request_timeout,
+                };
+                tracing::warn!(target: "finale", %error, "final push not sent: a periodic push is still waiting for an answer");
+                return Err(error);
+            }
+        };
+        if method == Method::None {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let result = self.send_with_retries(method, deadline).await;
+        drop(lane);
+        match &result {
+            Ok(()) => tracing::info!(
+                target: "finale",
+                url = %inner.url,
+                method = %method,
+                elapsed = ?start.elapsed(),
+                "final metrics pushed to the Pushgateway"
+            ),
+            Err(error) => tracing::error!(target: "finale", %error, "final metrics push failed"),
+        }
+        result
+    }
+
+    async fn periodic(self, ctx: TaskContext, interval: Duration) {
+        let inner = &*self.inner;
+        let method = match inner.method {
+            Method::Post => Method::Post,
+            _ => Method::Put,
+        };
+        let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = ctx.stopped() => return,
+                _ = tick.tick() => {}
+            }
+            let _lane = inner.lane.lock().await;
+            if inner.finished.load(Ordering::Acquire) {
+                return;
+            }
+            // A push in flight is not cancelled by the stop signal: the final push waits for its
+            // answer, so it cannot land after the final one.
+            let deadline = Instant::now() + inner.request_timeout;
+            match self.send_once(method, deadline).await {
+                Ok(()) => tracing::debug!(target: "finale", url = %inner.url, "periodic push"),
+                Err(error) => tracing::warn!(target: "finale", %error, "periodic push failed"),
+            }
+        }
+    }
+
+    async fn send_with_retries(&self, method: Method, deadline: Instant) -> Result<(), PushError> {
+        let inner = &*self.inner;
+        let mut backoff = inner.backoff;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut error = match self.send_once(method, deadline).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            error.set_attempts(attempt);
+            let retry_at = Instant::now() + backoff;
+            if attempt >= inner.attempts || !error.is_transient() || retry_at >= deadline {
+                return Err(error);
+            }
+            tracing::debug!(target: "finale", %error, ?backoff, "retrying the push");
+            tokio::time::sleep_until(retry_at).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// One request, bounded by the request timeout and `deadline`.
+    async fn send_once(&self, method: Method, deadline: Instant) -> Result<(), PushError> {
+        let inner = &*self.inner;
+        let start = Instant::now();
+        let until = (start + inner.request_timeout).min(deadline);
+        let body = match method {
+            Method::Delete => Bytes::new(),
+            _ => Bytes::from(inner.handle.render()),
+        };
+        let mut request = Request::builder()
+            .method(method.http())
+            .uri(inner.uri.clone())
+            .header(CONTENT_TYPE, TEXT_FORMAT);
+        if let Some(auth) = &inner.auth {
+            request = request.header(AUTHORIZATION, auth.clone());
+        }
+        let request = request
+            .body(Full::new(body))
+            .expect("method, URI and headers were validated at build time");
+        let exchange = async {
+            let response = inner.client.request(request).await?;
+            let status = response.status();
+            // The body of an error answer says why; read a bounded part of it.
+            let body = if status.is_success() {
+                Bytes::new()
+            } else {
+                response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default()
+            };
+            Ok::<_, hyper_util::client::legacy::Error>((status, body))
+        };
+        match tokio::time::timeout_at(until, exchange).await {
+            Ok(Ok((status, _))) if status.is_success() => Ok(()),
+            Ok(Ok((status, body))) => {
+                let text = String::from_utf8_lossy(&body);
+                let mut text = text.trim().to_owned();
+                if text.len() > MAX_ERROR_BODY {
+                    let mut cut = MAX_ERROR_BODY;
+                    while !text.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    text.truncate(cut);
+                    text.push('…');
+                }
+                Err(PushError::Rejected {
+                    method,
+                    url: inner.url.clone(),
+                    status,
+                    body: text,
+                    attempts: 1,
+                })
+            }
+            Ok(Err(source)) => Err(PushError::Unreachable {
+                method,
+                url: inner.url.clone(),
+                attempts: 1,
+                source,
+            }),
+            Err(_) => Err(PushError::TimedOut {
+                method,
+                url: inner.url.clone(),
+                attempts: 1,
+                waited: start.elapsed(),
+            }),
+        }
+    }
+}
+
+/// Validates the base URL, job and labels and builds the group's URL.
+fn grouping_url(
+    base: &str,
+    job: &str,
+    labels: &[(String, String)],
+) -> Result<String, PushgatewayConfigError> {
+    let invalid = |reason| PushgatewayConfigError::InvalidUrl {
+        url: base.to_owned(),
+        reason,
+    };
+    let uri: Uri = base.parse().map_err(|_| invalid("it is not a valid URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(invalid(
+                "https is not supported (finale's Pushgateway client speaks plain HTTP); \
+                 use http://, or a local TLS-terminating proxy",
+            ));
+        }
+        Some(_) => return Err(invalid("the scheme must be http")),
+        None => return Err(invalid("the scheme (http://) is missing")),
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| invalid("the host is missing"))?;
+    if authority.as_str().contains('@') {
+        return Err(invalid(
+            "credentials in the URL are not sent; use basic_auth instead",
+        ));
+    }
+    if uri.query().is_some() {
+        return Err(invalid("it must not have a query"));
+    }
+    if job.is_empty() {
+        return Err(PushgatewayConfigError::EmptyJob);
+    }
+    let prefix = uri.path().trim_end_matches('/');
+    let mut url = format!("http://{authority}{prefix}/metrics");
+    push_pair(&mut url, "job", job);
+    let mut seen: Vec<&str> = Vec::new();
+    for (name, value) in labels {
+        if !is_label_name(name) {
+            return Err(PushgatewayConfigError::InvalidLabelName { name: name.clone() });
+        }
+        if seen.contains(&name.as_str()) {
+            return Err(PushgatewayConfigError::DuplicateLabel { name: name.clone() });
+        }
+        seen.push(name);
+        push_pair(&mut url, name, value);
+    }
+    Ok(url)
+}
+
+fn is_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with("__")
+        && name != "job"
+}
+
+/// Appends `/<name>/<value>`, or `/<name>@base64/<value as base64url>` when the value is empty
+/// or holds anything but URL-unreserved characters (the Pushgateway's own encoding).
+fn push_pair(url: &mut String, name: &str, value: &str) {
+    let plain = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+    url.push('/');
+    url.push_str(name);
+    if plain {
+        url.push('/');
+        url.push_str(value);
+    } else if value.is_empty() {
+        // The Pushgateway's spelling of an empty value.
+        url.push_str("@base64/=");
+    } else {
+        url.push_str("@base64/");
+        url.push_str(&base64(value.as_bytes(), URL_SAFE));
+    }
+}
+
+const STANDARD: (&[u8; 64], bool) = (
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
+    true,
+);
+const URL_SAFE: (&[u8; 64], bool) = (
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+    false,
+);
+
+/// RFC 4648 base64 with the given alphabet, padded or not.
+fn base64(input: &[u8], (alphabet, pad): (&[u8; 64], bool)) -> String {
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let sextets = [(n >> 18) & 63, (n >> 12) & 63, (n >> 6) & 63, n & 63];
+        for (i, s) in sextets.iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(char::from(alphabet[*s as usize]));
+            } else if pad {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        for (input, padded, url) in [
+            ("", "", ""),
+            ("f", "Zg==", "Zg"),
+            ("fo", "Zm8=", "Zm8"),
+            ("foo", "Zm9v", "Zm9v"),
+            ("foobar", "Zm9vYmFy", "Zm9vYmFy"),
+            ("/var/tmp", "L3Zhci90bXA=", "L3Zhci90bXA"),
+            ("\u{ff}\u{fe}", "w7/Dvg==", "w7_Dvg"),
+        ] {
+            assert_eq!(base64(input.as_bytes(), STANDARD), padded, "{input:?}");
+            assert_eq!(base64(input.as_bytes(), URL_SAFE), url, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn grouping_key_is_encoded_the_pushgateway_way() {
+        let url = grouping_url(
+            "http://127.0.0.1:9091/",
+            "batch",
+            &labels(&[("instance", "host-1"), ("path", "/var/tmp"), ("empty", "")]),
+        )
+        .unwrap();
+        assert_eq!(
+            url,
+            "http://127.0.0.1:9091/metrics/job/batch/instance/host-1\
+             /path@base64/L3Zhci90bXA/empty@base64/="
+        );
+        let url = grouping_url("http://gw:80/prefix", "a b", &[]).unwrap();
+        assert_eq!(url, "http://gw:80/prefix/metrics/job@base64/YSBi");
+    }
+
+    #[test]
+    fn bad_settings_say_what_to_fix() {
+        let err = |base: &str, job: &str, l: &[(&str, &str)]| {
+            grouping_url(base, job, &labels(l)).unwrap_err()
+        };
+        assert!(matches!(
+            err("https://gw:9091", "j", &[]),
+            PushgatewayConfigError::InvalidUrl { .. }
+        ));
+        assert!(matches!(
+            err("gw:9091", "j", &[]),
+            PushgatewayConfigError::InvalidUrl { .. }
+        ));
+        assert!(matches!(
+            err("http://gw:9091?x=1", "j", &[]),
+            PushgatewayConfigError::InvalidUrl { .. }
+        ));
+        assert_eq!(
+            err("http://gw:9091", "", &[]),
+            PushgatewayConfigError::EmptyJob
+        );
+        for bad in ["job", "__name", "1abc", "a-b", ""] {
+            assert_eq!(
+                err("http://gw:9091", "j", &[(bad, "v")]),
+                PushgatewayConfigError::InvalidLabelName {
+                    name: bad.to_owned()
+                }
+            );
+        }
+        assert_eq!(
+            err("http://gw:9091", "j", &[("a", "1"), ("a", "2")]),
+            PushgatewayConfigError::DuplicateLabel {
+                name: "a".to_owned()
+            }
+        );
+        let shown = err("https://gw:9091", "j", &[]).to_string();
+        assert!(shown.contains("https is not supported"), "{shown}");
+    }
+}
