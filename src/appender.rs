@@ -1,1 +1,288 @@
-//! (integration under construction)
+//! Release tracing-appender's writer last in the Telemetry phase, bounded, and report whether it
+//! wrote everything.
+//!
+//! tracing-appender's `WorkerGuard` has no flush: its drop is the flush, and it waits at most
+//! 100 ms to queue the stop message plus a hard-coded 1 s for the writer thread, then returns
+//! without saying whether the writer finished; lines still queued are lost silently. Held in
+//! `main` past `std::process::exit`, or in a `static`, it is never dropped at all.
+//!
+//! finale takes the guard and releases it as the very last hook (order
+//! [`ORDER_LOG_WRITER`]), after the metrics push and the OTLP flushes,
+//! so their own log lines (an export error, say) are written too. The drop runs on a thread of its
+//! own, so it never blocks the runtime, and finale waits for the writer thread to end, up to what
+//! is left of the slot rather than the guard's fixed 1 s.
+//!
+//! # Knowing that the writer drained
+//!
+//! Create the writer with [`non_blocking`] or [`non_blocking_with`]: they wrap your writer so
+//! finale sees the writer thread let go of it, which happens only after it wrote and flushed every
+//! line queued before the release. The hook (named `log-writer`) then completes only if that
+//! happened in time and no line was dropped because the queue was full (lossy mode); otherwise it
+//! fails with a [`LogWriterError`] and the run's status is
+//! [`TelemetryNotDelivered`](crate::ExitStatus::TelemetryNotDelivered). A guard made elsewhere can
+//! be handed over with [`LogWriterGuard::from_worker_guard`], but then finale can only tell that
+//! the guard's drop returned, not that the lines were written.
+//!
+//! Lines logged after the release (for example the warnings the Telemetry phase logs about hooks
+//! that did not complete) are not written. finale's report line is logged before the Telemetry
+//! phase, so it is in the file.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! use finale::Finale;
+//! use tracing_subscriber::prelude::*;
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), finale::ConfigError> {
+//!     let file = tracing_appender::rolling::never("/var/log/app", "app.log");
+//!     let (writer, guard) = finale::appender::non_blocking(file);
+//!     tracing_subscriber::registry()
+//!         .with(tracing_subscriber::fmt::layer().with_writer(writer))
+//!         .init();
+//!     let finale = Finale::builder().build()?;
+//!     guard.register(&finale)?;
+//!     finale.run_and_exit().await
+//! }
+//! ```
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::io::{self, Write};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
+
+use crate::config::ConfigError;
+use crate::finale::Finale;
+use crate::flush::{ORDER_LOG_WRITER, OffThread, Share, run_until, stage_deadline};
+use crate::hook::Hook;
+use crate::phase::Phase;
+
+/// The report name of the hook that releases the writer.
+pub const HOOK_NAME: &str = "log-writer";
+
+/// Like [`tracing_appender::non_blocking()`], but the returned guard can tell whether the writer
+/// drained.
+pub fn non_blocking<W: Write + Send + 'static>(writer: W) -> (NonBlocking, LogWriterGuard) {
+    non_blocking_with(NonBlockingBuilder::default(), writer)
+}
+
+/// Like [`NonBlockingBuilder::finish`], but the returned guard can tell whether the writer
+/// drained.
+pub fn non_blocking_with<W: Write + Send + 'static>(
+    builder: NonBlockingBuilder,
+    writer: W,
+) -> (NonBlocking, LogWriterGuard) {
+    let (tx, rx) = oneshot::channel();
+    let (non_blocking, guard) = builder.finish(Tracked {
+        inner: writer,
+        released: Some(tx),
+    });
+    let guard = LogWriterGuard {
+        guard: Some(guard),
+        released: Some(rx),
+        errors: Some(non_blocking.error_counter()),
+    };
+    (non_blocking, guard)
+}
+
+/// The user's writer, as the writer thread holds it. Dropped only when that thread ends, after
+/// it wrote and flushed every line queued before the stop message.
+struct Tracked<W> {
+    inner: W,
+    released: Option<oneshot::Sender<()>>,
+}
+
+impl<W: Write> Write for Tracked<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.inner.write_all(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W> Drop for Tracked<W> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.released.take() {
+            // Nobody waits when the guard was released without finale: nothing to tell then.
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Why the log writer did not (surely) write everything.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum LogWriterError {
+    /// The writer thread had not finished when the slot ran out; the lines still queued are lost.
+    NotDrained {
+        /// How long finale waited.
+        waited: Duration,
+    },
+    /// Lines were dropped because the writer's queue was full (lossy mode).
+    LinesDropped {
+        /// How many, over the life of the writer.
+        count: usize,
+    },
+    /// The guard's drop panicked.
+    Panicked {
+        /// The panic message.
+        message: String,
+    },
+    /// The thread that drops the guard could not be started.
+    Thread {
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+impl fmt::Display for LogWriterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LogWriterError::NotDrained { waited } => write!(
+                f,
+                "the log writer did not finish within {waited:?}; the lines still queued are lost"
+            ),
+            LogWriterError::LinesDropped { count } => write!(
+                f,
+                "{count} log lines were dropped because the writer's queue was full"
+            ),
+            LogWriterError::Panicked { message } => {
+                write!(f, "releasing the log writer panicked: {message}")
+            }
+            LogWriterError::Thread { source } => {
+                write!(
+                    f,
+                    "cannot start the thread to release the log writer: {source}"
+                )
+            }
+        }
+    }
+}
+
+impl StdError for LogWriterError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            LogWriterError::Thread { source } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// Owns a tracing-appender [`WorkerGuard`] until the end of the Telemetry phase.
+///
+/// [`register`](LogWriterGuard::register) it with finale, or [`release`](LogWriterGuard::release)
+/// it yourself.
+///
+/// # Drop
+///
+/// Dropped without a release (say, the Telemetry phase ended before its hook ran), it hands the
+/// `WorkerGuard` to a new thread that drops it, and returns at once: the writer drains if the
+/// process lives long enough. Only if no thread can be started does it drop the `WorkerGuard`
+/// in place, which blocks for up to 1.1 s.
+#[must_use = "dropping the guard releases the log writer now"]
+pub struct LogWriterGuard {
+    guard: Option<WorkerGuard>,
+    released: Option<oneshot::Receiver<()>>,
+    errors: Option<ErrorCounter>,
+}
+
+impl fmt::Debug for LogWriterGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogWriterGuard")
+            .field("held", &self.guard.is_some())
+            .field("tracked", &self.released.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LogWriterGuard {
+    /// Takes a guard made with tracing-appender directly. finale then only knows that the drop
+    /// returned (after at most 1.1 s), not that the writer drained; prefer [`non_blocking`].
+    pub fn from_worker_guard(guard: WorkerGuard) -> Self {
+        Self {
+            guard: Some(guard),
+            released: None,
+            errors: None,
+        }
+    }
+
+    /// Registers the release as the last Telemetry hook, `log-writer`, of order
+    /// [`ORDER_LOG_WRITER`].
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::DuplicateName`] if a hook named `log-writer` exists.
+    pub fn register(self, finale: &Finale) -> Result<(), ConfigError> {
+        finale.hook(
+            Hook::new(Phase::Telemetry, HOOK_NAME, move |ctx| async move {
+                self.release(stage_deadline(&ctx, Share::ALL)).await
+            })
+            .order(ORDER_LOG_WRITER),
+        )
+    }
+
+    /// Releases the writer: drops the `WorkerGuard` on a thread of its own and waits, until
+    /// `deadline`, for the writer thread to write everything and end.
+    ///
+    /// # Errors
+    ///
+    /// A [`LogWriterError`] if the writer did not drain in time or dropped lines.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future does not undo the release; the writer goes on draining on its own.
+    pub async fn release(mut self, deadline: Instant) -> Result<(), LogWriterError> {
+        let start = Instant::now();
+        let guard = self.guard.take();
+        let result = match self.released.take() {
+            Some(released) => {
+                // The drop's own waits are fixed; what matters is the writer thread ending, which
+                // `released` reports, so the drop thread is not waited for.
+                std::thread::Builder::new()
+                    .name("finale-log-writer".to_owned())
+                    .spawn(move || drop(guard))
+                    .map_err(|source| LogWriterError::Thread { source })?;
+                match tokio::time::timeout_at(deadline, released).await {
+                    Ok(_) => Ok(()),
+                    Err(_) => Err(LogWriterError::NotDrained {
+                        waited: start.elapsed(),
+                    }),
+                }
+            }
+            None => match run_until("finale-log-writer", deadline, move || drop(guard)).await {
+                Ok(OffThread::Done(())) => Ok(()),
+                Ok(OffThread::Panicked(message)) => Err(LogWriterError::Panicked { message }),
+                Ok(OffThread::TimedOut) => Err(LogWriterError::NotDrained {
+                    waited: start.elapsed(),
+                }),
+                Err(source) => Err(LogWriterError::Thread { source }),
+            },
+        };
+        let dropped = self.errors.as_ref().map_or(0, ErrorCounter::dropped_lines);
+        match result {
+            Ok(()) if dropped > 0 => Err(LogWriterError::LinesDropped { count: dropped }),
+            other => other,
+        }
+    }
+}
+
+impl Drop for LogWriterGuard {
+    fn drop(&mut self) {
+        if let Some(guard) = self.guard.take() {
+            // If the thread cannot start, the closure and the guard in it drop here, in place.
+            let _ = std::thread::Builder::new()
+                .name("finale-log-writer".to_owned())
+                .spawn(move || drop(guard));
+        }
+    }
+}
