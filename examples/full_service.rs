@@ -1,2 +1,302 @@
-//! Placeholder.
-fn main() {}
+//! A complete service: an axum server, a background worker, a final Pushgateway push, OTLP
+//! traces, metrics and logs, and a log file, all flushed in finale's Telemetry phase.
+//!
+//! ```sh
+//! PUSHGATEWAY_URL=http://127.0.0.1:9091 \
+//! OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 \
+//!   cargo run --example full_service --features axum,pushgateway,otlp,tracing-appender
+//! curl http://127.0.0.1:3000/work   # then Ctrl-C, or kill -TERM <pid>
+//! ```
+//!
+//! Every `GET /work` increments the counter `requests_total` (and the OTLP counter
+//! `http.requests`), runs inside a span named
+//! `request` and logs one `request served` line, to the log file and to OTLP logs.
+//!
+//! Environment variables (all optional: with none set it serves, and at exit flushes the log
+//! file only):
+//! - `FULL_SERVICE_ADDR`: where to listen (default `127.0.0.1:3000`; port `0` picks a free one).
+//!   The address is printed on stderr as `listening on http://…`.
+//! - `FULL_SERVICE_LOG`: the log file (default `full_service.log` in the current directory).
+//! - `FULL_SERVICE_RUNTIME`: `multi_thread` (default), `current_thread` or `one_worker`.
+//! - `FULL_SERVICE_WORK_MS`: how long each request works (default 20).
+//! - `PUSHGATEWAY_URL`, `PUSHGATEWAY_JOB` (default `full_service`): without a URL, nothing is
+//!   pushed (the run is not counted as a delivery failure: there is nowhere to deliver).
+//! - `OTEL_EXPORTER_OTLP_ENDPOINT` (the collector's base URL) and
+//!   `OTEL_EXPORTER_OTLP_PROTOCOL` (`grpc`, the default, or `http/protobuf`): without an
+//!   endpoint, no OTLP.
+//! - `FINALE_*`: any budget setting, e.g. `FINALE_TOTAL_BUDGET=6s FINALE_TELEMETRY_RESERVE=3s`.
+//!
+//! The exit code is the report's: `0` when everything was delivered, `6` when some telemetry was
+//! not (the report, printed on stderr, names what failed).
+//!
+//! The OTLP HTTP exporter uses opentelemetry-otlp's `reqwest-blocking-client`; no crate in this
+//! build may enable its `reqwest-client` or `hyper-client` features, or the exporter's threads
+//! panic and nothing is exported (see finale's `otlp` module docs).
+
+// Examples print the report; the library itself never prints.
+#![allow(clippy::print_stderr)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use finale::otlp::Otlp;
+use finale::pushgateway::Pushgateway;
+use finale::{Finale, Task};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge;
+use opentelemetry_otlp::{LogExporter, MetricExporter, Protocol, SpanExporter, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::logs::SdkLoggerProvider;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Instrument;
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{EnvFilter, Layer};
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn main() {
+    let mut runtime = match env("FULL_SERVICE_RUNTIME").as_deref() {
+        Some("current_thread") => tokio::runtime::Builder::new_current_thread(),
+        Some("one_worker") => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(1);
+            b
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = runtime.enable_all().build().expect("a tokio runtime");
+    runtime.block_on(run());
+}
+
+/// The OpenTelemetry providers, built inside the runtime (the gRPC exporter needs it).
+struct Providers {
+    tracer: SdkTracerProvider,
+    meter: SdkMeterProvider,
+    logger: SdkLoggerProvider,
+}
+
+fn otlp_providers(endpoint: &str) -> Result<Providers, opentelemetry_otlp::ExporterBuildError> {
+    let resource = Resource::builder()
+        .with_service_name("full_service")
+        .build();
+    let grpc = !matches!(
+        env("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref(),
+        Some("http/protobuf")
+    );
+    let (spans, logs, metrics) = if grpc {
+        (
+            SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()?,
+            LogExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()?,
+            MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()?,
+        )
+    } else {
+        // With HTTP the programmatic endpoint is used as is: add the signal's path.
+        let base = endpoint.trim_end_matches('/');
+        (
+            SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(format!("{base}/v1/traces"))
+                .build()?,
+            LogExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(format!("{base}/v1/logs"))
+                .build()?,
+            MetricExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(format!("{base}/v1/metrics"))
+                .build()?,
+        )
+    };
+    Ok(Providers {
+        tracer: SdkTracerProvider::builder()
+            .with_batch_exporter(spans)
+            .with_resource(resource.clone())
+            .build(),
+        logger: SdkLoggerProvider::builder()
+            .with_batch_exporter(logs)
+            .with_resource(resource.clone())
+            .build(),
+        meter: SdkMeterProvider::builder()
+            .with_periodic_exporter(metrics)
+            .with_resource(resource)
+            .build(),
+    })
+}
+
+async fn run() -> ! {
+    // Metrics: a Prometheus recorder whose handle the Pushgateway push renders.
+    let metrics: PrometheusHandle = PrometheusBuilder::new()
+        .install_recorder()
+        .expect("no other global metrics recorder");
+
+    // OTLP, if a collector is configured.
+    let providers = env("OTEL_EXPORTER_OTLP_ENDPOINT").map(|endpoint| {
+        otlp_providers(&endpoint).unwrap_or_else(|e| {
+            eprintln!("cannot build the OTLP exporters: {e}");
+            std::process::exit(2)
+        })
+    });
+
+    // Logs: a file through tracing-appender, stderr, and OTLP logs. The exporters' own events
+    // stay out of the OTLP layers.
+    let log_path = env("FULL_SERVICE_LOG").unwrap_or_else(|| "full_service.log".to_owned());
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .unwrap_or_else(|e| {
+            eprintln!("cannot open the log file {log_path}: {e}");
+            std::process::exit(2)
+        });
+    let (file_writer, log_guard) = finale::appender::non_blocking(log_file);
+    let otel_filter = || EnvFilter::new("request=info,finale=info");
+    let (otel_spans, otel_logs) = match &providers {
+        Some(p) => (
+            Some(
+                tracing_opentelemetry::layer()
+                    .with_tracer(p.tracer.tracer("full_service"))
+                    .with_filter(otel_filter()),
+            ),
+            Some(OpenTelemetryTracingBridge::new(&p.logger).with_filter(otel_filter())),
+        ),
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(file_writer)
+                .with_filter(EnvFilter::new("info")),
+        )
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(std::io::stderr)
+                .with_filter(
+                    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+                ),
+        )
+        .with(otel_spans)
+        .with(otel_logs)
+        .init();
+
+    let finale = Finale::builder().build().unwrap_or_else(|e| {
+        eprintln!("configuration error: {e}");
+        std::process::exit(2)
+    });
+
+    // Telemetry, in the order finale flushes it: metrics, then traces and logs, the file last.
+    match env("PUSHGATEWAY_URL") {
+        Some(url) => {
+            let job = env("PUSHGATEWAY_JOB").unwrap_or_else(|| "full_service".to_owned());
+            Pushgateway::builder(url, job)
+                .label("instance", format!("full_service-{}", std::process::id()))
+                .push_interval(Duration::from_secs(10))
+                .build(metrics)
+                .unwrap_or_else(|e| {
+                    eprintln!("{e}");
+                    std::process::exit(2)
+                })
+                .register(&finale)
+                .expect("unique names");
+        }
+        None => tracing::warn!("PUSHGATEWAY_URL is not set: metrics are not pushed"),
+    }
+    if let Some(p) = &providers {
+        Otlp::new()
+            .tracer_provider(p.tracer.clone())
+            .meter_provider(p.meter.clone())
+            .logger_provider(p.logger.clone())
+            .register(&finale)
+            .expect("unique names");
+    }
+    log_guard.register(&finale).expect("unique names");
+
+    // A background worker, stopped after the server drained.
+    finale
+        .spawn(Task::worker("ticker", |ctx| async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    () = ctx.stopped() => break,
+                    _ = tick.tick() => metrics::counter!("ticks_total").increment(1),
+                }
+            }
+        }))
+        .expect("unique name");
+
+    // The HTTP server: stops accepting when the Drain phase starts, finishes what is in flight.
+    let work = Duration::from_millis(
+        env("FULL_SERVICE_WORK_MS")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20),
+    );
+    // The same count as an OpenTelemetry metric, so OTLP metrics have something to deliver.
+    let otel_requests = providers.as_ref().map(|p| {
+        p.meter
+            .meter("full_service")
+            .u64_counter("http.requests")
+            .build()
+    });
+    let app = Router::new().route(
+        "/work",
+        get(move || {
+            let otel_requests = otel_requests.clone();
+            async move {
+                tokio::time::sleep(work).await;
+                metrics::counter!("requests_total").increment(1);
+                if let Some(counter) = &otel_requests {
+                    counter.add(1, &[]);
+                }
+                tracing::info!(target: "request", "request served");
+                "done\n"
+            }
+            .instrument(tracing::info_span!(target: "request", "request"))
+        }),
+    );
+    let addr: SocketAddr = env("FULL_SERVICE_ADDR")
+        .unwrap_or_else(|| "127.0.0.1:3000".to_owned())
+        .parse()
+        .expect("FULL_SERVICE_ADDR is host:port");
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|e| {
+            eprintln!("cannot listen on {addr}: {e}");
+            std::process::exit(2)
+        });
+    eprintln!(
+        "listening on http://{}",
+        listener.local_addr().expect("a bound address")
+    );
+    finale
+        .spawn(Task::service("http", move |ctx| async move {
+            ctx.set_ready();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(ctx.stop_token().cancelled_owned())
+                .await
+        }))
+        .expect("unique name");
+
+    let report = finale.run().await;
+    eprintln!("{report}");
+    report.exit()
+}

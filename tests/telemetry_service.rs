@@ -1,0 +1,576 @@
+//! The Telemetry phase end to end: the `full_service` example as a child process, a real
+//! Pushgateway and a real OTLP collector (rotel) on free loopback ports, a real SIGTERM.
+//!
+//! - Lossless under load: every request the client saw succeed is counted at the Pushgateway,
+//!   has its span and its log record at the collector and its line in the log file.
+//! - Every runtime flavour and both OTLP transports deliver.
+//! - Faults (collector refused or blackholed, Pushgateway down, answering 500, rejecting with
+//!   400): the process exits within its budget with the "telemetry not delivered" code, and the
+//!   report names what failed.
+
+#![cfg(all(
+    unix,
+    feature = "axum",
+    feature = "pushgateway",
+    feature = "otlp",
+    feature = "tracing-appender"
+))]
+// The tests report what they measured (run with `--nocapture` to see it).
+#![allow(clippy::print_stderr)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+use common::components::{Collector, Pushgateway, free_port, http_request, wait_until};
+
+/// Wide bound for anything that should take a second or two.
+const BOUND: Duration = Duration::from_secs(20);
+/// The budget the fault runs use: short, so the tests stay fast.
+const FAULT_ENV: [(&str, &str); 2] = [
+    ("FINALE_TOTAL_BUDGET", "6s"),
+    ("FINALE_TELEMETRY_RESERVE", "3s"),
+];
+const FAULT_TOTAL: Duration = Duration::from_secs(6);
+const EXIT_TELEMETRY_NOT_DELIVERED: i32 = 6;
+
+fn full_service() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // target/<profile>/deps/telemetry_service-<hash> -> target/<profile>/examples/
+            let exe = std::env::current_exe().unwrap();
+            let profile_dir = exe.parent().unwrap().parent().unwrap();
+            // `cargo test --test telemetry_service` does not rebuild examples: build it here, so
+            // the child is never a stale binary (a no-op when it is up to date).
+            let mut cargo = Command::new(env!("CARGO"));
+            cargo.args(["build", "--all-features", "--example", "full_service"]);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cargo.arg("--release");
+            }
+            assert!(cargo.status().unwrap().success());
+            profile_dir.join("examples").join("full_service")
+        })
+        .clone()
+}
+
+/// A scratch directory for one run's log file, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "finale-telemetry-{name}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn log(&self) -> PathBuf {
+        self.0.join("service.log")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Service {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    addr: String,
+}
+
+impl Service {
+    /// Starts the service and waits until it is listening and ready.
+    fn start(log: &Path, env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(full_service());
+        cmd.env("FULL_SERVICE_ADDR", "127.0.0.1:0")
+            .env("FULL_SERVICE_LOG", log)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("PUSHGATEWAY_URL")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("ECS_CONTAINER_METADATA_URI_V4")
+            .env_remove("ECS_CONTAINER_METADATA_URI")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut service = Self {
+            child,
+            lines,
+            seen: Vec::new(),
+            addr: String::new(),
+        };
+        let listening = service.wait_for("listening on ");
+        service.addr = listening
+            .split("listening on ")
+            .nth(1)
+            .unwrap()
+            .trim()
+            .to_owned();
+        service.wait_for("started: ready");
+        service
+    }
+
+    /// Waits (bounded) for a stderr line containing `needle` and returns it.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!("no line with {needle:?}; saw:\n{}", self.seen.join("\n"))
+                }
+            }
+        }
+    }
+
+    fn work_url(&self) -> String {
+        format!("{}/work", self.addr)
+    }
+
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) for the exit; returns the status, everything written to stderr and the
+    /// time it took.
+    fn wait_exit(mut self) -> (ExitStatus, String, Duration) {
+        let start = Instant::now();
+        let mut status = None;
+        let exited = wait_until(BOUND, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        let elapsed = start.elapsed();
+        if !exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // The pipe closes with the process: read what is left.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(line);
+        }
+        let out = self.seen.join("\n");
+        assert!(exited, "did not exit within {BOUND:?}; saw:\n{out}");
+        (status.unwrap(), out, elapsed)
+    }
+
+    /// SIGTERM, then the exit.
+    fn stop(self) -> (ExitStatus, String, Duration) {
+        self.sigterm();
+        self.wait_exit()
+    }
+}
+
+/// `n` sequential requests that must all succeed.
+fn requests(url: &str, n: usize) {
+    for _ in 0..n {
+        let r = http_request("GET", url, &[], &[]).unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+}
+
+/// Log records whose body is `body`, in the collector's detailed dump.
+fn log_records_with_body(collector: &Collector, body: &str) -> usize {
+    let line = format!("Body: Str({body})");
+    collector
+        .output()
+        .lines()
+        .filter(|l| l.trim() == line)
+        .count()
+}
+
+fn spans_named(collector: &Collector, name: &str) -> usize {
+    collector.span_names().iter().filter(|n| *n == name).count()
+}
+
+fn lines_containing(path: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// A bounded load from `threads` clients, each making requests until one fails (the listener
+/// closed) or it made `max_each`. Returns the shared count of `200` answers.
+struct Load {
+    ok: Arc<AtomicU64>,
+    stopping: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl Load {
+    fn start(url: &str, threads: usize, max_each: usize) -> Self {
+        let ok = Arc::new(AtomicU64::new(0));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|_| {
+                let (url, ok, stopping) = (url.to_owned(), ok.clone(), stopping.clone());
+                std::thread::spawn(move || {
+                    let mut failures = 0;
+                    for _ in 0..max_each {
+                        match http_request("GET", &url, &[], &[]) {
+                            Ok(r) if r.status == 200 && r.body == b"done\n" => {
+                                ok.fetch_add(1, Ordering::SeqCst);
+                            }
+                            // Refused or cut: the server is draining. Before the SIGTERM a
+                            // failure is a bug, which the final counts expose.
+                            _ => {
+                                failures += 1;
+                                if stopping.load(Ordering::SeqCst) {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        Self {
+            ok,
+            stopping,
+            threads,
+        }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    /// Waits for every client; returns the `200`s and the failures.
+    fn finish(self) -> (u64, u64) {
+        let failures = self.threads.into_iter().map(|t| t.join().unwrap()).sum();
+        (self.ok.load(Ordering::SeqCst), failures)
+    }
+}
+
+#[test]
+fn lossless_under_load_across_sigterm() {
+    let (Some(gateway), Some(collector)) = (Pushgateway::start(), Collector::start()) else {
+        return;
+    };
+    let scratch = Scratch::new("lossless");
+    let job = "lossless";
+    let service = Service::start(
+        &scratch.log(),
+        &[
+            ("PUSHGATEWAY_URL", &gateway.url()),
+            ("PUSHGATEWAY_JOB", job),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.grpc_endpoint()),
+        ],
+    );
+
+    let load = Load::start(&service.work_url(), 8, 500);
+    assert!(
+        wait_until(BOUND, || load.ok() >= 200),
+        "the load did not get going: {} ok",
+        load.ok()
+    );
+    service.sigterm();
+    load.stopping.store(true, Ordering::SeqCst);
+    let (status, out, elapsed) = service.wait_exit();
+    let (ok, failures) = load.finish();
+    eprintln!(
+        "lossless: {ok} requests answered 200, {failures} refused after SIGTERM, exit after {elapsed:?}"
+    );
+    assert_eq!(status.code(), Some(0), "{out}");
+    assert!(out.contains("clean, exit code 0"), "{out}");
+
+    // Metrics: the counter at the Pushgateway is exactly what the clients saw.
+    let pushed = gateway.sample("requests_total", &[("job", job)]);
+    assert_eq!(pushed, Some(ok as f64), "{}", gateway.metrics_text());
+    // finale's own shutdown metrics made it too.
+    assert_eq!(
+        gateway.sample(
+            "finale_shutdowns_total",
+            &[("job", job), ("reason", "signal")]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        gateway
+            .sample("finale_shutdown_duration_seconds", &[("job", job)])
+            .is_some()
+    );
+
+    // Traces and logs: exactly one span and one log record per successful request.
+    let n = ok as usize;
+    wait_until(BOUND, || {
+        spans_named(&collector, "request") >= n
+            && log_records_with_body(&collector, "request served") >= n
+            && spans_named(&collector, "finale.shutdown") >= 1
+    });
+    assert_eq!(
+        spans_named(&collector, "request"),
+        n,
+        "{}",
+        collector.diagnostics()
+    );
+    assert_eq!(log_records_with_body(&collector, "request served"), n);
+    assert_eq!(spans_named(&collector, "finale.shutdown"), 1);
+
+    // The log file: one line per successful request.
+    assert_eq!(lines_containing(&scratch.log(), "request served"), n);
+    assert!(lines_containing(&scratch.log(), "finale: shutdown after signal SIGTERM") >= 1);
+}
+
+#[test]
+fn every_runtime_and_transport_delivers() {
+    let Some(collector) = Collector::start() else {
+        return;
+    };
+    let mut expected = 0;
+    for (runtime, protocol, endpoint) in [
+        ("current_thread", "grpc", collector.grpc_endpoint()),
+        ("one_worker", "grpc", collector.grpc_endpoint()),
+        ("multi_thread", "grpc", collector.grpc_endpoint()),
+        ("current_thread", "http/protobuf", collector.http_endpoint()),
+        ("multi_thread", "http/protobuf", collector.http_endpoint()),
+    ] {
+        let scratch = Scratch::new("runtimes");
+        let service = Service::start(
+            &scratch.log(),
+            &[
+                ("FULL_SERVICE_RUNTIME", runtime),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+            ],
+        );
+        requests(&service.work_url(), 5);
+        let (status, out, elapsed) = service.stop();
+        eprintln!("{runtime} {protocol}: exit after {elapsed:?}");
+        assert_eq!(status.code(), Some(0), "{runtime} {protocol}: {out}");
+        expected += 5;
+        wait_until(BOUND, || spans_named(&collector, "request") >= expected);
+        assert_eq!(
+            spans_named(&collector, "request"),
+            expected,
+            "{runtime} {protocol}"
+        );
+        assert_eq!(
+            log_records_with_body(&collector, "request served"),
+            expected,
+            "{runtime} {protocol}"
+        );
+        // Nothing here should take a timeout: delivery is immediate.
+        assert!(
+            elapsed < Duration::from_secs(3),
+            "{runtime} {protocol}: {elapsed:?}\n{out}"
+        );
+    }
+}
+
+/// Runs the service with `env` plus the short fault budget, makes a few requests, stops it and
+/// checks the exit: in time, "telemetry not delivered", and the report line naming the failure.
+fn assert_not_delivered(name: &str, env: &[(&str, &str)], expect: &[&str]) -> Duration {
+    let scratch = Scratch::new(name);
+    let mut all = FAULT_ENV.to_vec();
+    all.extend_from_slice(env);
+    let service = Service::start(&scratch.log(), &all);
+    requests(&service.work_url(), 3);
+    let (status, out, elapsed) = service.stop();
+    eprintln!("{name}: exit code {:?} after {elapsed:?}", status.code());
+    assert_eq!(
+        status.code(),
+        Some(EXIT_TELEMETRY_NOT_DELIVERED),
+        "{name}: {out}"
+    );
+    assert!(
+        out.contains("telemetry not delivered, exit code 6"),
+        "{name}: {out}"
+    );
+    for needle in expect {
+        assert!(out.contains(needle), "{name}: no {needle:?} in:\n{out}");
+    }
+    // Wide bound: the whole sequence is bounded by the total budget.
+    assert!(
+        elapsed < FAULT_TOTAL + Duration::from_secs(1),
+        "{name}: took {elapsed:?}\n{out}"
+    );
+    // The log file still got every line, the failure's own included.
+    assert_eq!(
+        lines_containing(&scratch.log(), "request served"),
+        3,
+        "{name}"
+    );
+    elapsed
+}
+
+/// A TCP server that accepts connections and never answers.
+fn blackhole() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        // Bounded: the exporters open a handful of connections.
+        for stream in listener.incoming().take(256) {
+            held.push(stream);
+        }
+    });
+    port
+}
+
+/// An HTTP server that reads each request and answers it with `status` and `body`.
+fn answering(status: &'static str, body: &'static str) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(256) {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || serve_one(&mut stream, status, body));
+        }
+    });
+    port
+}
+
+fn serve_one(stream: &mut TcpStream, status: &str, body: &str) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read the head, then as much body as announced, so the answer is not cut by a reset.
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    while raw.len() < head_end + length {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+#[test]
+fn collector_refusing_connections() {
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    assert_not_delivered(
+        "collector-refused",
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)],
+        &[
+            "hook \"otlp-traces\"",
+            "OTLP traces not delivered",
+            "OTLP logs not delivered",
+            "OTLP metrics not delivered",
+        ],
+    );
+}
+
+#[test]
+fn collector_blackholed() {
+    let endpoint = format!("http://127.0.0.1:{}", blackhole());
+    assert_not_delivered(
+        "collector-blackholed",
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)],
+        &[
+            "OTLP traces not delivered",
+            "OTLP logs not delivered",
+            "OTLP metrics not delivered",
+        ],
+    );
+}
+
+#[test]
+fn pushgateway_down() {
+    let url = format!("http://127.0.0.1:{}", free_port());
+    assert_not_delivered(
+        "pushgateway-down",
+        &[("PUSHGATEWAY_URL", &url)],
+        &["hook \"pushgateway\"", "Pushgateway unreachable"],
+    );
+}
+
+#[test]
+fn pushgateway_answering_500() {
+    let url = format!(
+        "http://127.0.0.1:{}",
+        answering("500 Internal Server Error", "storage on fire")
+    );
+    assert_not_delivered(
+        "pushgateway-500",
+        &[("PUSHGATEWAY_URL", &url)],
+        &[
+            "Pushgateway answered 500 Internal Server Error",
+            "storage on fire",
+            "3 attempts",
+        ],
+    );
+}
+
+#[test]
+fn pushgateway_rejecting_with_400() {
+    let Some(gateway) = Pushgateway::start() else {
+        return;
+    };
+    // Another group already has `requests_total` as a gauge: the service's counter of the same
+    // name is inconsistent, and the Pushgateway rejects the whole push.
+    assert_eq!(
+        gateway
+            .put("other", "# TYPE requests_total gauge\nrequests_total 1\n")
+            .unwrap(),
+        200
+    );
+    assert_not_delivered(
+        "pushgateway-400",
+        &[("PUSHGATEWAY_URL", &gateway.url())],
+        &["Pushgateway answered 400 Bad Request"],
+    );
+}
