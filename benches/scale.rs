@@ -110,7 +110,11 @@ fn memory() {
     let finale = rt.block_on(async { finale() });
     for i in 0..100_000 {
         finale
-            .hook(Hook::new(Phase::Workers, format!("hook-{i:06}"), |_| async {}))
+            .hook(Hook::new(
+                Phase::Workers,
+                format!("hook-{i:06}"),
+                |_| async {},
+            ))
             .unwrap();
     }
     let after_hooks = rss_kib().unwrap();
