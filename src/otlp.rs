@@ -316,15 +316,46 @@ fn flush_hook<P: Flush>(
     share: Share,
     p: P,
 ) -> Hook {
+    let p = DropOffThread(Some(p));
     Hook::new(Phase::Telemetry, name, move |ctx: HookContext| async move {
         flush(provider, p, stage_deadline(&ctx, share)).await
     })
     .order(order)
 }
 
+/// Holds a provider until its flush takes it; if the flush never runs (its hook was abandoned
+/// before it started), drops it on a thread of its own.
+///
+/// Dropping the last clone of a provider shuts it down, which blocks up to 5 s per provider and,
+/// with the gRPC exporter on the runtime's own thread, cannot even make progress. The hook's
+/// closure may hold that last clone, and it is dropped on the runtime when the phase ends early.
+struct DropOffThread<P: Flush>(Option<P>);
+
+impl<P: Flush> DropOffThread<P> {
+    fn take(mut self) -> P {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl<P: Flush> Drop for DropOffThread<P> {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            // If no thread can start, the closure (and the provider in it) drops here.
+            let _ = std::thread::Builder::new()
+                .name("finale-otlp-drop".to_owned())
+                .spawn(move || drop(p));
+        }
+    }
+}
+
 /// Flushes, then shuts down, `p` on a thread of its own; waits until `deadline`.
-async fn flush<P: Flush>(provider: Provider, p: P, deadline: Instant) -> Result<(), OtlpError> {
+async fn flush<P: Flush>(
+    provider: Provider,
+    p: DropOffThread<P>,
+    deadline: Instant,
+) -> Result<(), OtlpError> {
     let start = Instant::now();
+    let p = p.take();
     let thread = format!("finale-otlp-{}", provider.signal());
     // The thread has no runtime (and so no tokio clock): it measures on the std clock.
     let thread_deadline =
