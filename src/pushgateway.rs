@@ -678,6 +678,8 @@ impl Pushgateway {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // Stopping wins over a tick that is due at the same time.
+                biased;
                 () = ctx.stopped() => return,
                 _ = tick.tick() => {}
             }
