@@ -1,0 +1,214 @@
+//! The OTLP integration in process: the three providers flush in parallel and in bounded time
+//! against a collector that never answers, refused exports are reported with the SDK's error,
+//! and a second signal shortens the flush to the escalation budget.
+
+#![cfg(feature = "otlp")]
+// The tests report what they measured (run with `--nocapture` to see it).
+#![allow(clippy::print_stderr)]
+
+use std::error::Error as _;
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use finale::otlp::{HOOK_LOGS, HOOK_METRICS, HOOK_TRACES, Otlp, OtlpError, Provider};
+use finale::{Environment, ExitStatus, Finale, Outcome, Phase, ShutdownReport};
+use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+use opentelemetry_otlp::{LogExporter, MetricExporter, SpanExporter, WithExportConfig};
+use opentelemetry_sdk::logs::SdkLoggerProvider;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+
+/// A TCP server that accepts connections and never answers.
+fn blackhole() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().take(256) {
+            held.push(stream);
+        }
+    });
+    port
+}
+
+fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// gRPC providers for `endpoint`, each with one item recorded so there is something to deliver.
+/// Must run inside the runtime (tonic needs it).
+fn providers(endpoint: &str) -> Otlp {
+    let tracer = SdkTracerProvider::builder()
+        .with_batch_exporter(
+            SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .unwrap(),
+        )
+        .build();
+    let logger = SdkLoggerProvider::builder()
+        .with_batch_exporter(
+            LogExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .unwrap(),
+        )
+        .build();
+    let meter = SdkMeterProvider::builder()
+        .with_periodic_exporter(
+            MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .unwrap(),
+        )
+        .build();
+    tracer.tracer("test").in_span("work", |_| {});
+    let log = logger.logger("test");
+    let mut record = log.create_log_record();
+    record.set_body("hello".into());
+    log.emit(record);
+    meter.meter("test").u64_counter("work").build().add(1, &[]);
+    Otlp::new()
+        .tracer_provider(tracer)
+        .meter_provider(meter)
+        .logger_provider(logger)
+}
+
+fn finale(total: Duration, reserve: Duration) -> Finale {
+    Finale::builder()
+        .no_signals()
+        .read_env(false)
+        .environment(Environment::Local)
+        .total_budget(total)
+        .telemetry_reserve(reserve)
+        .build()
+        .unwrap()
+}
+
+fn otlp_error<'r>(report: &'r ShutdownReport, hook: &str) -> &'r OtlpError {
+    let Outcome::Failed(error) = &report.entry(hook).unwrap().outcome else {
+        panic!("{hook} did not fail:\n{report}");
+    };
+    error
+        .source()
+        .and_then(|e| e.downcast_ref::<OtlpError>())
+        .expect("an OtlpError")
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_hung_collector_costs_one_share_of_the_slot_not_three_timeouts() {
+    let endpoint = format!("http://127.0.0.1:{}", blackhole());
+    let total = Duration::from_secs(4);
+    let finale = finale(total, Duration::from_secs(3));
+    providers(&endpoint).register(&finale).unwrap();
+    finale.handle().trigger("test");
+    let start = Instant::now();
+    let report = finale.run().await;
+    let elapsed = start.elapsed();
+    eprintln!("hung collector: {elapsed:?}\n{report}");
+    assert_eq!(report.status, ExitStatus::TelemetryNotDelivered, "{report}");
+    for (hook, provider) in [
+        (HOOK_METRICS, Provider::Meter),
+        (HOOK_TRACES, Provider::Tracer),
+        (HOOK_LOGS, Provider::Logger),
+    ] {
+        let error = otlp_error(&report, hook);
+        assert_eq!(error.provider(), provider);
+        assert!(
+            error.to_string().contains("not delivered"),
+            "{hook}: {error}"
+        );
+    }
+    // Three providers one after the other would wait 5 s each (and the meter's flush 10 s);
+    // finale waits at most what the budget leaves.
+    assert!(elapsed < total, "{elapsed:?}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_refused_export_is_reported_with_the_sdk_error() {
+    let endpoint = format!("http://127.0.0.1:{}", closed_port());
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    providers(&endpoint).register(&finale).unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.status, ExitStatus::TelemetryNotDelivered, "{report}");
+    let error = otlp_error(&report, HOOK_TRACES);
+    assert!(
+        matches!(
+            error,
+            OtlpError::Flush {
+                provider: Provider::Tracer,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(error.source().is_some(), "chains to the SDK's error");
+    assert!(error.to_string().contains("flush failed"), "{error}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_second_signal_cuts_the_flush_to_the_escalation_budget() {
+    let endpoint = format!("http://127.0.0.1:{}", blackhole());
+    let finale = Finale::builder()
+        .no_signals()
+        .read_env(false)
+        .environment(Environment::Local)
+        .total_budget(Duration::from_secs(20))
+        .telemetry_reserve(Duration::from_secs(10))
+        .escalation_budget(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    providers(&endpoint).register(&finale).unwrap();
+    let handle = finale.handle();
+    handle.trigger("test");
+    let escalate = tokio::spawn(async move {
+        handle.phase_started(Phase::Telemetry).await;
+        handle.escalate()
+    });
+    let start = Instant::now();
+    let report = finale.run().await;
+    let elapsed = start.elapsed();
+    assert!(escalate.await.unwrap());
+    assert_eq!(report.status, ExitStatus::Forced, "{report}");
+    // The hooks are abandoned at the shortened deadline, and nothing they leave behind (a
+    // provider whose last clone drops, a flush thread) holds up the end.
+    assert!(elapsed < Duration::from_secs(2), "{elapsed:?}\n{report}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_provider_shut_down_by_the_application_is_not_counted_as_delivered() {
+    let endpoint = format!("http://127.0.0.1:{}", closed_port());
+    let tracer = SdkTracerProvider::builder()
+        .with_batch_exporter(
+            SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .unwrap(),
+        )
+        .build();
+    // An early shutdown elsewhere in the application (its result ignored, as is common).
+    let early = tracer.clone();
+    let _ =
+        std::thread::spawn(move || early.shutdown_with_timeout(Duration::from_millis(100))).join();
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Otlp::new()
+        .tracer_provider(tracer)
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.status, ExitStatus::TelemetryNotDelivered, "{report}");
+    let error = otlp_error(&report, HOOK_TRACES);
+    assert!(matches!(error, OtlpError::Flush { .. }), "{error}");
+}
