@@ -273,6 +273,7 @@ struct Tries(u32);
 impl fmt::Display for Tries {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
+            0 => f.write_str("not sent: a periodic push was still waiting for its answer"),
             1 => f.write_str("1 attempt"),
             n => write!(f, "{n} attempts"),
         }
@@ -636,6 +637,7 @@ impl Pushgateway {
         // after taking the lane, so none can start once we hold it.
         inner.finished.store(true, Ordering::Release);
         let method = inner.method;
+        let start = Instant::now();
         let lane = match tokio::time::timeout_at(deadline, inner.lane.lock()).await {
             Ok(lane) => lane,
             Err(_) => {
@@ -643,16 +645,15 @@ impl Pushgateway {
                     method,
                     url: inner.url.clone(),
                     attempts: 0,
-                    waited: inner.request_timeout,
+                    waited: start.elapsed(),
                 };
-                tracing::warn!(target: "finale", %error, "final push not sent: a periodic push is still waiting for an answer");
+                tracing::error!(target: "finale", %error, "final metrics push failed");
                 return Err(error);
             }
         };
         if method == Method::None {
             return Ok(());
         }
-        let start = Instant::now();
         let result = self.send_with_retries(method, deadline).await;
         drop(lane);
         match &result {

@@ -502,30 +502,40 @@ fn serve_one(stream: &mut TcpStream, status: &str, body: &str) {
 fn collector_refusing_connections() {
     let port = free_port();
     let endpoint = format!("http://127.0.0.1:{port}");
-    assert_not_delivered(
-        "collector-refused",
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)],
-        &[
-            "hook \"otlp-traces\"",
-            "OTLP traces not delivered",
-            "OTLP logs not delivered",
-            "OTLP metrics not delivered",
-        ],
-    );
+    for protocol in ["grpc", "http/protobuf"] {
+        assert_not_delivered(
+            &format!("collector-refused-{}", protocol.replace('/', "-")),
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+            ],
+            &[
+                "hook \"otlp-traces\"",
+                "OTLP traces not delivered",
+                "OTLP logs not delivered",
+                "OTLP metrics not delivered",
+            ],
+        );
+    }
 }
 
 #[test]
 fn collector_blackholed() {
     let endpoint = format!("http://127.0.0.1:{}", blackhole());
-    assert_not_delivered(
-        "collector-blackholed",
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)],
-        &[
-            "OTLP traces not delivered",
-            "OTLP logs not delivered",
-            "OTLP metrics not delivered",
-        ],
-    );
+    for protocol in ["grpc", "http/protobuf"] {
+        assert_not_delivered(
+            &format!("collector-blackholed-{}", protocol.replace('/', "-")),
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+            ],
+            &[
+                "OTLP traces not delivered",
+                "OTLP logs not delivered",
+                "OTLP metrics not delivered",
+            ],
+        );
+    }
 }
 
 #[test]
