@@ -302,9 +302,9 @@ fn lossless_under_load_across_sigterm() {
         ],
     );
 
-    let load = Load::start(&service.work_url(), 8, 500);
+    let load = Load::start(&service.work_url(), 8, 1000);
     assert!(
-        wait_until(BOUND, || load.ok() >= 200),
+        wait_until(BOUND, || load.ok() >= 500),
         "the load did not get going: {} ok",
         load.ok()
     );
