@@ -1,3 +1,4 @@
 //! Shared helpers for the integration tests.
 
 pub(crate) mod components;
+pub(crate) mod load;
