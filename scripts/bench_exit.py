@@ -9,9 +9,12 @@ SIGTERM and measures until the process has exited. Loopback only; every process 
 stopped by PID.
 
   --example quickstart            an idle service, drain delay 0, no backends (default)
-  --example full_service --backends
+  --example full_service --features axum,pushgateway,otlp,tracing-appender --backends
                                   the full example with a real Pushgateway and a real OTLP
                                   collector (rotel) started on free loopback ports
+  --example full_service --features ... --hung
+                                  the same, but both "backends" accept connections and never
+                                  answer; prints the exit time against the total budget
 """
 import argparse
 import os
@@ -66,7 +69,26 @@ def start_backends(tmp: str) -> tuple[list[subprocess.Popen], dict[str, str]]:
     return procs, env
 
 
-def one_run(binary: str, env: dict[str, str], ready: str) -> float:
+def start_blackhole() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener that accepts every connection and never answers (kept open until stopped)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, held
+
+
+def one_run(binary: str, env: dict[str, str], ready: str, expect: int = 0) -> float:
     proc = subprocess.Popen([binary], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen = threading.Event()
@@ -84,8 +106,8 @@ def one_run(binary: str, env: dict[str, str], ready: str) -> float:
     os.kill(proc.pid, signal.SIGTERM)
     code = proc.wait(timeout=60)
     elapsed = time.perf_counter() - start
-    if code != 0:
-        raise RuntimeError(f"exit code {code}")
+    if code != expect:
+        raise RuntimeError(f"exit code {code}, expected {expect}")
     return elapsed
 
 
@@ -95,6 +117,8 @@ def main() -> int:
     ap.add_argument("--example", default="quickstart")
     ap.add_argument("--features", default="")
     ap.add_argument("--backends", action="store_true")
+    ap.add_argument("--hung", action="store_true")
+    ap.add_argument("--total", default="6s", help="FINALE_TOTAL_BUDGET for --hung")
     args = ap.parse_args()
 
     cmd = ["cargo", "build", "--release", "--quiet", "--example", args.example]
@@ -107,7 +131,19 @@ def main() -> int:
     for k in ("KUBERNETES_SERVICE_HOST", "ECS_CONTAINER_METADATA_URI_V4", "ECS_CONTAINER_METADATA_URI"):
         env.pop(k, None)
     procs, tmp = [], tempfile.mkdtemp(prefix="finale-bench-")
+    env["FULL_SERVICE_ADDR"] = "127.0.0.1:0"
+    env["FULL_SERVICE_LOG"] = os.path.join(tmp, "service.log")
+    expect = 0
+    holes = []
     try:
+        if args.hung:
+            for _ in range(2):
+                holes.append(start_blackhole())
+            env["PUSHGATEWAY_URL"] = f"http://127.0.0.1:{holes[0][0].getsockname()[1]}"
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{holes[1][0].getsockname()[1]}"
+            env["FINALE_TOTAL_BUDGET"] = args.total
+            env["FINALE_TELEMETRY_RESERVE"] = "3s"
+            expect = 6
         if args.backends:
             for tool in ("prometheus-pushgateway", "rotel-agent"):
                 if not shutil.which(tool):
@@ -115,14 +151,20 @@ def main() -> int:
                     return 1
             procs, backend_env = start_backends(tmp)
             env.update(backend_env)
-        times = [one_run(binary, env, READY.get(args.example, "started: ready")) for _ in range(args.runs)]
+        times = [one_run(binary, env, READY.get(args.example, "started: ready"), expect)
+                 for _ in range(args.runs)]
     finally:
+        for listener, held in holes:
+            listener.close()
+            for c in held:
+                c.close()
         for p in procs:
             p.terminate()
             p.wait(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
     ms = sorted(t * 1000 for t in times)
-    print(f"{args.example}{' with backends' if args.backends else ''}: SIGTERM to exit over "
+    what = " with backends" if args.backends else f" with hung backends, total budget {args.total}" if args.hung else ""
+    print(f"{args.example}{what}: SIGTERM to exit over "
           f"{len(ms)} runs: median {statistics.median(ms):.1f} ms, min {ms[0]:.1f} ms, max {ms[-1]:.1f} ms")
     return 0
 
