@@ -7,6 +7,7 @@
 //! - Faults (collector refused or blackholed, Pushgateway down, answering 500, rejecting with
 //!   400): the process exits within its budget with the "telemetry not delivered" code, and the
 //!   report names what failed.
+//! - A second SIGTERM cuts a hung flush short to the escalation budget.
 
 #![cfg(all(
     unix,
@@ -583,4 +584,34 @@ fn pushgateway_rejecting_with_400() {
         &[("PUSHGATEWAY_URL", &gateway.url())],
         &["Pushgateway answered 400 Bad Request"],
     );
+}
+
+#[test]
+fn a_second_sigterm_cuts_a_hung_flush_to_the_escalation_budget() {
+    let scratch = Scratch::new("escalation");
+    let endpoint = format!("http://127.0.0.1:{}", blackhole());
+    let mut service = Service::start(
+        &scratch.log(),
+        &[
+            ("FINALE_TOTAL_BUDGET", "20s"),
+            ("FINALE_TELEMETRY_RESERVE", "10s"),
+            ("FINALE_ESCALATION_BUDGET", "1s"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ],
+    );
+    requests(&service.work_url(), 3);
+    service.sigterm();
+    // The report line is logged just before the Telemetry phase starts.
+    service.wait_for("finale: shutdown after signal SIGTERM");
+    let second = Instant::now();
+    service.sigterm();
+    let (status, out, _) = service.wait_exit();
+    let elapsed = second.elapsed();
+    eprintln!(
+        "escalation: exit code {:?} {elapsed:?} after the second SIGTERM",
+        status.code()
+    );
+    assert_eq!(status.code(), Some(7), "{out}");
+    assert!(out.contains("forced by second signal"), "{out}");
+    assert!(elapsed < Duration::from_secs(3), "{elapsed:?}\n{out}");
 }
