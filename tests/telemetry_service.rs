@@ -25,12 +25,11 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use common::components::{Collector, Pushgateway, free_port, http_request, wait_until};
+use common::load;
 
 /// Wide bound for anything that should take a second or two.
 const BOUND: Duration = Duration::from_secs(20);
@@ -41,6 +40,9 @@ const FAULT_ENV: [(&str, &str); 2] = [
 ];
 const FAULT_TOTAL: Duration = Duration::from_secs(6);
 const EXIT_TELEMETRY_NOT_DELIVERED: i32 = 6;
+/// The lossless test's load: requests per second, and at most this many in all.
+const LOAD_RATE: u32 = 400;
+const LOAD_MAX: u64 = 10_000;
 
 fn full_service() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
@@ -233,60 +235,6 @@ fn lines_containing(path: &Path, needle: &str) -> usize {
         .count()
 }
 
-/// A bounded load from `threads` clients, each making requests until one fails (the listener
-/// closed) or it made `max_each`. Returns the shared count of `200` answers.
-struct Load {
-    ok: Arc<AtomicU64>,
-    stopping: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<u64>>,
-}
-
-impl Load {
-    fn start(url: &str, threads: usize, max_each: usize) -> Self {
-        let ok = Arc::new(AtomicU64::new(0));
-        let stopping = Arc::new(AtomicBool::new(false));
-        let threads = (0..threads)
-            .map(|_| {
-                let (url, ok, stopping) = (url.to_owned(), ok.clone(), stopping.clone());
-                std::thread::spawn(move || {
-                    let mut failures = 0;
-                    for _ in 0..max_each {
-                        match http_request("GET", &url, &[], &[]) {
-                            Ok(r) if r.status == 200 && r.body == b"done\n" => {
-                                ok.fetch_add(1, Ordering::SeqCst);
-                            }
-                            // Refused or cut: the server is draining. Before the SIGTERM a
-                            // failure is a bug, which the final counts expose.
-                            _ => {
-                                failures += 1;
-                                if stopping.load(Ordering::SeqCst) {
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    failures
-                })
-            })
-            .collect();
-        Self {
-            ok,
-            stopping,
-            threads,
-        }
-    }
-
-    fn ok(&self) -> u64 {
-        self.ok.load(Ordering::SeqCst)
-    }
-
-    /// Waits for every client; returns the `200`s and the failures.
-    fn finish(self) -> (u64, u64) {
-        let failures = self.threads.into_iter().map(|t| t.join().unwrap()).sum();
-        (self.ok.load(Ordering::SeqCst), failures)
-    }
-}
-
 #[test]
 fn lossless_under_load_across_sigterm() {
     let (Some(gateway), Some(collector)) = (Pushgateway::start(), Collector::start()) else {
@@ -303,21 +251,50 @@ fn lossless_under_load_across_sigterm() {
         ],
     );
 
-    let load = Load::start(&service.work_url(), 8, 1000);
+    // A steady load from a real keep-alive HTTP client, on its own thread and runtime, until the
+    // service has exited.
+    let (stop_load, stopped) = tokio::sync::oneshot::channel::<()>();
+    let url = service.work_url();
+    let load = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(load::steady(
+                &url,
+                LOAD_RATE,
+                LOAD_MAX,
+                Duration::from_secs(5),
+                async {
+                    let _ = stopped.await;
+                },
+            ))
+    });
+    // SIGTERM mid-load: once a good part of it has been served.
     assert!(
-        wait_until(BOUND, || load.ok() >= 500),
-        "the load did not get going: {} ok",
-        load.ok()
+        wait_until(BOUND, || lines_containing(&scratch.log(), "request served")
+            >= 300),
+        "the load did not get going"
     );
     service.sigterm();
-    load.stopping.store(true, Ordering::SeqCst);
     let (status, out, elapsed) = service.wait_exit();
-    let (ok, failures) = load.finish();
+    let _ = stop_load.send(());
+    let report = load.join().unwrap();
+    let ok = report.ok();
     eprintln!(
-        "lossless: {ok} requests answered 200, {failures} refused after SIGTERM, exit after {elapsed:?}"
+        "lossless: sent {}, {ok} answered 2xx, statuses {:?}, failures {:?}; exit {elapsed:?} after SIGTERM",
+        report.sent, report.statuses, report.errors
     );
     assert_eq!(status.code(), Some(0), "{out}");
     assert!(out.contains("clean, exit code 0"), "{out}");
+    assert!(
+        report.sent < LOAD_MAX,
+        "the load ended before the service did"
+    );
+    assert!(
+        report.failures() > 0,
+        "some requests came after the listener closed"
+    );
 
     // Metrics: the counter at the Pushgateway is exactly what the clients saw.
     let pushed = gateway.sample("requests_total", &[("job", job)]);
