@@ -1,0 +1,339 @@
+//! Zero-error rolling restarts behind a real load balancer.
+//!
+//! Two instances of a finale-run axum service sit behind haproxy, which health-checks
+//! `/readyz`. A real HTTP client sends a steady, bounded load through haproxy while each instance
+//! is restarted in turn (SIGTERM, wait for the exit, start again, wait until haproxy sees it up).
+//! With finale's drain delay the client sees zero non-2xx responses and zero connection errors;
+//! the same run without the drain delay fails, which shows that the delay is what matters.
+//!
+//! The instances are this test binary itself, re-run as a child process in the role of the
+//! service (`rolling_restart_instance`, ignored unless asked for).
+
+#![cfg(all(unix, feature = "axum"))]
+// The tests report what they measured (run with `--nocapture` to see it).
+#![allow(clippy::print_stderr)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::components::{find_binary, free_ports, http_request, in_ci, wait_until};
+use common::load::{LoadReport, steady};
+
+const ROLE: &str = "FINALE_TEST_INSTANCE_ADDR";
+const BOUND: Duration = Duration::from_secs(20);
+/// haproxy's health check interval; it marks a server down after one failed check.
+const CHECK_INTER_MS: u64 = 300;
+/// Requests per second through the load balancer, and at most this many in all.
+const RATE: u32 = 200;
+const MAX_REQUESTS: u64 = 20_000;
+/// Each instance is restarted this many times.
+const ROUNDS: usize = 3;
+
+/// The service: finale + axum, `/` answers 200 after a little work, `/readyz` reports readiness.
+/// Runs only when the parent test starts it with the address to bind.
+#[test]
+#[ignore = "the service role of the rolling-restart tests, started by them as a child process"]
+fn rolling_restart_instance() {
+    let Ok(addr) = std::env::var(ROLE) else {
+        return;
+    };
+    let addr: SocketAddr = addr.parse().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async move {
+        use axum::Router;
+        use axum::http::StatusCode;
+        use axum::routing::get;
+        use finale::{Finale, Task};
+
+        let finale = Finale::builder().build().unwrap();
+        let health = finale.handle().health();
+        let app = Router::new()
+            .route(
+                "/",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    "ok"
+                }),
+            )
+            .route(
+                "/readyz",
+                get(move || {
+                    let health = health.clone();
+                    async move {
+                        if health.is_ready() {
+                            (StatusCode::OK, "ready")
+                        } else {
+                            health.record_not_ready_answer();
+                            (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                        }
+                    }
+                }),
+            );
+        finale
+            .spawn(Task::service("http", move |ctx| async move {
+                let listener = tokio::net::TcpListener::bind(addr).await?;
+                ctx.set_ready();
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(ctx.stop_token().cancelled_owned())
+                    .await
+            }))
+            .unwrap();
+        let report = finale.run().await;
+        eprintln!("{report}");
+        report.exit()
+    });
+}
+
+struct Instance {
+    addr: SocketAddr,
+    child: Option<Child>,
+    env: Vec<(&'static str, String)>,
+}
+
+impl Instance {
+    fn start(addr: SocketAddr, env: &[(&'static str, String)]) -> Self {
+        let mut instance = Self {
+            addr,
+            child: None,
+            env: env.to_vec(),
+        };
+        instance.spawn();
+        instance
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "rolling_restart_instance",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(ROLE, self.addr.to_string())
+        .env("RUST_LOG", "info")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("ECS_CONTAINER_METADATA_URI_V4")
+        .env_remove("ECS_CONTAINER_METADATA_URI")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        self.child = Some(child);
+        // Ready once it answers /readyz with 200.
+        let url = format!("http://{}/readyz", self.addr);
+        assert!(
+            wait_until(BOUND, || http_request("GET", &url, &[], b"")
+                .is_ok_and(|r| r.status == 200)),
+            "instance {} never became ready: {:?}",
+            self.addr,
+            rx.try_iter().collect::<Vec<_>>()
+        );
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit.
+    fn stop(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert_eq!(status.code(), Some(0), "instance {} exit", self.addr);
+                return;
+            }
+            if start.elapsed() > BOUND {
+                child.kill().unwrap();
+                panic!("instance {} did not exit", self.addr);
+            }
+            std::thread::sleep(Duration::from_millis(10)); // polling a condition with a bound
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+struct Haproxy {
+    child: Child,
+    stats: String,
+    dir: PathBuf,
+}
+
+impl Haproxy {
+    fn start(front: u16, stats: u16, backends: &[(&str, SocketAddr)]) -> Option<Self> {
+        let Some(bin) = find_binary("haproxy") else {
+            assert!(
+                !in_ci(),
+                "haproxy is missing (scripts/install-components.sh installs it)"
+            );
+            eprintln!("SKIPPING: haproxy is not installed (scripts/install-components.sh)");
+            return None;
+        };
+        let dir =
+            std::env::temp_dir().join(format!("finale-haproxy-{}-{front}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let servers: String = backends
+            .iter()
+            .map(|(name, addr)| format!("  server {name} {addr} check\n"))
+            .collect();
+        let config = format!(
+            "global\n  maxconn 2000\n\
+             defaults\n  mode http\n  timeout connect 1s\n  timeout client 10s\n  timeout server 10s\n\
+             \x20 retries 0\n\
+             frontend fe\n  bind 127.0.0.1:{front}\n  default_backend be\n\
+             frontend stats\n  bind 127.0.0.1:{stats}\n  stats enable\n  stats uri /stats\n\
+             backend be\n  balance roundrobin\n  option httpchk GET /readyz\n\
+             \x20 http-check expect status 200\n\
+             \x20 default-server inter {CHECK_INTER_MS}ms fall 1 rise 1\n{servers}"
+        );
+        let cfg = dir.join("haproxy.cfg");
+        std::fs::write(&cfg, config).unwrap();
+        let child = Command::new(bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Some(Self {
+            child,
+            stats: format!("http://127.0.0.1:{stats}/stats;csv"),
+            dir,
+        })
+    }
+
+    /// Whether haproxy has server `name` up.
+    fn is_up(&self, name: &str) -> bool {
+        let Ok(r) = http_request("GET", &self.stats, &[], b"") else {
+            return false;
+        };
+        r.text().lines().any(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            f.len() > 17 && f[0] == "be" && f[1] == name && f[17].starts_with("UP")
+        })
+    }
+
+    fn wait_up(&self, name: &str) {
+        assert!(
+            wait_until(BOUND, || self.is_up(name)),
+            "haproxy never saw {name} up"
+        );
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs the restarts under load; returns what the client saw.
+fn rolling_restarts(env: &[(&'static str, String)]) -> Option<(LoadReport, usize, Duration)> {
+    let ports = free_ports(4);
+    let (front, stats) = (ports[0], ports[1]);
+    let addrs: Vec<SocketAddr> = ports[2..]
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect();
+    let names = ["a", "b"];
+    let backends: Vec<(&str, SocketAddr)> =
+        names.iter().copied().zip(addrs.iter().copied()).collect();
+    let haproxy = Haproxy::start(front, stats, &backends)?;
+    let mut instances: Vec<Instance> = addrs.iter().map(|a| Instance::start(*a, env)).collect();
+    for name in names {
+        haproxy.wait_up(name);
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let url = format!("http://127.0.0.1:{front}/");
+    let load = std::thread::spawn(move || {
+        tokio::runtime::Runtime::new().unwrap().block_on(steady(
+            &url,
+            RATE,
+            MAX_REQUESTS,
+            Duration::from_secs(10),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ))
+    });
+    let start = Instant::now();
+    let mut restarts = 0;
+    for _ in 0..ROUNDS {
+        for (i, instance) in instances.iter_mut().enumerate() {
+            instance.stop();
+            instance.spawn();
+            haproxy.wait_up(names[i]);
+            restarts += 1;
+        }
+    }
+    let elapsed = start.elapsed();
+    stop_tx.send(()).unwrap();
+    let report = load.join().unwrap();
+    Some((report, restarts, elapsed))
+}
+
+#[test]
+fn rolling_restarts_with_the_drain_delay_drop_nothing() {
+    // The delay ends once haproxy has seen /readyz answer 503 twice (it marks the server down
+    // at the first), and lasts at most 5 s.
+    let env = [
+        ("FINALE_DRAIN_DELAY", "5s".to_owned()),
+        ("FINALE_DRAIN_PROBES", "2".to_owned()),
+    ];
+    let Some((report, restarts, elapsed)) = rolling_restarts(&env) else {
+        return;
+    };
+    eprintln!("with drain delay: {restarts} restarts in {elapsed:?} at {RATE} req/s: {report:?}");
+    assert!(report.ok() > u64::from(RATE), "too little load: {report:?}");
+    assert_eq!(report.non_2xx(), 0, "{report:?}");
+    assert_eq!(report.failures(), 0, "{report:?}");
+    assert_eq!(report.ok(), report.sent);
+}
+
+#[test]
+fn rolling_restarts_without_the_drain_delay_lose_requests() {
+    let env = [("FINALE_DRAIN_DELAY", "0s".to_owned())];
+    let Some((report, restarts, elapsed)) = rolling_restarts(&env) else {
+        return;
+    };
+    eprintln!(
+        "without drain delay: {restarts} restarts in {elapsed:?} at {RATE} req/s: {report:?}"
+    );
+    assert!(
+        report.non_2xx() + report.failures() > 0,
+        "expected errors without the drain delay: {report:?}"
+    );
+}
