@@ -37,6 +37,8 @@ struct Inner {
     announced: AtomicBool,
     not_ready_answers: AtomicU64,
     probed: Notify,
+    /// Woken when graceful start completes.
+    started_notify: Notify,
 }
 
 impl Health {
@@ -47,6 +49,7 @@ impl Health {
                 announced: AtomicBool::new(false),
                 not_ready_answers: AtomicU64::new(0),
                 probed: Notify::new(),
+                started_notify: Notify::new(),
             }),
         }
     }
@@ -94,6 +97,23 @@ impl Health {
     /// Marks graceful start as complete: readiness turns on (unless already announced).
     pub(crate) fn set_started(&self) {
         self.inner.started.store(true, Ordering::Release);
+        self.inner.started_notify.notify_waiters();
+    }
+
+    /// Waits until graceful start has completed (every registered service reported ready).
+    /// Never returns if the start fails; select it against the shutdown.
+    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
+    pub(crate) async fn started(&self) {
+        loop {
+            let notified = self.inner.started_notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Register before checking the flag: `notify_waiters` wakes only registered waiters.
+            notified.as_mut().enable();
+            if self.inner.started.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Turns readiness off for good. Returns whether this call did it.

@@ -90,6 +90,9 @@ mod finale;
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod tower;
 
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+mod server;
+
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod axum;

@@ -1,1 +1,136 @@
-//! (integration under construction)
+//! Serve tonic gRPC services under finale, with tonic-health reporting `NOT_SERVING` from the
+//! Announce phase on.
+//!
+//! tonic's `serve_with_shutdown` closes the listener the moment its signal resolves and then
+//! waits for every connection with no deadline: one `Watch` stream or a slow streaming RPC keeps
+//! the process alive until SIGKILL. finale serves the [`Routes`] with the same accept loop as
+//! [`finale::axum`](crate::axum) (HTTP/2 with prior knowledge, as gRPC clients speak it):
+//! the listener closes when the Drain phase starts, connections get GOAWAY, unary and streaming
+//! RPCs in flight finish, and whatever is still open shortly before the Drain deadline is cut and
+//! named in the report (`POST /pkg.Svc/Method from 127.0.0.1:5555 (stream open at the drain
+//! deadline)`).
+//!
+//! [`report_health`] ties a [`HealthReporter`] to the sequence: `SERVING` once graceful start
+//! completed, `NOT_SERVING` as soon as the Announce phase starts — for the overall server (`""`)
+//! and for every service you name — so load balancers and clients that watch the health service
+//! move away during the drain delay.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! use finale::Finale;
+//! use tonic::service::Routes;
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), finale::ConfigError> {
+//!     let finale = Finale::builder().build()?;
+//!     let (reporter, health) = tonic_health::server::health_reporter();
+//!     finale::tonic::report_health(&finale, reporter, ["my.pkg.Greeter"])?;
+//!     let routes = Routes::new(health); // .add_service(GreeterServer::new(..))
+//!     finale::tonic::serve(&finale, "grpc", ([127, 0, 0, 1], 50051), routes)?;
+//!     finale.run_and_exit().await
+//! }
+//! ```
+
+use std::borrow::Cow;
+
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::config::ConfigError;
+use crate::finale::Finale;
+use crate::hook::Hook;
+use crate::phase::Phase;
+use crate::task::Task;
+
+pub use crate::server::{DEFAULT_CUT_MARGIN, DEFAULT_IDLE_GRACE, HttpServer, Listen};
+
+/// The name of the Announce hook that sets `NOT_SERVING`.
+pub const HEALTH_HOOK: &str = "grpc-health";
+
+/// Serves `routes` on `listen` as a [`Task::service`] named `name`, with [`HttpServer`]'s
+/// defaults: ready once bound, drained in the Drain phase, bounded by its deadline.
+///
+/// # Errors
+///
+/// As [`Finale::spawn`]: a duplicate or empty name.
+///
+/// # Panics
+///
+/// Outside a tokio runtime.
+pub fn serve(
+    finale: &Finale,
+    name: impl Into<Cow<'static, str>>,
+    listen: impl Into<Listen>,
+    routes: Routes,
+) -> Result<(), ConfigError> {
+    HttpServer::new(name).serve(finale, listen, routes.prepare())
+}
+
+/// Drives `reporter` from the sequence: `SERVING` for `""` and each of `services` once graceful
+/// start completed, `NOT_SERVING` for all of them when the Announce phase starts.
+///
+/// Registers a hook named [`HEALTH_HOOK`] in the Announce phase and a worker named
+/// `grpc-health (serving)`.
+///
+/// # Errors
+///
+/// [`ConfigError::DuplicateName`] if registered twice.
+///
+/// # Panics
+///
+/// Outside a tokio runtime.
+pub fn report_health<I, S>(
+    finale: &Finale,
+    reporter: HealthReporter,
+    services: I,
+) -> Result<(), ConfigError>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
+    let mut names: Vec<String> = vec![String::new()];
+    names.extend(services.into_iter().map(Into::into));
+    let (announce_reporter, announce_names) = (reporter.clone(), names.clone());
+    finale.hook(Hook::new(
+        Phase::Announce,
+        HEALTH_HOOK,
+        move |_| async move {
+            for name in &announce_names {
+                announce_reporter
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+        },
+    ))?;
+    let health = finale.handle().health();
+    finale.spawn(Task::worker(
+        "grpc-health (serving)",
+        move |ctx| async move {
+            // Not serving until every service is ready; set at start so clients see a status.
+            for name in &names {
+                reporter
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            tokio::select! {
+                () = health.started() => {
+                    if !ctx.handle().is_shutdown_requested() {
+                        for name in &names {
+                            reporter.set_service_status(name, ServingStatus::Serving).await;
+                        }
+                    }
+                    // The shutdown may have been requested while we set SERVING, after the
+                    // Announce hook set NOT_SERVING: set it again, NOT_SERVING must win.
+                    if ctx.handle().is_shutdown_requested() {
+                        for name in &names {
+                            reporter.set_service_status(name, ServingStatus::NotServing).await;
+                        }
+                    }
+                }
+                () = ctx.handle().shutdown_requested() => {}
+            }
+        },
+    ))
+}

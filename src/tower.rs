@@ -1,1 +1,605 @@
-//! (integration under construction)
+//! A tower [`Layer`] that tracks every request as in flight and answers `503` while draining,
+//! and `/livez` + `/readyz` as a tower [`Service`].
+//!
+//! # What the layer does
+//!
+//! - **Tracks** every request with the core's [`InFlightGuard`], from the
+//!   call until the response **body** has ended (or was dropped), so a streamed response counts
+//!   until its last byte. The [`Drain`](crate::Phase::Drain) phase waits for these.
+//! - **Rejects** requests that arrive once the Drain phase has started (on connections that are
+//!   still open: HTTP/1 keep-alive, HTTP/2 streams racing the GOAWAY) with
+//!   `503 Service Unavailable`, `Retry-After` and, on HTTP/1.x, `Connection: close`, so the
+//!   client retries elsewhere instead of seeing a reset. Each one is counted in the report and
+//!   the `finale_requests_rejected_total` metric (see [`names`](crate::names)). The response is
+//!   configurable with [`Rejection`].
+//! - **Closes politely**: a response to a request that was admitted before the drain but answers
+//!   after it started carries `Connection: close` on HTTP/1.x.
+//!
+//! The hot path costs one atomic load (is the drain on?) and one increment of a per-thread shard
+//! (the in-flight guard); no lock, no allocation (the body wrapper lives inline in the response).
+//!
+//! # Health endpoints and the drain delay
+//!
+//! [`HealthService`] answers `GET /livez` (`200` until the process exits) and `GET /readyz`
+//! (`200` when ready, `503` otherwise). Readiness is off until graceful start has seen every
+//! registered server ready, and off again from the [`Announce`](crate::Phase::Announce) phase on.
+//! Every `503` it serves is recorded with
+//! [`Health::record_not_ready_answer`](crate::Health::record_not_ready_answer), which is what
+//! [`DrainDelay::UntilProbed`](crate::DrainDelay::UntilProbed) counts: behind a load balancer
+//! that health-checks `/readyz` every second and takes an instance out after three failures,
+//! `DrainDelay::UntilProbed { answers: 3, max: 10s }` ends the delay as soon as the LB has seen
+//! three "not ready" answers. With no drain delay configured, finale picks one from where it
+//! runs: 5 s on Kubernetes or ECS, none on a laptop (see [`Environment`](crate::Environment)).
+//!
+//! # Examples
+//!
+//! ```
+//! use finale::tower::{DrainLayer, Rejection};
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let finale = finale::Finale::builder().read_env(false).build().unwrap();
+//! let layer = DrainLayer::new(&finale.handle())
+//!     .rejection(Rejection::default().retry_after(Some(Duration::from_secs(2))));
+//! // axum: `Router::new().route(..).layer(layer)`; tower: `ServiceBuilder::new().layer(layer)`.
+//! # let _ = layer;
+//! # }
+//! ```
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use ::tower::{Layer, Service};
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use pin_project_lite::pin_project;
+
+use crate::finale::Handle;
+use crate::tracker::{InFlight, InFlightGuard};
+
+/// The default `Retry-After` of a rejected request: 1 second.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The default body of a rejected request.
+pub const DEFAULT_REJECTION_BODY: &str = "shutting down, retry on another instance\n";
+
+/// The response to a request that arrives once the drain has started.
+///
+/// # Default values
+///
+/// | setting | default |
+/// |---|---|
+/// | [`status`](Rejection::status) | `503 Service Unavailable` |
+/// | [`retry_after`](Rejection::retry_after) | 1 s ([`DEFAULT_RETRY_AFTER`]) |
+/// | [`body`](Rejection::body) | [`DEFAULT_REJECTION_BODY`], `text/plain` |
+///
+/// On HTTP/1.x the response always carries `Connection: close`.
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct Rejection {
+    status: StatusCode,
+    retry_after: Option<HeaderValue>,
+    body: Bytes,
+}
+
+impl Default for Rejection {
+    fn default() -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            retry_after: Some(HeaderValue::from_static("1")),
+            body: Bytes::from_static(DEFAULT_REJECTION_BODY.as_bytes()),
+        }
+    }
+}
+
+impl Rejection {
+    /// The status code.
+    pub fn status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// The `Retry-After` header, in whole seconds (rounded up); `None` leaves it out.
+    pub fn retry_after(mut self, after: Option<Duration>) -> Self {
+        self.retry_after = after.map(|d| {
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            HeaderValue::from(secs)
+        });
+        self
+    }
+
+    /// The body, sent as `text/plain; charset=utf-8`.
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    fn response<B>(&self, version: Version) -> Response<DrainBody<B>> {
+        let mut response = Response::new(DrainBody::full(self.body.clone()));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if let Some(after) = &self.retry_after {
+            headers.insert(RETRY_AFTER, after.clone());
+        }
+        if is_http1(version) {
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+fn is_http1(version: Version) -> bool {
+    version <= Version::HTTP_11
+}
+
+/// What the layer and the servers share.
+pub(crate) struct LayerShared {
+    pub(crate) handle: Handle,
+    pub(crate) rejection: Rejection,
+}
+
+/// One served connection, as the requests on it see it: who is on the other end, and whether
+/// the server is cutting it at the drain deadline. Only finale's own servers make these.
+#[derive(Debug)]
+pub(crate) struct ConnWatch {
+    pub(crate) peer: SocketAddr,
+    pub(crate) handle: Handle,
+    /// Set by the first HTTP/1.x request: idle HTTP/1 connections get a grace period.
+    pub(crate) http1: AtomicBool,
+    /// Set just before the connection is dropped at the deadline: unfinished requests name
+    /// themselves in the report as they are dropped.
+    pub(crate) cutting: AtomicBool,
+    /// How many requests of this connection named themselves.
+    pub(crate) named: AtomicUsize,
+}
+
+impl ConnWatch {
+    pub(crate) fn new(peer: SocketAddr, handle: Handle) -> Self {
+        Self {
+            peer,
+            handle,
+            http1: AtomicBool::new(false),
+            cutting: AtomicBool::new(false),
+            named: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// What an admitted request remembers so that, if it is cut at the deadline, the report can
+/// name it ("GET /events from 127.0.0.1:5555").
+struct CutName {
+    method: Method,
+    uri: Uri,
+    conn: Arc<ConnWatch>,
+}
+
+impl CutName {
+    /// Called on drop of an unfinished request or body.
+    fn record_if_cut(&self, what: &str) {
+        // Relaxed: the server sets `cutting` and then drops the connection on the same task,
+        // so this drop is sequenced after the store.
+        if self.conn.cutting.load(Ordering::Relaxed) {
+            self.conn.named.fetch_add(1, Ordering::Relaxed);
+            let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
+            self.conn.handle.record_cut(format!(
+                "{} {} from {} ({what} at the drain deadline)",
+                self.method, path, self.conn.peer
+            ));
+        }
+    }
+}
+
+/// The decision for one request.
+pub(crate) enum Admission<B> {
+    Rejected(Response<DrainBody<B>>),
+    Admitted(Admitted),
+}
+
+/// An admitted request's tracking, handed to [`ResponseFuture`].
+pub(crate) struct Admitted {
+    guard: InFlightGuard,
+    in_flight: InFlight,
+    close_http1: bool,
+    cut: Option<CutName>,
+}
+
+/// The hot path, shared by [`Drain`] and finale's servers.
+#[inline]
+pub(crate) fn admit<ReqB, B>(
+    in_flight: InFlight,
+    shared: &LayerShared,
+    conn: Option<&Arc<ConnWatch>>,
+    req: &Request<ReqB>,
+) -> Admission<B> {
+    let version = req.version();
+    // One relaxed load of a `&'static` flag, set when the Drain phase starts.
+    if in_flight.is_draining() {
+        shared.handle.record_rejected_request();
+        return Admission::Rejected(shared.rejection.response(version));
+    }
+    let guard = in_flight.acquire();
+    let cut = conn.map(|conn| {
+        if is_http1(version) && !conn.http1.load(Ordering::Relaxed) {
+            conn.http1.store(true, Ordering::Relaxed);
+        }
+        CutName {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            conn: conn.clone(),
+        }
+    });
+    Admission::Admitted(Admitted {
+        guard,
+        in_flight,
+        close_http1: is_http1(version),
+        cut,
+    })
+}
+
+/// A [`Layer`] that wraps services in [`Drain`]; see the [module docs](self).
+#[derive(Clone)]
+#[must_use]
+pub struct DrainLayer {
+    in_flight: InFlight,
+    shared: Arc<LayerShared>,
+}
+
+impl DrainLayer {
+    /// A layer tracking requests in `handle`'s [`InFlight`] tracker, rejecting with the default
+    /// [`Rejection`] once the Drain phase has started.
+    pub fn new(handle: &Handle) -> Self {
+        Self {
+            in_flight: handle.in_flight(),
+            shared: Arc::new(LayerShared {
+                handle: handle.clone(),
+                rejection: Rejection::default(),
+            }),
+        }
+    }
+
+    /// Answers rejected requests with `rejection`.
+    pub fn rejection(self, rejection: Rejection) -> Self {
+        Self {
+            in_flight: self.in_flight,
+            shared: Arc::new(LayerShared {
+                handle: self.shared.handle.clone(),
+                rejection,
+            }),
+        }
+    }
+
+    /// The in-flight tracker (its [`count`](InFlight::count) is the in-flight gauge).
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight
+    }
+}
+
+impl fmt::Debug for DrainLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DrainLayer")
+            .field("in_flight", &self.in_flight)
+            .field("rejection", &self.shared.rejection)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for DrainLayer {
+    type Service = Drain<S>;
+
+    fn layer(&self, inner: S) -> Drain<S> {
+        Drain {
+            inner,
+            in_flight: self.in_flight,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// The [`Service`] made by [`DrainLayer`]: tracks requests, rejects them while draining.
+///
+/// Cloning it clones the inner service and one `Arc` (hyper and axum clone the service for
+/// every request, as they do with every layer).
+#[derive(Clone)]
+pub struct Drain<S> {
+    inner: S,
+    in_flight: InFlight,
+    shared: Arc<LayerShared>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for Drain<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Drain")
+            .field("inner", &self.inner)
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqB, B> Service<Request<ReqB>> for Drain<S>
+where
+    S: Service<Request<ReqB>, Response = Response<B>>,
+    B: Body<Data = Bytes>,
+{
+    type Response = Response<DrainBody<B>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        match admit(self.in_flight, &self.shared, None, &req) {
+            Admission::Rejected(response) => ResponseFuture::rejected(response),
+            Admission::Admitted(admitted) => {
+                ResponseFuture::admitted(self.inner.call(req), admitted)
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`Drain`].
+    #[must_use = "futures do nothing unless polled"]
+    pub struct ResponseFuture<F, B> {
+        #[pin]
+        state: State<F, B>,
+    }
+
+    impl<F, B> PinnedDrop for ResponseFuture<F, B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let StateProj::Pending { admitted, .. } = this.project().state.project()
+                && let Some(admitted) = admitted
+                && let Some(cut) = &admitted.cut
+            {
+                cut.record_if_cut("no response");
+            }
+        }
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, B> {
+        Pending { #[pin] fut: F, admitted: Option<Admitted> },
+        Rejected { response: Option<Response<DrainBody<B>>> },
+    }
+}
+
+impl<F, B> ResponseFuture<F, B> {
+    pub(crate) fn rejected(response: Response<DrainBody<B>>) -> Self {
+        Self {
+            state: State::Rejected {
+                response: Some(response),
+            },
+        }
+    }
+
+    pub(crate) fn admitted(fut: F, admitted: Admitted) -> Self {
+        Self {
+            state: State::Pending {
+                fut,
+                admitted: Some(admitted),
+            },
+        }
+    }
+}
+
+impl<F, B> fmt::Debug for ResponseFuture<F, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body<Data = Bytes>,
+{
+    type Output = Result<Response<DrainBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Rejected { response } => {
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
+            }
+            StateProj::Pending { fut, admitted } => {
+                let result = ready!(fut.poll(cx));
+                let admitted = admitted.take().expect("polled after completion");
+                Poll::Ready(result.map(|response| {
+                    let (mut parts, body) = response.into_parts();
+                    if admitted.close_http1 && admitted.in_flight.is_draining() {
+                        // Admitted before the drain, answered during it: this connection's last.
+                        parts
+                            .headers
+                            .insert(CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    let body = DrainBody::tracked(body, admitted.guard, admitted.cut);
+                    Response::from_parts(parts, body)
+                }))
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The response body of [`Drain`]: the inner body, counted as in flight until it ends or is
+    /// dropped; or the body of a rejection.
+    pub struct DrainBody<B> {
+        #[pin]
+        kind: Kind<B>,
+        guard: Option<InFlightGuard>,
+        cut: Option<CutName>,
+    }
+
+    impl<B> PinnedDrop for DrainBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if this.guard.is_some()
+                && let Some(cut) = this.cut
+            {
+                cut.record_if_cut("stream open");
+            }
+        }
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Inner { #[pin] body: B },
+        Full { data: Option<Bytes> },
+    }
+}
+
+impl<B> DrainBody<B> {
+    fn full(data: Bytes) -> Self {
+        Self {
+            kind: Kind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
+            guard: None,
+            cut: None,
+        }
+    }
+
+    fn tracked(body: B, guard: InFlightGuard, cut: Option<CutName>) -> Self {
+        Self {
+            kind: Kind::Inner { body },
+            guard: Some(guard),
+            cut,
+        }
+    }
+}
+
+impl<B> fmt::Debug for DrainBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DrainBody")
+            .field("in_flight", &self.guard.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for DrainBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        match this.kind.project() {
+            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Inner { body } => {
+                let frame = ready!(body.poll_frame(cx));
+                if !matches!(frame, Some(Ok(_))) {
+                    // The end, or an error that ends the response: no longer in flight.
+                    this.guard.take();
+                }
+                Poll::Ready(frame)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full { data } => data.is_none(),
+            Kind::Inner { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Inner { body } => body.size_hint(),
+        }
+    }
+}
+
+/// `GET /livez` and `GET /readyz` as a tower [`Service`]; anything else is `404`.
+///
+/// - `/livez`: `200 live` while the process runs (also during the shutdown).
+/// - `/readyz`: `200 ready` once graceful start completed and until the Announce phase;
+///   `503 not ready` otherwise, each recorded with
+///   [`Health::record_not_ready_answer`](crate::Health::record_not_ready_answer) so that
+///   [`DrainDelay::UntilProbed`](crate::DrainDelay::UntilProbed) can end the drain delay early.
+///
+/// # Examples
+///
+/// ```
+/// use finale::tower::HealthService;
+/// use tower::Service;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let finale = finale::Finale::builder().read_env(false).build().unwrap();
+/// let mut health = HealthService::new(&finale.handle());
+/// let req = http::Request::get("/readyz").body(()).unwrap();
+/// let response = health.call(req).await.unwrap();
+/// assert_eq!(response.status(), 503); // graceful start has not completed
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct HealthService {
+    health: crate::Health,
+}
+
+impl HealthService {
+    /// The health endpoints of `handle`'s service.
+    pub fn new(handle: &Handle) -> Self {
+        Self {
+            health: handle.health(),
+        }
+    }
+
+    pub(crate) fn answer(&self, path: &str) -> Response<Full<Bytes>> {
+        let (status, body) = match path {
+            "/livez" if self.health.is_live() => (StatusCode::OK, "live\n"),
+            "/livez" => (StatusCode::SERVICE_UNAVAILABLE, "not live\n"),
+            "/readyz" if self.health.is_ready() => (StatusCode::OK, "ready\n"),
+            "/readyz" => {
+                self.health.record_not_ready_answer();
+                (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+            _ => (StatusCode::NOT_FOUND, "not found\n"),
+        };
+        let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    }
+}
+
+impl<B> Service<Request<B>> for HealthService {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        std::future::ready(Ok(self.answer(req.uri().path())))
+    }
+}
