@@ -6,8 +6,8 @@
 //! With finale's drain delay the client sees zero non-2xx responses and zero connection errors;
 //! the same run without the drain delay fails, which shows that the delay is what matters.
 //!
-//! The instances are this test binary itself, re-run as a child process in the role of the
-//! service (`rolling_restart_instance`, ignored unless asked for).
+//! The instances are the `axum_service` example (finale + axum, `/readyz` from
+//! `finale::axum::health_router`), run as child processes.
 
 #![cfg(all(unix, feature = "axum"))]
 // The tests report what they measured (run with `--nocapture` to see it).
@@ -19,13 +19,12 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use common::components::{find_binary, free_ports, http_request, in_ci, wait_until};
 use common::load::{LoadReport, steady};
 
-const ROLE: &str = "FINALE_TEST_INSTANCE_ADDR";
 const BOUND: Duration = Duration::from_secs(20);
 /// haproxy's health check interval; it marks a server down after one failed check.
 const CHECK_INTER_MS: u64 = 300;
@@ -35,59 +34,22 @@ const MAX_REQUESTS: u64 = 20_000;
 /// Each instance is restarted this many times.
 const ROUNDS: usize = 3;
 
-/// The service: finale + axum, `/` answers 200 after a little work, `/readyz` reports readiness.
-/// Runs only when the parent test starts it with the address to bind.
-#[test]
-#[ignore = "the service role of the rolling-restart tests, started by them as a child process"]
-fn rolling_restart_instance() {
-    let Ok(addr) = std::env::var(ROLE) else {
-        return;
-    };
-    let addr: SocketAddr = addr.parse().unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async move {
-        use axum::Router;
-        use axum::http::StatusCode;
-        use axum::routing::get;
-        use finale::{Finale, Task};
-
-        let finale = Finale::builder().build().unwrap();
-        let health = finale.handle().health();
-        let app = Router::new()
-            .route(
-                "/",
-                get(|| async {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                    "ok"
-                }),
-            )
-            .route(
-                "/readyz",
-                get(move || {
-                    let health = health.clone();
-                    async move {
-                        if health.is_ready() {
-                            (StatusCode::OK, "ready")
-                        } else {
-                            health.record_not_ready_answer();
-                            (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-                        }
-                    }
-                }),
-            );
-        finale
-            .spawn(Task::service("http", move |ctx| async move {
-                let listener = tokio::net::TcpListener::bind(addr).await?;
-                ctx.set_ready();
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(ctx.stop_token().cancelled_owned())
-                    .await
-            }))
-            .unwrap();
-        let report = finale.run().await;
-        eprintln!("{report}");
-        report.exit()
-    });
+/// The example service, built once (a no-op when it is up to date).
+fn axum_service() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().unwrap();
+            let profile_dir = exe.parent().unwrap().parent().unwrap();
+            let mut cargo = Command::new(env!("CARGO"));
+            cargo.args(["build", "--all-features", "--example", "axum_service"]);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cargo.arg("--release");
+            }
+            assert!(cargo.status().unwrap().success());
+            profile_dir.join("examples").join("axum_service")
+        })
+        .clone()
 }
 
 struct Instance {
@@ -108,21 +70,15 @@ impl Instance {
     }
 
     fn spawn(&mut self) {
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args([
-            "--exact",
-            "rolling_restart_instance",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(ROLE, self.addr.to_string())
-        .env("RUST_LOG", "info")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("ECS_CONTAINER_METADATA_URI_V4")
-        .env_remove("ECS_CONTAINER_METADATA_URI")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        let mut cmd = Command::new(axum_service());
+        cmd.env("AXUM_SERVICE_ADDR", self.addr.to_string())
+            .env("RUST_LOG", "info")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("ECS_CONTAINER_METADATA_URI_V4")
+            .env_remove("ECS_CONTAINER_METADATA_URI")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -277,7 +233,7 @@ fn rolling_restarts(env: &[(&'static str, String)]) -> Option<(LoadReport, usize
     }
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let url = format!("http://127.0.0.1:{front}/");
+    let url = format!("http://127.0.0.1:{front}/hello");
     let load = std::thread::spawn(move || {
         tokio::runtime::Runtime::new().unwrap().block_on(steady(
             &url,
