@@ -13,6 +13,7 @@
 //! | `finale_hook_duration_seconds` | gauge | `phase`, `name`, `outcome` | each hook, task and wait |
 //! | `finale_in_flight_at_drain_start` | gauge | | in-flight work when the Drain phase started |
 //! | `finale_requests_rejected_total` | counter | | requests answered 503 while draining |
+//! | `finale_request_panics_total` | counter | | requests whose handler panicked (answered 500) |
 //!
 //! | span | fields | covers |
 //! |---|---|---|
@@ -40,6 +41,8 @@ pub const HOOK_DURATION: &str = "finale_hook_duration_seconds";
 pub const IN_FLIGHT_AT_DRAIN_START: &str = "finale_in_flight_at_drain_start";
 /// Counter: requests answered `503` while draining.
 pub const REQUESTS_REJECTED: &str = "finale_requests_rejected_total";
+/// Counter: requests whose handler panicked; the server answered `500` and kept serving.
+pub const REQUEST_PANICS: &str = "finale_request_panics_total";
 
 /// The span around Announce, Drain and Workers.
 pub const SPAN_SHUTDOWN: &str = "finale.shutdown";

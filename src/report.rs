@@ -325,6 +325,9 @@ pub struct ShutdownReport {
     pub in_flight_at_drain_start: usize,
     /// Requests answered `503` because they arrived while draining.
     pub requests_rejected: u64,
+    /// Requests whose handler panicked during the run; each was answered `500`, the server kept
+    /// serving.
+    pub requests_panicked: u64,
     /// What was cut short at a deadline: connections and streams still open when their phase
     /// ended (see [`Handle::record_cut`](crate::Handle::record_cut)).
     pub cut: Vec<String>,
@@ -438,6 +441,13 @@ impl fmt::Display for ShutdownReport {
                 f,
                 ", {} requests rejected while draining",
                 self.requests_rejected
+            )?;
+        }
+        if self.requests_panicked > 0 {
+            write!(
+                f,
+                "\n  requests whose handler panicked (answered 500): {}",
+                self.requests_panicked
             )?;
         }
         for c in &self.cut {

@@ -276,6 +276,7 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
         phases,
         in_flight_at_drain_start,
         requests_rejected: shared.requests_rejected(),
+        requests_panicked: shared.in_flight.panicked(),
         escalated,
         total: before_telemetry,
     };
@@ -313,6 +314,7 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
     });
     report.total = t0.elapsed();
     report.requests_rejected = shared.requests_rejected();
+    report.requests_panicked = shared.in_flight.panicked();
     report.cut.extend(shared.take_cut());
     report.status = ShutdownReport::classify(
         &report.reason,

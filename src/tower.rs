@@ -12,6 +12,8 @@
 //!   client retries elsewhere instead of seeing a reset. Each one is counted in the report and
 //!   the `finale_requests_rejected_total` metric (see [`names`](crate::names)). The response is
 //!   configurable with [`Rejection`].
+//! - **Isolates panics**: a handler that panics gets its request answered `500`, counted in
+//!   the report and in `finale_request_panics_total`; the connection and the server go on.
 //! - **Closes politely**: a response to a request that was admitted before the drain but answers
 //!   after it started carries `Connection: close` on HTTP/1.x.
 //!
@@ -51,6 +53,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -140,6 +143,18 @@ impl Rejection {
         }
         response
     }
+}
+
+fn panic_response<B>() -> Response<DrainBody<B>> {
+    let mut response = Response::new(DrainBody::full(Bytes::from_static(
+        b"internal server error\n",
+    )));
+    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 fn is_http1(version: Version) -> bool {
@@ -418,7 +433,23 @@ where
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
             StateProj::Pending { fut, admitted } => {
-                let result = ready!(fut.poll(cx));
+                // A panicking handler is isolated: the request gets a 500 and is counted, the
+                // connection and the server go on. (The future is not polled again after a
+                // panic, so no broken invariant can be observed.)
+                let result = match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+                    Ok(Poll::Pending) => return Poll::Pending,
+                    Ok(Poll::Ready(result)) => result,
+                    Err(payload) => {
+                        let admitted = admitted.take().expect("polled after completion");
+                        admitted.in_flight.record_panic();
+                        tracing::error!(
+                            target: "finale",
+                            panic = %crate::hook::panic_message(&*payload),
+                            "request handler panicked; answered 500"
+                        );
+                        return Poll::Ready(Ok(panic_response()));
+                    }
+                };
                 let admitted = admitted.take().expect("polled after completion");
                 Poll::Ready(result.map(|response| {
                     let (mut parts, body) = response.into_parts();

@@ -134,6 +134,8 @@ struct TrackerShared {
     orphans_acquired: AtomicU64,
     orphans_released: AtomicU64,
     draining: AtomicBool,
+    /// Requests whose handler panicked (counted by the server integrations).
+    panicked: AtomicU64,
     /// The drain waiter is parked and wants one wake-up; the first release that sees it takes it.
     waiting: AtomicBool,
     zero: tokio::sync::Notify,
@@ -266,6 +268,7 @@ impl InFlight {
             orphans_acquired: AtomicU64::new(0),
             orphans_released: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            panicked: AtomicU64::new(0),
             waiting: AtomicBool::new(false),
             zero: tokio::sync::Notify::new(),
         });
@@ -298,6 +301,18 @@ impl InFlight {
     #[inline]
     pub fn is_draining(&self) -> bool {
         self.shared.draining.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request whose handler panicked (the server answered 500 and kept serving).
+    #[cfg_attr(not(feature = "tower"), allow(dead_code))]
+    pub(crate) fn record_panic(&self) {
+        self.shared.panicked.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::names::REQUEST_PANICS).increment(1);
+    }
+
+    /// How many requests panicked.
+    pub(crate) fn panicked(&self) -> u64 {
+        self.shared.panicked.load(Ordering::Relaxed)
     }
 
     /// Starts draining: from now on releases wake [`wait_idle`](InFlight::wait_idle).

@@ -1,0 +1,194 @@
+//! Faults around the servers: a panicking handler is isolated and counted; a burst of requests
+//! at the moment of the shutdown gets full responses or 503s — none reset, none lost from the
+//! counters.
+
+#![cfg(feature = "axum")]
+// The tests report what they measured (run with `--nocapture` to see it).
+#![allow(clippy::print_stderr)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::get;
+use bytes::Bytes;
+use finale::{ExitStatus, Finale, Handle, ShutdownReport};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::task::JoinHandle;
+
+const BOUND: Duration = Duration::from_secs(10);
+
+struct Served {
+    handle: Handle,
+    base: String,
+    counted: Arc<AtomicU64>,
+    run: JoinHandle<ShutdownReport>,
+}
+
+async fn serve(builder: finale::Builder) -> Served {
+    let finale = builder
+        .read_env(false)
+        .no_signals()
+        .environment(finale::Environment::Local)
+        .build()
+        .unwrap();
+    let handle = finale.handle();
+    let counted = Arc::new(AtomicU64::new(0));
+    let c = counted.clone();
+    let app = Router::new()
+        .route(
+            "/count",
+            get(move || {
+                let c = c.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    c.fetch_add(1, Ordering::SeqCst);
+                    "counted"
+                }
+            }),
+        )
+        .route(
+            "/panic",
+            get(|| async {
+                if true {
+                    panic!("handler bug");
+                }
+                "unreachable"
+            }),
+        );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    finale::axum::serve(&finale, "http", listener, app).unwrap();
+    let run = tokio::spawn(finale.run());
+    let deadline = Instant::now() + BOUND;
+    while !handle.health().is_ready() {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::task::yield_now().await;
+    }
+    Served {
+        handle,
+        base,
+        counted,
+        run,
+    }
+}
+
+fn client() -> Client<HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+#[derive(Debug, PartialEq)]
+enum Seen {
+    Ok,
+    Rejected,
+    NotAccepted,
+    Other(String),
+}
+
+async fn request(client: &Client<HttpConnector, Empty<Bytes>>, url: &str) -> Seen {
+    match client.get(url.parse().unwrap()).await {
+        Err(e) if e.is_connect() => Seen::NotAccepted,
+        Err(e) => Seen::Other(format!("{e:?}")),
+        Ok(response) => {
+            let status = response.status().as_u16();
+            match response.into_body().collect().await {
+                Err(e) => Seen::Other(format!("body: {e}")),
+                Ok(body) => match (status, &body.to_bytes()[..]) {
+                    (200, b"counted") => Seen::Ok,
+                    (503, _) => Seen::Rejected,
+                    (s, b) => Seen::Other(format!("{s} {b:?}")),
+                },
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_isolated_and_counted() {
+    let served = serve(Finale::builder()).await;
+    let client = client();
+    let response = client
+        .get(format!("{}/panic", served.base).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 500);
+    // The server goes on, on the same pooled connection and on new ones.
+    for _ in 0..3 {
+        assert_eq!(
+            request(&client, &format!("{}/count", served.base)).await,
+            Seen::Ok
+        );
+    }
+    served.handle.trigger("test");
+    let report = tokio::time::timeout(BOUND, served.run)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.requests_panicked, 1, "{report}");
+    assert!(
+        report.to_string().contains("panicked (answered 500): 1"),
+        "{report}"
+    );
+    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(served.counted.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_at_the_shutdown_gets_full_responses_or_503_never_a_reset() {
+    // Behind a load balancer: a drain delay, so idle keep-alive connections get their grace.
+    let served = serve(Finale::builder().drain_delay(Duration::from_millis(100))).await;
+    let client = client();
+    let url = format!("{}/count", served.base);
+    // Warm the client's pool: many open keep-alive connections.
+    let warm: Vec<_> = (0..32)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { request(&client, &url).await })
+        })
+        .collect();
+    for w in warm {
+        assert_eq!(w.await.unwrap(), Seen::Ok);
+    }
+    // A bounded burst fired as the shutdown starts, and another as the drain starts.
+    let burst = |n: usize| -> Vec<JoinHandle<Seen>> {
+        (0..n)
+            .map(|_| {
+                let (client, url) = (client.clone(), url.clone());
+                tokio::spawn(async move { request(&client, &url).await })
+            })
+            .collect()
+    };
+    let mut all = burst(100);
+    served.handle.trigger("test");
+    served.handle.drain_started().await;
+    all.extend(burst(100));
+    let mut seen = Vec::new();
+    for task in all {
+        seen.push(tokio::time::timeout(BOUND, task).await.unwrap().unwrap());
+    }
+    let report = tokio::time::timeout(BOUND, served.run)
+        .await
+        .unwrap()
+        .unwrap();
+    let count = |s: &Seen| seen.iter().filter(|x| *x == s).count() as u64;
+    let others: Vec<_> = seen
+        .iter()
+        .filter(|s| matches!(s, Seen::Other(_)))
+        .collect();
+    assert!(others.is_empty(), "resets or broken responses: {others:?}");
+    // Every request the server counted, the client saw answered in full: none lost.
+    assert_eq!(served.counted.load(Ordering::SeqCst), 32 + count(&Seen::Ok));
+    assert_eq!(report.requests_rejected, count(&Seen::Rejected));
+    assert!(count(&Seen::Ok) > 0, "{seen:?}");
+    eprintln!(
+        "burst: {} ok, {} rejected with 503, {} not accepted",
+        count(&Seen::Ok),
+        count(&Seen::Rejected),
+        count(&Seen::NotAccepted)
+    );
+    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+}
