@@ -109,12 +109,14 @@ async fn grouping_labels_with_slashes_and_empty_values_reach_the_group() {
     let Some(gateway) = Gateway::start() else {
         return;
     };
+    // Install the recorder before recording: each test may run in a process of its own.
+    let handle = recorder();
     metrics::counter!("grouping_test_total").increment(3);
     let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
     let pushgateway = Pushgateway::builder(gateway.url(), "grouping")
         .label("instance", "host/1")
         .label("zone", "")
-        .build(recorder())
+        .build(handle)
         .unwrap();
     assert!(
         pushgateway
