@@ -182,7 +182,9 @@ impl Hook {
     /// other) before hooks with a higher one start. Default `0`.
     ///
     /// The telemetry integrations use this to push metrics before traces and logs, and to release
-    /// the log writer last.
+    /// the log writer last. In the Announce phase the drain delay has order `0`: hooks with the
+    /// default order run during the delay, a negative order before it starts, a positive one
+    /// after it has ended.
     #[must_use]
     pub fn order(mut self, order: i32) -> Self {
         self.order = order;

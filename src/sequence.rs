@@ -203,7 +203,9 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
                     entries.push(Entry {
                         name: Cow::Borrowed("drain delay"),
                         kind: EntryKind::DrainDelay,
-                        order: i32::MIN,
+                        // Order 0: Announce hooks of the default order run during the delay; those with a
+                        // negative order before it starts, a positive one after it.
+                        order: 0,
                         timeout: None,
                         work: Work::Wait(Box::pin(async move {
                             match delay {

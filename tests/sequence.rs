@@ -706,3 +706,36 @@ async fn a_service_sees_its_deadline_and_reports_what_it_cut() {
     assert_eq!(report.status, ExitStatus::DeadlineOverrun);
     assert!(report.to_string().contains("cut at deadline: GET /events"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn announce_hooks_run_before_during_and_after_the_drain_delay_by_order() {
+    let finale = builder()
+        .drain_delay(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let seen: Arc<Mutex<Vec<(&'static str, Duration)>>> = Default::default();
+    for (name, order) in [("before", -1), ("during", 0), ("after", 1)] {
+        let seen = seen.clone();
+        finale
+            .hook(
+                Hook::new(Phase::Announce, name, move |_| async move {
+                    seen.lock().unwrap().push((name, t0.elapsed()));
+                })
+                .order(order),
+            )
+            .unwrap();
+    }
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.status, ExitStatus::Clean);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            ("before", Duration::ZERO),
+            ("during", Duration::ZERO),
+            ("after", Duration::from_secs(5))
+        ]
+    );
+}
