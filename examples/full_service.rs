@@ -287,14 +287,10 @@ async fn run() -> ! {
         "listening on http://{}",
         listener.local_addr().expect("a bound address")
     );
-    finale
-        .spawn(Task::service("http", move |ctx| async move {
-            ctx.set_ready();
-            axum::serve(listener, app)
-                .with_graceful_shutdown(ctx.stop_token().cancelled_owned())
-                .await
-        }))
-        .expect("unique name");
+    // finale's axum server: tracks requests in flight, stops accepting when the Drain phase
+    // starts, finishes what is in flight and answers late keep-alive requests with 503.
+    let app = app.merge(finale::axum::health_router(&finale.handle()));
+    finale::axum::serve(&finale, "http", listener, app).expect("unique name");
 
     let report = finale.run().await;
     eprintln!("{report}");
