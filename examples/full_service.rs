@@ -19,6 +19,9 @@
 //! - `FULL_SERVICE_LOG`: the log file (default `full_service.log` in the current directory).
 //! - `FULL_SERVICE_RUNTIME`: `multi_thread` (default), `current_thread` or `one_worker`.
 //! - `FULL_SERVICE_WORK_MS`: how long each request works (default 20).
+//! - `FULL_SERVICE_PANIC_AFTER_MS`: turns on finale's panic hook and makes a worker panic after
+//!   that many milliseconds: the panic starts the shutdown, the telemetry is still delivered, and
+//!   the exit code is 4.
 //! - `PUSHGATEWAY_URL`, `PUSHGATEWAY_JOB` (default `full_service`): without a URL, nothing is
 //!   pushed (the run is not counted as a delivery failure: there is nowhere to deliver).
 //! - `OTEL_EXPORTER_OTLP_ENDPOINT` (the collector's base URL) and
@@ -199,10 +202,16 @@ async fn run() -> ! {
         .with(otel_logs)
         .init();
 
-    let finale = Finale::builder().build().unwrap_or_else(|e| {
-        eprintln!("configuration error: {e}");
-        std::process::exit(2)
-    });
+    // With FULL_SERVICE_PANIC_AFTER_MS set, a worker panics after that long and the panic hook
+    // turns the panic into a shutdown whose telemetry is still delivered.
+    let panic_after = env("FULL_SERVICE_PANIC_AFTER_MS").and_then(|v| v.parse::<u64>().ok());
+    let finale = Finale::builder()
+        .panic_hook(panic_after.is_some())
+        .build()
+        .unwrap_or_else(|e| {
+            eprintln!("configuration error: {e}");
+            std::process::exit(2)
+        });
 
     // Telemetry, in the order finale flushes it: metrics, then traces and logs, the file last.
     match env("PUSHGATEWAY_URL") {
@@ -230,6 +239,17 @@ async fn run() -> ! {
             .expect("unique names");
     }
     log_guard.register(&finale).expect("unique names");
+
+    if let Some(ms) = panic_after {
+        finale
+            .spawn(Task::worker("fragile", move |_| async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if ms > 0 {
+                    panic!("the fragile worker gave up");
+                }
+            }))
+            .expect("unique name");
+    }
 
     // A background worker, stopped after the server drained.
     finale
