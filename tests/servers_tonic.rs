@@ -193,3 +193,113 @@ async fn a_watch_stream_open_at_the_drain_deadline_is_cut_and_named() {
         "{statuses:?}"
     );
 }
+
+/// The health service behind a gate: a `Check` call tells `entered`, then waits for the gate to
+/// open before the health service answers. A unary call held in flight, without generated code.
+#[derive(Clone)]
+struct Gated<S> {
+    inner: S,
+    entered: tokio::sync::mpsc::UnboundedSender<()>,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl<S> tonic::server::NamedService for Gated<S> {
+    const NAME: &'static str = "grpc.health.v1.Health";
+}
+
+type GatedFuture<T> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<T, std::convert::Infallible>> + Send + 'static>,
+>;
+
+impl<S> tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for Gated<S>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = GatedFuture<Self::Response>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        let gated = req.uri().path().ends_with("/Check");
+        let entered = self.entered.clone();
+        let mut open = self.open.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            if gated {
+                let _ = entered.send(());
+                let _ = open.wait_for(|open| *open).await;
+            }
+            fut.await
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_call_held_in_flight_across_the_drain_start_completes() {
+    // Unlike a fast Check sent during the delay, this call is provably still running when the
+    // drain starts and the listener closes: the run must wait for it and it must succeed.
+    let finale = Finale::builder()
+        .read_env(false)
+        .no_signals()
+        .environment(finale::Environment::Local)
+        .drain_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let handle = finale.handle();
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+    let (open_tx, open) = tokio::sync::watch::channel(false);
+    let gated = Gated {
+        inner: health,
+        entered: entered_tx,
+        open,
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    finale::tonic::serve(&finale, "grpc", listener, Routes::new(gated)).unwrap();
+    let run = tokio::spawn(finale.run());
+
+    let mut client = client(addr).await;
+    let call = tokio::spawn(async move { status(&mut client, "").await });
+    tokio::time::timeout(BOUND, entered.recv())
+        .await
+        .expect("the call reaches the service")
+        .unwrap();
+
+    handle.trigger("test");
+    tokio::time::timeout(BOUND, handle.drain_started())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + BOUND;
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "the listener never closed");
+        tokio::task::yield_now().await;
+    }
+    assert!(!call.is_finished(), "the call ended before the gate opened");
+    assert!(!run.is_finished(), "the run ended with a call in flight");
+
+    open_tx.send(true).unwrap();
+    let answered = tokio::time::timeout(BOUND, call)
+        .await
+        .expect("the call completes")
+        .unwrap();
+    assert_eq!(answered, ServingStatus::Serving);
+    let report = tokio::time::timeout(BOUND, run).await.unwrap().unwrap();
+    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert!(report.cut.is_empty(), "{report}");
+    assert_eq!(report.in_flight_at_drain_start, 1, "{report}");
+}
