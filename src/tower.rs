@@ -9,7 +9,8 @@
 //! - **Rejects** requests that arrive once the Drain phase has started (on connections that are
 //!   still open: HTTP/1 keep-alive, HTTP/2 streams racing the GOAWAY) with
 //!   `503 Service Unavailable`, `Retry-After` and, on HTTP/1.x, `Connection: close`, so the
-//!   client retries elsewhere instead of seeing a reset. Each one is counted in the report and
+//!   client retries elsewhere instead of seeing a reset. A gRPC request (`content-type:
+//!   application/grpc…`) gets `grpc-status: 14` (UNAVAILABLE), which gRPC clients retry. Each one is counted in the report and
 //!   the `finale_requests_rejected_total` metric (see [`names`](crate::names)). The response is
 //!   configurable with [`Rejection`].
 //! - **Isolates panics**: a handler that panics gets its request answered `500`, counted in
@@ -125,6 +126,20 @@ impl Rejection {
     pub fn body(mut self, body: impl Into<Bytes>) -> Self {
         self.body = body.into();
         self
+    }
+
+    /// A gRPC request gets a gRPC answer: `grpc-status: 14` (UNAVAILABLE), which clients treat
+    /// as retryable, instead of an HTTP 503 with a text body they cannot parse.
+    fn grpc_response<B>() -> Response<DrainBody<B>> {
+        let mut response = Response::new(DrainBody::full(Bytes::new()));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from_static("14"));
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_static("shutting%20down,%20retry%20on%20another%20instance"),
+        );
+        response
     }
 
     fn response<B>(&self, version: Version) -> Response<DrainBody<B>> {
@@ -244,7 +259,15 @@ pub(crate) fn admit<ReqB, B>(
     // One relaxed load of a `&'static` flag, set when the Drain phase starts.
     if in_flight.is_draining() {
         shared.handle.record_rejected_request();
-        return Admission::Rejected(shared.rejection.response(version));
+        let grpc = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        return Admission::Rejected(if grpc {
+            Rejection::grpc_response()
+        } else {
+            shared.rejection.response(version)
+        });
     }
     let guard = in_flight.acquire();
     let cut = conn.map(|conn| {

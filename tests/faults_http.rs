@@ -192,3 +192,41 @@ async fn a_burst_at_the_shutdown_gets_full_responses_or_503_never_a_reset() {
     );
     assert_eq!(report.status, ExitStatus::Clean, "{report}");
 }
+
+#[tokio::test]
+async fn a_request_while_draining_gets_503_and_a_grpc_request_gets_unavailable() {
+    use tower::{Layer, Service, ServiceExt};
+    let finale = Finale::builder()
+        .read_env(false)
+        .no_signals()
+        .environment(finale::Environment::Local)
+        .build()
+        .unwrap();
+    let handle = finale.handle();
+    let inner = tower::service_fn(|_req: http::Request<Empty<Bytes>>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<Bytes>::new()))
+    });
+    let mut service = finale::tower::DrainLayer::new(&handle).layer(inner);
+    let run = tokio::spawn(finale.run());
+    handle.trigger("test");
+    handle.drain_started().await;
+
+    let plain = http::Request::get("/").body(Empty::new()).unwrap();
+    let response = service.ready().await.unwrap().call(plain).await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(response.headers()["connection"], "close");
+
+    let grpc = http::Request::post("/pkg.Svc/Method")
+        .version(http::Version::HTTP_2)
+        .header("content-type", "application/grpc+proto")
+        .body(Empty::new())
+        .unwrap();
+    let response = service.ready().await.unwrap().call(grpc).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["grpc-status"], "14");
+    assert_eq!(response.headers()["content-type"], "application/grpc");
+    // (The rejections are counted in the report when they happen during the run; see the
+    // burst test. Here the run, with no server to drain, has already ended.)
+    run.await.unwrap();
+}
