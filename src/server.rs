@@ -411,7 +411,9 @@ async fn serve_connection<S, B>(
         // An error means the accept loop is gone (aborted): shut down at once.
         at = &mut graceful => at.unwrap_or_else(|_| Instant::now()),
     };
-    if watch.http1.load(Ordering::Relaxed) && grace_until > Instant::now() {
+    // Every connection not known to be HTTP/2 gets the grace: an HTTP/1 connection, and one
+    // whose first request may still be on its way (closing it now would reset that request).
+    if !watch.http2.load(Ordering::Relaxed) && grace_until > Instant::now() {
         tokio::select! {
             result = conn.as_mut() => return log_end(&watch, result),
             () = tokio::time::sleep_until(grace_until) => {}

@@ -188,8 +188,8 @@ pub(crate) struct LayerShared {
 pub(crate) struct ConnWatch {
     pub(crate) peer: SocketAddr,
     pub(crate) handle: Handle,
-    /// Set by the first HTTP/1.x request: idle HTTP/1 connections get a grace period.
-    pub(crate) http1: AtomicBool,
+    /// Set by the first HTTP/2 request: connections not known to be HTTP/2 get a grace period.
+    pub(crate) http2: AtomicBool,
     /// Set just before the connection is dropped at the deadline: unfinished requests name
     /// themselves in the report as they are dropped.
     pub(crate) cutting: AtomicBool,
@@ -202,7 +202,7 @@ impl ConnWatch {
         Self {
             peer,
             handle,
-            http1: AtomicBool::new(false),
+            http2: AtomicBool::new(false),
             cutting: AtomicBool::new(false),
             named: AtomicUsize::new(0),
         }
@@ -271,8 +271,8 @@ pub(crate) fn admit<ReqB, B>(
     }
     let guard = in_flight.acquire();
     let cut = conn.map(|conn| {
-        if is_http1(version) && !conn.http1.load(Ordering::Relaxed) {
-            conn.http1.store(true, Ordering::Relaxed);
+        if !is_http1(version) && !conn.http2.load(Ordering::Relaxed) {
+            conn.http2.store(true, Ordering::Relaxed);
         }
         CutName {
             method: req.method().clone(),
