@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs the real components finale's integration tests talk to: the Prometheus Pushgateway
-# and haproxy (Debian packages) and the rotel OTLP collector (PyPI, pinned). Needs root and
-# apt-get; safe to re-run (skips what is already in place).
+# Installs the real components finale's integration tests and benches talk to: the Prometheus
+# Pushgateway, haproxy and the wrk load generator (Debian packages) and the rotel OTLP collector
+# (PyPI, pinned). Needs root and apt-get; safe to re-run (skips what is already in place).
 set -euo pipefail
 
 ROTEL_VERSION="${ROTEL_VERSION:-0.0.1a15}"
@@ -25,11 +25,11 @@ apt_install() {
   apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends "$@"
 }
 
-step "install prometheus-pushgateway, haproxy (apt)"
-if command -v prometheus-pushgateway >/dev/null && command -v haproxy >/dev/null; then
+step "install prometheus-pushgateway, haproxy, wrk (apt)"
+if command -v prometheus-pushgateway >/dev/null && command -v haproxy >/dev/null && command -v wrk >/dev/null; then
   echo "already installed, skipping apt"
 else
-  apt_install prometheus-pushgateway haproxy
+  apt_install prometheus-pushgateway haproxy wrk
 fi
 
 step "install rotel ${ROTEL_VERSION} (pip)"

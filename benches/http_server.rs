@@ -1,0 +1,96 @@
+//! The server side of the HTTP overhead bench: a minimal axum handler served one of three ways,
+//! chosen by the first argument, on the loopback port given as the second.
+//!
+//! - `plain`: `axum::serve(listener, router)`, no finale at all;
+//! - `finale`: `finale::axum::serve(..)`, finale's accept loop with the drain layer built in;
+//! - `layer`: `axum::serve(listener, router.layer(DrainLayer::new(..)))`, the layer alone.
+//!
+//! It prints `listening on 127.0.0.1:<port>` once bound and exits on SIGTERM. Driven by
+//! `scripts/bench_http.py`, which runs a load generator against each variant in turn:
+//!
+//! ```sh
+//! python3 scripts/bench_http.py
+//! # or by hand:
+//! cargo bench --features axum --bench http_server -- finale 3000
+//! ```
+//!
+//! Run without a variant (as a plain `cargo bench` does) it prints its usage and exits.
+
+// A bench reports; the library never prints.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use axum::Router;
+use axum::routing::get;
+use finale::Finale;
+use finale::tower::DrainLayer;
+use tokio::signal::unix::{SignalKind, signal};
+
+const USAGE: &str = "usage: http_server <plain|finale|layer> <port>";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (variant, port) = match args.as_slice() {
+        [variant, port, ..] if matches!(variant.as_str(), "plain" | "finale" | "layer") => {
+            match port.parse::<u16>() {
+                Ok(port) => (variant.clone(), port),
+                Err(_) => {
+                    eprintln!("{USAGE}");
+                    std::process::exit(2);
+                }
+            }
+        }
+        // `cargo bench` with no filter runs every bench target with `--bench`: nothing to do.
+        _ => {
+            eprintln!("{USAGE} (run by scripts/bench_http.py)");
+            return;
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(run(&variant, port));
+}
+
+fn app() -> Router {
+    Router::new().route("/", get(|| async { "hello, world" }))
+}
+
+async fn run(variant: &str, port: u16) {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let listener = std::net::TcpListener::bind(addr).expect("bind the loopback port");
+    match variant {
+        "finale" => {
+            let finale = Finale::builder().build().expect("a finale configuration");
+            finale::axum::serve(&finale, "http", listener, app()).expect("register the server");
+            println!("listening on {addr} ({variant})");
+            let _report = finale.run().await;
+        }
+        _ => {
+            // `plain` and `layer` share everything but the layer, so the difference between
+            // them is the layer's own cost, and `finale` minus `layer` is the accept loop's.
+            let finale = Finale::builder()
+                .no_signals()
+                .build()
+                .expect("a finale configuration");
+            let router = if variant == "layer" {
+                app().layer(DrainLayer::new(&finale.handle()))
+            } else {
+                app()
+            };
+            listener
+                .set_nonblocking(true)
+                .expect("a non-blocking listener");
+            let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+            let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+            println!("listening on {addr} ({variant})");
+            tokio::select! {
+                result = axum::serve(listener, router) => result.expect("serve"),
+                _ = term.recv() => {}
+            }
+            drop(finale);
+        }
+    }
+}

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""HTTP overhead of finale's request tracking, measured with wrk over loopback.
+
+Usage:
+  python3 scripts/bench_http.py [--rounds N] [--duration S] [--threads T] [--connections C]
+
+Builds `benches/http_server.rs` in release mode, then for each round starts each variant in
+turn (alternating, so drift on a shared machine hits all of them alike) on a free loopback
+port, runs `wrk` against `GET /`, reads "Requests/sec:", and stops the server by PID with
+SIGTERM. Prints requests/s per variant (median, min-max) and the ratios to the bare handler.
+
+  plain   axum::serve(listener, router)                      the bare handler
+  finale  finale::axum::serve(&finale, "http", listener, router)  finale's accept loop + drain
+  layer   axum::serve(listener, router.layer(DrainLayer))    the tower layer alone
+
+Needs `wrk` (scripts/install-components.sh installs it). Loopback only; bounded: every wrk run
+has a timeout and every server is killed if it does not exit on SIGTERM.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ["plain", "finale", "layer"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build() -> str:
+    """Builds the bench binary in release mode and returns its path (from cargo's JSON output)."""
+    cmd = ["cargo", "build", "--release", "--features", "axum", "--bench", "http_server",
+           "--message-format=json-render-diagnostics"]
+    out = subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
+    binary = None
+    for line in out.splitlines():
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (msg.get("reason") == "compiler-artifact"
+                and msg.get("target", {}).get("name") == "http_server"
+                and msg.get("executable")):
+            binary = msg["executable"]
+    if binary is None:
+        sys.exit("cargo did not report the http_server bench executable")
+    return binary
+
+
+def start(binary: str, variant: str, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([binary, variant, str(port)], cwd=ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()  # "listening on 127.0.0.1:<port> (<variant>)"
+    if "listening on" not in line:
+        proc.kill()
+        proc.wait()
+        sys.exit(f"{variant}: server did not start (got {line!r})")
+    # Wait until it answers, not only until it is bound.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.02)
+    stop(proc)
+    sys.exit(f"{variant}: server did not answer on port {port}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_wrk(port: int, args: argparse.Namespace) -> float:
+    cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s",
+           f"http://127.0.0.1:{port}/"]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
+                         timeout=args.duration + 30).stdout
+    if re.search(r"Non-2xx or 3xx responses|Socket errors", out):
+        sys.exit(f"wrk reported errors:\n{out}")
+    m = re.search(r"Requests/sec:\s+([0-9.]+)", out)
+    if m is None:
+        sys.exit(f"no Requests/sec in wrk output:\n{out}")
+    return float(m.group(1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
+    p.add_argument("--warmup", type=int, default=1, help="seconds of wrk before each run")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads")
+    p.add_argument("--connections", type=int, default=32, help="wrk connections")
+    args = p.parse_args()
+    if not 1 <= args.rounds <= 50 or not 1 <= args.duration <= 60:
+        sys.exit("--rounds must be 1..50 and --duration 1..60")
+    if shutil.which("wrk") is None:
+        sys.exit("wrk not found: run scripts/install-components.sh (or apt-get install wrk)")
+
+    binary = build()
+    rps: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in range(args.rounds):
+        # Rotate the order each round so no variant always runs first or last.
+        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
+        for variant in order:
+            port = free_port()
+            proc = start(binary, variant, port)
+            try:
+                if args.warmup > 0:
+                    warm = argparse.Namespace(**{**vars(args), "duration": args.warmup})
+                    run_wrk(port, warm)
+                value = run_wrk(port, args)
+            finally:
+                stop(proc)
+            rps[variant].append(value)
+            print(f"round {r + 1}/{args.rounds} {variant:>6}: {value:10.0f} req/s", flush=True)
+
+    print()
+    print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
+          f"{args.rounds} rounds, GET / -> 200 \"hello, world\"")
+    print(f"{'variant':<8} {'median req/s':>13} {'min':>10} {'max':>10}")
+    med = {}
+    for v in VARIANTS:
+        med[v] = statistics.median(rps[v])
+        print(f"{v:<8} {med[v]:13.0f} {min(rps[v]):10.0f} {max(rps[v]):10.0f}")
+    print()
+    for v in ("finale", "layer"):
+        ratio = med[v] / med["plain"]
+        verdict = "met" if ratio >= 0.97 else "missed"
+        print(f"{v} / plain: {ratio:.3f}x  (goal >= 0.97x: {verdict})")
+
+
+if __name__ == "__main__":
+    main()
