@@ -522,9 +522,11 @@ impl<S: tower::Service<Req>, Req> Future for Oneshot<S, Req> {
 }
 
 /// Adapts a hyper service (`call(&self)`) to tower, for [`HttpServer::serve`].
+#[cfg(feature = "hyper")]
 #[derive(Clone, Debug)]
 pub(crate) struct HyperToTower<S>(pub(crate) S);
 
+#[cfg(feature = "hyper")]
 impl<S, Req> tower::Service<Req> for HyperToTower<S>
 where
     S: hyper::service::Service<Req>,

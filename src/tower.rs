@@ -198,6 +198,10 @@ pub(crate) struct ConnWatch {
 }
 
 impl ConnWatch {
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
     pub(crate) fn new(peer: SocketAddr, handle: Handle) -> Self {
         Self {
             peer,
