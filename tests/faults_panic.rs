@@ -25,14 +25,7 @@ fn a_panic_still_delivers_the_telemetry() {
     };
     let dir = std::env::temp_dir().join(format!("finale-panic-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--all-features", "--example", "full_service"])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let mut child = Command::new(profile_dir.join("examples").join("full_service"))
+    let mut child = Command::new(common::examples::example("full_service"))
         .env("FULL_SERVICE_ADDR", "127.0.0.1:0")
         .env("FULL_SERVICE_LOG", dir.join("service.log"))
         .env("FULL_SERVICE_PANIC_AFTER_MS", "300")

@@ -34,21 +34,10 @@ const MAX_REQUESTS: u64 = 20_000;
 /// Each instance is restarted this many times.
 const ROUNDS: usize = 3;
 
-/// The example service, built once (a no-op when it is up to date).
 fn axum_service() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().unwrap();
-            let profile_dir = exe.parent().unwrap().parent().unwrap();
-            let mut cargo = Command::new(env!("CARGO"));
-            cargo.args(["build", "--all-features", "--example", "axum_service"]);
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                cargo.arg("--release");
-            }
-            assert!(cargo.status().unwrap().success());
-            profile_dir.join("examples").join("axum_service")
-        })
+        .get_or_init(|| common::examples::example("axum_service"))
         .clone()
 }
 

@@ -15,19 +15,7 @@ use common::components::{Pushgateway, free_port};
 fn batch_job() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            // target/<profile>/deps/telemetry_batch-<hash> -> target/<profile>/examples/
-            let exe = std::env::current_exe().unwrap();
-            let profile_dir = exe.parent().unwrap().parent().unwrap();
-            // `cargo test --test telemetry_batch` does not rebuild examples: build it here.
-            let mut cargo = Command::new(env!("CARGO"));
-            cargo.args(["build", "--all-features", "--example", "batch_job"]);
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                cargo.arg("--release");
-            }
-            assert!(cargo.status().unwrap().success());
-            profile_dir.join("examples").join("batch_job")
-        })
+        .get_or_init(|| common::examples::example("batch_job"))
         .clone()
 }
 

@@ -47,20 +47,7 @@ const LOAD_MAX: u64 = 10_000;
 fn full_service() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            // target/<profile>/deps/telemetry_service-<hash> -> target/<profile>/examples/
-            let exe = std::env::current_exe().unwrap();
-            let profile_dir = exe.parent().unwrap().parent().unwrap();
-            // `cargo test --test telemetry_service` does not rebuild examples: build it here, so
-            // the child is never a stale binary (a no-op when it is up to date).
-            let mut cargo = Command::new(env!("CARGO"));
-            cargo.args(["build", "--all-features", "--example", "full_service"]);
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                cargo.arg("--release");
-            }
-            assert!(cargo.status().unwrap().success());
-            profile_dir.join("examples").join("full_service")
-        })
+        .get_or_init(|| common::examples::example("full_service"))
         .clone()
 }
 

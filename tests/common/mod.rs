@@ -1,4 +1,5 @@
 //! Shared helpers for the integration tests.
 
 pub(crate) mod components;
+pub(crate) mod examples;
 pub(crate) mod load;
