@@ -101,9 +101,13 @@ impl Health {
     }
 
     /// Waits until graceful start has completed (every registered service reported ready).
-    /// Never returns if the start fails; select it against the shutdown.
-    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
-    pub(crate) async fn started(&self) {
+    /// Never returns if the start fails; select it against
+    /// [`Handle::shutdown_requested`](crate::Handle::shutdown_requested).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn started(&self) {
         loop {
             let notified = self.inner.started_notify.notified();
             let mut notified = std::pin::pin!(notified);

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
@@ -64,11 +64,9 @@ async fn serve(builder: finale::Builder) -> Served {
     let base = format!("http://{}", listener.local_addr().unwrap());
     finale::axum::serve(&finale, "http", listener, app).unwrap();
     let run = tokio::spawn(finale.run());
-    let deadline = Instant::now() + BOUND;
-    while !handle.health().is_ready() {
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::task::yield_now().await;
-    }
+    tokio::time::timeout(BOUND, handle.health().started())
+        .await
+        .expect("graceful start completes");
     Served {
         handle,
         base,

@@ -103,11 +103,9 @@ async fn serve(builder: finale::Builder) -> Served {
     finale::axum::serve(&finale, "http", listener, app(&handle, control.clone())).unwrap();
     let run = tokio::spawn(finale.run());
     // Graceful start: ready once bound.
-    let deadline = Instant::now() + BOUND;
-    while !handle.health().is_ready() {
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::task::yield_now().await;
-    }
+    tokio::time::timeout(BOUND, handle.health().started())
+        .await
+        .expect("graceful start completes");
     Served {
         handle,
         addr,

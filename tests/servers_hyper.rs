@@ -5,7 +5,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use finale::{ExitStatus, Finale};
@@ -45,11 +45,9 @@ async fn a_hyper_service_drains_over_http1_and_http2() {
     let addr = listener.local_addr().unwrap();
     finale::hyper::serve(&finale, "hyper", listener, service).unwrap();
     let run = tokio::spawn(finale.run());
-    let deadline = Instant::now() + BOUND;
-    while !handle.health().is_ready() {
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::task::yield_now().await;
-    }
+    tokio::time::timeout(BOUND, handle.health().started())
+        .await
+        .expect("graceful start completes");
     let uri = |path: &str| format!("http://{addr}{path}");
     let get = |path: &str| Request::get(uri(path)).body(Empty::<Bytes>::new()).unwrap();
 
