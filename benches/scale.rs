@@ -53,7 +53,7 @@ fn bench(c: &mut Criterion) {
                         (0..100_000).map(|_| in_flight.acquire()).collect();
                     let run = tokio::spawn(finale.run());
                     handle.trigger("bench");
-                    handle.drain_started().await;
+                    handle.phase_started(finale::Phase::Drain).await;
                     let start = Instant::now();
                     drop(guards);
                     let report = run.await.unwrap();

@@ -123,7 +123,7 @@ async fn main() {
                 }
                 result
             })
-            .critical(),
+            .critical(true),
         )
         .expect("a unique name");
 

@@ -4,6 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::phase::Phase;
+use crate::signal::Signal;
 
 /// Default total budget for the whole sequence: 25 s, which fits Kubernetes' default 30 s
 /// `terminationGracePeriodSeconds` with 5 s to spare for the kubelet and the container runtime.
@@ -339,6 +340,26 @@ pub enum ConfigError {
         /// The phase's limit ([`Budget::phase_limit`]).
         limit: Duration,
     },
+    /// [`Builder::signals`](crate::Builder::signals) was given an empty slice; use
+    /// [`Builder::no_signals`](crate::Builder::no_signals) to listen for none.
+    NoSignalsGiven,
+    /// A signal handler could not be installed.
+    SignalHandler {
+        /// The signal.
+        signal: Signal,
+        /// What the OS said.
+        kind: std::io::ErrorKind,
+    },
+    /// The supervisor thread (or its small runtime) could not be started.
+    SupervisorThread {
+        /// What the OS said.
+        kind: std::io::ErrorKind,
+    },
+    /// [`Builder::install`](crate::Builder::install) was asked for while another instance is
+    /// installed in this process.
+    AlreadyInstalled,
+    /// A task was spawned outside a tokio runtime.
+    NoRuntime,
 }
 
 impl fmt::Display for ConfigError {
@@ -381,6 +402,21 @@ impl fmt::Display for ConfigError {
                 f,
                 "the timeout of {name:?} ({timeout:?}) is longer than the {phase} phase can last \
                  ({limit:?}); shorten it or raise the phase's budget"
+            ),
+            ConfigError::NoSignalsGiven => f.write_str(
+                "signals(&[]) listens for no signal: say so with no_signals(), or name at least one",
+            ),
+            ConfigError::SignalHandler { signal, kind } => {
+                write!(f, "cannot install the {signal} handler: {kind}")
+            }
+            ConfigError::SupervisorThread { kind } => {
+                write!(f, "cannot start finale's supervisor thread: {kind}")
+            }
+            ConfigError::NoRuntime => f.write_str(
+                "tasks are spawned on the current tokio runtime: call spawn from inside one",
+            ),
+            ConfigError::AlreadyInstalled => f.write_str(
+                "another finale instance is already installed in this process (Builder::install)",
             ),
         }
     }

@@ -116,13 +116,29 @@ impl HookContext {
     }
 }
 
-type HookFn = Box<dyn FnOnce(HookContext) -> BoxFuture<Result<(), HookError>> + Send + 'static>;
+/// A hook's or task's work, boxed: called with its context, it returns the future to run.
+pub(crate) type WorkFn<C> = Box<dyn FnOnce(C) -> BoxFuture<Result<(), HookError>> + Send + 'static>;
+
+/// Boxes a user's closure. The closure itself is called inside the returned future, on its
+/// first poll, so a closure that panics before it returns its future is caught by the same
+/// [`CatchUnwind`] as a future that panics later: both are isolated the same way.
+pub(crate) fn work_fn<C, F, Fut>(f: F) -> WorkFn<C>
+where
+    C: Send + 'static,
+    F: FnOnce(C) -> Fut + Send + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: HookOutput,
+{
+    Box::new(move |ctx| Box::pin(async move { f(ctx).await.into_result() }))
+}
 
 /// A named async function that runs once, in one [`Phase`], when the shutdown sequence reaches it.
 ///
 /// Hooks of one phase run concurrently with each other and with the phase's tasks. A hook that
-/// errors, panics or overruns is recorded in the report and abandoned; the others and the later
-/// phases still run.
+/// errors, panics (before or after it returns its future) or overruns is recorded in the report
+/// and abandoned; the others and the later phases still run. A hook that blocks its thread past
+/// its deadline cannot be stopped, but is reported as [`Overran`](crate::Outcome::Overran), and
+/// the supervisor still ends the process within the budget.
 ///
 /// # Examples
 ///
@@ -146,7 +162,7 @@ pub struct Hook {
     pub(crate) name: Cow<'static, str>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) order: i32,
-    pub(crate) run: HookFn,
+    pub(crate) run: WorkFn<HookContext>,
 }
 
 impl Hook {
@@ -162,10 +178,7 @@ impl Hook {
             name: name.into(),
             timeout: None,
             order: 0,
-            run: Box::new(move |ctx| {
-                let fut = f(ctx);
-                Box::pin(async move { fut.await.into_result() })
-            }),
+            run: work_fn(f),
         }
     }
 

@@ -84,50 +84,48 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod config;
-mod finale;
+mod handle;
+mod hook;
+mod phase;
+mod report;
+mod run;
+mod signal;
+mod slot;
+mod state;
+mod task;
+mod track;
 
 #[cfg(feature = "tower")]
-#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
-pub mod tower;
-
-#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
-mod server;
+mod serve;
+#[cfg(any(
+    feature = "pushgateway",
+    feature = "otlp",
+    feature = "tracing-appender"
+))]
+mod telemetry;
 
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
-pub mod axum;
-
+pub use crate::serve::axum;
 #[cfg(feature = "hyper")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
-pub mod hyper;
-
+pub use crate::serve::hyper;
 #[cfg(feature = "tonic")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
-pub mod tonic;
-
-#[cfg(feature = "pushgateway")]
-#[cfg_attr(docsrs, doc(cfg(feature = "pushgateway")))]
-pub mod pushgateway;
-
-#[cfg(feature = "otlp")]
-#[cfg_attr(docsrs, doc(cfg(feature = "otlp")))]
-pub mod otlp;
+pub use crate::serve::tonic;
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub use crate::serve::tower;
 
 #[cfg(feature = "tracing-appender")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tracing-appender")))]
-pub mod appender;
-
-mod flush;
-mod health;
-mod hook;
-pub mod names;
-mod phase;
-mod report;
-mod sequence;
-mod signal;
-mod task;
-mod token;
-mod tracker;
+pub use crate::telemetry::appender;
+#[cfg(feature = "otlp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otlp")))]
+pub use crate::telemetry::otlp;
+#[cfg(feature = "pushgateway")]
+#[cfg_attr(docsrs, doc(cfg(feature = "pushgateway")))]
+pub use crate::telemetry::pushgateway;
 
 pub use crate::config::{
     Budget, ConfigError, DEFAULT_ANNOUNCE_TIMEOUT, DEFAULT_DRAIN_DELAY_LOCAL,
@@ -136,17 +134,19 @@ pub use crate::config::{
     DEFAULT_TOTAL_BUDGET, DEFAULT_WORKERS_TIMEOUT, DrainDelay, Environment, MAX_DURATION, Misfit,
     PlanMisfit, Setting,
 };
-pub use crate::finale::{Builder, Finale, Handle, State};
-pub use crate::flush::{ORDER_LOG_WRITER, ORDER_METRICS, ORDER_TRACES_LOGS};
-pub use crate::health::Health;
+pub use crate::handle::Handle;
 pub use crate::hook::{Hook, HookContext, HookError, HookOutput};
 pub use crate::phase::Phase;
+pub use crate::report::names;
 pub use crate::report::{
-    EXIT_CLEAN, EXIT_COMPONENT_FAILURE, EXIT_DEADLINE_OVERRUN, EXIT_FORCED, EXIT_IMMEDIATE,
-    EXIT_STARTUP_FAILURE, EXIT_TELEMETRY_NOT_DELIVERED, EntryKind, ExitCodes, ExitStatus,
-    HookReport, Outcome, PhaseOutcome, PhaseReport, Reason, ShutdownReport,
+    EntryKind, EntryReport, ExitCodes, Outcome, PhaseOutcome, PhaseReport, Reason, ShutdownReport,
+    ShutdownStatus,
 };
+pub use crate::run::builder::Builder;
+pub use crate::run::finale::Finale;
+pub use crate::run::global;
 pub use crate::signal::{DEFAULT_SIGNALS, Signal};
+pub use crate::slot::{ORDER_LOG_WRITER, ORDER_METRICS, ORDER_TRACES_LOGS};
+pub use crate::state::State;
 pub use crate::task::{Task, TaskContext};
-pub use crate::token::StopToken;
-pub use crate::tracker::{InFlight, InFlightGuard};
+pub use crate::track::{Cancelled, Health, InFlight, InFlightGuard, StopToken};

@@ -5,10 +5,10 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use crate::finale::Handle;
-use crate::hook::{BoxFuture, HookError, HookOutput};
+use crate::handle::Handle;
+use crate::hook::{HookOutput, WorkFn, work_fn};
 use crate::phase::Phase;
-use crate::token::StopToken;
+use crate::track::StopToken;
 
 /// What a running task gets: its stop signal, its readiness switch and a handle to the shutdown.
 #[derive(Clone, Debug)]
@@ -54,8 +54,6 @@ impl TaskContext {
     }
 }
 
-type TaskFn = Box<dyn FnOnce(TaskContext) -> BoxFuture<Result<(), HookError>> + Send + 'static>;
-
 /// A named, tracked background task.
 ///
 /// finale spawns it at once, tells it to stop when its stop phase starts and awaits it in that
@@ -64,11 +62,17 @@ type TaskFn = Box<dyn FnOnce(TaskContext) -> BoxFuture<Result<(), HookError>> + 
 ///
 /// - [`Task::worker`]: a background job (queue consumer, ticker, mailer). Stops in the
 ///   [`Workers`](Phase::Workers) phase, after the servers have drained, so requests still in flight
-///   can rely on it. Ready at once; not critical unless [`critical`](Task::critical).
+///   can rely on it. Ready at once; not critical unless [`critical(true)`](Task::critical). A
+///   worker that returns `Ok` on its own has simply finished its job.
 /// - [`Task::service`]: something that serves (an HTTP or gRPC server). Stops in the
 ///   [`Drain`](Phase::Drain) phase. Graceful start waits until it calls
-///   [`TaskContext::set_ready`]; if it fails first, the start fails. Critical by default: a server
-///   that dies takes the process down through the shutdown sequence.
+///   [`TaskContext::set_ready`]; if it fails first, the start fails (exit code 3). Critical by
+///   default: a service that fails *or ends on its own* before the shutdown requests the
+///   shutdown ([`Reason::TaskFailed`](crate::Reason::TaskFailed)), since the process no longer
+///   serves what it should. A non-critical service that ends turns readiness off instead.
+///
+/// A closure that panics, before or after it returns its future, is isolated like a failing
+/// task: the panic is recorded as the task's outcome.
 ///
 /// # Examples
 ///
@@ -77,7 +81,7 @@ type TaskFn = Box<dyn FnOnce(TaskContext) -> BoxFuture<Result<(), HookError>> + 
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), finale::ConfigError> {
-/// let finale = Finale::builder().build()?;
+/// let finale = Finale::builder().no_signals().build()?;
 /// finale.spawn(Task::worker("ticker", |ctx| async move {
 ///     while !ctx.is_stopping() {
 ///         tokio::select! {
@@ -85,7 +89,7 @@ type TaskFn = Box<dyn FnOnce(TaskContext) -> BoxFuture<Result<(), HookError>> + 
 ///             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => { /* tick */ }
 ///         }
 ///     }
-/// }).critical())?;
+/// }).critical(true))?;
 /// # Ok(())
 /// # }
 /// ```
@@ -95,7 +99,7 @@ pub struct Task {
     pub(crate) critical: bool,
     pub(crate) needs_ready: bool,
     pub(crate) timeout: Option<Duration>,
-    pub(crate) run: TaskFn,
+    pub(crate) run: WorkFn<TaskContext>,
 }
 
 impl Task {
@@ -111,10 +115,7 @@ impl Task {
             critical: false,
             needs_ready: false,
             timeout: None,
-            run: Box::new(move |ctx| {
-                let fut = f(ctx);
-                Box::pin(async move { fut.await.into_result() })
-            }),
+            run: work_fn(f),
         }
     }
 
@@ -141,18 +142,15 @@ impl Task {
         task
     }
 
-    /// Makes the task critical: if it fails (an error or a panic) before the shutdown, it
-    /// triggers the shutdown with [`Reason::TaskFailed`](crate::Reason::TaskFailed).
+    /// Whether the task is critical. A critical task that fails (an error or a panic) before the
+    /// shutdown triggers the shutdown with [`Reason::TaskFailed`](crate::Reason::TaskFailed); so
+    /// does a critical [service](Task::service) that ends on its own. A non-critical task's
+    /// failure is logged and reported, and the service keeps running.
+    ///
+    /// Default: `false` for [`worker`](Task::worker), `true` for [`service`](Task::service).
     #[must_use]
-    pub fn critical(mut self) -> Self {
-        self.critical = true;
-        self
-    }
-
-    /// Makes the task non-critical: a failure is logged and reported, the service keeps running.
-    #[must_use]
-    pub fn non_critical(mut self) -> Self {
-        self.critical = false;
+    pub fn critical(mut self, critical: bool) -> Self {
+        self.critical = critical;
         self
     }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use bytes::Bytes;
-use finale::{ExitStatus, Finale, Handle, ShutdownReport};
+use finale::{Finale, Handle, ShutdownReport, ShutdownStatus};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -131,7 +131,7 @@ async fn a_panicking_handler_is_isolated_and_counted() {
         report.to_string().contains("panicked (answered 500): 1"),
         "{report}"
     );
-    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
     assert_eq!(served.counted.load(Ordering::SeqCst), 3);
 }
 
@@ -162,7 +162,7 @@ async fn a_burst_at_the_shutdown_gets_full_responses_or_503_never_a_reset() {
     };
     let mut all = burst(100);
     served.handle.trigger("test");
-    served.handle.drain_started().await;
+    served.handle.phase_started(finale::Phase::Drain).await;
     all.extend(burst(100));
     let mut seen = Vec::new();
     for task in all {
@@ -188,7 +188,7 @@ async fn a_burst_at_the_shutdown_gets_full_responses_or_503_never_a_reset() {
         count(&Seen::Rejected),
         count(&Seen::NotAccepted)
     );
-    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
 
 #[tokio::test]
@@ -207,7 +207,7 @@ async fn a_request_while_draining_gets_503_and_a_grpc_request_gets_unavailable()
     let mut service = finale::tower::DrainLayer::new(&handle).layer(inner);
     let run = tokio::spawn(finale.run());
     handle.trigger("test");
-    handle.drain_started().await;
+    handle.phase_started(finale::Phase::Drain).await;
 
     let plain = http::Request::get("/").body(Empty::new()).unwrap();
     let response = service.ready().await.unwrap().call(plain).await.unwrap();

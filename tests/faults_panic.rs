@@ -58,7 +58,11 @@ fn a_panic_still_delivers_the_telemetry() {
         .read_to_string(&mut out)
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(code, Some(finale::EXIT_COMPONENT_FAILURE), "{out}");
+    assert_eq!(
+        code,
+        Some(finale::ShutdownStatus::ComponentFailure.default_code()),
+        "{out}"
+    );
     assert!(out.contains("shutdown after panic at"), "{out}");
     assert!(out.contains("the fragile worker gave up"), "{out}");
     assert_eq!(

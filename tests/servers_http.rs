@@ -18,7 +18,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::routing::get;
 use bytes::Bytes;
-use finale::{ExitStatus, Finale, Handle, Outcome, Phase, Reason, ShutdownReport};
+use finale::{Finale, Handle, Outcome, Phase, Reason, ShutdownReport, ShutdownStatus};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -144,7 +144,7 @@ async fn proof1_a_request_in_flight_completes_with_its_full_body() {
     let response = tokio::spawn(async move { get_text(&client(), url).await });
     served.control.entered.notified().await;
     served.handle.trigger("test");
-    served.handle.drain_started().await;
+    served.handle.phase_started(finale::Phase::Drain).await;
     assert_eq!(served.handle.in_flight().count(), 1);
     served.control.release.notify_one();
     let (status, body) = response.await.unwrap();
@@ -152,7 +152,7 @@ async fn proof1_a_request_in_flight_completes_with_its_full_body() {
     assert_eq!(body.len(), BIG);
     let report = finish(served).await;
     assert_eq!(report.in_flight_at_drain_start, 1);
-    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
     assert_eq!(report.entry("http").unwrap().outcome, Outcome::Completed);
 }
 
@@ -170,10 +170,13 @@ async fn proof2_readyz_is_503_during_the_drain_delay_while_requests_succeed() {
     assert_eq!(get_text(&client, format!("{base}/livez")).await.0, 200);
     let (status, body) = get_text(&client, format!("{base}/")).await;
     assert_eq!((status, &body[..]), (200, &b"ok"[..]));
-    assert!(!served.handle.is_draining(), "still in the drain delay");
+    assert!(
+        !served.handle.in_flight().is_draining(),
+        "still in the drain delay"
+    );
     assert!(served.handle.health().not_ready_answers() >= 1);
     let report = finish(served).await;
-    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
 
 /// Reads one HTTP/1.1 response (headers and a Content-Length body) from a raw stream.
@@ -214,7 +217,7 @@ async fn proof3_new_connections_are_refused_and_a_kept_alive_connection_gets_503
     assert_eq!(body, b"ok");
 
     served.handle.trigger("test");
-    served.handle.drain_started().await;
+    served.handle.phase_started(finale::Phase::Drain).await;
     // The listener closes right after the drain starts: new connections are refused.
     let deadline = Instant::now() + BOUND;
     while TcpStream::connect(served.addr).await.is_ok() {
@@ -238,7 +241,7 @@ async fn proof3_new_connections_are_refused_and_a_kept_alive_connection_gets_503
 
     let report = finish(served).await;
     assert_eq!(report.requests_rejected, 1);
-    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,7 +262,7 @@ async fn proof4_an_http2_client_gets_goaway_and_its_stream_completes() {
     let in_flight = tokio::spawn(in_flight);
     served.control.entered.notified().await;
     served.handle.trigger("test");
-    served.handle.drain_started().await;
+    served.handle.phase_started(finale::Phase::Drain).await;
     served.control.release.notify_one();
     let response = in_flight.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
@@ -281,7 +284,7 @@ async fn proof4_an_http2_client_gets_goaway_and_its_stream_completes() {
         .expect("a clean end, not an error");
     assert!(sender.send_request(request("/")).await.is_err());
     let report = finish(served).await;
-    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,7 +322,7 @@ async fn proof6_a_stream_that_never_ends_is_cut_at_the_drain_deadline_and_named(
             .any(|c| c.starts_with("GET /events from 127.0.0.1:")),
         "{report}"
     );
-    assert_eq!(report.status, ExitStatus::DeadlineOverrun, "{report}");
+    assert_eq!(report.status, ShutdownStatus::DeadlineOverrun, "{report}");
     // The client saw the stream end (the connection closed), it did not hang.
     tokio::time::timeout(BOUND, reading).await.unwrap().unwrap();
 }
@@ -346,8 +349,11 @@ async fn proof7_a_port_in_use_fails_the_start_and_stops_the_other_server() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(report.status, ExitStatus::StartupFailure);
-    assert_eq!(report.exit_code, finale::EXIT_STARTUP_FAILURE);
+    assert_eq!(report.status, ShutdownStatus::StartupFailure);
+    assert_eq!(
+        report.exit_code,
+        finale::ShutdownStatus::StartupFailure.default_code()
+    );
     assert_eq!(report.entry("api").unwrap().outcome, Outcome::Completed);
     assert!(!handle.health().is_ready());
     assert!(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use finale::{ExitStatus, Finale};
+use finale::{Finale, ShutdownStatus};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -75,7 +75,7 @@ async fn a_hyper_service_drains_over_http1_and_http2() {
     let slow = tokio::spawn(h2.send_request(get("/slow")));
     entered.notified().await;
     handle.trigger("test");
-    handle.drain_started().await;
+    handle.phase_started(finale::Phase::Drain).await;
     release.notify_one();
     let response = slow.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
@@ -92,5 +92,5 @@ async fn a_hyper_service_drains_over_http1_and_http2() {
     let report = tokio::time::timeout(BOUND, run).await.unwrap().unwrap();
     assert_eq!(report.requests_rejected, 1);
     assert_eq!(report.in_flight_at_drain_start, 1);
-    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }

@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use finale::{ExitStatus, Finale, Handle, Phase, ShutdownReport};
+use finale::{Finale, Handle, Phase, ShutdownReport, ShutdownStatus};
 use tokio::task::JoinHandle;
 use tonic::service::Routes;
 use tonic::transport::{Channel, Endpoint};
@@ -94,9 +94,12 @@ async fn health_is_not_serving_during_announce_while_calls_still_succeed() {
     // The Announce hook runs at the start of the phase; the server still answers.
     wait_status(&mut client, "", ServingStatus::NotServing).await;
     wait_status(&mut client, SERVICE, ServingStatus::NotServing).await;
-    assert!(!served.handle.is_draining(), "still in the drain delay");
+    assert!(
+        !served.handle.in_flight().is_draining(),
+        "still in the drain delay"
+    );
     let report = finish(served).await;
-    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
     assert!(
         report
             .entry(finale::tonic::HEALTH_HOOK)
@@ -121,7 +124,7 @@ async fn a_unary_call_in_flight_completes_and_new_connections_are_refused() {
         let mut client = client.clone();
         tokio::spawn(async move { status(&mut client, SERVICE).await })
     };
-    served.handle.drain_started().await;
+    served.handle.phase_started(finale::Phase::Drain).await;
     assert_eq!(
         call.await.unwrap(),
         ServingStatus::NotServing,
@@ -143,7 +146,7 @@ async fn a_unary_call_in_flight_completes_and_new_connections_are_refused() {
             .is_err()
     );
     let report = finish(served).await;
-    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,7 +189,7 @@ async fn a_watch_stream_open_at_the_drain_deadline_is_cut_and_named() {
             .any(|c| c.contains("/grpc.health.v1.Health/Watch from 127.0.0.1:")),
         "{report}"
     );
-    assert_eq!(report.status, ExitStatus::DeadlineOverrun, "{report}");
+    assert_eq!(report.status, ShutdownStatus::DeadlineOverrun, "{report}");
     let statuses = tokio::time::timeout(BOUND, reading).await.unwrap().unwrap();
     assert!(
         statuses.contains(&ServingStatus::NotServing),
@@ -281,7 +284,7 @@ async fn a_unary_call_held_in_flight_across_the_drain_start_completes() {
         .unwrap();
 
     handle.trigger("test");
-    tokio::time::timeout(BOUND, handle.drain_started())
+    tokio::time::timeout(BOUND, handle.phase_started(finale::Phase::Drain))
         .await
         .unwrap();
     let deadline = Instant::now() + BOUND;
@@ -299,7 +302,7 @@ async fn a_unary_call_held_in_flight_across_the_drain_start_completes() {
         .unwrap();
     assert_eq!(answered, ServingStatus::Serving);
     let report = tokio::time::timeout(BOUND, run).await.unwrap().unwrap();
-    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
     assert!(report.cut.is_empty(), "{report}");
     assert_eq!(report.in_flight_at_drain_start, 1, "{report}");
 }

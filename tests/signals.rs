@@ -160,7 +160,11 @@ fn a_second_signal_skips_to_telemetry_and_exits_forced() {
         s.wait_for("shutdown requested");
         s.signal("TERM");
         let (status, out, _) = s.wait_exit();
-        assert_eq!(status.code(), Some(finale::EXIT_FORCED), "{runtime}: {out}");
+        assert_eq!(
+            status.code(),
+            Some(finale::ShutdownStatus::Forced.default_code()),
+            "{runtime}: {out}"
+        );
         assert!(out.contains("second signal"), "{out}");
         assert!(out.contains("forced by second signal"), "{out}");
     }
@@ -186,7 +190,7 @@ fn a_third_signal_exits_at_once() {
         let (status, out, elapsed) = s.wait_exit();
         assert_eq!(
             status.code(),
-            Some(finale::EXIT_IMMEDIATE),
+            Some(finale::ShutdownStatus::Immediate.default_code()),
             "{runtime}: {out}"
         );
         assert!(out.contains("third signal"), "{out}");
@@ -201,7 +205,7 @@ fn a_panic_triggers_the_shutdown_through_the_panic_hook() {
         let (status, out, _) = s.wait_exit();
         assert_eq!(
             status.code(),
-            Some(finale::EXIT_COMPONENT_FAILURE),
+            Some(finale::ShutdownStatus::ComponentFailure.default_code()),
             "{runtime}: {out}"
         );
         assert!(out.contains("shutdown after panic at"), "{out}");
@@ -218,7 +222,7 @@ fn a_failed_start_exits_with_the_startup_failure_code() {
         let (status, out, _) = s.wait_exit();
         assert_eq!(
             status.code(),
-            Some(finale::EXIT_STARTUP_FAILURE),
+            Some(finale::ShutdownStatus::StartupFailure.default_code()),
             "{runtime}: {out}"
         );
         assert!(

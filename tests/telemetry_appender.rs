@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use finale::appender::{HOOK_NAME, LogWriterError, LogWriterGuard};
-use finale::{Environment, ExitStatus, Finale, Outcome};
+use finale::{Environment, Finale, Outcome, ShutdownStatus};
 use tracing_appender::non_blocking::NonBlockingBuilder;
 
 /// A writer that takes `per_line` for each line, like a slow disk or a remote log sink.
@@ -73,7 +73,7 @@ async fn every_line_reaches_the_file() {
     write_lines(writer, 20_000);
     finale.handle().trigger("test");
     let report = finale.run().await;
-    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
     let written = std::fs::read_to_string(&path).unwrap().lines().count();
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(written, 20_000);
@@ -89,7 +89,7 @@ async fn a_slow_writer_gets_the_slot_not_one_second() {
     write_lines(non_blocking, 1500);
     finale.handle().trigger("test");
     let report = finale.run().await;
-    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
     assert_eq!(lines.load(Ordering::SeqCst), 1500);
 }
 
@@ -105,7 +105,11 @@ async fn a_writer_that_cannot_drain_in_time_is_reported() {
     let start = Instant::now();
     let report = finale.run().await;
     let elapsed = start.elapsed();
-    assert_eq!(report.status, ExitStatus::TelemetryNotDelivered, "{report}");
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
     let Outcome::Failed(error) = &report.entry(HOOK_NAME).unwrap().outcome else {
         panic!("{report}");
     };
@@ -133,7 +137,11 @@ async fn dropped_lines_are_reported() {
     write_lines(non_blocking, 200);
     finale.handle().trigger("test");
     let report = finale.run().await;
-    assert_eq!(report.status, ExitStatus::TelemetryNotDelivered, "{report}");
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
     let shown = report.to_string();
     assert!(
         shown.contains("log lines were dropped because the writer's queue was full"),
@@ -152,6 +160,6 @@ async fn a_plain_worker_guard_is_released_too() {
     write_lines(non_blocking, 100);
     finale.handle().trigger("test");
     let report = finale.run().await;
-    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
     assert_eq!(lines.load(Ordering::SeqCst), 100);
 }

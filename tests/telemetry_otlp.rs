@@ -11,7 +11,7 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use finale::otlp::{HOOK_LOGS, HOOK_METRICS, HOOK_TRACES, Otlp, OtlpError, Provider};
-use finale::{Environment, ExitStatus, Finale, Outcome, Phase, ShutdownReport};
+use finale::{Environment, Finale, Outcome, Phase, ShutdownReport, ShutdownStatus};
 use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::trace::{Tracer as _, TracerProvider as _};
@@ -115,7 +115,11 @@ async fn a_hung_collector_costs_one_share_of_the_slot_not_three_timeouts() {
     let report = finale.run().await;
     let elapsed = start.elapsed();
     eprintln!("hung collector: {elapsed:?}\n{report}");
-    assert_eq!(report.status, ExitStatus::TelemetryNotDelivered, "{report}");
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
     for (hook, provider) in [
         (HOOK_METRICS, Provider::Meter),
         (HOOK_TRACES, Provider::Tracer),
@@ -140,7 +144,11 @@ async fn a_refused_export_is_reported_with_the_sdk_error() {
     providers(&endpoint).register(&finale).unwrap();
     finale.handle().trigger("test");
     let report = finale.run().await;
-    assert_eq!(report.status, ExitStatus::TelemetryNotDelivered, "{report}");
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
     let error = otlp_error(&report, HOOK_TRACES);
     assert!(
         matches!(
@@ -179,7 +187,7 @@ async fn a_second_signal_cuts_the_flush_to_the_escalation_budget() {
     let report = finale.run().await;
     let elapsed = start.elapsed();
     assert!(escalate.await.unwrap());
-    assert_eq!(report.status, ExitStatus::Forced, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Forced, "{report}");
     // The hooks are abandoned at the shortened deadline, and nothing they leave behind (a
     // provider whose last clone drops, a flush thread) holds up the end.
     assert!(elapsed < Duration::from_secs(2), "{elapsed:?}\n{report}");
@@ -208,7 +216,11 @@ async fn a_provider_shut_down_by_the_application_is_not_counted_as_delivered() {
         .unwrap();
     finale.handle().trigger("test");
     let report = finale.run().await;
-    assert_eq!(report.status, ExitStatus::TelemetryNotDelivered, "{report}");
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
     let error = otlp_error(&report, HOOK_TRACES);
     assert!(matches!(error, OtlpError::Flush { .. }), "{error}");
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::components::{Pushgateway as Gateway, free_port, wait_until};
 use finale::pushgateway::{Method, PushError, Pushgateway, PushgatewayConfigError};
-use finale::{Environment, ExitStatus, Finale, Hook, Outcome, Phase};
+use finale::{Environment, Finale, Hook, Outcome, Phase, ShutdownStatus};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 const BOUND: Duration = Duration::from_secs(10);
@@ -128,7 +128,7 @@ async fn grouping_labels_with_slashes_and_empty_values_reach_the_group() {
     pushgateway.register(&finale).unwrap();
     finale.handle().trigger("test");
     let report = finale.run().await;
-    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
     assert_eq!(
         gateway.sample(
             "grouping_test_total",
@@ -170,7 +170,7 @@ async fn delete_at_exit_removes_the_group() {
         .unwrap();
     finale.handle().trigger("test");
     let report = finale.run().await;
-    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
     // DELETE is queued by the Pushgateway (202): wait, bounded, until it is applied.
     assert!(wait_until(BOUND, || gateway
         .sample("stale", &[("job", "leaving")])
@@ -196,7 +196,7 @@ async fn credentials_are_sent() {
         pushgateway.register(&finale).unwrap();
         finale.handle().trigger("test");
         let report = finale.run().await;
-        assert_eq!(report.status, ExitStatus::Clean, "{report}");
+        assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 1);
         let head = seen[0].head.to_ascii_lowercase();
@@ -238,7 +238,7 @@ async fn periodic_pushes_stop_before_the_final_one() {
     });
     let report = finale.run().await;
     assert!(waiter.await.unwrap(), "no periodic pushes");
-    assert_eq!(report.status, ExitStatus::Clean, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
     assert_eq!(
         report.entry("pushgateway (periodic)").unwrap().outcome,
         Outcome::Completed
@@ -266,7 +266,7 @@ async fn a_refused_push_chains_to_the_client_error() {
         .unwrap();
     finale.handle().trigger("test");
     let report = finale.run().await;
-    assert_eq!(report.status, ExitStatus::TelemetryNotDelivered);
+    assert_eq!(report.status, ShutdownStatus::TelemetryNotDelivered);
     let Outcome::Failed(error) = &report.entry("pushgateway").unwrap().outcome else {
         panic!("{report}");
     };
@@ -299,7 +299,11 @@ async fn a_pushgateway_that_never_answers_costs_at_most_the_slot() {
     let start = Instant::now();
     let report = finale.run().await;
     let elapsed = start.elapsed();
-    assert_eq!(report.status, ExitStatus::TelemetryNotDelivered, "{report}");
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
     let Outcome::Failed(error) = &report.entry("pushgateway").unwrap().outcome else {
         panic!("{report}");
     };

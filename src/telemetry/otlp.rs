@@ -23,7 +23,7 @@
 //! export failed. finale therefore calls `force_flush` first, which does report export errors: a
 //! hook completes only when the flush (and then the shutdown) succeeded; otherwise it fails with
 //! an [`OtlpError`] naming the provider and the cause, and the run's status becomes
-//! [`TelemetryNotDelivered`](crate::ExitStatus::TelemetryNotDelivered).
+//! [`TelemetryNotDelivered`](crate::ShutdownStatus::TelemetryNotDelivered).
 //!
 //! # Requirements and traps
 //!
@@ -69,9 +69,11 @@
 //! }
 //! ```
 
+use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
@@ -80,11 +82,13 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tokio::time::Instant;
 
+use crate::Finale;
 use crate::config::ConfigError;
-use crate::finale::Finale;
-use crate::flush::{ORDER_METRICS, ORDER_TRACES_LOGS, OffThread, Share, run_until, stage_deadline};
 use crate::hook::{Hook, HookContext};
 use crate::phase::Phase;
+use crate::slot::{ORDER_METRICS, ORDER_TRACES_LOGS, Share, stage_deadline};
+use crate::state::EmergencyStage;
+use crate::telemetry::stages::{Handoff, OffThread, run_until};
 
 /// The report name of the meter provider's hook.
 pub const HOOK_METRICS: &str = "otlp-metrics";
@@ -259,31 +263,34 @@ impl Otlp {
     /// [`ConfigError::DuplicateName`] if a hook name is taken (say, registered twice).
     pub fn register(self, finale: &Finale) -> Result<(), ConfigError> {
         if let Some(p) = self.meter {
-            finale.hook(flush_hook(
+            register_flush(
+                finale,
                 HOOK_METRICS,
                 Provider::Meter,
                 ORDER_METRICS,
                 Share::METRICS,
                 p,
-            ))?;
+            )?;
         }
         if let Some(p) = self.tracer {
-            finale.hook(flush_hook(
+            register_flush(
+                finale,
                 HOOK_TRACES,
                 Provider::Tracer,
                 ORDER_TRACES_LOGS,
                 Share::TRACES_LOGS,
                 p,
-            ))?;
+            )?;
         }
         if let Some(p) = self.logger {
-            finale.hook(flush_hook(
+            register_flush(
+                finale,
                 HOOK_LOGS,
                 Provider::Logger,
                 ORDER_TRACES_LOGS,
                 Share::TRACES_LOGS,
                 p,
-            ))?;
+            )?;
         }
         Ok(())
     }
@@ -309,66 +316,74 @@ macro_rules! impl_flush {
 }
 impl_flush!(SdkTracerProvider, SdkMeterProvider, SdkLoggerProvider);
 
-fn flush_hook<P: Flush>(
+fn register_flush<P: Flush>(
+    finale: &Finale,
     name: &'static str,
     provider: Provider,
     order: i32,
     share: Share,
     p: P,
-) -> Hook {
-    let p = DropOffThread(Some(p));
-    Hook::new(Phase::Telemetry, name, move |ctx: HookContext| async move {
-        flush(provider, p, stage_deadline(&ctx, share)).await
-    })
-    .order(order)
+) -> Result<(), ConfigError> {
+    let held = Handoff::new(p);
+    let for_hook = held.clone();
+    finale.hook(
+        Hook::new(Phase::Telemetry, name, move |ctx: HookContext| async move {
+            flush(provider, for_hook, stage_deadline(&ctx, share)).await
+        })
+        .order(order),
+    )?;
+    // If the user's runtime is wedged, the supervisor flushes from its own thread.
+    finale.shared.add_emergency(EmergencyStage {
+        name: Cow::Borrowed(name),
+        order,
+        share,
+        run: Box::new(move |deadline| {
+            held.run_or_wait(deadline, |p| {
+                flush_blocking(provider, &p, deadline).map_err(|e| e.to_string())
+            })
+        }),
+    });
+    Ok(())
 }
 
-/// Holds a provider until its flush takes it; if the flush never runs (its hook was abandoned
-/// before it started), drops it on a thread of its own.
-///
-/// Dropping the last clone of a provider shuts it down, which blocks up to 5 s per provider and,
-/// with the gRPC exporter on the runtime's own thread, cannot even make progress. The hook's
-/// closure may hold that last clone, and it is dropped on the runtime when the phase ends early.
-struct DropOffThread<P: Flush>(Option<P>);
-
-impl<P: Flush> DropOffThread<P> {
-    fn take(mut self) -> P {
-        self.0.take().expect("taken once")
-    }
+/// `force_flush`, then `shutdown` with what is left, on the calling thread.
+fn flush_blocking<P: Flush>(
+    provider: Provider,
+    p: &P,
+    deadline: std::time::Instant,
+) -> Result<(), OtlpError> {
+    // `force_flush` first: unlike the tracer's and logger's `shutdown`, it reports a failed
+    // export. After a failed flush nothing more can be delivered: skip the shutdown, whose
+    // own wait would only hold the thread longer.
+    p.force_flush()
+        .map_err(|source| OtlpError::Flush { provider, source })?;
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    p.shutdown_with_timeout(left.max(Duration::from_millis(1)))
+        .map_err(|source| OtlpError::Shutdown { provider, source })
 }
 
-impl<P: Flush> Drop for DropOffThread<P> {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            // If no thread can start, the closure (and the provider in it) drops here.
-            let _ = std::thread::Builder::new()
-                .name("finale-otlp-drop".to_owned())
-                .spawn(move || drop(p));
-        }
-    }
-}
-
-/// Flushes, then shuts down, `p` on a thread of its own; waits until `deadline`.
+/// Flushes, then shuts down, the provider on a thread of its own; waits until `deadline`.
 async fn flush<P: Flush>(
     provider: Provider,
-    p: DropOffThread<P>,
+    held: Arc<Handoff<P>>,
     deadline: Instant,
 ) -> Result<(), OtlpError> {
     let start = Instant::now();
-    let p = p.take();
     let thread = format!("finale-otlp-{}", provider.signal());
     // The thread has no runtime (and so no tokio clock): it measures on the std clock.
     let thread_deadline =
         std::time::Instant::now() + deadline.saturating_duration_since(Instant::now());
     let work = move || {
-        // `force_flush` first: unlike the tracer's and logger's `shutdown`, it reports a failed
-        // export. After a failed flush nothing more can be delivered: skip the shutdown, whose
-        // own wait would only hold the thread longer.
-        p.force_flush()
-            .map_err(|source| OtlpError::Flush { provider, source })?;
-        let left = thread_deadline.saturating_duration_since(std::time::Instant::now());
-        p.shutdown_with_timeout(left.max(Duration::from_millis(1)))
-            .map_err(|source| OtlpError::Shutdown { provider, source })
+        // Taken here, not before: if the supervisor took it first (the runtime was wedged), it
+        // is flushing already and this hook has nothing left to do.
+        let Some(p) = held.take() else {
+            return Ok(());
+        };
+        let result = flush_blocking(provider, &p, thread_deadline);
+        held.done();
+        // The provider is dropped here, on this thread: a last clone's drop blocks.
+        drop(p);
+        result
     };
     let result = match run_until(&thread, deadline, work).await {
         Ok(OffThread::Done(result)) => result,

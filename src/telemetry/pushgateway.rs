@@ -30,7 +30,7 @@
 //! The hook (named `pushgateway` unless [renamed](PushgatewayBuilder::name)) completes once the
 //! Pushgateway answered `2xx`. Otherwise it fails with a [`PushError`] that says what failed, for
 //! example `Pushgateway answered 400 Bad Request to PUT http://…: … is not a COUNTER`, and the
-//! run's status becomes [`TelemetryNotDelivered`](crate::ExitStatus::TelemetryNotDelivered).
+//! run's status becomes [`TelemetryNotDelivered`](crate::ShutdownStatus::TelemetryNotDelivered).
 //!
 //! # Periodic pushes
 //!
@@ -60,6 +60,7 @@
 //! }
 //! ```
 
+use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
@@ -76,11 +77,12 @@ use hyper_util::rt::TokioExecutor;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::time::Instant;
 
+use crate::Finale;
 use crate::config::ConfigError;
-use crate::finale::Finale;
-use crate::flush::{ORDER_METRICS, Share, stage_deadline};
 use crate::hook::{Hook, HookContext};
 use crate::phase::Phase;
+use crate::slot::{ORDER_METRICS, Share, stage_deadline};
+use crate::state::EmergencyStage;
 use crate::task::{Task, TaskContext};
 
 /// Default timeout of one request to the Pushgateway: 2 s.
@@ -487,11 +489,7 @@ impl PushgatewayBuilder {
             v.set_sensitive(true);
             v
         });
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(self.request_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+        let client = new_client(self.request_timeout);
         Ok(Pushgateway {
             inner: Arc::new(Inner {
                 handle,
@@ -507,6 +505,7 @@ impl PushgatewayBuilder {
                 client,
                 lane: tokio::sync::Mutex::new(()),
                 finished: AtomicBool::new(false),
+                delivered: AtomicBool::new(false),
             }),
         })
     }
@@ -530,11 +529,13 @@ struct Inner {
     backoff: Duration,
     interval: Option<Duration>,
     name: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: HttpClient,
     /// Held for the whole of every push, periodic or final, so they never overlap.
     lane: tokio::sync::Mutex<()>,
     /// Set by the final push (before it takes the lane): no periodic push may start after it.
     finished: AtomicBool,
+    /// Set once the final push was accepted: the supervisor need not push again.
+    delivered: AtomicBool,
 }
 
 impl fmt::Debug for Pushgateway {
@@ -586,6 +587,9 @@ impl Pushgateway {
     /// # Panics
     ///
     /// With a push interval, outside a tokio runtime (the periodic pusher is spawned on it).
+    ///
+    /// If the user's runtime is wedged and the Telemetry phase cannot run, finale's supervisor
+    /// pushes from its own thread instead, on a small runtime and a client of its own.
     pub fn register(&self, finale: &Finale) -> Result<(), ConfigError> {
         let this = self.clone();
         finale.hook(
@@ -596,6 +600,13 @@ impl Pushgateway {
             )
             .order(ORDER_METRICS),
         )?;
+        let this = self.clone();
+        finale.shared.add_emergency(EmergencyStage {
+            name: Cow::Owned(self.inner.name.clone()),
+            order: ORDER_METRICS,
+            share: Share::METRICS,
+            run: Box::new(move |deadline| this.emergency_push(deadline)),
+        });
         if let Some(interval) = self.inner.interval {
             let this = self.clone();
             finale.spawn(
@@ -626,7 +637,7 @@ impl Pushgateway {
             m => m,
         };
         let _lane = self.inner.lane.lock().await;
-        self.send_with_retries(method, Instant::now() + budget)
+        self.send_with_retries(&self.inner.client, method, Instant::now() + budget)
             .await
     }
 
@@ -654,7 +665,12 @@ impl Pushgateway {
         if method == Method::None {
             return Ok(());
         }
-        let result = self.send_with_retries(method, deadline).await;
+        let result = self
+            .send_with_retries(&inner.client, method, deadline)
+            .await;
+        if result.is_ok() {
+            inner.delivered.store(true, Ordering::Release);
+        }
         drop(lane);
         match &result {
             Ok(()) => tracing::info!(
@@ -667,6 +683,26 @@ impl Pushgateway {
             Err(error) => tracing::error!(target: "finale", %error, "final metrics push failed"),
         }
         result
+    }
+
+    /// The final push from a plain thread, when the user's runtime is wedged. Its own client:
+    /// a pooled connection's task lives on the wedged runtime and would never run.
+    fn emergency_push(&self, deadline: std::time::Instant) -> Result<(), String> {
+        let inner = &*self.inner;
+        if inner.method == Method::None || inner.delivered.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(async {
+            let client = new_client(inner.request_timeout);
+            let deadline = Instant::from_std(deadline);
+            self.send_with_retries(&client, inner.method, deadline)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 
     async fn periodic(self, ctx: TaskContext, interval: Duration) {
@@ -691,20 +727,25 @@ impl Pushgateway {
             // A push in flight is not cancelled by the stop signal: the final push waits for its
             // answer, so it cannot land after the final one.
             let deadline = Instant::now() + inner.request_timeout;
-            match self.send_once(method, deadline).await {
+            match self.send_once(&inner.client, method, deadline).await {
                 Ok(()) => tracing::debug!(target: "finale", url = %inner.url, "periodic push"),
                 Err(error) => tracing::warn!(target: "finale", %error, "periodic push failed"),
             }
         }
     }
 
-    async fn send_with_retries(&self, method: Method, deadline: Instant) -> Result<(), PushError> {
+    async fn send_with_retries(
+        &self,
+        client: &HttpClient,
+        method: Method,
+        deadline: Instant,
+    ) -> Result<(), PushError> {
         let inner = &*self.inner;
         let mut backoff = inner.backoff;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut error = match self.send_once(method, deadline).await {
+            let mut error = match self.send_once(client, method, deadline).await {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
@@ -720,7 +761,12 @@ impl Pushgateway {
     }
 
     /// One request, bounded by the request timeout and `deadline`.
-    async fn send_once(&self, method: Method, deadline: Instant) -> Result<(), PushError> {
+    async fn send_once(
+        &self,
+        client: &HttpClient,
+        method: Method,
+        deadline: Instant,
+    ) -> Result<(), PushError> {
         let inner = &*self.inner;
         let start = Instant::now();
         let until = (start + inner.request_timeout).min(deadline);
@@ -739,7 +785,7 @@ impl Pushgateway {
             .body(Full::new(body))
             .expect("method, URI and headers were validated at build time");
         let exchange = async {
-            let response = inner.client.request(request).await?;
+            let response = client.request(request).await?;
             let status = response.status();
             // The body of an error answer says why; read a bounded part of it.
             let body = if status.is_success() {
@@ -789,6 +835,16 @@ impl Pushgateway {
             }),
         }
     }
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn new_client(connect_timeout: Duration) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector)
 }
 
 /// Validates the base URL, job and labels and builds the group's URL.

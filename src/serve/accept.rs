@@ -20,7 +20,7 @@
 //! 3. **Drain deadline** minus the [cut margin](HttpServer::cut_margin): connections still open
 //!    are closed; each request still in flight on them is named in the report
 //!    (`GET /events from 127.0.0.1:5555 (stream open at the drain deadline)`), which makes the
-//!    exit status [`DeadlineOverrun`](crate::ExitStatus::DeadlineOverrun).
+//!    exit status [`DeadlineOverrun`](crate::ShutdownStatus::DeadlineOverrun).
 //!
 //! # Invariants
 //!
@@ -52,14 +52,14 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::Finale;
 use crate::config::ConfigError;
-use crate::finale::Finale;
 use crate::phase::Phase;
-use crate::task::{Task, TaskContext};
-use crate::tower::{
+use crate::serve::tower::{
     Admission, ConnWatch, DrainBody, LayerShared, Rejection, ResponseFuture, admit,
 };
-use crate::tracker::InFlight;
+use crate::task::{Task, TaskContext};
+use crate::track::InFlight;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -188,7 +188,7 @@ impl HttpServer {
     /// behaviour is built in: every request is tracked and, once draining, rejected.
     ///
     /// Binding happens in the task: a bind error (port in use) fails graceful start, which stops
-    /// the other servers and ends with [`StartupFailure`](crate::ExitStatus::StartupFailure).
+    /// the other servers and ends with [`StartupFailure`](crate::ShutdownStatus::StartupFailure).
     ///
     /// # Errors
     ///
@@ -218,7 +218,7 @@ impl HttpServer {
             cut_margin,
         } = self;
         let idle_grace = idle_grace.unwrap_or_else(|| {
-            if finale.budget().drain_delay.max().is_zero() {
+            if finale.handle().budget().drain_delay.max().is_zero() {
                 Duration::ZERO
             } else {
                 DEFAULT_IDLE_GRACE
@@ -440,7 +440,7 @@ fn cut_connection<C>(conn: C, watch: &ConnWatch) {
     drop(conn);
     if watch.named.load(Ordering::Relaxed) == 0 {
         // Nothing in flight to name (a client stuck sending its request, for example).
-        watch.handle.record_cut(format!(
+        watch.handle.shared.record_cut(format!(
             "connection from {} (open at the drain deadline)",
             watch.peer
         ));

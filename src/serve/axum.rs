@@ -38,10 +38,10 @@ use ::axum::Router;
 use ::axum::routing::get;
 
 use crate::config::ConfigError;
-use crate::finale::{Finale, Handle};
-use crate::tower::HealthService;
+use crate::serve::tower::HealthService;
+use crate::{Finale, Handle};
 
-pub use crate::server::{DEFAULT_CUT_MARGIN, DEFAULT_IDLE_GRACE, HttpServer, Listen};
+pub use crate::serve::accept::{DEFAULT_CUT_MARGIN, DEFAULT_IDLE_GRACE, HttpServer, Listen};
 
 /// Serves `router` on `listen` as a [`Task::service`](crate::Task::service) named `name`, with
 /// [`HttpServer`]'s defaults. Every request is tracked as in flight and, once draining, rejected

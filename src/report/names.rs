@@ -1,8 +1,9 @@
 //! The names of the metrics and spans finale records about the shutdown itself.
 //!
 //! Metrics go through the [`metrics`] facade, so whatever recorder the application installed
-//! (for example metrics-exporter-prometheus) receives them. They are recorded when the Workers
-//! phase ends, before the Telemetry phase starts, so the final push carries them.
+//! (for example metrics-exporter-prometheus) receives them. The shutdown's own metrics are
+//! recorded when the Workers phase ends, before the Telemetry phase starts, so the final push
+//! carries them; the request counters as they happen.
 //!
 //! | metric | type | labels | meaning |
 //! |---|---|---|---|
@@ -14,6 +15,7 @@
 //! | `finale_in_flight_at_drain_start` | gauge | | in-flight work when the Drain phase started |
 //! | `finale_requests_rejected_total` | counter | | requests answered 503 while draining |
 //! | `finale_request_panics_total` | counter | | requests whose handler panicked (answered 500) |
+//! | `finale_supervisor_takeovers_total` | counter | | the supervisor ended a wedged shutdown (recorded just before its own flush) |
 //!
 //! | span | fields | covers |
 //! |---|---|---|
@@ -43,6 +45,9 @@ pub const IN_FLIGHT_AT_DRAIN_START: &str = "finale_in_flight_at_drain_start";
 pub const REQUESTS_REJECTED: &str = "finale_requests_rejected_total";
 /// Counter: requests whose handler panicked; the server answered `500` and kept serving.
 pub const REQUEST_PANICS: &str = "finale_request_panics_total";
+/// Counter: the supervisor took over a shutdown whose runtime was wedged, flushed what it could
+/// reach and ended the process.
+pub const SUPERVISOR_TAKEOVERS: &str = "finale_supervisor_takeovers_total";
 
 /// The span around Announce, Drain and Workers.
 pub const SPAN_SHUTDOWN: &str = "finale.shutdown";

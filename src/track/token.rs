@@ -2,8 +2,11 @@
 //! stop signal handed to tasks.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 
 use tokio::sync::Notify;
 
@@ -14,16 +17,16 @@ use tokio::sync::Notify;
 /// call on a hot path.
 ///
 /// Tasks spawned through [`Finale::spawn`](crate::Finale::spawn) receive one in their
-/// [`TaskContext`](crate::TaskContext); [`Handle::token`](crate::Handle::token) hands out the one that
-/// fires when the [`Workers`](crate::Phase::Workers) phase starts.
+/// [`TaskContext`](crate::TaskContext); [`Handle::phase_token`](crate::Handle::phase_token) hands
+/// out the one that fires when a phase starts.
 ///
 /// # Examples
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
-/// let finale = finale::Finale::builder().build().unwrap();
-/// let token = finale.handle().token();
+/// let finale = finale::Finale::builder().no_signals().build().unwrap();
+/// let token = finale.handle().phase_token(finale::Phase::Workers);
 /// assert!(!token.is_cancelled());
 /// finale.handle().trigger("test");
 /// # }
@@ -83,10 +86,39 @@ impl StopToken {
         }
     }
 
-    /// Like [`cancelled`](StopToken::cancelled), but owns a clone of the token, so the future is
-    /// `'static` (as axum's `with_graceful_shutdown` and tonic's `serve_with_shutdown` require).
-    pub async fn cancelled_owned(self) {
-        self.cancelled().await
+    /// Like [`cancelled`](StopToken::cancelled), but owns the token, so the future is
+    /// `Send + 'static`, as axum's `with_graceful_shutdown` and tonic's `serve_with_shutdown`
+    /// require.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub fn cancelled_owned(self) -> Cancelled {
+        Cancelled {
+            inner: Box::pin(async move { self.cancelled().await }),
+        }
+    }
+}
+
+/// The future of [`StopToken::cancelled_owned`], [`Handle::phase_started`](crate::Handle::phase_started)
+/// and [`Handle::shutdown_requested`](crate::Handle::shutdown_requested): completes once the token
+/// is cancelled. `Send + 'static`, so it can be handed to a server's graceful-shutdown method.
+#[must_use = "futures do nothing unless polled"]
+pub struct Cancelled {
+    inner: Pin<Box<dyn Future<Output = ()> + Send + 'static>>,
+}
+
+impl Future for Cancelled {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for Cancelled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cancelled").finish_non_exhaustive()
     }
 }
 

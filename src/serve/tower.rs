@@ -69,8 +69,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use pin_project_lite::pin_project;
 
-use crate::finale::Handle;
-use crate::tracker::{InFlight, InFlightGuard};
+use crate::Handle;
+use crate::track::{InFlight, InFlightGuard};
 
 /// The default `Retry-After` of a rejected request: 1 second.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -229,7 +229,7 @@ impl CutName {
         if self.conn.cutting.load(Ordering::Relaxed) {
             self.conn.named.fetch_add(1, Ordering::Relaxed);
             let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
-            self.conn.handle.record_cut(format!(
+            self.conn.handle.shared.record_cut(format!(
                 "{} {} from {} ({what} at the drain deadline)",
                 self.method, path, self.conn.peer
             ));
@@ -260,9 +260,12 @@ pub(crate) fn admit<ReqB, B>(
     req: &Request<ReqB>,
 ) -> Admission<B> {
     let version = req.version();
-    // One relaxed load of a `&'static` flag, set when the Drain phase starts.
-    if in_flight.is_draining() {
-        shared.handle.record_rejected_request();
+    // Count first, then check: a drain that starts at the same moment either sees this guard
+    // (and waits for the request) or is seen here (and the request is refused). Checking first
+    // would let a request slip in after the drain's last scan. The check is one relaxed load of
+    // a `&'static` flag, set when the Drain phase starts.
+    let Some(guard) = in_flight.try_acquire() else {
+        shared.handle.shared.record_rejected_request();
         let grpc = req
             .headers()
             .get(CONTENT_TYPE)
@@ -272,8 +275,7 @@ pub(crate) fn admit<ReqB, B>(
         } else {
             shared.rejection.response(version)
         });
-    }
-    let guard = in_flight.acquire();
+    };
     let cut = conn.map(|conn| {
         if !is_http1(version) && !conn.http2.load(Ordering::Relaxed) {
             conn.http2.store(true, Ordering::Relaxed);
@@ -629,8 +631,7 @@ impl HealthService {
 
     pub(crate) fn answer(&self, path: &str) -> Response<Full<Bytes>> {
         let (status, body) = match path {
-            "/livez" if self.health.is_live() => (StatusCode::OK, "live\n"),
-            "/livez" => (StatusCode::SERVICE_UNAVAILABLE, "not live\n"),
+            "/livez" => (StatusCode::OK, "live\n"),
             "/readyz" if self.health.is_ready() => (StatusCode::OK, "ready\n"),
             "/readyz" => {
                 self.health.record_not_ready_answer();

@@ -291,6 +291,23 @@ impl InFlight {
         }
     }
 
+    /// Like [`acquire`](InFlight::acquire), but refuses new work once the Drain phase has
+    /// started: `None` then. Use it where work can be turned away (a message left on its queue, a
+    /// request answered `503`), so nothing starts that the drain would have to wait for.
+    ///
+    /// The guard is taken before the check, so a drain that starts at the same moment either
+    /// sees the guard (and waits for it) or this call sees the drain (and refuses): no work
+    /// slips between the two.
+    #[inline]
+    pub fn try_acquire(&self) -> Option<InFlightGuard> {
+        let guard = self.acquire();
+        if self.is_draining() {
+            drop(guard);
+            return None;
+        }
+        Some(guard)
+    }
+
     /// The number of live guards. Takes a lock and reads every thread's counters: not for the
     /// hot path.
     pub fn count(&self) -> usize {
@@ -307,7 +324,7 @@ impl InFlight {
     #[cfg_attr(not(feature = "tower"), allow(dead_code))]
     pub(crate) fn record_panic(&self) {
         self.shared.panicked.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(crate::names::REQUEST_PANICS).increment(1);
+        metrics::counter!(crate::report::names::REQUEST_PANICS).increment(1);
     }
 
     /// How many requests panicked.
@@ -321,7 +338,24 @@ impl InFlight {
     }
 
     /// Waits until no guard is alive. Call [`begin_drain`](InFlight::begin_drain) first.
+    ///
+    /// Zero must be seen on two scans with a yield between them: a guard acquired on another
+    /// core just as the drain started may still sit in that core's store buffer during the first
+    /// scan (its store and our load of it are not ordered, on purpose: ordering them would cost
+    /// the acquirer a fence). A store buffer drains in nanoseconds; by the second scan it is
+    /// visible. Work acquired later than that is waited for by the sequence's final check of the
+    /// Drain phase.
     pub(crate) async fn wait_idle(&self) {
+        loop {
+            self.wait_zero().await;
+            tokio::task::yield_now().await;
+            if self.count() == 0 {
+                return;
+            }
+        }
+    }
+
+    async fn wait_zero(&self) {
         loop {
             let notified = self.shared.zero.notified();
             let mut notified = std::pin::pin!(notified);

@@ -1,5 +1,4 @@
-//! What the telemetry integrations share: the stages of the Telemetry slot, how each stage
-//! bounds itself so the later ones still get time, and blocking work run off the runtime.
+//! The Telemetry slot: its stages, their order, and how much of what is left each may use.
 //!
 //! # Why a stage does not use the whole slot
 //!
@@ -17,14 +16,8 @@
 //! Each stage also ends a little before its limit, so that it returns its own error (which says
 //! what failed) instead of being aborted by the phase deadline as an anonymous "abandoned".
 //!
-//! # Why a plain thread
-//!
-//! The OpenTelemetry SDK's flushes and the `WorkerGuard`'s drop block their thread. On a tokio
-//! worker they stall the runtime, which the gRPC exporter needs to make progress (a deadlock on a
-//! `current_thread` or 1-worker runtime). `spawn_blocking` is no better: a blocking task that
-//! outlives its wait still holds up the runtime's drop without limit. A plain `std::thread`
-//! whose result comes back on a oneshot channel can be waited for with a deadline and, when the
-//! deadline passes, simply left behind: it dies with the process.
+//! The same shares apply when the supervisor runs the stages itself because the user's runtime
+//! is wedged (see `run::supervisor`): then the deadlines are on the std clock.
 
 #![cfg_attr(
     not(all(
@@ -35,11 +28,7 @@
     allow(dead_code)
 )]
 
-use std::io;
 use std::time::Duration;
-
-use tokio::sync::oneshot;
-use tokio::time::Instant;
 
 use crate::hook::HookContext;
 
@@ -75,7 +64,7 @@ pub const ORDER_TRACES_LOGS: i32 = 100;
 pub const ORDER_LOG_WRITER: i32 = 200;
 
 /// How much of what is left a stage may use, as a fraction `num / den`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Share {
     num: u32,
     den: u32,
@@ -88,70 +77,30 @@ impl Share {
     pub(crate) const TRACES_LOGS: Share = Share { num: 3, den: 4 };
     /// The log file is last: it may use everything.
     pub(crate) const ALL: Share = Share { num: 1, den: 1 };
+
+    /// How long a stage that has `left` may wait, so that it still reports why it gave up.
+    pub(crate) fn usable(self, left: Duration) -> Duration {
+        let usable = left * self.num / self.den;
+        // Keep the margin small next to a short slot, so a tiny slot is not all margin.
+        let margin = REPORT_MARGIN.min(left / 10);
+        usable.saturating_sub(margin)
+    }
 }
 
 /// How long before its limit a stage stops waiting, so it can still report why.
 const REPORT_MARGIN: Duration = Duration::from_millis(50);
 
 /// When a stage that starts now, with `ctx`'s deadline, should give up.
-pub(crate) fn stage_deadline(ctx: &HookContext, share: Share) -> Instant {
-    let now = Instant::now();
-    let left = ctx.deadline().saturating_duration_since(now);
-    let usable = left * share.num / share.den;
-    // Keep the margin small next to a short slot, so a tiny slot is not all margin.
-    let margin = REPORT_MARGIN.min(left / 10);
-    now + usable.saturating_sub(margin)
-}
-
-/// The outcome of work run on its own thread.
-pub(crate) enum OffThread<T> {
-    /// It finished.
-    Done(T),
-    /// It panicked; the panic message.
-    Panicked(String),
-    /// The deadline passed first; the thread is left behind.
-    TimedOut,
-}
-
-/// Runs `work` on a new plain thread named `name` and waits for it until `deadline`.
-///
-/// The thread is never joined: when the deadline passes, it is left to finish (or to die with the
-/// process) on its own.
-///
-/// # Cancel safety
-///
-/// Dropping the future leaves the thread running, detached.
-pub(crate) async fn run_until<T, F>(
-    name: &str,
-    deadline: Instant,
-    work: F,
-) -> io::Result<OffThread<T>>
-where
-    T: Send + 'static,
-    F: FnOnce() -> T + Send + 'static,
-{
-    let (tx, rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(move || {
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
-            // The receiver is gone only when the waiter gave up; nobody needs the result then.
-            let _ = tx.send(result);
-        })?;
-    Ok(match tokio::time::timeout_at(deadline, rx).await {
-        Ok(Ok(Ok(value))) => OffThread::Done(value),
-        Ok(Ok(Err(payload))) => OffThread::Panicked(crate::hook::panic_message(&*payload)),
-        // The sender is dropped without a send only if the thread died without unwinding
-        // through `catch_unwind`, which cannot happen; treat it as a panic all the same.
-        Ok(Err(_)) => OffThread::Panicked("the thread ended without a result".to_owned()),
-        Err(_) => OffThread::TimedOut,
-    })
+pub(crate) fn stage_deadline(ctx: &HookContext, share: Share) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now + share.usable(ctx.deadline().saturating_duration_since(now))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::phase::Phase;
+    use tokio::time::Instant;
 
     fn ctx_with(left: Duration) -> HookContext {
         HookContext {
@@ -182,27 +131,5 @@ mod tests {
             stage_deadline(&ctx, Share::ALL) - start,
             Duration::from_millis(90)
         );
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_blocked_thread_is_left_behind() {
-        let (release, blocked) = std::sync::mpsc::channel::<()>();
-        let deadline = Instant::now() + Duration::from_millis(20);
-        let outcome = run_until("blocked", deadline, move || {
-            let _ = blocked.recv();
-        })
-        .await
-        .unwrap();
-        assert!(matches!(outcome, OffThread::TimedOut));
-        drop(release);
-
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let outcome = run_until("quick", deadline, || 7).await.unwrap();
-        assert!(matches!(outcome, OffThread::Done(7)));
-
-        let outcome = run_until("panics", deadline, || panic!("boom"))
-            .await
-            .unwrap();
-        assert!(matches!(outcome, OffThread::Panicked(m) if m == "boom"));
     }
 }

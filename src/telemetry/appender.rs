@@ -19,7 +19,7 @@
 //! line queued before the release. The hook (named `log-writer`) then completes only if that
 //! happened in time and no line was dropped because the queue was full (lossy mode); otherwise it
 //! fails with a [`LogWriterError`] and the run's status is
-//! [`TelemetryNotDelivered`](crate::ExitStatus::TelemetryNotDelivered). A guard made elsewhere can
+//! [`TelemetryNotDelivered`](crate::ShutdownStatus::TelemetryNotDelivered). A guard made elsewhere can
 //! be handed over with [`LogWriterGuard::from_worker_guard`], but then finale can only tell that
 //! the guard's drop returned, not that the lines were written.
 //!
@@ -46,6 +46,7 @@
 //! }
 //! ```
 
+use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::fmt;
 use std::io::{self, Write};
@@ -55,11 +56,13 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 
+use crate::Finale;
 use crate::config::ConfigError;
-use crate::finale::Finale;
-use crate::flush::{ORDER_LOG_WRITER, OffThread, Share, run_until, stage_deadline};
 use crate::hook::Hook;
 use crate::phase::Phase;
+use crate::slot::{ORDER_LOG_WRITER, Share, stage_deadline};
+use crate::state::EmergencyStage;
+use crate::telemetry::stages::{Handoff, OffThread, run_until};
 
 /// The report name of the hook that releases the writer.
 pub const HOOK_NAME: &str = "log-writer";
@@ -222,13 +225,43 @@ impl LogWriterGuard {
     /// # Errors
     ///
     /// [`ConfigError::DuplicateName`] if a hook named `log-writer` exists.
+    ///
+    /// If the user's runtime is wedged and the Telemetry phase cannot run, finale's supervisor
+    /// releases the writer from its own thread instead.
     pub fn register(self, finale: &Finale) -> Result<(), ConfigError> {
+        let held = Handoff::new(self);
+        let for_hook = held.clone();
         finale.hook(
             Hook::new(Phase::Telemetry, HOOK_NAME, move |ctx| async move {
-                self.release(stage_deadline(&ctx, Share::ALL)).await
+                let Some(guard) = for_hook.take() else {
+                    return Ok(()); // the supervisor released it already
+                };
+                let result = guard.release(stage_deadline(&ctx, Share::ALL)).await;
+                for_hook.done();
+                result
             })
             .order(ORDER_LOG_WRITER),
-        )
+        )?;
+        finale.shared.add_emergency(EmergencyStage {
+            name: Cow::Borrowed(HOOK_NAME),
+            order: ORDER_LOG_WRITER,
+            share: Share::ALL,
+            run: Box::new(move |deadline| {
+                held.run_or_wait(deadline, |guard| {
+                    guard.release_blocking(deadline).map_err(|e| e.to_string())
+                })
+            }),
+        });
+        Ok(())
+    }
+
+    /// [`release`](LogWriterGuard::release) from a plain thread, on a small runtime of its own.
+    fn release_blocking(self, deadline: std::time::Instant) -> Result<(), LogWriterError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|source| LogWriterError::Thread { source })?;
+        runtime.block_on(self.release(Instant::from_std(deadline)))
     }
 
     /// Releases the writer: drops the `WorkerGuard` on a thread of its own and waits, until

@@ -11,8 +11,9 @@ use tokio::sync::Notify;
 /// - **Readiness** is off until graceful start has seen every registered service report ready,
 ///   and off again from the moment the [`Announce`](crate::Phase::Announce) phase starts, so the
 ///   load balancer stops sending new traffic while the service still serves.
-/// - **Liveness** stays on until the process exits: a shutting-down service is not dead, and a
-///   failing liveness probe would make the orchestrator kill it before its telemetry is out.
+/// - **Liveness** is not tracked here: a process that can answer is alive, through the whole
+///   shutdown (a failing liveness probe would make the orchestrator kill it before its telemetry
+///   is out). The health endpoints answer `/livez` with `200` for as long as they answer at all.
 ///
 /// Cheap to clone; every check is one atomic load.
 ///
@@ -21,10 +22,9 @@ use tokio::sync::Notify;
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
-/// let finale = finale::Finale::builder().build().unwrap();
+/// let finale = finale::Finale::builder().no_signals().build().unwrap();
 /// let health = finale.handle().health();
 /// assert!(!health.is_ready()); // not started yet
-/// assert!(health.is_live());
 /// # }
 /// ```
 #[derive(Clone)]
@@ -35,6 +35,8 @@ pub struct Health {
 struct Inner {
     started: AtomicBool,
     announced: AtomicBool,
+    /// A non-critical service ended on its own.
+    withdrawn: AtomicBool,
     not_ready_answers: AtomicU64,
     probed: Notify,
     /// Woken when graceful start completes.
@@ -47,6 +49,7 @@ impl Health {
             inner: Arc::new(Inner {
                 started: AtomicBool::new(false),
                 announced: AtomicBool::new(false),
+                withdrawn: AtomicBool::new(false),
                 not_ready_answers: AtomicU64::new(0),
                 probed: Notify::new(),
                 started_notify: Notify::new(),
@@ -54,14 +57,23 @@ impl Health {
         }
     }
 
-    /// Whether the service should receive new traffic: started, and not shutting down.
+    /// Whether the service should receive new traffic: started, not shutting down, and no
+    /// service it runs has ended on its own.
     pub fn is_ready(&self) -> bool {
-        self.inner.started.load(Ordering::Acquire) && !self.inner.announced.load(Ordering::Acquire)
+        self.inner.started.load(Ordering::Acquire)
+            && !self.inner.announced.load(Ordering::Acquire)
+            && !self.inner.withdrawn.load(Ordering::Acquire)
     }
 
-    /// Whether the process is alive. Stays `true` until exit, through the whole shutdown.
-    pub fn is_live(&self) -> bool {
-        true
+    /// Whether graceful start completed (every registered service reported ready).
+    pub(crate) fn is_started(&self) -> bool {
+        self.inner.started.load(Ordering::Acquire)
+    }
+
+    /// Turns readiness off without a shutdown: a non-critical service ended on its own, so the
+    /// instance no longer offers everything it should. Returns whether this call did it.
+    pub(crate) fn withdraw(&self) -> bool {
+        !self.inner.withdrawn.swap(true, Ordering::AcqRel)
     }
 
     /// Records that a readiness probe was answered "not ready".
@@ -130,7 +142,6 @@ impl fmt::Debug for Health {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Health")
             .field("ready", &self.is_ready())
-            .field("live", &self.is_live())
             .finish()
     }
 }

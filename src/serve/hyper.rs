@@ -29,11 +29,11 @@ use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
 
+use crate::Finale;
 use crate::config::ConfigError;
-use crate::finale::Finale;
-use crate::server::HyperToTower;
+use crate::serve::accept::HyperToTower;
 
-pub use crate::server::{DEFAULT_CUT_MARGIN, DEFAULT_IDLE_GRACE, HttpServer, Listen};
+pub use crate::serve::accept::{DEFAULT_CUT_MARGIN, DEFAULT_IDLE_GRACE, HttpServer, Listen};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 

@@ -38,13 +38,13 @@ use tonic::service::Routes;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::Finale;
 use crate::config::ConfigError;
-use crate::finale::Finale;
 use crate::hook::Hook;
 use crate::phase::Phase;
 use crate::task::Task;
 
-pub use crate::server::{DEFAULT_CUT_MARGIN, DEFAULT_IDLE_GRACE, HttpServer, Listen};
+pub use crate::serve::accept::{DEFAULT_CUT_MARGIN, DEFAULT_IDLE_GRACE, HttpServer, Listen};
 
 /// The name of the Announce hook that sets `NOT_SERVING`.
 pub const HEALTH_HOOK: &str = "grpc-health";

@@ -1,0 +1,242 @@
+//! [`Finale`]: collects hooks and tasks, then runs the service's life once.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::config::ConfigError;
+use crate::handle::Handle;
+use crate::hook::{CatchUnwind, Hook, HookError};
+use crate::report::{Reason, ShutdownReport};
+use crate::run::builder::Builder;
+use crate::run::{runtime, sequence, start};
+use crate::signal::Signal;
+use crate::state::{Refused, RunningTask, Shared, TaskResult};
+use crate::task::{Task, TaskContext};
+use crate::track::StopToken;
+
+/// The orchestrator: collects hooks and tasks, then [`run`](Finale::run)s the sequence once.
+///
+/// # Examples
+///
+/// ```no_run
+/// use finale::{Finale, Hook, Phase, Task};
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), finale::ConfigError> {
+///     let finale = Finale::builder().build()?;
+///     finale.spawn(Task::worker("mailer", |ctx| async move {
+///         ctx.stopped().await; // send what is queued, then return
+///     }))?;
+///     finale.hook(Hook::new(Phase::Workers, "close-db", |_| async {}))?;
+///     finale.run_and_exit().await // waits for SIGTERM/SIGINT, runs the sequence, exits
+/// }
+/// ```
+pub struct Finale {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) signals: Vec<Signal>,
+}
+
+impl Finale {
+    /// Starts configuring a `Finale`.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// A cloneable handle to trigger and observe the shutdown.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Registers a hook.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::DuplicateName`], [`ConfigError::EmptyName`] or
+    /// [`ConfigError::TimeoutBeyondPhase`].
+    pub fn hook(&self, hook: Hook) -> Result<(), ConfigError> {
+        registered(register_hook(&self.shared, hook))
+    }
+
+    /// Spawns a tracked task on the current tokio runtime; see [`Task`].
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::DuplicateName`], [`ConfigError::EmptyName`],
+    /// [`ConfigError::TimeoutBeyondPhase`], or [`ConfigError::NoRuntime`] outside a tokio
+    /// runtime.
+    pub fn spawn(&self, task: Task) -> Result<(), ConfigError> {
+        registered(spawn_task(&self.shared, task))
+    }
+
+    /// Runs the service's whole life: waits for graceful start (every [`Task::service`] ready),
+    /// waits for the shutdown to be requested, runs the sequence and returns its report.
+    ///
+    /// A shutdown requested before `run` (a signal during initialisation, say) is held: the
+    /// sequence starts as soon as `run` is reached, and its budget counts from the trigger.
+    ///
+    /// It always returns a report, also when the start fails (then with
+    /// [`ShutdownStatus::StartupFailure`](crate::ShutdownStatus::StartupFailure)), and also on a
+    /// runtime without the time driver, which the sequence needs (then a startup failure that
+    /// says so, instead of a panic). The IO driver is not needed: signals are received on
+    /// finale's own thread.
+    ///
+    /// # Caveats
+    ///
+    /// The supervisor thread started by [`build`](Builder::build) bounds this call: if the
+    /// sequence has not ended by the end of the total budget (a hook that blocks its thread,
+    /// a wedged runtime), the supervisor flushes the telemetry it can reach from its own threads
+    /// and ends the process with the deadline-overrun code. See the crate docs, "Threading and
+    /// process-wide effects".
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: dropping the future abandons the sequence where it is.
+    pub async fn run(self) -> ShutdownReport {
+        let shared = self.shared;
+        let registry = shared.take_registry();
+        let report = match runtime::check() {
+            Ok(()) => {
+                start::graceful_start(&shared, &registry.tasks).await;
+                shared.life.requested.cancelled().await;
+                sequence::shutdown(&shared, registry).await
+            }
+            Err(error) => sequence::without_timers(&shared, registry, error),
+        };
+        shared.life.finish(report.exit_code);
+        report
+    }
+
+    /// [`run`](Finale::run)s, then ends the process with the report's exit code.
+    ///
+    /// # Why finale exits explicitly
+    ///
+    /// `std::process::exit` skips every destructor: called in the middle of the work it loses
+    /// whatever buffered telemetry was waiting for a `Drop` (OTel batches, the tracing-appender
+    /// buffer, a final metrics push). Returning from `main` instead drops the tokio runtime, which
+    /// waits without limit for `spawn_blocking` tasks and can hang on a stuck thread (a blocked
+    /// export, a read on stdin) until the platform's SIGKILL, losing everything. finale therefore
+    /// flushes first, inside its budget, and only then calls `std::process::exit` with the
+    /// report's code: nothing is left to lose, and nothing can keep the process alive.
+    pub async fn run_and_exit(self) -> ! {
+        let report = self.run().await;
+        report.exit()
+    }
+}
+
+impl fmt::Debug for Finale {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Finale")
+            .field("budget", &self.shared.budget)
+            .field("signals", &self.signals)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a `Finale` method returns for a refused registration.
+fn registered(result: Result<(), Refused>) -> Result<(), ConfigError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(Refused::Config(e)) => Err(e),
+        // Only `run(self)` takes the registry, and it consumes the `Finale`: while a `&Finale`
+        // exists the registry is there. (The process-wide instance reports this case itself.)
+        Err(Refused::Started) => unreachable!("the registry is taken only by `Finale::run`"),
+    }
+}
+
+/// Registers a hook, unless the sequence has started.
+pub(crate) fn register_hook(shared: &Shared, hook: Hook) -> Result<(), Refused> {
+    let (name, phase, timeout) = (hook.name.clone(), hook.phase, hook.timeout);
+    shared.register(&name, phase, timeout, |registry| registry.hooks.push(hook))
+}
+
+/// Spawns a task on the current runtime and registers it, unless the sequence has started.
+pub(crate) fn spawn_task(shared: &Arc<Shared>, task: Task) -> Result<(), Refused> {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
+    let Task {
+        name,
+        stop_in,
+        critical,
+        needs_ready,
+        timeout,
+        run,
+    } = task;
+    shared.register(&name.clone(), stop_in, timeout, |registry| {
+        let ready = StopToken::new();
+        if !needs_ready {
+            ready.cancel();
+        }
+        let ctx = TaskContext {
+            name: name.clone(),
+            stop: shared.phase_token(stop_in),
+            ready: ready.clone(),
+            handle: Handle {
+                shared: shared.clone(),
+            },
+        };
+        // The user's closure runs inside this future, so a closure that panics before it returns
+        // its future is caught here too.
+        let fut = CatchUnwind::new(run(ctx));
+        let watch = TaskWatch {
+            shared: shared.clone(),
+            name: name.clone(),
+            critical,
+            needs_ready,
+            ready: ready.clone(),
+        };
+        let join = runtime.spawn(async move { watch.ended(fut.await) });
+        registry.tasks.push(RunningTask {
+            name,
+            stop_in,
+            timeout,
+            needs_ready,
+            ready,
+            join,
+        });
+    })
+}
+
+/// What a task's end means for the service, decided when it ends.
+struct TaskWatch {
+    shared: Arc<Shared>,
+    name: Cow<'static, str>,
+    critical: bool,
+    needs_ready: bool,
+    ready: StopToken,
+}
+
+impl TaskWatch {
+    fn ended(self, result: TaskResult) -> TaskResult {
+        if !self.shared.is_requested() {
+            let was_ready = self.ready.is_cancelled();
+            let failure = match &result {
+                Ok(Ok(())) if self.needs_ready => Some(HookError::msg(if was_ready {
+                    "ended on its own before the shutdown"
+                } else {
+                    "ended before it was ready"
+                })),
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.clone()),
+                Err(panic) => Some(HookError::msg(format!("panicked: {panic}"))),
+            };
+            if let Some(error) = failure {
+                let name = self.name.clone();
+                if self.needs_ready && !was_ready {
+                    self.shared.request(Reason::StartupFailed { name, error });
+                } else if self.critical {
+                    self.shared.request(Reason::TaskFailed { name, error });
+                } else {
+                    if self.needs_ready && self.shared.health.withdraw() {
+                        tracing::warn!(target: "finale", task = %name, "a service ended: readiness off");
+                    }
+                    tracing::warn!(target: "finale", task = %name, %error, "task failed");
+                }
+            }
+        }
+        // A task that ended cannot hold up graceful start.
+        self.ready.cancel();
+        result
+    }
+}

@@ -1,0 +1,335 @@
+//! The supervisor: a plain OS thread owned by finale, with a small tokio runtime of its own,
+//! that holds the signals and the hard deadline whatever the user's runtime is doing.
+//!
+//! # What it does
+//!
+//! - **Signals.** The configured signals are received here, from [`Builder::build`] on: the
+//!   first requests the shutdown (held until [`Finale::run`] is reached; the budget counts from
+//!   the signal), the second escalates, the third ends the process at once, and a signal after
+//!   the sequence finished ends the process with the report's code. None of this needs a thread
+//!   of the user's runtime, so it holds when every worker thread is blocked.
+//! - **The hard deadline.** Once the shutdown is requested, the supervisor watches the clock.
+//!   If the Telemetry phase has not started [`GRACE`] after it should have (`t0 + total -
+//!   reserve`, or the escalation), or the sequence has not finished [`GRACE`] after its end
+//!   (`t0 + total`, or the escalation budget), the user's runtime is wedged: the supervisor logs
+//!   why, runs the telemetry stages that can run without that runtime (each integration hands
+//!   one over, see [`EmergencyStage`]) on threads of its own, and ends the process with the
+//!   deadline-overrun code (forced, after a second signal). The stages get what is left of the
+//!   Telemetry slot, or, when the slot itself was overrun, up to half the safety margin past
+//!   the total: the process always exits by `t0 + total + safety_margin / 2`.
+//!
+//! # Invariants
+//!
+//! - The supervisor holds a [`Weak`] reference to the state and an [`Arc`] of [`Life`] only, so
+//!   a `Finale` dropped without running (a test that builds many) ends the watchdog.
+//! - Without signals the thread ends when the sequence finished or the state was dropped; with
+//!   signals it lives as long as the process, so that signals keep working after `run()`.
+//!
+//! [`Builder::build`]: crate::Builder::build
+//! [`Finale::run`]: crate::Finale::run
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::mpsc;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc as tokio_mpsc;
+
+use crate::config::{Budget, ConfigError};
+use crate::phase::Phase;
+use crate::report::{ExitCodes, Reason, ShutdownStatus};
+use crate::run::signals::Listener;
+use crate::signal::Signal;
+use crate::state::{EmergencyStage, Life, Shared};
+
+/// How late the sequence may be at a checkpoint before the supervisor takes over: 250 ms, or a
+/// quarter of the telemetry reserve if that is shorter. Long enough for a busy but healthy
+/// runtime, short next to any platform's grace period.
+pub(crate) const GRACE: Duration = Duration::from_millis(250);
+
+fn grace(budget: &Budget) -> Duration {
+    GRACE.min(budget.telemetry_reserve / 4)
+}
+
+/// Starts the supervisor thread and installs the signal handlers; returns once both are in place.
+pub(crate) fn start(shared: &Arc<Shared>, signals: &[Signal]) -> Result<(), ConfigError> {
+    let supervisor = Supervisor {
+        shared: Arc::downgrade(shared),
+        life: shared.life.clone(),
+        budget: shared.budget,
+        codes: shared.exit_codes,
+    };
+    let signals = signals.to_vec();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("finale-supervisor".to_owned())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(ConfigError::SupervisorThread { kind: e.kind() }));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let (tx, rx) = tokio_mpsc::unbounded_channel();
+                let mut listening = Vec::new();
+                for signal in signals {
+                    match Listener::new(signal) {
+                        Ok(Some(mut listener)) => {
+                            let tx = tx.clone();
+                            tokio::spawn(async move {
+                                while let Some(signal) = listener.recv().await {
+                                    if tx.send(signal).is_err() {
+                                        break;
+                                    }
+                                }
+                            });
+                            listening.push(signal.as_str());
+                        }
+                        Ok(None) => tracing::debug!(
+                            target: "finale",
+                            %signal,
+                            "signal not supported on this platform"
+                        ),
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(ConfigError::SignalHandler {
+                                signal,
+                                kind: e.kind(),
+                            }));
+                            return;
+                        }
+                    }
+                }
+                drop(tx);
+                if !listening.is_empty() {
+                    tracing::info!(target: "finale", signals = %listening.join(", "), "listening for signals");
+                }
+                let _ = ready_tx.send(Ok(()));
+                supervisor.run(rx, !listening.is_empty()).await;
+            });
+        })
+        .map_err(|e| ConfigError::SupervisorThread { kind: e.kind() })?;
+    ready_rx
+        .recv()
+        .unwrap_or(Err(ConfigError::SupervisorThread {
+            kind: std::io::ErrorKind::Other,
+        }))
+}
+
+#[derive(Clone)]
+struct Supervisor {
+    shared: Weak<Shared>,
+    life: Arc<Life>,
+    budget: Budget,
+    codes: ExitCodes,
+}
+
+/// Where the sequence was stuck when the supervisor took over.
+#[derive(Clone, Copy)]
+enum Stuck {
+    BeforeTelemetry,
+    InTelemetry,
+}
+
+impl fmt::Display for Stuck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stuck::BeforeTelemetry => "the Telemetry phase did not start in time",
+            Stuck::InTelemetry => "the sequence did not end by its deadline",
+        })
+    }
+}
+
+impl Supervisor {
+    async fn run(self, mut signals: tokio_mpsc::UnboundedReceiver<Signal>, listening: bool) {
+        let watchdog = tokio::spawn(self.clone().watchdog());
+        if !listening {
+            let _ = watchdog.await;
+            return;
+        }
+        while let Some(signal) = signals.recv().await {
+            self.on_signal(signal);
+        }
+    }
+
+    /// First signal: shutdown. A signal while shutting down: escalate. Another: exit at once.
+    fn on_signal(&self, signal: Signal) {
+        if self.life.finished.is_cancelled() {
+            let code = self.life.exit_code();
+            tracing::warn!(
+                target: "finale",
+                %signal,
+                code,
+                "signal after the shutdown finished: exiting with the report's code"
+            );
+            std::process::exit(code);
+        }
+        let immediate = self.codes.code(ShutdownStatus::Immediate);
+        let Some(shared) = self.shared.upgrade() else {
+            // The `Finale` is gone without having run: the signal ends the process, as it would
+            // have without finale's handler.
+            tracing::warn!(target: "finale", %signal, code = immediate, "signal, and no finale to run: exiting");
+            std::process::exit(immediate);
+        };
+        if shared.request(Reason::Signal(signal)) {
+            return;
+        }
+        if shared.escalate() {
+            tracing::warn!(
+                target: "finale",
+                %signal,
+                "second signal: abandoning the drain, flushing telemetry; send another to exit at once"
+            );
+            return;
+        }
+        tracing::error!(target: "finale", %signal, code = immediate, "third signal: exiting at once");
+        std::process::exit(immediate);
+    }
+
+    /// Watches the budget of a requested shutdown; takes over if the sequence misses a
+    /// checkpoint.
+    async fn watchdog(self) {
+        tokio::select! {
+            () = self.life.requested.cancelled() => {}
+            () = self.life.finished.cancelled() => return,
+            () = self.life.dropped.cancelled() => return,
+        }
+        let Some(t0) = self.life.trigger() else {
+            return;
+        };
+        let b = self.budget;
+        let hard_end = t0 + b.total;
+        let grace = grace(&b);
+        let telemetry = self.life.phase_started[Phase::Telemetry.index()].clone();
+        loop {
+            let escalated_at = self.life.escalated_at();
+            let (telemetry_by, end_by) = match escalated_at {
+                Some(te) => (te, (te + b.escalation_budget).min(hard_end)),
+                None => (hard_end - b.telemetry_reserve, hard_end),
+            };
+            tokio::select! {
+                biased;
+                () = self.life.finished.cancelled() => return,
+                () = self.life.dropped.cancelled() => return,
+                () = self.life.escalated.cancelled(), if escalated_at.is_none() => continue,
+                () = sleep_until(telemetry_by + grace), if !telemetry.is_cancelled() => {
+                    if telemetry.is_cancelled() || self.life.finished.is_cancelled() {
+                        continue;
+                    }
+                    self.take_over(Stuck::BeforeTelemetry, t0, end_by).await;
+                }
+                () = sleep_until(end_by + grace) => {
+                    if self.life.finished.is_cancelled() {
+                        return;
+                    }
+                    let deadline = (hard_end + b.safety_margin / 2).max(Instant::now());
+                    self.take_over(Stuck::InTelemetry, t0, deadline).await;
+                }
+            }
+        }
+    }
+
+    /// Delivers what the telemetry stages can deliver by `deadline`, then ends the process.
+    async fn take_over(&self, stuck: Stuck, t0: Instant, deadline: Instant) -> ! {
+        let status = if self.life.escalated.is_cancelled() {
+            ShutdownStatus::Forced
+        } else {
+            ShutdownStatus::DeadlineOverrun
+        };
+        let code = self.codes.code(status);
+        let (state, stages) = match self.shared.upgrade() {
+            Some(shared) => (Some(shared.state()), shared.take_emergency()),
+            None => (None, Vec::new()),
+        };
+        tracing::error!(
+            target: "finale",
+            ?state,
+            elapsed = ?t0.elapsed(),
+            budget = ?self.budget.total,
+            code,
+            stages = stages.len(),
+            "{stuck}: the shutdown overran its budget (a thread of the runtime is blocked?); \
+             the supervisor delivers the telemetry it can reach, then exits"
+        );
+        metrics::counter!(crate::report::names::SUPERVISOR_TAKEOVERS).increment(1);
+        if let Ok(results) = tokio::task::spawn_blocking(move || deliver(stages, deadline)).await {
+            for (name, result) in results {
+                match result {
+                    Ok(()) => {
+                        tracing::info!(target: "finale", stage = %name, "delivered by the supervisor")
+                    }
+                    Err(error) => {
+                        tracing::error!(target: "finale", stage = %name, %error, "not delivered")
+                    }
+                }
+            }
+        }
+        std::process::exit(code)
+    }
+}
+
+async fn sleep_until(at: Instant) {
+    // The supervisor's runtime is never paused: its clock is the std clock.
+    tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await
+}
+
+/// Runs the stages on threads of their own, lower orders first, each group within its share of
+/// what is left before `deadline`; blocks until all are done or the deadline passed.
+pub(crate) fn deliver(
+    mut stages: Vec<EmergencyStage>,
+    deadline: Instant,
+) -> Vec<(Cow<'static, str>, Result<(), String>)> {
+    stages.sort_by_key(|s| s.order);
+    let mut results = Vec::with_capacity(stages.len());
+    let mut stages = stages.into_iter().peekable();
+    while let Some(first) = stages.next() {
+        let order = first.order;
+        let mut group = vec![first];
+        while let Some(next) = stages.next_if(|s| s.order == order) {
+            group.push(next);
+        }
+        let now = Instant::now();
+        // Stages of one order share one share (each integration registers its order's).
+        let share = group[0].share;
+        let group_deadline = now + share.usable(deadline.saturating_duration_since(now));
+        let (tx, rx) = mpsc::channel();
+        let mut pending = Vec::new();
+        for stage in group {
+            let tx = tx.clone();
+            let EmergencyStage { name, run, .. } = stage;
+            let sent = name.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("finale-{name}"))
+                .spawn(move || {
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run(group_deadline)
+                    }))
+                    .unwrap_or_else(|p| Err(crate::hook::panic_message(&*p)));
+                    let _ = tx.send((sent, result));
+                });
+            match spawned {
+                Ok(_) => pending.push(name),
+                Err(e) => results.push((name, Err(format!("no thread: {e}")))),
+            }
+        }
+        drop(tx);
+        while !pending.is_empty() {
+            match rx.recv_timeout(group_deadline.saturating_duration_since(Instant::now())) {
+                Ok((name, result)) => {
+                    pending.retain(|n| *n != name);
+                    results.push((name, result));
+                }
+                Err(_) => break,
+            }
+        }
+        for name in pending {
+            results.push((name, Err("not done by the deadline".to_owned())));
+        }
+    }
+    results
+}

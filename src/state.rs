@@ -1,0 +1,362 @@
+//! The running service's state: the one home that the phase loop, the supervisor, tasks,
+//! servers and telemetry stages depend on, and that depends on none of them.
+//!
+//! # Invariants
+//!
+//! - The shutdown is requested once: the first [`Reason`] wins, and the trigger instant is set
+//!   before the `requested` token is cancelled, so whoever wakes on the token sees both.
+//! - The escalation instant is set before the `escalated` token is cancelled, for the same reason.
+//! - A phase's deadline is set before its token is cancelled.
+//! - The registry is `Some` until the sequence starts; after that every registration is refused.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use crate::config::{Budget, ConfigError};
+use crate::hook::{Hook, HookError};
+use crate::phase::Phase;
+use crate::report::{ExitCodes, Reason};
+use crate::slot::Share;
+use crate::track::{Health, InFlight, StopToken};
+
+/// Where the service is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum State {
+    /// Graceful start: waiting for every service to report ready.
+    Starting,
+    /// Serving; no shutdown requested.
+    Running,
+    /// The shutdown sequence is in this phase.
+    ShuttingDown(Phase),
+    /// The sequence has ended; the report is ready.
+    Finished,
+}
+
+impl State {
+    fn to_u8(self) -> u8 {
+        match self {
+            State::Starting => 0,
+            State::Running => 1,
+            State::ShuttingDown(p) => 2 + p.index() as u8,
+            State::Finished => 6,
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => State::Starting,
+            1 => State::Running,
+            2..=5 => State::ShuttingDown(Phase::ALL[(v - 2) as usize]),
+            _ => State::Finished,
+        }
+    }
+}
+
+/// The moments of the service's life, shared with the supervisor thread.
+///
+/// The supervisor holds this (not [`Shared`]), so that a `Finale` dropped without running lets
+/// the supervisor end: `dropped` fires when the last [`Shared`] goes.
+pub(crate) struct Life {
+    pub(crate) requested: StopToken,
+    pub(crate) escalated: StopToken,
+    /// Cancelled when the phase of the same index starts (or is skipped).
+    pub(crate) phase_started: [StopToken; 4],
+    /// The sequence has ended and its report exists.
+    pub(crate) finished: StopToken,
+    /// The last [`Shared`] was dropped.
+    pub(crate) dropped: StopToken,
+    /// The trigger on both clocks: the std one for the supervisor, tokio's for the sequence
+    /// (the same instant unless a test paused tokio's clock).
+    trigger: OnceLock<(std::time::Instant, tokio::time::Instant)>,
+    escalated_at: OnceLock<(std::time::Instant, tokio::time::Instant)>,
+    exit_code: AtomicI32,
+}
+
+impl Life {
+    fn new() -> Self {
+        Self {
+            requested: StopToken::new(),
+            escalated: StopToken::new(),
+            phase_started: std::array::from_fn(|_| StopToken::new()),
+            finished: StopToken::new(),
+            dropped: StopToken::new(),
+            trigger: OnceLock::new(),
+            escalated_at: OnceLock::new(),
+            exit_code: AtomicI32::new(0),
+        }
+    }
+
+    /// When the shutdown was requested, on the std clock. `None` before.
+    pub(crate) fn trigger(&self) -> Option<std::time::Instant> {
+        self.trigger.get().map(|t| t.0)
+    }
+
+    /// When the shutdown was requested, on the tokio clock of the thread that requested it.
+    pub(crate) fn trigger_tokio(&self) -> Option<tokio::time::Instant> {
+        self.trigger.get().map(|t| t.1)
+    }
+
+    /// When the shutdown was escalated, on the std clock. `None` before.
+    pub(crate) fn escalated_at(&self) -> Option<std::time::Instant> {
+        self.escalated_at.get().map(|t| t.0)
+    }
+
+    /// When the shutdown was escalated, on the tokio clock. `None` before.
+    pub(crate) fn escalated_at_tokio(&self) -> Option<tokio::time::Instant> {
+        self.escalated_at.get().map(|t| t.1)
+    }
+
+    /// Records the report's exit code, then marks the sequence finished.
+    pub(crate) fn finish(&self, exit_code: i32) {
+        self.exit_code.store(exit_code, Ordering::Release);
+        self.finished.cancel();
+    }
+
+    /// The report's exit code, once [`finished`](Life::finished).
+    pub(crate) fn exit_code(&self) -> i32 {
+        self.exit_code.load(Ordering::Acquire)
+    }
+}
+
+/// What a task's future ended with: its own result, or the panic message.
+pub(crate) type TaskResult = Result<Result<(), HookError>, String>;
+
+/// A spawned task, as the sequence sees it.
+pub(crate) struct RunningTask {
+    pub(crate) name: Cow<'static, str>,
+    pub(crate) stop_in: Phase,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) needs_ready: bool,
+    pub(crate) ready: StopToken,
+    pub(crate) join: JoinHandle<TaskResult>,
+}
+
+/// Hooks and tasks registered so far. Taken by the sequence when it starts.
+#[derive(Default)]
+pub(crate) struct Registry {
+    names: HashSet<String>,
+    pub(crate) hooks: Vec<Hook>,
+    pub(crate) tasks: Vec<RunningTask>,
+}
+
+/// A Telemetry stage's work, runnable on a plain thread with a std deadline: what the
+/// supervisor runs itself when the user's runtime is wedged and the Telemetry phase cannot.
+pub(crate) struct EmergencyStage {
+    /// The name of the Telemetry hook it stands in for.
+    pub(crate) name: Cow<'static, str>,
+    pub(crate) order: i32,
+    pub(crate) share: Share,
+    /// Delivers what it can by the deadline; blocks its thread.
+    pub(crate) run: Box<dyn FnOnce(std::time::Instant) -> Result<(), String> + Send>,
+}
+
+/// Why a registration was refused.
+pub(crate) enum Refused {
+    Config(ConfigError),
+    /// The sequence has started: the registry is gone.
+    Started,
+}
+
+impl From<ConfigError> for Refused {
+    fn from(e: ConfigError) -> Self {
+        Refused::Config(e)
+    }
+}
+
+/// State shared by the orchestrator, every [`Handle`](crate::Handle), the supervisor and the
+/// integrations.
+pub(crate) struct Shared {
+    pub(crate) budget: Budget,
+    pub(crate) exit_codes: ExitCodes,
+    pub(crate) health: Health,
+    pub(crate) in_flight: InFlight,
+    pub(crate) life: Arc<Life>,
+    /// Each phase's deadline, set just before its token is cancelled.
+    phase_deadlines: Mutex<[Option<tokio::time::Instant>; 4]>,
+    /// What was cut short at a deadline, for the report.
+    cut: Mutex<Vec<String>>,
+    reason: Mutex<Option<Reason>>,
+    state: AtomicU8,
+    rejected: AtomicU64,
+    registry: Mutex<Option<Registry>>,
+    emergency: Mutex<Vec<EmergencyStage>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.life.dropped.cancel();
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(budget: Budget, exit_codes: ExitCodes) -> Self {
+        Self {
+            budget,
+            exit_codes,
+            health: Health::new(),
+            in_flight: InFlight::new(),
+            life: Arc::new(Life::new()),
+            phase_deadlines: Mutex::new([None; 4]),
+            cut: Mutex::new(Vec::new()),
+            reason: Mutex::new(None),
+            state: AtomicU8::new(State::Starting.to_u8()),
+            rejected: AtomicU64::new(0),
+            registry: Mutex::new(Some(Registry::default())),
+            emergency: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Requests the shutdown; the first reason wins. Returns whether this call requested it.
+    pub(crate) fn request(&self, reason: Reason) -> bool {
+        {
+            let mut slot = lock(&self.reason);
+            if slot.is_some() {
+                return false;
+            }
+            tracing::info!(target: "finale", %reason, "shutdown requested");
+            *slot = Some(reason);
+            // The budget starts here, wherever the program is.
+            let _ = self.life.trigger.set(now());
+        }
+        self.life.requested.cancel()
+    }
+
+    /// Escalates a requested shutdown, as a second signal does. Returns whether this call did.
+    pub(crate) fn escalate(&self) -> bool {
+        if !self.life.requested.is_cancelled() {
+            return false;
+        }
+        let _ = self.life.escalated_at.set(now());
+        self.life.escalated.cancel()
+    }
+
+    pub(crate) fn is_requested(&self) -> bool {
+        self.life.requested.is_cancelled()
+    }
+
+    pub(crate) fn is_escalated(&self) -> bool {
+        self.life.escalated.is_cancelled()
+    }
+
+    pub(crate) fn reason(&self) -> Option<Reason> {
+        lock(&self.reason).clone()
+    }
+
+    pub(crate) fn state(&self) -> State {
+        State::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn set_state(&self, state: State) {
+        self.state.store(state.to_u8(), Ordering::Release);
+    }
+
+    /// Sets the phase's deadline, then cancels its token, so anything woken by the token sees it.
+    pub(crate) fn start_phase(&self, phase: Phase, deadline: tokio::time::Instant) {
+        lock(&self.phase_deadlines)[phase.index()].get_or_insert(deadline);
+        self.life.phase_started[phase.index()].cancel();
+    }
+
+    pub(crate) fn phase_deadline(&self, phase: Phase) -> Option<tokio::time::Instant> {
+        lock(&self.phase_deadlines)[phase.index()]
+    }
+
+    pub(crate) fn phase_token(&self, phase: Phase) -> StopToken {
+        self.life.phase_started[phase.index()].clone()
+    }
+
+    /// Records something that was cut short at a deadline, so the report names it.
+    #[cfg_attr(not(feature = "tower"), allow(dead_code))]
+    pub(crate) fn record_cut(&self, what: impl Into<String>) {
+        let what = what.into();
+        tracing::warn!(target: "finale", cut = %what, "cut at the deadline");
+        lock(&self.cut).push(what);
+    }
+
+    pub(crate) fn take_cut(&self) -> Vec<String> {
+        std::mem::take(&mut *lock(&self.cut))
+    }
+
+    /// Records one request answered `503` because it arrived while draining.
+    #[cfg_attr(not(feature = "tower"), allow(dead_code))]
+    pub(crate) fn record_rejected_request(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::report::names::REQUESTS_REJECTED).increment(1);
+    }
+
+    pub(crate) fn requests_rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on the registry after checking `name`, unless the sequence has started.
+    pub(crate) fn register<T>(
+        &self,
+        name: &str,
+        phase: Phase,
+        timeout: Option<Duration>,
+        f: impl FnOnce(&mut Registry) -> T,
+    ) -> Result<T, Refused> {
+        if name.trim().is_empty() {
+            return Err(ConfigError::EmptyName.into());
+        }
+        if let Some(timeout) = timeout {
+            let limit = self.budget.phase_limit(phase);
+            if timeout.is_zero() || timeout > limit {
+                return Err(ConfigError::TimeoutBeyondPhase {
+                    name: name.to_string(),
+                    phase,
+                    timeout,
+                    limit,
+                }
+                .into());
+            }
+        }
+        let mut registry = lock(&self.registry);
+        let registry = registry.as_mut().ok_or(Refused::Started)?;
+        if !registry.names.insert(name.to_owned()) {
+            return Err(ConfigError::DuplicateName {
+                name: name.to_string(),
+            }
+            .into());
+        }
+        Ok(f(registry))
+    }
+
+    /// Takes the registry: from now on every registration is refused.
+    pub(crate) fn take_registry(&self) -> Registry {
+        lock(&self.registry).take().unwrap_or_default()
+    }
+
+    /// Adds work the supervisor runs itself if the Telemetry phase cannot.
+    #[cfg_attr(
+        not(any(
+            feature = "pushgateway",
+            feature = "otlp",
+            feature = "tracing-appender"
+        )),
+        allow(dead_code)
+    )]
+    pub(crate) fn add_emergency(&self, stage: EmergencyStage) {
+        lock(&self.emergency).push(stage);
+    }
+
+    pub(crate) fn take_emergency(&self) -> Vec<EmergencyStage> {
+        std::mem::take(&mut *lock(&self.emergency))
+    }
+}
+
+/// Now, on both clocks.
+fn now() -> (std::time::Instant, tokio::time::Instant) {
+    (std::time::Instant::now(), tokio::time::Instant::now())
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Poisoning only means another thread panicked while holding the lock; the data (a reason,
+    // a list of registrations) is still consistent, and shutdown must go on.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,19 @@
+//! The Telemetry phase's built-in stages: the Pushgateway push, the OTLP flushes and the log
+//! writer, each a Telemetry hook of its stage's order (see [`ORDER_METRICS`](crate::ORDER_METRICS))
+//! plus an emergency stage the supervisor runs itself if the user's runtime is wedged.
+//!
+//! | file | what |
+//! |---|---|
+//! | `stages.rs` | blocking work on plain threads; work that runs once, in the hook or the emergency |
+//! | `pushgateway.rs` | the final push to a Prometheus Pushgateway |
+//! | `otlp.rs` | the OpenTelemetry providers' flush and shutdown |
+//! | `appender.rs` | the tracing-appender writer, released last |
+
+mod stages;
+
+#[cfg(feature = "tracing-appender")]
+pub mod appender;
+#[cfg(feature = "otlp")]
+pub mod otlp;
+#[cfg(feature = "pushgateway")]
+pub mod pushgateway;
