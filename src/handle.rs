@@ -31,6 +31,7 @@ use crate::track::{Cancelled, Health, InFlight, StopToken};
 /// Hand a phase to a server you run yourself: the future is `Send + 'static`.
 ///
 /// ```no_run
+/// # #[allow(dead_code)]
 /// # async fn f(finale: finale::Finale, listener: tokio::net::TcpListener, app: axum::Router) {
 /// use finale::Phase;
 /// let stop = finale.handle().phase_started(Phase::Drain);

@@ -49,19 +49,74 @@
 //!
 //! ## Guarantees
 //!
-//! - **One budget.** [`Builder::total_budget`] bounds the whole sequence, whatever hangs.
-//! - **A reserved telemetry slot.** Announce, Drain and Workers end by `total - reserve`; what
-//!   they leave unfinished is aborted and reported.
-//! - **Isolation.** A hook or task that errors, panics or overruns is recorded and abandoned; the
-//!   others and later phases still run.
-//! - **Escalation.** A signal during the shutdown abandons the current phase and runs the
-//!   Telemetry phase with the short [escalation budget](Builder::escalation_budget); another
-//!   exits at once.
-//! - **A report and an exit code** for every run; see [`ExitCodes`] for the table.
-//! - **No surprises.** Nothing global is installed unless asked: signal handlers only by
-//!   [`Finale::run`] (for the [configured signals](Builder::signals)), the panic hook only with
-//!   [`Builder::panic_hook`]. finale never prints; it reports through `tracing` (target
-//!   `finale`) and the [`metrics`] facade (see [`names`]).
+//! Each is proved by a test named in `ARCHITECTURE.md`; the fault-injection suite
+//! (`tests/faults_process.rs`) sends real signals to real child processes on both runtime
+//! flavours.
+//!
+//! - **One budget, whatever hangs.** [`Builder::total_budget`] counts from the trigger (the
+//!   first signal, wherever the program is, also before [`Finale::run`]). Announce, Drain and
+//!   Workers end by `total - reserve`, Telemetry by `total`; a second signal never extends past
+//!   it. If a thread of the runtime is blocked so that the sequence cannot keep its deadlines,
+//!   the supervisor thread takes over (see below) and the process exits by
+//!   `total + safety_margin / 2` with the deadline-overrun code. A run that ended after its
+//!   total is never reported clean.
+//! - **A reserved telemetry slot.** What Announce, Drain and Workers leave unfinished is
+//!   aborted and reported; a hook that blocks its thread past its deadline cannot be aborted,
+//!   but is reported [`Overran`](Outcome::Overran), and the built-in telemetry stages (OTLP,
+//!   the Pushgateway push, the log writer) still deliver from threads finale owns.
+//! - **Isolation.** A hook or task that errors, panics (before or after returning its future)
+//!   or overruns is recorded and abandoned; the others and later phases still run.
+//! - **Signals at every moment.** Received on the supervisor thread from [`Builder::build`] on:
+//!   held before `run()`, honoured during the sequence, and a signal after `run()` returned ends
+//!   the process with the report's code. A second signal abandons the current phase and runs
+//!   the Telemetry phase with the [escalation budget](Builder::escalation_budget); a third
+//!   exits at once, also when every worker thread is blocked.
+//! - **Every path keeps the rules.** Readiness turns off and the drain flag is set on every path,
+//!   and every phase's token fires even when a second signal skips the phase; a start that never
+//!   became ready skips the drain delay; work acquired on the [`InFlight`] tracker during the
+//!   drain is waited for ([`InFlight::try_acquire`] refuses it instead).
+//! - **A report and an exit code** for every run that reaches its end; see [`ExitCodes`] for the
+//!   table. (When the supervisor takes over, the process exits with the code and a log line
+//!   saying where it was stuck, without a report.)
+//! - **No surprises.** Nothing global is installed unless asked; see below. finale never prints;
+//!   it reports through `tracing` (target `finale`) and the [`metrics`] facade (see [`names`]).
+//!
+//! ## Threading and process-wide effects
+//!
+//! Everything finale does to the process, in one place:
+//!
+//! - **The supervisor thread.** [`Builder::build`] starts one plain OS thread per `Finale`,
+//!   `finale-supervisor`, with a small current-thread tokio runtime of its own (IO and time
+//!   drivers). It receives the signals, watches the budget once the shutdown is requested, and,
+//!   if the sequence misses the start of its Telemetry slot or its end by 250 ms (or a quarter
+//!   of the reserve, if shorter), logs where it was stuck, runs the telemetry stages that need
+//!   no user runtime on threads of its own (each within its share of what is left, at most half
+//!   the safety margin past the total) and calls `std::process::exit` with the deadline-overrun
+//!   code (forced, after a second signal). Without signals, the thread ends when the sequence
+//!   finishes or the `Finale` is dropped; with signals it lives as long as the process, so that
+//!   a signal after `run()` still ends it. It costs nothing on the request path.
+//! - **Signal handlers.** For the [configured signals](Builder::signals) (SIGTERM and SIGINT by
+//!   default), installed by [`Builder::build`] through tokio. tokio never uninstalls a handler:
+//!   once installed, the signal no longer kills the process by default; finale's supervisor
+//!   handles it for the life of the process. [`Builder::no_signals`] installs none.
+//! - **The panic hook**, only with [`Builder::panic_hook`]: process-wide, chained after the
+//!   previous one, for the life of the process.
+//! - **The process-wide instance**, only with [`Builder::install`]: at most one per process,
+//!   reachable through [`global`].
+//! - **Threads of the telemetry stages.** The OTLP flushes and the log writer's release run on
+//!   short-lived plain threads (`finale-otlp-*`, `finale-log-writer`), so that a blocking
+//!   exporter never stalls the runtime; one that overruns is left behind and dies with the
+//!   process.
+//! - **`std::process::exit`** is called by [`ShutdownReport::exit`] and
+//!   [`Finale::run_and_exit`] (by you), by the supervisor on a takeover, on a third signal and on
+//!   a signal after `run()` returned.
+//!
+//! **What the user's runtime needs:** the time driver (`enable_time`, or `enable_all`;
+//! `#[tokio::main]` has it), since every phase is bounded by tokio timers. Without it `run()`
+//! returns a startup failure that says so instead of panicking (tokio offers no way to ask, so
+//! finale probes once: the process's panic hook sees that one caught panic). The IO driver is
+//! not needed by the core; the servers need it, as any tokio socket does. Both `current_thread`
+//! and `multi_thread` runtimes work.
 //!
 //! ## Feature flags
 //!

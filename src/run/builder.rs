@@ -63,6 +63,13 @@ impl Default for Builder {
     }
 }
 
+impl Finale {
+    /// Starts configuring a `Finale`.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+}
+
 impl Builder {
     /// The total budget of the whole sequence, from the trigger to the end of the Telemetry
     /// phase. Set it to the platform's grace period minus a margin.

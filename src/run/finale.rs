@@ -8,7 +8,6 @@ use crate::config::ConfigError;
 use crate::handle::Handle;
 use crate::hook::{CatchUnwind, Hook, HookError};
 use crate::report::{Reason, ShutdownReport};
-use crate::run::builder::Builder;
 use crate::run::{runtime, sequence, start};
 use crate::signal::Signal;
 use crate::state::{Refused, RunningTask, Shared, TaskResult};
@@ -38,11 +37,6 @@ pub struct Finale {
 }
 
 impl Finale {
-    /// Starts configuring a `Finale`.
-    pub fn builder() -> Builder {
-        Builder::default()
-    }
-
     /// A cloneable handle to trigger and observe the shutdown.
     pub fn handle(&self) -> Handle {
         Handle {
@@ -85,7 +79,7 @@ impl Finale {
     ///
     /// # Caveats
     ///
-    /// The supervisor thread started by [`build`](Builder::build) bounds this call: if the
+    /// The supervisor thread started by [`build`](crate::Builder::build) bounds this call: if the
     /// sequence has not ended by the end of the total budget (a hook that blocks its thread,
     /// a wedged runtime), the supervisor flushes the telemetry it can reach from its own threads
     /// and ends the process with the deadline-overrun code. See the crate docs, "Threading and

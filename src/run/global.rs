@@ -24,7 +24,8 @@
 //! let guard = global::acquire()?; // in flight until dropped; the drain waits for it
 //! drop(guard);
 //!
-//! global::handle()?.trigger("done");
+//! let handle = global::handle()?;
+//! handle.trigger("done");
 //! let report = finale.run().await;
 //! assert!(report.entry("close-pool").is_some());
 //! assert!(matches!(
