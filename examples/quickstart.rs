@@ -27,7 +27,11 @@ use tracing_subscriber::EnvFilter;
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            // finale's own log (target `finale`) is quiet by default: the report is printed once,
+            // below. `RUST_LOG=info` shows finale's lines too, among them the report it records
+            // before the Telemetry phase so that the final flush carries it.
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,finale=warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -121,8 +125,8 @@ async fn run() -> ! {
             .expect("unique name");
     }
 
-    // finale logs "started: ready" once the signal handlers are installed and every service is
-    // ready.
+    // finale logs "started: ready" (at info) once every service is ready; the signal handlers
+    // were installed by `build()`.
     let report = finale.run().await;
     eprintln!("{report}");
     report.exit()

@@ -121,8 +121,10 @@ def main() -> int:
     ap.add_argument("--total", default="6s", help="FINALE_TOTAL_BUDGET for --hung")
     args = ap.parse_args()
 
-    cmd = ["cargo", "build", "--release", "--quiet", "--example", args.example]
-    if args.features:
+    # full_service lives in the integration package (it needs the OTLP exporter crates).
+    package = "finale-integration" if args.example == "full_service" else "finale"
+    cmd = ["cargo", "build", "--release", "--quiet", "-p", package, "--example", args.example]
+    if args.features and package == "finale":
         cmd += ["--features", args.features]
     subprocess.run(cmd, check=True)
     binary = os.path.join("target", "release", "examples", args.example)

@@ -40,7 +40,7 @@ def free_port() -> int:
 
 def build() -> str:
     """Builds the bench binary in release mode and returns its path (from cargo's JSON output)."""
-    cmd = ["cargo", "build", "--release", "--features", "axum", "--bench", "http_server",
+    cmd = ["cargo", "build", "--release", "-p", "finale-integration", "--bench", "http_server",
            "--message-format=json-render-diagnostics"]
     out = subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
     binary = None

@@ -19,7 +19,7 @@ def main() -> int:
     group = sys.argv[1]
     root = pathlib.Path("target/criterion") / group
     if not root.is_dir():
-        print(f"no results under {root}: run `cargo bench --bench {group}` first")
+        print(f"no results under {root}: run `cargo bench -p finale-integration --bench {group}` first")
         return 1
     rows = {}
     for est in sorted(root.glob("*/*/new/estimates.json")):

@@ -27,8 +27,8 @@ if ((${#missing[@]})); then
 fi
 
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --all-features --no-fail-fast
+  cargo nextest run --workspace --all-features --no-fail-fast
   cargo test --doc --all-features
 else
-  cargo test --all-features --no-fail-fast
+  cargo test --workspace --all-features --no-fail-fast
 fi

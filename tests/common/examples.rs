@@ -1,9 +1,18 @@
-//! The crate's examples as child processes for the integration tests.
+//! The workspace's examples as child processes for the integration tests.
 
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::Command;
+
+/// The package whose `examples/` holds `name`: the crate's own examples, or the integration
+/// package's (those that need its heavier dependencies).
+fn package_of(name: &str) -> &'static str {
+    match name {
+        "full_service" => "finale-integration",
+        _ => "finale",
+    }
+}
 
 /// Builds the example `name` (all features, the test's own profile) and returns its path.
 ///
@@ -14,7 +23,14 @@ pub(crate) fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap();
     let mut cargo = Command::new(env!("CARGO"));
-    cargo.args(["build", "--all-features", "--example", name]);
+    cargo.args([
+        "build",
+        "--all-features",
+        "-p",
+        package_of(name),
+        "--example",
+        name,
+    ]);
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cargo.arg("--release");
     }

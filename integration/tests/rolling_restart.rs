@@ -9,7 +9,7 @@
 //! The instances are the `axum_service` example (finale + axum, `/readyz` from
 //! `finale::axum::health_router`), run as child processes.
 
-#![cfg(all(unix, feature = "axum"))]
+#![cfg(unix)]
 // The tests report what they measured (run with `--nocapture` to see it).
 #![allow(clippy::print_stderr)]
 

@@ -1,8 +1,6 @@
 //! The tracing-appender integration: the writer is released last, gets what is left of the slot
 //! (not tracing-appender's fixed 1 s), and the report says whether it drained.
 
-#![cfg(feature = "tracing-appender")]
-
 use std::error::Error as _;
 use std::io::Write;
 use std::sync::Arc;

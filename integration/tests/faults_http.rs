@@ -2,7 +2,6 @@
 //! at the moment of the shutdown gets full responses or 503s — none reset, none lost from the
 //! counters.
 
-#![cfg(feature = "axum")]
 // The tests report what they measured (run with `--nocapture` to see it).
 #![allow(clippy::print_stderr)]
 

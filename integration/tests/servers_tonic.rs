@@ -6,8 +6,6 @@
 //! tonic-health's own service is the service under test: `Check` is unary and `Watch` is
 //! server-streaming (it never ends by itself), so no protoc is needed.
 
-#![cfg(feature = "tonic")]
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 

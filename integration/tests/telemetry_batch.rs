@@ -1,7 +1,7 @@
 //! The `batch_job` example against a real Pushgateway: its final metrics are pushed when it
 //! succeeds and when it fails; without a Pushgateway it still runs and exits.
 
-#![cfg(all(unix, feature = "pushgateway"))]
+#![cfg(unix)]
 
 mod common;
 

@@ -2,8 +2,6 @@
 //! servers: the grouping key, the methods, authentication, periodic pushes that stop before the
 //! final one, bounded retries, and typed errors that chain to the client's.
 
-#![cfg(feature = "pushgateway")]
-
 mod common;
 
 use std::error::Error as _;

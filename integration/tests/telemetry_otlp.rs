@@ -2,7 +2,6 @@
 //! against a collector that never answers, refused exports are reported with the SDK's error,
 //! and a second signal shortens the flush to the escalation budget.
 
-#![cfg(feature = "otlp")]
 // The tests report what they measured (run with `--nocapture` to see it).
 #![allow(clippy::print_stderr)]
 

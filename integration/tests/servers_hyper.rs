@@ -1,8 +1,6 @@
 //! A plain hyper service under finale (`finale::hyper::serve`): HTTP/1.1 and HTTP/2 on one port,
 //! a request in flight completes, a late request on a kept-alive connection gets the 503.
 
-#![cfg(feature = "hyper")]
-
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;

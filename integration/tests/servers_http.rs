@@ -7,8 +7,6 @@
 //! never ends is cut at the drain deadline and named in the report, (7) a port in use fails the
 //! start and the other server is shut down.
 
-#![cfg(feature = "axum")]
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;

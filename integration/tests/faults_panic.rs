@@ -2,13 +2,7 @@
 //! shutdown, the process exits with the component-failure code, and the telemetry is still
 //! delivered (the Pushgateway has the shutdown's metrics, the collector its span).
 
-#![cfg(all(
-    unix,
-    feature = "axum",
-    feature = "pushgateway",
-    feature = "otlp",
-    feature = "tracing-appender"
-))]
+#![cfg(unix)]
 
 mod common;
 

@@ -9,13 +9,7 @@
 //!   report names what failed.
 //! - A second SIGTERM cuts a hung flush short to the escalation budget.
 
-#![cfg(all(
-    unix,
-    feature = "axum",
-    feature = "pushgateway",
-    feature = "otlp",
-    feature = "tracing-appender"
-))]
+#![cfg(unix)]
 // The tests report what they measured (run with `--nocapture` to see it).
 #![allow(clippy::print_stderr)]
 
