@@ -55,11 +55,13 @@
 //!
 //! - **One budget, whatever hangs.** [`Builder::total_budget`] counts from the trigger (the
 //!   first signal, wherever the program is, also before [`Finale::run`]). Announce, Drain and
-//!   Workers end by `total - reserve`, Telemetry by `total`; a second signal never extends past
-//!   it. If a thread of the runtime is blocked so that the sequence cannot keep its deadlines,
-//!   the supervisor thread takes over (see below) and the process exits by
-//!   `total + safety_margin / 2` with the deadline-overrun code. A run that ended after its
-//!   total is never reported clean.
+//!   Workers end by `total - reserve`, Telemetry by `total`; after a second signal, by the
+//!   escalation plus the [escalation budget](Builder::escalation_budget), never past the total.
+//!   If a thread of the runtime is blocked so that the sequence cannot keep its deadlines, the
+//!   supervisor thread takes over (see below) and the process exits with the deadline-overrun
+//!   code by `total + safety_margin / 2` at the latest (after a second signal: at most 250 ms
+//!   past the escalation budget's end, with the forced code). A run that ended after its total
+//!   is never reported clean.
 //! - **A reserved telemetry slot.** What Announce, Drain and Workers leave unfinished is
 //!   aborted and reported; a hook that blocks its thread past its deadline cannot be aborted,
 //!   but is reported [`Overran`](Outcome::Overran), and the built-in telemetry stages (OTLP,
@@ -68,9 +70,12 @@
 //!   or overruns is recorded and abandoned; the others and later phases still run.
 //! - **Signals at every moment.** Received on the supervisor thread from [`Builder::build`] on:
 //!   held before `run()`, honoured during the sequence, and a signal after `run()` returned ends
-//!   the process with the report's code. A second signal abandons the current phase and runs
-//!   the Telemetry phase with the [escalation budget](Builder::escalation_budget); a third
-//!   exits at once, also when every worker thread is blocked.
+//!   the process with the report's code (unless another `Finale` of the process is still
+//!   running). A second signal abandons the current phase and runs the Telemetry phase with the
+//!   [escalation budget](Builder::escalation_budget); a third exits at once, also when every
+//!   worker thread is blocked. Signals sent so close together that the first was not yet
+//!   handled count as one: the kernel merges pending signals of one kind, and so does tokio.
+//!   A `Finale` dropped without running leaves the signals to the next one.
 //! - **Every path keeps the rules.** Readiness turns off and the drain flag is set on every path,
 //!   and every phase's token fires even when a second signal skips the phase; a start that never
 //!   became ready skips the drain delay; work acquired on the [`InFlight`] tracker during the

@@ -11,7 +11,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -69,17 +69,25 @@ pub(crate) struct Life {
     pub(crate) phase_started: [StopToken; 4],
     /// The sequence has ended and its report exists.
     pub(crate) finished: StopToken,
-    /// The last [`Shared`] was dropped.
+    /// The `Finale` was dropped without running (or the last [`Shared`] went): the
+    /// supervisor steps aside.
     pub(crate) dropped: StopToken,
     /// The trigger on both clocks: the std one for the supervisor, tokio's for the sequence
     /// (the same instant unless a test paused tokio's clock).
     trigger: OnceLock<(std::time::Instant, tokio::time::Instant)>,
     escalated_at: OnceLock<(std::time::Instant, tokio::time::Instant)>,
     exit_code: AtomicI32,
+    /// Counted out of [`UNFINISHED`] (finished, or dropped without running).
+    settled: AtomicBool,
 }
+
+/// `Finale`s of this process built and neither finished nor dropped without running. A
+/// supervisor whose own sequence finished leaves a later signal to them.
+static UNFINISHED: AtomicUsize = AtomicUsize::new(0);
 
 impl Life {
     fn new() -> Self {
+        UNFINISHED.fetch_add(1, Ordering::AcqRel);
         Self {
             requested: StopToken::new(),
             escalated: StopToken::new(),
@@ -89,7 +97,25 @@ impl Life {
             trigger: OnceLock::new(),
             escalated_at: OnceLock::new(),
             exit_code: AtomicI32::new(0),
+            settled: AtomicBool::new(false),
         }
+    }
+
+    fn settle(&self) {
+        if !self.settled.swap(true, Ordering::AcqRel) {
+            UNFINISHED.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether another `Finale` of this process is alive and has not finished.
+    pub(crate) fn others_unfinished() -> bool {
+        UNFINISHED.load(Ordering::Acquire) > 0
+    }
+
+    /// The `Finale` is gone without having run its sequence (or its state is gone).
+    pub(crate) fn abandon(&self) {
+        self.settle();
+        self.dropped.cancel();
     }
 
     /// When the shutdown was requested, on the std clock. `None` before.
@@ -115,6 +141,7 @@ impl Life {
     /// Records the report's exit code, then marks the sequence finished.
     pub(crate) fn finish(&self, exit_code: i32) {
         self.exit_code.store(exit_code, Ordering::Release);
+        self.settle();
         self.finished.cancel();
     }
 
@@ -190,7 +217,7 @@ pub(crate) struct Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        self.life.dropped.cancel();
+        self.life.abandon();
     }
 }
 
@@ -229,7 +256,10 @@ impl Shared {
 
     /// Escalates a requested shutdown, as a second signal does. Returns whether this call did.
     pub(crate) fn escalate(&self) -> bool {
-        if !self.life.requested.is_cancelled() {
+        // The trigger instant, not the token: `request` sets it under the reason's lock before
+        // it cancels the token, so a second signal racing the first request's last step still
+        // counts as the second, not the third.
+        if self.life.trigger.get().is_none() {
             return false;
         }
         let _ = self.life.escalated_at.set(now());

@@ -607,3 +607,31 @@ fn block_drain_second_signal(runtime: &str) {
     );
 }
 on_both_runtimes!(block_drain_second_signal);
+
+/// Telemetry hooks block every runtime thread and a second signal arrives while they do: the
+/// escalation budget (500 ms) bounds the end, not the total (10 s) nor half the safety margin
+/// past it (4 s more): exit code 7 within 1.5 s of the second signal.
+fn block_telemetry_second_signal(runtime: &str) {
+    let mut s = Service::start(
+        "block-telemetry",
+        runtime,
+        &[
+            ("FINALE_TOTAL_BUDGET", "10s"),
+            ("FINALE_TELEMETRY_RESERVE", "2s"),
+            ("FINALE_ESCALATION_BUDGET", "500ms"),
+            ("FINALE_SAFETY_MARGIN", "8s"),
+            ("FINALE_WORKERS_TIMEOUT", "1s"),
+        ],
+    );
+    s.wait_for("started: ready", MARKER);
+    s.signal("TERM");
+    s.wait_for_blockers("telemetry", runtime);
+    let second = s.signal("TERM");
+    let exit = s.wait_exit(second, Duration::from_secs(15));
+    exit.assert(
+        &format!("block-telemetry + second signal on {runtime}"),
+        EXIT_FORCED,
+        Duration::from_millis(1500),
+    );
+}
+on_both_runtimes!(block_telemetry_second_signal);

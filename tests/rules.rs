@@ -314,3 +314,55 @@ async fn a_run_that_ends_after_its_total_budget_is_never_clean() {
         "{report}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_telemetry_hook_that_hangs_to_the_deadline_is_not_delivered_not_overrun() {
+    // The Telemetry phase ends at exactly t0 + total: that is its deadline kept, not overrun.
+    let finale = builder().build().unwrap();
+    finale
+        .hook(Hook::new(Phase::Telemetry, "hung-flush", |_| {
+            std::future::pending::<()>()
+        }))
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert!(!report.over_budget, "{report}");
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escalation_as_a_phase_starts_abandons_it() {
+    // A task told by the Drain token escalates at once, on another worker: it may land between
+    // the sequence's check and the phase's first wait. The phase is abandoned either way, well
+    // before its own timeout (and before the supervisor would take over).
+    for _ in 0..50 {
+        let finale = builder()
+            .total_budget(Duration::from_secs(20))
+            .drain_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        finale
+            .hook(Hook::new(Phase::Drain, "endless", |_| {
+                std::future::pending::<()>()
+            }))
+            .unwrap();
+        let handle = finale.handle();
+        let escalator = {
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                handle.phase_started(Phase::Drain).await;
+                handle.escalate();
+            })
+        };
+        handle.trigger("test");
+        let started = std::time::Instant::now();
+        let report = finale.run().await;
+        escalator.await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2), "{report}");
+        assert_eq!(report.status, ShutdownStatus::Forced, "{report}");
+    }
+}

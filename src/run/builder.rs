@@ -244,14 +244,17 @@ impl Builder {
             return Err(ConfigError::NoSignalsGiven);
         }
         let shared = Arc::new(Shared::new(budget, self.exit_codes));
+        // Installed first: a second instance fails here, before it has a supervisor that
+        // would take signals from the installed one.
+        if self.install {
+            global::install(&shared)?;
+        }
         supervisor::start(&shared, &self.signals)?;
         let finale = Finale {
             shared,
             signals: self.signals,
+            running: false,
         };
-        if self.install {
-            global::install(&finale.shared)?;
-        }
         if self.panic_hook {
             install_panic_hook(Arc::downgrade(&finale.shared));
         }

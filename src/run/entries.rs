@@ -156,14 +156,23 @@ pub(crate) async fn run_phase(
     span: &tracing::Span,
 ) -> PhaseRun {
     let mut escalation_seen = shared.is_escalated();
-    if escalation_seen && let OnEscalate::Shorten(d) = on_escalate {
-        deadline = deadline.min(Instant::now() + d);
+    let mut outcome = PhaseOutcome::Completed;
+    if escalation_seen {
+        match on_escalate {
+            // Escalated between the sequence's check and here: give up on the phase now.
+            OnEscalate::Abandon => outcome = PhaseOutcome::Escalated,
+            OnEscalate::Shorten(d) => deadline = deadline.min(Instant::now() + d),
+        }
     }
     // Stable: registration order within a group, and in the report.
     let mut order: Vec<(i32, usize)> = entries.iter().map(|e| e.order).zip(0..).collect();
     order.sort_by_key(|&(order, _)| order);
-    let mut outcome = PhaseOutcome::Completed;
-    'groups: for group in order.chunk_by(|a, b| a.0 == b.0) {
+    let groups = if outcome == PhaseOutcome::Completed {
+        order.as_slice()
+    } else {
+        &[]
+    };
+    'groups: for group in groups.chunk_by(|a, b| a.0 == b.0) {
         // Dropping the set (when the phase gives up) aborts what still runs in it.
         let mut set = JoinSet::new();
         for &(_, idx) in group {

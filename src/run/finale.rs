@@ -34,6 +34,19 @@ use crate::track::StopToken;
 pub struct Finale {
     pub(crate) shared: Arc<Shared>,
     pub(crate) signals: Vec<Signal>,
+    /// `run()` has it: dropping is no longer abandoning.
+    pub(crate) running: bool,
+}
+
+impl Drop for Finale {
+    fn drop(&mut self) {
+        if !self.running {
+            // Dropped without running (a test that builds many, a start that gave up): the
+            // supervisor steps aside even while `Handle`s keep the state alive, so a later
+            // trigger cannot arm a watchdog that ends the process.
+            self.shared.life.abandon();
+        }
+    }
 }
 
 impl Finale {
@@ -88,8 +101,10 @@ impl Finale {
     /// # Cancel safety
     ///
     /// Not cancel safe: dropping the future abandons the sequence where it is.
-    pub async fn run(self) -> ShutdownReport {
-        let shared = self.shared;
+    pub async fn run(mut self) -> ShutdownReport {
+        self.running = true;
+        let shared = self.shared.clone();
+        drop(self);
         let registry = shared.take_registry();
         let report = match runtime::check() {
             Ok(()) => {

@@ -26,7 +26,8 @@ pub(crate) fn is_probing() -> bool {
 /// tokio offers no way to ask, and creating a timer without the driver panics; so the probe
 /// creates one under `catch_unwind`. On a runtime that lacks the driver the process's panic hook
 /// runs once (the default hook prints tokio's message); finale then reports a typed startup
-/// failure instead of unwinding through `run()`.
+/// failure instead of unwinding through `run()`. (With `panic = "abort"` there is no unwinding
+/// to catch: on such a runtime the probe aborts the process.)
 pub(crate) fn check() -> Result<(), HookError> {
     PROBING.with(|p| p.set(true));
     let probe = std::panic::catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO)));

@@ -140,10 +140,14 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
     report
 }
 
+/// How late past the total a sequence may end and still count as within it: the Telemetry
+/// phase ends at its deadline, and its timer fires a tick after it.
+const TIMER_SLACK: Duration = Duration::from_millis(5);
+
 /// The end of every report: the last counts, the total and the status.
 fn finish(shared: &Shared, report: &mut ShutdownReport, total: Duration) {
     report.total = total;
-    report.over_budget = total > shared.budget.total;
+    report.over_budget = total > shared.budget.total + TIMER_SLACK;
     report.escalated |= shared.is_escalated();
     report.requests_rejected = shared.requests_rejected();
     report.requests_panicked = shared.in_flight.panicked();
@@ -307,9 +311,11 @@ pub(crate) fn without_timers(
         .drain(..)
         .map(Entry::skipped)
         .collect();
+    // Within the reserve, and never past the total (the trigger may predate `run()`).
+    let hard_end = shared.life.trigger().unwrap_or(start) + shared.budget.total;
     let delivered = supervisor::deliver(
         shared.take_emergency(),
-        start + shared.budget.telemetry_reserve,
+        (start + shared.budget.telemetry_reserve).min(hard_end),
     );
     for (name, result) in delivered {
         if let Some(entry) = entries.iter_mut().find(|e| e.name == name) {

@@ -16,7 +16,14 @@
 //!   one over, see [`EmergencyStage`]) on threads of its own, and ends the process with the
 //!   deadline-overrun code (forced, after a second signal). The stages get what is left of the
 //!   Telemetry slot, or, when the slot itself was overrun, up to half the safety margin past
-//!   the total: the process always exits by `t0 + total + safety_margin / 2`.
+//!   the total: the process always exits by `t0 + total + safety_margin / 2`. After a second
+//!   signal the checkpoints move to the escalation: the Telemetry phase must start within
+//!   `min(GRACE, escalation budget / 4)`, and a sequence still running [`GRACE`] after the
+//!   escalation budget's end is ended at once, without a flush (the user asked to leave).
+//! - **Dropped without running**, a `Finale`'s supervisor steps aside: its watchdog ends and it
+//!   stops handling signals, so a later `Finale` of the process gets them. After its sequence
+//!   finished, a signal ends the process with the report's code only if no other `Finale` of
+//!   the process is still unfinished.
 //!
 //! # Invariants
 //!
@@ -47,9 +54,12 @@ use crate::state::{EmergencyStage, Life, Shared};
 /// quarter of the telemetry reserve if that is shorter. Long enough for a busy but healthy
 /// runtime, short next to any platform's grace period.
 pub(crate) const GRACE: Duration = Duration::from_millis(250);
+/// The grace never drops below this, so a tiny reserve cannot make a healthy runtime look
+/// wedged.
+const MIN_GRACE: Duration = Duration::from_millis(10);
 
 fn grace(budget: &Budget) -> Duration {
-    GRACE.min(budget.telemetry_reserve / 4)
+    GRACE.min(budget.telemetry_reserve / 4).max(MIN_GRACE)
 }
 
 /// Starts the supervisor thread and installs the signal handlers; returns once both are in place.
@@ -152,14 +162,35 @@ impl Supervisor {
             let _ = watchdog.await;
             return;
         }
-        while let Some(signal) = signals.recv().await {
-            self.on_signal(signal);
+        let mut watch_dropped = true;
+        loop {
+            tokio::select! {
+                biased;
+                signal = signals.recv() => match signal {
+                    Some(signal) => self.on_signal(signal),
+                    None => return,
+                },
+                () = self.life.dropped.cancelled(), if watch_dropped => {
+                    if !self.life.finished.is_cancelled() {
+                        // A `Finale` dropped without running steps aside: its signals are no
+                        // longer its to handle (another `Finale` may listen for them).
+                        return;
+                    }
+                    // Finished, then its state went: keep ending the process on a signal.
+                    watch_dropped = false;
+                }
+            }
         }
     }
 
     /// First signal: shutdown. A signal while shutting down: escalate. Another: exit at once.
     fn on_signal(&self, signal: Signal) {
         if self.life.finished.is_cancelled() {
+            if Life::others_unfinished() {
+                // Another `Finale` of this process is alive and has not finished: the signal is
+                // its (its own supervisor receives it too).
+                return;
+            }
             let code = self.life.exit_code();
             tracing::warn!(
                 target: "finale",
@@ -169,12 +200,8 @@ impl Supervisor {
             );
             std::process::exit(code);
         }
-        let immediate = self.codes.code(ShutdownStatus::Immediate);
         let Some(shared) = self.shared.upgrade() else {
-            // The `Finale` is gone without having run: the signal ends the process, as it would
-            // have without finale's handler.
-            tracing::warn!(target: "finale", %signal, code = immediate, "signal, and no finale to run: exiting");
-            std::process::exit(immediate);
+            return;
         };
         if shared.request(Reason::Signal(signal)) {
             return;
@@ -187,6 +214,7 @@ impl Supervisor {
             );
             return;
         }
+        let immediate = self.codes.code(ShutdownStatus::Immediate);
         tracing::error!(target: "finale", %signal, code = immediate, "third signal: exiting at once");
         std::process::exit(immediate);
     }
@@ -204,30 +232,43 @@ impl Supervisor {
         };
         let b = self.budget;
         let hard_end = t0 + b.total;
+        // The process's last moment: half the safety margin past the total.
+        let last = hard_end + b.safety_margin / 2;
         let grace = grace(&b);
         let telemetry = self.life.phase_started[Phase::Telemetry.index()].clone();
         loop {
             let escalated_at = self.life.escalated_at();
-            let (telemetry_by, end_by) = match escalated_at {
-                Some(te) => (te, (te + b.escalation_budget).min(hard_end)),
-                None => (hard_end - b.telemetry_reserve, hard_end),
+            // When the Telemetry phase must have started, when the sequence must have ended,
+            // and what the supervisor's own flush may use if it takes over there.
+            let (telemetry_by, start_grace, end_by) = match escalated_at {
+                // After a second signal the sequence jumps to Telemetry at once; a wedged one is
+                // taken over early enough to leave the stages most of the escalation budget.
+                Some(te) => (
+                    te,
+                    grace.min(b.escalation_budget / 4),
+                    (te + b.escalation_budget).min(hard_end),
+                ),
+                None => (hard_end - b.telemetry_reserve, grace, hard_end),
             };
+            // Never later than the process's last moment, whatever the settings.
+            let end_check = (end_by + grace).min(last.max(end_by));
             tokio::select! {
                 biased;
                 () = self.life.finished.cancelled() => return,
                 () = self.life.dropped.cancelled() => return,
                 () = self.life.escalated.cancelled(), if escalated_at.is_none() => continue,
-                () = sleep_until(telemetry_by + grace), if !telemetry.is_cancelled() => {
+                () = sleep_until(telemetry_by + start_grace), if !telemetry.is_cancelled() => {
                     if telemetry.is_cancelled() || self.life.finished.is_cancelled() {
                         continue;
                     }
                     self.take_over(Stuck::BeforeTelemetry, t0, end_by).await;
                 }
-                () = sleep_until(end_by + grace) => {
+                () = sleep_until(end_check) => {
                     if self.life.finished.is_cancelled() {
                         return;
                     }
-                    let deadline = (hard_end + b.safety_margin / 2).max(Instant::now());
+                    // After a second signal the user wants out: no flush past the escalation.
+                    let deadline = if escalated_at.is_some() { Instant::now() } else { last };
                     self.take_over(Stuck::InTelemetry, t0, deadline).await;
                 }
             }

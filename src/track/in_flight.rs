@@ -295,9 +295,11 @@ impl InFlight {
     /// started: `None` then. Use it where work can be turned away (a message left on its queue, a
     /// request answered `503`), so nothing starts that the drain would have to wait for.
     ///
-    /// The guard is taken before the check, so a drain that starts at the same moment either
-    /// sees the guard (and waits for it) or this call sees the drain (and refuses): no work
-    /// slips between the two.
+    /// The guard is taken before the check, so work that passes the check was counted first.
+    /// Neither side fences (that would cost the hot path), so the memory model alone does not
+    /// order this store against the drain's scan; what closes the gap is the drain's second
+    /// scan (see `wait_idle`): a guard that missed the first scan from a store buffer is seen by
+    /// the second, and the Drain phase waits for it.
     #[inline]
     pub fn try_acquire(&self) -> Option<InFlightGuard> {
         let guard = self.acquire();
