@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
+use super::wait_until;
+
 /// The service's health as load balancers and orchestrators see it.
 ///
 /// - **Readiness** is off until graceful start has seen every registered service report ready,
@@ -95,15 +97,7 @@ impl Health {
 
     /// Waits until at least `n` "not ready" answers were served since the announce.
     pub(crate) async fn wait_not_ready_answers(&self, n: u64) {
-        loop {
-            let notified = self.inner.probed.notified();
-            let mut notified = std::pin::pin!(notified);
-            notified.as_mut().enable();
-            if self.not_ready_answers() >= n {
-                return;
-            }
-            notified.await;
-        }
+        wait_until(&self.inner.probed, || self.not_ready_answers() >= n).await;
     }
 
     /// Marks graceful start as complete: readiness turns on (unless already announced).
@@ -120,16 +114,7 @@ impl Health {
     ///
     /// Cancel safe.
     pub async fn started(&self) {
-        loop {
-            let notified = self.inner.started_notify.notified();
-            let mut notified = std::pin::pin!(notified);
-            // Register before checking the flag: `notify_waiters` wakes only registered waiters.
-            notified.as_mut().enable();
-            if self.inner.started.load(Ordering::Acquire) {
-                return;
-            }
-            notified.await;
-        }
+        wait_until(&self.inner.started_notify, || self.is_started()).await;
     }
 
     /// Turns readiness off for good. Returns whether this call did it.

@@ -10,6 +10,8 @@ use std::task::{Context, Poll};
 
 use tokio::sync::Notify;
 
+use super::wait_until;
+
 /// A cloneable, one-shot cancellation signal.
 ///
 /// Every clone observes the same signal. Once cancelled it stays cancelled. Checking it with
@@ -73,17 +75,7 @@ impl StopToken {
     ///
     /// Cancel safe: dropping the future loses nothing; a new call waits again.
     pub async fn cancelled(&self) {
-        loop {
-            let notified = self.inner.notify.notified();
-            let mut notified = std::pin::pin!(notified);
-            // Register before checking the flag, so a `cancel` between the check and the await
-            // cannot be missed (`notify_waiters` only wakes registered waiters).
-            notified.as_mut().enable();
-            if self.is_cancelled() {
-                return;
-            }
-            notified.await;
-        }
+        wait_until(&self.inner.notify, || self.is_cancelled()).await;
     }
 
     /// Like [`cancelled`](StopToken::cancelled), but owns the token, so the future is
