@@ -4,7 +4,7 @@
 Usage:
   python3 scripts/bench_http.py [--rounds N] [--duration S] [--threads T] [--connections C]
 
-Builds `benches/http_server.rs` in release mode, then for each round starts each variant in
+Builds `integration/benches/http_server.rs` in release mode, then for each round starts each variant in
 turn (alternating, so drift on a shared machine hits all of them alike) on a free loopback
 port, runs `wrk` against `GET /`, reads "Requests/sec:", and stops the server by PID with
 SIGTERM. Prints requests/s per variant (median, min-max) and the ratios to the bare handler.

@@ -2,10 +2,13 @@
 //!
 //! The numbered proofs of the server issue: (1) a request in flight completes, (2) `/readyz`
 //! answers 503 during the drain delay while requests still succeed, (3) new connections are
-//! refused and a kept-alive HTTP/1.1 connection gets a 503 with `Connection: close`, never a
-//! reset, (4) an HTTP/2 client gets GOAWAY and its in-flight stream completes, (6) a stream that
+//! refused and a request on a kept-alive HTTP/1.1 connection is served with `Connection: close`
+//! (a 503 only past the late margin), never a reset, (4) an HTTP/2 client gets GOAWAY and its in-flight stream completes, (6) a stream that
 //! never ends is cut at the drain deadline and named in the report, (7) a port in use fails the
 //! start and the other server is shut down.
+
+// The tests report what they measured (run with `--no-capture` to see it).
+#![allow(clippy::print_stderr)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -93,12 +96,22 @@ struct Served {
 }
 
 async fn serve(builder: finale::Builder) -> Served {
+    serve_with(builder, |server| server).await
+}
+
+async fn serve_with(
+    builder: finale::Builder,
+    configure: impl FnOnce(finale::axum::HttpServer) -> finale::axum::HttpServer,
+) -> Served {
     let finale = builder.build().unwrap();
     let handle = finale.handle();
     let control = Arc::new(Control::default());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    finale::axum::serve(&finale, "http", listener, app(&handle, control.clone())).unwrap();
+    let router = app(&handle, control.clone());
+    configure(finale::axum::HttpServer::new("http"))
+        .serve(&finale, listener, router)
+        .unwrap();
     let run = tokio::spawn(finale.run());
     // Graceful start: ready once bound.
     tokio::time::timeout(BOUND, handle.health().started())
@@ -202,18 +215,8 @@ async fn read_response(stream: &mut TcpStream) -> (String, Vec<u8>) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proof3_new_connections_are_refused_and_a_kept_alive_connection_gets_503_close() {
-    // A drain delay is configured (as behind a load balancer), so idle keep-alive connections
-    // get a grace period in which late requests are answered 503 instead of reset.
-    let served = serve(builder().drain_delay(Duration::from_millis(200))).await;
-    let mut kept = TcpStream::connect(served.addr).await.unwrap();
-    let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", served.addr);
-    kept.write_all(request.as_bytes()).await.unwrap();
-    let (head, body) = read_response(&mut kept).await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert_eq!(body, b"ok");
-
+/// Sends one request on `kept` once the listener has closed; returns the response's head.
+async fn request_after_the_listener_closed(served: &Served, kept: &mut TcpStream) -> String {
     served.handle.trigger("test");
     served.handle.phase_started(finale::Phase::Drain).await;
     // The listener closes right after the drain starts: new connections are refused.
@@ -222,13 +225,10 @@ async fn proof3_new_connections_are_refused_and_a_kept_alive_connection_gets_503
         assert!(Instant::now() < deadline, "the listener never closed");
         tokio::task::yield_now().await;
     }
-    // A request on the kept-alive connection: 503, Retry-After, Connection: close, then EOF.
+    let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", served.addr);
     kept.write_all(request.as_bytes()).await.unwrap();
-    let (head, body) = read_response(&mut kept).await;
-    assert!(head.starts_with("http/1.1 503"), "{head}");
+    let (head, body) = read_response(kept).await;
     assert!(head.contains("connection: close"), "{head}");
-    assert!(head.contains("retry-after: 1"), "{head}");
-    assert_eq!(body, finale::tower::DEFAULT_REJECTION_BODY.as_bytes());
     let mut rest = [0u8; 16];
     assert_eq!(
         kept.read(&mut rest)
@@ -236,9 +236,76 @@ async fn proof3_new_connections_are_refused_and_a_kept_alive_connection_gets_503
             .expect("a clean close, not a reset"),
         0
     );
+    format!("{head}\n{}", String::from_utf8_lossy(&body))
+}
 
+async fn kept_alive(served: &Served) -> TcpStream {
+    let mut kept = TcpStream::connect(served.addr).await.unwrap();
+    let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", served.addr);
+    kept.write_all(request.as_bytes()).await.unwrap();
+    let (head, body) = read_response(&mut kept).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    assert_eq!(body, b"ok");
+    kept
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proof3_new_connections_are_refused_and_a_kept_alive_connection_is_served_then_closed() {
+    // No drain delay (a lone instance at default settings): a request that arrives on an
+    // already-open HTTP/1 connection during the drain is served, then the connection closes.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("finale=debug,hyper=trace")
+        .with_test_writer()
+        .try_init();
+    let served = serve(builder()).await;
+    let mut kept = kept_alive(&served).await;
+    let answer = request_after_the_listener_closed(&served, &mut kept).await;
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.ends_with("ok"), "{answer}");
+    let report = finish(served).await;
+    assert_eq!(report.requests_rejected, 0, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proof3_a_request_past_the_late_margin_gets_503_close() {
+    // A late margin longer than the drain: every HTTP/1 request during it is too late.
+    let served = serve_with(builder(), |server| {
+        server.rejection(finale::tower::Rejection::default().late_margin(Duration::from_secs(60)))
+    })
+    .await;
+    let mut kept = kept_alive(&served).await;
+    let answer = request_after_the_listener_closed(&served, &mut kept).await;
+    assert!(answer.starts_with("http/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 1"), "{answer}");
+    assert!(
+        answer.ends_with(finale::tower::DEFAULT_REJECTION_BODY),
+        "{answer}"
+    );
     let report = finish(served).await;
     assert_eq!(report.requests_rejected, 1);
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_the_drain_delay_http1_responses_carry_connection_close() {
+    // Persistent clients are moved politely while they are still served.
+    let served = serve(builder().drain_delay(Duration::from_millis(500))).await;
+    let mut kept = kept_alive(&served).await;
+    served.handle.trigger("test");
+    served.handle.phase_started(Phase::Announce).await;
+    let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", served.addr);
+    kept.write_all(request.as_bytes()).await.unwrap();
+    let (head, body) = read_response(&mut kept).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(body, b"ok");
+    assert!(
+        !served.handle.in_flight().is_draining(),
+        "still in the delay"
+    );
+    let report = finish(served).await;
     assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
 
@@ -296,7 +363,12 @@ async fn proof6_a_stream_that_never_ends_is_cut_at_the_drain_deadline_and_named(
     .await;
     let client = client();
     let response = client
-        .get(format!("http://{}/events", served.addr).parse().unwrap())
+        // A token in the query: the report must not carry it (logs, OTLP log records).
+        .get(
+            format!("http://{}/events?token=s3cret", served.addr)
+                .parse()
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
@@ -319,6 +391,12 @@ async fn proof6_a_stream_that_never_ends_is_cut_at_the_drain_deadline_and_named(
             .iter()
             .any(|c| c.starts_with("GET /events from 127.0.0.1:")),
         "{report}"
+    );
+    assert!(!report.to_string().contains("s3cret"), "{report}");
+    assert_eq!(
+        report.cut.len(),
+        1,
+        "the stream, not also its connection: {report}"
     );
     assert_eq!(report.status, ShutdownStatus::DeadlineOverrun, "{report}");
     // The client saw the stream end (the connection closed), it did not hang.
@@ -359,4 +437,244 @@ async fn proof7_a_port_in_use_fails_the_start_and_stops_the_other_server() {
         "the other server was stopped"
     );
     drop(taken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_connection_gets_an_answer_without_a_drain_delay() {
+    // Accepted before the drain, its request written just after the drain started: the local
+    // default (no drain delay) used to close it unanswered.
+    let served = serve(builder()).await;
+    let mut fresh = TcpStream::connect(served.addr).await.unwrap();
+    // The server accepted it once the kernel answered the handshake and the loop ran; make
+    // sure it did before the drain by serving a request on another connection after it.
+    drop(kept_alive(&served).await);
+    served.handle.trigger("test");
+    served.handle.phase_started(finale::Phase::Drain).await;
+    let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", served.addr);
+    fresh.write_all(request.as_bytes()).await.unwrap();
+    let (head, body) = read_response(&mut fresh).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(body, b"ok");
+    let report = finish(served).await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_does_not_hold_the_drain() {
+    // Partial headers and nothing more (slowloris): the connection holds no request, so it is
+    // closed after the idle grace, not kept to the drain deadline.
+    let served = serve(builder().drain_timeout(Duration::from_secs(8))).await;
+    let mut slow = TcpStream::connect(served.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: slow")
+        .await
+        .unwrap();
+    drop(kept_alive(&served).await);
+    let start = Instant::now();
+    served.handle.trigger("test");
+    let report = finish(served).await;
+    let elapsed = start.elapsed();
+    eprintln!("slow client: drain ended after {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "took {elapsed:?}: {report}"
+    );
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_racing_the_drain_start_get_an_answer_or_a_refusal_never_a_reset() {
+    // Connections completed by the kernel just before the listener closes sit in its accept
+    // queue: they are accepted and answered, not reset. Five shutdowns, 24 racing clients each.
+    // One window stays: a handshake that completes in the microseconds between the last accept
+    // and the close is reset by the kernel (the backlog is shrunk to nothing first, which makes
+    // it rare). Before the accept queue was drained, 11 of 24 clients of one round were reset.
+    let mut resets = 0;
+    for round in 0..5 {
+        let served = serve(builder()).await;
+        let addr = served.addr;
+        let clients: Vec<_> = (0..24)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut conn = match TcpStream::connect(addr).await {
+                        Ok(conn) => conn,
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                            return "refused".to_owned();
+                        }
+                        Err(e) => return format!("connect: {e}"),
+                    };
+                    let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+                    if let Err(e) = conn.write_all(request.as_bytes()).await {
+                        return format!("write: {e}");
+                    }
+                    let mut buf = Vec::new();
+                    match tokio::time::timeout(BOUND, conn.read_to_end(&mut buf)).await {
+                        Ok(Ok(_)) if buf.starts_with(b"HTTP/1.1 200") => "ok".to_owned(),
+                        Ok(Ok(_)) if buf.starts_with(b"HTTP/1.1 503") => "503".to_owned(),
+                        Ok(Ok(_)) => format!("answer {:?}", String::from_utf8_lossy(&buf)),
+                        Ok(Err(e)) => format!("read: {e}"),
+                        Err(_) => "hung".to_owned(),
+                    }
+                })
+            })
+            .collect();
+        served.handle.trigger("test");
+        let mut outcomes = std::collections::BTreeMap::new();
+        for c in clients {
+            *outcomes.entry(c.await.unwrap()).or_insert(0) += 1;
+        }
+        let report = finish(served).await;
+        eprintln!("round {round}: {outcomes:?}");
+        let bad: Vec<_> = outcomes
+            .keys()
+            .filter(|k| !matches!(k.as_str(), "ok" | "refused") && !k.contains("reset"))
+            .collect();
+        assert!(bad.is_empty(), "round {round}: {outcomes:?}\n{report}");
+        resets += outcomes
+            .iter()
+            .filter(|(k, _)| k.contains("reset"))
+            .map(|(_, n)| n)
+            .sum::<u32>();
+        assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    }
+    eprintln!("clients racing the drain start: {resets} resets of 120");
+    assert!(resets <= 4, "{resets} of 120 clients were reset");
+}
+
+/// `h2load` (nghttp2), a client no one here wrote: 8 HTTP/2 connections with 16 streams each,
+/// the drain started under them once 2000 requests were served. Streams are served or refused
+/// by h2 (h2load, which does not retry, counts refused ones as errored); none is answered with
+/// an HTTP error status: 0 × 5xx (the old drain answered 99–129 of them 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2load_across_the_drain_start_sees_no_error_status() {
+    let Some(h2load) = which("h2load") else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "h2load (Debian package nghttp2-client) is missing under CI"
+        );
+        eprintln!("!! h2load not found: skipping (install nghttp2-client)");
+        return;
+    };
+    for round in 0..3 {
+        let finale = builder().build().unwrap();
+        let handle = finale.handle();
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = served.clone();
+        let app = Router::new().route(
+            "/",
+            get(move || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                async { "ok" }
+            }),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        finale::axum::serve(&finale, "http", listener, app).unwrap();
+        let run = tokio::spawn(finale.run());
+        handle.health().started().await;
+        let child = tokio::process::Command::new(&h2load)
+            .args(["-n", "200000", "-c", "8", "-m", "16", "-t", "1"])
+            .arg(format!("http://{addr}/"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // Bounded poll: the load is running once 2000 requests were served.
+        let deadline = Instant::now() + BOUND;
+        while served.load(std::sync::atomic::Ordering::Relaxed) < 2000 {
+            assert!(Instant::now() < deadline, "h2load never got going");
+            tokio::task::yield_now().await;
+        }
+        handle.trigger("test");
+        let output = tokio::time::timeout(BOUND, child.wait_with_output())
+            .await
+            .expect("h2load ends once the server is gone")
+            .unwrap();
+        let report = finish_run(run).await;
+        let text = String::from_utf8_lossy(&output.stdout);
+        let line = |prefix: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(prefix))
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        };
+        let (requests, codes) = (line("requests:"), line("status codes:"));
+        eprintln!("h2load round {round}: {requests} | {codes}");
+        let five = codes
+            .split(',')
+            .find(|c| c.trim_end().ends_with("5xx"))
+            .and_then(|c| c.split_whitespace().next()?.parse::<u64>().ok());
+        assert_eq!(five, Some(0), "{text}");
+        assert_eq!(report.requests_rejected, 0, "{report}");
+        assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    }
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+async fn finish_run(run: JoinHandle<ShutdownReport>) -> ShutdownReport {
+    tokio::time::timeout(BOUND, run)
+        .await
+        .expect("the run ends")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_answered_during_the_drain_keeps_connection_upgrade() {
+    // A WebSocket handshake that arrives on a kept-alive connection during the drain: the 101
+    // must carry `Connection: upgrade`, not the drain's `Connection: close` (a broken handshake).
+    let finale = builder().build().unwrap();
+    let handle = finale.handle();
+    let app = Router::new().route("/", get(|| async { "ok" })).route(
+        "/ws",
+        get(|| async {
+            http::Response::builder()
+                .status(http::StatusCode::SWITCHING_PROTOCOLS)
+                .header(http::header::CONNECTION, "upgrade")
+                .header(http::header::UPGRADE, "websocket")
+                .body(Body::empty())
+                .unwrap()
+        }),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    finale::axum::serve(&finale, "http", listener, app).unwrap();
+    let run = tokio::spawn(finale.run());
+    handle.health().started().await;
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    kept.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut kept).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    handle.trigger("test");
+    handle.phase_started(Phase::Drain).await;
+    kept.write_all(
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(BOUND, kept.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("connection: upgrade"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    drop(kept);
+    finish_run(run).await;
 }

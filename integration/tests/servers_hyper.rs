@@ -1,5 +1,6 @@
 //! A plain hyper service under finale (`finale::hyper::serve`): HTTP/1.1 and HTTP/2 on one port,
-//! a request in flight completes, a late request on a kept-alive connection gets the 503.
+//! a request in flight completes, a request on a kept-alive connection during the drain is served
+//! with `Connection: close`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -82,13 +83,14 @@ async fn a_hyper_service_drains_over_http1_and_http2() {
         "hyper"
     );
 
-    // A late request on the kept-alive HTTP/1.1 connection: 503 + Connection: close.
+    // A request on the kept-alive HTTP/1.1 connection during the drain: served, with
+    // Connection: close (a 503 only past the late margin near the deadline).
     let response = h1.send_request(get("/")).await.unwrap();
-    assert_eq!(response.status(), 503);
+    assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["connection"], "close");
 
     let report = tokio::time::timeout(BOUND, run).await.unwrap().unwrap();
-    assert_eq!(report.requests_rejected, 1);
+    assert_eq!(report.requests_rejected, 0);
     assert_eq!(report.in_flight_at_drain_start, 1);
     assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }

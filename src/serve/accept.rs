@@ -10,24 +10,36 @@
 //! They also close idle HTTP/1 keep-alive connections at once, which races with a client (or a
 //! load balancer's pool) sending its next request on them: the client sees a reset. Here:
 //!
-//! 1. **Announce** (before anything here happens): readiness is off, the server serves normally
-//!    through the drain delay.
-//! 2. **Drain starts**: the listener is closed (new connections are refused). HTTP/2 connections
-//!    get GOAWAY; their streams in flight finish. HTTP/1 connections stay open for the
-//!    [idle grace](HttpServer::idle_grace): a request that arrives on one gets `503` with
-//!    `Connection: close`, a response to a request admitted before carries `Connection: close`,
-//!    and each connection closes after that response. Then idle HTTP/1 connections are closed.
+//! 1. **Announce**: readiness is off; the server goes on serving through the drain delay, and
+//!    moves persistent clients politely while it does: HTTP/1 responses carry
+//!    `Connection: close`, so a client that reconnects goes, through the load balancer, to an
+//!    instance that stays (HTTP/2 connections too, with
+//!    [`goaway_on_announce`](HttpServer::goaway_on_announce)).
+//! 2. **Drain starts**: connections already in the kernel's accept queue are accepted (they get
+//!    an answer, not the reset that closing the listener gives them); then the listener is
+//!    closed (new connections are refused). HTTP/2 connections get GOAWAY: streams the peer
+//!    opened before the final GOAWAY are served, later ones are refused by h2 itself
+//!    (`REFUSED_STREAM`, which clients retry). Connections not known to be HTTP/2 (HTTP/1, or a
+//!    fresh one whose first request may be on its way) stay open for the
+//!    [idle grace](HttpServer::idle_grace): a request that arrives on one is served with
+//!    `Connection: close` (a `503` only within the late margin of the deadline). After the
+//!    grace a connection with nothing in flight is closed: idle keep-alive, or a client that
+//!    never sent a complete request (slow clients are bounded by the
+//!    [header-read timeout](HttpServer::header_read_timeout) anyway).
 //! 3. **Drain deadline** minus the [cut margin](HttpServer::cut_margin): connections still open
-//!    are closed; each request still in flight on them is named in the report
-//!    (`GET /events from 127.0.0.1:5555 (stream open at the drain deadline)`), which makes the
-//!    exit status [`DeadlineOverrun`](crate::ShutdownStatus::DeadlineOverrun).
+//!    are closed; each request still in flight on them is named in the report by method and
+//!    path, never the query (`GET /events from 127.0.0.1:5555 (stream open at the drain
+//!    deadline)`), which makes the exit status
+//!    [`DeadlineOverrun`](crate::ShutdownStatus::DeadlineOverrun).
 //!
 //! # Invariants
 //!
-//! - The accept loop is the only task that waits for the drain signal; each connection task
-//!   waits on its own oneshot channels, so no waiter list is shared between connections.
+//! - The accept loop is the only task that waits for the phase tokens; it tells every
+//!   connection task through one `watch` channel, so no waiter list or map is kept per
+//!   connection.
 //! - A connection is cut by its own task: it sets `cutting` and then drops the connection on the
-//!   same task, so every request dropped with it sees the flag and names itself.
+//!   same task, so every request dropped with it sees the flag and names itself; the
+//!   connection names itself only if it has no request in flight, so nothing is named twice.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -44,11 +56,11 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use pin_project_lite::pin_project;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -63,9 +75,12 @@ use crate::track::InFlight;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-/// How long idle HTTP/1 connections stay open after the drain started, when a drain delay is
-/// configured (behind a load balancer): 1 second.
+/// How long connections not known to be HTTP/2 stay open after the drain started, so that a
+/// request on its way is served (with `Connection: close`) instead of reset: 1 second.
 pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_secs(1);
+/// How long a client may take to send a request's headers: 10 seconds. A slow or stalled
+/// client is disconnected after it, whatever the drain is doing.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long before the Drain phase's deadline the remaining connections are cut: 100 ms.
 pub const DEFAULT_CUT_MARGIN: Duration = Duration::from_millis(100);
 
@@ -140,15 +155,19 @@ impl Listen {
 /// | setting | default |
 /// |---|---|
 /// | [`rejection`](HttpServer::rejection) | [`Rejection::default`]: `503`, `Retry-After: 1` |
-/// | [`idle_grace`](HttpServer::idle_grace) | [`DEFAULT_IDLE_GRACE`] if a drain delay is configured (an orchestrator was detected or one was set), else none |
+/// | [`idle_grace`](HttpServer::idle_grace) | [`DEFAULT_IDLE_GRACE`] |
 /// | [`cut_margin`](HttpServer::cut_margin) | [`DEFAULT_CUT_MARGIN`] |
+/// | [`header_read_timeout`](HttpServer::header_read_timeout) | [`DEFAULT_HEADER_READ_TIMEOUT`] |
+/// | [`goaway_on_announce`](HttpServer::goaway_on_announce) | off |
 #[derive(Debug)]
 #[must_use = "a server does nothing until `serve` is called"]
 pub struct HttpServer {
     name: Cow<'static, str>,
     rejection: Rejection,
-    idle_grace: Option<Duration>,
+    idle_grace: Duration,
     cut_margin: Duration,
+    header_read_timeout: Duration,
+    goaway_on_announce: bool,
 }
 
 impl HttpServer {
@@ -157,8 +176,10 @@ impl HttpServer {
         Self {
             name: name.into(),
             rejection: Rejection::default(),
-            idle_grace: None,
+            idle_grace: DEFAULT_IDLE_GRACE,
             cut_margin: DEFAULT_CUT_MARGIN,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            goaway_on_announce: false,
         }
     }
 
@@ -168,11 +189,33 @@ impl HttpServer {
         self
     }
 
-    /// How long idle HTTP/1 keep-alive connections stay open after the drain started, so that a
-    /// request racing the close gets a `503` with `Connection: close` instead of a reset.
-    /// The drain ends earlier if every connection has closed.
+    /// How long connections not known to be HTTP/2 (HTTP/1 keep-alive, and fresh ones whose
+    /// first request may still be on its way) stay open after the drain started, so that a
+    /// request racing the close is served, with `Connection: close`, instead of reset. After it,
+    /// a connection with no request in flight is closed (a client that never sent a complete
+    /// request does not hold the drain). The drain ends earlier if every connection has closed.
     pub fn idle_grace(mut self, grace: Duration) -> Self {
-        self.idle_grace = Some(grace);
+        self.idle_grace = grace;
+        self
+    }
+
+    /// Whether HTTP/2 connections get GOAWAY already at the Announce phase (the drain delay),
+    /// not only when the drain starts. Off by default.
+    ///
+    /// On, it moves HTTP/2 clients behind an L4 proxy (which balances connections, not
+    /// requests) to another instance while this one still serves. A client that connects
+    /// directly reconnects to this same instance, and a few of its calls that race each GOAWAY
+    /// are cancelled by its own h2 stack (tonic's client does not retry them): measured with 16
+    /// concurrent unary loops, it added `h2 protocol error`s that draining alone does not give.
+    pub fn goaway_on_announce(mut self, goaway: bool) -> Self {
+        self.goaway_on_announce = goaway;
+        self
+    }
+
+    /// How long a client may take to send a request's headers (hyper's header-read timeout):
+    /// a slow or stalled client is disconnected after it.
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.header_read_timeout = timeout;
         self
     }
 
@@ -216,17 +259,14 @@ impl HttpServer {
             rejection,
             idle_grace,
             cut_margin,
+            header_read_timeout,
+            goaway_on_announce,
         } = self;
-        let idle_grace = idle_grace.unwrap_or_else(|| {
-            if finale.handle().budget().drain_delay.max().is_zero() {
-                Duration::ZERO
-            } else {
-                DEFAULT_IDLE_GRACE
-            }
-        });
         let settings = Settings {
             idle_grace,
             cut_margin,
+            header_read_timeout,
+            goaway_on_announce,
         };
         finale.spawn(Task::service(name, move |ctx| {
             run(ctx, listen, service, rejection, settings)
@@ -238,14 +278,23 @@ impl HttpServer {
 struct Settings {
     idle_grace: Duration,
     cut_margin: Duration,
+    header_read_timeout: Duration,
+    goaway_on_announce: bool,
 }
 
-/// Control of one connection task, held by the accept loop.
-struct ConnControl {
-    /// Drain started: shut down gracefully, HTTP/1 after the grace ending at this instant.
-    graceful: Option<oneshot::Sender<Instant>>,
+/// Where the server is, as every connection task sees it: one `watch` channel for all of them
+/// (a receiver per connection, no per-connection channel or map entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Serving,
+    /// The shutdown is announced (the drain delay): move persistent clients politely.
+    Announced,
+    /// The drain started: connections not known to be HTTP/2 are served until `grace_until`.
+    Draining {
+        grace_until: Instant,
+    },
     /// The deadline: close now.
-    cut: Option<oneshot::Sender<()>>,
+    Cut,
 }
 
 async fn run<S, B>(
@@ -271,36 +320,50 @@ where
     let shared = Arc::new(LayerShared {
         handle: handle.clone(),
         rejection,
+        cut_margin: settings.cut_margin,
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol();
+    let (stage_tx, stage_rx) = watch::channel(Stage::Serving);
     let mut conns: JoinSet<()> = JoinSet::new();
-    let mut controls: std::collections::HashMap<tokio::task::Id, ConnControl> =
-        std::collections::HashMap::new();
     let stop = ctx.stop_token();
+    let announced = handle.phase_token(Phase::Announce);
+    let accept = {
+        let handle = handle.clone();
+        move |stream: TcpStream, peer: SocketAddr, conns: &mut JoinSet<()>| {
+            let service = ConnService {
+                inner: service.clone(),
+                in_flight: handle.in_flight(),
+                shared: shared.clone(),
+                conn: Arc::new(ConnWatch::new(peer, handle.clone())),
+            };
+            conns.spawn(serve_connection(
+                builder.clone(),
+                stream,
+                service,
+                stage_rx.clone(),
+                settings.goaway_on_announce,
+            ));
+        }
+    };
 
     loop {
         tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            Some(joined) = conns.join_next_with_id(), if !conns.is_empty() => {
-                controls.remove(&joined_id(&joined));
+            () = announced.cancelled(), if *stage_tx.borrow() == Stage::Serving => {
+                stage_tx.send_replace(Stage::Announced);
             }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let (graceful_tx, graceful_rx) = oneshot::channel();
-                    let (cut_tx, cut_rx) = oneshot::channel();
-                    let service = ConnService {
-                        inner: service.clone(),
-                        in_flight: handle.in_flight(),
-                        shared: shared.clone(),
-                        conn: Arc::new(ConnWatch::new(peer, handle.clone())),
-                    };
-                    let conn = builder.clone();
-                    let id = conns
-                        .spawn(serve_connection(conn, stream, service, graceful_rx, cut_rx))
-                        .id();
-                    controls.insert(id, ConnControl { graceful: Some(graceful_tx), cut: Some(cut_tx) });
-                }
+                Ok((stream, peer)) => accept(stream, peer, &mut conns),
                 Err(e) if is_connection_error(&e) => {}
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -313,8 +376,31 @@ where
             },
         }
     }
-    // New connections are refused from here on.
-    drop(listener);
+    // Connections the kernel already completed (in the accept queue) get an answer, not the
+    // reset that closing the listener would give them. First the backlog shrinks to nothing, so
+    // a SYN from now on is dropped (the client retries it, finds the port closed: a refusal, not
+    // a reset); then the queue is taken, straight from the socket (tokio's readiness may not
+    // have seen the latest arrivals); then the listener closes: new connections are refused.
+    let _ = socket2::SockRef::from(&listener).listen(0);
+    let mut queued = 0;
+    if let Ok(std_listener) = listener.into_std() {
+        loop {
+            match std_listener.accept() {
+                Ok((stream, peer)) => {
+                    let Ok(stream) = stream
+                        .set_nonblocking(true)
+                        .and_then(|()| TcpStream::from_std(stream))
+                    else {
+                        continue;
+                    };
+                    queued += 1;
+                    accept(stream, peer, &mut conns);
+                }
+                Err(e) if is_connection_error(&e) => {}
+                Err(_) => break, // WouldBlock: the queue is empty
+            }
+        }
+    }
 
     let now = Instant::now();
     let cut_at = handle.phase_deadline(Phase::Drain).map(|deadline| {
@@ -327,12 +413,8 @@ where
         let end = now + settings.idle_grace;
         cut_at.map_or(end, |cut| end.min(cut))
     };
-    tracing::debug!(target: "finale", server = ctx.name(), connections = controls.len(), "draining");
-    for control in controls.values_mut() {
-        if let Some(tx) = control.graceful.take() {
-            let _ = tx.send(grace_until);
-        }
-    }
+    tracing::debug!(target: "finale", server = ctx.name(), connections = conns.len(), queued, "draining");
+    stage_tx.send_replace(Stage::Draining { grace_until });
 
     let cut = async {
         match cut_at {
@@ -343,22 +425,15 @@ where
     tokio::pin!(cut);
     loop {
         tokio::select! {
-            joined = conns.join_next_with_id() => match joined {
-                Some(joined) => { controls.remove(&joined_id(&joined)); }
-                None => break,
-            },
+            joined = conns.join_next() => if joined.is_none() { break },
             () = &mut cut => {
                 tracing::warn!(
                     target: "finale",
                     server = ctx.name(),
-                    connections = controls.len(),
+                    connections = conns.len(),
                     "cutting the connections still open at the drain deadline",
                 );
-                for control in controls.values_mut() {
-                    if let Some(tx) = control.cut.take() {
-                        let _ = tx.send(());
-                    }
-                }
+                stage_tx.send_replace(Stage::Cut);
                 // Each task drops its connection and ends at once.
                 while conns.join_next().await.is_some() {}
                 break;
@@ -367,13 +442,6 @@ where
     }
     tracing::debug!(target: "finale", server = ctx.name(), "drained");
     Ok(())
-}
-
-fn joined_id(joined: &Result<(tokio::task::Id, ()), tokio::task::JoinError>) -> tokio::task::Id {
-    match joined {
-        Ok((id, ())) => *id,
-        Err(e) => e.id(),
-    }
 }
 
 /// Errors of one incoming connection, not of the listener.
@@ -390,8 +458,8 @@ async fn serve_connection<S, B>(
     builder: auto::Builder<TokioExecutor>,
     stream: TcpStream,
     service: ConnService<S>,
-    mut graceful: oneshot::Receiver<Instant>,
-    mut cut: oneshot::Receiver<()>,
+    mut stage: watch::Receiver<Stage>,
+    goaway_on_announce: bool,
 ) where
     S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -406,25 +474,52 @@ async fn serve_connection<S, B>(
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned(),
     );
-    let grace_until = tokio::select! {
-        result = conn.as_mut() => return log_end(&watch, result),
-        // An error means the accept loop is gone (aborted): shut down at once.
-        at = &mut graceful => at.unwrap_or_else(|_| Instant::now()),
+    // GOAWAY sent already (an HTTP/2 connection moved during the drain delay).
+    let mut moved = false;
+    let grace_until = loop {
+        match *stage.borrow_and_update() {
+            Stage::Serving => {}
+            Stage::Announced => {
+                if goaway_on_announce && !moved && watch.http2.load(Ordering::Relaxed) {
+                    // The peer learns to open new streams elsewhere while this connection
+                    // still serves the ones it has.
+                    conn.as_mut().graceful_shutdown();
+                    moved = true;
+                }
+            }
+            Stage::Draining { grace_until } => break grace_until,
+            Stage::Cut => return cut_connection(conn, &watch),
+        }
+        tokio::select! {
+            result = conn.as_mut() => return log_end(&watch, result),
+            changed = stage.changed() => if changed.is_err() {
+                // The accept loop is gone (aborted): close at once.
+                return cut_connection(conn, &watch);
+            },
+        }
     };
-    // Every connection not known to be HTTP/2 gets the grace: an HTTP/1 connection, and one
-    // whose first request may still be on its way (closing it now would reset that request).
+    // Every connection not known to be HTTP/2 gets the grace: an HTTP/1 connection (a request
+    // on it is served, with `Connection: close`), and one whose first request may still be on
+    // its way (closing it now would reset that request).
     if !watch.http2.load(Ordering::Relaxed) && grace_until > Instant::now() {
         tokio::select! {
             result = conn.as_mut() => return log_end(&watch, result),
             () = tokio::time::sleep_until(grace_until) => {}
-            _ = &mut cut => return cut_connection(conn, &watch),
+            _ = stage.wait_for(|s| *s == Stage::Cut) => return cut_connection(conn, &watch),
         }
     }
-    // HTTP/2: GOAWAY, streams in flight finish. HTTP/1: closes if idle, else after the response.
-    conn.as_mut().graceful_shutdown();
+    if watch.active.load(Ordering::Relaxed) == 0 && !watch.http2.load(Ordering::Relaxed) {
+        // Nothing in flight after the grace (idle, or a client that never sent a complete
+        // request): this connection holds nothing, close it.
+        return;
+    }
+    // HTTP/2: GOAWAY, streams in flight finish. HTTP/1: closes after the response in flight.
+    if !moved {
+        conn.as_mut().graceful_shutdown();
+    }
     tokio::select! {
         result = conn.as_mut() => log_end(&watch, result),
-        _ = &mut cut => cut_connection(conn, &watch),
+        _ = stage.wait_for(|s| *s == Stage::Cut) => cut_connection(conn, &watch),
     }
 }
 
@@ -438,8 +533,10 @@ fn cut_connection<C>(conn: C, watch: &ConnWatch) {
     // Set before the drop: every request dropped with the connection names itself.
     watch.cutting.store(true, Ordering::Relaxed);
     drop(conn);
-    if watch.named.load(Ordering::Relaxed) == 0 {
-        // Nothing in flight to name (a client stuck sending its request, for example).
+    // A connection with requests in flight is named by them (HTTP/2 streams, on tasks of their
+    // own, name themselves when they are dropped, a moment later); only one with none is named
+    // here, so nothing is reported twice.
+    if watch.named.load(Ordering::Relaxed) == 0 && watch.active.load(Ordering::Relaxed) == 0 {
         watch.handle.shared.record_cut(format!(
             "connection from {} (open at the drain deadline)",
             watch.peer

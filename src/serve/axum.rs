@@ -41,7 +41,9 @@ use crate::config::ConfigError;
 use crate::serve::tower::HealthService;
 use crate::{Finale, Handle};
 
-pub use crate::serve::accept::{DEFAULT_CUT_MARGIN, DEFAULT_IDLE_GRACE, HttpServer, Listen};
+pub use crate::serve::accept::{
+    DEFAULT_CUT_MARGIN, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_GRACE, HttpServer, Listen,
+};
 
 /// Serves `router` on `listen` as a [`Task::service`](crate::Task::service) named `name`, with
 /// [`HttpServer`]'s defaults. Every request is tracked as in flight and, once draining, rejected

@@ -33,7 +33,9 @@ use crate::Finale;
 use crate::config::ConfigError;
 use crate::serve::accept::HyperToTower;
 
-pub use crate::serve::accept::{DEFAULT_CUT_MARGIN, DEFAULT_IDLE_GRACE, HttpServer, Listen};
+pub use crate::serve::accept::{
+    DEFAULT_CUT_MARGIN, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_GRACE, HttpServer, Listen,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 

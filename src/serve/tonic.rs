@@ -44,7 +44,9 @@ use crate::hook::Hook;
 use crate::phase::Phase;
 use crate::task::Task;
 
-pub use crate::serve::accept::{DEFAULT_CUT_MARGIN, DEFAULT_IDLE_GRACE, HttpServer, Listen};
+pub use crate::serve::accept::{
+    DEFAULT_CUT_MARGIN, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_GRACE, HttpServer, Listen,
+};
 
 /// The name of the Announce hook that sets `NOT_SERVING`.
 pub const HEALTH_HOOK: &str = "grpc-health";

@@ -6,20 +6,26 @@
 //! - **Tracks** every request with the core's [`InFlightGuard`], from the
 //!   call until the response **body** has ended (or was dropped), so a streamed response counts
 //!   until its last byte. The [`Drain`](crate::Phase::Drain) phase waits for these.
-//! - **Rejects** requests that arrive once the Drain phase has started (on connections that are
-//!   still open: HTTP/1 keep-alive, HTTP/2 streams racing the GOAWAY) with
-//!   `503 Service Unavailable`, `Retry-After` and, on HTTP/1.x, `Connection: close`, so the
-//!   client retries elsewhere instead of seeing a reset. A gRPC request (`content-type:
-//!   application/grpc…`) gets `grpc-status: 14` (UNAVAILABLE), which gRPC clients retry. Each one is counted in the report and
-//!   the `finale_requests_rejected_total` metric (see [`names`](crate::names)). The response is
-//!   configurable with [`Rejection`].
-//! - **Isolates panics**: a handler that panics gets its request answered `500`, counted in
-//!   the report and in `finale_request_panics_total`; the connection and the server go on.
-//! - **Closes politely**: a response to a request that was admitted before the drain but answers
-//!   after it started carries `Connection: close` on HTTP/1.x.
+//! - **Serves what still arrives while draining**, without an application error: an HTTP/2 (and
+//!   gRPC) stream reaches the service only if the peer opened it before the final GOAWAY (h2
+//!   refuses later ones itself with `REFUSED_STREAM`, which clients retry transparently), so it
+//!   is served; an HTTP/1 request on a connection still open is served and answered with
+//!   `Connection: close`. Only an HTTP/1 request that arrives within the
+//!   [late margin](Rejection::late_margin) of the Drain deadline, too late to be answered, gets
+//!   `503 Service Unavailable` with `Retry-After` and `Connection: close`; each such one is
+//!   counted in the report and the `finale_requests_rejected_total` metric (see
+//!   [`names`](crate::names)). The response is configurable with [`Rejection`].
+//! - **Isolates panics**: a handler that panics gets its request answered `500` (a gRPC request
+//!   `grpc-status: 13`, INTERNAL), counted in the report and in `finale_request_panics_total`;
+//!   the connection and the server go on.
+//! - **Moves persistent clients politely**: from the Announce phase on (the drain delay, while
+//!   the service still serves), HTTP/1 responses carry `Connection: close`, so keep-alive clients
+//!   reconnect, through the load balancer, to an instance that stays. A `101 Switching
+//!   Protocols` never gets it.
 //!
-//! The hot path costs one atomic load (is the drain on?) and one increment of a per-thread shard
-//! (the in-flight guard); no lock, no allocation (the body wrapper lives inline in the response).
+//! The hot path costs the in-flight guard (a load and a store on this thread's own counter) and
+//! one atomic load (is the drain on?); no lock, no allocation (the body wrapper lives inline in
+//! the response).
 //!
 //! # Health endpoints and the drain delay
 //!
@@ -76,8 +82,11 @@ use crate::track::{InFlight, InFlightGuard};
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// The default body of a rejected request.
 pub const DEFAULT_REJECTION_BODY: &str = "shutting down, retry on another instance\n";
+/// How long before the Drain deadline an HTTP/1 request is too late to be served, by default:
+/// 1 second. Earlier ones are served (with `Connection: close`).
+pub const DEFAULT_LATE_MARGIN: Duration = Duration::from_secs(1);
 
-/// The response to a request that arrives once the drain has started.
+/// The response to an HTTP/1 request that arrives too late in the drain to be served.
 ///
 /// # Default values
 ///
@@ -86,6 +95,7 @@ pub const DEFAULT_REJECTION_BODY: &str = "shutting down, retry on another instan
 /// | [`status`](Rejection::status) | `503 Service Unavailable` |
 /// | [`retry_after`](Rejection::retry_after) | 1 s ([`DEFAULT_RETRY_AFTER`]) |
 /// | [`body`](Rejection::body) | [`DEFAULT_REJECTION_BODY`], `text/plain` |
+/// | [`late_margin`](Rejection::late_margin) | 1 s ([`DEFAULT_LATE_MARGIN`]) |
 ///
 /// On HTTP/1.x the response always carries `Connection: close`.
 #[derive(Clone, Debug)]
@@ -94,6 +104,7 @@ pub struct Rejection {
     status: StatusCode,
     retry_after: Option<HeaderValue>,
     body: Bytes,
+    late_margin: Duration,
 }
 
 impl Default for Rejection {
@@ -102,6 +113,7 @@ impl Default for Rejection {
             status: StatusCode::SERVICE_UNAVAILABLE,
             retry_after: Some(HeaderValue::from_static("1")),
             body: Bytes::from_static(DEFAULT_REJECTION_BODY.as_bytes()),
+            late_margin: DEFAULT_LATE_MARGIN,
         }
     }
 }
@@ -128,18 +140,12 @@ impl Rejection {
         self
     }
 
-    /// A gRPC request gets a gRPC answer: `grpc-status: 14` (UNAVAILABLE), which clients treat
-    /// as retryable, instead of an HTTP 503 with a text body they cannot parse.
-    fn grpc_response<B>() -> Response<DrainBody<B>> {
-        let mut response = Response::new(DrainBody::full(Bytes::new()));
-        let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert("grpc-status", HeaderValue::from_static("14"));
-        headers.insert(
-            "grpc-message",
-            HeaderValue::from_static("shutting%20down,%20retry%20on%20another%20instance"),
-        );
-        response
+    /// How long before the Drain deadline an HTTP/1 request that arrives on a connection still
+    /// open is too late to be served and gets this rejection instead. Earlier requests are
+    /// served, with `Connection: close`.
+    pub fn late_margin(mut self, margin: Duration) -> Self {
+        self.late_margin = margin;
+        self
     }
 
     fn response<B>(&self, version: Version) -> Response<DrainBody<B>> {
@@ -160,7 +166,20 @@ impl Rejection {
     }
 }
 
-fn panic_response<B>() -> Response<DrainBody<B>> {
+/// The answer to a request whose handler panicked: `500`, or for gRPC `grpc-status: 13`
+/// (INTERNAL), in gRPC form.
+fn panic_response<B>(grpc: bool) -> Response<DrainBody<B>> {
+    if grpc {
+        let mut response = Response::new(DrainBody::full(Bytes::new()));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from_static("13"));
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_static("the%20handler%20panicked"),
+        );
+        return response;
+    }
     let mut response = Response::new(DrainBody::full(Bytes::from_static(
         b"internal server error\n",
     )));
@@ -180,6 +199,22 @@ fn is_http1(version: Version) -> bool {
 pub(crate) struct LayerShared {
     pub(crate) handle: Handle,
     pub(crate) rejection: Rejection,
+    /// Extra time before the Drain deadline at which requests are too late (finale's servers
+    /// cut their connections this much before the deadline).
+    pub(crate) cut_margin: Duration,
+}
+
+impl LayerShared {
+    /// Whether an HTTP/1 request arriving now, while draining, is too late to be answered
+    /// before the Drain deadline (less its cut margin).
+    fn too_late(&self) -> bool {
+        self.handle
+            .phase_deadline(crate::Phase::Drain)
+            .is_some_and(|deadline| {
+                tokio::time::Instant::now() + self.rejection.late_margin + self.cut_margin
+                    >= deadline
+            })
+    }
 }
 
 /// One served connection, as the requests on it see it: who is on the other end, and whether
@@ -195,6 +230,9 @@ pub(crate) struct ConnWatch {
     pub(crate) cutting: AtomicBool,
     /// How many requests of this connection named themselves.
     pub(crate) named: AtomicUsize,
+    /// Requests of this connection admitted and not yet answered to their last byte. A
+    /// connection with none holds nothing: the drain may close it after the grace.
+    pub(crate) active: AtomicUsize,
 }
 
 impl ConnWatch {
@@ -209,12 +247,17 @@ impl ConnWatch {
             http2: AtomicBool::new(false),
             cutting: AtomicBool::new(false),
             named: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
         }
     }
 }
 
-/// What an admitted request remembers so that, if it is cut at the deadline, the report can
-/// name it ("GET /events from 127.0.0.1:5555").
+/// What an admitted request on one of finale's connections remembers so that, if it is cut at
+/// the deadline, the report can name it ("GET /events from 127.0.0.1:5555"), and that its
+/// connection counts it as active while it lives.
+///
+/// The name is the method and the path only: a query string may carry a token or a signed URL,
+/// and the report goes to logs and telemetry.
 struct CutName {
     method: Method,
     uri: Uri,
@@ -222,18 +265,32 @@ struct CutName {
 }
 
 impl CutName {
+    fn new(method: Method, uri: Uri, conn: Arc<ConnWatch>) -> Self {
+        conn.active.fetch_add(1, Ordering::Relaxed);
+        Self { method, uri, conn }
+    }
+
     /// Called on drop of an unfinished request or body.
     fn record_if_cut(&self, what: &str) {
         // Relaxed: the server sets `cutting` and then drops the connection on the same task,
-        // so this drop is sequenced after the store.
+        // so this drop is sequenced after the store. (HTTP/2 streams run on tasks of their own
+        // and are dropped later; `cutting` was set before, and the connection does not name
+        // itself while it has active requests, so each stream is named once.)
         if self.conn.cutting.load(Ordering::Relaxed) {
             self.conn.named.fetch_add(1, Ordering::Relaxed);
-            let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
             self.conn.handle.shared.record_cut(format!(
                 "{} {} from {} ({what} at the drain deadline)",
-                self.method, path, self.conn.peer
+                self.method,
+                self.uri.path(),
+                self.conn.peer
             ));
         }
+    }
+}
+
+impl Drop for CutName {
+    fn drop(&mut self) {
+        self.conn.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -247,11 +304,21 @@ pub(crate) enum Admission<B> {
 pub(crate) struct Admitted {
     guard: InFlightGuard,
     in_flight: InFlight,
+    announced: bool,
     close_http1: bool,
+    /// A gRPC request: a panic is answered in gRPC form.
+    grpc: bool,
     cut: Option<CutName>,
 }
 
 /// The hot path, shared by [`Drain`] and finale's servers.
+///
+/// While draining, a request is still served: HTTP/2 streams reach here only if the peer opened
+/// them before the final GOAWAY (h2 itself refuses later ones with `REFUSED_STREAM`, which
+/// clients retry), and an HTTP/1 request on a connection still open is answered with
+/// `Connection: close`. Only an HTTP/1 request that arrives within the
+/// [late margin](crate::tower::Rejection::late_margin) of the Drain deadline, too late to be
+/// answered in time, gets the rejection.
 #[inline]
 pub(crate) fn admit<ReqB, B>(
     in_flight: InFlight,
@@ -261,37 +328,39 @@ pub(crate) fn admit<ReqB, B>(
 ) -> Admission<B> {
     let version = req.version();
     // Count first, then check: a drain that starts at the same moment either sees this guard
-    // (and waits for the request) or is seen here (and the request is refused). Checking first
-    // would let a request slip in after the drain's last scan. The check is one relaxed load of
-    // a `&'static` flag, set when the Drain phase starts.
-    let Some(guard) = in_flight.try_acquire() else {
+    // (and waits for the request) or is seen here. The check is one relaxed load of a
+    // `&'static` flag, set when the Drain phase starts.
+    let guard = in_flight.acquire();
+    if in_flight.is_draining() && is_http1(version) && shared.too_late() {
+        drop(guard);
         shared.handle.shared.record_rejected_request();
-        let grpc = req
-            .headers()
-            .get(CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        return Admission::Rejected(if grpc {
-            Rejection::grpc_response()
-        } else {
-            shared.rejection.response(version)
-        });
-    };
+        return Admission::Rejected(shared.rejection.response(version));
+    }
+    let grpc = !is_http1(version) && is_grpc(req);
     let cut = conn.map(|conn| {
         if !is_http1(version) && !conn.http2.load(Ordering::Relaxed) {
             conn.http2.store(true, Ordering::Relaxed);
         }
-        CutName {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            conn: conn.clone(),
-        }
+        CutName::new(req.method().clone(), req.uri().clone(), conn.clone())
     });
+    let http1 = is_http1(version);
     Admission::Admitted(Admitted {
         guard,
         in_flight,
-        close_http1: is_http1(version),
+        // Read here (no clone of the health handle per request): a request admitted once the
+        // shutdown is announced answers with `Connection: close`; one admitted before answers so
+        // if the drain has started by then (checked on the static tracker, below).
+        announced: http1 && shared.handle.shared.health.is_announced(),
+        close_http1: http1,
+        grpc,
         cut,
     })
+}
+
+fn is_grpc<ReqB>(req: &Request<ReqB>) -> bool {
+    req.headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// A [`Layer`] that wraps services in [`Drain`]; see the [module docs](self).
@@ -311,6 +380,7 @@ impl DrainLayer {
             shared: Arc::new(LayerShared {
                 handle: handle.clone(),
                 rejection: Rejection::default(),
+                cut_margin: Duration::ZERO,
             }),
         }
     }
@@ -322,6 +392,7 @@ impl DrainLayer {
             shared: Arc::new(LayerShared {
                 handle: self.shared.handle.clone(),
                 rejection,
+                cut_margin: Duration::ZERO,
             }),
         }
     }
@@ -476,14 +547,20 @@ where
                             panic = %crate::hook::panic_message(&*payload),
                             "request handler panicked; answered 500"
                         );
-                        return Poll::Ready(Ok(panic_response()));
+                        return Poll::Ready(Ok(panic_response(admitted.grpc)));
                     }
                 };
                 let admitted = admitted.take().expect("polled after completion");
                 Poll::Ready(result.map(|response| {
                     let (mut parts, body) = response.into_parts();
-                    if admitted.close_http1 && admitted.in_flight.is_draining() {
-                        // Admitted before the drain, answered during it: this connection's last.
+                    if admitted.close_http1
+                        && parts.status != StatusCode::SWITCHING_PROTOCOLS
+                        && (admitted.announced || admitted.in_flight.is_draining())
+                    {
+                        // Answered once the shutdown is announced: this connection's last, so
+                        // that a persistent client reconnects (through the load balancer, to an
+                        // instance that stays) while this one still serves. Never on a 101: the
+                        // upgrade needs `Connection: upgrade`.
                         parts
                             .headers
                             .insert(CONNECTION, HeaderValue::from_static("close"));

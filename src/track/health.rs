@@ -67,6 +67,12 @@ impl Health {
             && !self.inner.withdrawn.load(Ordering::Acquire)
     }
 
+    /// Whether the shutdown was announced (readiness off for good). One relaxed load.
+    #[cfg_attr(not(feature = "tower"), allow(dead_code))]
+    pub(crate) fn is_announced(&self) -> bool {
+        self.inner.announced.load(Ordering::Relaxed)
+    }
+
     /// Whether graceful start completed (every registered service reported ready).
     pub(crate) fn is_started(&self) -> bool {
         self.inner.started.load(Ordering::Acquire)
