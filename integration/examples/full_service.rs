@@ -19,6 +19,9 @@
 //! - `FULL_SERVICE_LOG`: the log file (default `full_service.log` in the current directory).
 //! - `FULL_SERVICE_RUNTIME`: `multi_thread` (default), `current_thread` or `one_worker`.
 //! - `FULL_SERVICE_WORK_MS`: how long each request works (default 20).
+//! - `FULL_SERVICE_BLOCK_WORKERS_MS`: a Workers hook that blocks its thread that long (with
+//!   `FULL_SERVICE_RUNTIME=current_thread`, the whole runtime): the supervisor's takeover then
+//!   delivers the telemetry from its own threads.
 //! - `FULL_SERVICE_PANIC_AFTER_MS`: turns on finale's panic hook and makes a worker panic after
 //!   that many milliseconds: the panic starts the shutdown, the telemetry is still delivered, and
 //!   the exit code is 4.
@@ -46,7 +49,7 @@ use axum::Router;
 use axum::routing::get;
 use finale::otlp::Otlp;
 use finale::pushgateway::Pushgateway;
-use finale::{Finale, Task};
+use finale::{Finale, Hook, Phase, Task};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::trace::TracerProvider as _;
@@ -212,6 +215,19 @@ async fn run() -> ! {
             eprintln!("configuration error: {e}");
             std::process::exit(2)
         });
+
+    if let Some(ms) = env("FULL_SERVICE_BLOCK_WORKERS_MS").and_then(|v| v.parse::<u64>().ok()) {
+        finale
+            .hook(Hook::new(
+                Phase::Workers,
+                "blocking-cleanup",
+                move |_| async move {
+                    tracing::warn!(ms, "a cleanup that blocks its thread");
+                    std::thread::sleep(Duration::from_millis(ms));
+                },
+            ))
+            .expect("unique names");
+    }
 
     // Telemetry, in the order finale flushes it: metrics, then traces and logs, the file last.
     match env("PUSHGATEWAY_URL") {

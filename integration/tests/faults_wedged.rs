@@ -1,0 +1,121 @@
+//! A wedged runtime still delivers its telemetry: the full service on a `current_thread`
+//! runtime whose only thread a Workers hook blocks for 8 s, with a 3 s budget. The sequence
+//! cannot reach its Telemetry slot; the supervisor takes over, pushes to the real Pushgateway on
+//! a runtime of its own, flushes the OTLP providers to the real collector (HTTP exporter) and
+//! releases the log file, then exits with the deadline-overrun code — well before the hook
+//! would have let go.
+
+#![cfg(unix)]
+#![allow(clippy::print_stderr)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::components::{Collector, Pushgateway, wait_until};
+
+#[test]
+fn a_wedged_runtime_still_pushes_flushes_and_writes_its_log() {
+    let (Some(gateway), Some(collector)) = (Pushgateway::start(), Collector::start()) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("finale-wedged-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("service.log");
+    let mut child = Command::new(common::examples::example("full_service"))
+        .env("FULL_SERVICE_ADDR", "127.0.0.1:0")
+        .env("FULL_SERVICE_LOG", &log)
+        .env("FULL_SERVICE_RUNTIME", "current_thread")
+        .env("FULL_SERVICE_BLOCK_WORKERS_MS", "8000")
+        .env("FINALE_TOTAL_BUDGET", "3s")
+        .env("FINALE_TELEMETRY_RESERVE", "2s")
+        .env("FINALE_SAFETY_MARGIN", "1s")
+        .env("PUSHGATEWAY_URL", gateway.url())
+        .env("PUSHGATEWAY_JOB", "wedged")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.http_endpoint())
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("ECS_CONTAINER_METADATA_URI_V4")
+        .env_remove("ECS_CONTAINER_METADATA_URI")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("never ready:\n{}", seen.join("\n"))
+            });
+        let ready = line.contains("started: ready");
+        seen.push(line);
+        if ready {
+            break;
+        }
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let sent = Instant::now();
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if sent.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            panic!("did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(10)); // polling a condition with a bound
+    };
+    let elapsed = sent.elapsed();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(1)) {
+        seen.push(line);
+    }
+    let out = seen.join("\n");
+    let file = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        code,
+        Some(finale::ShutdownStatus::DeadlineOverrun.default_code()),
+        "{out}"
+    );
+    // By total + safety margin / 2 (3.5 s), with room for a loaded machine; the hook blocks 8 s.
+    assert!(elapsed < Duration::from_millis(5500), "{elapsed:?}\n{out}");
+    assert!(out.contains("the shutdown overran its budget"), "{out}");
+    // Pushed by the supervisor's own push: the counter exists only once it took over.
+    assert_eq!(
+        gateway.sample("finale_supervisor_takeovers_total", &[("job", "wedged")]),
+        Some(1.0),
+        "{}\n{out}",
+        gateway.metrics_text()
+    );
+    // The takeover's log line reached the collector (OTLP logs) and the file (released last).
+    assert!(
+        wait_until(Duration::from_secs(5), || collector.log_record_count() > 0),
+        "no log record at the collector\n{out}"
+    );
+    assert!(file.contains("the shutdown overran its budget"), "{file}");
+    eprintln!(
+        "wedged runtime: exit code 5 after {elapsed:?}, telemetry delivered by the supervisor"
+    );
+}
