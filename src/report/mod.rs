@@ -1,5 +1,7 @@
 //! The report every run ends with: what every phase, hook and task did, and how to exit.
 
+#[cfg(feature = "serde")]
+mod json;
 mod outcome;
 mod status;
 

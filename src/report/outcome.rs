@@ -120,6 +120,18 @@ pub enum EntryKind {
     DrainDelay,
 }
 
+impl EntryKind {
+    /// The kind's snake-case name, as the termination message and the JSON report write it.
+    pub(crate) const fn key(self) -> &'static str {
+        match self {
+            EntryKind::Hook => "hook",
+            EntryKind::Task => "task",
+            EntryKind::InFlight => "in_flight",
+            EntryKind::DrainDelay => "drain_delay",
+        }
+    }
+}
+
 /// One entry's part in the report: a hook, a task, or one of finale's own waits.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]

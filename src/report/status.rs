@@ -85,6 +85,21 @@ impl ShutdownStatus {
     }
 }
 
+impl ShutdownStatus {
+    /// The status's snake-case name, as the termination message and the JSON report write it.
+    pub(crate) const fn key(self) -> &'static str {
+        match self {
+            ShutdownStatus::Clean => "clean",
+            ShutdownStatus::StartupFailure => "startup_failure",
+            ShutdownStatus::ComponentFailure => "component_failure",
+            ShutdownStatus::DeadlineOverrun => "deadline_overrun",
+            ShutdownStatus::TelemetryNotDelivered => "telemetry_not_delivered",
+            ShutdownStatus::Forced => "forced",
+            ShutdownStatus::Immediate => "immediate",
+        }
+    }
+}
+
 impl fmt::Display for ShutdownStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -4,6 +4,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::config::{self, BudgetSettings, ConfigError, DrainDelay, Environment, Misfit};
+use crate::platform::{self, PlatformSettings, TerminationLog};
 use crate::report::{ExitCodes, Reason};
 use crate::run::finale::Finale;
 use crate::run::{global, supervisor};
@@ -29,6 +30,8 @@ use crate::state::Shared;
 /// | [`signals`](Builder::signals) | `SIGTERM`, `SIGINT` ([`DEFAULT_SIGNALS`](crate::DEFAULT_SIGNALS)) | |
 /// | [`panic_hook`](Builder::panic_hook) | off | |
 /// | [`exit_codes`](Builder::exit_codes) | [`ExitCodes::default`] | |
+/// | [`termination_log`](Builder::termination_log) | [`TerminationLog::Auto`]: `/dev/termination-log` on Kubernetes, off elsewhere | `FINALE_TERMINATION_LOG` (a path, `auto`, `off`) |
+/// | `systemd_notify` (feature `systemd`) | off | |
 ///
 /// Environment variables take durations such as `25s`, `500ms`, `1.5s`, `2m` or a bare number of
 /// seconds, and **override** what the builder set, so operators can tune a deployed service
@@ -45,6 +48,7 @@ pub struct Builder {
     exit_codes: ExitCodes,
     empty_signals: bool,
     install: bool,
+    platform: PlatformSettings,
 }
 
 impl Default for Builder {
@@ -59,6 +63,7 @@ impl Default for Builder {
             exit_codes: ExitCodes::default(),
             empty_signals: false,
             install: false,
+            platform: PlatformSettings::default(),
         }
     }
 }
@@ -213,6 +218,39 @@ impl Builder {
         self
     }
 
+    /// Where the termination message goes when [`Finale::run`] ends: a short summary of the
+    /// report (status, exit code, reason, the entries that did not complete and the slowest),
+    /// at most 4096 bytes, which Kubernetes shows in `kubectl describe pod`. By default
+    /// ([`TerminationLog::Auto`]) `/dev/termination-log` when running on Kubernetes and the
+    /// file is writable, nowhere elsewhere. `FINALE_TERMINATION_LOG` overrides it.
+    ///
+    /// # Caveats
+    ///
+    /// Writes a file outside the process, once, at the end of `run()` (or when the supervisor
+    /// takes over a wedged shutdown); a failure is logged, never returned.
+    pub fn termination_log(mut self, log: TerminationLog) -> Self {
+        self.platform.termination_log = log;
+        self
+    }
+
+    /// Tells systemd how the service's life goes through `$NOTIFY_SOCKET`: `READY=1` when
+    /// graceful start completes, `STOPPING=1` at the trigger, `STATUS=` at each phase,
+    /// `EXTEND_TIMEOUT_USEC=` sized to what is left of the budget, and `WATCHDOG=1` pings while
+    /// running when `$WATCHDOG_USEC` is set. Off by default; a no-op without `$NOTIFY_SOCKET`.
+    /// See [`finale::systemd`](crate::systemd).
+    ///
+    /// # Caveats
+    ///
+    /// Sends datagrams to the service manager, and, with the watchdog, spawns a task on your
+    /// runtime when graceful start completes; see the crate docs, "Threading and process-wide
+    /// effects".
+    #[cfg(all(feature = "systemd", unix))]
+    #[cfg_attr(docsrs, doc(cfg(feature = "systemd")))]
+    pub fn systemd_notify(mut self, notify: bool) -> Self {
+        self.platform.systemd_notify = notify;
+        self
+    }
+
     /// Resolves and validates the configuration.
     ///
     /// # Errors
@@ -243,7 +281,9 @@ impl Builder {
         if self.empty_signals {
             return Err(ConfigError::NoSignalsGiven);
         }
-        let shared = Arc::new(Shared::new(budget, self.exit_codes));
+        let mut shared = Shared::new(budget, self.exit_codes);
+        shared.observers = platform::observers(&self.platform, self.read_env, environment);
+        let shared = Arc::new(shared);
         // Installed first: a second instance fails here, before it has a supervisor that
         // would take signals from the installed one.
         if self.install {

@@ -114,6 +114,9 @@ impl Finale {
             }
             Err(error) => sequence::without_timers(&shared, registry, error),
         };
+        // The platform hears the ending (termination message, systemd's status) while the
+        // supervisor still bounds the process.
+        shared.observe(|o| o.finished(&shared, &report));
         shared.life.finish(report.exit_code);
         report
     }

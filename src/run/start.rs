@@ -36,5 +36,6 @@ pub(crate) async fn graceful_start(shared: &Arc<Shared>, tasks: &[RunningTask]) 
         shared.health.set_started();
         shared.set_state(State::Running);
         tracing::info!(target: "finale", "started: ready");
+        shared.observe(|o| o.started(shared));
     }
 }

@@ -298,6 +298,9 @@ impl Supervisor {
              the supervisor delivers the telemetry it can reach, then exits"
         );
         metrics::counter!(crate::report::names::SUPERVISOR_TAKEOVERS).increment(1);
+        if let Some(shared) = self.shared.upgrade() {
+            shared.observe(|o| o.took_over(&shared, &stuck.to_string(), code));
+        }
         if let Ok(results) = tokio::task::spawn_blocking(move || deliver(stages, deadline)).await {
             for (name, result) in results {
                 match result {

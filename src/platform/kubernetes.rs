@@ -1,0 +1,408 @@
+//! Kubernetes' termination message: a short summary of the report, written at the end of
+//! [`Finale::run`](crate::Finale::run) to the file the kubelet reads when the container ends, so
+//! that `kubectl describe pod` and `kubectl get pod -o yaml`
+//! (`status.containerStatuses[].lastState.terminated.message`) say how the last shutdown went.
+//!
+//! # Why at the end of `run()`
+//!
+//! The report is complete there, whatever the caller does next: [`ShutdownReport::exit`], a
+//! return from `main`, or a test that reads the report. `ShutdownReport::exit` would miss the
+//! last two and knows nothing of the configuration. The write happens before the supervisor
+//! learns that the sequence finished, so its deadline still bounds the process should the file
+//! system hang. When the supervisor takes over a wedged shutdown it writes a one-line message
+//! of its own before it exits.
+//!
+//! # The format
+//!
+//! Lines of `logfmt` (`key=value`, values with spaces or quotes in double quotes with `\"`,
+//! `\\`, `\n`, `\r`, `\t` escaped), at most [`TERMINATION_MESSAGE_MAX`] bytes, cut at a line end, durations in seconds:
+//!
+//! ```text
+//! finale status=component_failure exit_code=4 reason="signal SIGTERM" total=0.0124s escalated=false over_budget=false in_flight_at_drain_start=2 requests_rejected=0 requests_panicked=0
+//! phase=announce outcome=completed duration=0.0001s entries=0
+//! phase=drain outcome=completed duration=0.0030s entries=1
+//! phase=workers outcome=completed duration=0.0081s entries=2
+//! phase=telemetry outcome=completed duration=0.0011s entries=0
+//! entry=close-db kind=hook phase=workers outcome=failed duration=0.0080s error="connection refused"
+//! entry="in-flight work" kind=in_flight phase=drain outcome=completed duration=0.0029s
+//! entry=ticker kind=task phase=workers outcome=completed duration=0.0002s
+//! ```
+//!
+//! The header and the phases always come first; then every entry that did not complete, what
+//! was cut at a deadline, and the three slowest entries that completed, as many as fit. When
+//! something did not fit, the last line is `omitted entries=N cut=M`. Long values (a reason, an
+//! error, a name) are shortened at a character boundary and end in `…`. `status` is the
+//! snake-case name of [`ShutdownStatus`](crate::ShutdownStatus) (`clean`, `startup_failure`,
+//! `component_failure`, `deadline_overrun`, `telemetry_not_delivered`, `forced`, `immediate`).
+
+use std::fmt::Write as _;
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::Environment;
+use crate::phase::Phase;
+use crate::report::{EntryReport, Outcome, ShutdownReport};
+use crate::state::{Observer, Shared};
+
+/// Where Kubernetes reads a container's termination message unless its
+/// `terminationMessagePath` says otherwise: `/dev/termination-log`.
+pub const DEFAULT_TERMINATION_LOG: &str = "/dev/termination-log";
+
+/// The most Kubernetes keeps of a container's termination message: 4096 bytes. finale's
+/// message never exceeds it.
+pub const TERMINATION_MESSAGE_MAX: usize = 4096;
+
+/// The environment variable that overrides [`Builder::termination_log`](crate::Builder::termination_log):
+/// a path, `auto` or `off`.
+pub(crate) const TERMINATION_LOG_ENV: &str = "FINALE_TERMINATION_LOG";
+
+/// Where [`Finale::run`](crate::Finale::run) writes the termination message when the run ends
+/// (see [`Builder::termination_log`](crate::Builder::termination_log)).
+///
+/// The environment variable `FINALE_TERMINATION_LOG` overrides the builder (unless
+/// [`read_env(false)`](crate::Builder::read_env)): a path, `auto`, or `off`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TerminationLog {
+    /// [`DEFAULT_TERMINATION_LOG`] when running on Kubernetes (`KUBERNETES_SERVICE_HOST` is set,
+    /// see [`Environment`]) and that file exists and opens for writing when the `Finale` is
+    /// built; nowhere otherwise. The default.
+    #[default]
+    Auto,
+    /// Never write one.
+    Off,
+    /// Always write it to this file (created if missing), wherever the process runs: a
+    /// `terminationMessagePath` of your own, or a test.
+    Path(PathBuf),
+}
+
+impl TerminationLog {
+    /// Reads the value of `FINALE_TERMINATION_LOG`; `None` when it is empty.
+    fn from_env(value: &str) -> Option<Self> {
+        let value = value.trim();
+        Some(match value {
+            "" => return None,
+            "off" | "none" | "false" | "0" => TerminationLog::Off,
+            "auto" => TerminationLog::Auto,
+            path => TerminationLog::Path(PathBuf::from(path)),
+        })
+    }
+}
+
+/// Writes the termination message at the end of the run.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    path: PathBuf,
+    /// An explicit path is created if missing, and a failure is a warning; the automatic one
+    /// is only ever the kubelet's file.
+    explicit: bool,
+}
+
+/// The writer `setting` (or the environment's `env`, which wins) asks for, if any.
+pub(crate) fn writer(
+    setting: &TerminationLog,
+    env: Option<String>,
+    environment: Environment,
+) -> Option<Writer> {
+    let setting = env
+        .as_deref()
+        .and_then(TerminationLog::from_env)
+        .unwrap_or_else(|| setting.clone());
+    match setting {
+        TerminationLog::Off => None,
+        TerminationLog::Path(path) => Some(Writer {
+            path,
+            explicit: true,
+        }),
+        TerminationLog::Auto if environment == Environment::Kubernetes => {
+            // The kubelet mounts the file into every container; opening it does not change it.
+            match OpenOptions::new().write(true).open(DEFAULT_TERMINATION_LOG) {
+                Ok(_) => Some(Writer {
+                    path: PathBuf::from(DEFAULT_TERMINATION_LOG),
+                    explicit: false,
+                }),
+                Err(error) => {
+                    tracing::debug!(
+                        target: "finale",
+                        path = DEFAULT_TERMINATION_LOG,
+                        %error,
+                        "no termination message: the file is not writable"
+                    );
+                    None
+                }
+            }
+        }
+        TerminationLog::Auto => None,
+    }
+}
+
+impl Writer {
+    fn write(&self, message: &str) {
+        let written = OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .create(self.explicit)
+            .open(&self.path)
+            .and_then(|mut file| file.write_all(message.as_bytes()));
+        match written {
+            Ok(()) => tracing::debug!(
+                target: "finale",
+                path = %self.path.display(),
+                bytes = message.len(),
+                "termination message written"
+            ),
+            Err(error) => tracing::warn!(
+                target: "finale",
+                path = %self.path.display(),
+                %error,
+                "termination message not written"
+            ),
+        }
+    }
+}
+
+impl Observer for Writer {
+    fn finished(&self, _shared: &Shared, report: &ShutdownReport) {
+        self.write(&message(report, TERMINATION_MESSAGE_MAX));
+    }
+
+    fn took_over(&self, shared: &Shared, why: &str, code: i32) {
+        let mut line = String::from("finale supervisor=took_over");
+        kv(&mut line, "exit_code", &code.to_string());
+        if let Some(reason) = shared.reason() {
+            kv(&mut line, "reason", &reason.to_string());
+        }
+        kv(&mut line, "stuck", why);
+        truncate(&mut line, TERMINATION_MESSAGE_MAX);
+        self.write(&line);
+    }
+}
+
+/// Room kept for the `omitted` line.
+const OMITTED_LINE: usize = 64;
+/// How many of the slowest completed entries the message names.
+const SLOWEST: usize = 3;
+/// The longest a value (a reason, an error, a name) may be before it is shortened, in bytes.
+const REASON_MAX: usize = 512;
+const VALUE_MAX: usize = 256;
+const NAME_MAX: usize = 128;
+
+/// The termination message for `report`, at most `max` bytes (`max` of at least a few hundred
+/// bytes; the header alone is never longer than about 1.2 KiB).
+pub(crate) fn message(report: &ShutdownReport, max: usize) -> String {
+    let mut out = String::from("finale");
+    kv(&mut out, "status", report.status.key());
+    kv(&mut out, "exit_code", &report.exit_code.to_string());
+    kv(
+        &mut out,
+        "reason",
+        &shorten(&report.reason.to_string(), REASON_MAX),
+    );
+    kv(&mut out, "total", &seconds(report.total));
+    kv(&mut out, "escalated", bool_str(report.escalated));
+    kv(&mut out, "over_budget", bool_str(report.over_budget));
+    kv(
+        &mut out,
+        "in_flight_at_drain_start",
+        &report.in_flight_at_drain_start.to_string(),
+    );
+    kv(
+        &mut out,
+        "requests_rejected",
+        &report.requests_rejected.to_string(),
+    );
+    kv(
+        &mut out,
+        "requests_panicked",
+        &report.requests_panicked.to_string(),
+    );
+    for p in &report.phases {
+        let mut line = String::new();
+        line.push_str("phase=");
+        line.push_str(p.phase.as_str());
+        kv(&mut line, "outcome", p.outcome.as_str());
+        kv(&mut line, "duration", &seconds(p.duration));
+        kv(&mut line, "entries", &p.entries.len().to_string());
+        out.push('\n');
+        out.push_str(&line);
+    }
+
+    let entries = || {
+        report
+            .phases
+            .iter()
+            .flat_map(|p| p.entries.iter().map(move |e| (p.phase, e)))
+    };
+    let room = max.saturating_sub(OMITTED_LINE);
+    let mut omitted_entries = 0usize;
+    let mut omitted_cut = 0usize;
+    let push = |out: &mut String, line: String| {
+        if out.len() + 1 + line.len() <= room {
+            out.push('\n');
+            out.push_str(&line);
+            true
+        } else {
+            false
+        }
+    };
+    for (phase, e) in entries().filter(|(_, e)| !e.outcome.is_completed()) {
+        if !push(&mut out, entry_line(phase, e)) {
+            omitted_entries += 1;
+        }
+    }
+    for c in &report.cut {
+        let mut line = String::from("cut=");
+        line.push_str(&quote(&shorten(c, VALUE_MAX)));
+        if !push(&mut out, line) {
+            omitted_cut += 1;
+        }
+    }
+    let mut completed: Vec<(Phase, &EntryReport)> = entries()
+        .filter(|(_, e)| e.outcome.is_completed())
+        .collect();
+    completed.sort_by_key(|(_, e)| std::cmp::Reverse(e.duration));
+    for (phase, e) in completed.into_iter().take(SLOWEST) {
+        // The slowest are a bonus: one that does not fit is not worth an `omitted` count.
+        push(&mut out, entry_line(phase, e));
+    }
+    if omitted_entries + omitted_cut > 0 {
+        let _ = write!(out, "\nomitted entries={omitted_entries} cut={omitted_cut}");
+    }
+    truncate(&mut out, max);
+    out
+}
+
+fn entry_line(phase: Phase, e: &EntryReport) -> String {
+    let mut line = String::from("entry=");
+    line.push_str(&quote(&shorten(&e.name, NAME_MAX)));
+    kv(&mut line, "kind", e.kind.key());
+    kv(&mut line, "phase", phase.as_str());
+    kv(&mut line, "outcome", e.outcome.as_str());
+    kv(&mut line, "duration", &seconds(e.duration));
+    match &e.outcome {
+        Outcome::Failed(error) => kv(&mut line, "error", &shorten(&error.to_string(), VALUE_MAX)),
+        Outcome::Panicked(message) => kv(&mut line, "panic", &shorten(message, VALUE_MAX)),
+        _ => {}
+    }
+    line
+}
+
+/// Appends ` key=value`, quoting the value when it needs it.
+fn kv(out: &mut String, key: &str, value: &str) {
+    out.push(' ');
+    out.push_str(key);
+    out.push('=');
+    out.push_str(&quote(value));
+}
+
+/// The value as logfmt writes it: bare when it can be, else in double quotes with escapes.
+fn quote(value: &str) -> String {
+    let bare = !value.is_empty()
+        && !value
+            .chars()
+            .any(|c| c == ' ' || c == '=' || c == '"' || c == '\\' || c.is_control());
+    if bare {
+        return value.to_owned();
+    }
+    let mut quoted = String::with_capacity(value.len() + 2);
+    quoted.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            '\n' => quoted.push_str("\\n"),
+            '\r' => quoted.push_str("\\r"),
+            '\t' => quoted.push_str("\\t"),
+            c if c.is_control() => quoted.push(' '),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    quoted
+}
+
+/// At most `max` bytes of `value`, cut at a character boundary and marked with `…`.
+fn shorten(value: &str, max: usize) -> String {
+    if value.len() <= max {
+        return value.to_owned();
+    }
+    let mut cut = value.to_owned();
+    truncate(&mut cut, max.saturating_sub('…'.len_utf8()));
+    cut.push('…');
+    cut
+}
+
+/// Truncates to at most `max` bytes, at a character boundary.
+fn truncate(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{:.4}s", d.as_secs_f64())
+}
+
+fn bool_str(b: bool) -> &'static str {
+    if b { "true" } else { "false" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn termination_log_env_values() {
+        assert_eq!(TerminationLog::from_env(" "), None);
+        assert_eq!(TerminationLog::from_env("off"), Some(TerminationLog::Off));
+        assert_eq!(TerminationLog::from_env("auto"), Some(TerminationLog::Auto));
+        assert_eq!(
+            TerminationLog::from_env("termination.log"),
+            Some(TerminationLog::Path(PathBuf::from("termination.log")))
+        );
+    }
+
+    #[test]
+    fn termination_log_is_off_outside_kubernetes_and_env_wins() {
+        assert!(writer(&TerminationLog::Auto, None, Environment::Local).is_none());
+        assert!(writer(&TerminationLog::Auto, None, Environment::Ecs).is_none());
+        let w = writer(
+            &TerminationLog::Auto,
+            Some("elsewhere.log".into()),
+            Environment::Local,
+        )
+        .unwrap();
+        assert_eq!(w.path, PathBuf::from("elsewhere.log"));
+        assert!(w.explicit);
+        assert!(
+            writer(
+                &TerminationLog::Path("termination.log".into()),
+                Some("off".into()),
+                Environment::Kubernetes
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn termination_values_are_quoted_escaped_and_shortened_at_char_boundaries() {
+        assert_eq!(quote("plain"), "plain");
+        assert_eq!(quote(""), "\"\"");
+        assert_eq!(quote("a b"), "\"a b\"");
+        assert_eq!(quote("say \"hi\"\n\\"), "\"say \\\"hi\\\"\\n\\\\\"");
+        let s = "é".repeat(100); // 200 bytes, 2 per char
+        let short = shorten(&s, 11);
+        assert!(short.len() <= 11, "{}", short.len());
+        assert!(short.ends_with('…'));
+        let mut t = "aé".to_owned();
+        truncate(&mut t, 2);
+        assert_eq!(t, "a");
+    }
+}

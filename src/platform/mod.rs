@@ -1,0 +1,48 @@
+//! What the service tells the platform that runs it: systemd's notify socket and socket
+//! activation (`systemd.rs`, feature `systemd`), Kubernetes' termination message
+//! (`kubernetes.rs`).
+//!
+//! Both plug into the running state as [`Observer`]s, set by the builder before the state is
+//! shared and only when the user asked (the termination message's default is on only on
+//! Kubernetes, where the file is the platform's own channel for it). `state.rs` calls them at
+//! each moment of the service's life; nothing here is called on the request path.
+
+pub(crate) mod kubernetes;
+#[cfg(all(feature = "systemd", unix))]
+pub mod systemd;
+
+use crate::config::Environment;
+use crate::state::Observer;
+
+pub use self::kubernetes::{DEFAULT_TERMINATION_LOG, TERMINATION_MESSAGE_MAX, TerminationLog};
+
+/// What the builder collected about the platform.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PlatformSettings {
+    pub(crate) termination_log: TerminationLog,
+    #[cfg(all(feature = "systemd", unix))]
+    pub(crate) systemd_notify: bool,
+}
+
+/// The observers the settings ask for; reads the platform's environment variables
+/// (`FINALE_TERMINATION_LOG` only when `read_env`).
+pub(crate) fn observers(
+    settings: &PlatformSettings,
+    read_env: bool,
+    environment: Environment,
+) -> Vec<Box<dyn Observer>> {
+    let mut observers: Vec<Box<dyn Observer>> = Vec::new();
+    #[cfg(all(feature = "systemd", unix))]
+    if settings.systemd_notify
+        && let Some(notifier) = systemd::Notifier::from_env()
+    {
+        observers.push(Box::new(notifier));
+    }
+    let env = read_env
+        .then(|| std::env::var(kubernetes::TERMINATION_LOG_ENV).ok())
+        .flatten();
+    if let Some(writer) = kubernetes::writer(&settings.termination_log, env, environment) {
+        observers.push(Box::new(writer));
+    }
+    observers
+}

@@ -1,0 +1,665 @@
+//! systemd: tell the service manager how the service's life goes, and serve on the sockets it
+//! passed. Linux; no libsystemd needed: the notify protocol is one datagram on the socket
+//! named by `$NOTIFY_SOCKET`.
+//!
+//! # Notifications
+//!
+//! With [`Builder::systemd_notify(true)`](crate::Builder::systemd_notify), and only when the
+//! service manager set `$NOTIFY_SOCKET` (a no-op otherwise), finale sends:
+//!
+//! | when | datagram |
+//! |---|---|
+//! | graceful start completed | `READY=1`, `STATUS=running` |
+//! | the shutdown is requested (a signal, a trigger, a failed start...) | `STOPPING=1`, `STATUS=stopping: <reason>`, `EXTEND_TIMEOUT_USEC=<left>` (and `WATCHDOG_USEC=<left>` with the watchdog) |
+//! | each phase starts (or is skipped) | `STATUS=stopping: <phase>`, `EXTEND_TIMEOUT_USEC=<left>` |
+//! | the run ended | `STATUS=stopped: <status>, exit code <code>` |
+//! | the supervisor takes over a wedged shutdown | `STATUS=stopped by the supervisor: <why>, exit code <code>` |
+//! | while running, with `$WATCHDOG_USEC` set (and `$WATCHDOG_PID` unset or this process) | `WATCHDOG=1` every half of `$WATCHDOG_USEC` |
+//!
+//! `<left>` is what is left, in microseconds, until the trigger + the total budget + the safety
+//! margin: systemd's `TimeoutStopSec=` then never kills a shutdown that finale still bounds
+//! (finale's supervisor ends it by `total + safety_margin / 2`), even when `TimeoutStopSec=` is
+//! shorter than the plan. Lines of one datagram are separated by `\n`.
+//!
+//! The watchdog pings come from a task on **your** runtime, started when graceful start
+//! completes: if the runtime stops making progress (every worker thread blocked), the pings stop
+//! and systemd's watchdog (`WatchdogSec=`) restarts the service, as it should. They stop when
+//! the shutdown is requested; the `WATCHDOG_USEC=` sent then stretches the watchdog to cover the
+//! shutdown, which finale's own supervisor bounds.
+//!
+//! Every datagram is sent on a non-blocking socket from the thread where the moment happens
+//! (the supervisor thread for a signal, your runtime for the phases): it never blocks and never
+//! prints; a datagram the service manager cannot take is logged through `tracing` and dropped.
+//! `NotifyAccess=main` is enough: every datagram comes from the main process.
+//!
+//! # Socket activation
+//!
+//! [`listener`] and [`listener_named`] take the listening sockets systemd passed
+//! (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`; `ListenStream=` and `FileDescriptorName=` in
+//! the `.socket` unit) as [`std::net::TcpListener`]s, which the servers accept directly:
+//!
+//! ```no_run
+//! # #![allow(dead_code)]
+//! # #[cfg(feature = "axum")]
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use finale::Finale;
+//! use finale::systemd::ListenError;
+//!
+//! let finale = Finale::builder().systemd_notify(true).build()?;
+//! let app = axum::Router::new().merge(finale::axum::health_router(&finale.handle()));
+//! let listen: finale::axum::Listen = match finale::systemd::listener_named("http") {
+//!     Ok(listener) => listener.into(),
+//!     // Started by hand, not by the socket unit: bind it ourselves.
+//!     Err(ListenError::NotActivated) => ([127, 0, 0, 1], 3000).into(),
+//!     Err(e) => return Err(e.into()),
+//! };
+//! finale::axum::serve(&finale, "http", listen, app)?;
+//! finale.run_and_exit().await
+//! # }
+//! ```
+//!
+//! Behind a socket unit, connections that arrive while the service restarts wait in the
+//! socket's backlog (systemd keeps it open) instead of being refused.
+//!
+//! # Caveats
+//!
+//! The first call of [`listener`], [`listener_named`] or [`listener_names`] takes the passed
+//! sockets for the whole process, and (through the `listenfd` crate) removes `LISTEN_PID` and
+//! `LISTEN_FDS` from the process's environment, so that child processes do not inherit them.
+//! Changing the environment races with C code that reads it on another thread: make that first
+//! call early in `main`, before the service starts working. See the crate docs, "Threading and
+//! process-wide effects".
+
+use std::ffi::OsStr;
+use std::fmt::{self, Write as _};
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::phase::Phase;
+use crate::report::{Reason, ShutdownReport};
+use crate::state::{Life, Observer, Shared, lock};
+
+// ---------------------------------------------------------------------------------------------
+// Notifications
+// ---------------------------------------------------------------------------------------------
+
+/// Sends datagrams to the service manager's notify socket. Cheap to clone.
+#[derive(Clone, Debug)]
+pub(crate) struct Notifier {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    socket: UnixDatagram,
+    addr: SocketAddr,
+    /// `$WATCHDOG_USEC`, when it is meant for this process.
+    watchdog: Option<Duration>,
+}
+
+impl Notifier {
+    /// The notifier the service manager asked for through the environment; `None` without
+    /// `$NOTIFY_SOCKET` (not started by systemd, or `Type=` other than `notify`).
+    pub(crate) fn from_env() -> Option<Self> {
+        let socket = std::env::var_os("NOTIFY_SOCKET")?;
+        let watchdog = watchdog(
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+            std::process::id(),
+        );
+        Self::new(&socket, watchdog)
+    }
+
+    /// A notifier for the socket `path` (`/path` or `@abstract`); `None`, logged, if it cannot
+    /// be used.
+    pub(crate) fn new(path: &OsStr, watchdog: Option<Duration>) -> Option<Self> {
+        let made = notify_addr(path).and_then(|addr| {
+            let socket = UnixDatagram::unbound()?;
+            socket.set_nonblocking(true)?;
+            Ok((socket, addr))
+        });
+        match made {
+            Ok((socket, addr)) => {
+                tracing::debug!(target: "finale", socket = ?path, ?watchdog, "systemd notifications on");
+                Some(Self {
+                    inner: Arc::new(Inner {
+                        socket,
+                        addr,
+                        watchdog,
+                    }),
+                })
+            }
+            Err(error) => {
+                tracing::warn!(target: "finale", socket = ?path, %error, "systemd notifications off: NOTIFY_SOCKET unusable");
+                None
+            }
+        }
+    }
+
+    /// Sends one datagram without blocking; a failure is logged, never returned.
+    fn send(&self, message: &str) {
+        match self
+            .inner
+            .socket
+            .send_to_addr(message.as_bytes(), &self.inner.addr)
+        {
+            Ok(_) => tracing::trace!(target: "finale", message, "systemd notified"),
+            Err(error) => {
+                tracing::warn!(target: "finale", message, %error, "systemd notification not sent")
+            }
+        }
+    }
+
+    /// Pings the watchdog every `every` until the shutdown is requested or the state is gone.
+    async fn ping(self, life: Arc<Life>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        // After a stall, one ping and the same pace again, not a burst that hides the stall.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = life.requested.cancelled() => return,
+                () = life.dropped.cancelled() => return,
+                _ = tick.tick() => self.send("WATCHDOG=1"),
+            }
+        }
+    }
+}
+
+/// `$WATCHDOG_USEC`, if set, positive and meant for `pid` (`$WATCHDOG_PID` unset or equal), as
+/// `sd_watchdog_enabled(3)` reads them.
+fn watchdog(usec: Option<&str>, watchdog_pid: Option<&str>, pid: u32) -> Option<Duration> {
+    let usec: u64 = usec?.trim().parse().ok().filter(|&u| u > 0)?;
+    match watchdog_pid.map(|p| p.trim().parse::<u32>()) {
+        None => {}
+        Some(Ok(p)) if p == pid => {}
+        Some(_) => return None,
+    }
+    Some(Duration::from_micros(usec))
+}
+
+/// The address in `$NOTIFY_SOCKET`: a path, or `@name` in Linux's abstract namespace.
+fn notify_addr(value: &OsStr) -> io::Result<SocketAddr> {
+    let bytes = value.as_bytes();
+    match bytes.first() {
+        Some(b'/') => SocketAddr::from_pathname(Path::new(value)),
+        #[cfg(target_os = "linux")]
+        Some(b'@') => {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(&bytes[1..])
+        }
+        _ => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "not an absolute path or an @abstract socket name",
+        )),
+    }
+}
+
+/// What is left until the trigger + total + safety margin (from now, before the trigger).
+fn left(shared: &Shared) -> Duration {
+    let b = shared.budget;
+    let all = b.total + b.safety_margin;
+    match shared.life.trigger() {
+        Some(t0) => (t0 + all).saturating_duration_since(Instant::now()),
+        None => all,
+    }
+}
+
+/// One line of `STATUS=`: no control characters, at most 200 bytes.
+fn status(text: &str) -> String {
+    let mut line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if line.len() > 200 {
+        let mut end = 200;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+    }
+    line
+}
+
+impl Observer for Notifier {
+    fn started(&self, shared: &Shared) {
+        self.send("READY=1\nSTATUS=running");
+        let Some(every) = self.inner.watchdog.map(|w| w / 2) else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(self.clone().ping(shared.life.clone(), every));
+            }
+            Err(_) => {
+                tracing::warn!(target: "finale", "systemd watchdog not pinged: no tokio runtime")
+            }
+        }
+    }
+
+    fn requested(&self, shared: &Shared, reason: &Reason) {
+        let mut message = format!(
+            "STOPPING=1\nSTATUS=stopping: {}",
+            status(&reason.to_string())
+        );
+        let left = left(shared);
+        if !left.is_zero() {
+            let _ = write!(message, "\nEXTEND_TIMEOUT_USEC={}", left.as_micros());
+            if self.inner.watchdog.is_some() {
+                let _ = write!(message, "\nWATCHDOG_USEC={}", left.as_micros());
+            }
+        }
+        self.send(&message);
+    }
+
+    fn phase_started(&self, shared: &Shared, phase: Phase) {
+        let mut message = format!("STATUS=stopping: {phase}");
+        let left = left(shared);
+        if !left.is_zero() {
+            let _ = write!(message, "\nEXTEND_TIMEOUT_USEC={}", left.as_micros());
+        }
+        self.send(&message);
+    }
+
+    fn finished(&self, _shared: &Shared, report: &ShutdownReport) {
+        self.send(&format!(
+            "STATUS=stopped: {}, exit code {}",
+            report.status, report.exit_code
+        ));
+    }
+
+    fn took_over(&self, _shared: &Shared, why: &str, code: i32) {
+        self.send(&format!(
+            "STATUS=stopped by the supervisor: {}, exit code {code}",
+            status(why)
+        ));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Socket activation
+// ---------------------------------------------------------------------------------------------
+
+/// Why a socket passed by systemd could not be had.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ListenError {
+    /// No socket was passed: `LISTEN_FDS` is not set (the service was not started by a socket
+    /// unit or `systemd-socket-activate`).
+    NotActivated,
+    /// `LISTEN_PID` names another process (or is missing): the sockets were meant for a
+    /// parent process, not this one.
+    PidMismatch {
+        /// The value of `LISTEN_PID` (empty when missing).
+        listen_pid: String,
+        /// This process.
+        pid: u32,
+    },
+    /// `LISTEN_FDS` or `LISTEN_FDNAMES` does not parse, or they disagree on the count.
+    InvalidEnv {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// No socket was passed at this index.
+    IndexNotFound {
+        /// The index asked for (0 is the first passed socket, file descriptor 3).
+        index: usize,
+        /// How many were passed.
+        passed: usize,
+    },
+    /// No socket left with this name (`FileDescriptorName=`, `--fdname=`).
+    NameNotFound {
+        /// The name asked for.
+        name: String,
+        /// The names of the passed sockets, in order.
+        names: Vec<String>,
+    },
+    /// This socket was taken by an earlier call.
+    AlreadyTaken {
+        /// Its index.
+        index: usize,
+    },
+    /// The socket is not a listening TCP socket: a Unix socket, a datagram socket, or a
+    /// connection (`Accept=yes`).
+    NotTcpListener {
+        /// Its index.
+        index: usize,
+        /// Its name.
+        name: String,
+        /// What the check found.
+        source: io::Error,
+    },
+}
+
+impl fmt::Display for ListenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenError::NotActivated => {
+                f.write_str("no socket was passed by systemd (LISTEN_FDS is not set)")
+            }
+            ListenError::PidMismatch { listen_pid, pid } => write!(
+                f,
+                "the sockets passed by systemd are meant for process {listen_pid:?} \
+                 (LISTEN_PID), not this one ({pid})"
+            ),
+            ListenError::InvalidEnv { var, value } => {
+                write!(f, "environment variable {var}={value:?} is invalid")
+            }
+            ListenError::IndexNotFound { index, passed } => write!(
+                f,
+                "no socket passed by systemd at index {index} ({passed} passed)"
+            ),
+            ListenError::NameNotFound { name, names } => write!(
+                f,
+                "no socket passed by systemd is named {name:?} (FileDescriptorName=); \
+                 passed: {names:?}"
+            ),
+            ListenError::AlreadyTaken { index } => {
+                write!(f, "the socket passed at index {index} was taken already")
+            }
+            ListenError::NotTcpListener {
+                index,
+                name,
+                source,
+            } => write!(
+                f,
+                "the socket passed at index {index} ({name:?}) is not a listening TCP socket: \
+                 {source}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ListenError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ListenError::NotTcpListener { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// What `LISTEN_*` said, without the `io::Error` so that it can be kept for the process.
+#[derive(Clone, Debug)]
+enum EnvProblem {
+    NotActivated,
+    PidMismatch { listen_pid: String, pid: u32 },
+    InvalidEnv { var: &'static str, value: String },
+}
+
+impl From<EnvProblem> for ListenError {
+    fn from(p: EnvProblem) -> Self {
+        match p {
+            EnvProblem::NotActivated => ListenError::NotActivated,
+            EnvProblem::PidMismatch { listen_pid, pid } => {
+                ListenError::PidMismatch { listen_pid, pid }
+            }
+            EnvProblem::InvalidEnv { var, value } => ListenError::InvalidEnv { var, value },
+        }
+    }
+}
+
+/// The sockets passed to this process, taken once.
+struct Passed {
+    fds: listenfd::ListenFd,
+    names: Vec<String>,
+    taken: Vec<bool>,
+}
+
+/// The passed sockets of the process: read (and taken from the environment) by the first call.
+fn passed() -> Result<&'static Mutex<Passed>, ListenError> {
+    static PASSED: OnceLock<Result<Mutex<Passed>, EnvProblem>> = OnceLock::new();
+    PASSED
+        .get_or_init(|| {
+            let env = |k: &str| std::env::var(k).ok();
+            let names = check_env(
+                env("LISTEN_FDS").as_deref(),
+                env("LISTEN_PID").as_deref(),
+                env("LISTEN_FDNAMES").as_deref(),
+                std::process::id(),
+            )?;
+            // Checked: LISTEN_PID is this process, so listenfd hands out exactly these.
+            let fds = listenfd::ListenFd::from_env();
+            let taken = vec![false; names.len()];
+            Ok(Mutex::new(Passed { fds, names, taken }))
+        })
+        .as_ref()
+        .map_err(|p| p.clone().into())
+}
+
+/// The names of the passed sockets, after checking `LISTEN_FDS` and `LISTEN_PID` as
+/// `sd_listen_fds(3)` does (and `LISTEN_FDNAMES` as `sd_listen_fds_with_names(3)`).
+fn check_env(
+    fds: Option<&str>,
+    listen_pid: Option<&str>,
+    fdnames: Option<&str>,
+    pid: u32,
+) -> Result<Vec<String>, EnvProblem> {
+    let Some(fds) = fds else {
+        return Err(EnvProblem::NotActivated);
+    };
+    if listen_pid.and_then(|p| p.trim().parse::<u32>().ok()) != Some(pid) {
+        return Err(EnvProblem::PidMismatch {
+            listen_pid: listen_pid.unwrap_or_default().to_owned(),
+            pid,
+        });
+    }
+    let count: usize = fds.trim().parse().map_err(|_| EnvProblem::InvalidEnv {
+        var: "LISTEN_FDS",
+        value: fds.to_owned(),
+    })?;
+    let names: Vec<String> = match fdnames {
+        // systemd's default name for a socket without `FileDescriptorName=`.
+        None => vec!["unknown".to_owned(); count],
+        Some(names) => names.split(':').map(str::to_owned).collect(),
+    };
+    if names.len() != count {
+        return Err(EnvProblem::InvalidEnv {
+            var: "LISTEN_FDNAMES",
+            value: fdnames.unwrap_or_default().to_owned(),
+        });
+    }
+    Ok(names)
+}
+
+/// Takes the listening TCP socket systemd passed at `index` (0 is the first, file descriptor
+/// 3), as a blocking [`std::net::TcpListener`] ready to hand to `finale::axum::serve`,
+/// `finale::hyper::serve` or `finale::tonic::serve` (they make it non-blocking).
+///
+/// # Errors
+///
+/// [`ListenError::NotActivated`] when no socket was passed; [`PidMismatch`](ListenError::PidMismatch),
+/// [`InvalidEnv`](ListenError::InvalidEnv), [`IndexNotFound`](ListenError::IndexNotFound),
+/// [`AlreadyTaken`](ListenError::AlreadyTaken) or
+/// [`NotTcpListener`](ListenError::NotTcpListener).
+///
+/// # Caveats
+///
+/// The first call takes the passed sockets for the process and removes `LISTEN_PID` and
+/// `LISTEN_FDS` from its environment; see the [module docs](self#caveats).
+pub fn listener(index: usize) -> Result<TcpListener, ListenError> {
+    let mut passed = lock(passed()?);
+    take(&mut passed, index)
+}
+
+/// Takes the first listening TCP socket not taken yet whose name (`FileDescriptorName=` in the
+/// `.socket` unit, `--fdname=` of `systemd-socket-activate`) is `name`. Sockets without a name
+/// are named `unknown` by systemd.
+///
+/// # Errors
+///
+/// As [`listener`], with [`ListenError::NameNotFound`] instead of `IndexNotFound`.
+///
+/// # Caveats
+///
+/// As [`listener`].
+pub fn listener_named(name: &str) -> Result<TcpListener, ListenError> {
+    let mut passed = lock(passed()?);
+    let index = (0..passed.names.len())
+        .find(|&i| passed.names[i] == name && !passed.taken[i])
+        .ok_or_else(|| ListenError::NameNotFound {
+            name: name.to_owned(),
+            names: passed.names.clone(),
+        })?;
+    take(&mut passed, index)
+}
+
+/// The names of the sockets systemd passed, in index order.
+///
+/// # Errors
+///
+/// [`ListenError::NotActivated`], [`PidMismatch`](ListenError::PidMismatch) or
+/// [`InvalidEnv`](ListenError::InvalidEnv).
+///
+/// # Caveats
+///
+/// As [`listener`].
+pub fn listener_names() -> Result<Vec<String>, ListenError> {
+    Ok(lock(passed()?).names.clone())
+}
+
+fn take(passed: &mut Passed, index: usize) -> Result<TcpListener, ListenError> {
+    let count = passed.names.len();
+    if index >= count {
+        return Err(ListenError::IndexNotFound {
+            index,
+            passed: count,
+        });
+    }
+    let name = passed.names[index].clone();
+    let not_tcp = |source| ListenError::NotTcpListener {
+        index,
+        name: name.clone(),
+        source,
+    };
+    // listenfd checks that the descriptor is an IPv4 or IPv6 stream socket and marks it
+    // close-on-exec; it leaves one that fails the check in place.
+    let listener = match passed.fds.take_tcp_listener(index) {
+        Ok(Some(listener)) => listener,
+        Ok(None) => return Err(ListenError::AlreadyTaken { index }),
+        Err(e) => return Err(not_tcp(e)),
+    };
+    passed.taken[index] = true;
+    // A connection handed over by `Accept=yes` is a stream socket too, but it has a peer.
+    let stream = TcpStream::from(OwnedFd::from(listener));
+    if let Ok(peer) = stream.peer_addr() {
+        return Err(not_tcp(io::Error::other(format!(
+            "it is a connection from {peer} (Accept=yes?), not a listening socket"
+        ))));
+    }
+    Ok(TcpListener::from(OwnedFd::from(stream)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_watchdog_is_for_this_process_only() {
+        let us = 4242;
+        assert_eq!(watchdog(None, None, us), None);
+        assert_eq!(watchdog(Some("0"), None, us), None);
+        assert_eq!(watchdog(Some("x"), None, us), None);
+        assert_eq!(
+            watchdog(Some("2000000"), None, us),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            watchdog(Some("2000000"), Some("4242"), us),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(watchdog(Some("2000000"), Some("4243"), us), None);
+        assert_eq!(watchdog(Some("2000000"), Some("nope"), us), None);
+    }
+
+    #[test]
+    fn systemd_listen_env_is_checked_like_sd_listen_fds() {
+        let us = 77;
+        assert!(matches!(
+            check_env(None, Some("77"), None, us),
+            Err(EnvProblem::NotActivated)
+        ));
+        assert!(matches!(
+            check_env(Some("1"), Some("78"), None, us),
+            Err(EnvProblem::PidMismatch { pid: 77, .. })
+        ));
+        assert!(matches!(
+            check_env(Some("1"), None, None, us),
+            Err(EnvProblem::PidMismatch { .. })
+        ));
+        assert!(matches!(
+            check_env(Some("two"), Some("77"), None, us),
+            Err(EnvProblem::InvalidEnv {
+                var: "LISTEN_FDS",
+                ..
+            })
+        ));
+        assert!(matches!(
+            check_env(Some("2"), Some("77"), Some("http"), us),
+            Err(EnvProblem::InvalidEnv {
+                var: "LISTEN_FDNAMES",
+                ..
+            })
+        ));
+        assert_eq!(
+            check_env(Some("2"), Some("77"), None, us).unwrap(),
+            ["unknown", "unknown"]
+        );
+        assert_eq!(
+            check_env(Some("2"), Some("77"), Some("http:grpc"), us).unwrap(),
+            ["http", "grpc"]
+        );
+    }
+
+    #[test]
+    fn systemd_notify_socket_addresses() {
+        assert!(notify_addr(OsStr::new("/run/systemd/notify")).is_ok());
+        assert!(notify_addr(OsStr::new("@/org/freedesktop/systemd1/notify")).is_ok());
+        assert!(notify_addr(OsStr::new("relative")).is_err());
+        assert!(notify_addr(OsStr::new("vsock:2:1234")).is_err());
+    }
+
+    #[test]
+    fn systemd_status_is_one_short_line() {
+        assert_eq!(status("a\nb"), "a b");
+        let long = "é".repeat(150);
+        let s = status(&long);
+        assert!(s.len() <= 200 && s.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn systemd_datagrams_reach_the_socket_and_never_block() {
+        let dir = std::env::temp_dir().join(format!(
+            "finale-notify-unit-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify");
+        let receiver = UnixDatagram::bind(&path).unwrap();
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let notifier = Notifier::new(path.as_os_str(), None).unwrap();
+        notifier.send("READY=1");
+        let mut buf = [0u8; 256];
+        let n = receiver.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+        // Nobody reads: the queue fills, and sending still returns at once.
+        let start = Instant::now();
+        for _ in 0..10_000 {
+            notifier.send("WATCHDOG=1");
+        }
+        assert!(start.elapsed() < Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,328 @@
+//! `serde::Serialize` for the report and its parts, and [`ShutdownReport::to_json`] (feature
+//! `serde`).
+//!
+//! Written by hand rather than derived, so that the JSON is a stable, flat shape for log
+//! pipelines whatever the Rust types look like: snake-case names for every enum, durations as
+//! seconds in an `f64` (`*_seconds`, like the metrics), errors as their message.
+
+use serde::ser::{Serialize, SerializeMap, SerializeStruct, Serializer};
+
+use super::names::reason_label;
+use super::{
+    EntryKind, EntryReport, Outcome, PhaseOutcome, PhaseReport, Reason, ShutdownReport,
+    ShutdownStatus,
+};
+use crate::phase::Phase;
+use crate::signal::Signal;
+
+impl ShutdownReport {
+    /// The whole report as one line of JSON, for log pipelines.
+    ///
+    /// ```json
+    /// {"reason":{"kind":"signal","signal":"SIGTERM","message":"signal SIGTERM"},
+    ///  "status":"clean","exit_code":0,"total_seconds":0.0124,"over_budget":false,
+    ///  "escalated":false,"in_flight_at_drain_start":2,"requests_rejected":0,
+    ///  "requests_panicked":0,"cut":[],
+    ///  "phases":[{"phase":"announce","outcome":"completed","duration_seconds":0.0001,
+    ///             "entries":[]},
+    ///            {"phase":"workers","outcome":"completed","duration_seconds":0.0081,
+    ///             "entries":[{"name":"close-db","kind":"hook","outcome":"failed",
+    ///                         "error":"connection refused","duration_seconds":0.008}]}]}
+    /// ```
+    ///
+    /// - `status`: `clean`, `startup_failure`, `component_failure`, `deadline_overrun`,
+    ///   `telemetry_not_delivered`, `forced`, `immediate`.
+    /// - `reason.kind`: `signal` (with `signal`), `requested` (with `why`), `startup_failed` and
+    ///   `task_failed` (with `name` and `error`), `panic` (with `panic` and `location`); every
+    ///   reason also has its readable `message`.
+    /// - an entry's `kind`: `hook`, `task`, `in_flight`, `drain_delay`; its `outcome`:
+    ///   `completed`, `failed` (with `error`), `panicked` (with `panic`), `timed_out`,
+    ///   `overran`, `abandoned`; a phase's `outcome`: `completed`, `deadline_reached`,
+    ///   `escalated`, `skipped`.
+    /// - every duration in seconds, as a floating-point number.
+    ///
+    /// The same shape comes from `serde_json::to_string(&report)` or any other `serde` format.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// #[tokio::main]
+    /// async fn main() -> Result<(), finale::ConfigError> {
+    ///     let finale = finale::Finale::builder().build()?;
+    ///     let report = finale.run().await;
+    ///     // One line a log pipeline parses, next to the readable timeline.
+    ///     tracing::info!(target: "shutdown", report = %report.to_json());
+    ///     report.exit()
+    /// }
+    /// ```
+    #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+    pub fn to_json(&self) -> String {
+        // Nothing here can fail to serialize: no map has non-string keys and serde_json writes
+        // a non-finite float as `null`.
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            serde_json::Value::String(format!("report not serialized: {e}")).to_string()
+        })
+    }
+}
+
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl Serialize for ShutdownReport {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut r = s.serialize_struct("ShutdownReport", 11)?;
+        r.serialize_field("reason", &self.reason)?;
+        r.serialize_field("status", &self.status)?;
+        r.serialize_field("exit_code", &self.exit_code)?;
+        r.serialize_field("total_seconds", &self.total.as_secs_f64())?;
+        r.serialize_field("over_budget", &self.over_budget)?;
+        r.serialize_field("escalated", &self.escalated)?;
+        r.serialize_field("in_flight_at_drain_start", &self.in_flight_at_drain_start)?;
+        r.serialize_field("requests_rejected", &self.requests_rejected)?;
+        r.serialize_field("requests_panicked", &self.requests_panicked)?;
+        r.serialize_field("cut", &self.cut)?;
+        r.serialize_field("phases", &self.phases)?;
+        r.end()
+    }
+}
+
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl Serialize for PhaseReport {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut r = s.serialize_struct("PhaseReport", 4)?;
+        r.serialize_field("phase", &self.phase)?;
+        r.serialize_field("outcome", &self.outcome)?;
+        r.serialize_field("duration_seconds", &self.duration.as_secs_f64())?;
+        r.serialize_field("entries", &self.entries)?;
+        r.end()
+    }
+}
+
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl Serialize for EntryReport {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut r = s.serialize_map(None)?;
+        r.serialize_entry("name", &*self.name)?;
+        r.serialize_entry("kind", &self.kind)?;
+        outcome_entries(&self.outcome, &mut r)?;
+        r.serialize_entry("duration_seconds", &self.duration.as_secs_f64())?;
+        r.end()
+    }
+}
+
+/// `outcome`, and `error` or `panic` when it has one.
+fn outcome_entries<M: SerializeMap>(outcome: &Outcome, m: &mut M) -> Result<(), M::Error> {
+    m.serialize_entry("outcome", outcome.as_str())?;
+    match outcome {
+        Outcome::Failed(error) => m.serialize_entry("error", &error.to_string()),
+        Outcome::Panicked(message) => m.serialize_entry("panic", message),
+        _ => Ok(()),
+    }
+}
+
+/// `{"outcome": "failed", "error": "..."}`, as in an entry.
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl Serialize for Outcome {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        outcome_entries(self, &mut m)?;
+        m.end()
+    }
+}
+
+/// `{"kind": "signal", "signal": "SIGTERM", "message": "signal SIGTERM"}` and so on.
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl Serialize for Reason {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("kind", reason_label(self))?;
+        match self {
+            Reason::Signal(signal) => m.serialize_entry("signal", signal)?,
+            Reason::Requested(why) => m.serialize_entry("why", &**why)?,
+            Reason::StartupFailed { name, error } | Reason::TaskFailed { name, error } => {
+                m.serialize_entry("name", &**name)?;
+                m.serialize_entry("error", &error.to_string())?;
+            }
+            Reason::Panic { message, location } => {
+                m.serialize_entry("panic", message)?;
+                m.serialize_entry("location", location)?;
+            }
+        }
+        m.serialize_entry("message", &self.to_string())?;
+        m.end()
+    }
+}
+
+/// A string: `clean`, `startup_failure`, `component_failure`, `deadline_overrun`,
+/// `telemetry_not_delivered`, `forced`, `immediate`.
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl Serialize for ShutdownStatus {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.key())
+    }
+}
+
+/// A string: `announce`, `drain`, `workers`, `telemetry`.
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl Serialize for Phase {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// A string: `hook`, `task`, `in_flight`, `drain_delay`.
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl Serialize for EntryKind {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.key())
+    }
+}
+
+/// A string: `completed`, `deadline_reached`, `escalated`, `skipped`.
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl Serialize for PhaseOutcome {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// A string: `SIGTERM`, `SIGINT`, ...
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl Serialize for Signal {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+    use std::time::Duration;
+
+    use serde_json::Value;
+
+    use super::*;
+    use crate::hook::HookError;
+    use crate::report::ExitCodes;
+
+    fn report() -> ShutdownReport {
+        let entry = |name: &'static str, kind, outcome, ms| EntryReport {
+            name: Cow::Borrowed(name),
+            kind,
+            outcome,
+            duration: Duration::from_millis(ms),
+        };
+        let mut report = ShutdownReport {
+            reason: Reason::Signal(Signal::Terminate),
+            phases: vec![
+                PhaseReport {
+                    phase: Phase::Drain,
+                    outcome: PhaseOutcome::Completed,
+                    duration: Duration::from_millis(3),
+                    entries: vec![entry(
+                        "in-flight work",
+                        EntryKind::InFlight,
+                        Outcome::Completed,
+                        3,
+                    )],
+                },
+                PhaseReport {
+                    phase: Phase::Workers,
+                    outcome: PhaseOutcome::Completed,
+                    duration: Duration::from_millis(8),
+                    entries: vec![
+                        entry(
+                            "close-db",
+                            EntryKind::Hook,
+                            Outcome::Failed(HookError::msg("connection \"refused\"")),
+                            8,
+                        ),
+                        entry(
+                            "ticker",
+                            EntryKind::Task,
+                            Outcome::Panicked("boom".into()),
+                            1,
+                        ),
+                    ],
+                },
+            ],
+            in_flight_at_drain_start: 2,
+            requests_rejected: 1,
+            requests_panicked: 0,
+            cut: vec!["GET /events".into()],
+            escalated: false,
+            total: Duration::from_millis(1500),
+            over_budget: false,
+            status: ShutdownStatus::Clean,
+            exit_code: 0,
+        };
+        report.classify(&ExitCodes::default());
+        report
+    }
+
+    #[test]
+    fn report_json_parses_back_with_every_field() {
+        let json: Value = serde_json::from_str(&report().to_json()).unwrap();
+        assert_eq!(json["status"], "component_failure");
+        assert_eq!(json["exit_code"], 4);
+        assert_eq!(json["total_seconds"], 1.5);
+        assert_eq!(json["reason"]["kind"], "signal");
+        assert_eq!(json["reason"]["signal"], "SIGTERM");
+        assert_eq!(json["reason"]["message"], "signal SIGTERM");
+        assert_eq!(json["in_flight_at_drain_start"], 2);
+        assert_eq!(json["requests_rejected"], 1);
+        assert_eq!(json["cut"][0], "GET /events");
+        let phases = json["phases"].as_array().unwrap();
+        assert_eq!(phases[0]["phase"], "drain");
+        assert_eq!(phases[0]["entries"][0]["kind"], "in_flight");
+        assert_eq!(phases[1]["duration_seconds"], 0.008);
+        let db = &phases[1]["entries"][0];
+        assert_eq!(db["name"], "close-db");
+        assert_eq!(db["kind"], "hook");
+        assert_eq!(db["outcome"], "failed");
+        assert_eq!(db["error"], "connection \"refused\"");
+        let ticker = &phases[1]["entries"][1];
+        assert_eq!(ticker["outcome"], "panicked");
+        assert_eq!(ticker["panic"], "boom");
+        assert!(ticker.get("error").is_none());
+    }
+
+    #[test]
+    fn report_json_names_every_status_and_reason_kind() {
+        let statuses = [
+            ShutdownStatus::Clean,
+            ShutdownStatus::StartupFailure,
+            ShutdownStatus::ComponentFailure,
+            ShutdownStatus::DeadlineOverrun,
+            ShutdownStatus::TelemetryNotDelivered,
+            ShutdownStatus::Forced,
+            ShutdownStatus::Immediate,
+        ];
+        let names: Vec<String> = statuses
+            .iter()
+            .map(|s| serde_json::to_string(s).unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "\"clean\"",
+                "\"startup_failure\"",
+                "\"component_failure\"",
+                "\"deadline_overrun\"",
+                "\"telemetry_not_delivered\"",
+                "\"forced\"",
+                "\"immediate\""
+            ]
+        );
+        let reason = Reason::StartupFailed {
+            name: "http".into(),
+            error: HookError::msg("address in use"),
+        };
+        let json: Value = serde_json::to_value(&reason).unwrap();
+        assert_eq!(json["kind"], "startup_failed");
+        assert_eq!(json["name"], "http");
+        assert_eq!(json["error"], "address in use");
+        let json: Value = serde_json::to_value(Reason::Requested("deploy".into())).unwrap();
+        assert_eq!(json["why"], "deploy");
+        let json: Value = serde_json::to_value(Outcome::TimedOut).unwrap();
+        assert_eq!(json, serde_json::json!({"outcome": "timed_out"}));
+    }
+}
