@@ -1,12 +1,14 @@
-//! Real signals sent to a real child process (the quickstart example), on both runtime flavours.
+//! Real signals sent to a real child process (the quickstart example), on both runtime flavours,
+//! through the testing kit's `Process`.
 
 #![cfg(unix)]
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+use finale::Signal;
+use finale::testing::Process;
 
 const RUNTIMES: [&str; 3] = ["current_thread", "multi_thread_1", "multi_thread"];
 /// Wide bound for anything that should take milliseconds.
@@ -27,98 +29,28 @@ fn quickstart() -> PathBuf {
     path
 }
 
-struct Service {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Service {
-    fn start(runtime: &str, env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(quickstart());
-        cmd.env("QUICKSTART_RUNTIME", runtime)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .env_remove("ECS_CONTAINER_METADATA_URI_V4")
-            .env_remove("ECS_CONTAINER_METADATA_URI")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
+/// The quickstart example on `runtime`, with `env`; the kit keeps the test's own `FINALE_*` and
+/// orchestrator variables out of it.
+fn start(runtime: &str, env: &[(&str, &str)]) -> Process {
+    let mut cmd = Command::new(quickstart());
+    cmd.env("QUICKSTART_RUNTIME", runtime)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
     }
-
-    /// Waits (bounded) for a stderr line containing `needle`.
-    fn wait_for(&mut self, needle: &str) {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let found = line.contains(needle);
-                    self.seen.push(line);
-                    if found {
-                        return;
-                    }
-                }
-                Err(_) => panic!("no line with {needle:?}; saw:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits (bounded) for the exit; returns the status and everything it wrote to stderr.
-    fn wait_exit(mut self) -> (ExitStatus, String, Duration) {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let elapsed = start.elapsed();
-                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
-                    self.seen.push(line);
-                }
-                return (status, self.seen.join("\n"), elapsed);
-            }
-            if start.elapsed() > BOUND {
-                self.child.kill().unwrap();
-                panic!("did not exit; saw:\n{}", self.seen.join("\n"));
-            }
-            std::thread::sleep(Duration::from_millis(5)); // polling a condition with a bound
-        }
-    }
+    Process::spawn(cmd).unwrap()
 }
 
 #[test]
 fn sigterm_runs_the_sequence_and_exits_clean_at_once() {
     for runtime in RUNTIMES {
-        let mut s = Service::start(runtime, &[]);
-        s.wait_for("started: ready");
-        s.signal("TERM");
-        let (status, out, elapsed) = s.wait_exit();
-        assert_eq!(status.code(), Some(0), "{runtime}: {out}");
+        let mut s = start(runtime, &[]);
+        s.wait_for("started: ready", BOUND);
+        s.signal(Signal::Terminate);
+        let exit = s.wait_exit(BOUND);
+        let (out, elapsed) = (&exit.stderr, exit.elapsed);
+        assert_eq!(exit.code(), Some(0), "{runtime}: {out}");
         assert!(
             out.contains("finale: shutdown after signal SIGTERM: clean, exit code 0"),
             "{out}"
@@ -136,11 +68,12 @@ fn sigterm_runs_the_sequence_and_exits_clean_at_once() {
 #[test]
 fn sigint_is_a_clean_shutdown_too() {
     for runtime in RUNTIMES {
-        let mut s = Service::start(runtime, &[]);
-        s.wait_for("started: ready");
-        s.signal("INT");
-        let (status, out, _) = s.wait_exit();
-        assert_eq!(status.code(), Some(0), "{runtime}: {out}");
+        let mut s = start(runtime, &[]);
+        s.wait_for("started: ready", BOUND);
+        s.signal(Signal::Interrupt);
+        let exit = s.wait_exit(BOUND);
+        let out = &exit.stderr;
+        assert_eq!(exit.code(), Some(0), "{runtime}: {out}");
         assert!(out.contains("shutdown after signal SIGINT"), "{out}");
     }
 }
@@ -148,20 +81,21 @@ fn sigint_is_a_clean_shutdown_too() {
 #[test]
 fn a_second_signal_skips_to_telemetry_and_exits_forced() {
     for runtime in RUNTIMES {
-        let mut s = Service::start(
+        let mut s = start(
             runtime,
             &[
                 ("QUICKSTART_SLOW_DRAIN", "1"),
                 ("FINALE_ESCALATION_BUDGET", "300ms"),
             ],
         );
-        s.wait_for("started: ready");
-        s.signal("TERM");
-        s.wait_for("shutdown requested");
-        s.signal("TERM");
-        let (status, out, _) = s.wait_exit();
+        s.wait_for("started: ready", BOUND);
+        s.signal(Signal::Terminate);
+        s.wait_for("shutdown requested", BOUND);
+        s.signal(Signal::Terminate);
+        let exit = s.wait_exit(BOUND);
+        let out = &exit.stderr;
         assert_eq!(
-            status.code(),
+            exit.code(),
             Some(finale::ShutdownStatus::Forced.default_code()),
             "{runtime}: {out}"
         );
@@ -173,7 +107,7 @@ fn a_second_signal_skips_to_telemetry_and_exits_forced() {
 #[test]
 fn a_third_signal_exits_at_once() {
     for runtime in RUNTIMES {
-        let mut s = Service::start(
+        let mut s = start(
             runtime,
             &[
                 ("QUICKSTART_SLOW_DRAIN", "1"),
@@ -181,15 +115,16 @@ fn a_third_signal_exits_at_once() {
                 ("FINALE_TOTAL_BUDGET", "40s"),
             ],
         );
-        s.wait_for("started: ready");
-        s.signal("TERM");
-        s.wait_for("shutdown requested");
-        s.signal("INT");
-        s.wait_for("second signal");
-        s.signal("TERM");
-        let (status, out, elapsed) = s.wait_exit();
+        s.wait_for("started: ready", BOUND);
+        s.signal(Signal::Terminate);
+        s.wait_for("shutdown requested", BOUND);
+        s.signal(Signal::Interrupt);
+        s.wait_for("second signal", BOUND);
+        s.signal(Signal::Terminate);
+        let exit = s.wait_exit(BOUND);
+        let (out, elapsed) = (&exit.stderr, exit.elapsed);
         assert_eq!(
-            status.code(),
+            exit.code(),
             Some(finale::ShutdownStatus::Immediate.default_code()),
             "{runtime}: {out}"
         );
@@ -201,10 +136,10 @@ fn a_third_signal_exits_at_once() {
 #[test]
 fn a_panic_triggers_the_shutdown_through_the_panic_hook() {
     for runtime in RUNTIMES {
-        let s = Service::start(runtime, &[("QUICKSTART_PANIC_AFTER_MS", "50")]);
-        let (status, out, _) = s.wait_exit();
+        let exit = start(runtime, &[("QUICKSTART_PANIC_AFTER_MS", "50")]).wait_exit(BOUND);
+        let out = &exit.stderr;
         assert_eq!(
-            status.code(),
+            exit.code(),
             Some(finale::ShutdownStatus::ComponentFailure.default_code()),
             "{runtime}: {out}"
         );
@@ -218,10 +153,10 @@ fn a_panic_triggers_the_shutdown_through_the_panic_hook() {
 #[test]
 fn a_failed_start_exits_with_the_startup_failure_code() {
     for runtime in RUNTIMES {
-        let s = Service::start(runtime, &[("QUICKSTART_FAIL_START", "1")]);
-        let (status, out, _) = s.wait_exit();
+        let exit = start(runtime, &[("QUICKSTART_FAIL_START", "1")]).wait_exit(BOUND);
+        let out = &exit.stderr;
         assert_eq!(
-            status.code(),
+            exit.code(),
             Some(finale::ShutdownStatus::StartupFailure.default_code()),
             "{runtime}: {out}"
         );
@@ -236,11 +171,12 @@ fn a_failed_start_exits_with_the_startup_failure_code() {
 #[test]
 fn a_signal_during_graceful_start_shuts_down_what_started() {
     for runtime in RUNTIMES {
-        let mut s = Service::start(runtime, &[("QUICKSTART_SLOW_START", "1")]);
-        s.wait_for("listening for signals");
-        s.signal("TERM");
-        let (status, out, _) = s.wait_exit();
-        assert_eq!(status.code(), Some(0), "{runtime}: {out}");
+        let mut s = start(runtime, &[("QUICKSTART_SLOW_START", "1")]);
+        s.wait_for("listening for signals", BOUND);
+        s.signal(Signal::Terminate);
+        let exit = s.wait_exit(BOUND);
+        let out = &exit.stderr;
+        assert_eq!(exit.code(), Some(0), "{runtime}: {out}");
         assert!(out.contains("shutdown after signal SIGTERM"), "{out}");
         assert!(out.contains("task \"warming-cache\""), "{out}");
         assert!(!out.contains("started: ready"), "{out}");
@@ -249,9 +185,9 @@ fn a_signal_during_graceful_start_shuts_down_what_started() {
 
 #[test]
 fn a_bad_environment_variable_is_reported_before_anything_runs() {
-    let s = Service::start("multi_thread", &[("FINALE_TOTAL_BUDGET", "soon")]);
-    let (status, out, _) = s.wait_exit();
-    assert_eq!(status.code(), Some(2), "{out}");
+    let exit = start("multi_thread", &[("FINALE_TOTAL_BUDGET", "soon")]).wait_exit(BOUND);
+    let out = &exit.stderr;
+    assert_eq!(exit.code(), Some(2), "{out}");
     assert!(
         out.contains("FINALE_TOTAL_BUDGET=\"soon\" is invalid"),
         "{out}"

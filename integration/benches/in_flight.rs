@@ -51,7 +51,8 @@ fn bench(c: &mut Criterion) {
         .build()
         .unwrap();
 
-    let in_flight = finale::InFlight::new();
+    let in_flight_tracker = finale::InFlightTracker::new();
+    let in_flight = in_flight_tracker.in_flight();
     let tracker = tokio_util::task::TaskTracker::new();
     let token = tokio_util::sync::CancellationToken::new();
     let graceful = runtime.block_on(async { tokio_graceful::Shutdown::no_signal() });

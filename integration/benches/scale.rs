@@ -99,7 +99,8 @@ fn memory() {
     let Some(before) = rss_kib() else {
         return;
     };
-    let in_flight = finale::InFlight::new();
+    let tracker = finale::InFlightTracker::new();
+    let in_flight = tracker.in_flight();
     let guards: Vec<InFlightGuard> = (0..1_000_000).map(|_| in_flight.acquire()).collect();
     let after_guards = rss_kib().unwrap();
     let per_guard = (after_guards - before) as f64 * 1024.0 / 1e6;

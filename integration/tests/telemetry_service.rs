@@ -15,12 +15,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{OnceLock, mpsc};
+use std::process::{Command, ExitStatus};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use finale::Signal;
+use finale::testing::Process;
 
 use common::components::{Collector, Pushgateway, free_port, http_request, wait_until};
 use common::load;
@@ -70,10 +73,10 @@ impl Drop for Scratch {
     }
 }
 
+/// The `full_service` example as a child process, through the testing kit (which keeps the
+/// test's own `FINALE_*` and orchestrator variables out of it, and kills it if the test fails).
 struct Service {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
+    process: Process,
     addr: String,
 }
 
@@ -87,100 +90,47 @@ impl Service {
             .env("NO_COLOR", "1")
             .env_remove("PUSHGATEWAY_URL")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .env_remove("ECS_CONTAINER_METADATA_URI_V4")
-            .env_remove("ECS_CONTAINER_METADATA_URI")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut service = Self {
-            child,
-            lines,
-            seen: Vec::new(),
-            addr: String::new(),
-        };
-        let listening = service.wait_for("listening on ");
-        service.addr = listening
+        let mut process = Process::spawn(cmd).unwrap();
+        let listening = process.wait_for("listening on ", BOUND);
+        let addr = listening
             .split("listening on ")
             .nth(1)
             .unwrap()
             .trim()
             .to_owned();
-        service.wait_for("started: ready");
-        service
+        process.wait_for("started: ready", BOUND);
+        Self { process, addr }
     }
 
     /// Waits (bounded) for a stderr line containing `needle` and returns it.
     fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => {
-                    let _ = self.child.kill();
-                    panic!("no line with {needle:?}; saw:\n{}", self.seen.join("\n"))
-                }
-            }
-        }
+        self.process.wait_for(needle, BOUND)
     }
 
     fn work_url(&self) -> String {
         format!("{}/work", self.addr)
     }
 
-    fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+    fn sigterm(&mut self) {
+        self.process.signal(Signal::Terminate);
     }
 
     /// Waits (bounded) for the exit; returns the status, everything written to stderr and the
-    /// time it took.
-    fn wait_exit(mut self) -> (ExitStatus, String, Duration) {
-        let start = Instant::now();
-        let mut status = None;
-        let exited = wait_until(BOUND, || {
-            status = self.child.try_wait().unwrap();
-            status.is_some()
-        });
-        let elapsed = start.elapsed();
-        if !exited {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        // The pipe closes with the process: read what is left.
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            self.seen.push(line);
-        }
-        let out = self.seen.join("\n");
-        assert!(exited, "did not exit within {BOUND:?}; saw:\n{out}");
-        (status.unwrap(), out, elapsed)
+    /// time it took after the signal.
+    fn wait_exit(self) -> (ExitStatus, String, Duration) {
+        let exit = self.process.wait_exit(BOUND);
+        let status = exit
+            .status
+            .unwrap_or_else(|| panic!("did not exit within {BOUND:?}; saw:\n{}", exit.stderr));
+        (status, exit.stderr, exit.elapsed)
     }
 
     /// SIGTERM, then the exit.
-    fn stop(self) -> (ExitStatus, String, Duration) {
+    fn stop(mut self) -> (ExitStatus, String, Duration) {
         self.sigterm();
         self.wait_exit()
     }
@@ -223,7 +173,7 @@ fn lossless_under_load_across_sigterm() {
     };
     let scratch = Scratch::new("lossless");
     let job = "lossless";
-    let service = Service::start(
+    let mut service = Service::start(
         &scratch.log(),
         &[
             ("PUSHGATEWAY_URL", &gateway.url()),

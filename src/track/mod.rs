@@ -6,7 +6,7 @@ mod in_flight;
 mod token;
 
 pub use self::health::Health;
-pub use self::in_flight::{InFlight, InFlightGuard};
+pub use self::in_flight::{InFlight, InFlightGuard, InFlightTracker};
 pub use self::token::{Cancelled, StopToken};
 
 /// Waits on `notify` until `ready()` holds. The waiter registers before it checks, so a

@@ -1,3 +1,4 @@
 //! Shared helpers for the integration tests.
 
 pub(crate) mod examples;
+pub(crate) mod logfmt;

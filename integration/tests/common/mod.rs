@@ -5,3 +5,5 @@ pub(crate) mod components;
 #[path = "../../../tests/common/examples.rs"]
 pub(crate) mod examples;
 pub(crate) mod load;
+#[path = "../../../tests/common/logfmt.rs"]
+pub(crate) mod logfmt;
