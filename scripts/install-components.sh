@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real components finale's integration tests and benches talk to: the Prometheus
-# Pushgateway, haproxy and the wrk load generator (Debian packages) and the rotel OTLP collector
-# (PyPI, pinned). Needs root and apt-get; safe to re-run (skips what is already in place).
+# Pushgateway, haproxy, the wrk and h2load load generators and systemd-socket-activate (Debian
+# packages) and the rotel OTLP collector (PyPI, pinned). Needs root and apt-get; safe to re-run
+# (skips what is already in place).
 set -euo pipefail
 
 ROTEL_VERSION="${ROTEL_VERSION:-0.0.1a15}"
@@ -25,11 +26,21 @@ apt_install() {
   apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends "$@"
 }
 
-step "install prometheus-pushgateway, haproxy, wrk (apt)"
-if command -v prometheus-pushgateway >/dev/null && command -v haproxy >/dev/null && command -v wrk >/dev/null; then
+step "install prometheus-pushgateway, haproxy, wrk, h2load (apt)"
+if command -v prometheus-pushgateway >/dev/null && command -v haproxy >/dev/null && command -v wrk >/dev/null \
+  && command -v h2load >/dev/null; then
   echo "already installed, skipping apt"
 else
-  apt_install prometheus-pushgateway haproxy wrk
+  apt_install prometheus-pushgateway haproxy wrk nghttp2-client
+fi
+
+step "install systemd-socket-activate (apt: systemd)"
+# Only the binary is used: it hands a listening socket to the systemd tests' example. Nothing is
+# started as a service.
+if command -v systemd-socket-activate >/dev/null; then
+  echo "already installed, skipping apt"
+else
+  apt_install systemd
 fi
 
 step "install rotel ${ROTEL_VERSION} (pip)"

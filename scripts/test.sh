@@ -13,7 +13,7 @@ case ":${PATH}:" in
 esac
 
 missing=()
-for bin in prometheus-pushgateway rotel-agent haproxy; do
+for bin in prometheus-pushgateway rotel-agent haproxy systemd-socket-activate h2load; do
   command -v "$bin" >/dev/null || missing+=("$bin")
 done
 if ((${#missing[@]})); then

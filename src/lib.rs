@@ -112,6 +112,19 @@
 //!   short-lived plain threads (`finale-otlp-*`, `finale-log-writer`), so that a blocking
 //!   exporter never stalls the runtime; one that overruns is left behind and dies with the
 //!   process.
+//! - **The termination message.** At the end of [`Finale::run`] (and when the supervisor takes
+//!   over), a summary of at most 4 KiB is written to the file [`Builder::termination_log`] names:
+//!   by default `/dev/termination-log` when running on Kubernetes and that file is writable
+//!   (the kubelet's file for exactly this), nowhere elsewhere. `FINALE_TERMINATION_LOG=off`
+//!   turns it off.
+//! - **systemd notifications**, only with `Builder::systemd_notify(true)` (feature `systemd`)
+//!   and when `$NOTIFY_SOCKET` is set: non-blocking datagrams to the service manager from the
+//!   thread where each moment happens, and, when `$WATCHDOG_USEC` is set, one task on your
+//!   runtime that pings the watchdog from graceful start to the trigger.
+//! - **Socket activation**, only when you call `finale::systemd::listener*` (feature
+//!   `systemd`): the first call takes the sockets systemd passed for the whole process and
+//!   removes `LISTEN_PID` and `LISTEN_FDS` from the process's environment (the `listenfd` crate
+//!   does, so that child processes do not inherit them); make it early in `main`.
 //! - **`std::process::exit`** is called by [`ShutdownReport::exit`] and
 //!   [`Finale::run_and_exit`] (by you), by the supervisor on a takeover, on a third signal and on
 //!   a signal after `run()` returned.
@@ -135,6 +148,11 @@
 //! | `pushgateway` | final push to a Prometheus Pushgateway from metrics-exporter-prometheus |
 //! | `otlp` | bounded, parallel flush and shutdown of OpenTelemetry SDK providers |
 //! | `tracing-appender` | release a tracing-appender `WorkerGuard` last, bounded |
+//! | `testing` | the testing kit (`finale::testing`): run a service in a test, virtual or real signals, bounded load, one-line assertions |
+//! | `systemd` | Linux: `READY`/`STOPPING`/`STATUS`/`EXTEND_TIMEOUT_USEC`/`WATCHDOG` on `$NOTIFY_SOCKET`, socket activation for the servers (no libsystemd) |
+//! | `serde` | `serde::Serialize` for the report and its parts; `ShutdownReport::to_json` for log pipelines |
+//!
+//! The Kubernetes termination message needs no feature: see [`Builder::termination_log`].
 //!
 //! ## Minimum supported Rust version
 //!
@@ -147,6 +165,7 @@ mod config;
 mod handle;
 mod hook;
 mod phase;
+mod platform;
 mod report;
 mod run;
 mod signal;
@@ -163,6 +182,9 @@ mod serve;
     feature = "tracing-appender"
 ))]
 mod telemetry;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
@@ -187,6 +209,10 @@ pub use crate::telemetry::otlp;
 #[cfg_attr(docsrs, doc(cfg(feature = "pushgateway")))]
 pub use crate::telemetry::pushgateway;
 
+#[cfg(all(feature = "systemd", unix))]
+#[cfg_attr(docsrs, doc(cfg(feature = "systemd")))]
+pub use crate::platform::systemd;
+
 pub use crate::config::{
     Budget, ConfigError, DEFAULT_ANNOUNCE_TIMEOUT, DEFAULT_DRAIN_DELAY_LOCAL,
     DEFAULT_DRAIN_DELAY_ORCHESTRATED, DEFAULT_DRAIN_TIMEOUT, DEFAULT_ESCALATION_BUDGET,
@@ -197,6 +223,7 @@ pub use crate::config::{
 pub use crate::handle::Handle;
 pub use crate::hook::{Hook, HookContext, HookError, HookOutput};
 pub use crate::phase::Phase;
+pub use crate::platform::{DEFAULT_TERMINATION_LOG, TERMINATION_MESSAGE_MAX, TerminationLog};
 pub use crate::report::names;
 pub use crate::report::{
     EntryKind, EntryReport, ExitCodes, Outcome, PhaseOutcome, PhaseReport, Reason, ShutdownReport,
@@ -209,4 +236,4 @@ pub use crate::signal::{DEFAULT_SIGNALS, Signal};
 pub use crate::slot::{ORDER_LOG_WRITER, ORDER_METRICS, ORDER_TRACES_LOGS};
 pub use crate::state::State;
 pub use crate::task::{Task, TaskContext};
-pub use crate::track::{Cancelled, Health, InFlight, InFlightGuard, StopToken};
+pub use crate::track::{Cancelled, Health, InFlight, InFlightGuard, InFlightTracker, StopToken};

@@ -20,9 +20,9 @@ use tokio::task::JoinHandle;
 use crate::config::{Budget, ConfigError};
 use crate::hook::{Hook, HookError};
 use crate::phase::Phase;
-use crate::report::{ExitCodes, Reason};
+use crate::report::{ExitCodes, Reason, ShutdownReport};
 use crate::slot::Share;
-use crate::track::{Health, InFlight, StopToken};
+use crate::track::{Health, InFlight, InFlightTracker, StopToken};
 
 /// Where the service is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -183,6 +183,22 @@ pub(crate) struct EmergencyStage {
     pub(crate) run: Box<dyn FnOnce(std::time::Instant) -> Result<(), String> + Send>,
 }
 
+/// What the platform learns of the service's life (systemd's notify socket, Kubernetes'
+/// termination message): told at each moment, on the thread where it happens. Implementations
+/// never block for long, never panic and never print.
+pub(crate) trait Observer: Send + Sync {
+    /// Graceful start completed: the service is ready (on the user's runtime).
+    fn started(&self, _shared: &Shared) {}
+    /// The shutdown was requested: the trigger is set, the `requested` token not cancelled yet.
+    fn requested(&self, _shared: &Shared, _reason: &Reason) {}
+    /// `phase` starts (or is skipped); its token is not cancelled yet.
+    fn phase_started(&self, _shared: &Shared, _phase: Phase) {}
+    /// The run ended with `report`, just before `run()` returns it.
+    fn finished(&self, _shared: &Shared, _report: &ShutdownReport) {}
+    /// The supervisor takes over a wedged shutdown and is about to exit with `code`.
+    fn took_over(&self, _shared: &Shared, _why: &str, _code: i32) {}
+}
+
 /// Why a registration was refused.
 pub(crate) enum Refused {
     Config(ConfigError),
@@ -203,6 +219,8 @@ pub(crate) struct Shared {
     pub(crate) exit_codes: ExitCodes,
     pub(crate) health: Health,
     pub(crate) in_flight: InFlight,
+    /// Owns `in_flight`'s tracker: when the state goes, the tracker is retired and pooled.
+    _in_flight_owner: InFlightTracker,
     pub(crate) life: Arc<Life>,
     /// Each phase's deadline, set just before its token is cancelled.
     phase_deadlines: Mutex<[Option<tokio::time::Instant>; 4]>,
@@ -213,6 +231,8 @@ pub(crate) struct Shared {
     rejected: AtomicU64,
     registry: Mutex<Option<Registry>>,
     emergency: Mutex<Vec<EmergencyStage>>,
+    /// Set by the builder before the state is shared; empty unless the user asked.
+    pub(crate) observers: Vec<Box<dyn Observer>>,
 }
 
 impl Drop for Shared {
@@ -223,11 +243,13 @@ impl Drop for Shared {
 
 impl Shared {
     pub(crate) fn new(budget: Budget, exit_codes: ExitCodes) -> Self {
+        let in_flight_owner = InFlightTracker::new();
         Self {
             budget,
             exit_codes,
             health: Health::new(),
-            in_flight: InFlight::new(),
+            in_flight: in_flight_owner.in_flight(),
+            _in_flight_owner: in_flight_owner,
             life: Arc::new(Life::new()),
             phase_deadlines: Mutex::new([None; 4]),
             cut: Mutex::new(Vec::new()),
@@ -236,6 +258,7 @@ impl Shared {
             rejected: AtomicU64::new(0),
             registry: Mutex::new(Some(Registry::default())),
             emergency: Mutex::new(Vec::new()),
+            observers: Vec::new(),
         }
     }
 
@@ -247,10 +270,12 @@ impl Shared {
                 return false;
             }
             tracing::info!(target: "finale", %reason, "shutdown requested");
-            *slot = Some(reason);
+            *slot = Some(reason.clone());
             // The budget starts here, wherever the program is.
             let _ = self.life.trigger.set(now());
         }
+        // Before the token: the platform hears of the trigger before any phase starts.
+        self.observe(|o| o.requested(self, &reason));
         self.life.requested.cancel()
     }
 
@@ -289,6 +314,7 @@ impl Shared {
     /// Sets the phase's deadline, then cancels its token, so anything woken by the token sees it.
     pub(crate) fn start_phase(&self, phase: Phase, deadline: tokio::time::Instant) {
         lock(&self.phase_deadlines)[phase.index()].get_or_insert(deadline);
+        self.observe(|o| o.phase_started(self, phase));
         self.life.phase_started[phase.index()].cancel();
     }
 
@@ -377,6 +403,13 @@ impl Shared {
 
     pub(crate) fn take_emergency(&self) -> Vec<EmergencyStage> {
         std::mem::take(&mut *lock(&self.emergency))
+    }
+
+    /// Tells every [`Observer`] (none unless the user asked for one).
+    pub(crate) fn observe(&self, f: impl Fn(&dyn Observer)) {
+        for observer in &self.observers {
+            f(&**observer);
+        }
     }
 }
 
