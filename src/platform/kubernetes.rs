@@ -8,9 +8,10 @@
 //! The report is complete there, whatever the caller does next: [`ShutdownReport::exit`], a
 //! return from `main`, or a test that reads the report. `ShutdownReport::exit` would miss the
 //! last two and knows nothing of the configuration. The write happens before the supervisor
-//! learns that the sequence finished, so its deadline still bounds the process should the file
-//! system hang. When the supervisor takes over a wedged shutdown it writes a one-line message
-//! of its own before it exits.
+//! learns that the sequence finished, so its deadline still bounds the process; the write itself
+//! runs on a thread of its own and is waited for at most 500 ms, so a file system that hangs
+//! (NFS, FUSE, a FIFO with no reader) costs that and no more. When the supervisor takes over a
+//! wedged shutdown it writes a one-line message of its own, the same way, before it exits.
 //!
 //! # The format
 //!
@@ -138,19 +139,39 @@ pub(crate) fn writer(
     }
 }
 
+/// How long the end of `run()` or the supervisor's takeover waits for the message to be written.
+/// A file system that hangs (NFS, FUSE, a FIFO with no reader) must not keep the process alive:
+/// past this the write is left to its own thread and the process goes on to exit.
+const WRITE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl Writer {
     fn write(&self, message: &str) {
-        let written = OpenOptions::new()
-            .write(true)
-            .truncate(true)
-            .create(self.explicit)
-            .open(&self.path)
-            .and_then(|mut file| file.write_all(message.as_bytes()));
-        match written {
+        let (path, explicit, message) = (self.path.clone(), self.explicit, message.to_owned());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("finale-termination-log".to_owned())
+            .spawn(move || {
+                let written = OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .create(explicit)
+                    .open(&path)
+                    .and_then(|mut file| file.write_all(message.as_bytes()));
+                let _ = tx.send(written.map(|()| message.len()));
+            });
+        let written = match spawned {
+            Ok(_) => rx.recv_timeout(WRITE_WAIT).unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the write did not finish in 500 ms; left to its thread",
+                ))
+            }),
+            Err(error) => Err(error),
+        };
+        match written.map(|_| ()) {
             Ok(()) => tracing::debug!(
                 target: "finale",
                 path = %self.path.display(),
-                bytes = message.len(),
                 "termination message written"
             ),
             Err(error) => tracing::warn!(

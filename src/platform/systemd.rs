@@ -19,7 +19,10 @@
 //! `<left>` is what is left, in microseconds, until the trigger + the total budget + the safety
 //! margin: systemd's `TimeoutStopSec=` then never kills a shutdown that finale still bounds
 //! (finale's supervisor ends it by `total + safety_margin / 2`), even when `TimeoutStopSec=` is
-//! shorter than the plan. Lines of one datagram are separated by `\n`.
+//! shorter than the plan. Lines of one datagram are separated by `\n`. The socket is
+//! non-blocking: a datagram systemd cannot take at once (its queue full, PID 1 very busy) is
+//! logged and dropped rather than stalling the service, so these promises hold as far as the
+//! datagrams are delivered.
 //!
 //! The watchdog pings come from a task on **your** runtime, started when graceful start
 //! completes: if the runtime stops making progress (every worker thread blocked), the pings stop
@@ -45,21 +48,23 @@
 //! use finale::Finale;
 //! use finale::systemd::ListenError;
 //!
-//! let finale = Finale::builder().systemd_notify(true).build()?;
-//! let app = axum::Router::new().merge(finale::axum::health_router(&finale.handle()));
+//! // First, before other threads start (see the caveats): take the passed socket.
 //! let listen: finale::axum::Listen = match finale::systemd::listener_named("http") {
 //!     Ok(listener) => listener.into(),
 //!     // Started by hand, not by the socket unit: bind it ourselves.
 //!     Err(ListenError::NotActivated) => ([127, 0, 0, 1], 3000).into(),
 //!     Err(e) => return Err(e.into()),
 //! };
+//! let finale = Finale::builder().systemd_notify(true).build()?;
+//! let app = axum::Router::new().merge(finale::axum::health_router(&finale.handle()));
 //! finale::axum::serve(&finale, "http", listen, app)?;
 //! finale.run_and_exit().await
 //! # }
 //! ```
 //!
 //! Behind a socket unit, connections that arrive while the service restarts wait in the
-//! socket's backlog (systemd keeps it open) instead of being refused.
+//! socket's backlog (systemd keeps it open) instead of being refused; the draining server
+//! leaves an inherited socket's backlog as it is for the next instance.
 //!
 //! # Caveats
 //!

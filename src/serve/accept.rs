@@ -131,6 +131,11 @@ impl From<TcpListener> for Listen {
 }
 
 impl Listen {
+    /// Whether finale binds the socket itself (no other process or descriptor shares it).
+    fn is_bound_here(&self) -> bool {
+        matches!(self.0, ListenKind::Addr(_))
+    }
+
     async fn bind(self) -> io::Result<TcpListener> {
         match self.0 {
             ListenKind::Addr(addr) => TcpListener::bind(addr).await,
@@ -311,6 +316,7 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    let owned = listen.is_bound_here();
     let listener = listen.bind().await?;
     let local = listener.local_addr()?;
     let handle = ctx.handle().clone();
@@ -377,11 +383,16 @@ where
         }
     }
     // Connections the kernel already completed (in the accept queue) get an answer, not the
-    // reset that closing the listener would give them. First the backlog shrinks to nothing, so
-    // a SYN from now on is dropped (the client retries it, finds the port closed: a refusal, not
-    // a reset); then the queue is taken, straight from the socket (tokio's readiness may not
-    // have seen the latest arrivals); then the listener closes: new connections are refused.
-    let _ = socket2::SockRef::from(&listener).listen(0);
+    // reset that closing the listener would give them: the queue is taken straight from the
+    // socket (tokio's readiness may not have seen the latest arrivals), then the listener
+    // closes and new connections are refused. A socket finale bound itself has its backlog
+    // shrunk first, which narrows (not closes: Linux still completes one connection into an
+    // empty queue) the window in which a handshake lands between the last accept and the close
+    // and is reset. An inherited socket (systemd's, a hand-off) keeps its backlog: the same
+    // kernel socket serves the next instance, which must find it as it was.
+    if owned {
+        let _ = socket2::SockRef::from(&listener).listen(0);
+    }
     let mut queued = 0;
     if let Ok(std_listener) = listener.into_std() {
         loop {
@@ -536,7 +547,9 @@ fn cut_connection<C>(conn: C, watch: &ConnWatch) {
     // A connection with requests in flight is named by them (HTTP/2 streams, on tasks of their
     // own, name themselves when they are dropped, a moment later); only one with none is named
     // here, so nothing is reported twice.
-    if watch.named.load(Ordering::Relaxed) == 0 && watch.active.load(Ordering::Relaxed) == 0 {
+    // `active` first (Acquire, paired with the Release decrement): a stream that named itself
+    // and then went inactive between the two loads is then seen as named.
+    if watch.active.load(Ordering::Acquire) == 0 && watch.named.load(Ordering::Relaxed) == 0 {
         watch.handle.shared.record_cut(format!(
             "connection from {} (open at the drain deadline)",
             watch.peer

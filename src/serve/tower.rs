@@ -290,7 +290,8 @@ impl CutName {
 
 impl Drop for CutName {
     fn drop(&mut self) {
-        self.conn.active.fetch_sub(1, Ordering::Relaxed);
+        // Release: whoever sees the count drop also sees this request's `named` increment.
+        self.conn.active.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -555,7 +556,14 @@ where
                     let (mut parts, body) = response.into_parts();
                     if admitted.close_http1
                         && parts.status != StatusCode::SWITCHING_PROTOCOLS
-                        && (admitted.announced || admitted.in_flight.is_draining())
+                        && (admitted.announced
+                            || admitted.in_flight.is_draining()
+                            // finale's own connections know their handle: a request admitted
+                            // before the Announce phase and answered during it closes too.
+                            || admitted
+                                .cut
+                                .as_ref()
+                                .is_some_and(|c| c.conn.handle.shared.health.is_announced()))
                     {
                         // Answered once the shutdown is announced: this connection's last, so
                         // that a persistent client reconnects (through the load balancer, to an
