@@ -541,6 +541,16 @@ impl BudgetSettings {
             .drain_delay
             .unwrap_or(DrainDelay::Fixed(environment.default_drain_delay()));
         if let Some(answers) = probes {
+            if drain_delay.max().is_zero() {
+                // Outside an orchestrator the delay is 0 unless set: a probe count alone caps at
+                // nothing and would silently change nothing.
+                tracing::warn!(
+                    target: "finale",
+                    answers,
+                    "FINALE_DRAIN_PROBES has no effect: the drain delay it may end early is 0 \
+                     (set FINALE_DRAIN_DELAY to the longest the delay may last)"
+                );
+            }
             drain_delay = DrainDelay::UntilProbed {
                 answers,
                 max: drain_delay.max(),
@@ -630,6 +640,45 @@ pub(crate) fn plan(budget: &Budget) -> Result<(), Box<PlanMisfit>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_probe_count_that_cannot_take_effect_says_so() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            // Locally the delay is 0: a probe count alone would do nothing.
+            let b = resolve(BudgetSettings::default(), &[("FINALE_DRAIN_PROBES", "2")]).unwrap();
+            assert_eq!(b.drain_delay.max(), Duration::ZERO);
+            // With a delay to end early, it takes effect and says nothing.
+            resolve(
+                BudgetSettings::default(),
+                &[("FINALE_DRAIN_PROBES", "2"), ("FINALE_DRAIN_DELAY", "5s")],
+            )
+            .unwrap();
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text.matches("FINALE_DRAIN_PROBES has no effect").count(),
+            1,
+            "{text}"
+        );
+    }
 
     fn resolve(s: BudgetSettings, env: &[(&str, &str)]) -> Result<Budget, ConfigError> {
         let env = env_overrides(|k| {
