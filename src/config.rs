@@ -43,6 +43,8 @@ pub enum Setting {
     DrainDelay,
     /// The probe count of [`DrainDelay::UntilProbed`], `FINALE_DRAIN_PROBES`.
     DrainProbes,
+    /// The quiet time of [`DrainDelay::UntilQuiet`], `FINALE_DRAIN_IDLE`.
+    DrainIdle,
     /// [`Builder::announce_timeout`](crate::Builder::announce_timeout), `FINALE_ANNOUNCE_TIMEOUT`.
     AnnounceTimeout,
     /// [`Builder::drain_timeout`](crate::Builder::drain_timeout), `FINALE_DRAIN_TIMEOUT`.
@@ -60,11 +62,12 @@ pub enum Setting {
 }
 
 impl Setting {
-    const ALL: [Setting; 11] = [
+    const ALL: [Setting; 12] = [
         Setting::TotalBudget,
         Setting::TelemetryReserve,
         Setting::DrainDelay,
         Setting::DrainProbes,
+        Setting::DrainIdle,
         Setting::AnnounceTimeout,
         Setting::DrainTimeout,
         Setting::WorkersTimeout,
@@ -81,6 +84,7 @@ impl Setting {
             Setting::TelemetryReserve => "FINALE_TELEMETRY_RESERVE",
             Setting::DrainDelay => "FINALE_DRAIN_DELAY",
             Setting::DrainProbes => "FINALE_DRAIN_PROBES",
+            Setting::DrainIdle => "FINALE_DRAIN_IDLE",
             Setting::AnnounceTimeout => "FINALE_ANNOUNCE_TIMEOUT",
             Setting::DrainTimeout => "FINALE_DRAIN_TIMEOUT",
             Setting::WorkersTimeout => "FINALE_WORKERS_TIMEOUT",
@@ -97,6 +101,7 @@ impl Setting {
             Setting::TelemetryReserve => "telemetry reserve",
             Setting::DrainDelay => "drain delay",
             Setting::DrainProbes => "drain probe count",
+            Setting::DrainIdle => "drain quiet time",
             Setting::AnnounceTimeout => "announce timeout",
             Setting::DrainTimeout => "drain timeout",
             Setting::WorkersTimeout => "workers timeout",
@@ -134,6 +139,23 @@ pub enum DrainDelay {
         /// The delay never lasts longer than this.
         max: Duration,
     },
+    /// End the delay once the data path has gone quiet: no new connection and no new request
+    /// (health probes aside) for `idle` since readiness turned off, after at least `probes`
+    /// "not ready" answers (0: no probe condition), or after `max`, whichever comes first.
+    ///
+    /// This is what knows when the load balancer has really let go: on Kubernetes the kubelet's
+    /// probes say nothing about kube-proxy, the ingress or a cloud load balancer, but traffic
+    /// that stops arriving does. Clients that bypass the load balancer keep it going until
+    /// `max`. finale's servers (and [`DrainLayer`](crate::tower::DrainLayer)) report the
+    /// activity; other servers can call [`Health::record_activity`](crate::Health::record_activity).
+    UntilQuiet {
+        /// How many "not ready" answers must have been served first (0: none).
+        probes: u64,
+        /// How long without a new connection or request ends the delay.
+        idle: Duration,
+        /// The delay never lasts longer than this.
+        max: Duration,
+    },
 }
 
 impl DrainDelay {
@@ -142,6 +164,7 @@ impl DrainDelay {
         match *self {
             DrainDelay::Fixed(d) => d,
             DrainDelay::UntilProbed { max, .. } => max,
+            DrainDelay::UntilQuiet { max, .. } => max,
         }
     }
 }
@@ -507,9 +530,11 @@ impl BudgetSettings {
         environment: Environment,
     ) -> Result<Budget, ConfigError> {
         let mut probes = None;
+        let mut idle = None;
         for &(setting, value) in env {
             match (setting, value) {
                 (Setting::DrainProbes, EnvValue::Count(n)) => probes = Some(n),
+                (Setting::DrainIdle, EnvValue::Duration(d)) => idle = Some(d),
                 (s, EnvValue::Duration(d)) => {
                     let slot = match s {
                         Setting::TotalBudget => &mut self.total,
@@ -518,6 +543,13 @@ impl BudgetSettings {
                             self.drain_delay = Some(match self.drain_delay {
                                 Some(DrainDelay::UntilProbed { answers, .. }) => {
                                     DrainDelay::UntilProbed { answers, max: d }
+                                }
+                                Some(DrainDelay::UntilQuiet { probes, idle, .. }) => {
+                                    DrainDelay::UntilQuiet {
+                                        probes,
+                                        idle,
+                                        max: d,
+                                    }
                                 }
                                 _ => DrainDelay::Fixed(d),
                             });
@@ -530,7 +562,7 @@ impl BudgetSettings {
                         Setting::StartupTimeout => &mut self.startup_timeout,
                         Setting::GracePeriod => &mut self.grace_period,
                         Setting::SafetyMargin => &mut self.safety_margin,
-                        Setting::DrainProbes => continue,
+                        Setting::DrainProbes | Setting::DrainIdle => continue,
                     };
                     *slot = Some(d);
                 }
@@ -540,6 +572,22 @@ impl BudgetSettings {
         let mut drain_delay = self
             .drain_delay
             .unwrap_or(DrainDelay::Fixed(environment.default_drain_delay()));
+        if let Some(idle) = idle {
+            if drain_delay.max().is_zero() {
+                tracing::warn!(
+                    target: "finale",
+                    ?idle,
+                    "FINALE_DRAIN_IDLE has no effect: the drain delay it may end early is 0 \
+                     (set FINALE_DRAIN_DELAY to the longest the delay may last)"
+                );
+            } else {
+                drain_delay = DrainDelay::UntilQuiet {
+                    probes: probes.take().unwrap_or(0),
+                    idle,
+                    max: drain_delay.max(),
+                };
+            }
+        }
         if let Some(answers) = probes {
             if drain_delay.max().is_zero() {
                 // Outside an orchestrator the delay is 0 unless set: a probe count alone caps at
@@ -606,6 +654,15 @@ fn validate(b: &Budget) -> Result<(), ConfigError> {
     if let DrainDelay::UntilProbed { answers: 0, .. } = b.drain_delay {
         return Err(ConfigError::ZeroProbeCount);
     }
+    if let DrainDelay::UntilQuiet { idle, max, .. } = b.drain_delay
+        && (idle.is_zero() || idle >= max)
+    {
+        return Err(ConfigError::InvalidDuration {
+            setting: Setting::DrainDelay,
+            value: idle,
+            problem: "(the quiet time) must be above 0 and shorter than the delay's max",
+        });
+    }
     if b.telemetry_reserve >= b.total {
         return Err(ConfigError::ReserveNotBelowTotal {
             reserve: b.telemetry_reserve,
@@ -640,6 +697,43 @@ pub(crate) fn plan(budget: &Budget) -> Result<(), Box<PlanMisfit>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quiet_drain_delay_from_the_environment() {
+        let b = resolve(
+            BudgetSettings::default(),
+            &[
+                ("FINALE_DRAIN_DELAY", "5s"),
+                ("FINALE_DRAIN_IDLE", "300ms"),
+                ("FINALE_DRAIN_PROBES", "2"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            b.drain_delay,
+            DrainDelay::UntilQuiet {
+                probes: 2,
+                idle: Duration::from_millis(300),
+                max: Duration::from_secs(5)
+            }
+        );
+        // A quiet time not shorter than the delay's max could never end it early.
+        let err = resolve(
+            BudgetSettings::default(),
+            &[("FINALE_DRAIN_DELAY", "1s"), ("FINALE_DRAIN_IDLE", "2s")],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::InvalidDuration {
+                    setting: Setting::DrainDelay,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_probe_count_that_cannot_take_effect_says_so() {

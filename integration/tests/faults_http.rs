@@ -241,3 +241,75 @@ async fn while_draining_the_layer_serves_http1_with_close_and_grpc_as_is_and_rej
     let report = run.await.unwrap();
     assert_eq!(report.requests_rejected, 1, "{report}");
 }
+
+/// The drain delay that knows when the load balancer has let go: it ends once no request has
+/// arrived for the quiet time after readiness turned off (health probes aside), after the probe
+/// count if one is set; a client that ignores the health checks keeps it going to its max.
+#[tokio::test(start_paused = true)]
+async fn a_quiet_drain_delay_ends_when_the_traffic_stops_and_not_before() {
+    use tower::{Layer, Service, ServiceExt};
+    let quiet = finale::DrainDelay::UntilQuiet {
+        probes: 2,
+        idle: Duration::from_millis(500),
+        max: Duration::from_secs(10),
+    };
+    for client_ignores_health_checks in [false, true] {
+        let finale = Finale::builder()
+            .read_env(false)
+            .no_signals()
+            .environment(finale::Environment::Local)
+            .drain_delay(quiet)
+            .announce_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let handle = finale.handle();
+        let inner = tower::service_fn(|_req: http::Request<Empty<Bytes>>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<Bytes>::new()))
+        });
+        let mut service = finale::tower::DrainLayer::new(&handle).layer(inner);
+        let mut health = finale::tower::HealthService::new(&handle);
+        let run = tokio::spawn(finale.run());
+        handle.health().started().await;
+        let t = tokio::time::Instant::now();
+        handle.trigger("test");
+        handle.phase_started(finale::Phase::Announce).await;
+        // The load balancer probes twice in the first 300 ms; requests go on for 2 s (or, from a
+        // client that ignores the health checks, for 12 s).
+        let requests = if client_ignores_health_checks {
+            120
+        } else {
+            20
+        };
+        for i in 0..requests {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if i < 2 {
+                let probe = http::Request::get("/readyz")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let answer = ServiceExt::<http::Request<Empty<Bytes>>>::ready(&mut health)
+                    .await
+                    .unwrap()
+                    .call(probe)
+                    .await
+                    .unwrap();
+                assert_eq!(answer.status(), 503);
+            }
+            if handle.in_flight().is_draining() {
+                break;
+            }
+            let request = http::Request::get("/work").body(Empty::new()).unwrap();
+            service.ready().await.unwrap().call(request).await.unwrap();
+        }
+        handle.phase_started(finale::Phase::Drain).await;
+        let report = run.await.unwrap();
+        let delay = report.entry("drain delay").unwrap().duration;
+        assert!(t.elapsed() >= delay);
+        if client_ignores_health_checks {
+            assert_eq!(delay, Duration::from_secs(10), "{report}");
+        } else {
+            // The last request at 2.0 s, then 500 ms of quiet.
+            assert_eq!(delay, Duration::from_millis(2500), "{report}");
+        }
+        assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    }
+}

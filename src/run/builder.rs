@@ -19,7 +19,7 @@ use crate::state::Shared;
 /// |---|---|---|
 /// | [`total_budget`](Builder::total_budget) | 25 s ([`DEFAULT_TOTAL_BUDGET`](crate::DEFAULT_TOTAL_BUDGET)) | `FINALE_TOTAL_BUDGET` |
 /// | [`telemetry_reserve`](Builder::telemetry_reserve) | 5 s ([`DEFAULT_TELEMETRY_RESERVE`](crate::DEFAULT_TELEMETRY_RESERVE)) | `FINALE_TELEMETRY_RESERVE` |
-/// | [`drain_delay`](Builder::drain_delay) | 5 s on Kubernetes/ECS, 0 elsewhere ([`Environment`]) | `FINALE_DRAIN_DELAY`, `FINALE_DRAIN_PROBES` |
+/// | [`drain_delay`](Builder::drain_delay) | 5 s on Kubernetes/ECS, 0 elsewhere ([`Environment`]) | `FINALE_DRAIN_DELAY`, `FINALE_DRAIN_PROBES`, `FINALE_DRAIN_IDLE` |
 /// | [`announce_timeout`](Builder::announce_timeout) | 1 s ([`DEFAULT_ANNOUNCE_TIMEOUT`](crate::DEFAULT_ANNOUNCE_TIMEOUT)) | `FINALE_ANNOUNCE_TIMEOUT` |
 /// | [`drain_timeout`](Builder::drain_timeout) | 10 s ([`DEFAULT_DRAIN_TIMEOUT`](crate::DEFAULT_DRAIN_TIMEOUT)) | `FINALE_DRAIN_TIMEOUT` |
 /// | [`workers_timeout`](Builder::workers_timeout) | 4 s ([`DEFAULT_WORKERS_TIMEOUT`](crate::DEFAULT_WORKERS_TIMEOUT)) | `FINALE_WORKERS_TIMEOUT` |

@@ -226,6 +226,19 @@ fn with_own_waits(
                                     () = health.wait_not_ready_answers(answers) => {}
                                 }
                             }
+                            DrainDelay::UntilQuiet { probes, idle, max } => {
+                                tokio::select! {
+                                    () = tokio::time::sleep(max) => {}
+                                    () = health.wait_quiet(probes, idle) => {}
+                                }
+                                let (request, probe) = health.last_seen();
+                                tracing::info!(
+                                    target: "finale",
+                                    last_request = ?request,
+                                    last_probe = ?probe,
+                                    "drain delay over: the data path is quiet (times since the announce)"
+                                );
+                            }
                             other => tokio::time::sleep(other.max()).await,
                         }
                     }),

@@ -369,7 +369,10 @@ where
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => accept(stream, peer, &mut conns),
+                Ok((stream, peer)) => {
+                    handle.shared.health.record_activity();
+                    accept(stream, peer, &mut conns);
+                }
                 Err(e) if is_connection_error(&e) => {}
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.

@@ -337,6 +337,12 @@ pub(crate) fn admit<ReqB, B>(
         shared.handle.shared.record_rejected_request();
         return Admission::Rejected(shared.rejection.response(version));
     }
+    let health = &shared.handle.shared.health;
+    let announced = health.is_announced();
+    if announced && !matches!(req.uri().path(), "/livez" | "/readyz") {
+        // Traffic still arriving during the drain delay: the load balancer has not let go.
+        health.record_activity();
+    }
     let grpc = !is_http1(version) && is_grpc(req);
     let cut = conn.map(|conn| {
         if !is_http1(version) && !conn.http2.load(Ordering::Relaxed) {
@@ -351,7 +357,7 @@ pub(crate) fn admit<ReqB, B>(
         // Read here (no clone of the health handle per request): a request admitted once the
         // shutdown is announced answers with `Connection: close`; one admitted before answers so
         // if the drain has started by then (checked on the static tracker, below).
-        announced: http1 && shared.handle.shared.health.is_announced(),
+        announced: http1 && announced,
         close_http1: http1,
         grpc,
         cut,

@@ -39,6 +39,12 @@ struct Inner {
     announced: AtomicBool,
     /// A non-critical service ended on its own.
     withdrawn: AtomicBool,
+    /// When the shutdown was announced; the origin of the two instants below.
+    announced_at: std::sync::OnceLock<tokio::time::Instant>,
+    /// Nanoseconds after `announced_at` of the last new connection or request (0: none).
+    last_activity: AtomicU64,
+    /// Nanoseconds after `announced_at` of the last "not ready" answer (0: none).
+    last_probe: AtomicU64,
     not_ready_answers: AtomicU64,
     probed: Notify,
     /// Woken when graceful start completes.
@@ -52,6 +58,9 @@ impl Health {
                 started: AtomicBool::new(false),
                 announced: AtomicBool::new(false),
                 withdrawn: AtomicBool::new(false),
+                announced_at: std::sync::OnceLock::new(),
+                last_activity: AtomicU64::new(0),
+                last_probe: AtomicU64::new(0),
                 not_ready_answers: AtomicU64::new(0),
                 probed: Notify::new(),
                 started_notify: Notify::new(),
@@ -91,8 +100,63 @@ impl Health {
     /// [`DrainDelay`](crate::DrainDelay)).
     pub fn record_not_ready_answer(&self) {
         if self.inner.announced.load(Ordering::Acquire) {
+            self.stamp(&self.inner.last_probe);
             self.inner.not_ready_answers.fetch_add(1, Ordering::AcqRel);
             self.inner.probed.notify_waiters();
+        }
+    }
+
+    /// Records a new connection or request (not a health probe) since the shutdown was
+    /// announced, for [`DrainDelay::UntilQuiet`](crate::DrainDelay::UntilQuiet). Does nothing
+    /// before the announce; one relaxed load then. finale's servers and the tower layer call it;
+    /// call it from another server's accept loop or request path to feed the quiet delay.
+    pub fn record_activity(&self) {
+        if self.inner.announced.load(Ordering::Relaxed) {
+            self.stamp(&self.inner.last_activity);
+        }
+    }
+
+    fn stamp(&self, slot: &AtomicU64) {
+        if let Some(at) = self.inner.announced_at.get() {
+            // +1 so that "at the announce" is not "never"; a plain store (latest wins is all the
+            // delay needs, and no read-modify-write is contended by concurrent requests).
+            let nanos = at.elapsed().as_nanos().min(u128::from(u64::MAX - 1)) as u64 + 1;
+            slot.store(nanos, Ordering::Relaxed);
+        }
+    }
+
+    fn since_announce(slot: &AtomicU64) -> Option<std::time::Duration> {
+        match slot.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(std::time::Duration::from_nanos(n - 1)),
+        }
+    }
+
+    /// When, after the announce, the last new connection or request and the last "not ready"
+    /// answer arrived.
+    pub(crate) fn last_seen(&self) -> (Option<std::time::Duration>, Option<std::time::Duration>) {
+        (
+            Self::since_announce(&self.inner.last_activity),
+            Self::since_announce(&self.inner.last_probe),
+        )
+    }
+
+    /// Waits until `probes` "not ready" answers were served and then nothing new arrived for
+    /// `idle`. Call after [`announce`](Health::announce).
+    pub(crate) async fn wait_quiet(&self, probes: u64, idle: std::time::Duration) {
+        if probes > 0 {
+            self.wait_not_ready_answers(probes).await;
+        }
+        let Some(&at) = self.inner.announced_at.get() else {
+            return;
+        };
+        loop {
+            let last = Self::since_announce(&self.inner.last_activity).unwrap_or_default();
+            let quiet_until = at + last + idle;
+            if tokio::time::Instant::now() >= quiet_until {
+                return;
+            }
+            tokio::time::sleep_until(quiet_until).await;
         }
     }
 
@@ -125,6 +189,8 @@ impl Health {
 
     /// Turns readiness off for good. Returns whether this call did it.
     pub(crate) fn announce(&self) -> bool {
+        // The origin first: whoever sees `announced` can stamp against it.
+        let _ = self.inner.announced_at.set(tokio::time::Instant::now());
         !self.inner.announced.swap(true, Ordering::AcqRel)
     }
 }
