@@ -309,6 +309,23 @@ async fn a_quiet_drain_delay_ends_when_the_traffic_stops_and_not_before() {
         } else {
             // The last request at 2.0 s, then 500 ms of quiet.
             assert_eq!(delay, Duration::from_millis(2500), "{report}");
+            // The timeline says when the load balancer let go.
+            assert_eq!(
+                report.last_request_after_announce,
+                Some(Duration::from_secs(2)),
+                "{report}"
+            );
+            assert_eq!(
+                report.last_probe_after_announce,
+                Some(Duration::from_millis(200)),
+                "{report}"
+            );
+            assert!(
+                report
+                    .to_string()
+                    .contains("(last request at 2000.0ms, last probe at 200.0ms)"),
+                "{report}"
+            );
         }
         assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
     }

@@ -68,7 +68,7 @@ impl ShutdownReport {
 #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
 impl Serialize for ShutdownReport {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut r = s.serialize_struct("ShutdownReport", 11)?;
+        let mut r = s.serialize_struct("ShutdownReport", 13)?;
         r.serialize_field("reason", &self.reason)?;
         r.serialize_field("status", &self.status)?;
         r.serialize_field("exit_code", &self.exit_code)?;
@@ -76,6 +76,14 @@ impl Serialize for ShutdownReport {
         r.serialize_field("over_budget", &self.over_budget)?;
         r.serialize_field("escalated", &self.escalated)?;
         r.serialize_field("in_flight_at_drain_start", &self.in_flight_at_drain_start)?;
+        r.serialize_field(
+            "last_request_after_announce_seconds",
+            &self.last_request_after_announce.map(|d| d.as_secs_f64()),
+        )?;
+        r.serialize_field(
+            "last_probe_after_announce_seconds",
+            &self.last_probe_after_announce.map(|d| d.as_secs_f64()),
+        )?;
         r.serialize_field("requests_rejected", &self.requests_rejected)?;
         r.serialize_field("requests_panicked", &self.requests_panicked)?;
         r.serialize_field("cut", &self.cut)?;
@@ -245,6 +253,8 @@ mod tests {
                 },
             ],
             in_flight_at_drain_start: 2,
+            last_request_after_announce: None,
+            last_probe_after_announce: None,
             requests_rejected: 1,
             requests_panicked: 0,
             cut: vec!["GET /events".into()],

@@ -39,6 +39,13 @@ pub struct ShutdownReport {
     pub phases: Vec<PhaseReport>,
     /// In-flight work ([`InFlight`](crate::InFlight)) when the Drain phase started.
     pub in_flight_at_drain_start: usize,
+    /// When, after readiness turned off, the last new connection or request (health probes
+    /// aside) arrived during the Announce phase: what tells whether the load balancer had let go
+    /// by the end of the drain delay. `None` if none arrived.
+    pub last_request_after_announce: Option<Duration>,
+    /// When, after readiness turned off, the last "not ready" answer was served during the
+    /// Announce phase. `None` if none was.
+    pub last_probe_after_announce: Option<Duration>,
     /// Requests answered `503` because they arrived while draining.
     pub requests_rejected: u64,
     /// Requests whose handler panicked during the run; each was answered `500`, the server kept
@@ -195,6 +202,18 @@ impl fmt::Display for ShutdownReport {
                 p.outcome.as_str(),
                 Ms(p.duration).to_string()
             )?;
+            if p.phase == Phase::Announce
+                && (self.last_request_after_announce.is_some()
+                    || self.last_probe_after_announce.is_some())
+            {
+                let at = |d: Option<Duration>| d.map_or("none".to_owned(), |d| Ms(d).to_string());
+                write!(
+                    f,
+                    "  (last request at {}, last probe at {})",
+                    at(self.last_request_after_announce),
+                    at(self.last_probe_after_announce)
+                )?;
+            }
             if p.phase == Phase::Drain && p.outcome != PhaseOutcome::Skipped {
                 write!(
                     f,

@@ -69,6 +69,7 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
     let shutdown_span = tracing::info_span!(target: "finale", "finale.shutdown", reason = %reason);
     let mut phases = Vec::with_capacity(4);
     let mut in_flight_at_drain_start = 0;
+    let mut last_seen = (None, None);
     for phase in [Phase::Announce, Phase::Drain, Phase::Workers] {
         let entries = std::mem::take(&mut by_phase[phase.index()]);
         enter(shared, phase);
@@ -92,6 +93,9 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
             settle_in_flight(shared, &mut run, deadline, &span).await;
         }
         drop(span);
+        if phase == Phase::Announce {
+            last_seen = shared.health.last_seen();
+        }
         phases.push(PhaseReport {
             phase,
             outcome: run.outcome,
@@ -108,6 +112,8 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
         reason,
         phases,
         in_flight_at_drain_start,
+        last_request_after_announce: last_seen.0,
+        last_probe_after_announce: last_seen.1,
         requests_rejected: shared.requests_rejected(),
         requests_panicked: shared.in_flight.panicked(),
         cut: shared.take_cut(),
@@ -349,6 +355,8 @@ pub(crate) fn without_timers(
         reason,
         phases,
         in_flight_at_drain_start: shared.in_flight.count(),
+        last_request_after_announce: None,
+        last_probe_after_announce: None,
         requests_rejected: 0,
         requests_panicked: 0,
         cut: Vec::new(),
