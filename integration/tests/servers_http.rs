@@ -678,3 +678,31 @@ async fn an_upgrade_answered_during_the_drain_keeps_connection_upgrade() {
     drop(kept);
     finish_run(run).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_read_timeout_disconnects_a_slow_client() {
+    // Partial headers and nothing more, while the service runs normally: hyper's header-read
+    // timeout (here 300 ms) closes the connection; nothing of the shutdown is involved.
+    let served = serve_with(builder(), |server| {
+        server.header_read_timeout(Duration::from_millis(300))
+    })
+    .await;
+    let mut slow = TcpStream::connect(served.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: slow")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    // The server ends the connection (EOF, possibly after a 408): the read returns.
+    let read = tokio::time::timeout(BOUND, slow.read_to_end(&mut buf)).await;
+    let elapsed = start.elapsed();
+    assert!(read.is_ok(), "the slow client was never disconnected");
+    assert!(elapsed >= Duration::from_millis(250), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    eprintln!("slow client disconnected after {elapsed:?}");
+    // A prompt client on another connection is unaffected.
+    drop(kept_alive(&served).await);
+    served.handle.trigger("test");
+    let report = finish(served).await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
