@@ -7,10 +7,9 @@
 mod common;
 
 use std::io::Read;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::components::{Collector, Pushgateway, wait_until};
+use common::components::{Collector, Pushgateway, full_service, wait_until};
 
 #[test]
 fn a_panic_still_delivers_the_telemetry() {
@@ -19,23 +18,15 @@ fn a_panic_still_delivers_the_telemetry() {
     };
     let dir = std::env::temp_dir().join(format!("finale-panic-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut child = Command::new(common::examples::example("full_service"))
-        .env("FULL_SERVICE_ADDR", "127.0.0.1:0")
-        .env("FULL_SERVICE_LOG", dir.join("service.log"))
-        .env("FULL_SERVICE_PANIC_AFTER_MS", "300")
-        .env("PUSHGATEWAY_URL", gateway.url())
-        .env("PUSHGATEWAY_JOB", "panicking")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.grpc_endpoint())
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("ECS_CONTAINER_METADATA_URI_V4")
-        .env_remove("ECS_CONTAINER_METADATA_URI")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = full_service(
+        &gateway,
+        "panicking",
+        &collector.grpc_endpoint(),
+        &dir.join("service.log"),
+    )
+    .env("FULL_SERVICE_PANIC_AFTER_MS", "300")
+    .spawn()
+    .unwrap();
     let start = Instant::now();
     let code = loop {
         if let Some(status) = child.try_wait().unwrap() {

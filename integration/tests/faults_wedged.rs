@@ -11,11 +11,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::components::{Collector, Pushgateway, wait_until};
+use common::components::{Collector, Pushgateway, full_service, wait_until};
 
 #[test]
 fn a_wedged_runtime_still_pushes_flushes_and_writes_its_log() {
@@ -25,26 +25,13 @@ fn a_wedged_runtime_still_pushes_flushes_and_writes_its_log() {
     let dir = std::env::temp_dir().join(format!("finale-wedged-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("service.log");
-    let mut child = Command::new(common::examples::example("full_service"))
-        .env("FULL_SERVICE_ADDR", "127.0.0.1:0")
-        .env("FULL_SERVICE_LOG", &log)
+    let mut child = full_service(&gateway, "wedged", &collector.http_endpoint(), &log)
         .env("FULL_SERVICE_RUNTIME", "current_thread")
         .env("FULL_SERVICE_BLOCK_WORKERS_MS", "8000")
         .env("FINALE_TOTAL_BUDGET", "3s")
         .env("FINALE_TELEMETRY_RESERVE", "2s")
         .env("FINALE_SAFETY_MARGIN", "1s")
-        .env("PUSHGATEWAY_URL", gateway.url())
-        .env("PUSHGATEWAY_JOB", "wedged")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.http_endpoint())
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("ECS_CONTAINER_METADATA_URI_V4")
-        .env_remove("ECS_CONTAINER_METADATA_URI")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let (tx, lines) = mpsc::channel();

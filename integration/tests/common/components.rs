@@ -913,3 +913,29 @@ fn json_u64_field(line: &str, key: &str) -> Option<u64> {
         .collect();
     digits.parse().ok()
 }
+
+/// The `full_service` example as a child process against `gateway` (job `job`) and
+/// `collector`, logging to `log`: loopback port 0, info logs on stderr (piped), no orchestrator
+/// variables inherited. The caller adds the scenario's own variables and spawns it.
+pub(crate) fn full_service(
+    gateway: &Pushgateway,
+    job: &str,
+    collector_endpoint: &str,
+    log: &std::path::Path,
+) -> Command {
+    let mut cmd = Command::new(crate::common::examples::example("full_service"));
+    cmd.env("FULL_SERVICE_ADDR", "127.0.0.1:0")
+        .env("FULL_SERVICE_LOG", log)
+        .env("PUSHGATEWAY_URL", gateway.url())
+        .env("PUSHGATEWAY_JOB", job)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector_endpoint)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("ECS_CONTAINER_METADATA_URI_V4")
+        .env_remove("ECS_CONTAINER_METADATA_URI")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
