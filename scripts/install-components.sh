@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the real components finale's integration tests and benches talk to: the Prometheus
 # Pushgateway, haproxy, the wrk and h2load load generators and systemd-socket-activate (Debian
-# packages) and the rotel OTLP collector (PyPI, pinned). Needs root and apt-get; safe to re-run
+# packages), the rotel OTLP collector and the websockets client library (PyPI, pinned). Needs root and apt-get; safe to re-run
 # (skips what is already in place).
 set -euo pipefail
 
 ROTEL_VERSION="${ROTEL_VERSION:-0.0.1a15}"
+WEBSOCKETS_VERSION="${WEBSOCKETS_VERSION:-15.0.1}"
 export DEBIAN_FRONTEND=noninteractive
 export PIP_ROOT_USER_ACTION=ignore
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -94,3 +95,14 @@ if [[ "$(readlink -f "$(command -v rotel-agent)")" != "$(readlink -f "$ROTEL_BIN
   exit 1
 fi
 
+
+step "install websockets ${WEBSOCKETS_VERSION} (pip): the WebSocket client of the drain tests"
+if [[ "$(python3 -c 'import websockets; print(websockets.__version__)' 2>/dev/null)" == "${WEBSOCKETS_VERSION}" ]]; then
+  echo "websockets ${WEBSOCKETS_VERSION} already installed, skipping pip"
+else
+  pip_args=(install --root-user-action=ignore "websockets==${WEBSOCKETS_VERSION}")
+  if python3 -c 'import sys, sysconfig, os; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+    pip_args+=(--break-system-packages)
+  fi
+  python3 -m pip "${pip_args[@]}"
+fi

