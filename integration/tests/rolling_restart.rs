@@ -91,8 +91,8 @@ impl Instance {
         );
     }
 
-    /// SIGTERM, then wait (bounded) for a clean exit.
-    fn stop(&mut self) {
+    /// SIGTERM, then wait (bounded) for a clean exit; how long it took.
+    fn stop(&mut self) -> Duration {
         let mut child = self.child.take().expect("running");
         let pid = child.id().to_string();
         assert!(
@@ -106,7 +106,7 @@ impl Instance {
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 assert_eq!(status.code(), Some(0), "instance {} exit", self.addr);
-                return;
+                return start.elapsed();
             }
             if start.elapsed() > BOUND {
                 child.kill().unwrap();
@@ -204,8 +204,11 @@ impl Drop for Haproxy {
     }
 }
 
-/// Runs the restarts under load; returns what the client saw.
-fn rolling_restarts(env: &[(&'static str, String)]) -> Option<(LoadReport, usize, Duration)> {
+/// Runs the restarts under load; returns what the client saw, the number of restarts, how long
+/// they took, and the longest SIGTERM-to-exit of an instance.
+fn rolling_restarts(
+    env: &[(&'static str, String)],
+) -> Option<(LoadReport, usize, Duration, Duration)> {
     let ports = free_ports(4);
     let (front, stats) = (ports[0], ports[1]);
     let addrs: Vec<SocketAddr> = ports[2..]
@@ -236,9 +239,10 @@ fn rolling_restarts(env: &[(&'static str, String)]) -> Option<(LoadReport, usize
     });
     let start = Instant::now();
     let mut restarts = 0;
+    let mut longest_stop = Duration::ZERO;
     for _ in 0..ROUNDS {
         for (i, instance) in instances.iter_mut().enumerate() {
-            instance.stop();
+            longest_stop = longest_stop.max(instance.stop());
             instance.spawn();
             haproxy.wait_up(names[i]);
             restarts += 1;
@@ -247,7 +251,7 @@ fn rolling_restarts(env: &[(&'static str, String)]) -> Option<(LoadReport, usize
     let elapsed = start.elapsed();
     stop_tx.send(()).unwrap();
     let report = load.join().unwrap();
-    Some((report, restarts, elapsed))
+    Some((report, restarts, elapsed, longest_stop))
 }
 
 #[test]
@@ -258,7 +262,7 @@ fn rolling_restarts_with_the_drain_delay_drop_nothing() {
         ("FINALE_DRAIN_DELAY", "5s".to_owned()),
         ("FINALE_DRAIN_PROBES", "2".to_owned()),
     ];
-    let Some((report, restarts, elapsed)) = rolling_restarts(&env) else {
+    let Some((report, restarts, elapsed, _)) = rolling_restarts(&env) else {
         return;
     };
     eprintln!("with drain delay: {restarts} restarts in {elapsed:?} at {RATE} req/s: {report:?}");
@@ -271,7 +275,7 @@ fn rolling_restarts_with_the_drain_delay_drop_nothing() {
 #[test]
 fn rolling_restarts_without_the_drain_delay_lose_requests() {
     let env = [("FINALE_DRAIN_DELAY", "0s".to_owned())];
-    let Some((report, restarts, elapsed)) = rolling_restarts(&env) else {
+    let Some((report, restarts, elapsed, _)) = rolling_restarts(&env) else {
         return;
     };
     eprintln!(
@@ -280,5 +284,84 @@ fn rolling_restarts_without_the_drain_delay_lose_requests() {
     assert!(
         report.non_2xx() + report.failures() > 0,
         "expected errors without the drain delay: {report:?}"
+    );
+}
+
+/// The quiet delay's settings: at most 10 s, over once no request has arrived for 300 ms.
+const QUIET_ENV: [(&str, &str); 2] = [
+    ("FINALE_DRAIN_DELAY", "10s"),
+    ("FINALE_DRAIN_IDLE", "300ms"),
+];
+
+fn quiet_env() -> Vec<(&'static str, String)> {
+    QUIET_ENV
+        .iter()
+        .map(|(k, v)| (*k, (*v).to_owned()))
+        .collect()
+}
+
+#[test]
+fn behind_haproxy_the_quiet_drain_delay_ends_when_the_traffic_stops() {
+    // No probe count: the delay ends once haproxy, which marks the instance down at its first
+    // 503 on /readyz (checks every 300 ms), sends it no more requests for 300 ms. Its health
+    // checks do not count as traffic.
+    let Some((report, restarts, elapsed, longest_stop)) = rolling_restarts(&quiet_env()) else {
+        return;
+    };
+    eprintln!(
+        "quiet drain delay behind haproxy: {restarts} restarts in {elapsed:?} at {RATE} req/s, \
+         longest SIGTERM-to-exit {longest_stop:?} (max delay 10 s): {report:?}"
+    );
+    assert_eq!(report.non_2xx(), 0, "{report:?}");
+    assert_eq!(report.failures(), 0, "{report:?}");
+    assert_eq!(report.ok(), report.sent);
+    // Ended by the quiet, not by the 10 s cap: a correct run takes about a check interval plus
+    // the quiet time.
+    assert!(
+        longest_stop < Duration::from_secs(5),
+        "an instance took {longest_stop:?} to stop"
+    );
+}
+
+#[test]
+fn a_client_that_ignores_health_checks_keeps_the_quiet_drain_delay_to_its_cap() {
+    // The same settings, one instance, a client that talks to it directly (an L4 proxy, a
+    // client with a cached address): traffic never stops, so the delay lasts its 10 s, 3 s here.
+    let env = [
+        ("FINALE_DRAIN_DELAY", "3s".to_owned()),
+        ("FINALE_DRAIN_IDLE", "300ms".to_owned()),
+    ];
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));
+    let mut instance = Instance::start(addr, &env);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let url = format!("http://{addr}/hello");
+    let load = std::thread::spawn(move || {
+        tokio::runtime::Runtime::new().unwrap().block_on(steady(
+            &url,
+            RATE,
+            MAX_REQUESTS,
+            Duration::from_secs(10),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ))
+    });
+    // Load is flowing before the stop.
+    let hello = format!("http://{addr}/hello");
+    assert!(wait_until(BOUND, || http_request("GET", &hello, &[], b"")
+        .is_ok_and(|r| r.status == 200)));
+    let took = instance.stop();
+    stop_tx.send(()).unwrap();
+    let stopped = Instant::now();
+    let report = load.join().unwrap();
+    eprintln!("load ended {:?} after the stop", stopped.elapsed());
+    eprintln!("quiet drain delay, direct client: SIGTERM-to-exit {took:?} (cap 3 s): {report:?}");
+    assert!(report.ok() > u64::from(RATE), "too little load: {report:?}");
+    // Served through the whole delay: every answer was a 2xx (refusals come after the
+    // listener closed, where this client should not have been).
+    assert_eq!(report.non_2xx(), 0, "{report:?}");
+    assert!(
+        took >= Duration::from_millis(2900),
+        "the delay ended after {took:?} although requests kept arriving"
     );
 }
