@@ -383,6 +383,17 @@ pub enum ConfigError {
     AlreadyInstalled,
     /// A task was spawned outside a tokio runtime.
     NoRuntime,
+    /// The upgrade signal ([`Upgrade::signal`](crate::upgrade::Upgrade::signal)) is also a
+    /// shutdown signal: it cannot mean both.
+    UpgradeSignal {
+        /// The signal.
+        signal: crate::Signal,
+    },
+    /// The upgrade's ready timeout is zero or longer than [`MAX_DURATION`].
+    UpgradeReadyTimeout {
+        /// The value given.
+        value: Duration,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -440,6 +451,15 @@ impl fmt::Display for ConfigError {
             ),
             ConfigError::AlreadyInstalled => f.write_str(
                 "another finale instance is already installed in this process (Builder::install)",
+            ),
+            ConfigError::UpgradeSignal { signal } => write!(
+                f,
+                "{signal} cannot both start an upgrade and shut the service down: pick another \
+                 upgrade signal (Upgrade::signal) or leave it out of Builder::signals"
+            ),
+            ConfigError::UpgradeReadyTimeout { value } => write!(
+                f,
+                "invalid upgrade ready timeout: {value:?} (it must be above zero and at most {MAX_DURATION:?})"
             ),
         }
     }

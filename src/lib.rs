@@ -125,6 +125,12 @@
 //!   `systemd`): the first call takes the sockets systemd passed for the whole process and
 //!   removes `LISTEN_PID` and `LISTEN_FDS` from the process's environment (the `listenfd` crate
 //!   does, so that child processes do not inherit them); make it early in `main`.
+//! - **Upgrades**, only with [`Builder::upgrade`] (feature `upgrade`): a handler for the upgrade
+//!   signal (`SIGUSR2` by default), received by the supervisor thread; per upgrade, one
+//!   short-lived thread (`finale-upgrade`) that starts the successor (a child process with the
+//!   servers' listening sockets at file descriptors 3, 4, … and `LISTEN_FDS`, `LISTEN_FDNAMES`,
+//!   `FINALE_LISTEN_PARENT` in its environment) and waits for it. In a successor, the passed
+//!   sockets are taken at [`Builder::build`]. See [`upgrade`].
 //! - **`std::process::exit`** is called by [`ShutdownReport::exit`] and
 //!   [`Finale::run_and_exit`] (by you), by the supervisor on a takeover, on a third signal and on
 //!   a signal after `run()` returned.
@@ -212,6 +218,9 @@ pub use crate::telemetry::pushgateway;
 #[cfg(all(feature = "systemd", unix))]
 #[cfg_attr(docsrs, doc(cfg(feature = "systemd")))]
 pub use crate::platform::systemd;
+#[cfg(all(feature = "upgrade", unix))]
+#[cfg_attr(docsrs, doc(cfg(feature = "upgrade")))]
+pub use crate::platform::upgrade;
 
 pub use crate::config::{
     Budget, ConfigError, DEFAULT_ANNOUNCE_TIMEOUT, DEFAULT_DRAIN_DELAY_LOCAL,

@@ -233,6 +233,9 @@ pub(crate) struct Shared {
     emergency: Mutex<Vec<EmergencyStage>>,
     /// Set by the builder before the state is shared; empty unless the user asked.
     pub(crate) observers: Vec<Box<dyn Observer>>,
+    /// Set by the builder before the state is shared, with [`Builder::upgrade`](crate::Builder::upgrade).
+    #[cfg(all(feature = "upgrade", unix))]
+    pub(crate) upgrade: Option<Arc<crate::platform::upgrade::UpgradeState>>,
 }
 
 impl Drop for Shared {
@@ -259,6 +262,8 @@ impl Shared {
             registry: Mutex::new(Some(Registry::default())),
             emergency: Mutex::new(Vec::new()),
             observers: Vec::new(),
+            #[cfg(all(feature = "upgrade", unix))]
+            upgrade: None,
         }
     }
 
@@ -332,6 +337,25 @@ impl Shared {
         let what = what.into();
         tracing::warn!(target: "finale", cut = %what, "cut at the deadline");
         lock(&self.cut).push(what);
+    }
+
+    /// Upgrades that failed during the run (the process kept serving), for the report.
+    pub(crate) fn take_upgrades_failed(&self) -> Vec<String> {
+        #[cfg(all(feature = "upgrade", unix))]
+        if let Some(upgrade) = &self.upgrade {
+            return upgrade.take_failed();
+        }
+        Vec::new()
+    }
+
+    /// Whether the listening sockets were handed to an upgrade's successor: the servers stop
+    /// accepting without touching them, and there is no drain delay.
+    pub(crate) fn handed_off(&self) -> bool {
+        #[cfg(all(feature = "upgrade", unix))]
+        if let Some(upgrade) = &self.upgrade {
+            return upgrade.handed_off();
+        }
+        false
     }
 
     pub(crate) fn take_cut(&self) -> Vec<String> {

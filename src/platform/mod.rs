@@ -10,6 +10,12 @@
 pub(crate) mod kubernetes;
 #[cfg(all(feature = "systemd", unix))]
 pub mod systemd;
+#[cfg(all(feature = "upgrade", unix))]
+pub mod upgrade;
+
+/// The variable that names the process passed sockets come from, in an upgrade's successor.
+#[cfg(all(feature = "systemd", unix))]
+pub(crate) const PARENT_ENV: &str = "FINALE_LISTEN_PARENT";
 
 use crate::config::Environment;
 use crate::state::Observer;
@@ -43,6 +49,10 @@ pub(crate) fn observers(
         .flatten();
     if let Some(writer) = kubernetes::writer(&settings.termination_log, env, environment) {
         observers.push(Box::new(writer));
+    }
+    #[cfg(all(feature = "upgrade", unix))]
+    if let Some(reporter) = upgrade::ready_reporter() {
+        observers.push(Box::new(reporter));
     }
     observers
 }

@@ -249,6 +249,10 @@ impl Observer for Notifier {
     }
 
     fn requested(&self, shared: &Shared, reason: &Reason) {
+        if matches!(reason, Reason::Upgrade { .. }) {
+            // The successor is the main process now: `STOPPING=1` would stop the service.
+            return;
+        }
         let mut message = format!(
             "STOPPING=1\nSTATUS=stopping: {}",
             status(&reason.to_string())
@@ -264,6 +268,9 @@ impl Observer for Notifier {
     }
 
     fn phase_started(&self, shared: &Shared, phase: Phase) {
+        if handed_over(shared) {
+            return;
+        }
         let mut message = format!("STATUS=stopping: {phase}");
         let left = left(shared);
         if !left.is_zero() {
@@ -272,7 +279,10 @@ impl Observer for Notifier {
         self.send(&message);
     }
 
-    fn finished(&self, _shared: &Shared, report: &ShutdownReport) {
+    fn finished(&self, shared: &Shared, report: &ShutdownReport) {
+        if handed_over(shared) {
+            return;
+        }
         self.send(&format!(
             "STATUS=stopped: {}, exit code {}",
             report.status, report.exit_code
@@ -285,6 +295,11 @@ impl Observer for Notifier {
             status(why)
         ));
     }
+}
+
+/// Whether this process handed the service over to a successor: it no longer speaks for it.
+fn handed_over(shared: &Shared) -> bool {
+    matches!(shared.reason(), Some(Reason::Upgrade { .. }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -430,6 +445,7 @@ fn passed() -> Result<&'static Mutex<Passed>, ListenError> {
                 env("LISTEN_PID").as_deref(),
                 env("LISTEN_FDNAMES").as_deref(),
                 std::process::id(),
+                passed_by_parent(),
             )?;
             // Checked: LISTEN_PID is this process, so listenfd hands out exactly these.
             let fds = listenfd::ListenFd::from_env();
@@ -442,16 +458,24 @@ fn passed() -> Result<&'static Mutex<Passed>, ListenError> {
 
 /// The names of the passed sockets, after checking `LISTEN_FDS` and `LISTEN_PID` as
 /// `sd_listen_fds(3)` does (and `LISTEN_FDNAMES` as `sd_listen_fds_with_names(3)`).
+///
+/// `by_parent`: the sockets come from this process's parent (an upgrade: `LISTEN_PID` cannot
+/// name a process before it exists, `FINALE_LISTEN_PARENT` names the parent instead).
 fn check_env(
     fds: Option<&str>,
     listen_pid: Option<&str>,
     fdnames: Option<&str>,
     pid: u32,
+    by_parent: bool,
 ) -> Result<Vec<String>, EnvProblem> {
     let Some(fds) = fds else {
         return Err(EnvProblem::NotActivated);
     };
-    if listen_pid.and_then(|p| p.trim().parse::<u32>().ok()) != Some(pid) {
+    let for_us = match listen_pid {
+        None => by_parent,
+        Some(p) => p.trim().parse::<u32>().ok() == Some(pid),
+    };
+    if !for_us {
         return Err(EnvProblem::PidMismatch {
             listen_pid: listen_pid.unwrap_or_default().to_owned(),
             pid,
@@ -531,6 +555,54 @@ pub fn listener_names() -> Result<Vec<String>, ListenError> {
     Ok(lock(passed()?).names.clone())
 }
 
+/// Whether `FINALE_LISTEN_PARENT` names this process's parent: the passed sockets are an
+/// upgrade's hand-off, meant for this process.
+fn passed_by_parent() -> bool {
+    let parent = std::env::var(crate::platform::PARENT_ENV).ok();
+    parent.and_then(|p| p.trim().parse::<u32>().ok()) == Some(std::os::unix::process::parent_id())
+}
+
+/// The passed listening TCP socket named `name`, if there is one not taken yet: what a server
+/// given an address serves instead of binding (socket activation, an upgrade's hand-off). No
+/// error: without passed sockets, or with ones meant for another process, the server binds.
+#[cfg_attr(
+    not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+    allow(dead_code)
+)]
+pub(crate) fn take_named_if_passed(name: &str) -> Option<TcpListener> {
+    let passed = passed().ok()?;
+    let mut passed = lock(passed);
+    let index = (0..passed.names.len()).find(|&i| passed.names[i] == name && !passed.taken[i])?;
+    match take(&mut passed, index) {
+        Ok(listener) => Some(listener),
+        Err(e) => {
+            tracing::warn!(target: "finale", name, error = %e, "a passed socket could not be used");
+            None
+        }
+    }
+}
+
+/// Takes the passed Unix stream socket named `name` (an upgrade's `finale.ready`).
+#[cfg(feature = "upgrade")]
+pub(crate) fn take_unix_named(name: &str) -> Option<std::os::unix::net::UnixStream> {
+    let passed = passed().ok()?;
+    let mut passed = lock(passed);
+    let index = (0..passed.names.len()).find(|&i| passed.names[i] == name && !passed.taken[i])?;
+    let socket = passed.fds.take_unix_listener(index).ok().flatten()?;
+    passed.taken[index] = true;
+    // A connected socket (one end of a pair), whatever listenfd's type says.
+    Some(std::os::unix::net::UnixStream::from(OwnedFd::from(socket)))
+}
+
+/// Tells systemd that `pid` is now the service's main process (an upgrade's successor), when
+/// `$NOTIFY_SOCKET` is set.
+#[cfg(feature = "upgrade")]
+pub(crate) fn main_pid(pid: u32) {
+    if let Some(notifier) = Notifier::from_env() {
+        notifier.send(&format!("MAINPID={pid}\nSTATUS=handed over to pid {pid}"));
+    }
+}
+
 fn take(passed: &mut Passed, index: usize) -> Result<TcpListener, ListenError> {
     let count = passed.names.len();
     if index >= count {
@@ -589,39 +661,49 @@ mod tests {
     fn systemd_listen_env_is_checked_like_sd_listen_fds() {
         let us = 77;
         assert!(matches!(
-            check_env(None, Some("77"), None, us),
+            check_env(None, Some("77"), None, us, false),
             Err(EnvProblem::NotActivated)
         ));
         assert!(matches!(
-            check_env(Some("1"), Some("78"), None, us),
+            check_env(Some("1"), Some("78"), None, us, false),
             Err(EnvProblem::PidMismatch { pid: 77, .. })
         ));
         assert!(matches!(
-            check_env(Some("1"), None, None, us),
+            check_env(Some("1"), None, None, us, false),
             Err(EnvProblem::PidMismatch { .. })
         ));
         assert!(matches!(
-            check_env(Some("two"), Some("77"), None, us),
+            check_env(Some("two"), Some("77"), None, us, false),
             Err(EnvProblem::InvalidEnv {
                 var: "LISTEN_FDS",
                 ..
             })
         ));
         assert!(matches!(
-            check_env(Some("2"), Some("77"), Some("http"), us),
+            check_env(Some("2"), Some("77"), Some("http"), us, false),
             Err(EnvProblem::InvalidEnv {
                 var: "LISTEN_FDNAMES",
                 ..
             })
         ));
         assert_eq!(
-            check_env(Some("2"), Some("77"), None, us).unwrap(),
+            check_env(Some("2"), Some("77"), None, us, false).unwrap(),
             ["unknown", "unknown"]
         );
         assert_eq!(
-            check_env(Some("2"), Some("77"), Some("http:grpc"), us).unwrap(),
+            check_env(Some("2"), Some("77"), Some("http:grpc"), us, false).unwrap(),
             ["http", "grpc"]
         );
+        // An upgrade's hand-off: no LISTEN_PID, the parent named instead; a LISTEN_PID that is
+        // set still has to be this process.
+        assert_eq!(
+            check_env(Some("2"), None, Some("http:finale.ready"), us, true).unwrap(),
+            ["http", "finale.ready"]
+        );
+        assert!(matches!(
+            check_env(Some("1"), Some("78"), None, us, true),
+            Err(EnvProblem::PidMismatch { .. })
+        ));
     }
 
     #[test]

@@ -87,6 +87,7 @@ impl Serialize for ShutdownReport {
         r.serialize_field("requests_rejected", &self.requests_rejected)?;
         r.serialize_field("requests_panicked", &self.requests_panicked)?;
         r.serialize_field("cut", &self.cut)?;
+        r.serialize_field("upgrades_failed", &self.upgrades_failed)?;
         r.serialize_field("phases", &self.phases)?;
         r.end()
     }
@@ -152,6 +153,9 @@ impl Serialize for Reason {
             Reason::Panic { message, location } => {
                 m.serialize_entry("panic", message)?;
                 m.serialize_entry("location", location)?;
+            }
+            Reason::Upgrade { successor_pid } => {
+                m.serialize_entry("successor_pid", successor_pid)?;
             }
         }
         m.serialize_entry("message", &self.to_string())?;
@@ -258,6 +262,7 @@ mod tests {
             requests_rejected: 1,
             requests_panicked: 0,
             cut: vec!["GET /events".into()],
+            upgrades_failed: Vec::new(),
             escalated: false,
             total: Duration::from_millis(1500),
             over_budget: false,

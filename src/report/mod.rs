@@ -54,6 +54,9 @@ pub struct ShutdownReport {
     /// What was cut short at a deadline: connections and streams still open when their phase
     /// ended, named by the server that cut them.
     pub cut: Vec<String>,
+    /// Upgrades that failed during the run, each in a line (feature `upgrade`): the process
+    /// kept serving after each.
+    pub upgrades_failed: Vec<String>,
     /// Whether a second signal cut the shutdown short.
     pub escalated: bool,
     /// From the trigger to the end of the Telemetry phase.
@@ -193,6 +196,9 @@ impl fmt::Display for ShutdownReport {
         }
         for c in &self.cut {
             write!(f, "\n  cut at deadline: {c}")?;
+        }
+        for u in &self.upgrades_failed {
+            write!(f, "\n  upgrade failed (kept serving): {u}")?;
         }
         for p in &self.phases {
             write!(

@@ -16,6 +16,7 @@
 //! | `finale_requests_rejected_total` | counter | | requests answered 503 while draining |
 //! | `finale_request_panics_total` | counter | | requests whose handler panicked (answered 500) |
 //! | `finale_supervisor_takeovers_total` | counter | | the supervisor ended a wedged shutdown (recorded just before its own flush) |
+//! | `finale_upgrades_total` | counter | `outcome` | upgrades (feature `upgrade`): `ready`, `exited`, `not_ready`, `spawn_failed`, `refused` |
 //!
 //! | span | fields | covers |
 //! |---|---|---|
@@ -48,6 +49,9 @@ pub const REQUEST_PANICS: &str = "finale_request_panics_total";
 /// Counter: the supervisor took over a shutdown whose runtime was wedged, flushed what it could
 /// reach and ended the process.
 pub const SUPERVISOR_TAKEOVERS: &str = "finale_supervisor_takeovers_total";
+/// Counter: upgrades (socket hand-off to a successor), labelled `outcome`: `ready`, `exited`,
+/// `not_ready`, `spawn_failed` or `refused`.
+pub const UPGRADES_TOTAL: &str = "finale_upgrades_total";
 
 /// The span around Announce, Drain and Workers.
 pub const SPAN_SHUTDOWN: &str = "finale.shutdown";
@@ -57,7 +61,7 @@ pub const SPAN_PHASE: &str = "finale.phase";
 pub const SPAN_HOOK: &str = "finale.hook";
 
 /// The `reason` label of `finale_shutdowns_total`: `signal`, `requested`, `startup_failed`,
-/// `task_failed` or `panic`.
+/// `task_failed`, `panic` or `upgrade`.
 pub fn reason_label(reason: &Reason) -> &'static str {
     match reason {
         Reason::Signal(_) => "signal",
@@ -65,6 +69,7 @@ pub fn reason_label(reason: &Reason) -> &'static str {
         Reason::StartupFailed { .. } => "startup_failed",
         Reason::TaskFailed { .. } => "task_failed",
         Reason::Panic { .. } => "panic",
+        Reason::Upgrade { .. } => "upgrade",
     }
 }
 

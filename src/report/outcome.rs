@@ -37,6 +37,13 @@ pub enum Reason {
         /// `file:line:column`, if known.
         location: Option<String>,
     },
+    /// An upgrade's successor is ready and serves the listening sockets (feature `upgrade`, see
+    /// [`finale::upgrade`](crate::upgrade)); this process steps down. No drain delay: the
+    /// listeners stay open in the successor.
+    Upgrade {
+        /// The successor's process id.
+        successor_pid: u32,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -54,6 +61,9 @@ impl fmt::Display for Reason {
                 Some(l) => write!(f, "panic at {l}: {message}"),
                 None => write!(f, "panic: {message}"),
             },
+            Reason::Upgrade { successor_pid } => {
+                write!(f, "upgrade: handed over to pid {successor_pid}")
+            }
         }
     }
 }

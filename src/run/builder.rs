@@ -49,6 +49,8 @@ pub struct Builder {
     empty_signals: bool,
     install: bool,
     platform: PlatformSettings,
+    #[cfg(all(feature = "upgrade", unix))]
+    upgrade: Option<crate::upgrade::Upgrade>,
 }
 
 impl Default for Builder {
@@ -64,6 +66,8 @@ impl Default for Builder {
             empty_signals: false,
             install: false,
             platform: PlatformSettings::default(),
+            #[cfg(all(feature = "upgrade", unix))]
+            upgrade: None,
         }
     }
 }
@@ -251,6 +255,23 @@ impl Builder {
         self
     }
 
+    /// Lets the service restart without refusing a connection: on the upgrade signal
+    /// (`SIGUSR2` by default) or [`Handle::upgrade`](crate::Handle::upgrade), it starts its
+    /// successor with its listening sockets and shuts down once the successor is ready. See
+    /// [`finale::upgrade`](crate::upgrade).
+    ///
+    /// # Caveats
+    ///
+    /// Installs a handler for the upgrade signal, and starts a short-lived thread
+    /// (`finale-upgrade`) and a child process per upgrade; see the crate docs, "Threading and
+    /// process-wide effects".
+    #[cfg(all(feature = "upgrade", unix))]
+    #[cfg_attr(docsrs, doc(cfg(feature = "upgrade")))]
+    pub fn upgrade(mut self, upgrade: crate::upgrade::Upgrade) -> Self {
+        self.upgrade = Some(upgrade);
+        self
+    }
+
     /// Resolves and validates the configuration.
     ///
     /// # Errors
@@ -283,13 +304,29 @@ impl Builder {
         }
         let mut shared = Shared::new(budget, self.exit_codes);
         shared.observers = platform::observers(&self.platform, self.read_env, environment);
+        #[allow(unused_mut)]
+        let mut signals = self.signals.clone();
+        #[cfg(all(feature = "upgrade", unix))]
+        if let Some(upgrade) = self.upgrade {
+            let timeout = upgrade.ready_timeout_value();
+            if timeout.is_zero() || timeout > config::MAX_DURATION {
+                return Err(ConfigError::UpgradeReadyTimeout { value: timeout });
+            }
+            if let Some(signal) = upgrade.signal {
+                if signals.contains(&signal) {
+                    return Err(ConfigError::UpgradeSignal { signal });
+                }
+                signals.push(signal);
+            }
+            shared.upgrade = Some(Arc::new(crate::upgrade::UpgradeState::new(upgrade)));
+        }
         let shared = Arc::new(shared);
         // Installed first: a second instance fails here, before it has a supervisor that
         // would take signals from the installed one.
         if self.install {
             global::install(&shared)?;
         }
-        supervisor::start(&shared, &self.signals)?;
+        supervisor::start(&shared, &signals)?;
         let finale = Finale {
             shared,
             signals: self.signals,

@@ -117,6 +117,7 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
         requests_rejected: shared.requests_rejected(),
         requests_panicked: shared.in_flight.panicked(),
         cut: shared.take_cut(),
+        upgrades_failed: shared.take_upgrades_failed(),
         escalated: shared.is_escalated(),
         total: before_telemetry,
         over_budget: false,
@@ -215,8 +216,9 @@ fn with_own_waits(
         Phase::Announce => {
             let delay = budget.drain_delay;
             // A service that never became ready was never in the load balancer's rotation:
-            // there is nothing to wait for.
-            if !delay.max().is_zero() && shared.health.is_started() {
+            // there is nothing to wait for. After an upgrade the listeners stay open in the
+            // successor: nobody has to let go of this process first.
+            if !delay.max().is_zero() && shared.health.is_started() && !shared.handed_off() {
                 let health = shared.health.clone();
                 // Order 0: Announce hooks of the default order run during the delay; those with
                 // a negative order before it starts, a positive one after it.
@@ -360,6 +362,7 @@ pub(crate) fn without_timers(
         requests_rejected: 0,
         requests_panicked: 0,
         cut: Vec::new(),
+        upgrades_failed: shared.take_upgrades_failed(),
         escalated: false,
         total: Duration::ZERO,
         over_budget: false,

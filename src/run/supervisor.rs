@@ -184,7 +184,19 @@ impl Supervisor {
     }
 
     /// First signal: shutdown. A signal while shutting down: escalate. Another: exit at once.
+    /// The upgrade signal starts an upgrade instead.
     fn on_signal(&self, signal: Signal) {
+        #[cfg(all(feature = "upgrade", unix))]
+        if let Some(shared) = self.shared.upgrade()
+            && let Some(upgrade) = &shared.upgrade
+            && upgrade.signal() == Some(signal)
+        {
+            // On the supervisor's own runtime: the upgrade needs nothing of the user's.
+            tokio::spawn(async move {
+                let _ = crate::upgrade::run(&shared).await;
+            });
+            return;
+        }
         if self.life.finished.is_cancelled() {
             if Life::others_unfinished() {
                 // Another `Finale` of this process is alive and has not finished: the signal is

@@ -138,20 +138,31 @@ impl From<TcpListener> for Listen {
 }
 
 impl Listen {
-    /// Whether finale binds the socket itself (no other process or descriptor shares it).
-    fn is_bound_here(&self) -> bool {
-        matches!(self.0, ListenKind::Addr(_))
-    }
-
-    async fn bind(self) -> io::Result<TcpListener> {
-        match self.0 {
-            ListenKind::Addr(addr) => TcpListener::bind(addr).await,
-            ListenKind::Std(listener) => {
-                listener.set_nonblocking(true)?;
-                TcpListener::from_std(listener)
+    /// The listener, and whether finale bound it itself (no other process or descriptor
+    /// shares it). A server given an address serves a socket passed to the process under its
+    /// own name instead (systemd socket activation, an upgrade's hand-off), if there is one.
+    async fn bind(self, name: &str) -> io::Result<(TcpListener, bool)> {
+        let std_listener = match self.0 {
+            ListenKind::Addr(addr) => {
+                #[cfg(all(feature = "systemd", unix))]
+                if let Some(passed) = crate::platform::systemd::take_named_if_passed(name) {
+                    tracing::info!(
+                        target: "finale",
+                        server = name,
+                        configured = %addr,
+                        "serving the socket passed as {name:?} instead of binding"
+                    );
+                    passed.set_nonblocking(true)?;
+                    return Ok((TcpListener::from_std(passed)?, false));
+                }
+                let _ = name;
+                return Ok((TcpListener::bind(addr).await?, true));
             }
-            ListenKind::Tokio(listener) => Ok(listener),
-        }
+            ListenKind::Std(listener) => listener,
+            ListenKind::Tokio(listener) => return Ok((listener, false)),
+        };
+        std_listener.set_nonblocking(true)?;
+        Ok((TcpListener::from_std(std_listener)?, false))
     }
 }
 
@@ -326,9 +337,14 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let owned = listen.is_bound_here();
-    let listener = listen.bind().await?;
+    let (listener, owned) = listen.bind(ctx.name()).await?;
     let local = listener.local_addr()?;
+    // Offered to an upgrade's successor while this server accepts.
+    #[cfg(all(feature = "upgrade", unix))]
+    let offered = match &ctx.handle().shared.upgrade {
+        Some(upgrade) => Some(upgrade.register(ctx.name(), &listener)?),
+        None => None,
+    };
     let handle = ctx.handle().clone();
     tracing::info!(target: "finale", server = ctx.name(), %local, "listening");
     ctx.set_ready();
@@ -395,6 +411,11 @@ where
             },
         }
     }
+    #[cfg(all(feature = "upgrade", unix))]
+    drop(offered);
+    // After an upgrade the successor serves this same socket, its accept queue included: leave
+    // both as they are (no backlog change, no sweep), just stop accepting here.
+    let handed_off = handle.shared.handed_off();
     // Connections the kernel already completed (in the accept queue) get an answer, not the
     // reset that closing the listener would give them: the queue is taken straight from the
     // socket (tokio's readiness may not have seen the latest arrivals), then the listener
@@ -403,11 +424,13 @@ where
     // empty queue) the window in which a handshake lands between the last accept and the close
     // and is reset. An inherited socket (systemd's, a hand-off) keeps its backlog: the same
     // kernel socket serves the next instance, which must find it as it was.
-    if owned {
+    if owned && !handed_off {
         let _ = socket2::SockRef::from(&listener).listen(0);
     }
     let mut queued = 0;
-    if let Ok(std_listener) = listener.into_std() {
+    if handed_off {
+        drop(listener);
+    } else if let Ok(std_listener) = listener.into_std() {
         loop {
             match std_listener.accept() {
                 Ok((stream, peer)) => {

@@ -1,0 +1,69 @@
+//! Restart without refusing a connection: `SIGUSR2` starts a successor with the listening
+//! socket, and this process shuts down once the successor is ready (Unix only).
+//!
+//! ```sh
+//! cargo run --example zero_downtime --features upgrade,axum
+//! curl http://127.0.0.1:3000/hello        # "hello from <pid>"
+//! kill -USR2 <pid>                         # the successor takes over; no connection refused
+//! curl http://127.0.0.1:3000/hello        # a new pid
+//! ```
+//!
+//! Rebuild in between, and the successor is the new binary (the same path).
+//!
+//! - `ZERO_DOWNTIME_ADDR`: where to listen (default `127.0.0.1:3000`).
+//! - `ZERO_DOWNTIME_FAIL_SUCCESSOR`: a successor (a process started by an upgrade) exits with
+//!   code 3 before it is ready: the old one keeps serving and says why.
+//! - `FINALE_*`: any budget setting.
+
+// Examples print the report; the library itself never prints.
+#![allow(clippy::print_stderr)]
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::routing::get;
+use finale::Finale;
+use finale::upgrade::Upgrade;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let successor = std::env::var_os("FINALE_LISTEN_PARENT").is_some();
+    if successor && std::env::var_os("ZERO_DOWNTIME_FAIL_SUCCESSOR").is_some() {
+        eprintln!("successor {}: failing on purpose", std::process::id());
+        std::process::exit(3);
+    }
+
+    let finale = Finale::builder()
+        .upgrade(Upgrade::new())
+        .build()
+        .unwrap_or_else(|e| {
+            eprintln!("configuration error: {e}");
+            std::process::exit(2)
+        });
+    let addr: SocketAddr = std::env::var("ZERO_DOWNTIME_ADDR")
+        .unwrap_or_else(|_| "127.0.0.1:3000".to_owned())
+        .parse()
+        .unwrap_or_else(|e| {
+            eprintln!("ZERO_DOWNTIME_ADDR must be host:port: {e}");
+            std::process::exit(2)
+        });
+    let pid = std::process::id();
+    let app = Router::new()
+        .route(
+            "/hello",
+            get(move || async move { format!("hello from {pid}\n") }),
+        )
+        .merge(finale::axum::health_router(&finale.handle()));
+    finale::axum::serve(&finale, "http", addr, app).expect("unique name");
+    eprintln!("pid {pid} serving on http://{addr}");
+    finale.run_and_exit().await
+}

@@ -1,0 +1,384 @@
+//! Zero-downtime restart by socket hand-off, with no load balancer in front: a single instance
+//! (the `zero_downtime` example, a real child process) is upgraded three times by `SIGUSR2`
+//! while a real HTTP client keeps a steady keep-alive load and a second one opens a new
+//! connection per request. Every request is answered `200`: no refused connection, no reset.
+//! The same load across a plain stop-and-start shows the errors the hand-off avoids.
+
+#![cfg(unix)]
+// The tests report what they measured (run with `--no-capture` to see it).
+#![allow(clippy::print_stderr)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+use common::components::{free_ports, http_request, wait_until};
+use common::load::{LoadReport, steady};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BOUND: Duration = Duration::from_secs(20);
+/// Keep-alive requests per second, and at most this many in all.
+const RATE: u32 = 200;
+const MAX_REQUESTS: u64 = 20_000;
+/// New-connection requests: one every this often, at most this many.
+const FRESH_EVERY: Duration = Duration::from_millis(5);
+const MAX_FRESH: u64 = 10_000;
+const ROUNDS: usize = 3;
+
+fn zero_downtime() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| common::examples::example("zero_downtime"))
+        .clone()
+}
+
+/// The service's processes: the first is this test's child; each successor is started by its
+/// predecessor, and found from the log line that names it. All write to the same stderr pipe.
+struct Service {
+    addr: SocketAddr,
+    first: Option<Child>,
+    /// The process serving now.
+    pid: u32,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Service {
+    fn start(addr: SocketAddr, env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(zero_downtime());
+        cmd.env("ZERO_DOWNTIME_ADDR", addr.to_string())
+            .env("RUST_LOG", "info")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("ECS_CONTAINER_METADATA_URI_V4")
+            .env_remove("ECS_CONTAINER_METADATA_URI")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("FINALE_LISTEN_PARENT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let pid = child.id();
+        let service = Self {
+            addr,
+            first: Some(child),
+            pid,
+            lines,
+            seen: Vec::new(),
+        };
+        service.wait_ready();
+        service
+    }
+
+    fn wait_ready(&self) {
+        let url = format!("http://{}/readyz", self.addr);
+        assert!(
+            wait_until(BOUND, || http_request("GET", &url, &[], b"")
+                .is_ok_and(|r| r.status == 200)),
+            "the service never became ready"
+        );
+    }
+
+    /// Waits (bounded) for a log line containing `needle`.
+    fn wait_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {needle:?} within {BOUND:?}:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        assert!(
+            Command::new("kill")
+                .args([signal, &self.pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    /// Waits (bounded) until the process `pid` is gone; reaps it when it is this test's child.
+    fn wait_gone(&mut self, pid: u32) {
+        if let Some(child) = self.first.as_mut().filter(|c| c.id() == pid) {
+            let start = Instant::now();
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    assert_eq!(status.code(), Some(0), "process {pid} exit");
+                    self.first = None;
+                    return;
+                }
+                assert!(start.elapsed() < BOUND, "process {pid} did not exit");
+                std::thread::sleep(Duration::from_millis(5)); // polling a condition with a bound
+            }
+        }
+        assert!(
+            wait_until(BOUND, || !alive(pid)),
+            "process {pid} did not exit"
+        );
+    }
+
+    /// One upgrade: SIGUSR2, the successor's pid from the old process's log, the old process
+    /// gone. Returns the time from the signal to the successor's `READY=1`.
+    fn upgrade(&mut self) -> Duration {
+        let old = self.pid;
+        let start = Instant::now();
+        self.signal("-USR2");
+        let line = self.wait_line("the successor is ready");
+        let ready = start.elapsed();
+        self.pid = field(&line, "successor_pid=").parse().expect("a pid");
+        assert_ne!(self.pid, old);
+        self.wait_line("shutdown after upgrade");
+        self.wait_gone(old);
+        ready
+    }
+
+    /// A plain restart: SIGTERM, wait for the exit, start a new process, wait until ready.
+    fn stop_and_start(&mut self, env: &[(&str, &str)]) {
+        self.signal("-TERM");
+        let pid = self.pid;
+        self.wait_gone(pid);
+        let next = Service::start(self.addr, env);
+        *self = next;
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        // Ends only the processes this test started (directly, or through an upgrade).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        let _ = wait_until(Duration::from_secs(5), || !alive(self.pid));
+        if alive(self.pid) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.pid.to_string()])
+                .status();
+        }
+        if let Some(mut child) = self.first.take() {
+            let _ = child.wait();
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let start = line.find(key).map(|i| i + key.len()).unwrap_or(line.len());
+    line[start..].split_whitespace().next().unwrap_or("")
+}
+
+/// What the new-connection client saw: outcomes by kind, and the pids that answered.
+#[derive(Debug, Default)]
+struct Fresh {
+    outcomes: BTreeMap<String, u64>,
+    pids: BTreeSet<String>,
+}
+
+/// One request per new connection (`Connection: close`), every [`FRESH_EVERY`], until `stop`.
+async fn fresh_connections(addr: SocketAddr, stop: tokio::sync::oneshot::Receiver<()>) -> Fresh {
+    let seen = Arc::new(Mutex::new(Fresh::default()));
+    let mut tick = tokio::time::interval(FRESH_EVERY);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut stop = std::pin::pin!(stop);
+    for _ in 0..MAX_FRESH {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut stop => break,
+        }
+        let seen = seen.clone();
+        tasks.spawn(async move {
+            let outcome = tokio::time::timeout(BOUND, async {
+                let mut conn = match tokio::net::TcpStream::connect(addr).await {
+                    Ok(conn) => conn,
+                    Err(e) => return (format!("connect: {:?}", e.kind()), None),
+                };
+                let request =
+                    format!("GET /hello HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+                if let Err(e) = conn.write_all(request.as_bytes()).await {
+                    return (format!("write: {:?}", e.kind()), None);
+                }
+                let mut buf = Vec::new();
+                match conn.read_to_end(&mut buf).await {
+                    Ok(_) if buf.starts_with(b"HTTP/1.1 200") => {
+                        let text = String::from_utf8_lossy(&buf);
+                        let pid = text
+                            .rsplit("hello from ")
+                            .next()
+                            .map(|p| p.trim().to_owned());
+                        ("ok".to_owned(), pid)
+                    }
+                    Ok(_) => (format!("answer {:?}", String::from_utf8_lossy(&buf)), None),
+                    Err(e) => (format!("read: {:?}", e.kind()), None),
+                }
+            })
+            .await
+            .unwrap_or_else(|_| ("timeout".to_owned(), None));
+            let mut seen = seen.lock().unwrap();
+            *seen.outcomes.entry(outcome.0).or_insert(0) += 1;
+            if let Some(pid) = outcome.1 {
+                seen.pids.insert(pid);
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    Arc::into_inner(seen).unwrap().into_inner().unwrap()
+}
+
+/// Runs both loads across `restart`, three times; returns what each client saw.
+fn under_load(
+    service: &mut Service,
+    mut restart: impl FnMut(&mut Service) -> Option<Duration>,
+) -> (LoadReport, Fresh, Vec<Duration>) {
+    let addr = service.addr;
+    let (stop_keep_tx, stop_keep_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_fresh_tx, stop_fresh_rx) = tokio::sync::oneshot::channel::<()>();
+    let url = format!("http://{addr}/hello");
+    let loads = std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async move {
+                let keep = tokio::spawn(async move {
+                    steady(
+                        &url,
+                        RATE,
+                        MAX_REQUESTS,
+                        Duration::from_secs(10),
+                        async move {
+                            let _ = stop_keep_rx.await;
+                        },
+                    )
+                    .await
+                });
+                let fresh = tokio::spawn(fresh_connections(addr, stop_fresh_rx));
+                (keep.await.unwrap(), fresh.await.unwrap())
+            })
+    });
+    // Load flowing before the first restart, and between restarts.
+    let settle = || std::thread::sleep(Duration::from_millis(300)); // the scenario: time under load
+    settle();
+    let mut times = Vec::new();
+    for _ in 0..ROUNDS {
+        if let Some(t) = restart(service) {
+            times.push(t);
+        }
+        settle();
+    }
+    let _ = stop_keep_tx.send(());
+    let _ = stop_fresh_tx.send(());
+    let (keep, fresh) = loads.join().unwrap();
+    (keep, fresh, times)
+}
+
+#[test]
+fn three_upgrades_under_load_refuse_nothing() {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));
+    let mut service = Service::start(addr, &[]);
+    let first = service.pid;
+    let (keep, fresh, ready) = under_load(&mut service, |s| Some(s.upgrade()));
+    eprintln!(
+        "upgrades: {ROUNDS} rounds, trigger-to-successor-ready {ready:?}\n  keep-alive: {keep:?}\n  new connections: {:?}, answered by pids {:?}",
+        fresh.outcomes, fresh.pids
+    );
+    assert_ne!(service.pid, first);
+    assert!(keep.ok() > u64::from(RATE), "too little load: {keep:?}");
+    assert_eq!(keep.non_2xx(), 0, "{keep:?}");
+    assert_eq!(keep.failures(), 0, "{keep:?}");
+    let ok = fresh.outcomes.get("ok").copied().unwrap_or(0);
+    assert!(ok > 100, "too little load: {fresh:?}");
+    assert_eq!(
+        fresh.outcomes.len(),
+        1,
+        "every new connection answered 200: {fresh:?}"
+    );
+    // Each of the four processes served some of the new connections.
+    assert_eq!(fresh.pids.len(), ROUNDS + 1, "{fresh:?}");
+}
+
+#[test]
+fn three_plain_restarts_under_the_same_load_refuse_connections() {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));
+    let env = [("FINALE_DRAIN_DELAY", "0s")];
+    let mut service = Service::start(addr, &env);
+    let (keep, fresh, _) = under_load(&mut service, |s| {
+        s.stop_and_start(&env);
+        None
+    });
+    eprintln!(
+        "plain restarts: {ROUNDS} rounds\n  keep-alive: {keep:?}\n  new connections: {:?}",
+        fresh.outcomes
+    );
+    let errors = keep.non_2xx()
+        + keep.failures()
+        + fresh
+            .outcomes
+            .iter()
+            .filter(|(k, _)| k.as_str() != "ok")
+            .map(|(_, n)| n)
+            .sum::<u64>();
+    assert!(
+        errors > 0,
+        "expected errors without the hand-off: {keep:?} {fresh:?}"
+    );
+}
+
+#[test]
+fn a_successor_that_fails_leaves_the_old_process_serving() {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));
+    // Inherited by the successor, which exits with 3 before it is ready.
+    let mut service = Service::start(addr, &[("ZERO_DOWNTIME_FAIL_SUCCESSOR", "1")]);
+    let pid = service.pid;
+    service.signal("-USR2");
+    let line = service.wait_line("upgrade failed");
+    eprintln!("failed upgrade: {line}");
+    assert!(line.contains("ended before it was ready"), "{line}");
+    assert!(line.contains("exit status: 3"), "{line}");
+    // Still serving, still the same process, and ready.
+    let hello = http_request("GET", &format!("http://{addr}/hello"), &[], b"").unwrap();
+    assert_eq!(hello.status, 200);
+    assert!(
+        hello.text().contains(&format!("hello from {pid}")),
+        "{}",
+        hello.text()
+    );
+    service.wait_ready();
+    // The report at the end says so.
+    service.signal("-TERM");
+    let report = service.wait_line("upgrade failed (kept serving)");
+    assert!(report.contains("exit status: 3"), "{report}");
+    service.wait_gone(pid);
+}

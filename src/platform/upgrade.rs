@@ -1,0 +1,499 @@
+//! Restart without refusing a connection: the running process starts its successor, hands it
+//! its listening sockets, waits (bounded) until the successor is ready, and only then runs its
+//! own shutdown. Linux and other Unix only; feature `upgrade`.
+//!
+//! # How it works
+//!
+//! 1. **Trigger**: the signal of [`Upgrade::signal`] (`SIGUSR2` by default, received by finale's
+//!    supervisor thread) or [`Handle::upgrade`](crate::Handle::upgrade).
+//! 2. **Successor**: the same binary (or [`Upgrade::program`]) with the same arguments and
+//!    environment, plus the listening sockets of finale's servers as systemd passes them:
+//!    file descriptors 3, 4, … with `LISTEN_FDS` and `LISTEN_FDNAMES` (each named after its
+//!    server), and one more socket named `finale.ready`. `LISTEN_PID` cannot name a process
+//!    before it exists, so it is left out and `FINALE_LISTEN_PARENT` names this process
+//!    instead: the successor takes the sockets only if it is this process's child.
+//! 3. **The successor's servers** find the socket passed under their name and serve it instead of
+//!    binding (the same code path as systemd socket activation); the kernel socket, its accept
+//!    queue included, is the same one, so no connection is refused. When its graceful start is
+//!    done, the successor writes `READY=1` on `finale.ready`.
+//! 4. **The old process** waits for that line at most [`Upgrade::ready_timeout`]. Ready: under
+//!    systemd it sends `MAINPID=<successor>`, then runs its shutdown with
+//!    [`Reason::Upgrade`](crate::Reason::Upgrade): no drain delay (the listener stays open in the
+//!    successor), its servers stop accepting without touching the shared socket, and the Drain
+//!    finishes what is in flight here while the successor already accepts. Not ready (it exited,
+//!    crashed or took too long): the successor is killed if it still runs, the failure is logged,
+//!    counted (`finale_upgrades_total{outcome}`), listed in the report, and this process goes on
+//!    serving.
+//!
+//! Decided against shellflip (it does not pass listening sockets, waits for readiness without a
+//! bound and owns the signal handling) and ecdysis (its own socket creation, a fixed 5 s
+//! readiness timeout, process exit on a bad environment): finale owns the sequence, and the
+//! `LISTEN_FDS` convention makes socket activation and hand-off one code path. The descriptors
+//! are placed in the child with `command-fds` (no `unsafe` in finale).
+//!
+//! # Limits
+//!
+//! - In-memory state (caches, sessions, counters) does not move: the successor starts fresh.
+//! - Two upgrades at once: the second is refused ([`UpgradeError::InProgress`]); so is one once
+//!   the shutdown has started.
+//! - Under systemd, the successor's own notifications are accepted only with
+//!   `NotifyAccess=all` (or `exec`); `WATCHDOG_PID` is not passed on, so the successor's
+//!   watchdog applies to it.
+//! - Telemetry: both processes push and flush on their own; give each process a label of its
+//!   own where a backend groups by instance (a Pushgateway group shared by both would be
+//!   overwritten by whichever pushes last).
+
+use std::fmt;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use command_fds::{CommandFdExt, FdMapping};
+
+use crate::platform::PARENT_ENV;
+use crate::report::Reason;
+use crate::signal::Signal;
+use crate::state::{Observer, Shared, lock};
+
+/// How long the old process waits for its successor to report ready, by default: 30 seconds.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The name of the extra passed socket on which the successor reports ready.
+pub(crate) const READY_NAME: &str = "finale.ready";
+const READY_LINE: &[u8] = b"READY=1\n";
+
+/// How the service restarts without downtime; see the [module docs](self). Set with
+/// [`Builder::upgrade`](crate::Builder::upgrade).
+///
+/// # Default values
+///
+/// | setting | default |
+/// |---|---|
+/// | [`signal`](Upgrade::signal) | `SIGUSR2` |
+/// | [`program`](Upgrade::program) | this process's executable (`std::env::current_exe`) |
+/// | [`ready_timeout`](Upgrade::ready_timeout) | [`DEFAULT_READY_TIMEOUT`] |
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct Upgrade {
+    pub(crate) signal: Option<Signal>,
+    program: Option<PathBuf>,
+    ready_timeout: Duration,
+}
+
+impl Default for Upgrade {
+    fn default() -> Self {
+        Self {
+            signal: Some(Signal::User2),
+            program: None,
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+        }
+    }
+}
+
+impl Upgrade {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The signal that starts an upgrade; `None` for [`Handle::upgrade`](crate::Handle::upgrade)
+    /// only. It must not be one of the shutdown signals
+    /// ([`ConfigError::UpgradeSignal`](crate::ConfigError::UpgradeSignal)).
+    pub fn signal(mut self, signal: Option<Signal>) -> Self {
+        self.signal = signal;
+        self
+    }
+
+    /// The successor's executable: a new binary installed next to the running one, say. By
+    /// default the running process's own executable (on Linux, if the file was replaced, the
+    /// new file at the same path).
+    pub fn program(mut self, program: impl Into<PathBuf>) -> Self {
+        self.program = Some(program.into());
+        self
+    }
+
+    /// How long the successor may take to report ready (its graceful start).
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    pub(crate) fn ready_timeout_value(&self) -> Duration {
+        self.ready_timeout
+    }
+}
+
+/// A successful upgrade: the successor is ready and this process is shutting down.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Upgraded {
+    /// The successor's process id.
+    pub successor_pid: u32,
+    /// From the trigger to the successor's `READY=1`.
+    pub ready_after: Duration,
+}
+
+/// Why an upgrade did not happen. In every case this process goes on serving.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UpgradeError {
+    /// The finale was built without [`Builder::upgrade`](crate::Builder::upgrade).
+    NotEnabled,
+    /// Another upgrade is under way.
+    InProgress,
+    /// The shutdown has started already.
+    ShuttingDown,
+    /// The successor could not be started (the program is missing, say).
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// What failed.
+        error: String,
+    },
+    /// The successor ended before it reported ready.
+    Exited {
+        /// Its process id.
+        pid: u32,
+        /// How it ended (`exit status: 3`, `signal: 9 (SIGKILL)`).
+        status: String,
+    },
+    /// The successor did not report ready in time; it was killed.
+    NotReady {
+        /// Its process id.
+        pid: u32,
+        /// How long it was given.
+        waited: Duration,
+    },
+}
+
+impl UpgradeError {
+    /// The `outcome` label of `finale_upgrades_total`.
+    fn outcome(&self) -> &'static str {
+        match self {
+            UpgradeError::NotEnabled | UpgradeError::InProgress | UpgradeError::ShuttingDown => {
+                "refused"
+            }
+            UpgradeError::Spawn { .. } => "spawn_failed",
+            UpgradeError::Exited { .. } => "exited",
+            UpgradeError::NotReady { .. } => "not_ready",
+        }
+    }
+}
+
+impl fmt::Display for UpgradeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpgradeError::NotEnabled => f.write_str("upgrades are not enabled (Builder::upgrade)"),
+            UpgradeError::InProgress => f.write_str("an upgrade is already under way"),
+            UpgradeError::ShuttingDown => f.write_str("the shutdown has started"),
+            UpgradeError::Spawn { program, error } => {
+                write!(
+                    f,
+                    "the successor {} could not start: {error}",
+                    program.display()
+                )
+            }
+            UpgradeError::Exited { pid, status } => {
+                write!(
+                    f,
+                    "the successor (pid {pid}) ended before it was ready: {status}"
+                )
+            }
+            UpgradeError::NotReady { pid, waited } => write!(
+                f,
+                "the successor (pid {pid}) was not ready within {waited:?}; it was killed"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for UpgradeError {}
+
+/// The upgrade machinery of one `Finale`.
+#[cfg_attr(
+    not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+    allow(dead_code)
+)]
+#[derive(Debug)]
+pub(crate) struct UpgradeState {
+    config: Upgrade,
+    busy: AtomicBool,
+    handed_off: AtomicBool,
+    next_id: AtomicU64,
+    /// The listening sockets of the servers (a duplicate of each), while they accept.
+    listeners: std::sync::Mutex<Vec<(u64, String, OwnedFd)>>,
+    /// Upgrades that failed, for the report.
+    failed: std::sync::Mutex<Vec<String>>,
+}
+
+impl UpgradeState {
+    pub(crate) fn new(config: Upgrade) -> Self {
+        Self {
+            config,
+            busy: AtomicBool::new(false),
+            handed_off: AtomicBool::new(false),
+            next_id: AtomicU64::new(0),
+            listeners: std::sync::Mutex::new(Vec::new()),
+            failed: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether the listening sockets now belong to a successor: the servers stop accepting
+    /// without touching them (no backlog change, no accept-queue sweep).
+    pub(crate) fn handed_off(&self) -> bool {
+        self.handed_off.load(Ordering::Acquire)
+    }
+
+    /// The signal that starts an upgrade.
+    pub(crate) fn signal(&self) -> Option<Signal> {
+        self.config.signal
+    }
+
+    pub(crate) fn take_failed(&self) -> Vec<String> {
+        std::mem::take(&mut *lock(&self.failed))
+    }
+
+    /// Keeps a duplicate of a server's listening socket until the returned registration drops
+    /// (when the server stops accepting).
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        name: &str,
+        listener: &impl AsFd,
+    ) -> io::Result<ListenerRegistration> {
+        let fd = listener.as_fd().try_clone_to_owned()?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.listeners).push((id, name.to_owned(), fd));
+        Ok(ListenerRegistration {
+            state: self.clone(),
+            id,
+        })
+    }
+}
+
+/// A server's listening socket, offered to a successor while the server accepts.
+#[cfg_attr(
+    not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+    allow(dead_code)
+)]
+#[derive(Debug)]
+pub(crate) struct ListenerRegistration {
+    state: Arc<UpgradeState>,
+    id: u64,
+}
+
+impl Drop for ListenerRegistration {
+    fn drop(&mut self) {
+        lock(&self.state.listeners).retain(|(id, _, _)| *id != self.id);
+    }
+}
+
+/// Runs one upgrade; see the [module docs](self).
+pub(crate) async fn run(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> {
+    let result = try_upgrade(shared).await;
+    let outcome = match &result {
+        Ok(_) => "ready",
+        Err(e) => e.outcome(),
+    };
+    metrics::counter!(crate::names::UPGRADES_TOTAL, "outcome" => outcome).increment(1);
+    match &result {
+        Ok(upgraded) => tracing::info!(
+            target: "finale",
+            successor_pid = upgraded.successor_pid,
+            ready_after = ?upgraded.ready_after,
+            "upgrade: the successor is ready; shutting down"
+        ),
+        Err(e) => {
+            tracing::error!(target: "finale", error = %e, "upgrade failed; still serving");
+            if let (
+                Some(state),
+                UpgradeError::Spawn { .. }
+                | UpgradeError::Exited { .. }
+                | UpgradeError::NotReady { .. },
+            ) = (&shared.upgrade, e)
+            {
+                lock(&state.failed).push(e.to_string());
+            }
+        }
+    }
+    result
+}
+
+async fn try_upgrade(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> {
+    let Some(state) = shared.upgrade.clone() else {
+        return Err(UpgradeError::NotEnabled);
+    };
+    if shared.reason().is_some() {
+        return Err(UpgradeError::ShuttingDown);
+    }
+    if state.busy.swap(true, Ordering::AcqRel) {
+        return Err(UpgradeError::InProgress);
+    }
+    let started = Instant::now();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawner = state.clone();
+    // Spawning and waiting block: on a thread of their own, so that the wait needs nothing of
+    // the caller's runtime.
+    let thread = std::thread::Builder::new()
+        .name("finale-upgrade".to_owned())
+        .spawn(move || {
+            let _ = tx.send(spawn_and_wait(&spawner));
+        });
+    let result = match thread {
+        Ok(_) => rx.await.unwrap_or_else(|_| {
+            Err(UpgradeError::Spawn {
+                program: PathBuf::new(),
+                error: "the upgrade thread ended without an answer".to_owned(),
+            })
+        }),
+        Err(e) => Err(UpgradeError::Spawn {
+            program: PathBuf::new(),
+            error: format!("no thread for the upgrade: {e}"),
+        }),
+    };
+    let pid = match result {
+        Ok(pid) => pid,
+        Err(e) => {
+            state.busy.store(false, Ordering::Release);
+            return Err(e);
+        }
+    };
+    // From here the sockets are the successor's too: the servers must leave them as they are.
+    state.handed_off.store(true, Ordering::Release);
+    #[cfg(feature = "systemd")]
+    crate::platform::systemd::main_pid(pid);
+    if !shared.request(Reason::Upgrade { successor_pid: pid }) {
+        // A signal won the race: the shutdown runs for that reason, the successor serves.
+        tracing::warn!(target: "finale", successor_pid = pid, "the shutdown had started already");
+    }
+    Ok(Upgraded {
+        successor_pid: pid,
+        ready_after: started.elapsed(),
+    })
+}
+
+fn spawn_and_wait(state: &UpgradeState) -> Result<u32, UpgradeError> {
+    let program = match &state.config.program {
+        Some(program) => program.clone(),
+        None => std::env::current_exe().map_err(|e| UpgradeError::Spawn {
+            program: PathBuf::from("<current executable>"),
+            error: e.to_string(),
+        })?,
+    };
+    let spawn_error = |error: String| UpgradeError::Spawn {
+        program: program.clone(),
+        error,
+    };
+    let (mut ours, theirs) =
+        UnixStream::pair().map_err(|e| spawn_error(format!("socket pair: {e}")))?;
+    let mut names: Vec<String> = Vec::new();
+    let mut mappings = Vec::new();
+    for (_, name, fd) in lock(&state.listeners).iter() {
+        let fd = fd
+            .try_clone()
+            .map_err(|e| spawn_error(format!("duplicate the socket of {name}: {e}")))?;
+        mappings.push(FdMapping {
+            parent_fd: fd,
+            child_fd: 3 + i32::try_from(names.len()).unwrap_or(i32::MAX - 3),
+        });
+        names.push(name.clone());
+    }
+    mappings.push(FdMapping {
+        parent_fd: OwnedFd::from(theirs),
+        child_fd: 3 + i32::try_from(names.len()).unwrap_or(i32::MAX - 3),
+    });
+    names.push(READY_NAME.to_owned());
+
+    let mut command = std::process::Command::new(&program);
+    command
+        .args(std::env::args_os().skip(1))
+        .env("LISTEN_FDS", names.len().to_string())
+        .env("LISTEN_FDNAMES", names.join(":"))
+        .env(PARENT_ENV, std::process::id().to_string())
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS_FIRST_FD")
+        .env_remove("WATCHDOG_PID");
+    command
+        .fd_mappings(mappings)
+        .map_err(|e| spawn_error(e.to_string()))?;
+    let mut child = command.spawn().map_err(|e| spawn_error(e.to_string()))?;
+    // Closes this process's copies of the successor's ends: its exit is then an end of file.
+    drop(command);
+    let pid = child.id();
+    tracing::info!(target: "finale", successor_pid = pid, program = %program.display(), "upgrade: successor started");
+
+    let timeout = state.config.ready_timeout_value();
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    let ended = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break None;
+        }
+        if ours.set_read_timeout(Some(left)).is_err() {
+            break None;
+        }
+        let mut buf = [0u8; 64];
+        match ours.read(&mut buf) {
+            Ok(0) => break Some(()),
+            Ok(n) => {
+                seen.extend_from_slice(&buf[..n]);
+                if seen.windows(READY_LINE.len()).any(|w| w == READY_LINE) {
+                    return Ok(pid);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break None, // timed out
+        }
+    };
+    match ended {
+        // It closed its end: it exited (or crashed) before it was ready.
+        Some(()) => {
+            let status = match child.wait() {
+                Ok(status) => status.to_string(),
+                Err(e) => format!("unknown ({e})"),
+            };
+            Err(UpgradeError::Exited { pid, status })
+        }
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(UpgradeError::NotReady {
+                pid,
+                waited: timeout,
+            })
+        }
+    }
+}
+
+/// In a successor: the socket on which to report ready, if this process was started by an
+/// upgrade.
+pub(crate) fn ready_reporter() -> Option<ReadyReporter> {
+    std::env::var_os(PARENT_ENV)?;
+    let stream = crate::platform::systemd::take_unix_named(READY_NAME)?;
+    Some(ReadyReporter {
+        stream: std::sync::Mutex::new(Some(stream)),
+    })
+}
+
+/// Writes `READY=1` to the old process when graceful start is done.
+#[derive(Debug)]
+pub(crate) struct ReadyReporter {
+    stream: std::sync::Mutex<Option<UnixStream>>,
+}
+
+impl Observer for ReadyReporter {
+    fn started(&self, _shared: &Shared) {
+        if let Some(mut stream) = lock(&self.stream).take()
+            && let Err(e) = io::Write::write_all(&mut stream, READY_LINE)
+        {
+            tracing::warn!(target: "finale", error = %e, "upgrade: could not report ready to the old process");
+        }
+    }
+}
