@@ -14,6 +14,7 @@
 //! - `ZERO_DOWNTIME_FAIL_SUCCESSOR`: a successor (a process started by an upgrade) exits with
 //!   code 3 before it is ready: the old one keeps serving and says why.
 //! - `FINALE_*`: any budget setting.
+//! - Under systemd (`NOTIFY_SOCKET` set) it reports ready and hands over its main pid.
 
 // Examples print the report; the library itself never prints.
 #![allow(clippy::print_stderr)]
@@ -44,6 +45,8 @@ async fn main() {
 
     let finale = Finale::builder()
         .upgrade(Upgrade::new())
+        // Under systemd (`ExecReload=/bin/kill -USR2 $MAINPID`): READY=1, MAINPID= at a hand-off.
+        .systemd_notify(true)
         .build()
         .unwrap_or_else(|e| {
             eprintln!("configuration error: {e}");

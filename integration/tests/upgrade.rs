@@ -51,6 +51,14 @@ struct Service {
 
 impl Service {
     fn start(addr: SocketAddr, env: &[(&str, &str)]) -> Self {
+        Self::start_with(addr, env, None)
+    }
+
+    fn start_with(
+        addr: SocketAddr,
+        env: &[(&str, &str)],
+        notify: Option<&std::path::Path>,
+    ) -> Self {
         let mut cmd = Command::new(zero_downtime());
         cmd.env("ZERO_DOWNTIME_ADDR", addr.to_string())
             .env("RUST_LOG", "info")
@@ -66,6 +74,9 @@ impl Service {
             .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        if let Some(path) = notify {
+            cmd.env("NOTIFY_SOCKET", path);
         }
         let mut child = cmd.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -381,4 +392,154 @@ fn a_successor_that_fails_leaves_the_old_process_serving() {
     let report = service.wait_line("upgrade failed (kept serving)");
     assert!(report.contains("exit status: 3"), "{report}");
     service.wait_gone(pid);
+}
+
+#[test]
+fn under_systemd_the_old_process_hands_over_its_main_pid_and_then_says_nothing() {
+    let dir = std::env::temp_dir().join(format!("finale-upgrade-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify");
+    let _ = std::fs::remove_file(&path);
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let recv = |within: Duration| -> Option<String> {
+        socket.set_read_timeout(Some(within)).unwrap();
+        let mut buf = vec![0u8; 4096];
+        socket
+            .recv(&mut buf)
+            .ok()
+            .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));
+    let mut service = Service::start_with(addr, &[], Some(&path));
+    let old = service.pid;
+    assert!(recv(BOUND).is_some_and(|d| d.starts_with("READY=1")));
+    service.upgrade();
+    let successor = service.pid;
+    // Everything up to the old process's exit: the successor's READY=1 and the hand-over.
+    let mut seen = Vec::new();
+    while let Some(d) = recv(Duration::from_millis(300)) {
+        seen.push(d);
+    }
+    eprintln!("datagrams across the upgrade (old {old}, successor {successor}): {seen:?}");
+    assert!(
+        seen.iter()
+            .any(|d| d.starts_with(&format!("MAINPID={successor}\n"))),
+        "{seen:?}"
+    );
+    // The old process stepped down without STOPPING=1 (which would stop the service).
+    assert!(!seen.iter().any(|d| d.contains("STOPPING=1")), "{seen:?}");
+    // The successor's own stop does say it.
+    service.signal("-TERM");
+    let mut stopping = false;
+    while let Some(d) = recv(Duration::from_secs(5)) {
+        if d.contains("STOPPING=1") {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "the successor's shutdown is announced");
+    service.wait_gone(successor);
+    drop(service);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A successor that never reports ready (it ignores its arguments and sleeps).
+fn sleeper(dir: &std::path::Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("sleeper");
+    std::fs::write(&path, "#!/bin/sh\nexec sleep 30\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_upgrade_is_refused_and_a_successor_not_ready_in_time_is_killed() {
+    use finale::upgrade::{Upgrade, UpgradeError};
+    let dir = std::env::temp_dir().join(format!("finale-upgrade-sleeper-{}", std::process::id()));
+    let program = sleeper(&dir);
+    let finale = finale::Finale::builder()
+        .read_env(false)
+        .no_signals()
+        .environment(finale::Environment::Local)
+        .upgrade(
+            Upgrade::new()
+                .signal(None)
+                .program(&program)
+                .ready_timeout(Duration::from_millis(500)),
+        )
+        .build()
+        .unwrap();
+    let handle = finale.handle();
+    let run = tokio::spawn(finale.run());
+    handle.health().started().await;
+
+    // Both at once: the first one polled takes the upgrade, the other is refused.
+    let (first, second) = tokio::join!(handle.upgrade(), handle.upgrade());
+    eprintln!("two at once: {first:?} / {second:?}");
+    assert_eq!(second, Err(UpgradeError::InProgress));
+    let Err(UpgradeError::NotReady { pid, waited }) = first else {
+        panic!("expected NotReady, got {first:?}");
+    };
+    assert_eq!(waited, Duration::from_millis(500));
+    // Killed and reaped: the pid is gone.
+    assert!(!alive(pid), "the successor {pid} still runs");
+    // Not stuck: the next upgrade runs (and fails the same way).
+    assert!(matches!(
+        handle.upgrade().await,
+        Err(UpgradeError::NotReady { .. })
+    ));
+    // Still serving: the shutdown was never requested.
+    assert!(!handle.is_shutdown_requested());
+    handle.trigger("test");
+    assert_eq!(handle.upgrade().await, Err(UpgradeError::ShuttingDown));
+    let report = run.await.unwrap();
+    eprintln!("{report}");
+    assert_eq!(report.upgrades_failed.len(), 2, "{report}");
+    assert!(
+        report.upgrades_failed[0].contains("was not ready within 500ms"),
+        "{report}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn upgrade_settings_that_cannot_work_are_refused_at_build() {
+    use finale::upgrade::{Upgrade, UpgradeError};
+    let err = finale::Finale::builder()
+        .read_env(false)
+        .upgrade(Upgrade::new().signal(Some(finale::Signal::Terminate)))
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        err,
+        finale::ConfigError::UpgradeSignal {
+            signal: finale::Signal::Terminate
+        }
+    );
+    eprintln!("{err}");
+    let err = finale::Finale::builder()
+        .read_env(false)
+        .no_signals()
+        .upgrade(Upgrade::new().ready_timeout(Duration::ZERO))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(err, finale::ConfigError::UpgradeReadyTimeout { .. }),
+        "{err}"
+    );
+    // Without Builder::upgrade, Handle::upgrade says so.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let finale = finale::Finale::builder()
+        .read_env(false)
+        .no_signals()
+        .build()
+        .unwrap();
+    assert_eq!(
+        rt.block_on(finale.handle().upgrade()),
+        Err(UpgradeError::NotEnabled)
+    );
 }

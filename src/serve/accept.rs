@@ -525,7 +525,7 @@ async fn serve_connection<S, B>(
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .into_owned();
-    if drive(Box::pin(conn), &watch, &mut stage, settings).await {
+    if drive(Box::pin(conn), &watch, &socket, &mut stage, settings).await {
         hold_upgraded(&watch, &socket, &mut stage).await;
     }
 }
@@ -538,6 +538,7 @@ type Connection<S> =
 async fn drive<S, B>(
     mut conn: Pin<Box<Connection<S>>>,
     watch: &ConnWatch,
+    socket: &std::sync::Weak<TcpStream>,
     stage: &mut watch::Receiver<Stage>,
     settings: Settings,
 ) -> bool
@@ -577,8 +578,14 @@ where
     // a keep-alive client's next one, may be on its way, and closing now would reset it. A
     // request that arrives is served, with `Connection: close`. One idle for longer than the
     // grace is closed at once: its client is no likelier to use it in the next moment.
+    // Bytes the kernel received and hyper has not read yet (this task may not have run since
+    // they arrived) are a request on its way: closing now would reset it, so it gets the grace.
+    let mut waiting = false;
     if !watch.http2.load(Ordering::Relaxed) {
-        let until = grace_until.min(watch.last_active() + settings.idle_grace);
+        let mut until = grace_until.min(watch.last_active() + settings.idle_grace);
+        if until <= Instant::now() && unread(socket) {
+            until = grace_until;
+        }
         if until > Instant::now() {
             tokio::select! {
                 result = conn.as_mut() => return log_end(watch, result),
@@ -587,19 +594,32 @@ where
             }
         }
         if watch.active.load(Ordering::Relaxed) == 0 {
-            // Nothing in flight after the grace (idle, or a client that never sent a complete
-            // request): this connection holds nothing, close it.
-            return false;
+            waiting = unread(socket);
+            if !waiting {
+                // Nothing in flight after the grace (idle, or a client that never sent a
+                // complete request): this connection holds nothing, close it.
+                return false;
+            }
         }
     }
-    // HTTP/2: GOAWAY, streams in flight finish. HTTP/1: closes after the response in flight.
-    if !moved {
+    // HTTP/2: GOAWAY, streams in flight finish. HTTP/1: closes after the response in flight
+    // (its `Connection: close`); with a request still unread hyper would take the connection
+    // for idle and close it, so it is left to read it (the response closes it).
+    if !moved && !waiting {
         conn.as_mut().graceful_shutdown();
     }
     tokio::select! {
         result = conn.as_mut() => log_end(watch, result),
         _ = stage.wait_for(|s| *s == Stage::Cut) => cut_connection(conn, watch),
     }
+}
+
+/// Whether the connection's socket holds bytes nobody has read yet.
+fn unread(socket: &std::sync::Weak<TcpStream>) -> bool {
+    socket.upgrade().is_some_and(|stream| {
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        matches!(socket2::SockRef::from(&*stream).peek(&mut byte), Ok(n) if n > 0)
+    })
 }
 
 /// After the connection ended on its own: if a request on it was upgraded (HTTP/1: the
@@ -663,10 +683,23 @@ impl tokio::io::AsyncRead for ConnIo {
     ) -> Poll<io::Result<()>> {
         loop {
             ready!(self.stream.poll_read_ready(cx))?;
-            match self.stream.try_read_buf(buf) {
-                Ok(_) => return Poll::Ready(Ok(())),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
+            // As tokio's own `TcpStream`: a short read means the socket is drained, so the
+            // readiness is cleared (the closure says WouldBlock) and the next read waits for the
+            // reactor instead of trying (and failing) once more.
+            let mut read = None;
+            let result = self.stream.try_io(tokio::io::Interest::READABLE, || {
+                let wanted = buf.remaining();
+                let n = self.stream.try_read_buf(buf)?;
+                read = Some(n);
+                if n > 0 && n < wanted {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            match (result, read) {
+                (_, Some(_)) | (Ok(()), None) => return Poll::Ready(Ok(())),
+                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {}
+                (Err(e), None) => return Poll::Ready(Err(e)),
             }
         }
     }
@@ -680,9 +713,21 @@ impl tokio::io::AsyncWrite for ConnIo {
     ) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.stream.poll_write_ready(cx))?;
-            match self.stream.try_write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                result => return Poll::Ready(result),
+            let mut written = None;
+            let result = self.stream.try_io(tokio::io::Interest::WRITABLE, || {
+                let n = self.stream.try_write(buf)?;
+                written = Some(n);
+                if n > 0 && n < buf.len() {
+                    // A partial write: the send buffer is full, wait for the reactor.
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            match (result, written) {
+                (_, Some(n)) => return Poll::Ready(Ok(n)),
+                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {}
+                (Err(e), None) => return Poll::Ready(Err(e)),
+                (Ok(()), None) => return Poll::Ready(Ok(0)),
             }
         }
     }
@@ -692,11 +737,23 @@ impl tokio::io::AsyncWrite for ConnIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
         loop {
             ready!(self.stream.poll_write_ready(cx))?;
-            match self.stream.try_write_vectored(bufs) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                result => return Poll::Ready(result),
+            let mut written = None;
+            let result = self.stream.try_io(tokio::io::Interest::WRITABLE, || {
+                let n = self.stream.try_write_vectored(bufs)?;
+                written = Some(n);
+                if n > 0 && n < total {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            match (result, written) {
+                (_, Some(n)) => return Poll::Ready(Ok(n)),
+                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {}
+                (Err(e), None) => return Poll::Ready(Err(e)),
+                (Ok(()), None) => return Poll::Ready(Ok(0)),
             }
         }
     }

@@ -11,7 +11,7 @@
 //! - finishes requests in flight, sends HTTP/2 GOAWAY, serves requests still arriving on open
 //!   HTTP/1 keep-alive connections with `Connection: close` (`503` + `Retry-After` only near
 //!   the deadline);
-//! - counts upgraded connections (WebSockets, HTTP/2 extended CONNECT) as in flight until they
+//! - counts upgraded connections (WebSockets, HTTP/1 CONNECT tunnels) as in flight until they
 //!   close;
 //! - cuts what is still open shortly before the Drain phase's deadline and names it in the
 //!   report (`GET /events from 127.0.0.1:5555 (stream open at the drain deadline)`).
@@ -68,9 +68,11 @@
 //! ```
 //!
 //! `integration/tests/servers_websocket.rs` runs exactly this against a real WebSocket client.
+//! An HTTP/1 `CONNECT` tunnel answered `2xx` is an upgrade too, and is treated the same.
 //! Limits: over HTTP/2 (extended CONNECT) finale cannot see when one upgraded stream ends, only
-//! when its connection does, so such a stream counts in flight until its connection closes and
-//! is named if that connection is still open at the deadline. With
+//! when its connection does: such a stream counts in flight until its `2xx`, then holds its
+//! connection open (the drain waits for it), and a connection still open at the deadline is cut
+//! and named by the extended CONNECT requests it carried (the last 16). With
 //! [`DrainLayer`](crate::tower::DrainLayer) in a server of your own, finale does not see the
 //! upgraded socket at all: hold an [`InFlightGuard`](crate::InFlightGuard) in the handler for
 //! as long as the connection lives.

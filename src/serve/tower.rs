@@ -280,11 +280,14 @@ impl ConnWatch {
     }
 }
 
+/// How many HTTP/2 extended CONNECT streams a connection remembers, to name them if it is cut.
+const MAX_H2_UPGRADE_NAMES: usize = 16;
+
 /// A request whose connection was upgraded (a WebSocket, an HTTP/2 extended CONNECT): in
 /// flight while it lives, and named if it is cut.
 #[derive(Debug)]
 pub(crate) struct Upgrade {
-    _guard: InFlightGuard,
+    _guard: Option<InFlightGuard>,
     /// `GET /ws from 127.0.0.1:5555`: method and path, never the query.
     #[cfg_attr(
         not(any(feature = "axum", feature = "hyper", feature = "tonic")),
@@ -328,24 +331,38 @@ impl CutName {
 }
 
 impl CutName {
-    /// The name of this request in the report: method and path, never the query.
+    /// The name of this request in the report: method and path (a tunnel's target for an
+    /// HTTP/1 CONNECT), never the query.
     fn name(&self) -> String {
-        format!(
-            "{} {} from {}",
-            self.method,
-            self.uri.path(),
-            self.conn.peer
-        )
+        let target = match self.uri.authority() {
+            Some(authority) if self.uri.path().is_empty() => authority.as_str(),
+            _ => self.uri.path(),
+        };
+        format!("{} {target} from {}", self.method, self.conn.peer)
     }
 
-    /// The request was answered with an upgrade: the connection's task keeps `guard` (the
-    /// request stays in flight) until the upgraded connection ends, and names it if cut.
-    fn upgraded(&self, guard: InFlightGuard) {
-        let upgrade = Upgrade {
-            _guard: guard,
+    /// The request was answered with an upgrade. HTTP/1: the connection's task keeps `guard`
+    /// (the request stays in flight) until the upgraded socket is dropped, and names it if cut.
+    /// HTTP/2: finale cannot see one upgraded stream end, only its connection; the guard goes
+    /// now (the connection, which the drain waits for, stays open while the stream does) and
+    /// the name is kept, for at most [`MAX_H2_UPGRADE_NAMES`] streams per connection.
+    fn upgraded(&self, guard: InFlightGuard, http1: bool) {
+        let mut upgrades = crate::state::lock(&self.conn.upgrades);
+        if http1 {
+            upgrades.push(Upgrade {
+                _guard: Some(guard),
+                name: self.name(),
+            });
+            return;
+        }
+        drop(guard);
+        if upgrades.len() >= MAX_H2_UPGRADE_NAMES {
+            upgrades.remove(0);
+        }
+        upgrades.push(Upgrade {
+            _guard: None,
             name: self.name(),
-        };
-        crate::state::lock(&self.conn.upgrades).push(upgrade);
+        });
     }
 }
 
@@ -375,7 +392,8 @@ pub(crate) struct Admitted {
     close_http1: bool,
     /// A gRPC request: a panic is answered in gRPC form.
     grpc: bool,
-    /// An HTTP/2 CONNECT (extended CONNECT: a WebSocket over HTTP/2): a `2xx` upgrades it.
+    /// A CONNECT (an HTTP/1 tunnel, or an HTTP/2 extended CONNECT: a WebSocket over HTTP/2):
+    /// a `2xx` upgrades it.
     connect: bool,
     cut: Option<CutName>,
 }
@@ -428,7 +446,7 @@ pub(crate) fn admit<ReqB, B>(
         announced: http1 && announced,
         close_http1: http1,
         grpc,
-        connect: !http1 && req.method() == Method::CONNECT,
+        connect: req.method() == Method::CONNECT,
         cut,
     })
 }
@@ -629,11 +647,10 @@ where
                 let admitted = admitted.take().expect("polled after completion");
                 Poll::Ready(result.map(|response| {
                     let (mut parts, body) = response.into_parts();
-                    let upgrade = if admitted.close_http1 {
-                        parts.status == StatusCode::SWITCHING_PROTOCOLS
-                    } else {
-                        admitted.connect && parts.status.is_success()
-                    };
+                    // What hyper upgrades: a 101, or a 2xx to a CONNECT (both versions).
+                    let upgrade = (admitted.close_http1
+                        && parts.status == StatusCode::SWITCHING_PROTOCOLS)
+                        || (admitted.connect && parts.status.is_success());
                     if admitted.close_http1
                         && !upgrade
                         && (admitted.announced
@@ -653,13 +670,18 @@ where
                             .headers
                             .insert(CONNECTION, HeaderValue::from_static("close"));
                     }
-                    let Admitted { guard, cut, .. } = admitted;
+                    let Admitted {
+                        guard,
+                        cut,
+                        close_http1,
+                        ..
+                    } = admitted;
                     let body = match (upgrade, cut) {
                         // On finale's own connections an upgraded request stays in flight
                         // after its (empty) response, for as long as the upgraded connection
                         // lives: the connection's task holds it.
                         (true, Some(cut)) => {
-                            cut.upgraded(guard);
+                            cut.upgraded(guard, close_http1);
                             DrainBody::untracked(body)
                         }
                         (_, cut) => DrainBody::tracked(body, guard, cut),
