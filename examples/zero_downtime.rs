@@ -60,6 +60,7 @@ async fn main() {
             std::process::exit(2)
         });
     let pid = std::process::id();
+    tracing::info!(pid, generation = finale::upgrade::generation(), "starting");
     let app = Router::new()
         .route(
             "/hello",

@@ -47,6 +47,8 @@ struct Service {
     pid: u32,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
+    /// How many upgrades led to the process serving now.
+    generation: u32,
 }
 
 impl Service {
@@ -93,6 +95,7 @@ impl Service {
             pid,
             lines,
             seen: Vec::new(),
+            generation: 0,
         };
         service.wait_ready();
         service
@@ -124,6 +127,14 @@ impl Service {
                     self.seen.join("\n")
                 ),
             }
+        }
+    }
+
+    /// A line seen already (a unique needle), or the next one, bounded.
+    fn seen_or_wait(&mut self, needle: &str) -> String {
+        match self.seen.iter().find(|l| l.contains(needle)) {
+            Some(line) => line.clone(),
+            None => self.wait_line(needle),
         }
     }
 
@@ -167,6 +178,14 @@ impl Service {
         let ready = start.elapsed();
         self.pid = field(&line, "successor_pid=").parse().expect("a pid");
         assert_ne!(self.pid, old);
+        // The successor knows it is one more generation (a label for its telemetry).
+        let starting = self.seen_or_wait(&format!("starting pid={}", self.pid));
+        self.generation += 1;
+        assert_eq!(
+            field(&starting, "generation="),
+            self.generation.to_string(),
+            "{starting}"
+        );
         self.wait_line("shutdown after upgrade");
         self.wait_gone(old);
         ready

@@ -41,7 +41,9 @@
 //!   watchdog applies to it.
 //! - Telemetry: both processes push and flush on their own; give each process a label of its
 //!   own where a backend groups by instance (a Pushgateway group shared by both would be
-//!   overwritten by whichever pushes last).
+//!   overwritten by whichever pushes last): [`generation`] counts the upgrades that led to this
+//!   process (`FINALE_UPGRADE_GENERATION`), so `instance="host-{generation}"` or the pid tells
+//!   them apart.
 
 use std::fmt;
 use std::io::{self, Read};
@@ -58,6 +60,19 @@ use crate::platform::PARENT_ENV;
 use crate::report::Reason;
 use crate::signal::Signal;
 use crate::state::{Observer, Shared, lock};
+
+/// The variable that carries [`generation`] to a successor.
+pub const GENERATION_ENV: &str = "FINALE_UPGRADE_GENERATION";
+
+/// How many upgrades led to this process: 0 for a process started otherwise, 1 for its first
+/// successor, and so on (from `FINALE_UPGRADE_GENERATION`, which each upgrade sets one higher
+/// for the successor). A label that tells the old and the new process apart in telemetry.
+pub fn generation() -> u32 {
+    std::env::var(GENERATION_ENV)
+        .ok()
+        .and_then(|g| g.trim().parse().ok())
+        .unwrap_or(0)
+}
 
 /// How long the old process waits for its successor to report ready, by default: 30 seconds.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -416,6 +431,7 @@ fn spawn_and_wait(state: &UpgradeState) -> Result<u32, UpgradeError> {
         .env("LISTEN_FDS", names.len().to_string())
         .env("LISTEN_FDNAMES", names.join(":"))
         .env(PARENT_ENV, std::process::id().to_string())
+        .env(GENERATION_ENV, generation().saturating_add(1).to_string())
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDS_FIRST_FD")
         .env_remove("WATCHDOG_PID");
