@@ -23,7 +23,7 @@ use std::sync::{OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use common::components::{find_binary, free_ports, http_request, in_ci, wait_until};
-use common::load::{LoadReport, steady};
+use common::load::{LoadReport, steady_in_background};
 
 const BOUND: Duration = Duration::from_secs(20);
 /// haproxy's health check interval; it marks a server down after one failed check.
@@ -224,19 +224,12 @@ fn rolling_restarts(
         haproxy.wait_up(name);
     }
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let url = format!("http://127.0.0.1:{front}/hello");
-    let load = std::thread::spawn(move || {
-        tokio::runtime::Runtime::new().unwrap().block_on(steady(
-            &url,
-            RATE,
-            MAX_REQUESTS,
-            Duration::from_secs(10),
-            async move {
-                let _ = stop_rx.await;
-            },
-        ))
-    });
+    let (stop_tx, load) = steady_in_background(
+        format!("http://127.0.0.1:{front}/hello"),
+        RATE,
+        MAX_REQUESTS,
+        Duration::from_secs(10),
+    );
     let start = Instant::now();
     let mut restarts = 0;
     let mut longest_stop = Duration::ZERO;
@@ -333,19 +326,12 @@ fn a_client_that_ignores_health_checks_keeps_the_quiet_drain_delay_to_its_cap() 
     ];
     let addr = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));
     let mut instance = Instance::start(addr, &env);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let url = format!("http://{addr}/hello");
-    let load = std::thread::spawn(move || {
-        tokio::runtime::Runtime::new().unwrap().block_on(steady(
-            &url,
-            RATE,
-            MAX_REQUESTS,
-            Duration::from_secs(10),
-            async move {
-                let _ = stop_rx.await;
-            },
-        ))
-    });
+    let (stop_tx, load) = steady_in_background(
+        format!("http://{addr}/hello"),
+        RATE,
+        MAX_REQUESTS,
+        Duration::from_secs(10),
+    );
     // Load is flowing before the stop.
     let hello = format!("http://{addr}/hello");
     assert!(wait_until(BOUND, || http_request("GET", &hello, &[], b"")

@@ -11,6 +11,8 @@
 
 mod common;
 
+use common::served::{finish, wait_in_flight, websockets_installed};
+
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -47,23 +49,6 @@ async def main(url):
 
 asyncio.run(main(sys.argv[1]))
 "#;
-
-/// Whether the Python client library is there: under `CI=true` its absence fails the test.
-fn websockets_installed() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import websockets.asyncio.client"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            !common::components::in_ci(),
-            "the Python `websockets` library is missing; under CI=true a missing component is a \
-             failure (scripts/install-components.sh installs it)"
-        );
-        eprintln!("SKIPPING: the Python `websockets` library is not installed");
-    }
-    ok
-}
 
 #[derive(Clone)]
 struct App {
@@ -146,25 +131,6 @@ fn connect(addr: SocketAddr) -> Process {
     let mut client = Process::spawn(command).expect("python3 starts");
     tokio::task::block_in_place(|| client.wait_for("echo hello", BOUND));
     client
-}
-
-/// The count of requests in flight, polled until it is `want` (bounded).
-async fn wait_in_flight(handle: &Handle, want: usize) -> usize {
-    let deadline = tokio::time::Instant::now() + BOUND;
-    loop {
-        let count = handle.in_flight().count();
-        if count == want || tokio::time::Instant::now() >= deadline {
-            return count;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-async fn finish(run: JoinHandle<ShutdownReport>) -> ShutdownReport {
-    tokio::time::timeout(BOUND, run)
-        .await
-        .expect("the run ends")
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use common::components::{free_ports, http_request, wait_until};
-use common::load::{LoadReport, steady};
+use common::load::{LoadReport, steady_in_background};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BOUND: Duration = Duration::from_secs(20);
@@ -295,28 +295,17 @@ fn under_load(
     mut restart: impl FnMut(&mut Service) -> Option<Duration>,
 ) -> (LoadReport, Fresh, Vec<Duration>) {
     let addr = service.addr;
-    let (stop_keep_tx, stop_keep_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_keep_tx, keep) = steady_in_background(
+        format!("http://{addr}/hello"),
+        RATE,
+        MAX_REQUESTS,
+        Duration::from_secs(10),
+    );
     let (stop_fresh_tx, stop_fresh_rx) = tokio::sync::oneshot::channel::<()>();
-    let url = format!("http://{addr}/hello");
-    let loads = std::thread::spawn(move || {
+    let fresh = std::thread::spawn(move || {
         tokio::runtime::Runtime::new()
             .unwrap()
-            .block_on(async move {
-                let keep = tokio::spawn(async move {
-                    steady(
-                        &url,
-                        RATE,
-                        MAX_REQUESTS,
-                        Duration::from_secs(10),
-                        async move {
-                            let _ = stop_keep_rx.await;
-                        },
-                    )
-                    .await
-                });
-                let fresh = tokio::spawn(fresh_connections(addr, stop_fresh_rx));
-                (keep.await.unwrap(), fresh.await.unwrap())
-            })
+            .block_on(fresh_connections(addr, stop_fresh_rx))
     });
     // Load flowing before the first restart, and between restarts.
     let settle = || std::thread::sleep(Duration::from_millis(300)); // the scenario: time under load
@@ -330,8 +319,7 @@ fn under_load(
     }
     let _ = stop_keep_tx.send(());
     let _ = stop_fresh_tx.send(());
-    let (keep, fresh) = loads.join().unwrap();
-    (keep, fresh, times)
+    (keep.join().unwrap(), fresh.join().unwrap(), times)
 }
 
 #[test]

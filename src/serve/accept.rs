@@ -705,44 +705,21 @@ impl tokio::io::AsyncRead for ConnIo {
     }
 }
 
-impl tokio::io::AsyncWrite for ConnIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
+impl ConnIo {
+    /// One write of `total` bytes by `write`. As tokio's own `TcpStream`: a partial write means
+    /// the send buffer is full, so the readiness is cleared (the closure says WouldBlock) and the
+    /// next write waits for the reactor; the bytes written are still reported.
+    fn poll_write_with(
+        &self,
         cx: &mut Context<'_>,
-        buf: &[u8],
+        total: usize,
+        mut write: impl FnMut(&TcpStream) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.stream.poll_write_ready(cx))?;
             let mut written = None;
             let result = self.stream.try_io(tokio::io::Interest::WRITABLE, || {
-                let n = self.stream.try_write(buf)?;
-                written = Some(n);
-                if n > 0 && n < buf.len() {
-                    // A partial write: the send buffer is full, wait for the reactor.
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(())
-            });
-            match (result, written) {
-                (_, Some(n)) => return Poll::Ready(Ok(n)),
-                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {}
-                (Err(e), None) => return Poll::Ready(Err(e)),
-                (Ok(()), None) => return Poll::Ready(Ok(0)),
-            }
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        loop {
-            ready!(self.stream.poll_write_ready(cx))?;
-            let mut written = None;
-            let result = self.stream.try_io(tokio::io::Interest::WRITABLE, || {
-                let n = self.stream.try_write_vectored(bufs)?;
+                let n = write(&self.stream)?;
                 written = Some(n);
                 if n > 0 && n < total {
                     return Err(io::ErrorKind::WouldBlock.into());
@@ -756,6 +733,25 @@ impl tokio::io::AsyncWrite for ConnIo {
                 (Ok(()), None) => return Poll::Ready(Ok(0)),
             }
         }
+    }
+}
+
+impl tokio::io::AsyncWrite for ConnIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_with(cx, buf.len(), |stream| stream.try_write(buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let total = bufs.iter().map(|b| b.len()).sum();
+        self.poll_write_with(cx, total, |stream| stream.try_write_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -127,3 +127,25 @@ pub(crate) async fn steady(
         .into_inner()
         .unwrap()
 }
+
+/// [`steady`] on a thread of its own (with a runtime of its own) until the returned sender fires
+/// or is dropped; the handle gives what the client saw.
+pub(crate) fn steady_in_background(
+    url: String,
+    rate: u32,
+    max: u64,
+    timeout: Duration,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<LoadReport>,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let load = std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .expect("a runtime for the load")
+            .block_on(steady(&url, rate, max, timeout, async move {
+                let _ = stop_rx.await;
+            }))
+    });
+    (stop_tx, load)
+}

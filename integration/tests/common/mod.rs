@@ -7,3 +7,4 @@ pub(crate) mod examples;
 pub(crate) mod load;
 #[path = "../../../tests/common/logfmt.rs"]
 pub(crate) mod logfmt;
+pub(crate) mod served;
