@@ -840,3 +840,36 @@ async fn the_header_read_timeout_disconnects_a_slow_client() {
     let report = finish(served).await;
     assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_handlers_get_connect_info() {
+    // axum's `ConnectInfo<SocketAddr>` extractor answers 500 unless the server provides it:
+    // finale's does, with the client's end of the connection.
+    let finale = builder().build().unwrap();
+    let handle = finale.handle();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route(
+        "/who",
+        get(
+            |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>| async move {
+                peer.to_string()
+            },
+        ),
+    );
+    finale::axum::serve(&finale, "http", listener, app).unwrap();
+    let run = tokio::spawn(finale.run());
+    tokio::time::timeout(BOUND, handle.health().started())
+        .await
+        .unwrap();
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    let client_addr = conn.local_addr().unwrap();
+    let request = format!("GET /who HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let (head, body) = read_response(&mut conn).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(String::from_utf8_lossy(&body), client_addr.to_string());
+    handle.trigger("test");
+    let report = finish_run(run).await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}

@@ -435,3 +435,93 @@ async fn a_storm_of_unary_calls_across_the_drain_start_sees_no_application_error
         "finale {finale_cancelled} vs tonic {tonic_cancelled}"
     );
 }
+
+/// The health service, recording what tonic's `Request::remote_addr()` and `local_addr()` say
+/// for each call (read the way a generated service reads them, from the request's extensions).
+#[derive(Clone)]
+struct Addressed<S> {
+    inner: S,
+    seen: tokio::sync::mpsc::UnboundedSender<(Option<SocketAddr>, Option<SocketAddr>)>,
+}
+
+impl<S> tonic::server::NamedService for Addressed<S> {
+    const NAME: &'static str = "grpc.health.v1.Health";
+}
+
+impl<S> tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for Addressed<S>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        >,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        let mut probe = tonic::codegen::http::Request::new(());
+        *probe.extensions_mut() = req.extensions().clone();
+        let probe = tonic::Request::from_http(probe);
+        let _ = self.seen.send((probe.remote_addr(), probe.local_addr()));
+        self.inner.call(req)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_see_the_peer_and_local_address() {
+    let finale = Finale::builder()
+        .read_env(false)
+        .no_signals()
+        .environment(finale::Environment::Local)
+        .build()
+        .unwrap();
+    let handle = finale.handle();
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let routes = Routes::new(Addressed {
+        inner: health,
+        seen: seen_tx,
+    });
+    finale::tonic::serve(&finale, "grpc", listener, routes).unwrap();
+    let run = tokio::spawn(finale.run());
+    // The client's own end of the connection, to compare with what the handler saw.
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let client_addr = stream.local_addr().unwrap();
+    let channel = Endpoint::from_static("http://finale.test")
+        .connect_with_connector(tower::service_fn({
+            let mut stream = Some(stream);
+            move |_| {
+                let stream = stream.take();
+                async move {
+                    stream
+                        .map(hyper_util::rt::TokioIo::new)
+                        .ok_or_else(|| std::io::Error::other("one connection only"))
+                }
+            }
+        }))
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    let _ = status(&mut client, "").await;
+    let (remote, local) = tokio::time::timeout(BOUND, seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    eprintln!("tonic handler saw remote {remote:?}, local {local:?}");
+    assert_eq!(remote, Some(client_addr));
+    assert_eq!(local, Some(addr));
+    handle.trigger("test");
+    let report = tokio::time::timeout(BOUND, run).await.unwrap().unwrap();
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}

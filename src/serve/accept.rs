@@ -374,7 +374,7 @@ where
                 inner: service.clone(),
                 in_flight: handle.in_flight(),
                 shared: shared.clone(),
-                conn: Arc::new(ConnWatch::new(peer, handle.clone())),
+                conn: Arc::new(ConnWatch::new(peer, local, handle.clone())),
             };
             conns.spawn(serve_connection(
                 builder.clone(),
@@ -824,7 +824,18 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<Oneshot<S, Request<Incoming>>, B>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        // Who is on the other end, as the frameworks' own servers tell their handlers: axum's
+        // `ConnectInfo<SocketAddr>` extractor, tonic's `Request::remote_addr()`.
+        #[cfg(feature = "axum")]
+        req.extensions_mut()
+            .insert(::axum::extract::ConnectInfo(self.conn.peer));
+        #[cfg(feature = "tonic")]
+        req.extensions_mut()
+            .insert(::tonic::transport::server::TcpConnectInfo {
+                local_addr: Some(self.conn.local),
+                remote_addr: Some(self.conn.peer),
+            });
         match admit(self.in_flight, &self.shared, Some(&self.conn), &req) {
             Admission::Rejected(response) => ResponseFuture::rejected(response),
             Admission::Admitted(admitted) => {

@@ -222,6 +222,8 @@ impl LayerShared {
 #[derive(Debug)]
 pub(crate) struct ConnWatch {
     pub(crate) peer: SocketAddr,
+    /// The server's own address of the connection.
+    pub(crate) local: SocketAddr,
     pub(crate) handle: Handle,
     /// Set by the first HTTP/2 request: connections not known to be HTTP/2 get a grace period.
     pub(crate) http2: AtomicBool,
@@ -255,9 +257,10 @@ impl ConnWatch {
         not(any(feature = "axum", feature = "hyper", feature = "tonic")),
         allow(dead_code)
     )]
-    pub(crate) fn new(peer: SocketAddr, handle: Handle) -> Self {
+    pub(crate) fn new(peer: SocketAddr, local: SocketAddr, handle: Handle) -> Self {
         Self {
             peer,
+            local,
             handle,
             http2: AtomicBool::new(false),
             cutting: AtomicBool::new(false),
