@@ -3,7 +3,7 @@
 //!
 //! metrics-exporter-prometheus's own push loop never pushes at exit, has no request timeout and,
 //! with its default features, panics without a rustls crypto provider. finale does not use it:
-//! it renders the [`PrometheusHandle`] itself and sends the text with a small plain-HTTP client
+//! it renders the [`PrometheusHandle`] itself and sends the text with a small HTTP client
 //! under the Telemetry slot's deadline. Build the recorder with
 //! `PrometheusBuilder::new().install_recorder()` (or `build_recorder` plus
 //! `metrics::set_global_recorder`); no exporter feature of metrics-exporter-prometheus is needed.
@@ -24,6 +24,27 @@
 //!   answers) are retried with a doubling backoff, as long as the stage's share of the slot
 //!   allows (see [`ORDER_METRICS`]). A `4xx` answer is final: the
 //!   Pushgateway rejected the content.
+//!
+//! # https and proxies
+//!
+//! `https://` URLs need the `pushgateway-tls` feature; without it [`build`](PushgatewayBuilder::build)
+//! refuses them ([`PushgatewayConfigError::TlsFeatureDisabled`]) rather than send credentials in
+//! clear text. With it, the client speaks TLS 1.2 and 1.3 through rustls and its **ring**
+//! provider, which finale passes to rustls itself: no process-wide crypto provider is needed
+//! or installed. The Pushgateway's certificate is checked against Mozilla's roots as compiled
+//! into webpki-roots (the same in every container image, none read from the system), or only
+//! against your CA with [`tls_ca_pem`](PushgatewayBuilder::tls_ca_pem) /
+//! [`tls_ca_file`](PushgatewayBuilder::tls_ca_file); a client certificate for mutual TLS is
+//! given with [`tls_client_cert_pem`](PushgatewayBuilder::tls_client_cert_pem) /
+//! [`tls_client_cert_files`](PushgatewayBuilder::tls_client_cert_files). Files are read and
+//! checked by `build`: an unreadable file or a key that does not match its certificate is a
+//! [`PushgatewayConfigError::InvalidTls`] at start, not a failed push at exit. A certificate the
+//! client does not trust fails the push at once (no retry: see
+//! [`TransportError::is_tls`]).
+//!
+//! Proxy variables (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`, `ALL_PROXY`, in either case) are
+//! **ignored**: finale connects to the Pushgateway's host directly. A final push must not depend
+//! on one more hop, nor send the credentials to a proxy picked up from the environment.
 //!
 //! # What the report says
 //!
@@ -71,9 +92,6 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::time::Instant;
 
@@ -84,6 +102,13 @@ use crate::phase::Phase;
 use crate::slot::{ORDER_METRICS, Share, stage_deadline};
 use crate::state::EmergencyStage;
 use crate::task::{Task, TaskContext};
+
+mod transport;
+
+pub use transport::TransportError;
+#[cfg(feature = "pushgateway-tls")]
+use transport::tls::{Pem, Tls, TlsSettings};
+use transport::{Connector, HttpClient, new_client};
 
 /// Default timeout of one request to the Pushgateway: 2 s.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -144,7 +169,7 @@ impl fmt::Display for Method {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum PushgatewayConfigError {
-    /// The Pushgateway URL is not an absolute `http://host:port[/prefix]` URL.
+    /// The Pushgateway URL is not an absolute `http://host:port[/prefix]` (or `https://…`) URL.
     InvalidUrl {
         /// The URL as given.
         url: String,
@@ -173,6 +198,26 @@ pub enum PushgatewayConfigError {
     },
     /// The number of attempts is zero.
     ZeroAttempts,
+    /// The URL is `https://`, but finale was built without its `pushgateway-tls` feature.
+    TlsFeatureDisabled {
+        /// The URL as given.
+        url: String,
+    },
+    /// TLS settings (a CA, a client certificate) were given for an `http://` URL, which would
+    /// send everything, credentials included, in clear text.
+    TlsWithoutHttps {
+        /// The URL as given.
+        url: String,
+    },
+    /// A TLS certificate, key or server name cannot be used.
+    InvalidTls {
+        /// What: `CA certificate`, `client certificate`, `client key` or `server name`.
+        what: &'static str,
+        /// The file it was read from, if it came from a file.
+        path: Option<std::path::PathBuf>,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl fmt::Display for PushgatewayConfigError {
@@ -180,8 +225,8 @@ impl fmt::Display for PushgatewayConfigError {
         match self {
             Self::InvalidUrl { url, reason } => write!(
                 f,
-                "invalid Pushgateway URL {url:?}: {reason}; expected http://host:port, \
-                 optionally with a path prefix"
+                "invalid Pushgateway URL {url:?}: {reason}; expected http://host:port or \
+                 https://host:port, optionally with a path prefix"
             ),
             Self::EmptyJob => f.write_str("the Pushgateway job name is empty"),
             Self::InvalidLabelName { name } => write!(
@@ -199,6 +244,23 @@ impl fmt::Display for PushgatewayConfigError {
                 write!(f, "the Pushgateway {setting} must be greater than zero")
             }
             Self::ZeroAttempts => f.write_str("the Pushgateway push needs at least one attempt"),
+            Self::TlsFeatureDisabled { url } => write!(
+                f,
+                "the Pushgateway URL {url:?} is https://, which needs finale's \
+                 `pushgateway-tls` feature"
+            ),
+            Self::TlsWithoutHttps { url } => write!(
+                f,
+                "TLS settings were given but the Pushgateway URL {url:?} is plain http://; \
+                 use https://"
+            ),
+            Self::InvalidTls { what, path, reason } => {
+                write!(f, "cannot use the Pushgateway TLS {what}")?;
+                if let Some(path) = path {
+                    write!(f, " {}", path.display())?;
+                }
+                write!(f, ": {reason}")
+            }
         }
     }
 }
@@ -226,7 +288,8 @@ pub enum PushError {
         /// How many requests were made.
         attempts: u32,
     },
-    /// The request did not get through: connection refused, reset, or a protocol error.
+    /// The request did not get through: connection refused or reset, a failed TLS handshake,
+    /// or a protocol error.
     Unreachable {
         /// The method of the request.
         method: Method,
@@ -234,8 +297,8 @@ pub enum PushError {
         url: String,
         /// How many requests were made.
         attempts: u32,
-        /// The client's error.
-        source: hyper_util::client::legacy::Error,
+        /// What failed.
+        source: TransportError,
     },
     /// No answer came in time: within the request timeout or before the stage's time ran out.
     TimedOut {
@@ -251,13 +314,15 @@ pub enum PushError {
 }
 
 impl PushError {
-    /// Whether another attempt could succeed: a transport error, a timeout, `429` or `5xx`.
+    /// Whether another attempt could succeed: a transport error (but not a refused TLS
+    /// handshake), a timeout, `429` or `5xx`.
     pub fn is_transient(&self) -> bool {
         match self {
             PushError::Rejected { status, .. } => {
                 status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
             }
-            PushError::Unreachable { .. } | PushError::TimedOut { .. } => true,
+            PushError::Unreachable { source, .. } => !source.is_tls(),
+            PushError::TimedOut { .. } => true,
         }
     }
 
@@ -359,6 +424,8 @@ enum Auth {
 /// | [`retry_backoff`](PushgatewayBuilder::retry_backoff) | 100 ms, doubling, at most 1 s ([`DEFAULT_RETRY_BACKOFF`]) |
 /// | [`push_interval`](PushgatewayBuilder::push_interval) | none: only the final push |
 /// | [`name`](PushgatewayBuilder::name) | `pushgateway` ([`DEFAULT_NAME`]) |
+/// | [`tls_ca_pem`](PushgatewayBuilder::tls_ca_pem), [`tls_ca_file`](PushgatewayBuilder::tls_ca_file) | Mozilla's roots (webpki-roots), for `https://` URLs |
+/// | [`tls_client_cert_pem`](PushgatewayBuilder::tls_client_cert_pem), [`tls_client_cert_files`](PushgatewayBuilder::tls_client_cert_files) | none: no client certificate |
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct PushgatewayBuilder {
     url: String,
@@ -371,6 +438,8 @@ pub struct PushgatewayBuilder {
     backoff: Duration,
     interval: Option<Duration>,
     name: String,
+    #[cfg(feature = "pushgateway-tls")]
+    tls: TlsSettings,
 }
 
 impl fmt::Debug for PushgatewayBuilder {
@@ -386,7 +455,7 @@ impl fmt::Debug for PushgatewayBuilder {
             .field("backoff", &self.backoff)
             .field("interval", &self.interval)
             .field("name", &self.name)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -450,6 +519,52 @@ impl PushgatewayBuilder {
         self
     }
 
+    /// Trusts only the CA certificates in `pem` (one or more `-----BEGIN CERTIFICATE-----`
+    /// blocks) for the Pushgateway's certificate, instead of the Mozilla roots that
+    /// webpki-roots compiles in. For a Pushgateway whose certificate a private CA signed.
+    /// Replaces an earlier [`tls_ca_file`](Self::tls_ca_file).
+    #[cfg(feature = "pushgateway-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "pushgateway-tls")))]
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.ca = Some(Pem::Bytes(pem.into()));
+        self
+    }
+
+    /// [`tls_ca_pem`](Self::tls_ca_pem) from a file, read by [`build`](Self::build) (a
+    /// rotated file is read again only by a new build).
+    #[cfg(feature = "pushgateway-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "pushgateway-tls")))]
+    pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tls.ca = Some(Pem::File(path.into()));
+        self
+    }
+
+    /// Presents a client certificate (mutual TLS): `cert_chain` holds the certificate and any
+    /// intermediates, leaf first; `key` its private key (PKCS#8, PKCS#1 or SEC1), both PEM.
+    #[cfg(feature = "pushgateway-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "pushgateway-tls")))]
+    pub fn tls_client_cert_pem(
+        mut self,
+        cert_chain: impl Into<Vec<u8>>,
+        key: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client = Some((Pem::Bytes(cert_chain.into()), Pem::Bytes(key.into())));
+        self
+    }
+
+    /// [`tls_client_cert_pem`](Self::tls_client_cert_pem) from files, read by
+    /// [`build`](Self::build).
+    #[cfg(feature = "pushgateway-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "pushgateway-tls")))]
+    pub fn tls_client_cert_files(
+        mut self,
+        cert_chain: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.tls.client = Some((Pem::File(cert_chain.into()), Pem::File(key.into())));
+        self
+    }
+
     /// Validates the settings and builds the [`Pushgateway`].
     ///
     /// # Errors
@@ -457,6 +572,7 @@ impl PushgatewayBuilder {
     /// A [`PushgatewayConfigError`] that says what to fix.
     pub fn build(self, handle: PrometheusHandle) -> Result<Pushgateway, PushgatewayConfigError> {
         let url = grouping_url(&self.url, &self.job, &self.labels)?;
+        let https = url.starts_with("https://");
         let uri: Uri = url
             .parse()
             .map_err(|_| PushgatewayConfigError::InvalidUrl {
@@ -489,7 +605,23 @@ impl PushgatewayBuilder {
             v.set_sensitive(true);
             v
         });
-        let client = new_client(self.request_timeout);
+        let connector = Connector::plain(self.request_timeout);
+        #[cfg(feature = "pushgateway-tls")]
+        let connector = match (https, self.tls.is_set()) {
+            (true, _) => {
+                let host = uri.host().unwrap_or_default();
+                connector.with_tls(Tls::new(&self.tls, host)?)
+            }
+            (false, true) => {
+                return Err(PushgatewayConfigError::TlsWithoutHttps { url: self.url });
+            }
+            (false, false) => connector,
+        };
+        #[cfg(not(feature = "pushgateway-tls"))]
+        if https {
+            return Err(PushgatewayConfigError::TlsFeatureDisabled { url: self.url });
+        }
+        let client = new_client(connector.clone());
         Ok(Pushgateway {
             inner: Arc::new(Inner {
                 handle,
@@ -502,6 +634,7 @@ impl PushgatewayBuilder {
                 backoff: self.backoff,
                 interval: self.interval,
                 name: self.name,
+                connector,
                 client,
                 lane: tokio::sync::Mutex::new(()),
                 finished: AtomicBool::new(false),
@@ -529,6 +662,7 @@ struct Inner {
     backoff: Duration,
     interval: Option<Duration>,
     name: String,
+    connector: Connector,
     client: HttpClient,
     /// Held for the whole of every push, periodic or final, so they never overlap.
     lane: tokio::sync::Mutex<()>,
@@ -555,7 +689,8 @@ impl fmt::Debug for Pushgateway {
 
 impl Pushgateway {
     /// Starts configuring a push of `job`'s metrics to the Pushgateway at `url`
-    /// (`http://host:port`, optionally with a path prefix).
+    /// (`http://host:port` or, with the `pushgateway-tls` feature, `https://host:port`,
+    /// optionally with a path prefix).
     pub fn builder(url: impl Into<String>, job: impl Into<String>) -> PushgatewayBuilder {
         PushgatewayBuilder {
             url: url.into(),
@@ -568,6 +703,8 @@ impl Pushgateway {
             backoff: DEFAULT_RETRY_BACKOFF,
             interval: None,
             name: DEFAULT_NAME.to_owned(),
+            #[cfg(feature = "pushgateway-tls")]
+            tls: TlsSettings::default(),
         }
     }
 
@@ -697,7 +834,7 @@ impl Pushgateway {
             .build()
             .map_err(|e| e.to_string())?;
         runtime.block_on(async {
-            let client = new_client(inner.request_timeout);
+            let client = new_client(inner.connector.clone());
             let deadline = Instant::from_std(deadline);
             self.send_with_retries(&client, inner.method, deadline)
                 .await
@@ -825,7 +962,7 @@ impl Pushgateway {
                 method,
                 url: inner.url.clone(),
                 attempts: 1,
-                source,
+                source: TransportError::new(source),
             }),
             Err(_) => Err(PushError::TimedOut {
                 method,
@@ -835,16 +972,6 @@ impl Pushgateway {
             }),
         }
     }
-}
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-fn new_client(connect_timeout: Duration) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector)
 }
 
 /// Validates the base URL, job and labels and builds the group's URL.
@@ -858,17 +985,11 @@ fn grouping_url(
         reason,
     };
     let uri: Uri = base.parse().map_err(|_| invalid("it is not a valid URL"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(invalid(
-                "https is not supported (finale's Pushgateway client speaks plain HTTP); \
-                 use http://, or a local TLS-terminating proxy",
-            ));
-        }
-        Some(_) => return Err(invalid("the scheme must be http")),
-        None => return Err(invalid("the scheme (http://) is missing")),
-    }
+    let scheme = match uri.scheme_str() {
+        Some(s @ ("http" | "https")) => s,
+        Some(_) => return Err(invalid("the scheme must be http or https")),
+        None => return Err(invalid("the scheme (http:// or https://) is missing")),
+    };
     let authority = uri
         .authority()
         .ok_or_else(|| invalid("the host is missing"))?;
@@ -884,7 +1005,7 @@ fn grouping_url(
         return Err(PushgatewayConfigError::EmptyJob);
     }
     let prefix = uri.path().trim_end_matches('/');
-    let mut url = format!("http://{authority}{prefix}/metrics");
+    let mut url = format!("{scheme}://{authority}{prefix}/metrics");
     push_pair(&mut url, "job", job);
     let mut seen: Vec<&str> = Vec::new();
     for (name, value) in labels {
@@ -973,6 +1094,61 @@ mod tests {
             .collect()
     }
 
+    fn handle() -> PrometheusHandle {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle()
+    }
+
+    #[cfg(not(feature = "pushgateway-tls"))]
+    #[test]
+    fn https_needs_the_tls_feature() {
+        let e = Pushgateway::builder("https://gw:9091", "j")
+            .basic_auth("user", "secret")
+            .build(handle())
+            .unwrap_err();
+        assert_eq!(
+            e,
+            PushgatewayConfigError::TlsFeatureDisabled {
+                url: "https://gw:9091".to_owned()
+            }
+        );
+        assert!(e.to_string().contains("`pushgateway-tls` feature"), "{e}");
+    }
+
+    #[cfg(feature = "pushgateway-tls")]
+    #[test]
+    fn tls_settings_are_checked_at_build_time() {
+        assert!(
+            Pushgateway::builder("https://[::1]:9091", "j")
+                .build(handle())
+                .is_ok()
+        );
+        let e = Pushgateway::builder("http://gw:9091", "j")
+            .tls_ca_pem("x")
+            .build(handle())
+            .unwrap_err();
+        assert!(
+            matches!(e, PushgatewayConfigError::TlsWithoutHttps { .. }),
+            "{e}"
+        );
+        let e = Pushgateway::builder("https://gw:9091", "j")
+            .tls_client_cert_pem("", "")
+            .build(handle())
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PushgatewayConfigError::InvalidTls {
+                    what: "client certificate",
+                    path: None,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
     #[test]
     fn base64_matches_rfc4648() {
         for (input, padded, url) in [
@@ -1012,7 +1188,7 @@ mod tests {
             grouping_url(base, job, &labels(l)).unwrap_err()
         };
         assert!(matches!(
-            err("https://gw:9091", "j", &[]),
+            err("ftp://gw:9091", "j", &[]),
             PushgatewayConfigError::InvalidUrl { .. }
         ));
         assert!(matches!(
@@ -1041,7 +1217,14 @@ mod tests {
                 name: "a".to_owned()
             }
         );
-        let shown = err("https://gw:9091", "j", &[]).to_string();
-        assert!(shown.contains("https is not supported"), "{shown}");
+        let shown = err("ftp://gw:9091", "j", &[]).to_string();
+        assert!(
+            shown.contains("the scheme must be http or https"),
+            "{shown}"
+        );
+        assert_eq!(
+            grouping_url("https://gw:9091/p", "j", &[]).unwrap(),
+            "https://gw:9091/p/metrics/job/j"
+        );
     }
 }
