@@ -285,6 +285,29 @@ async fn a_refused_push_chains_to_the_client_error() {
 }
 
 #[tokio::test]
+async fn a_408_is_retried_like_a_5xx() {
+    // A proxy or the server giving up on a slow request: the next attempt may well get through.
+    let (port, seen) = recording(Some("408 Request Timeout"));
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(format!("http://127.0.0.1:{port}"), "slow")
+        .retry_backoff(Duration::from_millis(10))
+        .build(recorder())
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.status, ShutdownStatus::TelemetryNotDelivered);
+    let push = push_error(&report);
+    assert!(
+        matches!(push, PushError::Rejected { status, attempts: 3, .. } if status.as_u16() == 408),
+        "{push}"
+    );
+    assert!(push.is_transient());
+    assert_eq!(seen.lock().unwrap().len(), 3);
+}
+
+#[tokio::test]
 async fn a_pushgateway_that_never_answers_costs_at_most_the_slot() {
     let (port, _) = recording(None);
     let total = Duration::from_secs(3);

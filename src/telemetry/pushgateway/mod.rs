@@ -20,10 +20,10 @@
 //!   same names, [`Method::Delete`] deletes the group at exit (for long-lived services whose
 //!   series should not outlive them; periodic pushes then use PUT), [`Method::None`] sends
 //!   nothing at exit.
-//! - Each request has a timeout; failed attempts (connection errors, timeouts, `429` and `5xx`
-//!   answers) are retried with a doubling backoff, as long as the stage's share of the slot
-//!   allows (see [`ORDER_METRICS`]). A `4xx` answer is final: the
-//!   Pushgateway rejected the content.
+//! - Each request has a timeout; failed attempts (connection errors, timeouts, `408`, `429` and
+//!   `5xx` answers) are retried with a doubling backoff, as long as the stage's share of the slot
+//!   allows (see [`ORDER_METRICS`]). Any other `4xx` answer is final: the Pushgateway rejected
+//!   the content or the credentials. So is a TLS handshake that one side refused.
 //!
 //! # https and proxies
 //!
@@ -271,7 +271,7 @@ impl StdError for PushgatewayConfigError {}
 ///
 /// Its [`Display`](fmt::Display) says what failed (and, for a transport error, the innermost
 /// cause), because that is what the [report](crate::ShutdownReport) shows;
-/// [`source`](StdError::source) gives the client's error.
+/// [`source`](StdError::source) gives the [`TransportError`] of an unreachable Pushgateway.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum PushError {
@@ -315,11 +315,14 @@ pub enum PushError {
 
 impl PushError {
     /// Whether another attempt could succeed: a transport error (but not a refused TLS
-    /// handshake), a timeout, `429` or `5xx`.
+    /// handshake), a timeout, `408`, `429` or `5xx`.
     pub fn is_transient(&self) -> bool {
         match self {
             PushError::Rejected { status, .. } => {
-                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+                status.is_server_error()
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+                    // The server or a proxy gave up waiting for the request: not its content.
+                    || *status == StatusCode::REQUEST_TIMEOUT
             }
             PushError::Unreachable { source, .. } => !source.is_tls(),
             PushError::TimedOut { .. } => true,
