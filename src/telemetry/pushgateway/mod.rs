@@ -17,7 +17,9 @@
 //!   A value that is empty or holds anything but `A-Z a-z 0-9 - . _ ~` (a `/` for instance) is sent
 //!   the Pushgateway's way, `<label>@base64/<base64url of the value>`.
 //! - [`Method::Put`] (default) replaces the whole group, [`Method::Post`] only the metrics of the
-//!   same names, [`Method::Delete`] deletes the group at exit (for long-lived services whose
+//!   same names (use it for **batch jobs**: a failed run that does not push
+//!   `…_last_success_timestamp_seconds` then leaves the last good run's value in place, where a
+//!   PUT would erase it), [`Method::Delete`] deletes the group at exit (for long-lived services whose
 //!   series should not outlive them; periodic pushes then use PUT), [`Method::None`] sends
 //!   nothing at exit.
 //! - Each request has a timeout; failed attempts (connection errors, timeouts, `408`, `429` and
@@ -65,7 +67,7 @@
 //!
 //! ```no_run
 //! use finale::Finale;
-//! use finale::pushgateway::Pushgateway;
+//! use finale::pushgateway::{Method, Pushgateway};
 //! use metrics_exporter_prometheus::PrometheusBuilder;
 //!
 //! #[tokio::main]
@@ -73,7 +75,8 @@
 //!     let metrics = PrometheusBuilder::new().install_recorder()?;
 //!     let finale = Finale::builder().build()?;
 //!     Pushgateway::builder("http://pushgateway.monitoring:9091", "nightly-import")
-//!         .label("instance", "worker-3")
+//!         // A batch job: keep the last success timestamp of an earlier run if this one fails.
+//!         .method(Method::Post)
 //!         .build(metrics)?
 //!         .register(&finale)?;
 //!     // ... run the job, then trigger the shutdown ...
@@ -131,7 +134,9 @@ pub enum Method {
     /// `PUT`: replace the whole group with the rendered metrics.
     #[default]
     Put,
-    /// `POST`: replace only the metrics of the same names in the group.
+    /// `POST`: replace only the metrics of the same names in the group. The choice for batch
+    /// jobs: a metric that a failed run does not push, such as the last success timestamp,
+    /// keeps the value of the run before.
     Post,
     /// `DELETE`: delete the group, so a stopped instance leaves no stale series.
     Delete,
