@@ -44,6 +44,7 @@ fn finale(total: Duration, reserve: Duration) -> Finale {
 struct Seen {
     head: String,
     body: String,
+    at: Instant,
 }
 
 /// An HTTP server that records every request and answers `status`, or never answers if `None`.
@@ -92,7 +93,11 @@ fn recording(status: Option<&'static str>) -> (u16, Arc<Mutex<Vec<Seen>>>) {
                     }
                     let body = String::from_utf8_lossy(&raw[head_end + 4..total]).into_owned();
                     raw.drain(..total);
-                    log.lock().unwrap().push(Seen { head, body });
+                    log.lock().unwrap().push(Seen {
+                        head,
+                        body,
+                        at: Instant::now(),
+                    });
                     let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 2\r\n\r\nok");
                     if stream.write_all(answer.as_bytes()).is_err() {
                         return;
@@ -253,6 +258,63 @@ async fn periodic_pushes_stop_before_the_final_one() {
         last.body
     );
     assert!(seen.len() >= 4);
+}
+
+#[tokio::test]
+// Reports what it measured (run with `--no-capture` to see it).
+#[allow(clippy::print_stderr)]
+async fn periodic_pushes_of_instances_started_together_spread_out() {
+    // A rollout starts many instances at once: their periodic pushes must not all hit the
+    // Pushgateway in the same instant, every interval, for as long as they run.
+    const N: usize = 12;
+    let interval = Duration::from_secs(1);
+    let (port, seen) = recording(Some("200 OK"));
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    let start = Instant::now();
+    for i in 0..N {
+        Pushgateway::builder(format!("http://127.0.0.1:{port}"), format!("spread-{i}"))
+            .method(Method::None)
+            .push_interval(interval)
+            .name(format!("pushgateway-{i}"))
+            .build(recorder())
+            .unwrap()
+            .register(&finale)
+            .unwrap();
+    }
+    let first_pushes = |seen: &[Seen]| {
+        (0..N)
+            .filter_map(|i| {
+                let path = format!(" /metrics/job/spread-{i} ");
+                seen.iter().find(|s| s.head.contains(&path)).map(|s| s.at)
+            })
+            .collect::<Vec<_>>()
+    };
+    let running = seen.clone();
+    let handle = finale.handle();
+    let waiter = tokio::task::spawn_blocking(move || {
+        let pushed = wait_until(BOUND, || first_pushes(&running.lock().unwrap()).len() == N);
+        handle.trigger("every instance pushed once");
+        pushed
+    });
+    let report = finale.run().await;
+    assert!(waiter.await.unwrap(), "not every instance pushed");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    let firsts = first_pushes(&seen.lock().unwrap());
+    let earliest = *firsts.iter().min().unwrap() - start;
+    let latest = *firsts.iter().max().unwrap() - start;
+    eprintln!("first pushes between {earliest:?} and {latest:?} after the start");
+    // Spread over the last fifth of the interval: 12 uniform draws over 200 ms all fall within
+    // 50 ms of each other with a probability of about 3 in a million.
+    assert!(
+        latest - earliest >= Duration::from_millis(50),
+        "{earliest:?}..{latest:?}"
+    );
+    // Never later than the interval (plus scheduling slack): the data stays as fresh as asked.
+    assert!(earliest >= interval * 4 / 5, "{earliest:?}");
+    assert!(
+        latest <= interval + Duration::from_millis(500),
+        "{latest:?}"
+    );
 }
 
 #[tokio::test]

@@ -63,6 +63,12 @@
 //! answered, and no periodic push starts after it, so no stale push can land after the final
 //! one.
 //!
+//! Each wait is shortened by a random part of up to a fifth of the interval
+//! ([`PUSH_JITTER`]), drawn again for every push: instances started together (a rollout) spread
+//! their pushes out instead of reaching the Pushgateway in the same instant, every interval,
+//! and no wait is longer than the interval (after an answer that came late, the next push waits
+//! a full draw from then rather than catching up in a burst).
+//!
 //! # Examples
 //!
 //! ```no_run
@@ -87,6 +93,7 @@
 use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::fmt;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -121,6 +128,10 @@ pub const DEFAULT_ATTEMPTS: u32 = 3;
 pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(100);
 /// Default name of the hook in the report: `pushgateway`.
 pub const DEFAULT_NAME: &str = "pushgateway";
+
+/// The largest part of the push interval that a periodic push comes early by, picked at random
+/// for each push: a fifth.
+pub const PUSH_JITTER: f64 = 0.2;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// How much of an error answer's body goes into the error.
@@ -513,7 +524,8 @@ impl PushgatewayBuilder {
         self
     }
 
-    /// Also pushes every `interval` while the service runs (one attempt each; a failure is
+    /// Also pushes every `interval` while the service runs, each push early by a random part
+    /// of up to [`PUSH_JITTER`] of it (one attempt each; a failure is
     /// logged and the next tick tries again).
     pub fn push_interval(mut self, interval: Duration) -> Self {
         self.interval = Some(interval);
@@ -647,6 +659,7 @@ impl PushgatewayBuilder {
                 lane: tokio::sync::Mutex::new(()),
                 finished: AtomicBool::new(false),
                 delivered: AtomicBool::new(false),
+                jitter: std::collections::hash_map::RandomState::new(),
             }),
         })
     }
@@ -677,6 +690,8 @@ struct Inner {
     /// Set by the final push (before it takes the lane): no periodic push may start after it.
     finished: AtomicBool,
     /// Set once the final push was accepted: the supervisor need not push again.
+    /// Seeds the periodic pushes' jitter: random keys for each Pushgateway.
+    jitter: std::collections::hash_map::RandomState,
     delivered: AtomicBool,
 }
 
@@ -856,15 +871,19 @@ impl Pushgateway {
             Method::Post => Method::Post,
             _ => Method::Put,
         };
-        let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pushes = 0u64;
+        let mut next = Instant::now() + jittered(interval, inner.jitter.hash_one(pushes));
         loop {
             tokio::select! {
-                // Stopping wins over a tick that is due at the same time.
+                // Stopping wins over a push that is due at the same time.
                 biased;
                 () = ctx.stopped() => return,
-                _ = tick.tick() => {}
+                () = tokio::time::sleep_until(next) => {}
             }
+            pushes += 1;
+            let wait = jittered(interval, inner.jitter.hash_one(pushes));
+            // After a late answer, a full wait from now rather than a burst to catch up.
+            next = (next + wait).max(Instant::now() + wait);
             let _lane = inner.lane.lock().await;
             if inner.finished.load(Ordering::Acquire) {
                 return;
@@ -980,6 +999,13 @@ impl Pushgateway {
             }),
         }
     }
+}
+
+/// `interval`, shortened by up to [`PUSH_JITTER`] of it, by how much `random` says.
+fn jittered(interval: Duration, random: u64) -> Duration {
+    // The top 53 bits as a fraction in [0, 1): exact in an f64.
+    let fraction = (random >> 11) as f64 / (1u64 << 53) as f64;
+    interval.mul_f64(1.0 - PUSH_JITTER * fraction)
 }
 
 /// Validates the base URL, job and labels and builds the group's URL.
@@ -1154,6 +1180,31 @@ mod tests {
                 }
             ),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_the_last_fifth_of_the_interval() {
+        let interval = Duration::from_secs(10);
+        assert_eq!(jittered(interval, 0), interval);
+        let earliest = jittered(interval, u64::MAX);
+        assert!(
+            earliest >= Duration::from_secs(8) && earliest < Duration::from_millis(8001),
+            "{earliest:?}"
+        );
+        let keys = std::collections::hash_map::RandomState::new();
+        let waits: Vec<_> = (0..1000u64)
+            .map(|n| jittered(interval, keys.hash_one(n)))
+            .collect();
+        assert!(
+            waits
+                .iter()
+                .all(|w| *w > Duration::from_secs(8) && *w <= interval)
+        );
+        let mean = waits.iter().sum::<Duration>() / 1000;
+        assert!(
+            mean > Duration::from_millis(8900) && mean < Duration::from_millis(9100),
+            "{mean:?}"
         );
     }
 
