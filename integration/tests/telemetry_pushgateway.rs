@@ -183,6 +183,75 @@ async fn delete_at_exit_removes_the_group() {
 }
 
 #[tokio::test]
+async fn delete_at_exit_lets_the_shutdown_metrics_be_scraped_first() {
+    // A scrape during the shutdown must find this run's last metrics, finale's own included:
+    // deleting the group straight away would lose exactly the errors of the shutdown.
+    let Some(gateway) = Gateway::start() else {
+        return;
+    };
+    let gateway = Arc::new(gateway);
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(gateway.url(), "scraped-then-deleted")
+        .method(Method::Delete)
+        .delete_delay(Duration::from_millis(800))
+        .build(recorder())
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    // A scraper: polls the Pushgateway from the trigger on, until it sees the final snapshot.
+    let scraper = gateway.clone();
+    let scraped = std::thread::spawn(move || {
+        wait_until(BOUND, || {
+            scraper
+                .sample(
+                    "finale_shutdowns_total",
+                    &[("job", "scraped-then-deleted"), ("reason", "requested")],
+                )
+                .is_some()
+        })
+        .then(Instant::now)
+    });
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    let ended = Instant::now();
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    let seen = scraped
+        .join()
+        .unwrap()
+        .expect("the final snapshot was never there");
+    assert!(seen < ended, "seen only after the run ended");
+    // Then the group goes: DELETE is queued by the Pushgateway (202), so wait for it, bounded.
+    assert!(wait_until(BOUND, || gateway
+        .samples("finale_shutdowns_total", &[("job", "scraped-then-deleted")])
+        .is_empty()));
+}
+
+#[tokio::test]
+async fn a_delete_delay_longer_than_the_slot_is_cut_and_the_group_still_deleted() {
+    let Some(gateway) = Gateway::start() else {
+        return;
+    };
+    let total = Duration::from_secs(4);
+    let finale = finale(total, Duration::from_secs(2));
+    Pushgateway::builder(gateway.url(), "cut-delay")
+        .method(Method::Delete)
+        .request_timeout(Duration::from_millis(300))
+        .delete_delay(Duration::from_secs(60))
+        .build(recorder())
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let start = Instant::now();
+    let report = finale.run().await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    assert!(start.elapsed() < total, "{:?}", start.elapsed());
+    assert!(wait_until(BOUND, || gateway
+        .samples("finale_shutdowns_total", &[("job", "cut-delay")])
+        .is_empty()));
+}
+
+#[tokio::test]
 async fn credentials_are_sent() {
     for (auth, expected) in [
         ("basic", "authorization: Basic dXNlcjpwQHNz"),

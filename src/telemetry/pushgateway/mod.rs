@@ -19,9 +19,15 @@
 //! - [`Method::Put`] (default) replaces the whole group, [`Method::Post`] only the metrics of the
 //!   same names (use it for **batch jobs**: a failed run that does not push
 //!   `…_last_success_timestamp_seconds` then leaves the last good run's value in place, where a
-//!   PUT would erase it), [`Method::Delete`] deletes the group at exit (for long-lived services whose
-//!   series should not outlive them; periodic pushes then use PUT), [`Method::None`] sends
+//!   PUT would erase it), [`Method::Delete`] deletes the group at exit (for long-lived services
+//!   whose series should not outlive them; periodic pushes then use PUT), [`Method::None`] sends
 //!   nothing at exit.
+//! - [`Method::Delete`] does not delete at once: that would delete the shutdown's own metrics
+//!   before any scrape could read them. It PUTs the final metrics, keeps them for the
+//!   [`delete_delay`](PushgatewayBuilder::delete_delay) (15 s by default) as far as the metrics
+//!   stage's share of the slot allows, leaving one request timeout for the DELETE, and then
+//!   deletes the group. A shutdown with it takes that much longer; a slot too short for the
+//!   delay is logged.
 //! - Each request has a timeout; failed attempts (connection errors, timeouts, `408`, `429` and
 //!   `5xx` answers) are retried with a doubling backoff, as long as the stage's share of the slot
 //!   allows (see [`ORDER_METRICS`]). Any other `4xx` answer is final: the Pushgateway rejected
@@ -126,6 +132,9 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_ATTEMPTS: u32 = 3;
 /// Default wait before the first retry, doubled for each further one (at most 1 s): 100 ms.
 pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(100);
+/// Default time [`Method::Delete`] keeps the final metrics in the Pushgateway before it deletes
+/// the group, as far as the Telemetry slot allows: 15 s, a common scrape interval.
+pub const DEFAULT_DELETE_DELAY: Duration = Duration::from_secs(15);
 /// Default name of the hook in the report: `pushgateway`.
 pub const DEFAULT_NAME: &str = "pushgateway";
 
@@ -149,7 +158,10 @@ pub enum Method {
     /// jobs: a metric that a failed run does not push, such as the last success timestamp,
     /// keeps the value of the run before.
     Post,
-    /// `DELETE`: delete the group, so a stopped instance leaves no stale series.
+    /// `PUT` the final metrics, keep them for the
+    /// [`delete_delay`](PushgatewayBuilder::delete_delay) so that a scrape reads this run's last
+    /// values (finale's shutdown metrics included), then `DELETE` the group, so a stopped
+    /// instance leaves no stale series. The hook fails if either request fails.
     Delete,
     /// Nothing at exit (periodic pushes, if any, still stop before the end).
     None,
@@ -443,6 +455,7 @@ enum Auth {
 /// | [`retry_backoff`](PushgatewayBuilder::retry_backoff) | 100 ms, doubling, at most 1 s ([`DEFAULT_RETRY_BACKOFF`]) |
 /// | [`push_interval`](PushgatewayBuilder::push_interval) | none: only the final push |
 /// | [`name`](PushgatewayBuilder::name) | `pushgateway` ([`DEFAULT_NAME`]) |
+/// | [`delete_delay`](PushgatewayBuilder::delete_delay) | 15 s, cut to fit the slot ([`DEFAULT_DELETE_DELAY`]) |
 /// | [`tls_ca_pem`](PushgatewayBuilder::tls_ca_pem), [`tls_ca_file`](PushgatewayBuilder::tls_ca_file) | Mozilla's roots (webpki-roots), for `https://` URLs |
 /// | [`tls_client_cert_pem`](PushgatewayBuilder::tls_client_cert_pem), [`tls_client_cert_files`](PushgatewayBuilder::tls_client_cert_files) | none: no client certificate |
 #[must_use = "a builder does nothing until `build` is called"]
@@ -457,6 +470,7 @@ pub struct PushgatewayBuilder {
     backoff: Duration,
     interval: Option<Duration>,
     name: String,
+    delete_delay: Duration,
     #[cfg(feature = "pushgateway-tls")]
     tls: TlsSettings,
 }
@@ -474,6 +488,7 @@ impl fmt::Debug for PushgatewayBuilder {
             .field("backoff", &self.backoff)
             .field("interval", &self.interval)
             .field("name", &self.name)
+            .field("delete_delay", &self.delete_delay)
             .finish_non_exhaustive()
     }
 }
@@ -529,6 +544,17 @@ impl PushgatewayBuilder {
     /// logged and the next tick tries again).
     pub fn push_interval(mut self, interval: Duration) -> Self {
         self.interval = Some(interval);
+        self
+    }
+
+    /// With [`Method::Delete`]: how long the final metrics stay in the Pushgateway, for a scrape
+    /// to read them, before the group is deleted. The wait ends early enough to leave one
+    /// request timeout for the `DELETE` within the metrics stage's share of the Telemetry slot
+    /// (about half of the slot): to keep the metrics for a whole scrape interval, give the slot
+    /// ([`telemetry_reserve`](crate::Builder::telemetry_reserve)) at least twice the interval
+    /// plus two request timeouts. `Duration::ZERO` deletes right after the push.
+    pub fn delete_delay(mut self, delay: Duration) -> Self {
+        self.delete_delay = delay;
         self
     }
 
@@ -654,6 +680,7 @@ impl PushgatewayBuilder {
                 backoff: self.backoff,
                 interval: self.interval,
                 name: self.name,
+                delete_delay: self.delete_delay,
                 connector,
                 client,
                 lane: tokio::sync::Mutex::new(()),
@@ -683,6 +710,7 @@ struct Inner {
     backoff: Duration,
     interval: Option<Duration>,
     name: String,
+    delete_delay: Duration,
     connector: Connector,
     client: HttpClient,
     /// Held for the whole of every push, periodic or final, so they never overlap.
@@ -726,6 +754,7 @@ impl Pushgateway {
             backoff: DEFAULT_RETRY_BACKOFF,
             interval: None,
             name: DEFAULT_NAME.to_owned(),
+            delete_delay: DEFAULT_DELETE_DELAY,
             #[cfg(feature = "pushgateway-tls")]
             tls: TlsSettings::default(),
         }
@@ -825,9 +854,7 @@ impl Pushgateway {
         if method == Method::None {
             return Ok(());
         }
-        let result = self
-            .send_with_retries(&inner.client, method, deadline)
-            .await;
+        let result = self.send_final(&inner.client, deadline).await;
         if result.is_ok() {
             inner.delivered.store(true, Ordering::Release);
         }
@@ -859,7 +886,7 @@ impl Pushgateway {
         runtime.block_on(async {
             let client = new_client(inner.connector.clone());
             let deadline = Instant::from_std(deadline);
-            self.send_with_retries(&client, inner.method, deadline)
+            self.send_final(&client, deadline)
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -896,6 +923,43 @@ impl Pushgateway {
                 Err(error) => tracing::warn!(target: "finale", %error, "periodic push failed"),
             }
         }
+    }
+
+    /// The final push with the configured method (not [`Method::None`]), by `deadline`.
+    async fn send_final(&self, client: &HttpClient, deadline: Instant) -> Result<(), PushError> {
+        let inner = &*self.inner;
+        if inner.method != Method::Delete {
+            return self.send_with_retries(client, inner.method, deadline).await;
+        }
+        // The final snapshot first, finale's shutdown metrics included, so that a scrape can
+        // read it; the group is deleted after the delay, keeping a request's time for that.
+        let put = self.send_with_retries(client, Method::Put, deadline).await;
+        match &put {
+            Ok(()) => {
+                let asked = Instant::now() + inner.delete_delay;
+                let latest = deadline
+                    .checked_sub(inner.request_timeout)
+                    .unwrap_or(deadline);
+                if latest < asked {
+                    tracing::warn!(
+                        target: "finale",
+                        delete_delay = ?inner.delete_delay,
+                        kept = ?latest.saturating_duration_since(Instant::now()),
+                        "the Telemetry slot is too short to keep the final metrics for the \
+                         delete delay before deleting the group"
+                    );
+                }
+                tokio::time::sleep_until(asked.min(latest)).await;
+            }
+            Err(error) => tracing::warn!(
+                target: "finale",
+                %error,
+                "the final metrics were not pushed; deleting the group all the same"
+            ),
+        }
+        self.send_with_retries(client, Method::Delete, deadline)
+            .await?;
+        put
     }
 
     async fn send_with_retries(
