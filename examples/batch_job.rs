@@ -11,6 +11,10 @@
 //! processed, `batch_last_success_timestamp_seconds`: the metric to alert on ("no success for a
 //! day"). finale's own shutdown metrics (`finale_*`) are pushed with them.
 //!
+//! The push is a POST: it replaces the metrics this run pushed and keeps the others in the group.
+//! A failed run does not push `batch_last_success_timestamp_seconds`, so the one the last good
+//! run pushed stays in place for the alert; a PUT would replace the whole group and erase it.
+//!
 //! Environment variables:
 //! - `PUSHGATEWAY_URL`: the Pushgateway. Without it the job still runs and exits with its own
 //!   status, and logs that nothing is pushed: an unset address is a choice, not a delivery
@@ -29,7 +33,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use finale::pushgateway::Pushgateway;
+use finale::pushgateway::{Method, Pushgateway};
 use finale::{Finale, Task};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tracing_subscriber::EnvFilter;
@@ -71,6 +75,8 @@ async fn main() {
         Some(url) => {
             let job = env("PUSHGATEWAY_JOB").unwrap_or_else(|| "batch_job".to_owned());
             Pushgateway::builder(url, job)
+                // Keep the last success of an earlier run when this one fails.
+                .method(Method::Post)
                 .build(metrics)
                 .unwrap_or_else(|e| {
                     eprintln!("{e}");

@@ -26,7 +26,11 @@
 //!   that many milliseconds: the panic starts the shutdown, the telemetry is still delivered, and
 //!   the exit code is 4.
 //! - `PUSHGATEWAY_URL`, `PUSHGATEWAY_JOB` (default `full_service`): without a URL, nothing is
-//!   pushed (the run is not counted as a delivery failure: there is nowhere to deliver).
+//!   pushed (the run is not counted as a delivery failure: there is nowhere to deliver). The
+//!   group's `instance` label is `POD_NAME` (set it from the downward API), else `HOSTNAME`
+//!   (Kubernetes sets it to the pod's name), else the machine's host name: a name that stays
+//!   the same when the process restarts, so a restart replaces its group instead of leaving a
+//!   stale one behind (pushed groups live until deleted; a pid would make a new one each time).
 //! - `OTEL_EXPORTER_OTLP_ENDPOINT` (the collector's base URL) and
 //!   `OTEL_EXPORTER_OTLP_PROTOCOL` (`grpc`, the default, or `http/protobuf`): without an
 //!   endpoint, no OTLP.
@@ -65,6 +69,20 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// A stable `instance` label: the pod's name, else the host's.
+fn instance() -> String {
+    env("POD_NAME")
+        .or_else(|| env("HOSTNAME"))
+        .or_else(|| {
+            ["/proc/sys/kernel/hostname", "/etc/hostname"]
+                .iter()
+                .find_map(|path| std::fs::read_to_string(path).ok())
+                .map(|name| name.trim().to_owned())
+                .filter(|name| !name.is_empty())
+        })
+        .unwrap_or_else(|| "full_service".to_owned())
 }
 
 fn main() {
@@ -234,7 +252,7 @@ async fn run() -> ! {
         Some(url) => {
             let job = env("PUSHGATEWAY_JOB").unwrap_or_else(|| "full_service".to_owned());
             Pushgateway::builder(url, job)
-                .label("instance", format!("full_service-{}", std::process::id()))
+                .label("instance", instance())
                 .push_interval(Duration::from_secs(10))
                 .build(metrics)
                 .unwrap_or_else(|e| {

@@ -105,6 +105,48 @@ fn pushes_its_metrics_when_it_fails() {
 }
 
 #[test]
+fn a_failed_run_keeps_the_last_success_of_the_run_before() {
+    // The alert "no success for a day" reads the last success timestamp: a failed run must not
+    // erase the one an earlier run pushed (a PUT would replace the whole group).
+    let Some(gateway) = Pushgateway::start() else {
+        return;
+    };
+    let job = [("job", "nightly")];
+    let (out, stderr, _) = run(&[
+        ("PUSHGATEWAY_URL", &gateway.url()),
+        ("PUSHGATEWAY_JOB", "nightly"),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let success = gateway
+        .sample("batch_last_success_timestamp_seconds", &job)
+        .expect("the first run succeeded");
+    let (out, stderr, _) = run(&[
+        ("PUSHGATEWAY_URL", &gateway.url()),
+        ("PUSHGATEWAY_JOB", "nightly"),
+        ("BATCH_FAIL_AT", "5"),
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert_eq!(
+        gateway.sample("batch_last_success_timestamp_seconds", &job),
+        Some(success),
+        "{}",
+        gateway.metrics_text()
+    );
+    // The failed run's own metrics replaced the earlier run's.
+    assert_eq!(
+        gateway.sample("batch_items_processed_total", &job),
+        Some(4.0)
+    );
+    assert_eq!(
+        gateway.sample(
+            "finale_shutdowns_total",
+            &[("job", "nightly"), ("reason", "task_failed")]
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
 fn runs_without_a_pushgateway() {
     let (out, stderr, elapsed) = run(&[]);
     assert_eq!(out.status.code(), Some(0), "{stderr}");

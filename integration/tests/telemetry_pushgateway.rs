@@ -1,16 +1,18 @@
 //! The Pushgateway integration in process, against a real Pushgateway and small recording
 //! servers: the grouping key, the methods, authentication, periodic pushes that stop before the
-//! final one, bounded retries, and typed errors that chain to the client's.
+//! final one, bounded retries, typed errors that chain to the client's, and https against a real
+//! Pushgateway serving TLS (certificates made here with rcgen) with basic auth and mutual TLS.
 
 mod common;
 
 use std::error::Error as _;
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::components::{Pushgateway as Gateway, free_port, wait_until};
+use common::components::{Pushgateway as Gateway, free_port, parse_samples, wait_until};
 use finale::pushgateway::{Method, PushError, Pushgateway, PushgatewayConfigError};
 use finale::{Environment, Finale, Hook, Outcome, Phase, ShutdownStatus};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -42,6 +44,7 @@ fn finale(total: Duration, reserve: Duration) -> Finale {
 struct Seen {
     head: String,
     body: String,
+    at: Instant,
 }
 
 /// An HTTP server that records every request and answers `status`, or never answers if `None`.
@@ -90,7 +93,11 @@ fn recording(status: Option<&'static str>) -> (u16, Arc<Mutex<Vec<Seen>>>) {
                     }
                     let body = String::from_utf8_lossy(&raw[head_end + 4..total]).into_owned();
                     raw.drain(..total);
-                    log.lock().unwrap().push(Seen { head, body });
+                    log.lock().unwrap().push(Seen {
+                        head,
+                        body,
+                        at: Instant::now(),
+                    });
                     let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 2\r\n\r\nok");
                     if stream.write_all(answer.as_bytes()).is_err() {
                         return;
@@ -176,6 +183,75 @@ async fn delete_at_exit_removes_the_group() {
 }
 
 #[tokio::test]
+async fn delete_at_exit_lets_the_shutdown_metrics_be_scraped_first() {
+    // A scrape during the shutdown must find this run's last metrics, finale's own included:
+    // deleting the group straight away would lose exactly the errors of the shutdown.
+    let Some(gateway) = Gateway::start() else {
+        return;
+    };
+    let gateway = Arc::new(gateway);
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(gateway.url(), "scraped-then-deleted")
+        .method(Method::Delete)
+        .delete_delay(Duration::from_millis(800))
+        .build(recorder())
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    // A scraper: polls the Pushgateway from the trigger on, until it sees the final snapshot.
+    let scraper = gateway.clone();
+    let scraped = std::thread::spawn(move || {
+        wait_until(BOUND, || {
+            scraper
+                .sample(
+                    "finale_shutdowns_total",
+                    &[("job", "scraped-then-deleted"), ("reason", "requested")],
+                )
+                .is_some()
+        })
+        .then(Instant::now)
+    });
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    let ended = Instant::now();
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    let seen = scraped
+        .join()
+        .unwrap()
+        .expect("the final snapshot was never there");
+    assert!(seen < ended, "seen only after the run ended");
+    // Then the group goes: DELETE is queued by the Pushgateway (202), so wait for it, bounded.
+    assert!(wait_until(BOUND, || gateway
+        .samples("finale_shutdowns_total", &[("job", "scraped-then-deleted")])
+        .is_empty()));
+}
+
+#[tokio::test]
+async fn a_delete_delay_longer_than_the_slot_is_cut_and_the_group_still_deleted() {
+    let Some(gateway) = Gateway::start() else {
+        return;
+    };
+    let total = Duration::from_secs(4);
+    let finale = finale(total, Duration::from_secs(2));
+    Pushgateway::builder(gateway.url(), "cut-delay")
+        .method(Method::Delete)
+        .request_timeout(Duration::from_millis(300))
+        .delete_delay(Duration::from_secs(60))
+        .build(recorder())
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let start = Instant::now();
+    let report = finale.run().await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    assert!(start.elapsed() < total, "{:?}", start.elapsed());
+    assert!(wait_until(BOUND, || gateway
+        .samples("finale_shutdowns_total", &[("job", "cut-delay")])
+        .is_empty()));
+}
+
+#[tokio::test]
 async fn credentials_are_sent() {
     for (auth, expected) in [
         ("basic", "authorization: Basic dXNlcjpwQHNz"),
@@ -254,6 +330,63 @@ async fn periodic_pushes_stop_before_the_final_one() {
 }
 
 #[tokio::test]
+// Reports what it measured (run with `--no-capture` to see it).
+#[allow(clippy::print_stderr)]
+async fn periodic_pushes_of_instances_started_together_spread_out() {
+    // A rollout starts many instances at once: their periodic pushes must not all hit the
+    // Pushgateway in the same instant, every interval, for as long as they run.
+    const N: usize = 12;
+    let interval = Duration::from_secs(1);
+    let (port, seen) = recording(Some("200 OK"));
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    let start = Instant::now();
+    for i in 0..N {
+        Pushgateway::builder(format!("http://127.0.0.1:{port}"), format!("spread-{i}"))
+            .method(Method::None)
+            .push_interval(interval)
+            .name(format!("pushgateway-{i}"))
+            .build(recorder())
+            .unwrap()
+            .register(&finale)
+            .unwrap();
+    }
+    let first_pushes = |seen: &[Seen]| {
+        (0..N)
+            .filter_map(|i| {
+                let path = format!(" /metrics/job/spread-{i} ");
+                seen.iter().find(|s| s.head.contains(&path)).map(|s| s.at)
+            })
+            .collect::<Vec<_>>()
+    };
+    let running = seen.clone();
+    let handle = finale.handle();
+    let waiter = tokio::task::spawn_blocking(move || {
+        let pushed = wait_until(BOUND, || first_pushes(&running.lock().unwrap()).len() == N);
+        handle.trigger("every instance pushed once");
+        pushed
+    });
+    let report = finale.run().await;
+    assert!(waiter.await.unwrap(), "not every instance pushed");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    let firsts = first_pushes(&seen.lock().unwrap());
+    let earliest = *firsts.iter().min().unwrap() - start;
+    let latest = *firsts.iter().max().unwrap() - start;
+    eprintln!("first pushes between {earliest:?} and {latest:?} after the start");
+    // Spread over the last fifth of the interval: 12 uniform draws over 200 ms all fall within
+    // 50 ms of each other with a probability of about 3 in a million.
+    assert!(
+        latest - earliest >= Duration::from_millis(50),
+        "{earliest:?}..{latest:?}"
+    );
+    // Never later than the interval (plus scheduling slack): the data stays as fresh as asked.
+    assert!(earliest >= interval * 4 / 5, "{earliest:?}");
+    assert!(
+        latest <= interval + Duration::from_millis(500),
+        "{latest:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_refused_push_chains_to_the_client_error() {
     let url = format!("http://127.0.0.1:{}", free_port());
     let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
@@ -280,6 +413,29 @@ async fn a_refused_push_chains_to_the_client_error() {
     assert!(push.source().is_some(), "chains to the client's error");
     let shown = push.to_string();
     assert!(shown.contains("Connection refused"), "{shown}");
+}
+
+#[tokio::test]
+async fn a_408_is_retried_like_a_5xx() {
+    // A proxy or the server giving up on a slow request: the next attempt may well get through.
+    let (port, seen) = recording(Some("408 Request Timeout"));
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(format!("http://127.0.0.1:{port}"), "slow")
+        .retry_backoff(Duration::from_millis(10))
+        .build(recorder())
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.status, ShutdownStatus::TelemetryNotDelivered);
+    let push = push_error(&report);
+    assert!(
+        matches!(push, PushError::Rejected { status, attempts: 3, .. } if status.as_u16() == 408),
+        "{push}"
+    );
+    assert!(push.is_transient());
+    assert_eq!(seen.lock().unwrap().len(), 3);
 }
 
 #[tokio::test]
@@ -319,9 +475,50 @@ fn settings_are_checked_at_build_time() {
             .build(recorder())
             .unwrap_err()
     };
-    let e = build("https://gw:9091", "j", ("instance", "x"));
+    let e = build("ftp://gw:9091", "j", ("instance", "x"));
     assert!(matches!(e, PushgatewayConfigError::InvalidUrl { .. }));
-    assert!(e.to_string().contains("https is not supported"), "{e}");
+    // With the `pushgateway-tls` feature https builds; its files are read and checked here.
+    assert!(
+        Pushgateway::builder("https://gw:9091", "j")
+            .build(recorder())
+            .is_ok()
+    );
+    let missing = PathBuf::from("/nonexistent/finale-ca.pem");
+    let e = Pushgateway::builder("https://gw:9091", "j")
+        .tls_ca_file(&missing)
+        .build(recorder())
+        .unwrap_err();
+    let PushgatewayConfigError::InvalidTls { what, path, .. } = &e else {
+        panic!("{e:?}");
+    };
+    assert_eq!(
+        (*what, path.as_deref()),
+        ("CA certificate", Some(&*missing))
+    );
+    assert!(e.to_string().contains("/nonexistent/finale-ca.pem"), "{e}");
+    let e = Pushgateway::builder("https://gw:9091", "j")
+        .tls_ca_pem("not a certificate")
+        .build(recorder())
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PushgatewayConfigError::InvalidTls {
+                what: "CA certificate",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // TLS settings on a plain URL would send the credentials in clear text.
+    let e = Pushgateway::builder("http://gw:9091", "j")
+        .tls_ca_pem("x")
+        .build(recorder())
+        .unwrap_err();
+    assert!(
+        matches!(e, PushgatewayConfigError::TlsWithoutHttps { .. }),
+        "{e}"
+    );
     assert_eq!(
         build("http://gw:9091", "", ("instance", "x")),
         PushgatewayConfigError::EmptyJob
@@ -340,4 +537,401 @@ fn settings_are_checked_at_build_time() {
             setting: "request timeout"
         }
     );
+}
+
+// ---------------------------------------------------------------------------
+// https: a real Pushgateway serving TLS, with basic auth and client certificates
+// ---------------------------------------------------------------------------
+
+/// The basic-auth user and password the TLS Pushgateway accepts.
+const USER: &str = "finale";
+const PASSWORD: &str = "s3cret-pass";
+/// bcrypt of `PASSWORD` (cost 4: the Pushgateway checks it on every request), made with
+/// `python3 -c "import crypt; print(crypt.crypt('s3cret-pass', crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16)))"`
+/// (`htpasswd -nbBC 4 finale s3cret-pass` gives an equivalent one).
+const PASSWORD_BCRYPT: &str = "$2b$04$f7WyvjdgLrmXDoRNLwa10OjuNj/f3kHi7wEmz.xkshlI7pcwKr/p2";
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("finale-test-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn write(&self, name: &str, content: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A CA, and what it signed: a certificate and its key, PEM.
+struct Pki {
+    ca: String,
+    server: (String, String),
+    client: (String, String),
+}
+
+fn pki(name: &str) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("finale test CA {name}"));
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |sans: Vec<String>, cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(sans).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    Pki {
+        ca: ca.pem(),
+        server: leaf(vec!["127.0.0.1".into(), "localhost".into()], "pushgateway"),
+        client: leaf(vec!["finale-client".into()], "finale-client"),
+    }
+}
+
+/// A real Pushgateway whose web config turns on TLS (with `pki`'s server certificate) and
+/// basic auth, and, with `client_auth`, requires a client certificate signed by `pki`'s CA.
+struct TlsGateway {
+    gateway: Gateway,
+    pki: Pki,
+    _dir: TempDir,
+}
+
+fn tls_gateway(client_auth: bool) -> Option<TlsGateway> {
+    let dir = TempDir::new("pushgateway-tls");
+    let pki = pki("right");
+    let cert = dir.write("server.pem", &pki.server.0);
+    let key = dir.write("server-key.pem", &pki.server.1);
+    let ca = dir.write("ca.pem", &pki.ca);
+    let mut config = format!(
+        "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
+        cert.display(),
+        key.display()
+    );
+    if client_auth {
+        config += &format!(
+            "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {}\n",
+            ca.display()
+        );
+    }
+    config += &format!("basic_auth_users:\n  {USER}: {PASSWORD_BCRYPT}\n");
+    let web_config = dir.write("web.yml", &config);
+    let gateway = Gateway::start_with_web_config(&web_config, true)?;
+    Some(TlsGateway {
+        gateway,
+        pki,
+        _dir: dir,
+    })
+}
+
+impl TlsGateway {
+    /// `GET /metrics` over TLS with basic auth (and the client certificate when one is
+    /// required): the Pushgateway's own view of what was pushed.
+    fn metrics_text(&self, client_auth: bool) -> String {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(self.pki.ca.as_bytes()).unwrap())
+            .unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        let config = if client_auth {
+            let chain = CertificateDer::pem_slice_iter(self.pki.client.0.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = PrivateKeyDer::from_pem_slice(self.pki.client.1.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        } else {
+            builder.with_no_client_auth()
+        };
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let connection = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let tcp = TcpStream::connect(("127.0.0.1", self.gateway.port())).unwrap();
+        tcp.set_read_timeout(Some(BOUND)).unwrap();
+        let mut tls = rustls::StreamOwned::new(connection, tcp);
+        let auth = basic(USER, PASSWORD);
+        write!(
+            tls,
+            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Basic {auth}\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        // A peer that closes without close_notify ends the read with an error, after the data.
+        let _ = tls.read_to_end(&mut raw);
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text
+    }
+
+    fn sample(&self, client_auth: bool, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        parse_samples(&self.metrics_text(client_auth))
+            .into_iter()
+            .find(|s| s.name == name && s.has_labels(labels))
+            .map(|s| s.value)
+    }
+}
+
+/// `user:password` in base64, for a hand-written `Authorization` header.
+fn basic(user: &str, password: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let input = format!("{user}:{password}");
+    let mut out = String::new();
+    for chunk in input.as_bytes().chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Runs a shutdown whose only Telemetry stage is `pushgateway`; returns the report.
+async fn push_once(pushgateway: Pushgateway) -> finale::ShutdownReport {
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    pushgateway.register(&finale).unwrap();
+    finale.handle().trigger("test");
+    finale.run().await
+}
+
+/// The [`PushError`] the report's `pushgateway` entry failed with.
+fn push_error(report: &finale::ShutdownReport) -> &PushError {
+    let Outcome::Failed(error) = &report.entry("pushgateway").unwrap().outcome else {
+        panic!("{report}");
+    };
+    error
+        .source()
+        .and_then(|e| e.downcast_ref::<PushError>())
+        .unwrap_or_else(|| panic!("not a PushError: {error}"))
+}
+
+#[tokio::test]
+async fn https_with_the_right_ca_and_basic_auth_delivers() {
+    let Some(tls) = tls_gateway(false) else {
+        return;
+    };
+    let handle = recorder();
+    metrics::counter!("tls_test_pushed_total").increment(7);
+    let pushgateway = Pushgateway::builder(tls.gateway.url(), "tls")
+        .label("instance", "a")
+        .basic_auth(USER, PASSWORD)
+        .tls_ca_pem(tls.pki.ca.clone())
+        .build(handle)
+        .unwrap();
+    assert!(
+        pushgateway.url().starts_with("https://127.0.0.1:"),
+        "{}",
+        pushgateway.url()
+    );
+    let report = push_once(pushgateway).await;
+    assert_eq!(
+        report.status,
+        ShutdownStatus::Clean,
+        "{report}\n{}",
+        tls.gateway.diagnostics()
+    );
+    // The Pushgateway itself has the metrics, finale's own included.
+    assert_eq!(
+        tls.sample(
+            false,
+            "tls_test_pushed_total",
+            &[("job", "tls"), ("instance", "a")]
+        ),
+        Some(7.0)
+    );
+    assert!(
+        tls.sample(false, "finale_shutdowns_total", &[("job", "tls")])
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn https_with_the_wrong_ca_is_not_delivered_and_not_retried() {
+    let Some(tls) = tls_gateway(false) else {
+        return;
+    };
+    let other = pki("wrong");
+    let dir = TempDir::new("wrong-ca");
+    for pushgateway in [
+        // Another CA than the one that signed the Pushgateway's certificate.
+        Pushgateway::builder(tls.gateway.url(), "tls-wrong-ca")
+            .basic_auth(USER, PASSWORD)
+            .tls_ca_file(dir.write("other-ca.pem", &other.ca)),
+        // No CA at all: Mozilla's roots do not know the test CA either.
+        Pushgateway::builder(tls.gateway.url(), "tls-wrong-ca").basic_auth(USER, PASSWORD),
+    ] {
+        let report = push_once(pushgateway.build(recorder()).unwrap()).await;
+        assert_eq!(
+            report.status,
+            ShutdownStatus::TelemetryNotDelivered,
+            "{report}"
+        );
+        let push = push_error(&report);
+        let PushError::Unreachable {
+            attempts, source, ..
+        } = push
+        else {
+            panic!("{push:?}");
+        };
+        assert!(source.is_tls(), "{push}");
+        assert!(!push.is_transient());
+        // A certificate the client refuses is not retried: the next attempt would fail alike.
+        assert_eq!(*attempts, 1, "{push}");
+        let shown = push.to_string();
+        assert!(
+            shown.contains("invalid peer certificate: UnknownIssuer"),
+            "{shown}"
+        );
+    }
+    assert_eq!(
+        tls.sample(false, "finale_shutdowns_total", &[("job", "tls-wrong-ca")]),
+        None
+    );
+}
+
+#[tokio::test]
+async fn https_with_the_wrong_password_is_reported_401() {
+    let Some(tls) = tls_gateway(false) else {
+        return;
+    };
+    let report = push_once(
+        Pushgateway::builder(tls.gateway.url(), "tls-wrong-password")
+            .basic_auth(USER, "not-the-password")
+            .tls_ca_pem(tls.pki.ca.clone())
+            .build(recorder())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
+    let push = push_error(&report);
+    let PushError::Rejected {
+        status, attempts, ..
+    } = push
+    else {
+        panic!("{push:?}");
+    };
+    assert_eq!(status.as_u16(), 401, "{push}");
+    assert_eq!(*attempts, 1, "a 4xx is final: {push}");
+    assert!(push.to_string().contains("401 Unauthorized"), "{push}");
+}
+
+#[tokio::test]
+async fn https_with_a_client_certificate() {
+    let Some(tls) = tls_gateway(true) else {
+        return;
+    };
+    let dir = TempDir::new("client-cert");
+    // Without a client certificate the Pushgateway refuses the connection.
+    let report = push_once(
+        Pushgateway::builder(tls.gateway.url(), "mtls")
+            .basic_auth(USER, PASSWORD)
+            .tls_ca_pem(tls.pki.ca.clone())
+            .build(recorder())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
+    let push = push_error(&report);
+    let PushError::Unreachable { source, .. } = push else {
+        panic!("{push:?}");
+    };
+    assert!(source.is_tls(), "{push}");
+    assert!(!push.is_transient());
+    assert!(push.to_string().contains("BadCertificate"), "{push}");
+    // With it (from files), the push is delivered.
+    let report = push_once(
+        Pushgateway::builder(tls.gateway.url(), "mtls")
+            .basic_auth(USER, PASSWORD)
+            .tls_ca_pem(tls.pki.ca.clone())
+            .tls_client_cert_files(
+                dir.write("client.pem", &tls.pki.client.0),
+                dir.write("client-key.pem", &tls.pki.client.1),
+            )
+            .build(recorder())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    assert!(
+        tls.sample(true, "finale_shutdowns_total", &[("job", "mtls")])
+            .is_some()
+    );
+    // A key that is not the certificate's is refused at build time.
+    let e = Pushgateway::builder(tls.gateway.url(), "mtls")
+        .tls_client_cert_pem(tls.pki.client.0.clone(), tls.pki.server.1.clone())
+        .build(recorder())
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PushgatewayConfigError::InvalidTls {
+                what: "client certificate",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn plain_http_with_basic_auth_still_works() {
+    let dir = TempDir::new("pushgateway-auth");
+    let web_config = dir.write(
+        "web.yml",
+        &format!("basic_auth_users:\n  {USER}: {PASSWORD_BCRYPT}\n"),
+    );
+    let Some(gateway) = Gateway::start_with_web_config(&web_config, false) else {
+        return;
+    };
+    assert!(gateway.url().starts_with("http://"));
+    let report = push_once(
+        Pushgateway::builder(gateway.url(), "plain-auth")
+            .basic_auth(USER, PASSWORD)
+            .build(recorder())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }

@@ -495,6 +495,63 @@ fn pushgateway_rejecting_with_400() {
 }
 
 #[test]
+fn the_instance_label_is_the_pod_or_host_name_not_the_pid() {
+    // A restarted pod (or process) must land in the group it pushed before, not add a new group
+    // that lives in the Pushgateway forever.
+    let Some(gateway) = Pushgateway::start() else {
+        return;
+    };
+    let system = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    for (name, env, instance) in [
+        (
+            "pod",
+            vec![("POD_NAME", "web-7"), ("HOSTNAME", "ignored")],
+            "web-7",
+        ),
+        ("host", vec![("HOSTNAME", "host-b")], "host-b"),
+        ("system", vec![], system.as_str()),
+    ] {
+        if instance.is_empty() {
+            continue; // no /proc here: nothing to compare the system's name with
+        }
+        let scratch = Scratch::new(&format!("instance-{name}"));
+        let job = format!("instance-{name}");
+        let mut vars = vec![
+            ("PUSHGATEWAY_URL", gateway.url()),
+            ("PUSHGATEWAY_JOB", job.clone()),
+        ];
+        vars.extend(env.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut cmd_env = vars.clone();
+        // The test's own environment must not decide: unset what the case does not set.
+        for key in ["POD_NAME", "HOSTNAME"] {
+            if !vars.iter().any(|(k, _)| *k == key) {
+                cmd_env.push((key, ""));
+            }
+        }
+        let service = Service::start(&scratch.log(), &cmd_env);
+        let (status, stderr, _) = service.stop();
+        assert!(status.success(), "{stderr}");
+        let groups: Vec<_> = gateway
+            .samples("finale_shutdowns_total", &[("job", &job)])
+            .into_iter()
+            .map(|s| s.labels)
+            .collect();
+        assert!(
+            gateway
+                .sample(
+                    "finale_shutdowns_total",
+                    &[("job", &job), ("instance", instance)]
+                )
+                .is_some(),
+            "{name}: expected instance {instance:?}, the Pushgateway has {groups:?}"
+        );
+    }
+}
+
+#[test]
 fn a_second_sigterm_cuts_a_hung_flush_to_the_escalation_budget() {
     let scratch = Scratch::new("escalation");
     let endpoint = format!("http://127.0.0.1:{}", blackhole());

@@ -5,7 +5,7 @@
 //! | file | what |
 //! |---|---|
 //! | `stages.rs` | blocking work on plain threads; work that runs once, in the hook or the emergency |
-//! | `pushgateway.rs` | the final push to a Prometheus Pushgateway |
+//! | `pushgateway/` | the final push to a Prometheus Pushgateway; `transport.rs`: TCP, TLS, errors |
 //! | `otlp.rs` | the OpenTelemetry providers' flush and shutdown |
 //! | `appender.rs` | the tracing-appender writer, released last |
 

@@ -527,6 +527,7 @@ fn parse_sample_line(line: &str) -> Option<Sample> {
 pub(crate) struct Pushgateway {
     proc: Proc,
     port: u16,
+    scheme: &'static str,
 }
 
 impl Pushgateway {
@@ -565,12 +566,46 @@ impl Pushgateway {
         Some(Pushgateway {
             proc,
             port: ports[0],
+            scheme: "http",
+        })
+    }
+
+    /// Starts a Pushgateway with `--web.config.file=<web_config>`: TLS (`tls_server_config`)
+    /// and/or basic auth (`basic_auth_users`), in the Prometheus exporter-toolkit format.
+    /// `https` says whether the file turns TLS on, for [`url`](Self::url).
+    ///
+    /// Every endpoint then needs the same TLS and credentials, which this std-only module does
+    /// not speak: the Pushgateway counts as ready once its port accepts connections (it reads
+    /// and checks the web config before it listens), and [`metrics_text`](Self::metrics_text)
+    /// and the other readers do not work on it.
+    pub(crate) fn start_with_web_config(web_config: &Path, https: bool) -> Option<Pushgateway> {
+        if !require(PUSHGATEWAY_BIN) {
+            return None;
+        }
+        let (proc, ports) = start_with_retries(
+            PUSHGATEWAY_BIN,
+            "pushgateway",
+            1,
+            |ports, _dir| {
+                vec![
+                    format!("--web.listen-address=127.0.0.1:{}", ports[0]),
+                    format!("--web.config.file={}", web_config.display()),
+                    "--persistence.file=".to_owned(),
+                    "--log.level=warn".to_owned(),
+                ]
+            },
+            |ports| port_open(ports[0]),
+        );
+        Some(Pushgateway {
+            proc,
+            port: ports[0],
+            scheme: if https { "https" } else { "http" },
         })
     }
 
     /// Base URL, e.g. `http://127.0.0.1:PORT` (no trailing slash).
     pub(crate) fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
 
     pub(crate) fn port(&self) -> u16 {

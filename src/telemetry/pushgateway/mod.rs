@@ -3,7 +3,7 @@
 //!
 //! metrics-exporter-prometheus's own push loop never pushes at exit, has no request timeout and,
 //! with its default features, panics without a rustls crypto provider. finale does not use it:
-//! it renders the [`PrometheusHandle`] itself and sends the text with a small plain-HTTP client
+//! it renders the [`PrometheusHandle`] itself and sends the text with a small HTTP client
 //! under the Telemetry slot's deadline. Build the recorder with
 //! `PrometheusBuilder::new().install_recorder()` (or `build_recorder` plus
 //! `metrics::set_global_recorder`); no exporter feature of metrics-exporter-prometheus is needed.
@@ -17,13 +17,42 @@
 //!   A value that is empty or holds anything but `A-Z a-z 0-9 - . _ ~` (a `/` for instance) is sent
 //!   the Pushgateway's way, `<label>@base64/<base64url of the value>`.
 //! - [`Method::Put`] (default) replaces the whole group, [`Method::Post`] only the metrics of the
-//!   same names, [`Method::Delete`] deletes the group at exit (for long-lived services whose
-//!   series should not outlive them; periodic pushes then use PUT), [`Method::None`] sends
+//!   same names (use it for **batch jobs**: a failed run that does not push
+//!   `…_last_success_timestamp_seconds` then leaves the last good run's value in place, where a
+//!   PUT would erase it), [`Method::Delete`] deletes the group at exit (for long-lived services
+//!   whose series should not outlive them; periodic pushes then use PUT), [`Method::None`] sends
 //!   nothing at exit.
-//! - Each request has a timeout; failed attempts (connection errors, timeouts, `429` and `5xx`
-//!   answers) are retried with a doubling backoff, as long as the stage's share of the slot
-//!   allows (see [`ORDER_METRICS`]). A `4xx` answer is final: the
-//!   Pushgateway rejected the content.
+//! - [`Method::Delete`] does not delete at once: that would delete the shutdown's own metrics
+//!   before any scrape could read them. It PUTs the final metrics, keeps them for the
+//!   [`delete_delay`](PushgatewayBuilder::delete_delay) (15 s by default) as far as the metrics
+//!   stage's share of the slot allows, leaving one request timeout for the DELETE, and then
+//!   deletes the group. A shutdown with it takes that much longer; a slot too short for the
+//!   delay is logged.
+//! - Each request has a timeout; failed attempts (connection errors, timeouts, `408`, `429` and
+//!   `5xx` answers) are retried with a doubling backoff, as long as the stage's share of the slot
+//!   allows (see [`ORDER_METRICS`]). Any other `4xx` answer is final: the Pushgateway rejected
+//!   the content or the credentials. So is a TLS handshake that one side refused.
+//!
+//! # https and proxies
+//!
+//! `https://` URLs need the `pushgateway-tls` feature; without it [`build`](PushgatewayBuilder::build)
+//! refuses them ([`PushgatewayConfigError::TlsFeatureDisabled`]) rather than send credentials in
+//! clear text. With it, the client speaks TLS 1.2 and 1.3 through rustls and its **ring**
+//! provider, which finale passes to rustls itself: no process-wide crypto provider is needed
+//! or installed. The Pushgateway's certificate is checked against Mozilla's roots as compiled
+//! into webpki-roots (the same in every container image, none read from the system), or only
+//! against your CA with [`tls_ca_pem`](PushgatewayBuilder::tls_ca_pem) /
+//! [`tls_ca_file`](PushgatewayBuilder::tls_ca_file); a client certificate for mutual TLS is
+//! given with [`tls_client_cert_pem`](PushgatewayBuilder::tls_client_cert_pem) /
+//! [`tls_client_cert_files`](PushgatewayBuilder::tls_client_cert_files). Files are read and
+//! checked by `build`: an unreadable file or a key that does not match its certificate is a
+//! [`PushgatewayConfigError::InvalidTls`] at start, not a failed push at exit. A certificate the
+//! client does not trust fails the push at once (no retry: see
+//! [`TransportError::is_tls`]).
+//!
+//! Proxy variables (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`, `ALL_PROXY`, in either case) are
+//! **ignored**: finale connects to the Pushgateway's host directly. A final push must not depend
+//! on one more hop, nor send the credentials to a proxy picked up from the environment.
 //!
 //! # What the report says
 //!
@@ -40,11 +69,17 @@
 //! answered, and no periodic push starts after it, so no stale push can land after the final
 //! one.
 //!
+//! Each wait is shortened by a random part of up to a fifth of the interval
+//! ([`PUSH_JITTER`]), drawn again for every push: instances started together (a rollout) spread
+//! their pushes out instead of reaching the Pushgateway in the same instant, every interval,
+//! and no wait is longer than the interval (after an answer that came late, the next push waits
+//! a full draw from then rather than catching up in a burst).
+//!
 //! # Examples
 //!
 //! ```no_run
 //! use finale::Finale;
-//! use finale::pushgateway::Pushgateway;
+//! use finale::pushgateway::{Method, Pushgateway};
 //! use metrics_exporter_prometheus::PrometheusBuilder;
 //!
 //! #[tokio::main]
@@ -52,7 +87,8 @@
 //!     let metrics = PrometheusBuilder::new().install_recorder()?;
 //!     let finale = Finale::builder().build()?;
 //!     Pushgateway::builder("http://pushgateway.monitoring:9091", "nightly-import")
-//!         .label("instance", "worker-3")
+//!         // A batch job: keep the last success timestamp of an earlier run if this one fails.
+//!         .method(Method::Post)
 //!         .build(metrics)?
 //!         .register(&finale)?;
 //!     // ... run the job, then trigger the shutdown ...
@@ -63,6 +99,7 @@
 use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::fmt;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -71,9 +108,6 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::time::Instant;
 
@@ -85,14 +119,28 @@ use crate::slot::{ORDER_METRICS, Share, stage_deadline};
 use crate::state::EmergencyStage;
 use crate::task::{Task, TaskContext};
 
+mod transport;
+
+pub use transport::TransportError;
+#[cfg(feature = "pushgateway-tls")]
+use transport::tls::{Pem, Tls, TlsSettings};
+use transport::{Connector, HttpClient, new_client};
+
 /// Default timeout of one request to the Pushgateway: 2 s.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default number of attempts of the final push: 3.
 pub const DEFAULT_ATTEMPTS: u32 = 3;
 /// Default wait before the first retry, doubled for each further one (at most 1 s): 100 ms.
 pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(100);
+/// Default time [`Method::Delete`] keeps the final metrics in the Pushgateway before it deletes
+/// the group, as far as the Telemetry slot allows: 15 s, a common scrape interval.
+pub const DEFAULT_DELETE_DELAY: Duration = Duration::from_secs(15);
 /// Default name of the hook in the report: `pushgateway`.
 pub const DEFAULT_NAME: &str = "pushgateway";
+
+/// The largest part of the push interval that a periodic push comes early by, picked at random
+/// for each push: a fifth.
+pub const PUSH_JITTER: f64 = 0.2;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// How much of an error answer's body goes into the error.
@@ -106,9 +154,14 @@ pub enum Method {
     /// `PUT`: replace the whole group with the rendered metrics.
     #[default]
     Put,
-    /// `POST`: replace only the metrics of the same names in the group.
+    /// `POST`: replace only the metrics of the same names in the group. The choice for batch
+    /// jobs: a metric that a failed run does not push, such as the last success timestamp,
+    /// keeps the value of the run before.
     Post,
-    /// `DELETE`: delete the group, so a stopped instance leaves no stale series.
+    /// `PUT` the final metrics, keep them for the
+    /// [`delete_delay`](PushgatewayBuilder::delete_delay) so that a scrape reads this run's last
+    /// values (finale's shutdown metrics included), then `DELETE` the group, so a stopped
+    /// instance leaves no stale series. The hook fails if either request fails.
     Delete,
     /// Nothing at exit (periodic pushes, if any, still stop before the end).
     None,
@@ -144,7 +197,7 @@ impl fmt::Display for Method {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum PushgatewayConfigError {
-    /// The Pushgateway URL is not an absolute `http://host:port[/prefix]` URL.
+    /// The Pushgateway URL is not an absolute `http://host:port[/prefix]` (or `https://…`) URL.
     InvalidUrl {
         /// The URL as given.
         url: String,
@@ -173,6 +226,26 @@ pub enum PushgatewayConfigError {
     },
     /// The number of attempts is zero.
     ZeroAttempts,
+    /// The URL is `https://`, but finale was built without its `pushgateway-tls` feature.
+    TlsFeatureDisabled {
+        /// The URL as given.
+        url: String,
+    },
+    /// TLS settings (a CA, a client certificate) were given for an `http://` URL, which would
+    /// send everything, credentials included, in clear text.
+    TlsWithoutHttps {
+        /// The URL as given.
+        url: String,
+    },
+    /// A TLS certificate, key or server name cannot be used.
+    InvalidTls {
+        /// What: `CA certificate`, `client certificate`, `client key` or `server name`.
+        what: &'static str,
+        /// The file it was read from, if it came from a file.
+        path: Option<std::path::PathBuf>,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl fmt::Display for PushgatewayConfigError {
@@ -180,8 +253,8 @@ impl fmt::Display for PushgatewayConfigError {
         match self {
             Self::InvalidUrl { url, reason } => write!(
                 f,
-                "invalid Pushgateway URL {url:?}: {reason}; expected http://host:port, \
-                 optionally with a path prefix"
+                "invalid Pushgateway URL {url:?}: {reason}; expected http://host:port or \
+                 https://host:port, optionally with a path prefix"
             ),
             Self::EmptyJob => f.write_str("the Pushgateway job name is empty"),
             Self::InvalidLabelName { name } => write!(
@@ -199,6 +272,23 @@ impl fmt::Display for PushgatewayConfigError {
                 write!(f, "the Pushgateway {setting} must be greater than zero")
             }
             Self::ZeroAttempts => f.write_str("the Pushgateway push needs at least one attempt"),
+            Self::TlsFeatureDisabled { url } => write!(
+                f,
+                "the Pushgateway URL {url:?} is https://, which needs finale's \
+                 `pushgateway-tls` feature"
+            ),
+            Self::TlsWithoutHttps { url } => write!(
+                f,
+                "TLS settings were given but the Pushgateway URL {url:?} is plain http://; \
+                 use https://"
+            ),
+            Self::InvalidTls { what, path, reason } => {
+                write!(f, "cannot use the Pushgateway TLS {what}")?;
+                if let Some(path) = path {
+                    write!(f, " {}", path.display())?;
+                }
+                write!(f, ": {reason}")
+            }
         }
     }
 }
@@ -209,7 +299,7 @@ impl StdError for PushgatewayConfigError {}
 ///
 /// Its [`Display`](fmt::Display) says what failed (and, for a transport error, the innermost
 /// cause), because that is what the [report](crate::ShutdownReport) shows;
-/// [`source`](StdError::source) gives the client's error.
+/// [`source`](StdError::source) gives the [`TransportError`] of an unreachable Pushgateway.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum PushError {
@@ -226,7 +316,8 @@ pub enum PushError {
         /// How many requests were made.
         attempts: u32,
     },
-    /// The request did not get through: connection refused, reset, or a protocol error.
+    /// The request did not get through: connection refused or reset, a failed TLS handshake,
+    /// or a protocol error.
     Unreachable {
         /// The method of the request.
         method: Method,
@@ -234,8 +325,8 @@ pub enum PushError {
         url: String,
         /// How many requests were made.
         attempts: u32,
-        /// The client's error.
-        source: hyper_util::client::legacy::Error,
+        /// What failed.
+        source: TransportError,
     },
     /// No answer came in time: within the request timeout or before the stage's time ran out.
     TimedOut {
@@ -251,13 +342,18 @@ pub enum PushError {
 }
 
 impl PushError {
-    /// Whether another attempt could succeed: a transport error, a timeout, `429` or `5xx`.
+    /// Whether another attempt could succeed: a transport error (but not a refused TLS
+    /// handshake), a timeout, `408`, `429` or `5xx`.
     pub fn is_transient(&self) -> bool {
         match self {
             PushError::Rejected { status, .. } => {
-                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+                status.is_server_error()
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+                    // The server or a proxy gave up waiting for the request: not its content.
+                    || *status == StatusCode::REQUEST_TIMEOUT
             }
-            PushError::Unreachable { .. } | PushError::TimedOut { .. } => true,
+            PushError::Unreachable { source, .. } => !source.is_tls(),
+            PushError::TimedOut { .. } => true,
         }
     }
 
@@ -359,6 +455,9 @@ enum Auth {
 /// | [`retry_backoff`](PushgatewayBuilder::retry_backoff) | 100 ms, doubling, at most 1 s ([`DEFAULT_RETRY_BACKOFF`]) |
 /// | [`push_interval`](PushgatewayBuilder::push_interval) | none: only the final push |
 /// | [`name`](PushgatewayBuilder::name) | `pushgateway` ([`DEFAULT_NAME`]) |
+/// | [`delete_delay`](PushgatewayBuilder::delete_delay) | 15 s, cut to fit the slot ([`DEFAULT_DELETE_DELAY`]) |
+/// | [`tls_ca_pem`](PushgatewayBuilder::tls_ca_pem), [`tls_ca_file`](PushgatewayBuilder::tls_ca_file) | Mozilla's roots (webpki-roots), for `https://` URLs |
+/// | [`tls_client_cert_pem`](PushgatewayBuilder::tls_client_cert_pem), [`tls_client_cert_files`](PushgatewayBuilder::tls_client_cert_files) | none: no client certificate |
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct PushgatewayBuilder {
     url: String,
@@ -371,6 +470,9 @@ pub struct PushgatewayBuilder {
     backoff: Duration,
     interval: Option<Duration>,
     name: String,
+    delete_delay: Duration,
+    #[cfg(feature = "pushgateway-tls")]
+    tls: TlsSettings,
 }
 
 impl fmt::Debug for PushgatewayBuilder {
@@ -386,7 +488,8 @@ impl fmt::Debug for PushgatewayBuilder {
             .field("backoff", &self.backoff)
             .field("interval", &self.interval)
             .field("name", &self.name)
-            .finish()
+            .field("delete_delay", &self.delete_delay)
+            .finish_non_exhaustive()
     }
 }
 
@@ -436,10 +539,22 @@ impl PushgatewayBuilder {
         self
     }
 
-    /// Also pushes every `interval` while the service runs (one attempt each; a failure is
+    /// Also pushes every `interval` while the service runs, each push early by a random part
+    /// of up to [`PUSH_JITTER`] of it (one attempt each; a failure is
     /// logged and the next tick tries again).
     pub fn push_interval(mut self, interval: Duration) -> Self {
         self.interval = Some(interval);
+        self
+    }
+
+    /// With [`Method::Delete`]: how long the final metrics stay in the Pushgateway, for a scrape
+    /// to read them, before the group is deleted. The wait ends early enough to leave one
+    /// request timeout for the `DELETE` within the metrics stage's share of the Telemetry slot
+    /// (about half of the slot): to keep the metrics for a whole scrape interval, give the slot
+    /// ([`telemetry_reserve`](crate::Builder::telemetry_reserve)) at least twice the interval
+    /// plus two request timeouts. `Duration::ZERO` deletes right after the push.
+    pub fn delete_delay(mut self, delay: Duration) -> Self {
+        self.delete_delay = delay;
         self
     }
 
@@ -450,6 +565,52 @@ impl PushgatewayBuilder {
         self
     }
 
+    /// Trusts only the CA certificates in `pem` (one or more `-----BEGIN CERTIFICATE-----`
+    /// blocks) for the Pushgateway's certificate, instead of the Mozilla roots that
+    /// webpki-roots compiles in. For a Pushgateway whose certificate a private CA signed.
+    /// Replaces an earlier [`tls_ca_file`](Self::tls_ca_file).
+    #[cfg(feature = "pushgateway-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "pushgateway-tls")))]
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.ca = Some(Pem::Bytes(pem.into()));
+        self
+    }
+
+    /// [`tls_ca_pem`](Self::tls_ca_pem) from a file, read by [`build`](Self::build) (a
+    /// rotated file is read again only by a new build).
+    #[cfg(feature = "pushgateway-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "pushgateway-tls")))]
+    pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tls.ca = Some(Pem::File(path.into()));
+        self
+    }
+
+    /// Presents a client certificate (mutual TLS): `cert_chain` holds the certificate and any
+    /// intermediates, leaf first; `key` its private key (PKCS#8, PKCS#1 or SEC1), both PEM.
+    #[cfg(feature = "pushgateway-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "pushgateway-tls")))]
+    pub fn tls_client_cert_pem(
+        mut self,
+        cert_chain: impl Into<Vec<u8>>,
+        key: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client = Some((Pem::Bytes(cert_chain.into()), Pem::Bytes(key.into())));
+        self
+    }
+
+    /// [`tls_client_cert_pem`](Self::tls_client_cert_pem) from files, read by
+    /// [`build`](Self::build).
+    #[cfg(feature = "pushgateway-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "pushgateway-tls")))]
+    pub fn tls_client_cert_files(
+        mut self,
+        cert_chain: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.tls.client = Some((Pem::File(cert_chain.into()), Pem::File(key.into())));
+        self
+    }
+
     /// Validates the settings and builds the [`Pushgateway`].
     ///
     /// # Errors
@@ -457,6 +618,7 @@ impl PushgatewayBuilder {
     /// A [`PushgatewayConfigError`] that says what to fix.
     pub fn build(self, handle: PrometheusHandle) -> Result<Pushgateway, PushgatewayConfigError> {
         let url = grouping_url(&self.url, &self.job, &self.labels)?;
+        let https = url.starts_with("https://");
         let uri: Uri = url
             .parse()
             .map_err(|_| PushgatewayConfigError::InvalidUrl {
@@ -489,7 +651,23 @@ impl PushgatewayBuilder {
             v.set_sensitive(true);
             v
         });
-        let client = new_client(self.request_timeout);
+        let connector = Connector::plain(self.request_timeout);
+        #[cfg(feature = "pushgateway-tls")]
+        let connector = match (https, self.tls.is_set()) {
+            (true, _) => {
+                let host = uri.host().unwrap_or_default();
+                connector.with_tls(Tls::new(&self.tls, host)?)
+            }
+            (false, true) => {
+                return Err(PushgatewayConfigError::TlsWithoutHttps { url: self.url });
+            }
+            (false, false) => connector,
+        };
+        #[cfg(not(feature = "pushgateway-tls"))]
+        if https {
+            return Err(PushgatewayConfigError::TlsFeatureDisabled { url: self.url });
+        }
+        let client = new_client(connector.clone());
         Ok(Pushgateway {
             inner: Arc::new(Inner {
                 handle,
@@ -502,10 +680,13 @@ impl PushgatewayBuilder {
                 backoff: self.backoff,
                 interval: self.interval,
                 name: self.name,
+                delete_delay: self.delete_delay,
+                connector,
                 client,
                 lane: tokio::sync::Mutex::new(()),
                 finished: AtomicBool::new(false),
                 delivered: AtomicBool::new(false),
+                jitter: std::collections::hash_map::RandomState::new(),
             }),
         })
     }
@@ -529,12 +710,16 @@ struct Inner {
     backoff: Duration,
     interval: Option<Duration>,
     name: String,
+    delete_delay: Duration,
+    connector: Connector,
     client: HttpClient,
     /// Held for the whole of every push, periodic or final, so they never overlap.
     lane: tokio::sync::Mutex<()>,
     /// Set by the final push (before it takes the lane): no periodic push may start after it.
     finished: AtomicBool,
     /// Set once the final push was accepted: the supervisor need not push again.
+    /// Seeds the periodic pushes' jitter: random keys for each Pushgateway.
+    jitter: std::collections::hash_map::RandomState,
     delivered: AtomicBool,
 }
 
@@ -555,7 +740,8 @@ impl fmt::Debug for Pushgateway {
 
 impl Pushgateway {
     /// Starts configuring a push of `job`'s metrics to the Pushgateway at `url`
-    /// (`http://host:port`, optionally with a path prefix).
+    /// (`http://host:port` or, with the `pushgateway-tls` feature, `https://host:port`,
+    /// optionally with a path prefix).
     pub fn builder(url: impl Into<String>, job: impl Into<String>) -> PushgatewayBuilder {
         PushgatewayBuilder {
             url: url.into(),
@@ -568,6 +754,9 @@ impl Pushgateway {
             backoff: DEFAULT_RETRY_BACKOFF,
             interval: None,
             name: DEFAULT_NAME.to_owned(),
+            delete_delay: DEFAULT_DELETE_DELAY,
+            #[cfg(feature = "pushgateway-tls")]
+            tls: TlsSettings::default(),
         }
     }
 
@@ -665,9 +854,7 @@ impl Pushgateway {
         if method == Method::None {
             return Ok(());
         }
-        let result = self
-            .send_with_retries(&inner.client, method, deadline)
-            .await;
+        let result = self.send_final(&inner.client, deadline).await;
         if result.is_ok() {
             inner.delivered.store(true, Ordering::Release);
         }
@@ -697,9 +884,9 @@ impl Pushgateway {
             .build()
             .map_err(|e| e.to_string())?;
         runtime.block_on(async {
-            let client = new_client(inner.request_timeout);
+            let client = new_client(inner.connector.clone());
             let deadline = Instant::from_std(deadline);
-            self.send_with_retries(&client, inner.method, deadline)
+            self.send_final(&client, deadline)
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -711,15 +898,19 @@ impl Pushgateway {
             Method::Post => Method::Post,
             _ => Method::Put,
         };
-        let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pushes = 0u64;
+        let mut next = Instant::now() + jittered(interval, inner.jitter.hash_one(pushes));
         loop {
             tokio::select! {
-                // Stopping wins over a tick that is due at the same time.
+                // Stopping wins over a push that is due at the same time.
                 biased;
                 () = ctx.stopped() => return,
-                _ = tick.tick() => {}
+                () = tokio::time::sleep_until(next) => {}
             }
+            pushes += 1;
+            let wait = jittered(interval, inner.jitter.hash_one(pushes));
+            // After a late answer, a full wait from now rather than a burst to catch up.
+            next = (next + wait).max(Instant::now() + wait);
             let _lane = inner.lane.lock().await;
             if inner.finished.load(Ordering::Acquire) {
                 return;
@@ -732,6 +923,43 @@ impl Pushgateway {
                 Err(error) => tracing::warn!(target: "finale", %error, "periodic push failed"),
             }
         }
+    }
+
+    /// The final push with the configured method (not [`Method::None`]), by `deadline`.
+    async fn send_final(&self, client: &HttpClient, deadline: Instant) -> Result<(), PushError> {
+        let inner = &*self.inner;
+        if inner.method != Method::Delete {
+            return self.send_with_retries(client, inner.method, deadline).await;
+        }
+        // The final snapshot first, finale's shutdown metrics included, so that a scrape can
+        // read it; the group is deleted after the delay, keeping a request's time for that.
+        let put = self.send_with_retries(client, Method::Put, deadline).await;
+        match &put {
+            Ok(()) => {
+                let asked = Instant::now() + inner.delete_delay;
+                let latest = deadline
+                    .checked_sub(inner.request_timeout)
+                    .unwrap_or(deadline);
+                if latest < asked {
+                    tracing::warn!(
+                        target: "finale",
+                        delete_delay = ?inner.delete_delay,
+                        kept = ?latest.saturating_duration_since(Instant::now()),
+                        "the Telemetry slot is too short to keep the final metrics for the \
+                         delete delay before deleting the group"
+                    );
+                }
+                tokio::time::sleep_until(asked.min(latest)).await;
+            }
+            Err(error) => tracing::warn!(
+                target: "finale",
+                %error,
+                "the final metrics were not pushed; deleting the group all the same"
+            ),
+        }
+        self.send_with_retries(client, Method::Delete, deadline)
+            .await?;
+        put
     }
 
     async fn send_with_retries(
@@ -825,7 +1053,7 @@ impl Pushgateway {
                 method,
                 url: inner.url.clone(),
                 attempts: 1,
-                source,
+                source: TransportError::new(source),
             }),
             Err(_) => Err(PushError::TimedOut {
                 method,
@@ -837,14 +1065,11 @@ impl Pushgateway {
     }
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-fn new_client(connect_timeout: Duration) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector)
+/// `interval`, shortened by up to [`PUSH_JITTER`] of it, by how much `random` says.
+fn jittered(interval: Duration, random: u64) -> Duration {
+    // The top 53 bits as a fraction in [0, 1): exact in an f64.
+    let fraction = (random >> 11) as f64 / (1u64 << 53) as f64;
+    interval.mul_f64(1.0 - PUSH_JITTER * fraction)
 }
 
 /// Validates the base URL, job and labels and builds the group's URL.
@@ -858,17 +1083,11 @@ fn grouping_url(
         reason,
     };
     let uri: Uri = base.parse().map_err(|_| invalid("it is not a valid URL"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(invalid(
-                "https is not supported (finale's Pushgateway client speaks plain HTTP); \
-                 use http://, or a local TLS-terminating proxy",
-            ));
-        }
-        Some(_) => return Err(invalid("the scheme must be http")),
-        None => return Err(invalid("the scheme (http://) is missing")),
-    }
+    let scheme = match uri.scheme_str() {
+        Some(s @ ("http" | "https")) => s,
+        Some(_) => return Err(invalid("the scheme must be http or https")),
+        None => return Err(invalid("the scheme (http:// or https://) is missing")),
+    };
     let authority = uri
         .authority()
         .ok_or_else(|| invalid("the host is missing"))?;
@@ -884,7 +1103,7 @@ fn grouping_url(
         return Err(PushgatewayConfigError::EmptyJob);
     }
     let prefix = uri.path().trim_end_matches('/');
-    let mut url = format!("http://{authority}{prefix}/metrics");
+    let mut url = format!("{scheme}://{authority}{prefix}/metrics");
     push_pair(&mut url, "job", job);
     let mut seen: Vec<&str> = Vec::new();
     for (name, value) in labels {
@@ -973,6 +1192,86 @@ mod tests {
             .collect()
     }
 
+    fn handle() -> PrometheusHandle {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle()
+    }
+
+    #[cfg(not(feature = "pushgateway-tls"))]
+    #[test]
+    fn https_needs_the_tls_feature() {
+        let e = Pushgateway::builder("https://gw:9091", "j")
+            .basic_auth("user", "secret")
+            .build(handle())
+            .unwrap_err();
+        assert_eq!(
+            e,
+            PushgatewayConfigError::TlsFeatureDisabled {
+                url: "https://gw:9091".to_owned()
+            }
+        );
+        assert!(e.to_string().contains("`pushgateway-tls` feature"), "{e}");
+    }
+
+    #[cfg(feature = "pushgateway-tls")]
+    #[test]
+    fn tls_settings_are_checked_at_build_time() {
+        assert!(
+            Pushgateway::builder("https://[::1]:9091", "j")
+                .build(handle())
+                .is_ok()
+        );
+        let e = Pushgateway::builder("http://gw:9091", "j")
+            .tls_ca_pem("x")
+            .build(handle())
+            .unwrap_err();
+        assert!(
+            matches!(e, PushgatewayConfigError::TlsWithoutHttps { .. }),
+            "{e}"
+        );
+        let e = Pushgateway::builder("https://gw:9091", "j")
+            .tls_client_cert_pem("", "")
+            .build(handle())
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PushgatewayConfigError::InvalidTls {
+                    what: "client certificate",
+                    path: None,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_the_last_fifth_of_the_interval() {
+        let interval = Duration::from_secs(10);
+        assert_eq!(jittered(interval, 0), interval);
+        let earliest = jittered(interval, u64::MAX);
+        assert!(
+            earliest >= Duration::from_secs(8) && earliest < Duration::from_millis(8001),
+            "{earliest:?}"
+        );
+        let keys = std::collections::hash_map::RandomState::new();
+        let waits: Vec<_> = (0..1000u64)
+            .map(|n| jittered(interval, keys.hash_one(n)))
+            .collect();
+        assert!(
+            waits
+                .iter()
+                .all(|w| *w > Duration::from_secs(8) && *w <= interval)
+        );
+        let mean = waits.iter().sum::<Duration>() / 1000;
+        assert!(
+            mean > Duration::from_millis(8900) && mean < Duration::from_millis(9100),
+            "{mean:?}"
+        );
+    }
+
     #[test]
     fn base64_matches_rfc4648() {
         for (input, padded, url) in [
@@ -1012,7 +1311,7 @@ mod tests {
             grouping_url(base, job, &labels(l)).unwrap_err()
         };
         assert!(matches!(
-            err("https://gw:9091", "j", &[]),
+            err("ftp://gw:9091", "j", &[]),
             PushgatewayConfigError::InvalidUrl { .. }
         ));
         assert!(matches!(
@@ -1041,7 +1340,14 @@ mod tests {
                 name: "a".to_owned()
             }
         );
-        let shown = err("https://gw:9091", "j", &[]).to_string();
-        assert!(shown.contains("https is not supported"), "{shown}");
+        let shown = err("ftp://gw:9091", "j", &[]).to_string();
+        assert!(
+            shown.contains("the scheme must be http or https"),
+            "{shown}"
+        );
+        assert_eq!(
+            grouping_url("https://gw:9091/p", "j", &[]).unwrap(),
+            "https://gw:9091/p/metrics/job/j"
+        );
     }
 }
