@@ -181,6 +181,8 @@ mod state;
 mod task;
 mod track;
 
+#[cfg(any(feature = "tls", feature = "pushgateway-tls"))]
+mod pem;
 #[cfg(feature = "tower")]
 mod serve;
 #[cfg(any(
@@ -199,6 +201,9 @@ pub use crate::serve::axum;
 #[cfg(feature = "hyper")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
 pub use crate::serve::hyper;
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub use crate::serve::tls;
 #[cfg(feature = "tonic")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
 pub use crate::serve::tonic;

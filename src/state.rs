@@ -348,8 +348,22 @@ impl Shared {
         Vec::new()
     }
 
-    /// Whether the listening sockets were handed to an upgrade's successor: the servers stop
-    /// accepting without touching them, and there is no drain delay.
+    /// Whether this process handed its service to an upgrade's successor (ready): there is no
+    /// drain delay.
+    pub(crate) fn upgraded(&self) -> bool {
+        #[cfg(all(feature = "upgrade", unix))]
+        if let Some(upgrade) = &self.upgrade {
+            return upgrade.succeeded();
+        }
+        false
+    }
+
+    /// Whether the listening sockets are shared with an upgrade's successor (ready, or still
+    /// starting): the servers stop accepting without touching them.
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
     pub(crate) fn handed_off(&self) -> bool {
         #[cfg(all(feature = "upgrade", unix))]
         if let Some(upgrade) = &self.upgrade {

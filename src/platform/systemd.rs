@@ -429,9 +429,25 @@ impl From<EnvProblem> for ListenError {
 
 /// The sockets passed to this process, taken once.
 struct Passed {
-    fds: listenfd::ListenFd,
     names: Vec<String>,
-    taken: Vec<bool>,
+    slots: Vec<Slot>,
+}
+
+/// One passed descriptor, taken from listenfd when the sockets are first read (which marks it
+/// close-on-exec at once, as `sd_listen_fds(3)` does: a child process started before the
+/// servers bind does not inherit the service's sockets).
+enum Slot {
+    Tcp(TcpListener),
+    Unix(std::os::unix::net::UnixStream),
+    /// Neither: listenfd's reason (the descriptor is left as it was).
+    Other(io::Error),
+    Taken,
+}
+
+impl Passed {
+    fn untaken(&self, index: usize) -> bool {
+        !matches!(self.slots[index], Slot::Taken)
+    }
 }
 
 /// The passed sockets of the process: read (and taken from the environment) by the first call.
@@ -448,9 +464,22 @@ fn passed() -> Result<&'static Mutex<Passed>, ListenError> {
                 passed_by_parent(),
             )?;
             // Checked: LISTEN_PID is this process, so listenfd hands out exactly these.
-            let fds = listenfd::ListenFd::from_env();
-            let taken = vec![false; names.len()];
-            Ok(Mutex::new(Passed { fds, names, taken }))
+            let mut fds = listenfd::ListenFd::from_env();
+            let slots = (0..names.len())
+                .map(|index| match fds.take_tcp_listener(index) {
+                    Ok(Some(listener)) => Slot::Tcp(listener),
+                    Ok(None) => Slot::Taken,
+                    Err(tcp_error) => match fds.take_unix_listener(index) {
+                        // A connected socket (one end of a pair: an upgrade's `finale.ready`)
+                        // or a listening one, whatever listenfd's type says.
+                        Ok(Some(unix)) => {
+                            Slot::Unix(std::os::unix::net::UnixStream::from(OwnedFd::from(unix)))
+                        }
+                        _ => Slot::Other(tcp_error),
+                    },
+                })
+                .collect();
+            Ok(Mutex::new(Passed { names, slots }))
         })
         .as_ref()
         .map_err(|p| p.clone().into())
@@ -533,7 +562,7 @@ pub fn listener(index: usize) -> Result<TcpListener, ListenError> {
 pub fn listener_named(name: &str) -> Result<TcpListener, ListenError> {
     let mut passed = lock(passed()?);
     let index = (0..passed.names.len())
-        .find(|&i| passed.names[i] == name && !passed.taken[i])
+        .find(|&i| passed.names[i] == name && passed.untaken(i))
         .ok_or_else(|| ListenError::NameNotFound {
             name: name.to_owned(),
             names: passed.names.clone(),
@@ -572,7 +601,7 @@ fn passed_by_parent() -> bool {
 pub(crate) fn take_named_if_passed(name: &str) -> Option<TcpListener> {
     let passed = passed().ok()?;
     let mut passed = lock(passed);
-    let index = (0..passed.names.len()).find(|&i| passed.names[i] == name && !passed.taken[i])?;
+    let index = (0..passed.names.len()).find(|&i| passed.names[i] == name && passed.untaken(i))?;
     match take(&mut passed, index) {
         Ok(listener) => Some(listener),
         Err(e) => {
@@ -587,11 +616,31 @@ pub(crate) fn take_named_if_passed(name: &str) -> Option<TcpListener> {
 pub(crate) fn take_unix_named(name: &str) -> Option<std::os::unix::net::UnixStream> {
     let passed = passed().ok()?;
     let mut passed = lock(passed);
-    let index = (0..passed.names.len()).find(|&i| passed.names[i] == name && !passed.taken[i])?;
-    let socket = passed.fds.take_unix_listener(index).ok().flatten()?;
-    passed.taken[index] = true;
-    // A connected socket (one end of a pair), whatever listenfd's type says.
-    Some(std::os::unix::net::UnixStream::from(OwnedFd::from(socket)))
+    let index = (0..passed.names.len())
+        .find(|&i| passed.names[i] == name && matches!(passed.slots[i], Slot::Unix(_)))?;
+    match std::mem::replace(&mut passed.slots[index], Slot::Taken) {
+        Slot::Unix(socket) => Some(socket),
+        _ => None,
+    }
+}
+
+/// Closes the passed TCP sockets no server took, and names them: in an upgrade's successor, a
+/// server the new version no longer has must refuse its connections, not leave them hanging in
+/// a queue nobody accepts from.
+#[cfg(feature = "upgrade")]
+pub(crate) fn close_untaken() -> Vec<String> {
+    let Ok(passed) = passed() else {
+        return Vec::new();
+    };
+    let mut passed = lock(passed);
+    let mut closed = Vec::new();
+    for index in 0..passed.names.len() {
+        if matches!(passed.slots[index], Slot::Tcp(_)) {
+            passed.slots[index] = Slot::Taken;
+            closed.push(passed.names[index].clone());
+        }
+    }
+    closed
 }
 
 /// Tells systemd that `pid` is now the service's main process (an upgrade's successor), when
@@ -617,14 +666,17 @@ fn take(passed: &mut Passed, index: usize) -> Result<TcpListener, ListenError> {
         name: name.clone(),
         source,
     };
-    // listenfd checks that the descriptor is an IPv4 or IPv6 stream socket and marks it
-    // close-on-exec; it leaves one that fails the check in place.
-    let listener = match passed.fds.take_tcp_listener(index) {
-        Ok(Some(listener)) => listener,
-        Ok(None) => return Err(ListenError::AlreadyTaken { index }),
-        Err(e) => return Err(not_tcp(e)),
+    // listenfd checked that the descriptor is an IPv4 or IPv6 stream socket (and marked it
+    // close-on-exec) when the sockets were read.
+    let listener = match std::mem::replace(&mut passed.slots[index], Slot::Taken) {
+        Slot::Tcp(listener) => listener,
+        Slot::Taken => return Err(ListenError::AlreadyTaken { index }),
+        Slot::Other(e) => return Err(not_tcp(e)),
+        Slot::Unix(socket) => {
+            passed.slots[index] = Slot::Unix(socket);
+            return Err(not_tcp(io::Error::other("it is a Unix socket")));
+        }
     };
-    passed.taken[index] = true;
     // A connection handed over by `Accept=yes` is a stream socket too, but it has a peer.
     let stream = TcpStream::from(OwnedFd::from(listener));
     if let Ok(peer) = stream.peer_addr() {

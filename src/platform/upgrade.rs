@@ -21,9 +21,15 @@
 //!    [`Reason::Upgrade`](crate::Reason::Upgrade): no drain delay (the listener stays open in the
 //!    successor), its servers stop accepting without touching the shared socket, and the Drain
 //!    finishes what is in flight here while the successor already accepts. Not ready (it exited,
-//!    crashed or took too long): the successor is killed if it still runs, the failure is logged,
-//!    counted (`finale_upgrades_total{outcome}`), listed in the report, and this process goes on
-//!    serving.
+//!    crashed or took too long): a successor still running is stopped with SIGTERM (its own
+//!    finale drains what it already accepted from the shared sockets; SIGKILL after
+//!    [`STOP_WAIT`]), the failure is logged, counted (`finale_upgrades_total{outcome}`), listed
+//!    in the report, and this process goes on serving.
+//! 5. **A shutdown requested while the successor starts** (SIGTERM, `Handle::trigger`) wins:
+//!    the service is to stop, not to be replaced. The upgrade is abandoned, the successor
+//!    stopped the same way (SIGKILL once most of the Announce timeout is spent, so that no
+//!    orphan outlives this process), the report says so, and the servers leave the shared
+//!    sockets alone while the successor still holds them.
 //!
 //! Decided against shellflip (it does not pass listening sockets, waits for readiness without a
 //! bound and owns the signal handling) and ecdysis (its own socket creation, a fixed 5 s
@@ -31,8 +37,22 @@
 //! `LISTEN_FDS` convention makes socket activation and hand-off one code path. The descriptors
 //! are placed in the child with `command-fds` (no `unsafe` in finale).
 //!
+//! In the successor, the passed sockets are read at [`Builder::build`](crate::Builder::build)
+//! and made close-on-exec at once (a child process started before the servers bind does not
+//! inherit them); a passed socket no server took (a server the new version no longer has) is
+//! closed once graceful start is done, so its port refuses connections instead of queueing
+//! them for nobody. The successor's program is found when the old process was built, so a new
+//! release installed by renaming it over the running binary is the one started.
+//!
 //! # Limits
 //!
+//! - Servers given an address are handed over. A listener you bound yourself and passed to
+//!   `serve` is passed too, but your successor's own code binds it again (and fails, the
+//!   address being in use): take it in the successor with
+//!   [`finale::systemd::listener_named`](crate::systemd::listener_named) under the server's name.
+//! - A new address in the successor's configuration is not used: the passed socket keeps the
+//!   old one (a warning says so); moving a service to another port needs a restart.
+//! - A successor that crashes after `READY=1` leaves nobody serving: the old process has let go.
 //! - In-memory state (caches, sessions, counters) does not move: the successor starts fresh.
 //! - Two upgrades at once: the second is refused ([`UpgradeError::InProgress`]); so is one once
 //!   the shutdown has started.
@@ -59,7 +79,7 @@ use command_fds::{CommandFdExt, FdMapping};
 use crate::platform::PARENT_ENV;
 use crate::report::Reason;
 use crate::signal::Signal;
-use crate::state::{Observer, Shared, lock};
+use crate::state::{Life, Observer, Shared, lock};
 
 /// The variable that carries [`generation`] to a successor.
 pub const GENERATION_ENV: &str = "FINALE_UPGRADE_GENERATION";
@@ -73,6 +93,10 @@ pub fn generation() -> u32 {
         .and_then(|g| g.trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// How long a successor that is stopped (not ready in time, or the shutdown started) has to
+/// end after its SIGTERM before it is killed: 10 seconds.
+pub const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// How long the old process waits for its successor to report ready, by default: 30 seconds.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -175,12 +199,19 @@ pub enum UpgradeError {
         /// How it ended (`exit status: 3`, `signal: 9 (SIGKILL)`).
         status: String,
     },
-    /// The successor did not report ready in time; it was killed.
+    /// The successor did not report ready in time; it was stopped (SIGTERM, so that it
+    /// drains what it had accepted, then SIGKILL after [`STOP_WAIT`]).
     NotReady {
         /// Its process id.
         pid: u32,
         /// How long it was given.
         waited: Duration,
+    },
+    /// The shutdown was requested while the successor was starting: the upgrade was abandoned
+    /// and the successor stopped, so that the service stops as asked.
+    Aborted {
+        /// Its process id.
+        pid: u32,
     },
 }
 
@@ -194,6 +225,7 @@ impl UpgradeError {
             UpgradeError::Spawn { .. } => "spawn_failed",
             UpgradeError::Exited { .. } => "exited",
             UpgradeError::NotReady { .. } => "not_ready",
+            UpgradeError::Aborted { .. } => "aborted",
         }
     }
 }
@@ -219,7 +251,11 @@ impl fmt::Display for UpgradeError {
             }
             UpgradeError::NotReady { pid, waited } => write!(
                 f,
-                "the successor (pid {pid}) was not ready within {waited:?}; it was killed"
+                "the successor (pid {pid}) was not ready within {waited:?}; it was stopped"
+            ),
+            UpgradeError::Aborted { pid } => write!(
+                f,
+                "the shutdown started while the successor (pid {pid}) was starting; it was stopped"
             ),
         }
     }
@@ -235,30 +271,78 @@ impl std::error::Error for UpgradeError {}
 #[derive(Debug)]
 pub(crate) struct UpgradeState {
     config: Upgrade,
+    /// The successor's program, found when the finale was built: by the time of an upgrade
+    /// the running executable may have been replaced (renamed over), and the running process's
+    /// own path then names a deleted file.
+    program: Result<PathBuf, String>,
     busy: AtomicBool,
     handed_off: AtomicBool,
+    /// A successor is running that holds the listening sockets too (from its spawn until it is
+    /// ready, or stopped): the servers must not change the shared sockets meanwhile.
+    sharing: AtomicBool,
     next_id: AtomicU64,
     /// The listening sockets of the servers (a duplicate of each), while they accept.
     listeners: std::sync::Mutex<Vec<(u64, String, OwnedFd)>>,
     /// Upgrades that failed, for the report.
     failed: std::sync::Mutex<Vec<String>>,
+    /// Sent `false` when an upgrade ends without a hand-over (failed or abandoned).
+    idle: tokio::sync::watch::Sender<bool>,
+    /// The successor being started or stopped (0: none).
+    successor: std::sync::atomic::AtomicU32,
 }
 
 impl UpgradeState {
     pub(crate) fn new(config: Upgrade) -> Self {
+        let program = match &config.program {
+            Some(program) => Ok(program.clone()),
+            None => std::env::current_exe().map_err(|e| e.to_string()),
+        };
         Self {
             config,
+            program,
             busy: AtomicBool::new(false),
             handed_off: AtomicBool::new(false),
+            sharing: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
             listeners: std::sync::Mutex::new(Vec::new()),
             failed: std::sync::Mutex::new(Vec::new()),
+            idle: tokio::sync::watch::Sender::new(true),
+            successor: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
-    /// Whether the listening sockets now belong to a successor: the servers stop accepting
-    /// without touching them (no backlog change, no accept-queue sweep).
+    /// Whether the listening sockets now belong to a successor, or are held by one that is
+    /// starting: the servers stop accepting without touching them (no backlog change, no
+    /// accept-queue sweep).
     pub(crate) fn handed_off(&self) -> bool {
+        self.handed_off.load(Ordering::Acquire) || self.sharing.load(Ordering::Acquire)
+    }
+
+    /// Whether an upgrade is under way (a successor is being started or waited for).
+    pub(crate) fn in_progress(&self) -> bool {
+        self.busy.load(Ordering::Acquire) && !self.succeeded()
+    }
+
+    /// Resolves once no upgrade is under way: the one running was abandoned (or failed, or
+    /// handed over).
+    pub(crate) async fn settled(&self) {
+        let mut idle = self.idle.subscribe();
+        let _ = idle
+            .wait_for(|idle| *idle || self.succeeded() || !self.busy.load(Ordering::Acquire))
+            .await;
+    }
+
+    /// SIGKILL to a successor that does not stop in time (the upgrade thread reaps it).
+    pub(crate) fn kill_successor(&self) {
+        let pid = self.successor.load(Ordering::Acquire);
+        if pid != 0 {
+            tracing::warn!(target: "finale", successor_pid = pid, "the successor did not stop in time: killed");
+            signal(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    /// Whether this process handed its service over (the successor is ready).
+    pub(crate) fn succeeded(&self) -> bool {
         self.handed_off.load(Ordering::Acquire)
     }
 
@@ -312,29 +396,26 @@ impl Drop for ListenerRegistration {
 /// Runs one upgrade; see the [module docs](self).
 pub(crate) async fn run(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> {
     let result = try_upgrade(shared).await;
-    let outcome = match &result {
-        Ok(_) => "ready",
-        Err(e) => e.outcome(),
-    };
-    metrics::counter!(crate::names::UPGRADES_TOTAL, "outcome" => outcome).increment(1);
-    match &result {
-        Ok(upgraded) => tracing::info!(
-            target: "finale",
-            successor_pid = upgraded.successor_pid,
-            ready_after = ?upgraded.ready_after,
-            "upgrade: the successor is ready; shutting down"
-        ),
-        Err(e) => {
-            tracing::error!(target: "finale", error = %e, "upgrade failed; still serving");
-            if let (
-                Some(state),
-                UpgradeError::Spawn { .. }
-                | UpgradeError::Exited { .. }
-                | UpgradeError::NotReady { .. },
-            ) = (&shared.upgrade, e)
-            {
-                lock(&state.failed).push(e.to_string());
+    // A success is counted and logged before the shutdown is requested (in `try_upgrade`): a
+    // process with nothing to drain may be gone by now.
+    if let Err(e) = &result {
+        metrics::counter!(crate::names::UPGRADES_TOTAL, "outcome" => e.outcome()).increment(1);
+        match e {
+            UpgradeError::Aborted { .. } => {
+                tracing::warn!(target: "finale", error = %e, "upgrade abandoned");
             }
+            _ => tracing::error!(target: "finale", error = %e, "upgrade failed; still serving"),
+        }
+        if let Some(state) = &shared.upgrade
+            && !matches!(
+                e,
+                UpgradeError::NotEnabled
+                    | UpgradeError::InProgress
+                    | UpgradeError::ShuttingDown
+                    | UpgradeError::Aborted { .. }
+            )
+        {
+            lock(&state.failed).push(e.to_string());
         }
     }
     result
@@ -350,15 +431,17 @@ async fn try_upgrade(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> {
     if state.busy.swap(true, Ordering::AcqRel) {
         return Err(UpgradeError::InProgress);
     }
+    state.idle.send_replace(false);
     let started = Instant::now();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let spawner = state.clone();
+    let life = shared.life.clone();
     // Spawning and waiting block: on a thread of their own, so that the wait needs nothing of
     // the caller's runtime.
     let thread = std::thread::Builder::new()
         .name("finale-upgrade".to_owned())
         .spawn(move || {
-            let _ = tx.send(spawn_and_wait(&spawner));
+            let _ = tx.send(spawn_and_wait(&spawner, &life));
         });
     let result = match thread {
         Ok(_) => rx.await.unwrap_or_else(|_| {
@@ -376,31 +459,37 @@ async fn try_upgrade(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> {
         Ok(pid) => pid,
         Err(e) => {
             state.busy.store(false, Ordering::Release);
+            state.idle.send_replace(true);
             return Err(e);
         }
     };
-    // From here the sockets are the successor's too: the servers must leave them as they are.
+    // From here the sockets are the successor's: the servers must leave them as they are.
     state.handed_off.store(true, Ordering::Release);
-    #[cfg(feature = "systemd")]
-    crate::platform::systemd::main_pid(pid);
-    if !shared.request(Reason::Upgrade { successor_pid: pid }) {
-        // A signal won the race: the shutdown runs for that reason, the successor serves.
-        tracing::warn!(target: "finale", successor_pid = pid, "the shutdown had started already");
-    }
-    Ok(Upgraded {
+    let upgraded = Upgraded {
         successor_pid: pid,
         ready_after: started.elapsed(),
-    })
+    };
+    metrics::counter!(crate::names::UPGRADES_TOTAL, "outcome" => "ready").increment(1);
+    tracing::info!(
+        target: "finale",
+        successor_pid = pid,
+        ready_after = ?upgraded.ready_after,
+        "upgrade: the successor is ready; shutting down"
+    );
+    crate::platform::systemd::main_pid(pid);
+    state.idle.send_replace(true);
+    if !shared.request(Reason::Upgrade { successor_pid: pid }) {
+        // A signal won the race after the successor was ready: it serves, this one stops.
+        tracing::warn!(target: "finale", successor_pid = pid, "the shutdown had started already");
+    }
+    Ok(upgraded)
 }
 
-fn spawn_and_wait(state: &UpgradeState) -> Result<u32, UpgradeError> {
-    let program = match &state.config.program {
-        Some(program) => program.clone(),
-        None => std::env::current_exe().map_err(|e| UpgradeError::Spawn {
-            program: PathBuf::from("<current executable>"),
-            error: e.to_string(),
-        })?,
-    };
+fn spawn_and_wait(state: &UpgradeState, life: &Life) -> Result<u32, UpgradeError> {
+    let program = state.program.clone().map_err(|error| UpgradeError::Spawn {
+        program: PathBuf::from("<current executable>"),
+        error,
+    })?;
     let spawn_error = |error: String| UpgradeError::Spawn {
         program: program.clone(),
         error,
@@ -438,54 +527,129 @@ fn spawn_and_wait(state: &UpgradeState) -> Result<u32, UpgradeError> {
     command
         .fd_mappings(mappings)
         .map_err(|e| spawn_error(e.to_string()))?;
-    let mut child = command.spawn().map_err(|e| spawn_error(e.to_string()))?;
+    state.sharing.store(true, Ordering::Release);
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            state.sharing.store(false, Ordering::Release);
+            return Err(spawn_error(e.to_string()));
+        }
+    };
     // Closes this process's copies of the successor's ends: its exit is then an end of file.
     drop(command);
     let pid = child.id();
+    state.successor.store(pid, Ordering::Release);
     tracing::info!(target: "finale", successor_pid = pid, program = %program.display(), "upgrade: successor started");
+    let result = wait_ready(state, life, &mut ours, &mut child, pid);
+    state.successor.store(0, Ordering::Release);
+    if result.is_err() {
+        // Stopped and reaped: the sockets are this process's alone again.
+        state.sharing.store(false, Ordering::Release);
+    }
+    result
+}
 
+/// Waits for the successor's `READY=1`, at most the ready timeout; a shutdown requested
+/// meanwhile abandons the upgrade (the service is to stop, not to be replaced).
+fn wait_ready(
+    state: &UpgradeState,
+    life: &Life,
+    ours: &mut UnixStream,
+    child: &mut std::process::Child,
+    pid: u32,
+) -> Result<u32, UpgradeError> {
+    /// How often the wait looks at whether the shutdown was requested.
+    const SLICE: Duration = Duration::from_millis(20);
+    enum End {
+        Exited,
+        TimedOut,
+        Aborted,
+    }
     let timeout = state.config.ready_timeout_value();
     let deadline = Instant::now() + timeout;
     let mut seen = Vec::new();
     let ended = loop {
+        if life.trigger().is_some() {
+            break End::Aborted;
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            break None;
+            break End::TimedOut;
         }
-        if ours.set_read_timeout(Some(left)).is_err() {
-            break None;
+        if ours.set_read_timeout(Some(left.min(SLICE))).is_err() {
+            break End::TimedOut;
         }
         let mut buf = [0u8; 64];
         match ours.read(&mut buf) {
-            Ok(0) => break Some(()),
+            Ok(0) => break End::Exited,
             Ok(n) => {
                 seen.extend_from_slice(&buf[..n]);
                 if seen.windows(READY_LINE.len()).any(|w| w == READY_LINE) {
                     return Ok(pid);
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break None, // timed out
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break End::Exited,
         }
     };
     match ended {
         // It closed its end: it exited (or crashed) before it was ready.
-        Some(()) => {
+        End::Exited => {
             let status = match child.wait() {
                 Ok(status) => status.to_string(),
                 Err(e) => format!("unknown ({e})"),
             };
             Err(UpgradeError::Exited { pid, status })
         }
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
+        End::TimedOut => {
+            stop(child, pid);
             Err(UpgradeError::NotReady {
                 pid,
                 waited: timeout,
             })
         }
+        End::Aborted => {
+            // In the report already: this process may be gone before the successor is.
+            let abandoned = UpgradeError::Aborted { pid };
+            lock(&state.failed).push(abandoned.to_string());
+            stop(child, pid);
+            Err(abandoned)
+        }
     }
+}
+
+/// Stops a successor that will not take over: SIGTERM first, so that its own finale drains the
+/// connections it already accepted from the shared sockets, then SIGKILL if it is still there
+/// after [`STOP_WAIT`]; reaped either way.
+fn stop(child: &mut std::process::Child, pid: u32) {
+    if signal(pid, nix::sys::signal::Signal::SIGTERM) {
+        let deadline = Instant::now() + STOP_WAIT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => return,
+                // Polling the child's exit, bounded by the deadline.
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => break,
+            }
+        }
+        tracing::warn!(target: "finale", successor_pid = pid, "the successor did not stop within {STOP_WAIT:?}: killed");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Sends `signal` to the process `pid` (a successor this process started); whether it went.
+fn signal(pid: u32, signal: nix::sys::signal::Signal) -> bool {
+    i32::try_from(pid)
+        .is_ok_and(|raw| nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), signal).is_ok())
 }
 
 /// In a successor: the socket on which to report ready, if this process was started by an
@@ -506,6 +670,16 @@ pub(crate) struct ReadyReporter {
 
 impl Observer for ReadyReporter {
     fn started(&self, _shared: &Shared) {
+        // Sockets of servers this version no longer has: refused from now on, not queued for
+        // nobody.
+        let closed = crate::platform::systemd::close_untaken();
+        if !closed.is_empty() {
+            tracing::warn!(
+                target: "finale",
+                sockets = %closed.join(", "),
+                "upgrade: passed sockets no server took were closed"
+            );
+        }
         if let Some(mut stream) = lock(&self.stream).take()
             && let Err(e) = io::Write::write_all(&mut stream, READY_LINE)
         {

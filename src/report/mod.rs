@@ -198,7 +198,7 @@ impl fmt::Display for ShutdownReport {
             write!(f, "\n  cut at deadline: {c}")?;
         }
         for u in &self.upgrades_failed {
-            write!(f, "\n  upgrade failed (kept serving): {u}")?;
+            write!(f, "\n  upgrade failed: {u}")?;
         }
         for p in &self.phases {
             write!(
@@ -231,7 +231,9 @@ impl fmt::Display for ShutdownReport {
                 let label = match e.kind {
                     EntryKind::Hook => format!("hook {:?}", e.name),
                     EntryKind::Task => format!("task {:?}", e.name),
-                    EntryKind::InFlight | EntryKind::DrainDelay => e.name.to_string(),
+                    EntryKind::InFlight | EntryKind::DrainDelay | EntryKind::Upgrade => {
+                        e.name.to_string()
+                    }
                 };
                 write!(
                     f,

@@ -128,6 +128,9 @@ pub enum EntryKind {
     InFlight,
     /// The Announce phase's drain delay.
     DrainDelay,
+    /// The Announce phase's wait for an upgrade under way to be abandoned (its successor
+    /// stopped) before the servers let go of the shared sockets (feature `upgrade`).
+    Upgrade,
 }
 
 impl EntryKind {
@@ -138,6 +141,7 @@ impl EntryKind {
             EntryKind::Task => "task",
             EntryKind::InFlight => "in_flight",
             EntryKind::DrainDelay => "drain_delay",
+            EntryKind::Upgrade => "upgrade",
         }
     }
 }

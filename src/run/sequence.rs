@@ -214,11 +214,36 @@ fn with_own_waits(
     let budget = shared.budget;
     match phase {
         Phase::Announce => {
+            // A successor still starting when the shutdown was requested is stopped (the
+            // service is to stop, not to be replaced): the sequence waits for that, before the
+            // Drain lets go of the sockets the successor holds too.
+            #[cfg(all(feature = "upgrade", unix))]
+            if let Some(upgrade) = shared.upgrade.clone()
+                && upgrade.in_progress()
+            {
+                // Most of the Announce timeout for its SIGTERM; then SIGKILL, so that no orphan
+                // outlives this process.
+                let patience = budget.announce_timeout.mul_f32(0.8);
+                entries.push(Entry::wait(
+                    "upgrade abandoned",
+                    EntryKind::Upgrade,
+                    -1,
+                    Box::pin(async move {
+                        tokio::select! {
+                            () = upgrade.settled() => {}
+                            () = tokio::time::sleep(patience) => {
+                                upgrade.kill_successor();
+                                upgrade.settled().await;
+                            }
+                        }
+                    }),
+                ));
+            }
             let delay = budget.drain_delay;
             // A service that never became ready was never in the load balancer's rotation:
             // there is nothing to wait for. After an upgrade the listeners stay open in the
             // successor: nobody has to let go of this process first.
-            if !delay.max().is_zero() && shared.health.is_started() && !shared.handed_off() {
+            if !delay.max().is_zero() && shared.health.is_started() && !shared.upgraded() {
                 let health = shared.health.clone();
                 // Order 0: Announce hooks of the default order run during the delay; those with
                 // a negative order before it starts, a positive one after it.

@@ -146,12 +146,24 @@ impl Listen {
             ListenKind::Addr(addr) => {
                 #[cfg(all(feature = "systemd", unix))]
                 if let Some(passed) = crate::platform::systemd::take_named_if_passed(name) {
-                    tracing::info!(
-                        target: "finale",
-                        server = name,
-                        configured = %addr,
-                        "serving the socket passed as {name:?} instead of binding"
-                    );
+                    let local = passed.local_addr()?;
+                    if addr.port() != 0 && local != addr {
+                        tracing::warn!(
+                            target: "finale",
+                            server = name,
+                            configured = %addr,
+                            %local,
+                            "serving the socket passed as {name:?}, not the configured address \
+                             (a new address needs a restart, not an upgrade)"
+                        );
+                    } else {
+                        tracing::info!(
+                            target: "finale",
+                            server = name,
+                            %local,
+                            "serving the socket passed as {name:?} instead of binding"
+                        );
+                    }
                     passed.set_nonblocking(true)?;
                     return Ok((TcpListener::from_std(passed)?, false));
                 }
@@ -191,6 +203,10 @@ pub struct HttpServer {
     cut_margin: Duration,
     header_read_timeout: Duration,
     goaway_on_announce: bool,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::TlsConfig>,
+    #[cfg(feature = "tls")]
+    tls_handshake_timeout: Duration,
 }
 
 impl HttpServer {
@@ -203,7 +219,29 @@ impl HttpServer {
             cut_margin: DEFAULT_CUT_MARGIN,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             goaway_on_announce: false,
+            #[cfg(feature = "tls")]
+            tls: None,
+            #[cfg(feature = "tls")]
+            tls_handshake_timeout: crate::tls::DEFAULT_TLS_HANDSHAKE_TIMEOUT,
         }
+    }
+
+    /// Serves HTTPS with `config` (feature `tls`; see [`finale::tls`](crate::tls)). The drain
+    /// is the same; a connection still in its handshake is treated like a fresh one.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls(mut self, config: crate::tls::TlsConfig) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    /// How long a client may take over its TLS handshake
+    /// ([`DEFAULT_TLS_HANDSHAKE_TIMEOUT`](crate::tls::DEFAULT_TLS_HANDSHAKE_TIMEOUT)).
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.tls_handshake_timeout = timeout;
+        self
     }
 
     /// The response to requests that arrive once the drain started.
@@ -286,15 +324,25 @@ impl HttpServer {
             cut_margin,
             header_read_timeout,
             goaway_on_announce,
+            #[cfg(feature = "tls")]
+            tls,
+            #[cfg(feature = "tls")]
+            tls_handshake_timeout,
         } = self;
         let settings = Settings {
             idle_grace,
             cut_margin,
             header_read_timeout,
             goaway_on_announce,
+            #[cfg(feature = "tls")]
+            tls_handshake_timeout,
         };
+        #[cfg(feature = "tls")]
+        let tls = tls.map(|config| tokio_rustls::TlsAcceptor::from(config.config));
+        #[cfg(not(feature = "tls"))]
+        let tls = None;
         finale.spawn(Task::service(name, move |ctx| {
-            run(ctx, listen, service, rejection, settings)
+            run(ctx, listen, service, rejection, settings, tls)
         }))
     }
 }
@@ -305,7 +353,15 @@ struct Settings {
     cut_margin: Duration,
     header_read_timeout: Duration,
     goaway_on_announce: bool,
+    #[cfg(feature = "tls")]
+    tls_handshake_timeout: Duration,
 }
+
+/// The TLS acceptor of an HTTPS server (nothing without the `tls` feature).
+#[cfg(feature = "tls")]
+type Tls = Option<tokio_rustls::TlsAcceptor>;
+#[cfg(not(feature = "tls"))]
+type Tls = Option<std::convert::Infallible>;
 
 /// Where the server is, as every connection task sees it: one `watch` channel for all of them
 /// (a receiver per connection, no per-connection channel or map entry).
@@ -329,6 +385,7 @@ async fn run<S, B>(
     service: S,
     rejection: Rejection,
     settings: Settings,
+    tls: Tls,
 ) -> io::Result<()>
 where
     S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -376,12 +433,16 @@ where
                 shared: shared.clone(),
                 conn: Arc::new(ConnWatch::new(peer, local, handle.clone())),
             };
+            // (A `Copy` type without the `tls` feature.)
+            #[cfg_attr(not(feature = "tls"), allow(clippy::clone_on_copy))]
+            let tls = tls.clone();
             conns.spawn(serve_connection(
                 builder.clone(),
                 stream,
                 service,
                 stage_rx.clone(),
                 settings,
+                tls,
             ));
         }
     };
@@ -507,6 +568,7 @@ async fn serve_connection<S, B>(
     service: ConnService<S>,
     mut stage: watch::Receiver<Stage>,
     settings: Settings,
+    tls: Tls,
 ) where
     S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -522,27 +584,88 @@ async fn serve_connection<S, B>(
         stream,
         watch: watch.clone(),
     };
-    let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .into_owned();
-    if drive(Box::pin(conn), &watch, &socket, &mut stage, settings).await {
+    let ended = match tls {
+        #[cfg(feature = "tls")]
+        Some(acceptor) => {
+            let Some(io) = handshake(&acceptor, io, &watch, &mut stage, settings).await else {
+                return;
+            };
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .into_owned();
+            drive(Box::pin(conn), &watch, &socket, &mut stage, settings).await
+        }
+        #[cfg(not(feature = "tls"))]
+        Some(never) => match never {},
+        None => {
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .into_owned();
+            drive(Box::pin(conn), &watch, &socket, &mut stage, settings).await
+        }
+    };
+    if ended {
         hold_upgraded(&watch, &socket, &mut stage).await;
     }
 }
 
-type Connection<S> =
-    auto::UpgradeableConnection<'static, TokioIo<ConnIo>, ConnService<S>, TokioExecutor>;
+/// The TLS handshake of a fresh connection, bounded by the handshake timeout, and, once the
+/// drain started, by the connection's idle grace (it has sent no request yet); cut at the
+/// deadline.
+#[cfg(feature = "tls")]
+async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    io: ConnIo,
+    watch: &ConnWatch,
+    stage: &mut watch::Receiver<Stage>,
+    settings: Settings,
+) -> Option<tokio_rustls::server::TlsStream<ConnIo>> {
+    let drained = async {
+        let grace_until = loop {
+            let now = *stage.borrow_and_update();
+            match now {
+                Stage::Draining { grace_until } => break grace_until,
+                Stage::Cut => break Instant::now(),
+                Stage::Serving | Stage::Announced => {}
+            }
+            if stage.changed().await.is_err() {
+                break Instant::now();
+            }
+        };
+        tokio::time::sleep_until(grace_until.min(watch.last_active() + settings.idle_grace)).await;
+    };
+    tokio::select! {
+        accepted = tokio::time::timeout(settings.tls_handshake_timeout, acceptor.accept(io)) => {
+            match accepted {
+                Ok(Ok(stream)) => Some(stream),
+                Ok(Err(error)) => {
+                    tracing::debug!(target: "finale", peer = %watch.peer, %error, "TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!(target: "finale", peer = %watch.peer, "TLS handshake timed out");
+                    None
+                }
+            }
+        }
+        () = drained => None,
+    }
+}
+
+type Connection<I, S> =
+    auto::UpgradeableConnection<'static, TokioIo<I>, ConnService<S>, TokioExecutor>;
 
 /// Serves one connection through the drain; `true` if it ended on its own (not cut), which
 /// after an HTTP/1 upgrade means the socket now belongs to the upgrade's handler.
-async fn drive<S, B>(
-    mut conn: Pin<Box<Connection<S>>>,
+async fn drive<I, S, B>(
+    mut conn: Pin<Box<Connection<I, S>>>,
     watch: &ConnWatch,
     socket: &std::sync::Weak<TcpStream>,
     stage: &mut watch::Receiver<Stage>,
     settings: Settings,
 ) -> bool
 where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -824,6 +947,7 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<Oneshot<S, Request<Incoming>>, B>;
 
+    #[cfg_attr(not(any(feature = "axum", feature = "tonic")), allow(unused_mut))]
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         // Who is on the other end, as the frameworks' own servers tell their handlers: axum's
         // `ConnectInfo<SocketAddr>` extractor, tonic's `Request::remote_addr()`.

@@ -6,6 +6,7 @@
 //! | `tower.rs` | [`DrainLayer`](tower::DrainLayer) (in-flight tracking, 503 while draining) and the health service |
 //! | `accept.rs` | the bounded accept loop: bind in graceful start, drain, cut at the deadline |
 //! | `axum.rs`, `hyper.rs`, `tonic.rs` | each framework's `serve` on the accept loop |
+//! | `tls.rs` | the servers' rustls configuration (feature `tls`) |
 
 #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
 mod accept;
@@ -13,6 +14,8 @@ mod accept;
 pub mod axum;
 #[cfg(feature = "hyper")]
 pub mod hyper;
+#[cfg(feature = "tls")]
+pub mod tls;
 #[cfg(feature = "tonic")]
 pub mod tonic;
 pub mod tower;

@@ -9,7 +9,7 @@ use std::process::Command;
 /// package's (those that need its heavier dependencies).
 fn package_of(name: &str) -> &'static str {
     match name {
-        "full_service" => "finale-integration",
+        "full_service" | "upgrade_probe" => "finale-integration",
         _ => "finale",
     }
 }

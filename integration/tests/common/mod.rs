@@ -7,4 +7,5 @@ pub(crate) mod examples;
 pub(crate) mod load;
 #[path = "../../../tests/common/logfmt.rs"]
 pub(crate) mod logfmt;
+pub(crate) mod pki;
 pub(crate) mod served;

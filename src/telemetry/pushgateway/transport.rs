@@ -289,13 +289,13 @@ pub(super) mod tls {
     use std::path::PathBuf;
     use std::sync::Arc;
 
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use rustls::pki_types::ServerName;
     use rustls::{ClientConfig, RootCertStore};
     use tokio::net::TcpStream;
     use tokio_rustls::TlsConnector;
 
     use super::ConnectFailure;
+    use crate::pem::{certificates, private_key};
     use crate::telemetry::pushgateway::PushgatewayConfigError;
 
     /// Where a PEM document comes from.
@@ -401,11 +401,11 @@ pub(super) mod tls {
                         }
                     })?;
                     let (key_bytes, key_path) = key.read("client key")?;
-                    let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| {
+                    let key = private_key(&key_bytes).map_err(|reason| {
                         PushgatewayConfigError::InvalidTls {
                             what: "client key",
                             path: key_path.clone(),
-                            reason: format!("no usable PEM private key in it: {e}"),
+                            reason,
                         }
                     })?;
                     builder.with_client_auth_cert(chain, key).map_err(|e| {
@@ -440,16 +440,5 @@ pub(super) mod tls {
                     }
                 })
         }
-    }
-
-    /// Every `CERTIFICATE` block of a PEM document; at least one.
-    fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
-        let certs = CertificateDer::pem_slice_iter(pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("it is not valid PEM: {e}"))?;
-        if certs.is_empty() {
-            return Err("it holds no PEM CERTIFICATE block".to_owned());
-        }
-        Ok(certs)
     }
 }
