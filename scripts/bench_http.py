@@ -2,7 +2,15 @@
 """HTTP overhead of finale's request tracking, measured with wrk over loopback.
 
 Usage:
-  python3 scripts/bench_http.py [--rounds N] [--duration S] [--threads T] [--connections C]
+  python3 scripts/bench_http.py [--mode keepalive|churn|h2|tls] [--rounds N] [--duration S]
+                                [--threads T] [--connections C]
+
+Modes (each against its peer in the same run):
+  keepalive  wrk, HTTP/1.1 keep-alive (the default)
+  churn      wrk with `Connection: close`: a new connection per request
+  h2         h2load, HTTP/2 multiplexed (prior knowledge, -c 8 -m 16)
+  tls        wrk over HTTPS: finale's server over rustls vs tokio-rustls + hyper-util's
+             auto connection (what axum-server's rustls acceptor does)
 
 Builds `integration/benches/http_server.rs` in release mode, then for each round starts each variant in
 turn (alternating, so drift on a shared machine hits all of them alike) on a free loopback
@@ -28,7 +36,12 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ["plain", "finale", "layer"]
+MODES = {
+    "keepalive": ["plain", "finale", "layer"],
+    "churn": ["plain", "finale", "layer"],
+    "h2": ["plain", "finale", "layer"],
+    "tls": ["plain-tls", "finale-tls"],
+}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -59,6 +72,7 @@ def build() -> str:
 
 
 def start(binary: str, variant: str, port: int) -> subprocess.Popen:
+    tls = variant.endswith("-tls")
     proc = subprocess.Popen([binary, variant, str(port)], cwd=ROOT, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()  # "listening on 127.0.0.1:<port> (<variant>)"
@@ -69,6 +83,14 @@ def start(binary: str, variant: str, port: int) -> subprocess.Popen:
     # Wait until it answers, not only until it is bound.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
+        if tls:
+            # The TLS variants: bound and accepting is enough (the first wrk run warms up).
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return proc
+            except OSError:
+                time.sleep(0.02)
+                continue
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
                 s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -91,9 +113,14 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_wrk(port: int, args: argparse.Namespace) -> float:
-    cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s",
-           f"http://127.0.0.1:{port}/"]
+def run_load(port: int, args: argparse.Namespace) -> float:
+    if args.mode == "h2":
+        return run_h2load(port, args)
+    scheme = "https" if args.mode == "tls" else "http"
+    cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s"]
+    if args.mode == "churn":
+        cmd += ["-H", "Connection: close"]
+    cmd.append(f"{scheme}://127.0.0.1:{port}/")
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
                          timeout=args.duration + 30).stdout
     if re.search(r"Non-2xx or 3xx responses|Socket errors", out):
@@ -104,8 +131,23 @@ def run_wrk(port: int, args: argparse.Namespace) -> float:
     return float(m.group(1))
 
 
+def run_h2load(port: int, args: argparse.Namespace) -> float:
+    cmd = ["h2load", "-D", str(args.duration), "-c", "8", "-m", "16", "-t", "1",
+           f"http://127.0.0.1:{port}/"]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
+                         timeout=args.duration + 30).stdout
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if codes is None or any(int(codes.group(i)) for i in (2, 3, 4)):
+        sys.exit(f"h2load reported errors:\n{out}")
+    m = re.search(r"finished in [0-9.]+m?s, ([0-9.]+) req/s", out)
+    if m is None:
+        sys.exit(f"no req/s in h2load output:\n{out}")
+    return float(m.group(1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=sorted(MODES), default="keepalive")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
     p.add_argument("--warmup", type=int, default=1, help="seconds of wrk before each run")
@@ -114,40 +156,46 @@ def main() -> None:
     args = p.parse_args()
     if not 1 <= args.rounds <= 50 or not 1 <= args.duration <= 60:
         sys.exit("--rounds must be 1..50 and --duration 1..60")
-    if shutil.which("wrk") is None:
-        sys.exit("wrk not found: run scripts/install-components.sh (or apt-get install wrk)")
+    tool = "h2load" if args.mode == "h2" else "wrk"
+    if shutil.which(tool) is None:
+        sys.exit(f"{tool} not found: run scripts/install-components.sh")
+    variants = MODES[args.mode]
+    peer = variants[0]
 
     binary = build()
-    rps: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    rps: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.rounds):
         # Rotate the order each round so no variant always runs first or last.
-        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
+        k = r % len(variants)
+        order = variants[k:] + variants[:k]
         for variant in order:
             port = free_port()
             proc = start(binary, variant, port)
             try:
                 if args.warmup > 0:
                     warm = argparse.Namespace(**{**vars(args), "duration": args.warmup})
-                    run_wrk(port, warm)
-                value = run_wrk(port, args)
+                    run_load(port, warm)
+                value = run_load(port, args)
             finally:
                 stop(proc)
             rps[variant].append(value)
-            print(f"round {r + 1}/{args.rounds} {variant:>6}: {value:10.0f} req/s", flush=True)
+            print(f"round {r + 1}/{args.rounds} {variant:>10}: {value:10.0f} req/s", flush=True)
 
     print()
-    print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
+    load = ("h2load -c 8 -m 16 -t 1" if args.mode == "h2"
+            else f"wrk -t{args.threads} -c{args.connections}")
+    print(f"mode {args.mode}: {load} -d{args.duration}s, "
           f"{args.rounds} rounds, GET / -> 200 \"hello, world\"")
-    print(f"{'variant':<8} {'median req/s':>13} {'min':>10} {'max':>10}")
+    print(f"{'variant':<10} {'median req/s':>13} {'min':>10} {'max':>10}")
     med = {}
-    for v in VARIANTS:
+    for v in variants:
         med[v] = statistics.median(rps[v])
-        print(f"{v:<8} {med[v]:13.0f} {min(rps[v]):10.0f} {max(rps[v]):10.0f}")
+        print(f"{v:<10} {med[v]:13.0f} {min(rps[v]):10.0f} {max(rps[v]):10.0f}")
     print()
-    for v in ("finale", "layer"):
-        ratio = med[v] / med["plain"]
+    for v in variants[1:]:
+        ratio = med[v] / med[peer]
         verdict = "met" if ratio >= 0.97 else "missed"
-        print(f"{v} / plain: {ratio:.3f}x  (goal >= 0.97x: {verdict})")
+        print(f"{v} / {peer}: {ratio:.3f}x  (goal >= 0.97x: {verdict})")
 
 
 if __name__ == "__main__":

@@ -27,12 +27,17 @@ use finale::Finale;
 use finale::tower::DrainLayer;
 use tokio::signal::unix::{SignalKind, signal};
 
-const USAGE: &str = "usage: http_server <plain|finale|layer> <port>";
+const USAGE: &str = "usage: http_server <plain|finale|layer|plain-tls|finale-tls> <port>";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (variant, port) = match args.as_slice() {
-        [variant, port, ..] if matches!(variant.as_str(), "plain" | "finale" | "layer") => {
+        [variant, port, ..]
+            if matches!(
+                variant.as_str(),
+                "plain" | "finale" | "layer" | "plain-tls" | "finale-tls"
+            ) =>
+        {
             match port.parse::<u16>() {
                 Ok(port) => (variant.clone(), port),
                 Err(_) => {
@@ -62,6 +67,54 @@ async fn run(variant: &str, port: u16) {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let listener = std::net::TcpListener::bind(addr).expect("bind the loopback port");
     match variant {
+        "finale-tls" => {
+            let finale = Finale::builder().build().expect("a finale configuration");
+            let (cert, key) = self_signed();
+            let tls = finale::tls::TlsConfig::from_pem(cert.as_bytes(), key.as_bytes())
+                .expect("a TLS configuration");
+            finale::axum::HttpServer::new("https")
+                .tls(tls)
+                .serve(&finale, listener, app())
+                .expect("register the server");
+            println!("listening on {addr} ({variant})");
+            let _report = finale.run().await;
+        }
+        "plain-tls" => {
+            // What axum-server's rustls acceptor does: tokio-rustls in front of hyper-util's
+            // auto connection, one task per connection, nothing else.
+            let (cert, key) = self_signed();
+            let tls = finale::tls::TlsConfig::from_pem(cert.as_bytes(), key.as_bytes())
+                .expect("a TLS configuration");
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls_config(&tls));
+            listener
+                .set_nonblocking(true)
+                .expect("a non-blocking listener");
+            let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+            let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+            println!("listening on {addr} ({variant})");
+            let service = hyper_util::service::TowerToHyperService::new(app());
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let _ = stream.set_nodelay(true);
+                        let (acceptor, service) = (acceptor.clone(), service.clone());
+                        tokio::spawn(async move {
+                            let Ok(stream) = acceptor.accept(stream).await else { return };
+                            let _ = hyper_util::server::conn::auto::Builder::new(
+                                hyper_util::rt::TokioExecutor::new(),
+                            )
+                            .serve_connection_with_upgrades(
+                                hyper_util::rt::TokioIo::new(stream),
+                                service,
+                            )
+                            .await;
+                        });
+                    }
+                    _ = term.recv() => break,
+                }
+            }
+        }
         "finale" => {
             let finale = Finale::builder().build().expect("a finale configuration");
             finale::axum::serve(&finale, "http", listener, app()).expect("register the server");
@@ -84,6 +137,11 @@ async fn run(variant: &str, port: u16) {
                 .set_nonblocking(true)
                 .expect("a non-blocking listener");
             let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+            // TCP_NODELAY on every accepted connection, as finale's server sets it: the variants
+            // differ in the accept loop only.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
             println!("listening on {addr} ({variant})");
             tokio::select! {
@@ -93,4 +151,18 @@ async fn run(variant: &str, port: u16) {
             drop(finale);
         }
     }
+}
+
+/// A certificate for `localhost` and `127.0.0.1` and its key (PEM), made at start.
+fn self_signed() -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let params = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("certificate parameters");
+    let cert = params.self_signed(&key).expect("a certificate");
+    (cert.pem(), key.serialize_pem())
+}
+
+/// The same rustls configuration finale's server uses (ring provider, ALPN h2 + http/1.1).
+fn tls_config(tls: &finale::tls::TlsConfig) -> std::sync::Arc<rustls::ServerConfig> {
+    tls.rustls_config()
 }

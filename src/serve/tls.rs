@@ -78,6 +78,11 @@ impl TlsConfig {
         Self::build(&cert_bytes, Some(cert_path), &key_bytes, Some(key_path))
     }
 
+    /// The rustls configuration (to serve the same with another stack, say).
+    pub fn rustls_config(&self) -> Arc<ServerConfig> {
+        self.config.clone()
+    }
+
     /// A rustls configuration of your own (client certificates, session tickets, another
     /// provider): used as it is, so set its ALPN protocols (`h2`, `http/1.1`) yourself.
     pub fn from_rustls(config: Arc<ServerConfig>) -> Self {
