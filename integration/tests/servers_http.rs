@@ -873,3 +873,89 @@ async fn axum_handlers_get_connect_info() {
     let report = finish_run(run).await;
     assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hyper_settings_apply_to_the_connections() {
+    // Keep-alive off through hyper's own builder: the first response closes its connection.
+    let served = serve_with(builder(), |server| {
+        server.hyper(|builder| {
+            builder.http1().keep_alive(false);
+        })
+    })
+    .await;
+    let mut conn = TcpStream::connect(served.addr).await.unwrap();
+    let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", served.addr);
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let (head, body) = read_response(&mut conn).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(body, b"ok");
+    let mut rest = [0u8; 16];
+    assert_eq!(conn.read(&mut rest).await.expect("a clean close"), 0);
+    served.handle.trigger("test");
+    let report = finish(served).await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tower_concurrency_limit_holds_under_finales_server() {
+    // The documented way to limit concurrency: a tower layer around the whole service (axum's
+    // `Router::layer` does not keep `poll_ready`'s permit: use it outside the router).
+    let finale = builder().build().unwrap();
+    let handle = finale.handle();
+    let control = Arc::new(Control::default());
+    let entered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = {
+        let (control, entered) = (control.clone(), entered.clone());
+        Router::new().route(
+            "/slow",
+            get(move || {
+                let (control, entered) = (control.clone(), entered.clone());
+                async move {
+                    entered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    control.entered.notify_one();
+                    control.release.notified().await;
+                    "done"
+                }
+            }),
+        )
+    };
+    let app = tower::limit::ConcurrencyLimit::new(app, 1);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    finale::axum::HttpServer::new("http")
+        .serve(&finale, listener, app)
+        .unwrap();
+    let run = tokio::spawn(finale.run());
+    handle.health().started().await;
+    let url = format!("http://{addr}/slow");
+    let first = tokio::spawn({
+        let url = url.clone();
+        async move { get_text(&client(), url).await }
+    });
+    tokio::time::timeout(BOUND, control.entered.notified())
+        .await
+        .unwrap();
+    let second = tokio::spawn(async move { get_text(&client(), url).await });
+    // The second request is in (counted in flight) but waits for the limit.
+    let deadline = Instant::now() + BOUND;
+    while handle.in_flight().count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the second request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(entered.load(std::sync::atomic::Ordering::SeqCst), 1);
+    control.release.notify_one();
+    assert_eq!(first.await.unwrap().0, 200);
+    tokio::time::timeout(BOUND, control.entered.notified())
+        .await
+        .unwrap();
+    assert_eq!(entered.load(std::sync::atomic::Ordering::SeqCst), 2);
+    control.release.notify_one();
+    assert_eq!(second.await.unwrap().0, 200);
+    handle.trigger("test");
+    let report = finish_run(run).await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}

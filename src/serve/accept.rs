@@ -205,6 +205,7 @@ pub struct HttpServer {
     header_read_timeout: Duration,
     goaway_on_announce: bool,
     tcp_nodelay: bool,
+    configure: Option<Configure>,
     #[cfg(feature = "tls")]
     tls: Option<crate::tls::TlsConfig>,
     #[cfg(feature = "tls")]
@@ -222,6 +223,7 @@ impl HttpServer {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             goaway_on_announce: false,
             tcp_nodelay: true,
+            configure: None,
             #[cfg(feature = "tls")]
             tls: None,
             #[cfg(feature = "tls")]
@@ -275,6 +277,35 @@ impl HttpServer {
     /// concurrent unary loops, it added `h2 protocol error`s that draining alone does not give.
     pub fn goaway_on_announce(mut self, goaway: bool) -> Self {
         self.goaway_on_announce = goaway;
+        self
+    }
+
+    /// Every other hyper setting: `configure` gets hyper-util's connection builder (HTTP/1 and
+    /// HTTP/2) after finale has set its own (the timers, the header-read timeout, extended
+    /// CONNECT), so it may change those too. For example HTTP/2 limits and keep-alive pings:
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let server = finale::axum::HttpServer::new("http").hyper(|builder| {
+    ///     builder
+    ///         .http2()
+    ///         .max_concurrent_streams(64)
+    ///         .keep_alive_interval(Duration::from_secs(20));
+    ///     builder.http1().max_buf_size(64 * 1024);
+    /// });
+    /// # let _ = server;
+    /// ```
+    ///
+    /// What finale's own accept loop decides is not there: concurrency limits (wrap the whole
+    /// service in `tower::limit::ConcurrencyLimit`; axum's `Router::layer` does not keep its
+    /// permit), connection limits (at the load balancer or the OS), TLS
+    /// ([`tls`](HttpServer::tls), feature `tls`) and the drain.
+    pub fn hyper(
+        mut self,
+        configure: impl Fn(&mut auto::Builder<TokioExecutor>) + Send + Sync + 'static,
+    ) -> Self {
+        self.configure = Some(Configure(Arc::new(configure)));
         self
     }
 
@@ -336,6 +367,7 @@ impl HttpServer {
             header_read_timeout,
             goaway_on_announce,
             tcp_nodelay,
+            configure,
             #[cfg(feature = "tls")]
             tls,
             #[cfg(feature = "tls")]
@@ -355,8 +387,21 @@ impl HttpServer {
         #[cfg(not(feature = "tls"))]
         let tls = None;
         finale.spawn(Task::service(name, move |ctx| {
-            run(ctx, listen, service, rejection, settings, tls)
+            run(ctx, listen, service, rejection, settings, tls, configure)
         }))
+    }
+}
+
+/// hyper-util's connection builder, as finale's servers use it.
+type ConnBuilder = auto::Builder<TokioExecutor>;
+
+/// The user's hyper settings ([`HttpServer::hyper`]).
+#[derive(Clone)]
+struct Configure(Arc<dyn Fn(&mut ConnBuilder) + Send + Sync>);
+
+impl fmt::Debug for Configure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Configure(..)")
     }
 }
 
@@ -400,6 +445,7 @@ async fn run<S, B>(
     rejection: Rejection,
     settings: Settings,
     tls: Tls,
+    configure: Option<Configure>,
 ) -> io::Result<()>
 where
     S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -434,6 +480,9 @@ where
         .http2()
         .timer(TokioTimer::new())
         .enable_connect_protocol();
+    if let Some(Configure(configure)) = &configure {
+        configure(&mut builder);
+    }
     let (stage_tx, stage_rx) = watch::channel(Stage::Serving);
     let mut conns: JoinSet<()> = JoinSet::new();
     let stop = ctx.stop_token();
