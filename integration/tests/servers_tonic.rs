@@ -525,3 +525,47 @@ async fn handlers_see_the_peer_and_local_address() {
     let report = tokio::time::timeout(BOUND, run).await.unwrap().unwrap();
     assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connection_age_moves_a_grpc_client_to_a_new_connection() {
+    // tonic's `max_connection_age`, on finale's server: the connection gets GOAWAY once it is
+    // 300 ms old, the channel reconnects on its own, and no call fails.
+    let finale = Finale::builder()
+        .read_env(false)
+        .no_signals()
+        .environment(finale::Environment::Local)
+        .build()
+        .unwrap();
+    let handle = finale.handle();
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let routes = Routes::new(Addressed {
+        inner: health,
+        seen: seen_tx,
+    });
+    finale::tonic::HttpServer::new("grpc")
+        .max_connection_age(Duration::from_millis(300))
+        .serve(&finale, listener, routes.prepare())
+        .unwrap();
+    let run = tokio::spawn(finale.run());
+    let mut client = client(addr).await;
+    let mut peers = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    let mut calls = 0;
+    // Calls for 1.2 s (about four connection ages), bounded in count too.
+    while start.elapsed() < Duration::from_millis(1200) && calls < 1000 {
+        assert_eq!(status(&mut client, "").await, ServingStatus::Serving);
+        calls += 1;
+        while let Ok((remote, _)) = seen.try_recv() {
+            peers.extend(remote);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await; // the scenario: a steady client
+    }
+    eprintln!("{calls} calls over {} connections", peers.len());
+    assert!(peers.len() >= 2, "one connection for 1.2 s: {peers:?}");
+    handle.trigger("test");
+    let report = tokio::time::timeout(BOUND, run).await.unwrap().unwrap();
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}

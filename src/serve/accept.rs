@@ -195,6 +195,7 @@ impl Listen {
 /// | [`header_read_timeout`](HttpServer::header_read_timeout) | [`DEFAULT_HEADER_READ_TIMEOUT`] |
 /// | [`goaway_on_announce`](HttpServer::goaway_on_announce) | off |
 /// | [`tcp_nodelay`](HttpServer::tcp_nodelay) | on |
+/// | [`max_connection_age`](HttpServer::max_connection_age) | off |
 #[derive(Debug)]
 #[must_use = "a server does nothing until `serve` is called"]
 pub struct HttpServer {
@@ -205,6 +206,7 @@ pub struct HttpServer {
     header_read_timeout: Duration,
     goaway_on_announce: bool,
     tcp_nodelay: bool,
+    max_connection_age: Option<Duration>,
     configure: Option<Configure>,
     #[cfg(feature = "tls")]
     tls: Option<crate::tls::TlsConfig>,
@@ -223,6 +225,7 @@ impl HttpServer {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             goaway_on_announce: false,
             tcp_nodelay: true,
+            max_connection_age: None,
             configure: None,
             #[cfg(feature = "tls")]
             tls: None,
@@ -309,6 +312,16 @@ impl HttpServer {
         self
     }
 
+    /// How long an HTTP/2 connection (gRPC) may live: once it is this old it gets GOAWAY, its
+    /// streams finish, and the client opens a new connection, which an L4 load balancer can
+    /// send elsewhere (tonic's `Server::max_connection_age`). Off by default. HTTP/1
+    /// connections are left alone: a load balancer balances their requests already, and closing
+    /// an idle one would race its client's next request.
+    pub fn max_connection_age(mut self, age: Duration) -> Self {
+        self.max_connection_age = Some(age);
+        self
+    }
+
     /// Whether accepted connections get `TCP_NODELAY` (on by default: a response goes out as
     /// soon as it is written, not when the kernel has coalesced enough of it; off trades that
     /// latency for fewer packets under heavy HTTP/2 multiplexing).
@@ -367,6 +380,7 @@ impl HttpServer {
             header_read_timeout,
             goaway_on_announce,
             tcp_nodelay,
+            max_connection_age,
             configure,
             #[cfg(feature = "tls")]
             tls,
@@ -379,6 +393,7 @@ impl HttpServer {
             header_read_timeout,
             goaway_on_announce,
             tcp_nodelay,
+            max_connection_age,
             #[cfg(feature = "tls")]
             tls_handshake_timeout,
         };
@@ -412,6 +427,7 @@ struct Settings {
     header_read_timeout: Duration,
     goaway_on_announce: bool,
     tcp_nodelay: bool,
+    max_connection_age: Option<Duration>,
     #[cfg(feature = "tls")]
     tls_handshake_timeout: Duration,
 }
@@ -737,8 +753,10 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    // GOAWAY sent already (an HTTP/2 connection moved during the drain delay).
+    // GOAWAY sent already (an HTTP/2 connection moved during the drain delay, or old enough).
     let mut moved = false;
+    // The connection age was looked at (once).
+    let mut aged_checked = settings.max_connection_age.is_none();
     let grace_until = loop {
         match *stage.borrow_and_update() {
             Stage::Serving => {}
@@ -753,12 +771,29 @@ where
             Stage::Draining { grace_until } => break grace_until,
             Stage::Cut => return cut_connection(conn, watch),
         }
+        let aged = async {
+            match settings.max_connection_age {
+                Some(age) if !aged_checked && !moved => {
+                    tokio::time::sleep_until(watch.accepted() + age).await;
+                }
+                _ => std::future::pending().await,
+            }
+        };
         tokio::select! {
             result = conn.as_mut() => return log_end(watch, result),
             changed = stage.changed() => if changed.is_err() {
                 // The accept loop is gone (aborted): close at once.
                 return cut_connection(conn, watch);
             },
+            () = aged => {
+                aged_checked = true;
+                if watch.http2.load(Ordering::Relaxed) {
+                    // Old enough: GOAWAY, the streams it has finish, the client reconnects
+                    // (to another instance, behind an L4 balancer).
+                    conn.as_mut().graceful_shutdown();
+                    moved = true;
+                }
+            }
         }
     };
     // A connection not known to be HTTP/2 stays open for the idle grace after it last did

@@ -15,6 +15,23 @@
 //! and for every service you name — so load balancers and clients that watch the health service
 //! move away during the drain delay.
 //!
+//! # Settings
+//!
+//! [`serve`] uses [`HttpServer`]'s defaults; for settings, serve the prepared routes with an
+//! [`HttpServer`] of your own:
+//!
+//! ```ignore
+//! finale::tonic::HttpServer::new("grpc")
+//!     .max_connection_age(Duration::from_secs(300))          // tonic's max_connection_age
+//!     .hyper(|b| { b.http2().max_concurrent_streams(200); }) // tonic's concurrency_limit_per_connection
+//!     .serve(&finale, addr, routes.prepare())?;
+//! ```
+//!
+//! tonic `Server` settings that are tower layers (`timeout`, `concurrency_limit`, `layer`)
+//! are layers around the routes' service here. Not done by finale's server (yet): the
+//! `grpc-timeout` header is not enforced on the server side (tonic's client enforces its own
+//! deadline), and Unix domain sockets are not served.
+//!
 //! # Examples
 //!
 //! ```no_run

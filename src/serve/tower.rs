@@ -274,6 +274,15 @@ impl ConnWatch {
         }
     }
 
+    /// When the connection was accepted.
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
+    pub(crate) fn accepted(&self) -> tokio::time::Instant {
+        self.accepted
+    }
+
     /// When this connection last did something: accepted, or its last request ended.
     #[cfg_attr(
         not(any(feature = "axum", feature = "hyper", feature = "tonic")),
