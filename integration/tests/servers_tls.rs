@@ -206,15 +206,16 @@ async fn h2load_over_https_across_the_drain_start_sees_no_error_status() {
         };
         assert_eq!(count("5xx"), Some(0), "{text}");
         assert!(count("2xx").is_some_and(|n| n >= 2000), "{text}");
-        // Every request h2load started was answered; the rest it never sent (it does not
-        // reconnect after the GOAWAY).
+        // Every answer was a 2xx. Streams h2load opened after the server's final GOAWAY are
+        // refused at the h2 level (REFUSED_STREAM, which clients retry; h2load counts them as
+        // failed and does not reconnect): never an application error.
         let of = |kind: &str| {
             requests
                 .split(',')
                 .find(|c| c.trim_end().ends_with(kind))
                 .and_then(|c| c.split_whitespace().rev().nth(1)?.parse::<u64>().ok())
         };
-        assert_eq!(of("started"), of("succeeded"), "{text}");
+        assert_eq!(count("2xx"), of("succeeded"), "{text}");
         assert_eq!(report.requests_rejected, 0, "{report}");
         assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
     }
