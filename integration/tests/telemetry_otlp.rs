@@ -7,6 +7,8 @@
 
 use std::error::Error as _;
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use finale::otlp::{HOOK_LOGS, HOOK_METRICS, HOOK_TRACES, Otlp, OtlpError, Provider};
@@ -15,9 +17,10 @@ use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::trace::{Tracer as _, TracerProvider as _};
 use opentelemetry_otlp::{LogExporter, MetricExporter, SpanExporter, WithExportConfig};
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData};
 
 /// A TCP server that accepts connections and never answers.
 fn blackhole() -> u16 {
@@ -222,4 +225,90 @@ async fn a_provider_shut_down_by_the_application_is_not_counted_as_delivered() {
     );
     let error = otlp_error(&report, HOOK_TRACES);
     assert!(matches!(error, OtlpError::Flush { .. }), "{error}");
+}
+
+/// A span exporter standing in for a collector that half-works: each export takes `delay`, the
+/// first `fail_first` exports fail, and an export waits for `gate` (if set) to open, that is for
+/// its sender to be dropped. `exported` counts the spans of the exports that succeeded; each
+/// export's size and outcome is sent on `exports`.
+#[derive(Debug)]
+struct TestSpans {
+    delay: Duration,
+    fail_first: usize,
+    gate: Option<Mutex<mpsc::Receiver<()>>>,
+    calls: AtomicUsize,
+    exported: Arc<AtomicUsize>,
+    exports: mpsc::Sender<(usize, bool)>,
+}
+
+impl TestSpans {
+    fn new(delay: Duration) -> (Self, Arc<AtomicUsize>, mpsc::Receiver<(usize, bool)>) {
+        let exported = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel();
+        let exporter = Self {
+            delay,
+            fail_first: 0,
+            gate: None,
+            calls: AtomicUsize::new(0),
+            exported: exported.clone(),
+            exports: tx,
+        };
+        (exporter, exported, rx)
+    }
+}
+
+impl opentelemetry_sdk::trace::SpanExporter for TestSpans {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        // The SDK runs the export on its batch thread (`block_on`): blocking here is what a
+        // slow collector does to that thread.
+        if let Some(gate) = &self.gate {
+            let _ = gate.lock().unwrap().recv();
+        }
+        std::thread::sleep(self.delay);
+        let n = batch.len();
+        let ok = self.calls.fetch_add(1, Ordering::SeqCst) >= self.fail_first;
+        if ok {
+            self.exported.fetch_add(n, Ordering::SeqCst);
+        }
+        let _ = self.exports.send((n, ok));
+        std::future::ready(if ok {
+            Ok(())
+        } else {
+            Err(OTelSdkError::InternalFailure(
+                "refused by the test".to_owned(),
+            ))
+        })
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_collector_still_gets_the_shutdown_after_the_flush_times_out() {
+    // A healthy collector that takes 6 s per export: the SDK's `force_flush` gives up at its
+    // fixed 5 s while the first batch is still on its way.
+    let (exporter, exported, _exports) = TestSpans::new(Duration::from_secs(6));
+    let tracer = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .build();
+    let t = tracer.tracer("test");
+    // 512 spans start an export at once; 88 more wait in the queue behind it.
+    for _ in 0..600 {
+        t.in_span("work", |_| {});
+    }
+    let finale = finale(Duration::from_secs(30), Duration::from_secs(25));
+    Otlp::new()
+        .tracer_provider(tracer)
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let start = Instant::now();
+    let report = finale.run().await;
+    let elapsed = start.elapsed();
+    let exported = exported.load(Ordering::SeqCst);
+    eprintln!("slow collector: {exported} of 600 spans exported in {elapsed:?}\n{report}");
+    // The shutdown, given what was left of the share, waited for the second export.
+    assert_eq!(exported, 600, "{report}");
+    assert!(elapsed < Duration::from_secs(25), "{elapsed:?}");
 }

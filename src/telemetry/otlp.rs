@@ -353,13 +353,16 @@ fn flush_blocking<P: Flush>(
     deadline: std::time::Instant,
 ) -> Result<(), OtlpError> {
     // `force_flush` first: unlike the tracer's and logger's `shutdown`, it reports a failed
-    // export. After a failed flush nothing more can be delivered: skip the shutdown, whose
-    // own wait would only hold the thread longer.
-    p.force_flush()
-        .map_err(|source| OtlpError::Flush { provider, source })?;
+    // export. Its wait is the SDK's own (a fixed 5 s for traces and logs), not the stage's.
+    let flushed = p.force_flush();
+    // The shutdown runs whatever the flush said: after a flush that timed out (a slow but
+    // healthy collector), the batch thread is still exporting and the shutdown waits, with
+    // what is left of the share, for it to export the rest; after a refused export it tries
+    // what is still queued once more and releases the exporter.
     let left = deadline.saturating_duration_since(std::time::Instant::now());
-    p.shutdown_with_timeout(left.max(Duration::from_millis(1)))
-        .map_err(|source| OtlpError::Shutdown { provider, source })
+    let shut = p.shutdown_with_timeout(left.max(Duration::from_millis(1)));
+    flushed.map_err(|source| OtlpError::Flush { provider, source })?;
+    shut.map_err(|source| OtlpError::Shutdown { provider, source })
 }
 
 /// Flushes, then shuts down, the provider on a thread of its own; waits until `deadline`.
