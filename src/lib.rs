@@ -236,8 +236,8 @@ pub use crate::phase::Phase;
 pub use crate::platform::{DEFAULT_TERMINATION_LOG, TERMINATION_MESSAGE_MAX, TerminationLog};
 pub use crate::report::names;
 pub use crate::report::{
-    EntryKind, EntryReport, ExitCodes, Outcome, PhaseOutcome, PhaseReport, Reason, ShutdownReport,
-    ShutdownStatus,
+    Counts, Delivery, DeliveryPolicy, EntryKind, EntryReport, ExitCodes, Items, Outcome,
+    PhaseOutcome, PhaseReport, Reason, ShutdownReport, ShutdownStatus,
 };
 pub use crate::run::builder::Builder;
 pub use crate::run::finale::Finale;
