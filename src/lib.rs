@@ -179,16 +179,11 @@ mod signal;
 mod slot;
 mod state;
 mod task;
+mod telemetry;
 mod track;
 
 #[cfg(feature = "tower")]
 mod serve;
-#[cfg(any(
-    feature = "pushgateway",
-    feature = "otlp",
-    feature = "tracing-appender"
-))]
-mod telemetry;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
@@ -246,4 +241,5 @@ pub use crate::signal::{DEFAULT_SIGNALS, Signal};
 pub use crate::slot::{ORDER_LOG_WRITER, ORDER_METRICS, ORDER_TRACES_LOGS};
 pub use crate::state::State;
 pub use crate::task::{Task, TaskContext};
+pub use crate::telemetry::sink::{Sink, SinkContext, SinkCounter};
 pub use crate::track::{Cancelled, Health, InFlight, InFlightGuard, InFlightTracker, StopToken};

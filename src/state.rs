@@ -438,10 +438,6 @@ impl Shared {
     }
 
     /// Adds a stage that counts what it delivers, for the report.
-    #[cfg_attr(
-        not(any(feature = "otlp", feature = "tracing-appender")),
-        allow(dead_code)
-    )]
     pub(crate) fn add_tally(&self, tally: Arc<dyn Tally>) {
         // The reason's lock first, as in `request`: a stage added after the trigger is read now.
         let reason = lock(&self.reason);

@@ -19,7 +19,7 @@ pub enum Items {
     LogLines,
     /// Samples pushed to a Prometheus Pushgateway.
     Samples,
-    /// Whatever a user's own telemetry stage counts.
+    /// Whatever a [`Sink`](crate::Sink) counts.
     Other,
 }
 
@@ -101,7 +101,8 @@ impl fmt::Display for Counts {
 ///
 /// Only stages that can count have one: the OTLP providers with a
 /// [`Counted`](crate::otlp::Counted) exporter, the log writer made with
-/// [`appender::non_blocking`](crate::appender::non_blocking) (or with an error counter).
+/// [`appender::non_blocking`](crate::appender::non_blocking) (or with an error counter), and
+/// [`Sink`](crate::Sink)s with [`counts`](crate::Sink::counts).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Delivery {
