@@ -65,7 +65,12 @@
 //! - **A reserved telemetry slot.** What Announce, Drain and Workers leave unfinished is
 //!   aborted and reported; a hook that blocks its thread past its deadline cannot be aborted,
 //!   but is reported [`Overran`](Outcome::Overran), and the built-in telemetry stages (OTLP,
-//!   the Pushgateway push, the log writer) still deliver from threads finale owns.
+//!   the Pushgateway push, the log writer) and blocking [`Sink`]s still deliver from threads
+//!   finale owns.
+//! - **Delivery with counts.** [`ShutdownReport::delivery`] says, per telemetry stage that
+//!   counts, what was exported, failed and dropped before the trigger and after it; the
+//!   [`DeliveryPolicy`] says which losses make the run
+//!   [`TelemetryNotDelivered`](ShutdownStatus::TelemetryNotDelivered).
 //! - **Isolation.** A hook or task that errors, panics (before or after returning its future)
 //!   or overruns is recorded and abandoned; the others and later phases still run.
 //! - **Signals at every moment.** Received on the supervisor thread from [`Builder::build`] on:
@@ -108,8 +113,9 @@
 //!   previous one, for the life of the process.
 //! - **The process-wide instance**, only with [`Builder::install`]: at most one per process,
 //!   reachable through [`global`].
-//! - **Threads of the telemetry stages.** The OTLP flushes and the log writer's release run on
-//!   short-lived plain threads (`finale-otlp-*`, `finale-log-writer`), so that a blocking
+//! - **Threads of the telemetry stages.** The OTLP flushes, the log writer's release and
+//!   blocking [`Sink`]s run on short-lived plain threads (`finale-otlp-*`, `finale-log-writer`,
+//!   `finale-sink-*`), so that a blocking
 //!   exporter never stalls the runtime; one that overruns is left behind and dies with the
 //!   process.
 //! - **The termination message.** At the end of [`Finale::run`] (and when the supervisor takes
