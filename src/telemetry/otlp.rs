@@ -737,6 +737,17 @@ impl LogProcessor for Counter {
         self.inner.handed.fetch_add(1, Ordering::Relaxed);
     }
 
+    // The logger asks whether *any* processor wants an event: the counter never says yes on
+    // its own, so it leaves that choice to the exporting processors it counts for.
+    fn event_enabled(
+        &self,
+        _level: opentelemetry::logs::Severity,
+        _target: &str,
+        _name: Option<&str>,
+    ) -> bool {
+        false
+    }
+
     fn force_flush(&self) -> OTelSdkResult {
         Ok(())
     }
@@ -770,5 +781,39 @@ impl Tally for Tallied {
         let c = &self.counter;
         let unseen = c.handed().saturating_sub(c.exported() + c.failed());
         (unseen, c.inner.drained.load(Ordering::Acquire))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::logs::{Logger as _, LoggerProvider as _, Severity};
+
+    /// A processor that wants no event at all, as an exporter filtering by level would.
+    #[derive(Debug)]
+    struct Nothing;
+
+    impl LogProcessor for Nothing {
+        fn emit(&self, _: &mut SdkLogRecord, _: &InstrumentationScope) {}
+        fn force_flush(&self) -> OTelSdkResult {
+            Ok(())
+        }
+        fn shutdown_with_timeout(&self, _: Duration) -> OTelSdkResult {
+            Ok(())
+        }
+        fn event_enabled(&self, _: Severity, _: &str, _: Option<&str>) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn the_counter_never_enables_an_event_the_exporters_do_not_want() {
+        let provider = SdkLoggerProvider::builder()
+            .with_log_processor(Counter::default())
+            .with_log_processor(Nothing)
+            .build();
+        let logger = provider.logger("test");
+        assert!(!logger.event_enabled(Severity::Info, "app", None));
+        let _ = provider.shutdown();
     }
 }
