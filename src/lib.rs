@@ -65,7 +65,12 @@
 //! - **A reserved telemetry slot.** What Announce, Drain and Workers leave unfinished is
 //!   aborted and reported; a hook that blocks its thread past its deadline cannot be aborted,
 //!   but is reported [`Overran`](Outcome::Overran), and the built-in telemetry stages (OTLP,
-//!   the Pushgateway push, the log writer) still deliver from threads finale owns.
+//!   the Pushgateway push, the log writer) and blocking [`Sink`]s still deliver from threads
+//!   finale owns.
+//! - **Delivery with counts.** [`ShutdownReport::delivery`] says, per telemetry stage that
+//!   counts, what was exported, failed and dropped before the trigger and after it; the
+//!   [`DeliveryPolicy`] says which losses make the run
+//!   [`TelemetryNotDelivered`](ShutdownStatus::TelemetryNotDelivered).
 //! - **Isolation.** A hook or task that errors, panics (before or after returning its future)
 //!   or overruns is recorded and abandoned; the others and later phases still run.
 //! - **Signals at every moment.** Received on the supervisor thread from [`Builder::build`] on:
@@ -108,8 +113,9 @@
 //!   previous one, for the life of the process.
 //! - **The process-wide instance**, only with [`Builder::install`]: at most one per process,
 //!   reachable through [`global`].
-//! - **Threads of the telemetry stages.** The OTLP flushes and the log writer's release run on
-//!   short-lived plain threads (`finale-otlp-*`, `finale-log-writer`), so that a blocking
+//! - **Threads of the telemetry stages.** The OTLP flushes, the log writer's release and
+//!   blocking [`Sink`]s run on short-lived plain threads (`finale-otlp-*`, `finale-log-writer`,
+//!   `finale-sink-*`), so that a blocking
 //!   exporter never stalls the runtime; one that overruns is left behind and dies with the
 //!   process.
 //! - **The termination message.** At the end of [`Finale::run`] (and when the supervisor takes
@@ -179,18 +185,13 @@ mod signal;
 mod slot;
 mod state;
 mod task;
+mod telemetry;
 mod track;
 
 #[cfg(any(feature = "tls", feature = "pushgateway-tls"))]
 mod pem;
 #[cfg(feature = "tower")]
 mod serve;
-#[cfg(any(
-    feature = "pushgateway",
-    feature = "otlp",
-    feature = "tracing-appender"
-))]
-mod telemetry;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
@@ -241,8 +242,8 @@ pub use crate::phase::Phase;
 pub use crate::platform::{DEFAULT_TERMINATION_LOG, TERMINATION_MESSAGE_MAX, TerminationLog};
 pub use crate::report::names;
 pub use crate::report::{
-    EntryKind, EntryReport, ExitCodes, Outcome, PhaseOutcome, PhaseReport, Reason, ShutdownReport,
-    ShutdownStatus,
+    Counts, Delivery, DeliveryPolicy, EntryKind, EntryReport, ExitCodes, Items, Outcome,
+    PhaseOutcome, PhaseReport, Reason, ShutdownReport, ShutdownStatus,
 };
 pub use crate::run::builder::Builder;
 pub use crate::run::finale::Finale;
@@ -251,4 +252,5 @@ pub use crate::signal::{DEFAULT_SIGNALS, Signal};
 pub use crate::slot::{ORDER_LOG_WRITER, ORDER_METRICS, ORDER_TRACES_LOGS};
 pub use crate::state::State;
 pub use crate::task::{Task, TaskContext};
+pub use crate::telemetry::sink::{Sink, SinkContext, SinkCounter};
 pub use crate::track::{Cancelled, Health, InFlight, InFlightGuard, InFlightTracker, StopToken};

@@ -78,6 +78,11 @@ impl Share {
     /// The log file is last: it may use everything.
     pub(crate) const ALL: Share = Share { num: 1, den: 1 };
 
+    /// `num / den` of what is left; `0 < num <= den`.
+    pub(crate) const fn new(num: u32, den: u32) -> Share {
+        Share { num, den }
+    }
+
     /// How long a stage that has `left` may wait, so that it still reports why it gave up.
     pub(crate) fn usable(self, left: Duration) -> Duration {
         let usable = left * self.num / self.den;

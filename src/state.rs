@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Budget, ConfigError};
 use crate::hook::{Hook, HookError};
 use crate::phase::Phase;
-use crate::report::{ExitCodes, Reason, ShutdownReport};
+use crate::report::{Delivery, DeliveryPolicy, ExitCodes, Reason, ShutdownReport, Tallied, Tally};
 use crate::slot::Share;
 use crate::track::{Health, InFlight, InFlightTracker, StopToken};
 
@@ -231,6 +231,10 @@ pub(crate) struct Shared {
     rejected: AtomicU64,
     registry: Mutex<Option<Registry>>,
     emergency: Mutex<Vec<EmergencyStage>>,
+    /// The telemetry stages that count what they deliver, each read at the trigger.
+    tallies: Mutex<Vec<Tallied>>,
+    /// Which lost telemetry makes the run not delivered; set by the builder.
+    pub(crate) delivery_policy: DeliveryPolicy,
     /// Set by the builder before the state is shared; empty unless the user asked.
     pub(crate) observers: Vec<Box<dyn Observer>>,
     /// Set by the builder before the state is shared, with [`Builder::upgrade`](crate::Builder::upgrade).
@@ -261,6 +265,8 @@ impl Shared {
             rejected: AtomicU64::new(0),
             registry: Mutex::new(Some(Registry::default())),
             emergency: Mutex::new(Vec::new()),
+            tallies: Mutex::new(Vec::new()),
+            delivery_policy: DeliveryPolicy::default(),
             observers: Vec::new(),
             #[cfg(all(feature = "upgrade", unix))]
             upgrade: None,
@@ -278,6 +284,12 @@ impl Shared {
             *slot = Some(reason.clone());
             // The budget starts here, wherever the program is.
             let _ = self.life.trigger.set(now());
+            // The run's telemetry ends here too: what the stages count from now on is the
+            // exit's. Atomic loads only; under the reason's lock, so a stage added at the same
+            // moment is read either here or by `add_tally`, never twice or not at all.
+            for t in lock(&self.tallies).iter_mut() {
+                t.at_trigger.get_or_insert_with(|| t.tally.counts());
+            }
         }
         // Before the token: the platform hears of the trigger before any phase starts.
         self.observe(|o| o.requested(self, &reason));
@@ -437,6 +449,20 @@ impl Shared {
     )]
     pub(crate) fn add_emergency(&self, stage: EmergencyStage) {
         lock(&self.emergency).push(stage);
+    }
+
+    /// Adds a stage that counts what it delivers, for the report.
+    pub(crate) fn add_tally(&self, tally: Arc<dyn Tally>) {
+        // The reason's lock first, as in `request`: a stage added after the trigger is read now.
+        let reason = lock(&self.reason);
+        let at_trigger = reason.as_ref().map(|_| tally.counts());
+        lock(&self.tallies).push(Tallied { tally, at_trigger });
+        drop(reason);
+    }
+
+    /// What every counting stage delivered so far, split at the trigger.
+    pub(crate) fn delivery(&self) -> Vec<Delivery> {
+        lock(&self.tallies).iter().map(Tallied::delivery).collect()
     }
 
     pub(crate) fn take_emergency(&self) -> Vec<EmergencyStage> {

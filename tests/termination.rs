@@ -157,6 +157,42 @@ async fn termination_message_names_the_slowest_entries_of_a_clean_run() {
     assert!(!message.contains("omitted"), "{message}");
 }
 
+#[tokio::test]
+async fn termination_message_names_what_a_stage_lost() {
+    let path = fresh_path("delivery");
+    let finale = builder()
+        .termination_log(TerminationLog::Path(path.clone()))
+        .build()
+        .unwrap();
+    let sink = finale::Sink::blocking("lossy", |ctx| {
+        ctx.counter().exported(12);
+        ctx.counter().dropped(3);
+    })
+    .counts(finale::Items::Other);
+    sink.counter().failed(512);
+    sink.register(&finale).unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(
+        report.status,
+        finale::ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
+
+    let message = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let lines: Vec<Vec<(String, String)>> = message.lines().map(parse).collect();
+    let delivery = lines
+        .iter()
+        .find(|l| l[0].0 == "delivery")
+        .unwrap_or_else(|| panic!("{message}"));
+    assert_eq!(get(delivery, "delivery"), Some("lossy"));
+    assert_eq!(get(delivery, "items"), Some("other"));
+    assert_eq!(get(delivery, "run_failed"), Some("512"));
+    assert_eq!(get(delivery, "exit_exported"), Some("12"));
+    assert_eq!(get(delivery, "exit_dropped"), Some("3"));
+}
+
 /// A real process whose Workers hooks block the runtime's only thread: the supervisor takes over
 /// and, before it exits with code 5, writes its own one-line termination message.
 #[cfg(unix)]

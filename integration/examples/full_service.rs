@@ -37,7 +37,8 @@
 //! - `FINALE_*`: any budget setting, e.g. `FINALE_TOTAL_BUDGET=6s FINALE_TELEMETRY_RESERVE=3s`.
 //!
 //! The exit code is the report's: `0` when everything was delivered, `6` when some telemetry was
-//! not (the report, printed on stderr, names what failed).
+//! not (the report, printed on stderr, names what failed, and counts per signal what was
+//! exported, failed and dropped during the run and at exit).
 //!
 //! The OTLP HTTP exporter uses opentelemetry-otlp's `reqwest-blocking-client`; no crate in this
 //! build may enable its `reqwest-client` or `hyper-client` features, or the exporter's threads
@@ -51,7 +52,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use finale::otlp::Otlp;
+use finale::otlp::{Counted, Counter, Otlp};
 use finale::pushgateway::Pushgateway;
 use finale::{Finale, Hook, Phase, Task};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -104,6 +105,10 @@ struct Providers {
     tracer: SdkTracerProvider,
     meter: SdkMeterProvider,
     logger: SdkLoggerProvider,
+    /// What each exporter delivered, for the report.
+    spans: Counter,
+    points: Counter,
+    records: Counter,
 }
 
 fn otlp_providers(endpoint: &str) -> Result<Providers, opentelemetry_otlp::ExporterBuildError> {
@@ -150,12 +155,23 @@ fn otlp_providers(endpoint: &str) -> Result<Providers, opentelemetry_otlp::Expor
                 .build()?,
         )
     };
+    // Counted, so the report says how many spans, log records and metric points went out; the
+    // counters are processors too, so a full batch queue shows as dropped.
+    let (spans, logs, metrics) = (
+        Counted::new(spans),
+        Counted::new(logs),
+        Counted::new(metrics),
+    );
+    let (span_counter, record_counter, point_counter) =
+        (spans.counter(), logs.counter(), metrics.counter());
     Ok(Providers {
         tracer: SdkTracerProvider::builder()
+            .with_span_processor(span_counter.clone())
             .with_batch_exporter(spans)
             .with_resource(resource.clone())
             .build(),
         logger: SdkLoggerProvider::builder()
+            .with_log_processor(record_counter.clone())
             .with_batch_exporter(logs)
             .with_resource(resource.clone())
             .build(),
@@ -163,6 +179,9 @@ fn otlp_providers(endpoint: &str) -> Result<Providers, opentelemetry_otlp::Expor
             .with_periodic_exporter(metrics)
             .with_resource(resource)
             .build(),
+        spans: span_counter,
+        points: point_counter,
+        records: record_counter,
     })
 }
 
@@ -269,6 +288,9 @@ async fn run() -> ! {
             .tracer_provider(p.tracer.clone())
             .meter_provider(p.meter.clone())
             .logger_provider(p.logger.clone())
+            .span_counter(p.spans.clone())
+            .metric_point_counter(p.points.clone())
+            .log_record_counter(p.records.clone())
             .register(&finale)
             .expect("unique names");
     }

@@ -7,17 +7,23 @@
 
 use std::error::Error as _;
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use finale::otlp::{HOOK_LOGS, HOOK_METRICS, HOOK_TRACES, Otlp, OtlpError, Provider};
-use finale::{Environment, Finale, Outcome, Phase, ShutdownReport, ShutdownStatus};
+mod common;
+
+use common::components::{Collector, Verbosity, wait_until};
+use finale::otlp::{Counted, HOOK_LOGS, HOOK_METRICS, HOOK_TRACES, Otlp, OtlpError, Provider};
+use finale::{DeliveryPolicy, Environment, Finale, Outcome, Phase, ShutdownReport, ShutdownStatus};
 use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::trace::{Tracer as _, TracerProvider as _};
 use opentelemetry_otlp::{LogExporter, MetricExporter, SpanExporter, WithExportConfig};
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData};
 
 /// A TCP server that accepts connections and never answers.
 fn blackhole() -> u16 {
@@ -83,12 +89,17 @@ fn providers(endpoint: &str) -> Otlp {
 }
 
 fn finale(total: Duration, reserve: Duration) -> Finale {
+    finale_with(total, reserve, DeliveryPolicy::AtExit)
+}
+
+fn finale_with(total: Duration, reserve: Duration, policy: DeliveryPolicy) -> Finale {
     Finale::builder()
         .no_signals()
         .read_env(false)
         .environment(Environment::Local)
         .total_budget(total)
         .telemetry_reserve(reserve)
+        .delivery_policy(policy)
         .build()
         .unwrap()
 }
@@ -222,4 +233,298 @@ async fn a_provider_shut_down_by_the_application_is_not_counted_as_delivered() {
     );
     let error = otlp_error(&report, HOOK_TRACES);
     assert!(matches!(error, OtlpError::Flush { .. }), "{error}");
+}
+
+/// A span exporter standing in for a collector that half-works: each export takes `delay`, the
+/// first `fail_first` exports fail, and an export waits for `gate` (if set) to open, that is for
+/// its sender to be dropped. `exported` counts the spans of the exports that succeeded; each
+/// export's size and outcome is sent on `exports`.
+#[derive(Debug)]
+struct TestSpans {
+    delay: Duration,
+    fail_first: usize,
+    gate: Option<Mutex<mpsc::Receiver<()>>>,
+    calls: AtomicUsize,
+    exported: Arc<AtomicUsize>,
+    exports: mpsc::Sender<(usize, bool)>,
+}
+
+impl TestSpans {
+    fn new(delay: Duration) -> (Self, Arc<AtomicUsize>, mpsc::Receiver<(usize, bool)>) {
+        let exported = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel();
+        let exporter = Self {
+            delay,
+            fail_first: 0,
+            gate: None,
+            calls: AtomicUsize::new(0),
+            exported: exported.clone(),
+            exports: tx,
+        };
+        (exporter, exported, rx)
+    }
+}
+
+impl opentelemetry_sdk::trace::SpanExporter for TestSpans {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        // The SDK runs the export on its batch thread (`block_on`): blocking here is what a
+        // slow collector does to that thread.
+        if let Some(gate) = &self.gate {
+            let _ = gate.lock().unwrap().recv();
+        }
+        std::thread::sleep(self.delay);
+        let n = batch.len();
+        let ok = self.calls.fetch_add(1, Ordering::SeqCst) >= self.fail_first;
+        if ok {
+            self.exported.fetch_add(n, Ordering::SeqCst);
+        }
+        let _ = self.exports.send((n, ok));
+        std::future::ready(if ok {
+            Ok(())
+        } else {
+            Err(OTelSdkError::InternalFailure(
+                "refused by the test".to_owned(),
+            ))
+        })
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_collector_still_gets_the_shutdown_after_the_flush_times_out() {
+    // A healthy collector that takes 6 s per export: the SDK's `force_flush` gives up at its
+    // fixed 5 s while the first batch is still on its way.
+    let (exporter, exported, _exports) = TestSpans::new(Duration::from_secs(6));
+    let exporter = Counted::new(exporter);
+    let spans = exporter.counter();
+    let tracer = SdkTracerProvider::builder()
+        .with_span_processor(spans.clone())
+        .with_batch_exporter(exporter)
+        .build();
+    let t = tracer.tracer("test");
+    // 512 spans start an export at once; the rest wait in the queue behind it (two or three
+    // exports in all, as the batch thread happens to pick them up: 12 to 18 s).
+    for _ in 0..600 {
+        t.in_span("work", |_| {});
+    }
+    let finale = finale(Duration::from_secs(40), Duration::from_secs(35));
+    Otlp::new()
+        .tracer_provider(tracer)
+        .span_counter(spans)
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let start = Instant::now();
+    let report = finale.run().await;
+    let elapsed = start.elapsed();
+    let exported = exported.load(Ordering::SeqCst);
+    eprintln!("slow collector: {exported} of 600 spans exported in {elapsed:?}\n{report}");
+    // The shutdown, given what was left of the share, waited for the second export.
+    assert_eq!(exported, 600, "{report}");
+    assert!(elapsed < Duration::from_secs(35), "{elapsed:?}");
+    // The counts prove what the flush's timeout could not: everything arrived.
+    let delivery = report.delivery(HOOK_TRACES).expect("counted");
+    assert_eq!(delivery.total().exported, 600, "{report}");
+    assert_eq!(delivery.total().lost(), 0, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+/// A tracer whose exporter fails its first export, and 1000 spans: the first 512 go out at once
+/// and fail, the other 488 wait for the final flush. Returns once the first export failed.
+fn first_export_fails() -> (Otlp, mpsc::Receiver<(usize, bool)>) {
+    let (mut exporter, _, exports) = TestSpans::new(Duration::ZERO);
+    exporter.fail_first = 1;
+    let exporter = Counted::new(exporter);
+    let spans = exporter.counter();
+    let tracer = SdkTracerProvider::builder()
+        .with_span_processor(spans.clone())
+        .with_batch_exporter(exporter)
+        .build();
+    let t = tracer.tracer("test");
+    for _ in 0..1000 {
+        t.in_span("work", |_| {});
+    }
+    assert_eq!(exports.recv().unwrap(), (512, false));
+    let otlp = Otlp::new().tracer_provider(tracer).span_counter(spans);
+    (otlp, exports)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_earlier_export_failure_is_in_the_report_and_the_policy_decides() {
+    // The default policy: what was recorded from the trigger on arrived; the earlier loss is
+    // reported, and the exit code stays clean.
+    let (otlp, _exports) = first_export_fails();
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    otlp.register(&finale).unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    eprintln!("earlier failure, at-exit policy:\n{report}");
+    let delivery = report.delivery(HOOK_TRACES).expect("counted");
+    // The other 488 went out as the batch thread got to them, before or after the trigger.
+    assert_eq!(delivery.run.failed, 512, "{report}");
+    assert_eq!(delivery.at_exit.failed, 0, "{report}");
+    assert_eq!(delivery.total().exported, 488, "{report}");
+    assert_eq!(delivery.total().dropped, 0, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["delivery"][0]["stage"], "otlp-traces");
+    assert_eq!(json["delivery"][0]["run"]["failed"], 512);
+
+    // The whole-run policy: any loss is a delivery failure.
+    let (otlp, _exports) = first_export_fails();
+    let finale = finale_with(
+        Duration::from_secs(10),
+        Duration::from_secs(5),
+        DeliveryPolicy::WholeRun,
+    );
+    otlp.register(&finale).unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert!(report.entry(HOOK_TRACES).unwrap().outcome.is_completed());
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_queue_overflow_is_counted_as_dropped() {
+    // A collector that holds the first export until 5000 spans were recorded: the default
+    // queue (2048) overflows.
+    let (mut exporter, exported, _exports) = TestSpans::new(Duration::ZERO);
+    let (open, gate) = mpsc::channel();
+    exporter.gate = Some(Mutex::new(gate));
+    let exporter = Counted::new(exporter);
+    let spans = exporter.counter();
+    let tracer = SdkTracerProvider::builder()
+        .with_span_processor(spans.clone())
+        .with_batch_exporter(exporter)
+        .build();
+    let t = tracer.tracer("test");
+    for _ in 0..5000 {
+        t.in_span("work", |_| {});
+    }
+    drop(open);
+    let finale = finale_with(
+        Duration::from_secs(10),
+        Duration::from_secs(5),
+        DeliveryPolicy::WholeRun,
+    );
+    Otlp::new()
+        .tracer_provider(tracer)
+        .span_counter(spans)
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    let exported = exported.load(Ordering::SeqCst) as u64;
+    eprintln!("queue overflow: {exported} of 5000 exported\n{report}");
+    let delivery = report.delivery(HOOK_TRACES).expect("counted");
+    let total = delivery.total();
+    // The export in flight (up to 512) plus a full queue (2048) got through; the rest was
+    // dropped, and the drained queue says when: during the run.
+    assert_eq!(total.exported, exported, "{report}");
+    assert!(exported <= 512 + 2048, "{report}");
+    assert_eq!(total.exported + total.dropped, 5000, "{report}");
+    assert_eq!(delivery.run.dropped, total.dropped, "{report}");
+    assert!(report.entry(HOOK_TRACES).unwrap().outcome.is_completed());
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_counts_match_what_a_real_collector_received() {
+    let Some(collector) = Collector::start_with(Verbosity::Basic) else {
+        return;
+    };
+    let endpoint = collector.grpc_endpoint();
+    let spans = Counted::new(
+        SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(&endpoint)
+            .build()
+            .unwrap(),
+    );
+    let span_counter = spans.counter();
+    let records = Counted::new(
+        LogExporter::builder()
+            .with_tonic()
+            .with_endpoint(&endpoint)
+            .build()
+            .unwrap(),
+    );
+    let record_counter = records.counter();
+    let points = Counted::new(
+        MetricExporter::builder()
+            .with_tonic()
+            .with_endpoint(&endpoint)
+            .build()
+            .unwrap(),
+    );
+    let point_counter = points.counter();
+    let tracer = SdkTracerProvider::builder()
+        .with_span_processor(span_counter.clone())
+        .with_batch_exporter(spans)
+        .build();
+    let logger = SdkLoggerProvider::builder()
+        .with_log_processor(record_counter.clone())
+        .with_batch_exporter(records)
+        .build();
+    let meter = SdkMeterProvider::builder()
+        .with_periodic_exporter(points)
+        .build();
+    let t = tracer.tracer("test");
+    let log = logger.logger("test");
+    let m = meter.meter("test");
+    for i in 0..1500u64 {
+        t.in_span("work", |_| {});
+        let mut record = log.create_log_record();
+        record.set_body("hello".into());
+        log.emit(record);
+        m.u64_counter("work")
+            .build()
+            .add(1, &[opentelemetry::KeyValue::new("shard", (i % 7) as i64)]);
+    }
+    let finale = finale(Duration::from_secs(20), Duration::from_secs(10));
+    Otlp::new()
+        .tracer_provider(tracer)
+        .logger_provider(logger)
+        .meter_provider(meter)
+        .span_counter(span_counter)
+        .log_record_counter(record_counter)
+        .metric_point_counter(point_counter)
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    let spans = report.delivery(HOOK_TRACES).unwrap().total();
+    let records = report.delivery(HOOK_LOGS).unwrap().total();
+    let points = report.delivery(HOOK_METRICS).unwrap().total();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            collector.span_count() == spans.exported
+                && collector.log_record_count() == records.exported
+        }),
+        "collector: {} spans, {} log records\n{report}",
+        collector.span_count(),
+        collector.log_record_count()
+    );
+    eprintln!(
+        "real collector: {} spans and {} log records received; report: {spans}, {records}; \
+         metric points: {points}",
+        collector.span_count(),
+        collector.log_record_count()
+    );
+    assert_eq!(spans.exported, 1500, "{report}");
+    assert_eq!(records.exported, 1500, "{report}");
+    // One counter, seven attribute sets: seven points per export; the meter exports at the
+    // flush and again (cumulative) at its shutdown.
+    assert!(points.exported >= 7 && points.exported % 7 == 0, "{report}");
 }

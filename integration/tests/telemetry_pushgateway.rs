@@ -417,6 +417,67 @@ async fn a_refused_push_chains_to_the_client_error() {
 }
 
 #[tokio::test]
+async fn the_samples_pushed_are_counted_as_the_gateway_holds_them() {
+    let Some(gateway) = Gateway::start() else {
+        return;
+    };
+    let handle = recorder();
+    for shard in ["a", "b", "c"] {
+        metrics::counter!("counted_test_total", "shard" => shard).increment(1);
+    }
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(gateway.url(), "counted")
+        .build(handle)
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    let delivery = report.delivery("pushgateway").expect("counted");
+    assert_eq!(delivery.items, finale::Items::Samples);
+    // The group as the Pushgateway holds it, less the two series it adds itself.
+    let held = parse_samples(&gateway.metrics_text())
+        .into_iter()
+        .filter(|s| s.has_labels(&[("job", "counted")]))
+        .filter(|s| !s.name.starts_with("push_time_seconds"))
+        .filter(|s| !s.name.starts_with("push_failure_time_seconds"))
+        .count() as u64;
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!("pushgateway: {held} samples held; {delivery}");
+    }
+    assert!(held >= 3, "{held}");
+    assert_eq!(delivery.at_exit.exported, held, "{report}");
+    assert_eq!(delivery.total().failed, 0, "{report}");
+}
+
+#[tokio::test]
+async fn a_refused_push_counts_its_samples_as_failed_once() {
+    let (port, seen) = recording(Some("400 Bad Request"));
+    metrics::counter!("refused_count_test_total").increment(1);
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(format!("http://127.0.0.1:{port}"), "refused-count")
+        .build(recorder())
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    let body = seen.lock().unwrap().last().unwrap().body.clone();
+    let sent = parse_samples(&body).len() as u64;
+    let delivery = report.delivery("pushgateway").expect("counted");
+    assert!(sent > 0);
+    assert_eq!(delivery.at_exit.failed, sent, "{report}");
+    assert_eq!(delivery.total().exported, 0, "{report}");
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
+}
+
+#[tokio::test]
 async fn a_408_is_retried_like_a_5xx() {
     // A proxy or the server giving up on a slow request: the next attempt may well get through.
     let (port, seen) = recording(Some("408 Request Timeout"));

@@ -15,6 +15,26 @@
 
 mod common;
 
+/// From the report on stderr: what the `delivered  <stage>` line counts as exported (run and
+/// at exit) and as failed or dropped.
+fn delivered(out: &str, stage: &str) -> (u64, u64) {
+    let line = out
+        .lines()
+        .find(|l| l.contains(&format!("delivered  {stage} ")))
+        .unwrap_or_else(|| panic!("no delivery line for {stage}: {out}"));
+    let (mut exported, mut lost) = (0, 0);
+    let words: Vec<&str> = line.split_whitespace().collect();
+    for pair in words.windows(2) {
+        let n: u64 = pair[0].parse().unwrap_or(0);
+        match pair[1].trim_end_matches([',', ';']) {
+            "exported" => exported += n,
+            "failed" | "dropped" => lost += n,
+            _ => {}
+        }
+    }
+    (exported, lost)
+}
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -259,6 +279,17 @@ fn lossless_under_load_across_sigterm() {
     );
     assert_eq!(log_records_with_body(&collector, "request served"), n);
     assert_eq!(spans_named(&collector, "finale.shutdown"), 1);
+    // The report's counts are the collector's: every span and log record it received, and
+    // nothing failed or dropped.
+    for (stage, received) in [
+        ("otlp-traces", collector.span_count()),
+        ("otlp-logs", collector.log_record_count()),
+    ] {
+        let (exported, lost) = delivered(&out, stage);
+        eprintln!("lossless: {stage}: {exported} exported per the report, {received} received");
+        assert_eq!(exported, received, "{stage}: {out}");
+        assert_eq!(lost, 0, "{stage}: {out}");
+    }
 
     // The log file: one line per successful request.
     assert_eq!(lines_containing(&scratch.log(), "request served"), n);

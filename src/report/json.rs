@@ -9,8 +9,8 @@ use serde::ser::{Serialize, SerializeMap, SerializeStruct, Serializer};
 
 use super::names::reason_label;
 use super::{
-    EntryKind, EntryReport, Outcome, PhaseOutcome, PhaseReport, Reason, ShutdownReport,
-    ShutdownStatus,
+    Counts, Delivery, EntryKind, EntryReport, Outcome, PhaseOutcome, PhaseReport, Reason,
+    ShutdownReport, ShutdownStatus,
 };
 use crate::phase::Phase;
 use crate::signal::Signal;
@@ -27,7 +27,10 @@ impl ShutdownReport {
     ///             "entries":[]},
     ///            {"phase":"workers","outcome":"completed","duration_seconds":0.0081,
     ///             "entries":[{"name":"close-db","kind":"hook","outcome":"failed",
-    ///                         "error":"connection refused","duration_seconds":0.008}]}]}
+    ///                         "error":"connection refused","duration_seconds":0.008}]}],
+    ///  "delivery":[{"stage":"otlp-traces","items":"spans",
+    ///               "run":{"exported":488,"failed":512,"dropped":0},
+    ///               "at_exit":{"exported":12,"failed":0,"dropped":0}}]}
     /// ```
     ///
     /// - `status`: `clean`, `startup_failure`, `component_failure`, `deadline_overrun`,
@@ -39,6 +42,9 @@ impl ShutdownReport {
     ///   `completed`, `failed` (with `error`), `panicked` (with `panic`), `timed_out`,
     ///   `overran`, `abandoned`; a phase's `outcome`: `completed`, `deadline_reached`,
     ///   `escalated`, `skipped`.
+    /// - `delivery`: one object per telemetry stage that counts, `{"stage", "items", "run",
+    ///   "at_exit"}`, `items` one of `spans`, `log_records`, `metric_points`, `log_lines`,
+    ///   `samples`, `other`, and `run` and `at_exit` each `{"exported", "failed", "dropped"}`.
     /// - every duration in seconds, as a floating-point number.
     ///
     /// The same shape comes from `serde_json::to_string(&report)` or any other `serde` format.
@@ -68,7 +74,7 @@ impl ShutdownReport {
 #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
 impl Serialize for ShutdownReport {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut r = s.serialize_struct("ShutdownReport", 13)?;
+        let mut r = s.serialize_struct("ShutdownReport", 16)?;
         r.serialize_field("reason", &self.reason)?;
         r.serialize_field("status", &self.status)?;
         r.serialize_field("exit_code", &self.exit_code)?;
@@ -89,6 +95,7 @@ impl Serialize for ShutdownReport {
         r.serialize_field("cut", &self.cut)?;
         r.serialize_field("upgrades_failed", &self.upgrades_failed)?;
         r.serialize_field("phases", &self.phases)?;
+        r.serialize_field("delivery", &self.delivery)?;
         r.end()
     }
 }
@@ -113,6 +120,31 @@ impl Serialize for EntryReport {
         r.serialize_entry("kind", &self.kind)?;
         outcome_entries(&self.outcome, &mut r)?;
         r.serialize_entry("duration_seconds", &self.duration.as_secs_f64())?;
+        r.end()
+    }
+}
+
+/// `{"stage": "otlp-traces", "items": "spans", "run": {..}, "at_exit": {..}}`.
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl Serialize for Delivery {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut r = s.serialize_struct("Delivery", 4)?;
+        r.serialize_field("stage", &*self.stage)?;
+        r.serialize_field("items", self.items.as_str())?;
+        r.serialize_field("run", &self.run)?;
+        r.serialize_field("at_exit", &self.at_exit)?;
+        r.end()
+    }
+}
+
+/// `{"exported": 488, "failed": 512, "dropped": 0}`.
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl Serialize for Counts {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut r = s.serialize_struct("Counts", 3)?;
+        r.serialize_field("exported", &self.exported)?;
+        r.serialize_field("failed", &self.failed)?;
+        r.serialize_field("dropped", &self.dropped)?;
         r.end()
     }
 }
@@ -263,13 +295,19 @@ mod tests {
             requests_panicked: 0,
             cut: vec!["GET /events".into()],
             upgrades_failed: Vec::new(),
+            delivery: vec![Delivery {
+                stage: "otlp-traces".into(),
+                items: crate::Items::Spans,
+                run: Counts::new(488, 512, 0),
+                at_exit: Counts::new(12, 0, 3),
+            }],
             escalated: false,
             total: Duration::from_millis(1500),
             over_budget: false,
             status: ShutdownStatus::Clean,
             exit_code: 0,
         };
-        report.classify(&ExitCodes::default());
+        report.classify(&ExitCodes::default(), crate::DeliveryPolicy::default());
         report
     }
 
@@ -298,6 +336,12 @@ mod tests {
         assert_eq!(ticker["outcome"], "panicked");
         assert_eq!(ticker["panic"], "boom");
         assert!(ticker.get("error").is_none());
+        let spans = &json["delivery"][0];
+        assert_eq!(spans["stage"], "otlp-traces");
+        assert_eq!(spans["items"], "spans");
+        assert_eq!(spans["run"]["failed"], 512);
+        assert_eq!(spans["at_exit"]["exported"], 12);
+        assert_eq!(spans["at_exit"]["dropped"], 3);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The report every run ends with: what every phase, hook and task did, and how to exit.
 
+mod delivery;
 #[cfg(feature = "serde")]
 mod json;
 mod outcome;
@@ -12,6 +13,8 @@ use std::time::Duration;
 
 use crate::phase::Phase;
 
+pub use self::delivery::{Counts, Delivery, DeliveryPolicy, Items};
+pub(crate) use self::delivery::{Tallied, Tally};
 pub use self::outcome::{EntryKind, EntryReport, Outcome, PhaseOutcome, PhaseReport, Reason};
 pub use self::status::{ExitCodes, ShutdownStatus};
 
@@ -29,6 +32,8 @@ pub use self::status::{ExitCodes, ShutdownStatus};
 ///     task "ticker"          completed          0.2ms
 ///     hook "close-db"        completed          8.0ms
 ///   telemetry  completed         1.1ms
+///     hook "otlp-traces"     completed          1.0ms
+///   delivered  otlp-traces      spans         run: 488 exported, 512 failed, 0 dropped; at exit: 12 exported, 0 failed, 0 dropped
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -64,6 +69,11 @@ pub struct ShutdownReport {
     /// Whether the sequence ended after its total budget (something blocked a thread past its
     /// deadline). Such a run is never [`Clean`](ShutdownStatus::Clean).
     pub over_budget: bool,
+    /// What each telemetry stage that counts delivered, during the run and at exit (see
+    /// [`Delivery`]); which losses make the run
+    /// [`TelemetryNotDelivered`](ShutdownStatus::TelemetryNotDelivered) is the
+    /// [`DeliveryPolicy`]'s choice.
+    pub delivery: Vec<Delivery>,
     /// The ending's class.
     pub status: ShutdownStatus,
     /// The process exit code for [`status`](ShutdownReport::status), after the user's mapping.
@@ -100,12 +110,17 @@ impl ShutdownReport {
 
     /// Sets [`status`](ShutdownReport::status) and [`exit_code`](ShutdownReport::exit_code)
     /// from everything else in the report.
-    pub(crate) fn classify(&mut self, codes: &ExitCodes) {
-        self.status = self.status_from_parts();
+    pub(crate) fn classify(&mut self, codes: &ExitCodes, policy: DeliveryPolicy) {
+        self.status = self.status_from_parts(policy);
         self.exit_code = codes.code(self.status);
     }
 
-    fn status_from_parts(&self) -> ShutdownStatus {
+    /// What `stage` delivered, if it counts.
+    pub fn delivery(&self, stage: &str) -> Option<&Delivery> {
+        self.delivery.iter().find(|d| d.stage == stage)
+    }
+
+    fn status_from_parts(&self, policy: DeliveryPolicy) -> ShutdownStatus {
         if self.escalated {
             return ShutdownStatus::Forced;
         }
@@ -147,6 +162,7 @@ impl ShutdownReport {
             .filter(|p| p.phase == Phase::Telemetry)
             .flat_map(|p| &p.entries)
             .any(|e| !e.outcome.is_completed())
+            || self.delivery.iter().any(|d| policy.is_lost(d))
         {
             return ShutdownStatus::TelemetryNotDelivered;
         }
@@ -248,6 +264,16 @@ impl fmt::Display for ShutdownReport {
                     _ => {}
                 }
             }
+        }
+        for d in &self.delivery {
+            write!(
+                f,
+                "\n  delivered  {:<16} {:<13} run: {}; at exit: {}",
+                d.stage,
+                d.items.to_string(),
+                d.run,
+                d.at_exit
+            )?;
         }
         Ok(())
     }

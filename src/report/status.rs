@@ -14,7 +14,8 @@ pub enum ShutdownStatus {
     ComponentFailure,
     /// A hook, task or phase overran its deadline and was abandoned.
     DeadlineOverrun,
-    /// A Telemetry-phase hook did not deliver (failed, panicked or overran).
+    /// A Telemetry-phase hook did not deliver (failed, panicked or overran), or telemetry the
+    /// [`DeliveryPolicy`](crate::DeliveryPolicy) requires was lost (failed or dropped).
     TelemetryNotDelivered,
     /// A second signal cut the shutdown short.
     Forced,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::config::{self, BudgetSettings, ConfigError, DrainDelay, Environment, Misfit};
 use crate::platform::{self, PlatformSettings, TerminationLog};
-use crate::report::{ExitCodes, Reason};
+use crate::report::{DeliveryPolicy, ExitCodes, Reason};
 use crate::run::finale::Finale;
 use crate::run::{global, supervisor};
 use crate::signal::{DEFAULT_SIGNALS, Signal};
@@ -30,6 +30,7 @@ use crate::state::Shared;
 /// | [`signals`](Builder::signals) | `SIGTERM`, `SIGINT` ([`DEFAULT_SIGNALS`](crate::DEFAULT_SIGNALS)) | |
 /// | [`panic_hook`](Builder::panic_hook) | off | |
 /// | [`exit_codes`](Builder::exit_codes) | [`ExitCodes::default`] | |
+/// | [`delivery_policy`](Builder::delivery_policy) | [`DeliveryPolicy::AtExit`] | |
 /// | [`termination_log`](Builder::termination_log) | [`TerminationLog::Auto`]: `/dev/termination-log` on Kubernetes, off elsewhere | `FINALE_TERMINATION_LOG` (a path, `auto`, `off`) |
 /// | `systemd_notify` (feature `systemd`) | off | |
 ///
@@ -46,6 +47,7 @@ pub struct Builder {
     signals: Vec<Signal>,
     panic_hook: bool,
     exit_codes: ExitCodes,
+    delivery_policy: DeliveryPolicy,
     empty_signals: bool,
     install: bool,
     platform: PlatformSettings,
@@ -63,6 +65,7 @@ impl Default for Builder {
             signals: DEFAULT_SIGNALS.to_vec(),
             panic_hook: false,
             exit_codes: ExitCodes::default(),
+            delivery_policy: DeliveryPolicy::default(),
             empty_signals: false,
             install: false,
             platform: PlatformSettings::default(),
@@ -207,6 +210,16 @@ impl Builder {
         self
     }
 
+    /// Which lost telemetry makes the run
+    /// [`TelemetryNotDelivered`](crate::ShutdownStatus::TelemetryNotDelivered): only what was
+    /// lost from the trigger on ([`DeliveryPolicy::AtExit`], the default), or anything lost
+    /// over the run ([`DeliveryPolicy::WholeRun`]). See [`Delivery`](crate::Delivery) for what
+    /// is counted.
+    pub fn delivery_policy(mut self, policy: DeliveryPolicy) -> Self {
+        self.delivery_policy = policy;
+        self
+    }
+
     /// Installs the built `Finale` as the process's one instance, reachable from code that
     /// never sees it (a library, a connection pool, an exporter set up deep in the stack)
     /// through [`finale::global`](crate::global). Off by default.
@@ -303,6 +316,7 @@ impl Builder {
             return Err(ConfigError::NoSignalsGiven);
         }
         let mut shared = Shared::new(budget, self.exit_codes);
+        shared.delivery_policy = self.delivery_policy;
         shared.observers = platform::observers(&self.platform, self.read_env, environment);
         #[allow(unused_mut)]
         let mut signals = self.signals.clone();

@@ -121,10 +121,11 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
         escalated: shared.is_escalated(),
         total: before_telemetry,
         over_budget: false,
+        delivery: Vec::new(),
         status: ShutdownStatus::Clean,
         exit_code: 0,
     };
-    report.classify(&shared.exit_codes);
+    report.classify(&shared.exit_codes, shared.delivery_policy);
     tracing::info!(target: "finale", "{report}");
 
     // Telemetry: the reserved slot.
@@ -159,7 +160,8 @@ fn finish(shared: &Shared, report: &mut ShutdownReport, total: Duration) {
     report.requests_rejected = shared.requests_rejected();
     report.requests_panicked = shared.in_flight.panicked();
     report.cut.extend(shared.take_cut());
-    report.classify(&shared.exit_codes);
+    report.delivery = shared.delivery();
+    report.classify(&shared.exit_codes, shared.delivery_policy);
     shared.set_state(State::Finished);
 }
 
@@ -391,6 +393,7 @@ pub(crate) fn without_timers(
         escalated: false,
         total: Duration::ZERO,
         over_budget: false,
+        delivery: Vec::new(),
         status: ShutdownStatus::Clean,
         exit_code: 0,
     };

@@ -16,12 +16,25 @@
 //!
 //! Create the writer with [`non_blocking`] or [`non_blocking_with`]: they wrap your writer so
 //! finale sees the writer thread let go of it, which happens only after it wrote and flushed every
-//! line queued before the release. The hook (named `log-writer`) then completes only if that
-//! happened in time and no line was dropped because the queue was full (lossy mode); otherwise it
-//! fails with a [`LogWriterError`] and the run's status is
-//! [`TelemetryNotDelivered`](crate::ShutdownStatus::TelemetryNotDelivered). A guard made elsewhere can
-//! be handed over with [`LogWriterGuard::from_worker_guard`], but then finale can only tell that
-//! the guard's drop returned, not that the lines were written.
+//! line queued before the release. The hook (named `log-writer`) completes only if that
+//! happened in time; otherwise it fails with a [`LogWriterError`] and the run's status is
+//! [`TelemetryNotDelivered`](crate::ShutdownStatus::TelemetryNotDelivered).
+//!
+//! # What was written
+//!
+//! The wrapped writer also counts the lines written and the lines whose write failed (a full
+//! disk: tracing-appender drops such a line and goes on), and the writer's [`ErrorCounter`]
+//! the lines dropped because the queue was full (lossy mode). The report's
+//! [`delivery`](crate::ShutdownReport::delivery) entry `log-writer` splits them at the trigger:
+//! what happened during the run, and from the trigger to the release. Under the default
+//! [`DeliveryPolicy`](crate::DeliveryPolicy) a line lost from the trigger on makes the run
+//! not delivered, while a burst that overflowed the queue an hour earlier is reported but
+//! leaves the exit code alone.
+//!
+//! A guard made elsewhere can be handed over with [`LogWriterGuard::from_worker_guard`], but
+//! then finale can only tell that the guard's drop returned, not that the lines were written;
+//! pass the writer's [`ErrorCounter`] with [`LogWriterGuard::error_counter`] for its drops to
+//! be counted.
 //!
 //! Lines logged after the release (for example the warnings the Telemetry phase logs about hooks
 //! that did not complete) are not written. finale's report line is logged before the Telemetry
@@ -50,6 +63,8 @@ use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::fmt;
 use std::io::{self, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -60,6 +75,7 @@ use crate::Finale;
 use crate::config::ConfigError;
 use crate::hook::Hook;
 use crate::phase::Phase;
+use crate::report::{Counts, Items, Tally};
 use crate::slot::{ORDER_LOG_WRITER, Share, stage_deadline};
 use crate::state::EmergencyStage;
 use crate::telemetry::stages::{Handoff, OffThread, run_until};
@@ -80,14 +96,17 @@ pub fn non_blocking_with<W: Write + Send + 'static>(
     writer: W,
 ) -> (NonBlocking, LogWriterGuard) {
     let (tx, rx) = oneshot::channel();
+    let lines = Arc::new(Lines::default());
     let (non_blocking, guard) = builder.finish(Tracked {
         inner: writer,
         released: Some(tx),
+        lines: lines.clone(),
     });
     let guard = LogWriterGuard {
         guard: Some(guard),
         released: Some(rx),
         errors: Some(non_blocking.error_counter()),
+        lines: Some(lines),
     };
     (non_blocking, guard)
 }
@@ -97,6 +116,14 @@ pub fn non_blocking_with<W: Write + Send + 'static>(
 struct Tracked<W> {
     inner: W,
     released: Option<oneshot::Sender<()>>,
+    lines: Arc<Lines>,
+}
+
+/// The lines the writer thread wrote, and those whose write failed.
+#[derive(Debug, Default)]
+struct Lines {
+    written: AtomicU64,
+    failed: AtomicU64,
 }
 
 impl<W: Write> Write for Tracked<W> {
@@ -104,8 +131,17 @@ impl<W: Write> Write for Tracked<W> {
         self.inner.write(buf)
     }
 
+    // The writer thread writes each line with one `write_all`; a line whose write fails is
+    // lost (tracing-appender goes on with the next one and tells nobody), so count both.
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.inner.write_all(buf)
+        let result = self.inner.write_all(buf);
+        let count = if result.is_ok() {
+            &self.lines.written
+        } else {
+            &self.lines.failed
+        };
+        count.fetch_add(1, Ordering::Relaxed);
+        result
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -136,6 +172,11 @@ pub enum LogWriterError {
         /// How many, over the life of the writer.
         count: usize,
     },
+    /// Lines were lost because the writer failed to write them (a full disk, say).
+    WriteErrors {
+        /// How many, over the life of the writer.
+        count: u64,
+    },
     /// The guard's drop panicked.
     Panicked {
         /// The panic message.
@@ -159,6 +200,9 @@ impl fmt::Display for LogWriterError {
                 f,
                 "{count} log lines were dropped because the writer's queue was full"
             ),
+            LogWriterError::WriteErrors { count } => {
+                write!(f, "{count} log lines were lost to write errors")
+            }
             LogWriterError::Panicked { message } => {
                 write!(f, "releasing the log writer panicked: {message}")
             }
@@ -197,6 +241,7 @@ pub struct LogWriterGuard {
     guard: Option<WorkerGuard>,
     released: Option<oneshot::Receiver<()>>,
     errors: Option<ErrorCounter>,
+    lines: Option<Arc<Lines>>,
 }
 
 impl fmt::Debug for LogWriterGuard {
@@ -210,13 +255,36 @@ impl fmt::Debug for LogWriterGuard {
 
 impl LogWriterGuard {
     /// Takes a guard made with tracing-appender directly. finale then only knows that the drop
-    /// returned (after at most 1.1 s), not that the writer drained; prefer [`non_blocking`].
+    /// returned (after at most 1.1 s), not that the writer drained, nor what it wrote; prefer
+    /// [`non_blocking`]. Hand over the writer's [`ErrorCounter`] with
+    /// [`error_counter`](LogWriterGuard::error_counter) for the drops to be reported.
     pub fn from_worker_guard(guard: WorkerGuard) -> Self {
         Self {
             guard: Some(guard),
             released: None,
             errors: None,
+            lines: None,
         }
+    }
+
+    /// Reports the lines this counter counts as dropped (from
+    /// [`NonBlocking::error_counter`]), for a guard taken with
+    /// [`from_worker_guard`](LogWriterGuard::from_worker_guard).
+    pub fn error_counter(mut self, counter: ErrorCounter) -> Self {
+        self.errors = Some(counter);
+        self
+    }
+
+    /// What the report counts: lines written and failed (known only for [`non_blocking`]'s
+    /// writer) and dropped.
+    fn tally(&self) -> Option<WriterTally> {
+        if self.errors.is_none() && self.lines.is_none() {
+            return None;
+        }
+        Some(WriterTally {
+            errors: self.errors.clone(),
+            lines: self.lines.clone(),
+        })
     }
 
     /// Registers the release as the last Telemetry hook, `log-writer`, of order
@@ -229,6 +297,7 @@ impl LogWriterGuard {
     /// If the user's runtime is wedged and the Telemetry phase cannot run, finale's supervisor
     /// releases the writer from its own thread instead.
     pub fn register(self, finale: &Finale) -> Result<(), ConfigError> {
+        let tally = self.tally();
         let held = Handoff::new(self);
         let for_hook = held.clone();
         finale.hook(
@@ -236,12 +305,17 @@ impl LogWriterGuard {
                 let Some(guard) = for_hook.take() else {
                     return Ok(()); // the supervisor released it already
                 };
-                let result = guard.release(stage_deadline(&ctx, Share::ALL)).await;
+                // The report counts the lines, and the delivery policy decides what their loss
+                // means: the hook says only whether the writer drained.
+                let result = guard.release_only(stage_deadline(&ctx, Share::ALL)).await;
                 for_hook.done();
                 result
             })
             .order(ORDER_LOG_WRITER),
         )?;
+        if let Some(tally) = tally {
+            finale.shared.add_tally(Arc::new(tally));
+        }
         finale.shared.add_emergency(EmergencyStage {
             name: Cow::Borrowed(HOOK_NAME),
             order: ORDER_LOG_WRITER,
@@ -261,7 +335,7 @@ impl LogWriterGuard {
             .enable_time()
             .build()
             .map_err(|source| LogWriterError::Thread { source })?;
-        runtime.block_on(self.release(Instant::from_std(deadline)))
+        runtime.block_on(self.release_only(Instant::from_std(deadline)))
     }
 
     /// Releases the writer: drops the `WorkerGuard` on a thread of its own and waits, until
@@ -269,15 +343,33 @@ impl LogWriterGuard {
     ///
     /// # Errors
     ///
-    /// A [`LogWriterError`] if the writer did not drain in time or dropped lines.
+    /// A [`LogWriterError`] if the writer did not drain in time, dropped lines or failed to
+    /// write some (over its whole life: released by hand, there is no report to tell the run's
+    /// losses from the exit's).
     ///
     /// # Cancel safety
     ///
     /// Dropping the future does not undo the release; the writer goes on draining on its own.
-    pub async fn release(mut self, deadline: Instant) -> Result<(), LogWriterError> {
+    pub async fn release(self, deadline: Instant) -> Result<(), LogWriterError> {
+        let errors = self.errors.clone();
+        let lines = self.lines.clone();
+        self.release_only(deadline).await?;
+        let dropped = errors.as_ref().map_or(0, ErrorCounter::dropped_lines);
+        let failed = lines.map_or(0, |l| l.failed.load(Ordering::Relaxed));
+        if dropped > 0 {
+            return Err(LogWriterError::LinesDropped { count: dropped });
+        }
+        if failed > 0 {
+            return Err(LogWriterError::WriteErrors { count: failed });
+        }
+        Ok(())
+    }
+
+    /// The release, without a look at the counts.
+    async fn release_only(mut self, deadline: Instant) -> Result<(), LogWriterError> {
         let start = Instant::now();
         let guard = self.guard.take();
-        let result = match self.released.take() {
+        match self.released.take() {
             Some(released) => {
                 // The drop's own waits are fixed; what matters is the writer thread ending, which
                 // `released` reports, so the drop thread is not waited for.
@@ -300,12 +392,34 @@ impl LogWriterGuard {
                 }),
                 Err(source) => Err(LogWriterError::Thread { source }),
             },
-        };
-        let dropped = self.errors.as_ref().map_or(0, ErrorCounter::dropped_lines);
-        match result {
-            Ok(()) if dropped > 0 => Err(LogWriterError::LinesDropped { count: dropped }),
-            other => other,
         }
+    }
+}
+
+/// The log writer's counts as the report reads them.
+struct WriterTally {
+    errors: Option<ErrorCounter>,
+    lines: Option<Arc<Lines>>,
+}
+
+impl Tally for WriterTally {
+    fn stage(&self) -> Cow<'static, str> {
+        Cow::Borrowed(HOOK_NAME)
+    }
+
+    fn items(&self) -> Items {
+        Items::LogLines
+    }
+
+    fn counts(&self) -> Counts {
+        let (written, failed) = self.lines.as_ref().map_or((0, 0), |l| {
+            (
+                l.written.load(Ordering::Relaxed),
+                l.failed.load(Ordering::Relaxed),
+            )
+        });
+        let dropped = self.errors.as_ref().map_or(0, ErrorCounter::dropped_lines);
+        Counts::new(written, failed, dropped as u64)
     }
 }
 

@@ -8,7 +8,9 @@
 //! | `pushgateway/` | the final push to a Prometheus Pushgateway; `transport.rs`: TCP, TLS, errors |
 //! | `otlp.rs` | the OpenTelemetry providers' flush and shutdown |
 //! | `appender.rs` | the tracing-appender writer, released last |
+//! | `sink.rs` | the user's own stages ([`Sink`](crate::Sink)), on the same machinery |
 
+pub(crate) mod sink;
 mod stages;
 
 #[cfg(feature = "tracing-appender")]

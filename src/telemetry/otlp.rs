@@ -23,7 +23,19 @@
 //! export failed. finale therefore calls `force_flush` first, which does report export errors: a
 //! hook completes only when the flush (and then the shutdown) succeeded; otherwise it fails with
 //! an [`OtlpError`] naming the provider and the cause, and the run's status becomes
-//! [`TelemetryNotDelivered`](crate::ShutdownStatus::TelemetryNotDelivered).
+//! [`TelemetryNotDelivered`](crate::ShutdownStatus::TelemetryNotDelivered). The shutdown runs
+//! even after a failed flush, with what is left of the stage's share: the SDK's flush gives up
+//! after a fixed 5 s while a slow but healthy collector is still taking the export, and the
+//! shutdown then waits for the batch thread to export the rest.
+//!
+//! **How much was delivered.** Wrap each exporter in [`Counted`] and hand its [`Counter`] to
+//! [`Otlp`] (and, for spans and log records, to the provider as a processor): the report's
+//! [`delivery`](crate::ShutdownReport::delivery) then says, per signal, how many items were
+//! exported, failed and dropped during the run and at exit, so an export that failed a minute
+//! before the shutdown, or a queue that overflowed, is visible, and the
+//! [`DeliveryPolicy`](crate::DeliveryPolicy) decides whether it changes the exit code. With
+//! a counter, a flush that only ran out of the SDK's fixed 5 s counts as delivered when the
+//! shutdown then drained the queue without a failed export.
 //!
 //! # Requirements and traps
 //!
@@ -74,18 +86,26 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use opentelemetry::{Context, InstrumentationScope};
+use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::logs::SdkLoggerProvider;
-use opentelemetry_sdk::metrics::SdkMeterProvider;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::logs::{
+    LogBatch, LogExporter, LogProcessor, SdkLogRecord, SdkLoggerProvider,
+};
+use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::{SdkMeterProvider, Temporality};
+use opentelemetry_sdk::trace::{SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor};
 use tokio::time::Instant;
 
 use crate::Finale;
 use crate::config::ConfigError;
 use crate::hook::{Hook, HookContext};
 use crate::phase::Phase;
+use crate::report::{Counts, Items, Tally};
 use crate::slot::{ORDER_METRICS, ORDER_TRACES_LOGS, Share, stage_deadline};
 use crate::state::EmergencyStage;
 use crate::telemetry::stages::{Handoff, OffThread, run_until};
@@ -230,6 +250,9 @@ pub struct Otlp {
     tracer: Option<SdkTracerProvider>,
     meter: Option<SdkMeterProvider>,
     logger: Option<SdkLoggerProvider>,
+    spans: Option<Counter>,
+    points: Option<Counter>,
+    records: Option<Counter>,
 }
 
 impl Otlp {
@@ -256,6 +279,25 @@ impl Otlp {
         self
     }
 
+    /// Reports what the tracer provider's [`Counted`] exporter counted (entry `otlp-traces` of
+    /// [`ShutdownReport::delivery`](crate::ShutdownReport::delivery)).
+    pub fn span_counter(mut self, counter: Counter) -> Self {
+        self.spans = Some(counter);
+        self
+    }
+
+    /// Reports what the meter provider's [`Counted`] exporter counted (entry `otlp-metrics`).
+    pub fn metric_point_counter(mut self, counter: Counter) -> Self {
+        self.points = Some(counter);
+        self
+    }
+
+    /// Reports what the logger provider's [`Counted`] exporter counted (entry `otlp-logs`).
+    pub fn log_record_counter(mut self, counter: Counter) -> Self {
+        self.records = Some(counter);
+        self
+    }
+
     /// Registers one Telemetry hook per provider given.
     ///
     /// # Errors
@@ -270,6 +312,7 @@ impl Otlp {
                 ORDER_METRICS,
                 Share::METRICS,
                 p,
+                self.points,
             )?;
         }
         if let Some(p) = self.tracer {
@@ -280,6 +323,7 @@ impl Otlp {
                 ORDER_TRACES_LOGS,
                 Share::TRACES_LOGS,
                 p,
+                self.spans,
             )?;
         }
         if let Some(p) = self.logger {
@@ -290,6 +334,7 @@ impl Otlp {
                 ORDER_TRACES_LOGS,
                 Share::TRACES_LOGS,
                 p,
+                self.records,
             )?;
         }
         Ok(())
@@ -323,15 +368,30 @@ fn register_flush<P: Flush>(
     order: i32,
     share: Share,
     p: P,
+    counter: Option<Counter>,
 ) -> Result<(), ConfigError> {
     let held = Handoff::new(p);
     let for_hook = held.clone();
+    let for_hook_counter = counter.clone();
     finale.hook(
         Hook::new(Phase::Telemetry, name, move |ctx: HookContext| async move {
-            flush(provider, for_hook, stage_deadline(&ctx, share)).await
+            let deadline = stage_deadline(&ctx, share);
+            flush(provider, for_hook, for_hook_counter, deadline).await
         })
         .order(order),
     )?;
+    if let Some(counter) = &counter {
+        let items = match provider {
+            Provider::Tracer => Items::Spans,
+            Provider::Meter => Items::MetricPoints,
+            Provider::Logger => Items::LogRecords,
+        };
+        finale.shared.add_tally(Arc::new(Tallied {
+            stage: name,
+            items,
+            counter: counter.clone(),
+        }));
+    }
     // If the user's runtime is wedged, the supervisor flushes from its own thread.
     finale.shared.add_emergency(EmergencyStage {
         name: Cow::Borrowed(name),
@@ -339,7 +399,7 @@ fn register_flush<P: Flush>(
         share,
         run: Box::new(move |deadline| {
             held.run_or_wait(deadline, |p| {
-                flush_blocking(provider, &p, deadline).map_err(|e| e.to_string())
+                flush_blocking(provider, &p, counter.as_ref(), deadline).map_err(|e| e.to_string())
             })
         }),
     });
@@ -350,22 +410,47 @@ fn register_flush<P: Flush>(
 fn flush_blocking<P: Flush>(
     provider: Provider,
     p: &P,
+    counter: Option<&Counter>,
     deadline: std::time::Instant,
 ) -> Result<(), OtlpError> {
+    let failed_before = counter.map(Counter::failed);
     // `force_flush` first: unlike the tracer's and logger's `shutdown`, it reports a failed
-    // export. After a failed flush nothing more can be delivered: skip the shutdown, whose
-    // own wait would only hold the thread longer.
-    p.force_flush()
-        .map_err(|source| OtlpError::Flush { provider, source })?;
+    // export. Its wait is the SDK's own (a fixed 5 s for traces and logs), not the stage's.
+    let flushed = p.force_flush();
+    // The shutdown runs whatever the flush said: after a flush that timed out (a slow but
+    // healthy collector), the batch thread is still exporting and the shutdown waits, with
+    // what is left of the share, for it to export the rest; after a refused export it tries
+    // what is still queued once more and releases the exporter.
     let left = deadline.saturating_duration_since(std::time::Instant::now());
-    p.shutdown_with_timeout(left.max(Duration::from_millis(1)))
-        .map_err(|source| OtlpError::Shutdown { provider, source })
+    let shut = p.shutdown_with_timeout(left.max(Duration::from_millis(1)));
+    if let Some(counter) = counter {
+        // A shutdown that returned in time found the queue exported: what the processors were
+        // handed and the exporter never saw was dropped before, by a full queue.
+        counter.inner.drained.store(shut.is_ok(), Ordering::Release);
+    }
+    match flushed {
+        // The flush failed (typically it ran out of the SDK's fixed wait; with several
+        // processors the provider folds their results into one message), yet the shutdown
+        // that followed drained the queue in time without a failed export: the counts prove
+        // the delivery that the shutdown's `Ok` alone cannot (it says `Ok` even when its
+        // export failed).
+        Err(_)
+            if shut.is_ok()
+                && failed_before.is_some()
+                && counter.map(Counter::failed) == failed_before =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(OtlpError::Flush { provider, source }),
+        Ok(()) => shut.map_err(|source| OtlpError::Shutdown { provider, source }),
+    }
 }
 
 /// Flushes, then shuts down, the provider on a thread of its own; waits until `deadline`.
 async fn flush<P: Flush>(
     provider: Provider,
     held: Arc<Handoff<P>>,
+    counter: Option<Counter>,
     deadline: Instant,
 ) -> Result<(), OtlpError> {
     let start = Instant::now();
@@ -379,7 +464,7 @@ async fn flush<P: Flush>(
         let Some(p) = held.take() else {
             return Ok(());
         };
-        let result = flush_blocking(provider, &p, thread_deadline);
+        let result = flush_blocking(provider, &p, counter.as_ref(), thread_deadline);
         held.done();
         // The provider is dropped here, on this thread: a last clone's drop blocks.
         drop(p);
@@ -405,4 +490,330 @@ async fn flush<P: Flush>(
         Err(error) => tracing::error!(target: "finale", %error, "OTLP flush failed"),
     }
     result
+}
+
+/// Wraps an exporter to count what it delivered: for [`Otlp`] to put in the report (see
+/// [`Delivery`](crate::Delivery)), per signal, before the trigger and at exit.
+///
+/// A [`SpanExporter`], [`LogExporter`] or [`PushMetricExporter`] itself: it forwards every call
+/// to the exporter it wraps and counts each batch's items (spans, log records, metric data
+/// points) as exported when the export succeeded and as failed when it did not.
+///
+/// Items dropped before they reach the exporter (the batch processor's queue was full, or still
+/// held them when the final flush gave up) are never seen by an exporter, and the SDK does not
+/// expose its drop counter. Add the [`Counter`] as a processor too, ahead of the batch
+/// processor: it then counts the spans or log records handed to the processors, and what was
+/// handed but neither exported nor failed is counted as dropped. The split is known only at
+/// exit: after a final flush that drained the queue those drops are the run's (a full queue),
+/// otherwise they are the exit's (left in the queue). Metrics have no queue to overflow.
+///
+/// # Examples
+///
+/// ```
+/// use finale::otlp::{Counted, Otlp};
+/// use opentelemetry_sdk::error::OTelSdkResult;
+/// use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+///
+/// // Any exporter; OTLP's in a service.
+/// #[derive(Debug)]
+/// struct Discard;
+/// impl SpanExporter for Discard {
+///     fn export(&self, _: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
+///         std::future::ready(Ok(()))
+///     }
+/// }
+///
+/// # fn main() -> Result<(), finale::ConfigError> {
+/// let exporter = Counted::new(Discard);
+/// let spans = exporter.counter();
+/// let tracer = SdkTracerProvider::builder()
+///     .with_span_processor(spans.clone()) // sees what the batch processor drops
+///     .with_batch_exporter(exporter)
+///     .build();
+/// let finale = finale::Finale::builder().no_signals().build()?;
+/// Otlp::new()
+///     .tracer_provider(tracer)
+///     .span_counter(spans)
+///     .register(&finale)?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Counted<E> {
+    inner: E,
+    counter: Counter,
+}
+
+impl<E> Counted<E> {
+    /// Counts what `exporter` delivers.
+    pub fn new(exporter: E) -> Self {
+        Self {
+            inner: exporter,
+            counter: Counter::default(),
+        }
+    }
+
+    /// The counts, to hand to [`Otlp`] (and, for spans and log records, to the provider as a
+    /// processor).
+    pub fn counter(&self) -> Counter {
+        self.counter.clone()
+    }
+
+    fn record(counter: &Counter, items: u64, result: &OTelSdkResult) {
+        let to = if result.is_ok() {
+            &counter.inner.exported
+        } else {
+            &counter.inner.failed
+        };
+        to.fetch_add(items, Ordering::Relaxed);
+    }
+}
+
+impl<E: SpanExporter> SpanExporter for Counted<E> {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let items = batch.len() as u64;
+        let export = self.inner.export(batch);
+        let counter = self.counter.clone();
+        async move {
+            let result = export.await;
+            Self::record(&counter, items, &result);
+            result
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+impl<E: LogExporter> LogExporter for Counted<E> {
+    fn export(
+        &self,
+        batch: LogBatch<'_>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let items = batch.iter().count() as u64;
+        let export = self.inner.export(batch);
+        let counter = self.counter.clone();
+        async move {
+            let result = export.await;
+            Self::record(&counter, items, &result);
+            result
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn event_enabled(
+        &self,
+        level: opentelemetry::logs::Severity,
+        target: &str,
+        name: Option<&str>,
+    ) -> bool {
+        self.inner.event_enabled(level, target, name)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+impl<E: PushMetricExporter> PushMetricExporter for Counted<E> {
+    fn export(
+        &self,
+        metrics: &ResourceMetrics,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let items = data_points(metrics);
+        let export = self.inner.export(metrics);
+        let counter = self.counter.clone();
+        async move {
+            let result = export.await;
+            Self::record(&counter, items, &result);
+            result
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self) -> Temporality {
+        self.inner.temporality()
+    }
+}
+
+/// How many data points an export carries.
+fn data_points(metrics: &ResourceMetrics) -> u64 {
+    fn count<T>(data: &MetricData<T>) -> usize {
+        match data {
+            MetricData::Gauge(g) => g.data_points().count(),
+            MetricData::Sum(s) => s.data_points().count(),
+            MetricData::Histogram(h) => h.data_points().count(),
+            MetricData::ExponentialHistogram(h) => h.data_points().count(),
+        }
+    }
+    metrics
+        .scope_metrics()
+        .flat_map(|s| s.metrics())
+        .map(|m| match m.data() {
+            AggregatedMetrics::F64(d) => count(d),
+            AggregatedMetrics::U64(d) => count(d),
+            AggregatedMetrics::I64(d) => count(d),
+        })
+        .sum::<usize>() as u64
+}
+
+/// What a [`Counted`] exporter counted; a cheap handle.
+///
+/// Also a [`SpanProcessor`] and a [`LogProcessor`] that only counts what it is handed: add it
+/// to the provider next to the batch processor, so that the items the batch processor drops
+/// are counted as dropped.
+#[derive(Clone, Debug, Default)]
+pub struct Counter {
+    inner: Arc<CounterInner>,
+}
+
+#[derive(Debug, Default)]
+struct CounterInner {
+    /// Handed to the processors (only if the counter is one of them).
+    handed: AtomicU64,
+    exported: AtomicU64,
+    failed: AtomicU64,
+    /// The final flush's shutdown returned in time: nothing was left in the queue.
+    drained: AtomicBool,
+}
+
+impl Counter {
+    /// Items exported so far.
+    pub fn exported(&self) -> u64 {
+        self.inner.exported.load(Ordering::Relaxed)
+    }
+
+    /// Items whose export failed so far.
+    pub fn failed(&self) -> u64 {
+        self.inner.failed.load(Ordering::Relaxed)
+    }
+
+    /// Items handed to the processors so far (0 unless the counter is one of them).
+    pub fn handed(&self) -> u64 {
+        self.inner.handed.load(Ordering::Relaxed)
+    }
+}
+
+impl SpanProcessor for Counter {
+    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
+
+    fn on_end(&self, _span: SpanData) {
+        self.inner.handed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+impl LogProcessor for Counter {
+    fn emit(&self, _record: &mut SdkLogRecord, _scope: &InstrumentationScope) {
+        self.inner.handed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    // The logger asks whether *any* processor wants an event: the counter never says yes on
+    // its own, so it leaves that choice to the exporting processors it counts for.
+    fn event_enabled(
+        &self,
+        _level: opentelemetry::logs::Severity,
+        _target: &str,
+        _name: Option<&str>,
+    ) -> bool {
+        false
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// A provider's counter as the report reads it.
+struct Tallied {
+    stage: &'static str,
+    items: Items,
+    counter: Counter,
+}
+
+impl Tally for Tallied {
+    fn stage(&self) -> Cow<'static, str> {
+        Cow::Borrowed(self.stage)
+    }
+
+    fn items(&self) -> Items {
+        self.items
+    }
+
+    fn counts(&self) -> Counts {
+        Counts::new(self.counter.exported(), self.counter.failed(), 0)
+    }
+
+    fn late_drops(&self) -> (u64, bool) {
+        let c = &self.counter;
+        let unseen = c.handed().saturating_sub(c.exported() + c.failed());
+        (unseen, c.inner.drained.load(Ordering::Acquire))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::logs::{Logger as _, LoggerProvider as _, Severity};
+
+    /// A processor that wants no event at all, as an exporter filtering by level would.
+    #[derive(Debug)]
+    struct Nothing;
+
+    impl LogProcessor for Nothing {
+        fn emit(&self, _: &mut SdkLogRecord, _: &InstrumentationScope) {}
+        fn force_flush(&self) -> OTelSdkResult {
+            Ok(())
+        }
+        fn shutdown_with_timeout(&self, _: Duration) -> OTelSdkResult {
+            Ok(())
+        }
+        fn event_enabled(&self, _: Severity, _: &str, _: Option<&str>) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn the_counter_never_enables_an_event_the_exporters_do_not_want() {
+        let provider = SdkLoggerProvider::builder()
+            .with_log_processor(Counter::default())
+            .with_log_processor(Nothing)
+            .build();
+        let logger = provider.logger("test");
+        assert!(!logger.event_enabled(Severity::Info, "app", None));
+        let _ = provider.shutdown();
+    }
 }

@@ -32,6 +32,10 @@
 //!   `5xx` answers) are retried with a doubling backoff, as long as the stage's share of the slot
 //!   allows (see [`ORDER_METRICS`]). Any other `4xx` answer is final: the Pushgateway rejected
 //!   the content or the credentials. So is a TLS handshake that one side refused.
+//! - The report's [`delivery`](crate::ShutdownReport::delivery) entry (named like the hook)
+//!   counts the samples of each push, periodic or final: exported when the Pushgateway took
+//!   the push, failed when its last attempt did not (once per push, not per attempt), split at
+//!   the trigger.
 //!
 //! # https and proxies
 //!
@@ -101,7 +105,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -115,6 +119,7 @@ use crate::Finale;
 use crate::config::ConfigError;
 use crate::hook::{Hook, HookContext};
 use crate::phase::Phase;
+use crate::report::{Counts, Items, Tally};
 use crate::slot::{ORDER_METRICS, Share, stage_deadline};
 use crate::state::EmergencyStage;
 use crate::task::{Task, TaskContext};
@@ -687,6 +692,7 @@ impl PushgatewayBuilder {
                 finished: AtomicBool::new(false),
                 delivered: AtomicBool::new(false),
                 jitter: std::collections::hash_map::RandomState::new(),
+                samples: Arc::default(),
             }),
         })
     }
@@ -721,6 +727,61 @@ struct Inner {
     /// Seeds the periodic pushes' jitter: random keys for each Pushgateway.
     jitter: std::collections::hash_map::RandomState,
     delivered: AtomicBool,
+    /// The samples pushed, for the report.
+    samples: Arc<Samples>,
+}
+
+/// Samples in pushes the Pushgateway took (`exported`) and refused or never answered
+/// (`failed`), and how many the last body rendered held.
+#[derive(Debug, Default)]
+struct Samples {
+    exported: AtomicU64,
+    failed: AtomicU64,
+    last_body: AtomicU64,
+}
+
+impl Samples {
+    /// Counts the last body's samples as pushed or not. One count per push, not per attempt:
+    /// a push that succeeded on its second attempt lost nothing.
+    fn record(&self, pushed: bool) {
+        let n = self.last_body.load(Ordering::Relaxed);
+        let to = if pushed { &self.exported } else { &self.failed };
+        to.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The report's view of the samples pushed.
+struct SampleTally {
+    stage: String,
+    samples: Arc<Samples>,
+}
+
+impl Tally for SampleTally {
+    fn stage(&self) -> Cow<'static, str> {
+        Cow::Owned(self.stage.clone())
+    }
+
+    fn items(&self) -> Items {
+        Items::Samples
+    }
+
+    fn counts(&self) -> Counts {
+        Counts::new(
+            self.samples.exported.load(Ordering::Relaxed),
+            self.samples.failed.load(Ordering::Relaxed),
+            0,
+        )
+    }
+}
+
+/// The sample lines of a text exposition: neither empty nor comments.
+fn samples_in(body: &str) -> u64 {
+    body.lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            !l.is_empty() && !l.starts_with('#')
+        })
+        .count() as u64
 }
 
 impl fmt::Debug for Pushgateway {
@@ -796,6 +857,12 @@ impl Pushgateway {
             share: Share::METRICS,
             run: Box::new(move |deadline| this.emergency_push(deadline)),
         });
+        if self.inner.method != Method::None {
+            finale.shared.add_tally(Arc::new(SampleTally {
+                stage: self.inner.name.clone(),
+                samples: self.inner.samples.clone(),
+            }));
+        }
         if let Some(interval) = self.inner.interval {
             let this = self.clone();
             finale.spawn(
@@ -918,7 +985,9 @@ impl Pushgateway {
             // A push in flight is not cancelled by the stop signal: the final push waits for its
             // answer, so it cannot land after the final one.
             let deadline = Instant::now() + inner.request_timeout;
-            match self.send_once(&inner.client, method, deadline).await {
+            let result = self.send_once(&inner.client, method, deadline).await;
+            inner.samples.record(result.is_ok());
+            match result {
                 Ok(()) => tracing::debug!(target: "finale", url = %inner.url, "periodic push"),
                 Err(error) => tracing::warn!(target: "finale", %error, "periodic push failed"),
             }
@@ -971,15 +1040,24 @@ impl Pushgateway {
         let inner = &*self.inner;
         let mut backoff = inner.backoff;
         let mut attempt = 0;
+        let counted = method != Method::Delete;
         loop {
             attempt += 1;
             let mut error = match self.send_once(client, method, deadline).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    if counted {
+                        inner.samples.record(true);
+                    }
+                    return Ok(());
+                }
                 Err(e) => e,
             };
             error.set_attempts(attempt);
             let retry_at = Instant::now() + backoff;
             if attempt >= inner.attempts || !error.is_transient() || retry_at >= deadline {
+                if counted {
+                    inner.samples.record(false);
+                }
                 return Err(error);
             }
             tracing::debug!(target: "finale", %error, ?backoff, "retrying the push");
@@ -1000,7 +1078,14 @@ impl Pushgateway {
         let until = (start + inner.request_timeout).min(deadline);
         let body = match method {
             Method::Delete => Bytes::new(),
-            _ => Bytes::from(inner.handle.render()),
+            _ => {
+                let text = inner.handle.render();
+                inner
+                    .samples
+                    .last_body
+                    .store(samples_in(&text), Ordering::Relaxed);
+                Bytes::from(text)
+            }
         };
         let mut request = Request::builder()
             .method(method.http())
