@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Budget, ConfigError};
 use crate::hook::{Hook, HookError};
 use crate::phase::Phase;
+use crate::report::names::Sink;
 use crate::report::{ExitCodes, Reason, ShutdownReport};
 use crate::slot::Share;
 use crate::track::{Health, InFlight, InFlightTracker, StopToken};
@@ -231,6 +232,8 @@ pub(crate) struct Shared {
     rejected: AtomicU64,
     registry: Mutex<Option<Registry>>,
     emergency: Mutex<Vec<EmergencyStage>>,
+    /// Recorders of finale's own metrics besides the facade (the OTLP meter provider's).
+    sinks: Mutex<Vec<Arc<dyn Sink>>>,
     /// Set by the builder before the state is shared; empty unless the user asked.
     pub(crate) observers: Vec<Box<dyn Observer>>,
     /// Set by the builder before the state is shared, with [`Builder::upgrade`](crate::Builder::upgrade).
@@ -261,6 +264,7 @@ impl Shared {
             rejected: AtomicU64::new(0),
             registry: Mutex::new(Some(Registry::default())),
             emergency: Mutex::new(Vec::new()),
+            sinks: Mutex::new(Vec::new()),
             observers: Vec::new(),
             #[cfg(all(feature = "upgrade", unix))]
             upgrade: None,
@@ -366,7 +370,7 @@ impl Shared {
     #[cfg_attr(not(feature = "tower"), allow(dead_code))]
     pub(crate) fn record_rejected_request(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(crate::report::names::REQUESTS_REJECTED).increment(1);
+        metrics::counter!(crate::report::names::metric::REQUESTS_REJECTED.name).increment(1);
     }
 
     pub(crate) fn requests_rejected(&self) -> u64 {
@@ -427,6 +431,17 @@ impl Shared {
 
     pub(crate) fn take_emergency(&self) -> Vec<EmergencyStage> {
         std::mem::take(&mut *lock(&self.emergency))
+    }
+
+    /// Records finale's own metrics through `sink` too, from now on.
+    #[cfg_attr(not(feature = "otlp"), allow(dead_code))]
+    pub(crate) fn add_sink(&self, sink: Arc<dyn Sink>) {
+        lock(&self.sinks).push(sink);
+    }
+
+    /// The recorders of finale's own metrics besides the facade.
+    pub(crate) fn sinks(&self) -> Vec<Arc<dyn Sink>> {
+        lock(&self.sinks).clone()
     }
 
     /// Tells every [`Observer`] (none unless the user asked for one).

@@ -316,7 +316,12 @@ pub(crate) async fn run(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> 
         Ok(_) => "ready",
         Err(e) => e.outcome(),
     };
-    metrics::counter!(crate::names::UPGRADES_TOTAL, "outcome" => outcome).increment(1);
+    crate::names::add(
+        &shared.sinks(),
+        &crate::names::metric::UPGRADES_TOTAL,
+        &[("outcome", outcome)],
+        1,
+    );
     match &result {
         Ok(upgraded) => tracing::info!(
             target: "finale",
