@@ -12,6 +12,12 @@ stopped by PID.
   --example full_service --features axum,pushgateway,otlp,tracing-appender --backends
                                   the full example with a real Pushgateway and a real OTLP
                                   collector (rotel) started on free loopback ports
+  --example full_service --features ... --backends --protocol http
+                                  the same over OTLP/HTTP (rotel's HTTP receiver) instead of gRPC
+  --example full_service --features ... --backends --collector-nodelay
+                                  the same, with TCP_NODELAY set on the collector's accepted
+                                  connections (rotel sets none), through an LD_PRELOAD shim
+                                  built with cc: shows what the collector's Nagle costs
   --example full_service --features ... --hung
                                   the same, but both "backends" accept connections and never
                                   answer; prints the exit time against the total budget
@@ -48,23 +54,62 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"port {port} did not open")
 
 
-def start_backends(tmp: str) -> tuple[list[subprocess.Popen], dict[str, str]]:
+# accept()/accept4() that set TCP_NODELAY on the accepted socket (for --collector-nodelay).
+NODELAY_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+static int nodelay(int fd) {
+  int one = 1;
+  if (fd >= 0) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  return fd;
+}
+int accept4(int s, struct sockaddr *a, socklen_t *l, int f) {
+  static int (*real)(int, struct sockaddr *, socklen_t *, int);
+  if (!real) real = dlsym(RTLD_NEXT, "accept4");
+  return nodelay(real(s, a, l, f));
+}
+int accept(int s, struct sockaddr *a, socklen_t *l) {
+  static int (*real)(int, struct sockaddr *, socklen_t *);
+  if (!real) real = dlsym(RTLD_NEXT, "accept");
+  return nodelay(real(s, a, l));
+}
+"""
+
+
+def nodelay_shim(tmp: str) -> str:
+    src, lib = os.path.join(tmp, "nodelay.c"), os.path.join(tmp, "nodelay.so")
+    with open(src, "w") as f:
+        f.write(NODELAY_SHIM)
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", lib, src, "-ldl"], check=True)
+    return lib
+
+
+def start_backends(tmp: str, protocol: str = "grpc",
+                   collector_nodelay: bool = False) -> tuple[list[subprocess.Popen], dict[str, str]]:
     procs = []
     pg = free_port()
     procs.append(subprocess.Popen(
         ["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{pg}", "--persistence.file=",
          "--log.level=warn"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     grpc, http = free_port(), free_port()
+    collector_env = dict(os.environ)
+    if collector_nodelay:
+        collector_env["LD_PRELOAD"] = nodelay_shim(tmp)
     procs.append(subprocess.Popen(
         ["rotel-agent", "start", "--otlp-grpc-endpoint", f"127.0.0.1:{grpc}",
          "--otlp-http-endpoint", f"127.0.0.1:{http}", "--exporter", "blackhole",
          "--pid-file", os.path.join(tmp, "rotel.pid"), "--log-file", os.path.join(tmp, "rotel.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=collector_env))
     wait_port(pg)
     wait_port(grpc)
+    wait_port(http)
     env = {
         "PUSHGATEWAY_URL": f"http://127.0.0.1:{pg}",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{grpc}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{grpc if protocol == 'grpc' else http}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc" if protocol == "grpc" else "http/protobuf",
     }
     return procs, env
 
@@ -102,10 +147,16 @@ def one_run(binary: str, env: dict[str, str], ready: str, expect: int = 0) -> fl
     if not seen.wait(20):
         proc.kill()
         raise RuntimeError("the service did not become ready")
+    # A blocking wait: `Popen.wait(timeout=...)` polls with sleeps that double up to 50 ms, which
+    # would round every exit up to 0.5 + 1 + 2 + ... ms (15.5, 31.5, 63.5, 113.5 ms). The timer
+    # only kills a process that never exits.
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
     start = time.perf_counter()
     os.kill(proc.pid, signal.SIGTERM)
-    code = proc.wait(timeout=60)
+    code = proc.wait()
     elapsed = time.perf_counter() - start
+    watchdog.cancel()
     if code != expect:
         raise RuntimeError(f"exit code {code}, expected {expect}")
     return elapsed
@@ -118,6 +169,10 @@ def main() -> int:
     ap.add_argument("--features", default="")
     ap.add_argument("--backends", action="store_true")
     ap.add_argument("--hung", action="store_true")
+    ap.add_argument("--protocol", choices=["grpc", "http"], default="grpc",
+                    help="OTLP transport to the collector with --backends")
+    ap.add_argument("--collector-nodelay", action="store_true",
+                    help="with --backends: TCP_NODELAY on the collector's connections")
     ap.add_argument("--total", default="6s", help="FINALE_TOTAL_BUDGET for --hung")
     args = ap.parse_args()
 
@@ -151,7 +206,7 @@ def main() -> int:
                 if not shutil.which(tool):
                     print(f"{tool} not found: run scripts/install-components.sh")
                     return 1
-            procs, backend_env = start_backends(tmp)
+            procs, backend_env = start_backends(tmp, args.protocol, args.collector_nodelay)
             env.update(backend_env)
         times = [one_run(binary, env, READY.get(args.example, "started: ready"), expect)
                  for _ in range(args.runs)]
@@ -165,7 +220,8 @@ def main() -> int:
             p.wait(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
     ms = sorted(t * 1000 for t in times)
-    what = " with backends" if args.backends else f" with hung backends, total budget {args.total}" if args.hung else ""
+    backends = f" with backends (OTLP {args.protocol}{', collector TCP_NODELAY' if args.collector_nodelay else ''})"
+    what = backends if args.backends else f" with hung backends, total budget {args.total}" if args.hung else ""
     print(f"{args.example}{what}: SIGTERM to exit over "
           f"{len(ms)} runs: median {statistics.median(ms):.1f} ms, min {ms[0]:.1f} ms, max {ms[-1]:.1f} ms")
     return 0

@@ -89,7 +89,8 @@
 //!   table. (When the supervisor takes over, the process exits with the code and a log line
 //!   saying where it was stuck, without a report.)
 //! - **No surprises.** Nothing global is installed unless asked; see below. finale never prints;
-//!   it reports through `tracing` (target `finale`) and the [`metrics`] facade (see [`names`]).
+//!   it reports through `tracing` (target `finale`) and the [`metrics`] facade (see [`names`]),
+//!   and through the OTLP meter provider you hand it, if any.
 //!
 //! ## Threading and process-wide effects
 //!

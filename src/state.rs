@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Budget, ConfigError};
 use crate::hook::{Hook, HookError};
 use crate::phase::Phase;
+use crate::report::names::Recorder;
 use crate::report::{Delivery, DeliveryPolicy, ExitCodes, Reason, ShutdownReport, Tallied, Tally};
 use crate::slot::Share;
 use crate::track::{Health, InFlight, InFlightTracker, StopToken};
@@ -235,6 +236,8 @@ pub(crate) struct Shared {
     tallies: Mutex<Vec<Tallied>>,
     /// Which lost telemetry makes the run not delivered; set by the builder.
     pub(crate) delivery_policy: DeliveryPolicy,
+    /// Recorders of finale's own metrics besides the facade (the OTLP meter provider's).
+    sinks: Mutex<Vec<Arc<dyn Recorder>>>,
     /// Set by the builder before the state is shared; empty unless the user asked.
     pub(crate) observers: Vec<Box<dyn Observer>>,
     /// Set by the builder before the state is shared, with [`Builder::upgrade`](crate::Builder::upgrade).
@@ -267,6 +270,7 @@ impl Shared {
             emergency: Mutex::new(Vec::new()),
             tallies: Mutex::new(Vec::new()),
             delivery_policy: DeliveryPolicy::default(),
+            sinks: Mutex::new(Vec::new()),
             observers: Vec::new(),
             #[cfg(all(feature = "upgrade", unix))]
             upgrade: None,
@@ -392,7 +396,7 @@ impl Shared {
     #[cfg_attr(not(feature = "tower"), allow(dead_code))]
     pub(crate) fn record_rejected_request(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(crate::report::names::REQUESTS_REJECTED).increment(1);
+        metrics::counter!(crate::report::names::metric::REQUESTS_REJECTED.name).increment(1);
     }
 
     pub(crate) fn requests_rejected(&self) -> u64 {
@@ -467,6 +471,17 @@ impl Shared {
 
     pub(crate) fn take_emergency(&self) -> Vec<EmergencyStage> {
         std::mem::take(&mut *lock(&self.emergency))
+    }
+
+    /// Records finale's own metrics through `sink` too, from now on.
+    #[cfg_attr(not(feature = "otlp"), allow(dead_code))]
+    pub(crate) fn add_recorder(&self, sink: Arc<dyn Recorder>) {
+        lock(&self.sinks).push(sink);
+    }
+
+    /// The recorders of finale's own metrics besides the facade.
+    pub(crate) fn recorders(&self) -> Vec<Arc<dyn Recorder>> {
+        lock(&self.sinks).clone()
     }
 
     /// Tells every [`Observer`] (none unless the user asked for one).

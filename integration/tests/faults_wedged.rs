@@ -3,7 +3,7 @@
 //! cannot reach its Telemetry slot; the supervisor takes over, pushes to the real Pushgateway on
 //! a runtime of its own, flushes the OTLP providers to the real collector (HTTP exporter) and
 //! releases the log file, then exits with the deadline-overrun code — well before the hook
-//! would have let go.
+//! would have let go. Its takeover counter reaches both the Pushgateway and the collector.
 
 #![cfg(unix)]
 #![allow(clippy::print_stderr)]
@@ -19,7 +19,8 @@ use common::components::{Collector, Pushgateway, full_service, wait_until};
 
 #[test]
 fn a_wedged_runtime_still_pushes_flushes_and_writes_its_log() {
-    let (Some(gateway), Some(collector)) = (Pushgateway::start(), Collector::start()) else {
+    let (Some(gateway), Some(collector)) = (Pushgateway::start(), Collector::start_with_metrics())
+    else {
         return;
     };
     let dir = std::env::temp_dir().join(format!("finale-wedged-{}", std::process::id()));
@@ -102,6 +103,20 @@ fn a_wedged_runtime_still_pushes_flushes_and_writes_its_log() {
         "no log record at the collector\n{out}"
     );
     assert!(file.contains("the shutdown overran its budget"), "{file}");
+    // The same counter through the OTLP meter provider, flushed by the supervisor too.
+    let takeovers = |collector: &Collector| {
+        collector
+            .metrics()
+            .iter()
+            .rev()
+            .find(|m| m.name == "finale_supervisor_takeovers_total")
+            .and_then(|m| m.points.first().map(|p| p.value))
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || takeovers(&collector).is_some()),
+        "no takeover counter at the collector\n{out}"
+    );
+    assert_eq!(takeovers(&collector), Some(1.0), "{out}");
     eprintln!(
         "wedged runtime: exit code 5 after {elapsed:?}, telemetry delivered by the supervisor"
     );

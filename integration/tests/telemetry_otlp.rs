@@ -1,6 +1,7 @@
 //! The OTLP integration in process: the three providers flush in parallel and in bounded time
 //! against a collector that never answers, refused exports are reported with the SDK's error,
-//! and a second signal shortens the flush to the escalation budget.
+//! a second signal shortens the flush to the escalation budget, finale's own metrics reach a
+//! real collector (rotel) through the meter provider.
 
 // The tests report what they measured (run with `--nocapture` to see it).
 #![allow(clippy::print_stderr)]
@@ -13,9 +14,11 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::components::{Collector, Verbosity, wait_until};
+use common::components::{Collector, ReceivedMetric, Verbosity, wait_until};
 use finale::otlp::{Counted, HOOK_LOGS, HOOK_METRICS, HOOK_TRACES, Otlp, OtlpError, Provider};
-use finale::{DeliveryPolicy, Environment, Finale, Outcome, Phase, ShutdownReport, ShutdownStatus};
+use finale::{
+    DeliveryPolicy, Environment, Finale, Hook, Outcome, Phase, ShutdownReport, ShutdownStatus,
+};
 use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::trace::{Tracer as _, TracerProvider as _};
@@ -527,4 +530,175 @@ async fn the_counts_match_what_a_real_collector_received() {
     // One counter, seven attribute sets: seven points per export; the meter exports at the
     // flush and again (cumulative) at its shutdown.
     assert!(points.exported >= 7 && points.exported % 7 == 0, "{report}");
+}
+
+/// A meter provider exporting over gRPC to `collector`, as a service that uses only OTLP has.
+/// Must run inside the runtime (tonic needs it).
+fn meter_provider(collector: &Collector) -> SdkMeterProvider {
+    SdkMeterProvider::builder()
+        .with_periodic_exporter(
+            MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(collector.grpc_endpoint())
+                .build()
+                .unwrap(),
+        )
+        .build()
+}
+
+/// The last dump of `name` the collector received (the flush and the shutdown both export).
+fn received<'m>(metrics: &'m [ReceivedMetric], name: &str) -> &'m ReceivedMetric {
+    metrics
+        .iter()
+        .rev()
+        .find(|m| m.name == name)
+        .unwrap_or_else(|| panic!("{name} not received; got {:?}", names(metrics)))
+}
+
+fn names(metrics: &[ReceivedMetric]) -> Vec<&str> {
+    metrics.iter().map(|m| m.name.as_str()).collect()
+}
+
+fn value(metric: &ReceivedMetric, attributes: &[(&str, &str)]) -> f64 {
+    metric
+        .points
+        .iter()
+        .find(|p| p.has(attributes))
+        .unwrap_or_else(|| panic!("{}: no point with {attributes:?}: {metric:?}", metric.name))
+        .value
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn finale_metrics_reach_an_otlp_only_collector_in_the_final_export() {
+    let Some(collector) = Collector::start_with_metrics() else {
+        return;
+    };
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    finale
+        .hook(Hook::new(Phase::Workers, "close-pool", |_| async {}))
+        .unwrap();
+    Otlp::new()
+        .meter_provider(meter_provider(&collector))
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+
+    // No recorder is installed for the `metrics` facade here: whatever arrives came through
+    // the meter provider.
+    let wanted = [
+        finale::names::SHUTTING_DOWN,
+        finale::names::SHUTDOWNS,
+        finale::names::SHUTDOWN_DURATION,
+        finale::names::PHASE_DURATION,
+        finale::names::HOOK_DURATION,
+        finale::names::IN_FLIGHT_AT_DRAIN_START,
+        finale::names::REQUESTS_REJECTED,
+        finale::names::REQUEST_PANICS,
+    ];
+    let arrived = wait_until(Duration::from_secs(10), || {
+        let metrics = collector.metrics();
+        wanted.iter().all(|w| metrics.iter().any(|m| m.name == *w))
+    });
+    let metrics = collector.metrics();
+    assert!(
+        arrived,
+        "got {:?}\n{}",
+        names(&metrics),
+        collector.diagnostics()
+    );
+
+    let shutdowns = received(&metrics, finale::names::SHUTDOWNS);
+    assert_eq!(shutdowns.scope, "finale");
+    assert_eq!(
+        (shutdowns.data_type.as_str(), shutdowns.monotonic),
+        ("Sum", true)
+    );
+    assert_eq!(shutdowns.unit, "{shutdown}");
+    assert_eq!(value(shutdowns, &[("reason", "requested")]), 1.0);
+
+    let total = received(&metrics, finale::names::SHUTDOWN_DURATION);
+    assert_eq!(
+        (total.data_type.as_str(), total.unit.as_str()),
+        ("Gauge", "s")
+    );
+    let total = value(total, &[]);
+    assert!((0.0..10.0).contains(&total), "{total}");
+
+    let phases = received(&metrics, finale::names::PHASE_DURATION);
+    assert_eq!(phases.unit, "s");
+    for phase in ["announce", "drain", "workers"] {
+        value(phases, &[("phase", phase), ("outcome", "completed")]);
+    }
+    let hooks = received(&metrics, finale::names::HOOK_DURATION);
+    value(
+        hooks,
+        &[
+            ("phase", "workers"),
+            ("name", "close-pool"),
+            ("outcome", "completed"),
+        ],
+    );
+    assert_eq!(
+        value(received(&metrics, finale::names::SHUTTING_DOWN), &[]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            received(&metrics, finale::names::IN_FLIGHT_AT_DRAIN_START),
+            &[]
+        ),
+        0.0
+    );
+    for counter in [
+        finale::names::REQUESTS_REJECTED,
+        finale::names::REQUEST_PANICS,
+    ] {
+        let m = received(&metrics, counter);
+        assert_eq!((m.data_type.as_str(), m.monotonic), ("Sum", true), "{m:?}");
+        assert_eq!(value(m, &[]), 0.0, "{m:?}");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn finale_metrics_can_be_kept_out_of_the_meter_provider() {
+    let Some(collector) = Collector::start_with_metrics() else {
+        return;
+    };
+    let provider = meter_provider(&collector);
+    // The application's own metric, so that the final export has something to carry.
+    provider
+        .meter("app")
+        .u64_counter("app_jobs_total")
+        .build()
+        .add(3, &[]);
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Otlp::new()
+        .meter_provider(provider)
+        .finale_metrics(false)
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    let arrived = wait_until(Duration::from_secs(10), || {
+        collector
+            .metrics()
+            .iter()
+            .any(|m| m.name == "app_jobs_total")
+    });
+    let metrics = collector.metrics();
+    assert!(
+        arrived,
+        "got {:?}\n{}",
+        names(&metrics),
+        collector.diagnostics()
+    );
+    assert_eq!(value(received(&metrics, "app_jobs_total"), &[]), 3.0);
+    assert!(
+        metrics.iter().all(|m| !m.name.starts_with("finale_")),
+        "{:?}",
+        names(&metrics)
+    );
 }

@@ -399,7 +399,12 @@ pub(crate) async fn run(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> 
     // A success is counted and logged before the shutdown is requested (in `try_upgrade`): a
     // process with nothing to drain may be gone by now.
     if let Err(e) = &result {
-        metrics::counter!(crate::names::UPGRADES_TOTAL, "outcome" => e.outcome()).increment(1);
+        crate::names::add(
+            &shared.recorders(),
+            &crate::names::metric::UPGRADES_TOTAL,
+            &[("outcome", e.outcome())],
+            1,
+        );
         match e {
             UpgradeError::Aborted { .. } => {
                 tracing::warn!(target: "finale", error = %e, "upgrade abandoned");
@@ -469,7 +474,12 @@ async fn try_upgrade(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> {
         successor_pid: pid,
         ready_after: started.elapsed(),
     };
-    metrics::counter!(crate::names::UPGRADES_TOTAL, "outcome" => "ready").increment(1);
+    crate::names::add(
+        &shared.recorders(),
+        &crate::names::metric::UPGRADES_TOTAL,
+        &[("outcome", "ready")],
+        1,
+    );
     tracing::info!(
         target: "finale",
         successor_pid = pid,

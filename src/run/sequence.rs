@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use crate::config::DrainDelay;
 use crate::hook::HookError;
 use crate::phase::Phase;
+use crate::report::names::{self, metric};
 use crate::report::{
     EntryKind, EntryReport, Outcome, PhaseOutcome, PhaseReport, Reason, ShutdownReport,
     ShutdownStatus,
@@ -63,7 +64,7 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
     let clock = Clock::new(shared);
     let budget = shared.budget;
     let reason = requested_reason(shared);
-    metrics::gauge!(crate::report::names::SHUTTING_DOWN).set(1.0);
+    names::set(&shared.recorders(), &metric::SHUTTING_DOWN, &[], 1.0);
     let mut by_phase = by_phase(registry);
 
     let shutdown_span = tracing::info_span!(target: "finale", "finale.shutdown", reason = %reason);
@@ -75,8 +76,12 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
         enter(shared, phase);
         if phase == Phase::Drain {
             in_flight_at_drain_start = shared.in_flight.count();
-            metrics::gauge!(crate::report::names::IN_FLIGHT_AT_DRAIN_START)
-                .set(in_flight_at_drain_start as f64);
+            names::set(
+                &shared.recorders(),
+                &metric::IN_FLIGHT_AT_DRAIN_START,
+                &[],
+                in_flight_at_drain_start as f64,
+            );
         }
         if shared.is_escalated() {
             phases.push(skip(shared, phase, entries));
@@ -107,7 +112,13 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
 
     // Record everything known so far before the Telemetry phase flushes it.
     let before_telemetry = clock.t0.elapsed();
-    crate::report::names::record(&reason, &phases, in_flight_at_drain_start, before_telemetry);
+    names::record(
+        &shared.recorders(),
+        &reason,
+        &phases,
+        in_flight_at_drain_start,
+        before_telemetry,
+    );
     let mut report = ShutdownReport {
         reason,
         phases,

@@ -45,6 +45,7 @@ use tokio::sync::mpsc as tokio_mpsc;
 
 use crate::config::{Budget, ConfigError};
 use crate::phase::Phase;
+use crate::report::names::{self, metric};
 use crate::report::{ExitCodes, Reason, ShutdownStatus};
 use crate::run::signals::Listener;
 use crate::signal::Signal;
@@ -309,8 +310,10 @@ impl Supervisor {
             "{stuck}: the shutdown overran its budget (a thread of the runtime is blocked?); \
              the supervisor delivers the telemetry it can reach, then exits"
         );
-        metrics::counter!(crate::report::names::SUPERVISOR_TAKEOVERS).increment(1);
-        if let Some(shared) = self.shared.upgrade() {
+        let shared = self.shared.upgrade();
+        let sinks = shared.as_ref().map(|s| s.recorders()).unwrap_or_default();
+        names::add(&sinks, &metric::SUPERVISOR_TAKEOVERS, &[], 1);
+        if let Some(shared) = shared {
             shared.observe(|o| o.took_over(&shared, &stuck.to_string(), code));
         }
         if let Ok(results) = tokio::task::spawn_blocking(move || deliver(stages, deadline)).await {

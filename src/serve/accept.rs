@@ -1047,6 +1047,7 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<Oneshot<S, Request<Incoming>>, B>;
 
+    // `mut` for the frameworks' connection info; hyper alone adds none.
     #[cfg_attr(not(any(feature = "axum", feature = "tonic")), allow(unused_mut))]
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         // Who is on the other end, as the frameworks' own servers tell their handlers: axum's

@@ -222,7 +222,7 @@ impl LayerShared {
 #[derive(Debug)]
 pub(crate) struct ConnWatch {
     pub(crate) peer: SocketAddr,
-    /// The server's own address of the connection.
+    /// The server's own address of the connection (tonic's `local_addr()`).
     #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
     pub(crate) local: SocketAddr,
     pub(crate) handle: Handle,

@@ -19,6 +19,13 @@
 //! thread still blocked when the wait ends is left behind and dies with the process. So a hung
 //! collector costs the slot's share once, not 5 s per provider in a row.
 //!
+//! **finale's own metrics.** With a meter provider, finale records its shutdown metrics
+//! ([`names`](crate::names): `finale_shutdowns_total`, `finale_shutdown_duration_seconds`,
+//! `finale_phase_duration_seconds`, ...) through a `Meter` of that provider (scope `finale`) as
+//! well as through the `metrics` facade, before the Telemetry phase starts, so a service that
+//! exports only OTLP finds them in the final export. Same names and attributes, with units;
+//! turn it off with [`Otlp::finale_metrics`]`(false)`.
+//!
 //! **What was delivered.** The tracer's and logger's `shutdown` return `Ok` even when their final
 //! export failed. finale therefore calls `force_flush` first, which does report export errors: a
 //! hook completes only when the flush (and then the shutdown) succeeded; otherwise it fails with
@@ -85,11 +92,14 @@ use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::fmt;
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use opentelemetry::{Context, InstrumentationScope};
+use opentelemetry::metrics::{
+    Counter as OtelCounter, Gauge, MeterProvider as _, ObservableCounter,
+};
+use opentelemetry::{Context, InstrumentationScope, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::logs::{
@@ -105,9 +115,10 @@ use crate::Finale;
 use crate::config::ConfigError;
 use crate::hook::{Hook, HookContext};
 use crate::phase::Phase;
+use crate::report::names::{Kind, Labels, Metric, Recorder, metric};
 use crate::report::{Counts, Items, Tally};
 use crate::slot::{ORDER_METRICS, ORDER_TRACES_LOGS, Share, stage_deadline};
-use crate::state::EmergencyStage;
+use crate::state::{EmergencyStage, Shared};
 use crate::telemetry::stages::{Handoff, OffThread, run_until};
 
 /// The report name of the meter provider's hook.
@@ -253,6 +264,8 @@ pub struct Otlp {
     spans: Option<Counter>,
     points: Option<Counter>,
     records: Option<Counter>,
+    /// Set by [`Otlp::finale_metrics`]`(false)`.
+    without_finale_metrics: bool,
 }
 
 impl Otlp {
@@ -267,9 +280,26 @@ impl Otlp {
         self
     }
 
-    /// Flushes and shuts down this meter provider (hook `otlp-metrics`).
+    /// Flushes and shuts down this meter provider (hook `otlp-metrics`), and records finale's
+    /// own metrics through it (see [`finale_metrics`](Otlp::finale_metrics)).
     pub fn meter_provider(mut self, provider: SdkMeterProvider) -> Self {
         self.meter = Some(provider);
+        self
+    }
+
+    /// Whether finale records its own metrics ([`names`](crate::names): the shutdown's
+    /// duration, its phases and hooks, in-flight work, rejected requests, ...) through the
+    /// [meter provider](Otlp::meter_provider) too, besides the `metrics` facade, so that a
+    /// service exporting only OTLP finds them in the final export. They use a `Meter` of scope
+    /// `finale` and the names, attributes and units listed in [`names`](crate::names).
+    ///
+    /// # Default values
+    ///
+    /// | setting | default |
+    /// |---|---|
+    /// | `finale_metrics` | `true` (when a meter provider is given) |
+    pub fn finale_metrics(mut self, record: bool) -> Self {
+        self.without_finale_metrics = !record;
         self
     }
 
@@ -305,6 +335,8 @@ impl Otlp {
     /// [`ConfigError::DuplicateName`] if a hook name is taken (say, registered twice).
     pub fn register(self, finale: &Finale) -> Result<(), ConfigError> {
         if let Some(p) = self.meter {
+            let own = (!self.without_finale_metrics)
+                .then(|| Arc::new(FinaleMetrics::new(&p, Arc::downgrade(&finale.shared))));
             register_flush(
                 finale,
                 HOOK_METRICS,
@@ -314,6 +346,9 @@ impl Otlp {
                 p,
                 self.points,
             )?;
+            if let Some(own) = own {
+                finale.shared.add_recorder(own);
+            }
         }
         if let Some(p) = self.tracer {
             register_flush(
@@ -338,6 +373,91 @@ impl Otlp {
             )?;
         }
         Ok(())
+    }
+}
+
+/// finale's own metrics as OpenTelemetry instruments of the user's meter provider: the same
+/// names and attributes as through the facade (see [`names`](crate::names)).
+struct FinaleMetrics {
+    counters: Vec<(&'static str, OtelCounter<u64>)>,
+    gauges: Vec<(&'static str, Gauge<f64>)>,
+    /// Read by the provider when it collects; kept with the rest.
+    _observed: [ObservableCounter<u64>; 2],
+}
+
+impl FinaleMetrics {
+    fn new(provider: &SdkMeterProvider, shared: Weak<Shared>) -> Self {
+        let meter = provider.meter_with_scope(
+            InstrumentationScope::builder("finale")
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build(),
+        );
+        let mut counters = Vec::new();
+        let mut gauges = Vec::new();
+        for m in metric::RECORDED {
+            match m.kind {
+                Kind::Counter => counters.push((
+                    m.name,
+                    meter
+                        .u64_counter(m.name)
+                        .with_unit(m.unit)
+                        .with_description(m.description)
+                        .build(),
+                )),
+                Kind::Gauge => gauges.push((
+                    m.name,
+                    meter
+                        .f64_gauge(m.name)
+                        .with_unit(m.unit)
+                        .with_description(m.description)
+                        .build(),
+                )),
+            }
+        }
+        // The request counters are counted by the state (the tracker, the layer) already:
+        // observed when the provider collects, they cost the request path nothing.
+        let observed = |m: &Metric, read: fn(&Shared) -> u64| {
+            let shared = shared.clone();
+            meter
+                .u64_observable_counter(m.name)
+                .with_unit(m.unit)
+                .with_description(m.description)
+                .with_callback(move |observer| {
+                    if let Some(shared) = shared.upgrade() {
+                        observer.observe(read(&shared), &[]);
+                    }
+                })
+                .build()
+        };
+        Self {
+            counters,
+            gauges,
+            _observed: [
+                observed(&metric::REQUESTS_REJECTED, Shared::requests_rejected),
+                observed(&metric::REQUEST_PANICS, |s| s.in_flight.panicked()),
+            ],
+        }
+    }
+}
+
+fn attributes(labels: Labels<'_>) -> Vec<KeyValue> {
+    labels
+        .iter()
+        .map(|&(key, value)| KeyValue::new(key, value.to_owned()))
+        .collect()
+}
+
+impl Recorder for FinaleMetrics {
+    fn add(&self, metric: &Metric, labels: Labels<'_>, value: u64) {
+        if let Some((_, counter)) = self.counters.iter().find(|(n, _)| *n == metric.name) {
+            counter.add(value, &attributes(labels));
+        }
+    }
+
+    fn set(&self, metric: &Metric, labels: Labels<'_>, value: f64) {
+        if let Some((_, gauge)) = self.gauges.iter().find(|(n, _)| *n == metric.name) {
+            gauge.record(value, &attributes(labels));
+        }
     }
 }
 

@@ -482,7 +482,7 @@ impl InFlight {
         if !self.is_retired() {
             self.shared.panicked.fetch_add(1, Ordering::Relaxed);
         }
-        metrics::counter!(crate::report::names::REQUEST_PANICS).increment(1);
+        metrics::counter!(crate::report::names::metric::REQUEST_PANICS.name).increment(1);
     }
 
     /// How many requests panicked.

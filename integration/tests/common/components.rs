@@ -708,6 +708,38 @@ pub(crate) struct Collector {
     verbosity: Verbosity,
 }
 
+/// One metric as rotel's detailed metrics dump shows it (`--debug-log metrics`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ReceivedMetric {
+    /// The instrumentation scope (`InstrumentationScope <name> <version>`).
+    pub(crate) scope: String,
+    pub(crate) name: String,
+    pub(crate) unit: String,
+    pub(crate) description: String,
+    /// `Gauge`, `Sum`, `Histogram`, ...
+    pub(crate) data_type: String,
+    /// `IsMonotonic: true` (sums only).
+    pub(crate) monotonic: bool,
+    pub(crate) points: Vec<ReceivedPoint>,
+}
+
+/// One number data point: its attributes (string values as rotel prints them, `Str(x)` → `x`)
+/// and its value.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ReceivedPoint {
+    pub(crate) attributes: Vec<(String, String)>,
+    pub(crate) value: f64,
+}
+
+impl ReceivedPoint {
+    /// Whether every `(key, value)` in `wanted` is among the attributes.
+    pub(crate) fn has(&self, wanted: &[(&str, &str)]) -> bool {
+        wanted
+            .iter()
+            .all(|(k, v)| self.attributes.iter().any(|(ak, av)| ak == k && av == v))
+    }
+}
+
 impl Collector {
     /// Starts rotel with `Verbosity::Detailed` (counts and span names).
     ///
@@ -720,6 +752,16 @@ impl Collector {
     /// Starts rotel with the given verbosity. `Basic` is the choice for high
     /// volumes or for payloads whose text could mimic the detailed dump.
     pub(crate) fn start_with(verbosity: Verbosity) -> Option<Collector> {
+        Self::start_logging(verbosity, false)
+    }
+
+    /// Starts rotel with `Verbosity::Detailed` that also dumps every received metric (read
+    /// them with [`metrics`](Collector::metrics)).
+    pub(crate) fn start_with_metrics() -> Option<Collector> {
+        Self::start_logging(Verbosity::Detailed, true)
+    }
+
+    fn start_logging(verbosity: Verbosity, metrics: bool) -> Option<Collector> {
         if !require(ROTEL_BIN) {
             return None;
         }
@@ -742,6 +784,15 @@ impl Collector {
                     "traces".into(),
                     "--debug-log".into(),
                     "logs".into(),
+                ]
+                .into_iter()
+                .chain(
+                    metrics
+                        .then(|| ["--debug-log".into(), "metrics".into()])
+                        .into_iter()
+                        .flatten(),
+                )
+                .chain([
                     "--debug-log-verbosity".into(),
                     match verbosity {
                         Verbosity::Basic => "basic".into(),
@@ -751,7 +802,8 @@ impl Collector {
                     dir.join("rotel.pid").display().to_string(),
                     "--log-file".into(),
                     dir.join("rotel.log").display().to_string(),
-                ]
+                ])
+                .collect()
             },
             |ports| port_open(ports[0]) && port_open(ports[1]),
         );
@@ -844,6 +896,12 @@ impl Collector {
             .collect()
     }
 
+    /// Every metric received so far, one entry per metric per request, in arrival order.
+    /// Empty unless started with [`start_with_metrics`](Collector::start_with_metrics).
+    pub(crate) fn metrics(&self) -> Vec<ReceivedMetric> {
+        parse_metrics(&self.complete_lines())
+    }
+
     /// Everything rotel has printed so far.
     pub(crate) fn output(&self) -> String {
         self.proc.stdout()
@@ -926,6 +984,125 @@ fn detailed_items(lines: &[String]) -> Vec<(Signal, usize)> {
         }
     }
     items
+}
+
+/// rotel's detailed metrics dump (the OpenTelemetry collector debug exporter's format):
+///
+/// ```text
+/// ResourceMetrics #0
+/// Resource SchemaURL:
+/// ...
+/// ScopeMetrics #0
+/// ScopeMetrics SchemaURL:
+/// InstrumentationScope finale 0.1.0
+/// Metric #0
+/// Descriptor:
+///      -> Name: finale_phase_duration_seconds
+///      -> Description: duration of each phase
+///      -> Unit: s
+///      -> DataType: Gauge
+/// NumberDataPoints #0
+/// Data point attributes:
+///      -> phase: Str(drain)
+/// StartTimestamp: ...
+/// Timestamp: ...
+/// Value: 0.000213
+/// ```
+///
+/// Sections of other signals end a metric; only number data points are read.
+fn parse_metrics(lines: &[String]) -> Vec<ReceivedMetric> {
+    #[derive(PartialEq)]
+    enum In {
+        Nothing,
+        Descriptor,
+        Point,
+    }
+    let followed_by = |i: usize, next: &str| lines.get(i + 1).is_some_and(|l| l.starts_with(next));
+    let mut out: Vec<ReceivedMetric> = Vec::new();
+    let mut scope = String::new();
+    let mut current: Option<ReceivedMetric> = None;
+    let mut point: Option<ReceivedPoint> = None;
+    let mut state = In::Nothing;
+    let finish_point = |current: &mut Option<ReceivedMetric>, point: &mut Option<ReceivedPoint>| {
+        if let (Some(m), Some(p)) = (current.as_mut(), point.take()) {
+            m.points.push(p);
+        }
+    };
+    for (i, line) in lines.iter().enumerate() {
+        let line = line.as_str();
+        let section_start = ["ResourceMetrics #", "ResourceSpans #", "ResourceLog #"]
+            .iter()
+            .any(|p| numbered(line, p).is_some())
+            && followed_by(i, "Resource SchemaURL:");
+        if section_start || (numbered(line, "Metric #").is_some() && followed_by(i, "Descriptor:"))
+        {
+            finish_point(&mut current, &mut point);
+            out.extend(current.take());
+            state = In::Nothing;
+            if section_start {
+                scope.clear();
+                continue;
+            }
+            current = Some(ReceivedMetric {
+                scope: scope.clone(),
+                name: String::new(),
+                unit: String::new(),
+                description: String::new(),
+                data_type: String::new(),
+                monotonic: false,
+                points: Vec::new(),
+            });
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("InstrumentationScope ") {
+            scope = rest.split_whitespace().next().unwrap_or("").to_owned();
+            continue;
+        }
+        let Some(metric) = current.as_mut() else {
+            continue;
+        };
+        if line == "Descriptor:" {
+            state = In::Descriptor;
+        } else if numbered(line, "NumberDataPoints #").is_some() {
+            finish_point(&mut current, &mut point);
+            point = Some(ReceivedPoint {
+                attributes: Vec::new(),
+                value: f64::NAN,
+            });
+            state = In::Point;
+        } else if let Some(attr) = line.strip_prefix("     -> ") {
+            let Some((key, value)) = attr.split_once(": ") else {
+                continue;
+            };
+            match state {
+                In::Descriptor => match key {
+                    "Name" => metric.name = value.to_owned(),
+                    "Description" => metric.description = value.to_owned(),
+                    "Unit" => metric.unit = value.to_owned(),
+                    "DataType" => metric.data_type = value.to_owned(),
+                    "IsMonotonic" => metric.monotonic = value == "true",
+                    _ => {}
+                },
+                In::Point => {
+                    let value = value
+                        .strip_prefix("Str(")
+                        .and_then(|v| v.strip_suffix(')'))
+                        .unwrap_or(value);
+                    if let Some(p) = point.as_mut() {
+                        p.attributes.push((key.to_owned(), value.to_owned()));
+                    }
+                }
+                In::Nothing => {}
+            }
+        } else if let (In::Point, Some(v), Some(p)) =
+            (&state, line.strip_prefix("Value: "), point.as_mut())
+        {
+            p.value = v.trim().parse().unwrap_or(f64::NAN);
+        }
+    }
+    finish_point(&mut current, &mut point);
+    out.extend(current);
+    out
 }
 
 /// `N` if `line` is exactly `prefix` followed by a decimal number.

@@ -48,6 +48,10 @@ impl Connector {
     pub(super) fn plain(connect_timeout: Duration) -> Connector {
         let mut tcp = HttpConnector::new();
         tcp.set_connect_timeout(Some(connect_timeout));
+        // A push is a request and one answer: whatever the request is written in (a head and a
+        // body, TLS records) goes out at once. With Nagle's algorithm a second small write
+        // waits for the ACK of the first, which the receiver may delay by up to 40 ms.
+        tcp.set_nodelay(true);
         // The scheme is checked by the builder, and `https://` goes through TLS below.
         tcp.enforce_http(false);
         Connector {
