@@ -502,6 +502,8 @@ async fn the_counts_match_what_a_real_collector_received() {
         .span_counter(span_counter)
         .log_record_counter(record_counter)
         .metric_point_counter(point_counter)
+        // Only the test's own counter: finale's shutdown metrics would add their points.
+        .finale_metrics(false)
         .register(&finale)
         .unwrap();
     finale.handle().trigger("test");
