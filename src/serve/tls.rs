@@ -2,6 +2,7 @@
 //! configuration (no process-wide crypto provider is installed or needed).
 //!
 //! ```no_run
+//! # #[allow(dead_code)]
 //! # async fn demo(app: axum::Router) -> Result<(), Box<dyn std::error::Error>> {
 //! use finale::axum::HttpServer;
 //! use finale::tls::TlsConfig;
