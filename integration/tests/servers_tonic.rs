@@ -476,8 +476,13 @@ where
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handlers_see_the_peer_and_local_address() {
+/// What each call's `remote_addr()` and `local_addr()` said.
+type Seen = tokio::sync::mpsc::UnboundedReceiver<(Option<SocketAddr>, Option<SocketAddr>)>;
+
+/// The health service behind [`Addressed`], served by `server` on a free loopback port.
+fn addressed(
+    server: finale::tonic::HttpServer,
+) -> (Handle, SocketAddr, JoinHandle<ShutdownReport>, Seen) {
     let finale = Finale::builder()
         .read_env(false)
         .no_signals()
@@ -486,15 +491,21 @@ async fn handlers_see_the_peer_and_local_address() {
         .unwrap();
     let handle = finale.handle();
     let (_reporter, health) = tonic_health::server::health_reporter();
-    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let (seen_tx, seen) = tokio::sync::mpsc::unbounded_channel();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let routes = Routes::new(Addressed {
         inner: health,
         seen: seen_tx,
     });
-    finale::tonic::serve(&finale, "grpc", listener, routes).unwrap();
+    server.serve(&finale, listener, routes.prepare()).unwrap();
     let run = tokio::spawn(finale.run());
+    (handle, addr, run, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_see_the_peer_and_local_address() {
+    let (handle, addr, run, mut seen) = addressed(finale::tonic::HttpServer::new("grpc"));
     // The client's own end of the connection, to compare with what the handler saw.
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let client_addr = stream.local_addr().unwrap();
@@ -530,26 +541,9 @@ async fn handlers_see_the_peer_and_local_address() {
 async fn max_connection_age_moves_a_grpc_client_to_a_new_connection() {
     // tonic's `max_connection_age`, on finale's server: the connection gets GOAWAY once it is
     // 300 ms old, the channel reconnects on its own, and no call fails.
-    let finale = Finale::builder()
-        .read_env(false)
-        .no_signals()
-        .environment(finale::Environment::Local)
-        .build()
-        .unwrap();
-    let handle = finale.handle();
-    let (_reporter, health) = tonic_health::server::health_reporter();
-    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let routes = Routes::new(Addressed {
-        inner: health,
-        seen: seen_tx,
-    });
-    finale::tonic::HttpServer::new("grpc")
-        .max_connection_age(Duration::from_millis(300))
-        .serve(&finale, listener, routes.prepare())
-        .unwrap();
-    let run = tokio::spawn(finale.run());
+    let (handle, addr, run, mut seen) = addressed(
+        finale::tonic::HttpServer::new("grpc").max_connection_age(Duration::from_millis(300)),
+    );
     let mut client = client(addr).await;
     let mut peers = std::collections::BTreeSet::new();
     let start = Instant::now();
