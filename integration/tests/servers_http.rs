@@ -899,8 +899,8 @@ async fn hyper_settings_apply_to_the_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tower_concurrency_limit_holds_under_finales_server() {
-    // The documented way to limit concurrency: a tower layer around the whole service (axum's
-    // `Router::layer` does not keep `poll_ready`'s permit: use it outside the router).
+    // The documented way to limit concurrency: a tower layer around the whole service, given to
+    // the server (axum's `Router::layer` does not keep `poll_ready`'s permit).
     let finale = builder().build().unwrap();
     let handle = finale.handle();
     let control = Arc::new(Control::default());
@@ -920,10 +920,10 @@ async fn a_tower_concurrency_limit_holds_under_finales_server() {
             }),
         )
     };
-    let app = tower::limit::ConcurrencyLimit::new(app, 1);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     finale::axum::HttpServer::new("http")
+        .layer(tower::limit::ConcurrencyLimitLayer::new(1))
         .serve(&finale, listener, app)
         .unwrap();
     let run = tokio::spawn(finale.run());

@@ -70,12 +70,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tower::Layer;
+use tower::layer::util::{Identity, Stack};
 
 use crate::Finale;
 use crate::config::ConfigError;
 use crate::phase::Phase;
 use crate::serve::tower::{
-    Admission, ConnWatch, DrainBody, LayerShared, Rejection, ResponseFuture, admit,
+    Admission, ConnWatch, DrainBody, LayerShared, Rejection, Responder, ResponseFuture, TooLate,
+    admit,
 };
 use crate::task::{Task, TaskContext};
 use crate::track::InFlight;
@@ -198,8 +201,9 @@ impl Listen {
 /// | [`max_connection_age`](HttpServer::max_connection_age) | off |
 #[derive(Debug)]
 #[must_use = "a server does nothing until `serve` is called"]
-pub struct HttpServer {
+pub struct HttpServer<L = Identity> {
     name: Cow<'static, str>,
+    layer: L,
     rejection: Rejection,
     idle_grace: Duration,
     cut_margin: Duration,
@@ -219,6 +223,7 @@ impl HttpServer {
     pub fn new(name: impl Into<Cow<'static, str>>) -> Self {
         Self {
             name: name.into(),
+            layer: Identity::new(),
             rejection: Rejection::default(),
             idle_grace: DEFAULT_IDLE_GRACE,
             cut_margin: DEFAULT_CUT_MARGIN,
@@ -231,6 +236,70 @@ impl HttpServer {
             tls: None,
             #[cfg(feature = "tls")]
             tls_handshake_timeout: crate::tls::DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+impl<L> HttpServer<L> {
+    /// Adds a tower layer around the service, **outside** finale's drain answers: the requests
+    /// finale answers itself (the [`Rejection`] of a request too late in the drain, the `500` of
+    /// a handler that panicked) pass through it like any other, so the service's tracing,
+    /// metrics, CORS or compression layers see them. Layers on the service itself (axum's
+    /// `Router::layer`) sit inside and see only what reached the service.
+    ///
+    /// Either way the tracking stays outermost: a request is in flight from the moment it is
+    /// read until the last byte of its response, whatever the layers do, and a request cut at
+    /// the deadline is named in the report. Called more than once, the last layer added is the
+    /// outermost (as `tower::ServiceBuilder::layer`). A layer that answers by itself (a timeout,
+    /// a load shed) answers as it would anywhere; a layer that replaces the request drops
+    /// finale's mark on it, and a request too late in the drain is then served instead of
+    /// rejected.
+    ///
+    /// ```
+    /// use tower::ServiceBuilder;
+    /// use tower::util::MapResponseLayer;
+    ///
+    /// // Counts every response, finale's own 503s and 500s included.
+    /// let server = finale::axum::HttpServer::new("http").layer(
+    ///     ServiceBuilder::new().layer(MapResponseLayer::new(|response: http::Response<_>| {
+    ///         // metrics::counter!("responses", "status" => response.status().as_str().to_owned()).increment(1);
+    ///         response
+    ///     })),
+    /// );
+    /// # let _ = server;
+    /// ```
+    pub fn layer<N>(self, layer: N) -> HttpServer<Stack<N, L>> {
+        let HttpServer {
+            name,
+            layer: inner,
+            rejection,
+            idle_grace,
+            cut_margin,
+            header_read_timeout,
+            goaway_on_announce,
+            tcp_nodelay,
+            max_connection_age,
+            configure,
+            #[cfg(feature = "tls")]
+            tls,
+            #[cfg(feature = "tls")]
+            tls_handshake_timeout,
+        } = self;
+        HttpServer {
+            name,
+            layer: Stack::new(layer, inner),
+            rejection,
+            idle_grace,
+            cut_margin,
+            header_read_timeout,
+            goaway_on_announce,
+            tcp_nodelay,
+            max_connection_age,
+            configure,
+            #[cfg(feature = "tls")]
+            tls,
+            #[cfg(feature = "tls")]
+            tls_handshake_timeout,
         }
     }
 
@@ -300,9 +369,10 @@ impl HttpServer {
     /// # let _ = server;
     /// ```
     ///
-    /// What finale's own accept loop decides is not there: concurrency limits (wrap the whole
-    /// service in `tower::limit::ConcurrencyLimit`; axum's `Router::layer` does not keep its
-    /// permit), connection limits (at the load balancer or the OS), TLS
+    /// What finale's own accept loop decides is not there: concurrency limits (a
+    /// `tower::limit::ConcurrencyLimitLayer` given to [`layer`](HttpServer::layer); axum's
+    /// `Router::layer` does not keep its permit), connection limits (at the load balancer or
+    /// the OS), TLS
     /// ([`tls`](HttpServer::tls), feature `tls`) and the drain.
     pub fn hyper(
         mut self,
@@ -365,15 +435,18 @@ impl HttpServer {
         service: S,
     ) -> Result<(), ConfigError>
     where
-        S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
+        L: Layer<Responder<S>>,
+        L::Service:
+            tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        <L::Service as tower::Service<Request<Incoming>>>::Future: Send + 'static,
+        <L::Service as tower::Service<Request<Incoming>>>::Error: Into<BoxError>,
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let listen = listen.into();
         let HttpServer {
             name,
+            layer,
             rejection,
             idle_grace,
             cut_margin,
@@ -401,8 +474,14 @@ impl HttpServer {
         let tls = tls.map(|config| tokio_rustls::TlsAcceptor::from(config.config));
         #[cfg(not(feature = "tls"))]
         let tls = None;
+        let shared = Arc::new(LayerShared {
+            handle: finale.handle(),
+            rejection,
+            cut_margin: settings.cut_margin,
+        });
+        let service = layer.layer(Responder::new(service, shared.clone()));
         finale.spawn(Task::service(name, move |ctx| {
-            run(ctx, listen, service, rejection, settings, tls, configure)
+            run(ctx, listen, service, shared, settings, tls, configure)
         }))
     }
 }
@@ -458,7 +537,7 @@ async fn run<S, B>(
     ctx: TaskContext,
     listen: Listen,
     service: S,
-    rejection: Rejection,
+    shared: Arc<LayerShared>,
     settings: Settings,
     tls: Tls,
     configure: Option<Configure>,
@@ -482,11 +561,6 @@ where
     tracing::info!(target: "finale", server = ctx.name(), %local, "listening");
     ctx.set_ready();
 
-    let shared = Arc::new(LayerShared {
-        handle: handle.clone(),
-        rejection,
-        cut_margin: settings.cut_margin,
-    });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -1047,8 +1121,6 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<Oneshot<S, Request<Incoming>>, B>;
 
-    // `mut` for the frameworks' connection info; hyper alone adds none.
-    #[cfg_attr(not(any(feature = "axum", feature = "tonic")), allow(unused_mut))]
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         // Who is on the other end, as the frameworks' own servers tell their handlers: axum's
         // `ConnectInfo<SocketAddr>` extractor, tonic's `Request::remote_addr()`.
@@ -1064,6 +1136,10 @@ where
         match admit(self.in_flight, &self.shared, Some(&self.conn), &req) {
             Admission::Rejected(response) => ResponseFuture::rejected(response),
             Admission::Admitted(admitted) => {
+                if admitted.too_late {
+                    // Answered by the `Responder`, inside the user's layers.
+                    req.extensions_mut().insert(TooLate);
+                }
                 ResponseFuture::admitted(Oneshot::new(self.inner.clone(), req), admitted)
             }
         }

@@ -18,6 +18,23 @@
 //!
 //! See [`HttpServer`] for the settings, and [`health_router`] for `/livez` and `/readyz`.
 //!
+//! # Layers and finale's own answers
+//!
+//! finale answers two kinds of request itself: one that arrives too late in the drain (the
+//! [`Rejection`](crate::tower::Rejection), `503`) and one whose handler panicked (`500`; in gRPC
+//! form for gRPC). Layers on the router (`Router::layer`) sit inside those answers and never
+//! see them; layers given to [`HttpServer::layer`] sit outside and see them as any other
+//! response, so put request logging, metrics, CORS and compression there:
+//!
+//! ```ignore
+//! finale::axum::HttpServer::new("http")
+//!     .layer(tower_http::trace::TraceLayer::new_for_http()) // sees finale's 503s and 500s
+//!     .serve(&finale, addr, app)?;
+//! ```
+//!
+//! The in-flight tracking is outside every layer: a request counts from the moment it is read
+//! to the last byte of its response, time spent in your layers included.
+//!
 //! # WebSockets
 //!
 //! An upgraded connection belongs to its handler, which knows how to say goodbye in its own

@@ -14,7 +14,8 @@
 //!   [late margin](Rejection::late_margin) of the Drain deadline, too late to be answered, gets
 //!   `503 Service Unavailable` with `Retry-After` and `Connection: close`; each such one is
 //!   counted in the report and the `finale_requests_rejected_total` metric (see
-//!   [`names`](crate::names)). The response is configurable with [`Rejection`].
+//!   [`names`](crate::names)). The response is configurable with [`Rejection`]; a gRPC request
+//!   (gRPC-Web over HTTP/1.1) gets it in gRPC form, `grpc-status: 14` (UNAVAILABLE).
 //! - **Isolates panics**: a handler that panics gets its request answered `500` (a gRPC request
 //!   `grpc-status: 13`, INTERNAL), counted in the report and in `finale_request_panics_total`;
 //!   the connection and the server go on.
@@ -22,6 +23,14 @@
 //!   the service still serves), HTTP/1 responses carry `Connection: close`, so keep-alive clients
 //!   reconnect, through the load balancer, to an instance that stays. A `101 Switching
 //!   Protocols` never gets it.
+//!
+//! # Where it sits among your layers
+//!
+//! The layer answers what it rejects and the panics it catches itself, so layers *outside* it
+//! see those answers and layers *inside* it do not: place it where your tracing, metrics or CORS
+//! should see them. finale's own servers build it in and put the tracking outermost; the layers
+//! you give [`HttpServer::layer`](crate::axum::HttpServer::layer) wrap its answers (the
+//! [`Responder`]), the service's own layers sit inside.
 //!
 //! The hot path costs the in-flight guard (a load and a store on this thread's own counter) and
 //! one atomic load (is the drain on?); no lock, no allocation (the body wrapper lives inline in
@@ -148,7 +157,23 @@ impl Rejection {
         self
     }
 
-    fn response<B>(&self, version: Version) -> Response<DrainBody<B>> {
+    /// The rejection for a request of `version`; a gRPC request (gRPC-Web over HTTP/1.1
+    /// included) gets it in gRPC form: `200` with `grpc-status: 14` (UNAVAILABLE, which gRPC
+    /// clients may retry) and the body as `grpc-message`.
+    pub(crate) fn response<B>(&self, version: Version, grpc: bool) -> Response<DrainBody<B>> {
+        if grpc {
+            let mut response = Response::new(DrainBody::full(Bytes::new()));
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert("grpc-status", HeaderValue::from_static("14"));
+            if let Ok(message) = HeaderValue::from_str(&grpc_message(&self.body)) {
+                headers.insert("grpc-message", message);
+            }
+            if is_http1(version) {
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            return response;
+        }
         let mut response = Response::new(DrainBody::full(self.body.clone()));
         *response.status_mut() = self.status;
         let headers = response.headers_mut();
@@ -164,6 +189,22 @@ impl Rejection {
         }
         response
     }
+}
+
+/// `text` as a `grpc-message` value: trimmed, percent-encoded as the gRPC spec asks (every byte
+/// outside printable ASCII, and `%`).
+fn grpc_message(text: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let text = text.trim_ascii();
+    let mut out = String::with_capacity(text.len());
+    for &byte in text {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
 }
 
 /// The answer to a request whose handler panicked: `500`, or for gRPC `grpc-status: 13`
@@ -408,6 +449,9 @@ pub(crate) struct Admitted {
     /// A CONNECT (an HTTP/1 tunnel, or an HTTP/2 extended CONNECT: a WebSocket over HTTP/2):
     /// a `2xx` upgrades it.
     connect: bool,
+    /// Too late to be served (finale's own connections only): the [`Responder`] answers it
+    /// with the rejection.
+    pub(crate) too_late: bool,
     cut: Option<CutName>,
 }
 
@@ -431,10 +475,17 @@ pub(crate) fn admit<ReqB, B>(
     // (and waits for the request) or is seen here. The check is one relaxed load of a
     // `&'static` flag, set when the Drain phase starts.
     let guard = in_flight.acquire();
-    if in_flight.is_draining() && is_http1(version) && shared.too_late() {
-        drop(guard);
+    let grpc = is_grpc(req);
+    let too_late = in_flight.is_draining() && is_http1(version) && shared.too_late();
+    if too_late {
         shared.handle.shared.record_rejected_request();
-        return Admission::Rejected(shared.rejection.response(version));
+        if conn.is_none() {
+            drop(guard);
+            return Admission::Rejected(shared.rejection.response(version, grpc));
+        }
+        // On finale's own connections the rejection is answered by the innermost service (the
+        // [`Responder`]), so that the user's layers around it see it; it stays tracked until
+        // its body ends, as any other answer.
     }
     let health = &shared.handle.shared.health;
     let announced = health.is_announced();
@@ -442,7 +493,6 @@ pub(crate) fn admit<ReqB, B>(
         // Traffic still arriving during the drain delay: the load balancer has not let go.
         health.record_activity();
     }
-    let grpc = !is_http1(version) && is_grpc(req);
     let cut = conn.map(|conn| {
         if !is_http1(version) && !conn.http2.load(Ordering::Relaxed) {
             conn.http2.store(true, Ordering::Relaxed);
@@ -460,6 +510,7 @@ pub(crate) fn admit<ReqB, B>(
         close_http1: http1,
         grpc,
         connect: req.method() == Method::CONNECT,
+        too_late,
         cut,
     })
 }
@@ -648,13 +699,11 @@ where
                     Ok(Poll::Ready(result)) => result,
                     Err(payload) => {
                         let admitted = admitted.take().expect("polled after completion");
-                        admitted.in_flight.record_panic();
-                        tracing::error!(
-                            target: "finale",
-                            panic = %crate::hook::panic_message(&*payload),
-                            "request handler panicked; answered 500"
-                        );
-                        return Poll::Ready(Ok(panic_response(admitted.grpc)));
+                        return Poll::Ready(Ok(handler_panicked(
+                            admitted.in_flight,
+                            &*payload,
+                            admitted.grpc,
+                        )));
                     }
                 };
                 let admitted = admitted.take().expect("polled after completion");
@@ -704,6 +753,142 @@ where
             }
         }
     }
+}
+
+/// Marks a request that finale's server found too late to be served: the [`Responder`]
+/// answers it with the rejection instead of calling the service.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TooLate;
+
+/// The innermost service of finale's servers: calls the user's service, isolates its panics
+/// (`500`, in gRPC form for gRPC), and answers a request the server found too late in the drain
+/// with the [`Rejection`]. The layers given to
+/// [`HttpServer::layer`](crate::axum::HttpServer::layer) wrap it, so they see those answers as
+/// they see any other; the tracking (in flight until the last byte of the body, the cut and its
+/// report names) stays outside every layer.
+///
+/// Only finale's servers make it; its name shows in the bounds of `HttpServer::serve`.
+#[derive(Clone)]
+pub struct Responder<S> {
+    inner: S,
+    shared: Arc<LayerShared>,
+}
+
+impl<S> Responder<S> {
+    pub(crate) fn new(inner: S, shared: Arc<LayerShared>) -> Self {
+        Self { inner, shared }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Responder<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Responder")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqB, B> Service<Request<ReqB>> for Responder<S>
+where
+    S: Service<Request<ReqB>, Response = Response<B>>,
+    B: Body<Data = Bytes>,
+{
+    type Response = Response<DrainBody<B>>;
+    type Error = S::Error;
+    type Future = ResponderFuture<S::Future, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let grpc = is_grpc(&req);
+        if req.extensions().get::<TooLate>().is_some() {
+            return ResponderFuture {
+                state: Answer::Ready {
+                    response: Some(self.shared.rejection.response(req.version(), grpc)),
+                },
+            };
+        }
+        ResponderFuture {
+            state: Answer::Called {
+                fut: self.inner.call(req),
+                grpc,
+                in_flight: self.shared.handle.in_flight(),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`Responder`].
+    #[must_use = "futures do nothing unless polled"]
+    pub struct ResponderFuture<F, B> {
+        #[pin]
+        state: Answer<F, B>,
+    }
+}
+
+pin_project! {
+    #[project = AnswerProj]
+    enum Answer<F, B> {
+        Called { #[pin] fut: F, grpc: bool, in_flight: InFlight },
+        Ready { response: Option<Response<DrainBody<B>>> },
+    }
+}
+
+impl<F, B> fmt::Debug for ResponderFuture<F, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponderFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponderFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body<Data = Bytes>,
+{
+    type Output = Result<Response<DrainBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        match state.as_mut().project() {
+            AnswerProj::Ready { response } => {
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
+            }
+            AnswerProj::Called {
+                fut,
+                grpc,
+                in_flight,
+            } => match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+                Ok(Poll::Pending) => Poll::Pending,
+                Ok(Poll::Ready(result)) => {
+                    Poll::Ready(result.map(|response| response.map(DrainBody::untracked)))
+                }
+                Err(payload) => {
+                    // As in `ResponseFuture`: the panicked future is not polled again.
+                    let (grpc, in_flight) = (*grpc, *in_flight);
+                    state.set(Answer::Ready { response: None });
+                    Poll::Ready(Ok(handler_panicked(in_flight, &*payload, grpc)))
+                }
+            },
+        }
+    }
+}
+
+/// A handler panicked: counted, logged, answered `500` (gRPC: `grpc-status: 13`).
+fn handler_panicked<B>(
+    in_flight: InFlight,
+    payload: &(dyn std::any::Any + Send),
+    grpc: bool,
+) -> Response<DrainBody<B>> {
+    in_flight.record_panic();
+    tracing::error!(
+        target: "finale",
+        panic = %crate::hook::panic_message(payload),
+        "request handler panicked; answered 500"
+    );
+    panic_response(grpc)
 }
 
 pin_project! {

@@ -1,0 +1,354 @@
+//! Where finale's drain answers sit among the user's own layers, against real clients.
+//!
+//! `HttpServer::layer` puts a layer outside the requests finale answers itself (a rejection too
+//! late in the drain, the `500` of a panicking handler), so the user's tracing or metrics see
+//! them; the service's own layers (axum's `Router::layer`) stay inside. The in-flight tracking
+//! covers both: a response held in a user layer holds the drain.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::{get, post};
+use bytes::Bytes;
+use finale::{Finale, Handle, Phase, ShutdownReport, ShutdownStatus};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tower::util::MapResponseLayer;
+use tower::{Layer, Service};
+
+const BOUND: Duration = Duration::from_secs(10);
+
+fn builder() -> finale::Builder {
+    Finale::builder()
+        .read_env(false)
+        .no_signals()
+        .environment(finale::Environment::Local)
+}
+
+/// The statuses (and `grpc-status`, if any) a layer saw, in order.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<String>>>);
+
+impl Seen {
+    fn layer<B>(&self) -> MapResponseLayer<impl Fn(Response<B>) -> Response<B> + Clone + use<B>> {
+        let seen = self.clone();
+        MapResponseLayer::new(move |response: Response<B>| {
+            let grpc = response
+                .headers()
+                .get("grpc-status")
+                .map(|v| format!(" grpc-status {}", v.to_str().unwrap()))
+                .unwrap_or_default();
+            seen.0
+                .lock()
+                .unwrap()
+                .push(format!("{}{grpc}", response.status().as_u16()));
+            response
+        })
+    }
+
+    fn get(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+fn app() -> Router {
+    Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route(
+            "/panic",
+            get(|| async {
+                if true {
+                    panic!("handler bug");
+                }
+                "unreachable"
+            }),
+        )
+        .route("/grpc", post(|| async { "never served while too late" }))
+}
+
+struct Served {
+    handle: Handle,
+    addr: SocketAddr,
+    run: JoinHandle<ShutdownReport>,
+}
+
+async fn start(finale: Finale, addr: SocketAddr) -> Served {
+    let handle = finale.handle();
+    let run = tokio::spawn(finale.run());
+    tokio::time::timeout(BOUND, handle.health().started())
+        .await
+        .expect("graceful start completes");
+    Served { handle, addr, run }
+}
+
+async fn finish(served: Served) -> ShutdownReport {
+    tokio::time::timeout(BOUND, served.run)
+        .await
+        .expect("the run ends")
+        .unwrap()
+}
+
+fn listener() -> (std::net::TcpListener, SocketAddr) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+async fn get_status(addr: SocketAddr, path: &str) -> u16 {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("http://{addr}{path}").parse().unwrap();
+    let response = client.get(url).await.unwrap();
+    let status = response.status().as_u16();
+    response.into_body().collect().await.unwrap();
+    status
+}
+
+/// Reads one HTTP/1.1 response head (and its Content-Length body) from a raw stream.
+async fn read_head(stream: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while buf.len() < end + 4 + len {
+                let n = stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "connection closed mid-body");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return head;
+        }
+        let n = stream.read(&mut chunk).await.expect("no reset");
+        assert!(n > 0, "connection closed before a response: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A kept-alive HTTP/1.1 connection that has been served once.
+async fn kept_alive(addr: SocketAddr) -> TcpStream {
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    kept.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut kept).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    kept
+}
+
+/// Starts the drain and waits until the listener refuses new connections.
+async fn drain_started(served: &Served) {
+    served.handle.trigger("test");
+    served.handle.phase_started(Phase::Drain).await;
+    let deadline = Instant::now() + BOUND;
+    while TcpStream::connect(served.addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "the listener never closed");
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_panic_passes_through_the_servers_layers_and_not_through_the_routers() {
+    let (outside, inside) = (Seen::default(), Seen::default());
+    let finale = builder().build().unwrap();
+    let (listener, addr) = listener();
+    finale::axum::HttpServer::new("http")
+        .layer(outside.layer())
+        .serve(&finale, listener, app().layer(inside.layer()))
+        .unwrap();
+    let served = start(finale, addr).await;
+    assert_eq!(get_status(addr, "/").await, 200);
+    assert_eq!(get_status(addr, "/panic").await, 500);
+    // The router's own layer sits inside finale's panic isolation: it never sees the 500.
+    assert_eq!(inside.get(), ["200"]);
+    assert_eq!(outside.get(), ["200", "500"]);
+    served.handle.trigger("test");
+    let report = finish(served).await;
+    assert_eq!(report.requests_panicked, 1, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_too_late_in_the_drain_is_rejected_through_the_servers_layers() {
+    let outside = Seen::default();
+    let finale = builder().build().unwrap();
+    let (listener, addr) = listener();
+    // A late margin longer than the drain: every HTTP/1 request during it is too late.
+    finale::axum::HttpServer::new("http")
+        .rejection(finale::tower::Rejection::default().late_margin(Duration::from_secs(60)))
+        .layer(outside.layer())
+        .serve(&finale, listener, app())
+        .unwrap();
+    let served = start(finale, addr).await;
+    let mut kept = kept_alive(addr).await;
+    drain_started(&served).await;
+    kept.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut kept).await;
+    assert!(head.starts_with("http/1.1 503"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(head.contains("retry-after: 1"), "{head}");
+    assert_eq!(outside.get(), ["200", "503"]);
+    let report = finish(served).await;
+    assert_eq!(report.requests_rejected, 1, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_web_request_too_late_in_the_drain_is_rejected_in_grpc_form() {
+    let outside = Seen::default();
+    let finale = builder().build().unwrap();
+    let (listener, addr) = listener();
+    finale::axum::HttpServer::new("http")
+        .rejection(finale::tower::Rejection::default().late_margin(Duration::from_secs(60)))
+        .layer(outside.layer())
+        .serve(&finale, listener, app())
+        .unwrap();
+    let served = start(finale, addr).await;
+    let mut kept = kept_alive(addr).await;
+    drain_started(&served).await;
+    // gRPC-Web travels over HTTP/1.1: its clients read the status from `grpc-status`.
+    let request = format!(
+        "POST /grpc HTTP/1.1\r\nHost: {addr}\r\ncontent-type: application/grpc-web+proto\r\n\
+         content-length: 5\r\n\r\n\0\0\0\0\0"
+    );
+    kept.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(&mut kept).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("grpc-status: 14"), "{head}");
+    assert!(
+        head.contains("grpc-message: shutting down, retry on another instance"),
+        "{head}"
+    );
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(outside.get(), ["200", "200 grpc-status 14"]);
+    let report = finish(served).await;
+    assert_eq!(report.requests_rejected, 1, "{report}");
+}
+
+/// A layer whose responses wait for `release` before they go out.
+#[derive(Clone)]
+struct Hold {
+    entered: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+impl<S> Layer<S> for Hold {
+    type Service = Held<S>;
+
+    fn layer(&self, inner: S) -> Held<S> {
+        Held {
+            inner,
+            hold: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Held<S> {
+    inner: S,
+    hold: Hold,
+}
+
+impl<S, R> Service<R> for Held<S>
+where
+    S: Service<R> + Send,
+    S::Future: Send + 'static,
+    S::Response: Send,
+    S::Error: Send,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        let fut = self.inner.call(req);
+        let hold = self.hold.clone();
+        Box::pin(async move {
+            let response = fut.await;
+            hold.entered.notify_one();
+            hold.release.notified().await;
+            response
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_held_in_a_servers_layer_holds_the_drain() {
+    let hold = Hold {
+        entered: Arc::new(Notify::new()),
+        release: Arc::new(Notify::new()),
+    };
+    let finale = builder().build().unwrap();
+    let (listener, addr) = listener();
+    finale::axum::HttpServer::new("http")
+        .layer(hold.clone())
+        .serve(&finale, listener, app())
+        .unwrap();
+    let served = start(finale, addr).await;
+    let response = tokio::spawn(get_status(addr, "/"));
+    hold.entered.notified().await;
+    served.handle.trigger("test");
+    served.handle.phase_started(Phase::Drain).await;
+    assert_eq!(served.handle.in_flight().count(), 1);
+    hold.release.notify_one();
+    assert_eq!(response.await.unwrap(), 200);
+    let report = finish(served).await;
+    assert_eq!(report.in_flight_at_drain_start, 1, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_grpc_handler_is_answered_in_grpc_form_through_the_servers_layers() {
+    let outside = Seen::default();
+    let finale = builder().build().unwrap();
+    let (listener, addr) = listener();
+    let service = tower::service_fn(|_req: Request<hyper::body::Incoming>| async {
+        if true {
+            panic!("gRPC handler bug");
+        }
+        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
+    });
+    finale::tonic::HttpServer::new("grpc")
+        .layer(outside.layer())
+        .serve(&finale, listener, service)
+        .unwrap();
+    let served = start(finale, addr).await;
+    // A real HTTP/2 client with prior knowledge, as gRPC clients connect.
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = Request::post(format!("http://{addr}/pkg.Svc/Method"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["grpc-status"], "13");
+    assert_eq!(outside.get(), ["200 grpc-status 13"]);
+    served.handle.trigger("test");
+    let report = finish(served).await;
+    assert_eq!(report.requests_panicked, 1, "{report}");
+}
