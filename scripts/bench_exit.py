@@ -12,8 +12,10 @@ stopped by PID.
   --example full_service --features axum,pushgateway,otlp,tracing-appender --backends
                                   the full example with a real Pushgateway and a real OTLP
                                   collector (rotel) started on free loopback ports
-  --example full_service --features ... --backends --protocol http
-                                  the same over OTLP/HTTP (rotel's HTTP receiver) instead of gRPC
+                                  over OTLP/HTTP (http/protobuf, the example's default, as the
+                                  OpenTelemetry specification's default)
+  --example full_service --features ... --backends --protocol grpc
+                                  the same over OTLP/gRPC (rotel's gRPC receiver)
   --example full_service --features ... --backends --collector-nodelay
                                   the same, with TCP_NODELAY set on the collector's accepted
                                   connections (rotel sets none), through an LD_PRELOAD shim
@@ -87,7 +89,7 @@ def nodelay_shim(tmp: str) -> str:
     return lib
 
 
-def start_backends(tmp: str, protocol: str = "grpc",
+def start_backends(tmp: str, protocol: str = "http",
                    collector_nodelay: bool = False) -> tuple[list[subprocess.Popen], dict[str, str]]:
     procs = []
     pg = free_port()
@@ -169,7 +171,7 @@ def main() -> int:
     ap.add_argument("--features", default="")
     ap.add_argument("--backends", action="store_true")
     ap.add_argument("--hung", action="store_true")
-    ap.add_argument("--protocol", choices=["grpc", "http"], default="grpc",
+    ap.add_argument("--protocol", choices=["grpc", "http"], default="http",
                     help="OTLP transport to the collector with --backends")
     ap.add_argument("--collector-nodelay", action="store_true",
                     help="with --backends: TCP_NODELAY on the collector's connections")

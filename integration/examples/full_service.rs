@@ -32,8 +32,11 @@
 //!   the same when the process restarts, so a restart replaces its group instead of leaving a
 //!   stale one behind (pushed groups live until deleted; a pid would make a new one each time).
 //! - `OTEL_EXPORTER_OTLP_ENDPOINT` (the collector's base URL) and
-//!   `OTEL_EXPORTER_OTLP_PROTOCOL` (`grpc`, the default, or `http/protobuf`): without an
-//!   endpoint, no OTLP.
+//!   `OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf`, the default, as in the OpenTelemetry
+//!   specification, or `grpc`): without an endpoint, no OTLP. Over gRPC, a collector that
+//!   leaves Nagle's algorithm on (sets no `TCP_NODELAY` on the connections it accepts) makes the
+//!   final flush on a fresh connection wait ~40 ms for the client's delayed ACK (see
+//!   BENCHMARKS.md, "SIGTERM to exit"); the OpenTelemetry Collector sets it.
 //! - `FINALE_*`: any budget setting, e.g. `FINALE_TOTAL_BUDGET=6s FINALE_TELEMETRY_RESERVE=3s`.
 //!
 //! The exit code is the report's: `0` when everything was delivered, `6` when some telemetry was
@@ -115,10 +118,7 @@ fn otlp_providers(endpoint: &str) -> Result<Providers, opentelemetry_otlp::Expor
     let resource = Resource::builder()
         .with_service_name("full_service")
         .build();
-    let grpc = !matches!(
-        env("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref(),
-        Some("http/protobuf")
-    );
+    let grpc = matches!(env("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref(), Some("grpc"));
     let (spans, logs, metrics) = if grpc {
         (
             SpanExporter::builder()

@@ -24,6 +24,7 @@ fn a_panic_still_delivers_the_telemetry() {
         &collector.grpc_endpoint(),
         &dir.join("service.log"),
     )
+    .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
     .env("FULL_SERVICE_PANIC_AFTER_MS", "300")
     .spawn()
     .unwrap();

@@ -199,6 +199,7 @@ fn lossless_under_load_across_sigterm() {
             ("PUSHGATEWAY_URL", &gateway.url()),
             ("PUSHGATEWAY_JOB", job),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.grpc_endpoint()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
         ],
     );
 
