@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -351,4 +352,248 @@ async fn a_panicking_grpc_handler_is_answered_in_grpc_form_through_the_servers_l
     served.handle.trigger("test");
     let report = finish(served).await;
     assert_eq!(report.requests_panicked, 1, "{report}");
+}
+
+/// A route that holds its request until the drain deadline cuts it.
+fn with_slow(router: Router) -> Router {
+    router.route(
+        "/slow",
+        get(|| async {
+            std::future::pending::<()>().await;
+            "never"
+        }),
+    )
+}
+
+/// Sends `GET /slow` on a fresh connection and waits until it is in flight.
+async fn hold_slow(served: &Served) -> TcpStream {
+    let mut slow = TcpStream::connect(served.addr).await.unwrap();
+    slow.write_all(format!("GET /slow HTTP/1.1\r\nHost: {}\r\n\r\n", served.addr).as_bytes())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + BOUND;
+    while served.handle.in_flight().count() < 1 {
+        assert!(Instant::now() < deadline, "/slow never arrived");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    slow
+}
+
+/// Reads until the end of the stream (or a reset); what came.
+async fn read_to_end(stream: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_too_late_is_answered_at_once_even_when_the_service_is_not_ready() {
+    // A concurrency limit on the service, its one permit held by a request that never ends:
+    // the late request is answered 503 at once, not after the limit (or at the cut).
+    let finale = builder()
+        .drain_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let (listener, addr) = listener();
+    finale::axum::HttpServer::new("http")
+        .rejection(finale::tower::Rejection::default().late_margin(Duration::from_secs(60)))
+        .serve(
+            &finale,
+            listener,
+            tower::limit::ConcurrencyLimit::new(with_slow(app()), 1),
+        )
+        .unwrap();
+    let served = start(finale, addr).await;
+    let mut kept = kept_alive(addr).await;
+    let _slow = hold_slow(&served).await;
+    drain_started(&served).await;
+    let asked = Instant::now();
+    kept.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let answer = read_to_end(&mut kept).await;
+    let waited = asked.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    assert!(waited < Duration::from_secs(2), "answered after {waited:?}");
+    let report = finish(served).await;
+    assert_eq!(report.requests_rejected, 1, "{report}");
+    assert_eq!(report.cut.len(), 1, "only /slow is cut: {report}");
+    assert!(report.cut[0].starts_with("GET /slow"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_held_by_a_servers_limit_at_the_cut_is_named_once_and_not_counted_rejected() {
+    // A limit given to `HttpServer::layer` holds finale's answers too (documented): the late
+    // request waits for the permit, is cut at the deadline, and is reported exactly once.
+    let finale = builder()
+        .drain_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let (listener, addr) = listener();
+    finale::axum::HttpServer::new("http")
+        .rejection(finale::tower::Rejection::default().late_margin(Duration::from_secs(60)))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(1))
+        .serve(&finale, listener, with_slow(app()))
+        .unwrap();
+    let served = start(finale, addr).await;
+    let mut kept = kept_alive(addr).await;
+    let _slow = hold_slow(&served).await;
+    drain_started(&served).await;
+    kept.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let answer = read_to_end(&mut kept).await;
+    let report = finish(served).await;
+    let port = kept.local_addr().unwrap().port();
+    let named = report
+        .cut
+        .iter()
+        .filter(|c| c.contains(&format!(":{port} ")))
+        .count();
+    // Cut while it waits for the permit (named, no answer); or, when the cut of `/slow` frees
+    // the permit a moment before its own connection is cut, answered 503 (counted rejected).
+    // Never both, never neither.
+    if answer.is_empty() {
+        assert_eq!((report.requests_rejected, named), (0, 1), "{report}");
+    } else {
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+        assert_eq!((report.requests_rejected, named), (1, 0), "{report}");
+    }
+    assert_eq!(report.status, ShutdownStatus::DeadlineOverrun, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_request_a_layer_had_served_is_not_counted_rejected() {
+    // A layer that rebuilds the request drops finale's mark: the request is served, and the
+    // report does not call it a rejection.
+    let finale = builder().build().unwrap();
+    let (listener, addr) = listener();
+    let served_count = Arc::new(AtomicUsize::new(0));
+    let app = app().route(
+        "/count",
+        get({
+            let served_count = served_count.clone();
+            move || async move {
+                served_count.fetch_add(1, Ordering::SeqCst);
+                "served"
+            }
+        }),
+    );
+    finale::axum::HttpServer::new("http")
+        .rejection(finale::tower::Rejection::default().late_margin(Duration::from_secs(60)))
+        .layer(tower::util::MapRequestLayer::new(
+            |mut req: Request<hyper::body::Incoming>| {
+                req.extensions_mut().clear();
+                req
+            },
+        ))
+        .serve(&finale, listener, app)
+        .unwrap();
+    let served = start(finale, addr).await;
+    let mut kept = kept_alive(addr).await;
+    drain_started(&served).await;
+    kept.write_all(format!("GET /count HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut kept).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(served_count.load(Ordering::SeqCst), 1);
+    let report = finish(served).await;
+    assert_eq!(report.requests_rejected, 0, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_answers_keep_the_grpc_web_content_type() {
+    let finale = builder().build().unwrap();
+    let (listener, addr) = listener();
+    let app = app().route(
+        "/gpanic",
+        post(|| async {
+            if true {
+                panic!("gRPC-Web handler bug");
+            }
+            "unreachable"
+        }),
+    );
+    finale::axum::HttpServer::new("http")
+        .rejection(finale::tower::Rejection::default().late_margin(Duration::from_secs(60)))
+        .serve(&finale, listener, app)
+        .unwrap();
+    let served = start(finale, addr).await;
+    // A panic: `grpc-status: 13` in gRPC-Web form.
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    kept.write_all(
+        format!(
+            "POST /gpanic HTTP/1.1\r\nHost: {addr}\r\ncontent-type: application/grpc-web+proto\r\n\
+             content-length: 5\r\n\r\n\0\0\0\0\0"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut kept).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("grpc-status: 13"), "{head}");
+    assert!(
+        head.contains("content-type: application/grpc-web\r\n"),
+        "{head}"
+    );
+    // Too late in the drain, base64 flavour: `grpc-status: 14`, `application/grpc-web-text`.
+    drain_started(&served).await;
+    kept.write_all(
+        format!(
+            "POST /grpc HTTP/1.1\r\nHost: {addr}\r\ncontent-type: application/grpc-web-text\r\n\
+             content-length: 8\r\n\r\nAAAAAAA="
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut kept).await;
+    assert!(head.contains("grpc-status: 14"), "{head}");
+    assert!(
+        head.contains("content-type: application/grpc-web-text"),
+        "{head}"
+    );
+    let report = finish(served).await;
+    assert_eq!(
+        (report.requests_panicked, report.requests_rejected),
+        (1, 1),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_services_call_itself_passes_through_the_servers_layers() {
+    // A service that panics in `call`, before its future exists (work done before an `async`
+    // block): still the handler's panic, answered inside the layers.
+    let outside = Seen::default();
+    let finale = builder().build().unwrap();
+    let (listener, addr) = listener();
+    let service = tower::service_fn(|req: Request<hyper::body::Incoming>| {
+        assert!(
+            req.uri().path() != "/sync-panic",
+            "a bug before the async block"
+        );
+        async {
+            Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }
+    });
+    finale::axum::HttpServer::new("http")
+        .layer(outside.layer())
+        .serve(&finale, listener, service)
+        .unwrap();
+    let served = start(finale, addr).await;
+    assert_eq!(get_status(addr, "/").await, 200);
+    assert_eq!(get_status(addr, "/sync-panic").await, 500);
+    served.handle.trigger("test");
+    let report = finish(served).await;
+    assert_eq!(report.requests_panicked, 1, "{report}");
+    assert_eq!(outside.get(), ["200", "500"]);
 }

@@ -250,10 +250,16 @@ impl<L> HttpServer<L> {
     /// Either way the tracking stays outermost: a request is in flight from the moment it is
     /// read until the last byte of its response, whatever the layers do, and a request cut at
     /// the deadline is named in the report. Called more than once, the last layer added is the
-    /// outermost (as `tower::ServiceBuilder::layer`). A layer that answers by itself (a timeout,
-    /// a load shed) answers as it would anywhere; a layer that replaces the request drops
-    /// finale's mark on it, and a request too late in the drain is then served instead of
-    /// rejected.
+    /// outermost (as `tower::ServiceBuilder::layer`).
+    ///
+    /// A layer here holds finale's answers as it holds any request: one that waits (a
+    /// concurrency or rate limit) delays a rejection too, and one still waiting at the drain
+    /// deadline is cut and named like any other request, so put limits on the service itself,
+    /// where a request too late in the drain is answered without waiting for the service to be
+    /// ready. A layer that answers by itself (a timeout, an auth check, a load shed) answers as
+    /// it would anywhere, and only a rejection finale answered is counted as one. A layer that
+    /// replaces the request drops finale's mark on it: a request too late in the drain is then
+    /// served instead of rejected.
     ///
     /// ```
     /// use tower::ServiceBuilder;
@@ -369,10 +375,10 @@ impl<L> HttpServer<L> {
     /// # let _ = server;
     /// ```
     ///
-    /// What finale's own accept loop decides is not there: concurrency limits (a
-    /// `tower::limit::ConcurrencyLimitLayer` given to [`layer`](HttpServer::layer); axum's
-    /// `Router::layer` does not keep its permit), connection limits (at the load balancer or
-    /// the OS), TLS
+    /// What finale's own accept loop decides is not there: concurrency limits (wrap the whole
+    /// service in `tower::limit::ConcurrencyLimit`; axum's `Router::layer` does not keep its
+    /// permit; a limit given to [`layer`](HttpServer::layer) would hold finale's own answers
+    /// too), connection limits (at the load balancer or the OS), TLS
     /// ([`tls`](HttpServer::tls), feature `tls`) and the drain.
     pub fn hyper(
         mut self,

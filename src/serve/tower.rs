@@ -15,9 +15,11 @@
 //!   `503 Service Unavailable` with `Retry-After` and `Connection: close`; each such one is
 //!   counted in the report and the `finale_requests_rejected_total` metric (see
 //!   [`names`](crate::names)). The response is configurable with [`Rejection`]; a gRPC request
-//!   (gRPC-Web over HTTP/1.1) gets it in gRPC form, `grpc-status: 14` (UNAVAILABLE).
-//! - **Isolates panics**: a handler that panics gets its request answered `500` (a gRPC request
-//!   `grpc-status: 13`, INTERNAL), counted in the report and in `finale_request_panics_total`;
+//!   (gRPC-Web over HTTP/1.1) gets it in its own form: `200` with `grpc-status: 14`
+//!   (UNAVAILABLE) and the content type of its family (`application/grpc`,
+//!   `application/grpc-web`, `application/grpc-web-text`).
+//! - **Isolates panics**: a handler that panics gets its request answered `500` (a gRPC or
+//!   gRPC-Web request `grpc-status: 13`, INTERNAL, in its own form), counted in the report and in `finale_request_panics_total`;
 //!   the connection and the server go on.
 //! - **Moves persistent clients politely**: from the Announce phase on (the drain delay, while
 //!   the service still serves), HTTP/1 responses carry `Connection: close`, so keep-alive clients
@@ -128,13 +130,15 @@ impl Default for Rejection {
 }
 
 impl Rejection {
-    /// The status code.
+    /// The status code (not for a gRPC request: its answer is always `200` with
+    /// `grpc-status: 14`).
     pub fn status(mut self, status: StatusCode) -> Self {
         self.status = status;
         self
     }
 
-    /// The `Retry-After` header, in whole seconds (rounded up); `None` leaves it out.
+    /// The `Retry-After` header, in whole seconds (rounded up); `None` leaves it out. gRPC
+    /// answers have none (gRPC clients retry UNAVAILABLE by their own policy).
     pub fn retry_after(mut self, after: Option<Duration>) -> Self {
         self.retry_after = after.map(|d| {
             let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
@@ -160,11 +164,15 @@ impl Rejection {
     /// The rejection for a request of `version`; a gRPC request (gRPC-Web over HTTP/1.1
     /// included) gets it in gRPC form: `200` with `grpc-status: 14` (UNAVAILABLE, which gRPC
     /// clients may retry) and the body as `grpc-message`.
-    pub(crate) fn response<B>(&self, version: Version, grpc: bool) -> Response<DrainBody<B>> {
-        if grpc {
+    pub(crate) fn response<B>(
+        &self,
+        version: Version,
+        grpc: Option<Grpc>,
+    ) -> Response<DrainBody<B>> {
+        if let Some(grpc) = grpc {
             let mut response = Response::new(DrainBody::full(Bytes::new()));
             let headers = response.headers_mut();
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert(CONTENT_TYPE, grpc.content_type());
             headers.insert("grpc-status", HeaderValue::from_static("14"));
             if let Ok(message) = HeaderValue::from_str(&grpc_message(&self.body)) {
                 headers.insert("grpc-message", message);
@@ -209,11 +217,11 @@ fn grpc_message(text: &[u8]) -> String {
 
 /// The answer to a request whose handler panicked: `500`, or for gRPC `grpc-status: 13`
 /// (INTERNAL), in gRPC form.
-fn panic_response<B>(grpc: bool) -> Response<DrainBody<B>> {
-    if grpc {
+fn panic_response<B>(grpc: Option<Grpc>) -> Response<DrainBody<B>> {
+    if let Some(grpc) = grpc {
         let mut response = Response::new(DrainBody::full(Bytes::new()));
         let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(CONTENT_TYPE, grpc.content_type());
         headers.insert("grpc-status", HeaderValue::from_static("13"));
         headers.insert(
             "grpc-message",
@@ -445,7 +453,7 @@ pub(crate) struct Admitted {
     announced: bool,
     close_http1: bool,
     /// A gRPC request: a panic is answered in gRPC form.
-    grpc: bool,
+    grpc: Option<Grpc>,
     /// A CONNECT (an HTTP/1 tunnel, or an HTTP/2 extended CONNECT: a WebSocket over HTTP/2):
     /// a `2xx` upgrades it.
     connect: bool,
@@ -475,18 +483,16 @@ pub(crate) fn admit<ReqB, B>(
     // (and waits for the request) or is seen here. The check is one relaxed load of a
     // `&'static` flag, set when the Drain phase starts.
     let guard = in_flight.acquire();
-    let grpc = is_grpc(req);
+    let grpc = grpc_kind(req);
     let too_late = in_flight.is_draining() && is_http1(version) && shared.too_late();
-    if too_late {
+    if too_late && conn.is_none() {
+        drop(guard);
         shared.handle.shared.record_rejected_request();
-        if conn.is_none() {
-            drop(guard);
-            return Admission::Rejected(shared.rejection.response(version, grpc));
-        }
-        // On finale's own connections the rejection is answered by the innermost service (the
-        // [`Responder`]), so that the user's layers around it see it; it stays tracked until
-        // its body ends, as any other answer.
+        return Admission::Rejected(shared.rejection.response(version, grpc));
     }
+    // On finale's own connections a request too late is answered (and counted) by the innermost
+    // service, the [`Responder`], so that the user's layers around it see the answer; it stays
+    // tracked until its body ends, as any other.
     let health = &shared.handle.shared.health;
     let announced = health.is_announced();
     if announced && !matches!(req.uri().path(), "/livez" | "/readyz") {
@@ -515,10 +521,44 @@ pub(crate) fn admit<ReqB, B>(
     })
 }
 
-fn is_grpc<ReqB>(req: &Request<ReqB>) -> bool {
-    req.headers()
-        .get(CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+/// Which gRPC a request speaks, for answers in its own form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Grpc {
+    /// gRPC over HTTP/2 (`application/grpc`, `application/grpc+proto`, ...).
+    Grpc,
+    /// gRPC-Web (`application/grpc-web`, `+proto`, `+json`), HTTP/1.1 or HTTP/2.
+    Web,
+    /// gRPC-Web with base64 bodies (`application/grpc-web-text`).
+    WebText,
+}
+
+impl Grpc {
+    /// The content type of an answer in this form: the family of the request's, as the
+    /// gRPC-Web protocol asks (a gRPC-Web client reads `application/grpc` as an error).
+    fn content_type(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Grpc::Grpc => "application/grpc",
+            Grpc::Web => "application/grpc-web",
+            Grpc::WebText => "application/grpc-web-text",
+        })
+    }
+}
+
+/// The request's gRPC kind, from its content type; a `CONNECT` is never gRPC (a `2xx` to it
+/// would upgrade the connection).
+fn grpc_kind<ReqB>(req: &Request<ReqB>) -> Option<Grpc> {
+    let content_type = req.headers().get(CONTENT_TYPE)?.as_bytes();
+    let rest = content_type.strip_prefix(b"application/grpc")?;
+    if req.method() == Method::CONNECT {
+        return None;
+    }
+    Some(if rest.starts_with(b"-web-text") {
+        Grpc::WebText
+    } else if rest.starts_with(b"-web") {
+        Grpc::Web
+    } else {
+        Grpc::Grpc
+    })
 }
 
 /// A [`Layer`] that wraps services in [`Drain`]; see the [module docs](self).
@@ -790,29 +830,40 @@ impl<S: fmt::Debug> fmt::Debug for Responder<S> {
 
 impl<S, ReqB, B> Service<Request<ReqB>> for Responder<S>
 where
-    S: Service<Request<ReqB>, Response = Response<B>>,
+    S: Service<Request<ReqB>, Response = Response<B>> + Clone,
     B: Body<Data = Bytes>,
 {
     type Response = Response<DrainBody<B>>;
     type Error = S::Error;
-    type Future = ResponderFuture<S::Future, B>;
+    type Future = ResponderFuture<S, Request<ReqB>, B>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    /// Always ready: the service's own readiness is awaited in the future, so that a request
+    /// too late in the drain is answered at once, not after a concurrency limit (or any
+    /// service whose `poll_ready` waits) lets it through.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let grpc = is_grpc(&req);
+        let grpc = grpc_kind(&req);
         if req.extensions().get::<TooLate>().is_some() {
+            // Counted here, where it is answered: a request a layer answered itself (or
+            // stripped of its mark and had served) is not a rejection.
+            self.shared.handle.shared.record_rejected_request();
             return ResponderFuture {
                 state: Answer::Ready {
                     response: Some(self.shared.rejection.response(req.version(), grpc)),
                 },
             };
         }
+        // The clone that was made for this request goes into the future (tower's usual
+        // clone-and-swap): its readiness and its call both happen there, inside the panic
+        // isolation.
+        let clone = self.inner.clone();
+        let service = std::mem::replace(&mut self.inner, clone);
         ResponderFuture {
-            state: Answer::Called {
-                fut: self.inner.call(req),
+            state: Answer::Waiting {
+                call: Some((service, req)),
                 grpc,
                 in_flight: self.shared.handle.in_flight(),
             },
@@ -823,55 +874,96 @@ where
 pin_project! {
     /// The response future of [`Responder`].
     #[must_use = "futures do nothing unless polled"]
-    pub struct ResponderFuture<F, B> {
+    pub struct ResponderFuture<S, Req, B>
+    where
+        S: Service<Req>,
+    {
         #[pin]
-        state: Answer<F, B>,
+        state: Answer<S, Req, B>,
     }
 }
 
 pin_project! {
     #[project = AnswerProj]
-    enum Answer<F, B> {
-        Called { #[pin] fut: F, grpc: bool, in_flight: InFlight },
+    enum Answer<S, Req, B>
+    where
+        S: Service<Req>,
+    {
+        Waiting { call: Option<(S, Req)>, grpc: Option<Grpc>, in_flight: InFlight },
+        Called { #[pin] fut: S::Future, grpc: Option<Grpc>, in_flight: InFlight },
         Ready { response: Option<Response<DrainBody<B>>> },
     }
 }
 
-impl<F, B> fmt::Debug for ResponderFuture<F, B> {
+impl<S: Service<Req>, Req, B> fmt::Debug for ResponderFuture<S, Req, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponderFuture").finish_non_exhaustive()
     }
 }
 
-impl<F, B, E> Future for ResponderFuture<F, B>
+impl<S, Req, B> Future for ResponderFuture<S, Req, B>
 where
-    F: Future<Output = Result<Response<B>, E>>,
+    S: Service<Req, Response = Response<B>>,
     B: Body<Data = Bytes>,
 {
-    type Output = Result<Response<DrainBody<B>>, E>;
+    type Output = Result<Response<DrainBody<B>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
-        match state.as_mut().project() {
-            AnswerProj::Ready { response } => {
-                Poll::Ready(Ok(response.take().expect("polled after completion")))
-            }
-            AnswerProj::Called {
-                fut,
-                grpc,
-                in_flight,
-            } => match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
-                Ok(Poll::Pending) => Poll::Pending,
-                Ok(Poll::Ready(result)) => {
-                    Poll::Ready(result.map(|response| response.map(DrainBody::untracked)))
+        loop {
+            // A panic in the service's `poll_ready`, `call` or future is the handler's: the
+            // request is answered `500` here, inside the user's layers, and never polled again.
+            let caught = match state.as_mut().project() {
+                AnswerProj::Ready { response } => {
+                    return Poll::Ready(Ok(response.take().expect("polled after completion")));
                 }
-                Err(payload) => {
-                    // As in `ResponseFuture`: the panicked future is not polled again.
+                AnswerProj::Waiting {
+                    call,
+                    grpc,
+                    in_flight,
+                } => {
                     let (grpc, in_flight) = (*grpc, *in_flight);
-                    state.set(Answer::Ready { response: None });
-                    Poll::Ready(Ok(handler_panicked(in_flight, &*payload, grpc)))
+                    let (service, _) = call.as_mut().expect("polled after completion");
+                    match std::panic::catch_unwind(AssertUnwindSafe(|| service.poll_ready(cx))) {
+                        Ok(Poll::Pending) => return Poll::Pending,
+                        Ok(Poll::Ready(Err(e))) => {
+                            state.set(Answer::Ready { response: None });
+                            return Poll::Ready(Err(e));
+                        }
+                        Ok(Poll::Ready(Ok(()))) => {
+                            let (mut service, req) = call.take().expect("checked above");
+                            match std::panic::catch_unwind(AssertUnwindSafe(|| service.call(req))) {
+                                Ok(fut) => {
+                                    state.set(Answer::Called {
+                                        fut,
+                                        grpc,
+                                        in_flight,
+                                    });
+                                    continue;
+                                }
+                                Err(payload) => (payload, grpc, in_flight),
+                            }
+                        }
+                        Err(payload) => (payload, grpc, in_flight),
+                    }
                 }
-            },
+                AnswerProj::Called {
+                    fut,
+                    grpc,
+                    in_flight,
+                } => match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+                    Ok(Poll::Pending) => return Poll::Pending,
+                    Ok(Poll::Ready(result)) => {
+                        return Poll::Ready(
+                            result.map(|response| response.map(DrainBody::untracked)),
+                        );
+                    }
+                    Err(payload) => (payload, *grpc, *in_flight),
+                },
+            };
+            let (payload, grpc, in_flight) = caught;
+            state.set(Answer::Ready { response: None });
+            return Poll::Ready(Ok(handler_panicked(in_flight, &*payload, grpc)));
         }
     }
 }
@@ -880,7 +972,7 @@ where
 fn handler_panicked<B>(
     in_flight: InFlight,
     payload: &(dyn std::any::Any + Send),
-    grpc: bool,
+    grpc: Option<Grpc>,
 ) -> Response<DrainBody<B>> {
     in_flight.record_panic();
     tracing::error!(
