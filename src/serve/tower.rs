@@ -459,6 +459,10 @@ pub(crate) struct Admitted {
     connect: bool,
     /// Too late to be served (finale's own connections only): the [`Responder`] answers it
     /// with the rejection.
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
     pub(crate) too_late: bool,
     cut: Option<CutName>,
 }
@@ -525,7 +529,7 @@ pub(crate) fn admit<ReqB, B>(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Grpc {
     /// gRPC over HTTP/2 (`application/grpc`, `application/grpc+proto`, ...).
-    Grpc,
+    Plain,
     /// gRPC-Web (`application/grpc-web`, `+proto`, `+json`), HTTP/1.1 or HTTP/2.
     Web,
     /// gRPC-Web with base64 bodies (`application/grpc-web-text`).
@@ -537,7 +541,7 @@ impl Grpc {
     /// gRPC-Web protocol asks (a gRPC-Web client reads `application/grpc` as an error).
     fn content_type(self) -> HeaderValue {
         HeaderValue::from_static(match self {
-            Grpc::Grpc => "application/grpc",
+            Grpc::Plain => "application/grpc",
             Grpc::Web => "application/grpc-web",
             Grpc::WebText => "application/grpc-web-text",
         })
@@ -557,7 +561,7 @@ fn grpc_kind<ReqB>(req: &Request<ReqB>) -> Option<Grpc> {
     } else if rest.starts_with(b"-web") {
         Grpc::Web
     } else {
-        Grpc::Grpc
+        Grpc::Plain
     })
 }
 
@@ -815,6 +819,10 @@ pub struct Responder<S> {
 }
 
 impl<S> Responder<S> {
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
     pub(crate) fn new(inner: S, shared: Arc<LayerShared>) -> Self {
         Self { inner, shared }
     }
