@@ -118,8 +118,8 @@ pub const DEFAULT_CUT_MARGIN: Duration = Duration::from_millis(100);
 /// apply. Handlers see who connected as the frameworks' own servers tell it for a
 /// `UnixListener`: axum's `ConnectInfo<tokio::net::unix::SocketAddr>` (what `axum::serve` on
 /// a `tokio::net::UnixListener` gives), tonic's
-/// [`UdsConnectInfo`](::tonic::transport::server::UdsConnectInfo) (its `Request::remote_addr()`
-/// is `None`, as with tonic's own server). A client's socket rarely has a path, so the report
+/// `tonic::transport::server::UdsConnectInfo` (the peer's address and credentials; its
+/// `Request::remote_addr()` is `None`, as with tonic's own server). A client's socket rarely has a path, so the report
 /// names a request cut at the deadline by the server's socket and the client's process id:
 /// `GET /events from pid 4321 on unix:/run/app.sock (stream open at the drain deadline)`.
 ///
