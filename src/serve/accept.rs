@@ -108,6 +108,8 @@ pub const DEFAULT_CUT_MARGIN: Duration = Duration::from_millis(100);
 /// # #[cfg(unix)]
 /// let unix = Listen::unix("/run/my-service/http.sock");
 /// # let _ = (by_address, bound);
+/// # #[cfg(unix)]
+/// # let _ = unix;
 /// ```
 ///
 /// # Unix domain sockets
