@@ -11,6 +11,7 @@
 //! Rebuild in between, and the successor is the new binary (the same path).
 //!
 //! - `ZERO_DOWNTIME_ADDR`: where to listen (default `127.0.0.1:3000`).
+//! - `ZERO_DOWNTIME_UNIX`: also serve on a Unix domain socket at this path (handed over too).
 //! - `ZERO_DOWNTIME_FAIL_SUCCESSOR`: a successor (a process started by an upgrade) exits with
 //!   code 3 before it is ready: the old one keeps serving and says why.
 //! - `FINALE_*`: any budget setting.
@@ -67,6 +68,10 @@ async fn main() {
             get(move || async move { format!("hello from {pid}\n") }),
         )
         .merge(finale::axum::health_router(&finale.handle()));
+    if let Some(path) = std::env::var_os("ZERO_DOWNTIME_UNIX") {
+        let unix = finale::axum::Listen::unix(path);
+        finale::axum::serve(&finale, "unix", unix, app.clone()).expect("unique name");
+    }
     finale::axum::serve(&finale, "http", addr, app).expect("unique name");
     eprintln!("pid {pid} serving on http://{addr}");
     finale.run_and_exit().await

@@ -374,6 +374,79 @@ fn three_plain_restarts_under_the_same_load_refuse_connections() {
     );
 }
 
+/// `GET /hello` over a fresh connection to the Unix socket at `path`: the answer's pid.
+fn hello_over_unix(path: &std::path::Path) -> Result<u32, String> {
+    use std::io::{Read, Write};
+    let mut conn =
+        std::os::unix::net::UnixStream::connect(path).map_err(|e| format!("connect: {e}"))?;
+    conn.set_read_timeout(Some(BOUND)).unwrap();
+    conn.write_all(b"GET /hello HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)
+        .map_err(|e| format!("read: {e}"))?;
+    if !answer.starts_with("HTTP/1.1 200") {
+        return Err(format!("answer: {answer:?}"));
+    }
+    let pid = answer
+        .rsplit("hello from ")
+        .next()
+        .and_then(|rest| rest.trim().parse().ok());
+    pid.ok_or_else(|| format!("answer: {answer:?}"))
+}
+
+#[test]
+fn a_unix_socket_server_is_handed_over_and_refuses_nothing() {
+    // The service serves a Unix socket next to its TCP port; a client opens a new connection
+    // to the socket per request all through two upgrades: every one is answered, the last by
+    // the second successor, and the socket file is the same one throughout.
+    let dir = std::env::temp_dir().join(format!("finale-upgrade-uds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("http.sock");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));
+    let mut service = Service::start(addr, &[("ZERO_DOWNTIME_UNIX", path.to_str().unwrap())]);
+    let first = hello_over_unix(&path).unwrap();
+    assert_eq!(first, service.pid);
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap());
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = std::thread::spawn({
+        let (path, stop) = (path.clone(), stop.clone());
+        move || {
+            let mut answers: Vec<Result<u32, String>> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                answers.push(hello_over_unix(&path));
+            }
+            answers
+        }
+    });
+    service.upgrade();
+    service.upgrade();
+    // One more answer from the process serving now, then the client stops.
+    assert!(
+        wait_until(BOUND, || hello_over_unix(&path) == Ok(service.pid)),
+        "the second successor serves the socket"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answers = client.join().unwrap();
+    let failed: Vec<_> = answers.iter().filter(|a| a.is_err()).collect();
+    let pids: BTreeSet<u32> = answers.iter().filter_map(|a| a.clone().ok()).collect();
+    eprintln!(
+        "{} requests over the Unix socket, answered by {pids:?}, failed: {failed:?}",
+        answers.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap()),
+        inode,
+        "the same socket file, handed over, not bound again"
+    );
+    let pid = service.pid;
+    service.signal("-TERM");
+    service.wait_gone(pid);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_successor_that_fails_leaves_the_old_process_serving() {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));

@@ -611,6 +611,28 @@ pub(crate) fn take_named_if_passed(name: &str) -> Option<TcpListener> {
     }
 }
 
+/// The passed listening Unix socket named `name`, if there is one not taken yet: what a server
+/// given a socket path serves instead of binding (`ListenStream=/path`, an upgrade's
+/// hand-off). A connected one (an upgrade's `finale.ready`) is not a listener: left alone.
+#[cfg_attr(
+    not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+    allow(dead_code)
+)]
+pub(crate) fn take_unix_named_if_passed(name: &str) -> Option<std::os::unix::net::UnixListener> {
+    let passed = passed().ok()?;
+    let mut passed = lock(passed);
+    let index = (0..passed.names.len()).find(|&i| {
+        passed.names[i] == name
+            && matches!(&passed.slots[i], Slot::Unix(socket) if socket.peer_addr().is_err())
+    })?;
+    match std::mem::replace(&mut passed.slots[index], Slot::Taken) {
+        Slot::Unix(socket) => Some(std::os::unix::net::UnixListener::from(OwnedFd::from(
+            socket,
+        ))),
+        _ => None,
+    }
+}
+
 /// Takes the passed Unix stream socket named `name` (an upgrade's `finale.ready`).
 #[cfg(feature = "upgrade")]
 pub(crate) fn take_unix_named(name: &str) -> Option<std::os::unix::net::UnixStream> {
@@ -624,7 +646,7 @@ pub(crate) fn take_unix_named(name: &str) -> Option<std::os::unix::net::UnixStre
     }
 }
 
-/// Closes the passed TCP sockets no server took, and names them: in an upgrade's successor, a
+/// Closes the passed listening sockets (TCP or Unix) no server took, and names them: in an upgrade's successor, a
 /// server the new version no longer has must refuse its connections, not leave them hanging in
 /// a queue nobody accepts from.
 #[cfg(feature = "upgrade")]
@@ -635,7 +657,13 @@ pub(crate) fn close_untaken() -> Vec<String> {
     let mut passed = lock(passed);
     let mut closed = Vec::new();
     for index in 0..passed.names.len() {
-        if matches!(passed.slots[index], Slot::Tcp(_)) {
+        // Listening sockets (TCP, or Unix: not a connection such as `finale.ready`).
+        let listening = match &passed.slots[index] {
+            Slot::Tcp(_) => true,
+            Slot::Unix(socket) => socket.peer_addr().is_err(),
+            Slot::Other(_) | Slot::Taken => false,
+        };
+        if listening {
             passed.slots[index] = Slot::Taken;
             closed.push(passed.names[index].clone());
         }

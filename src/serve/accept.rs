@@ -66,7 +66,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use pin_project_lite::pin_project;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -77,9 +77,12 @@ use crate::Finale;
 use crate::config::ConfigError;
 use crate::phase::Phase;
 use crate::serve::tower::{
-    Admission, ConnWatch, DrainBody, LayerShared, Rejection, Responder, ResponseFuture, TooLate,
-    admit,
+    Admission, ConnWatch, DrainBody, LayerShared, Peer, Rejection, Responder, ResponseFuture,
+    TooLate, admit,
 };
+use crate::serve::transport::{Acceptor, TcpAcceptor, Transport, is_connection_error};
+#[cfg(unix)]
+use crate::serve::unix;
 use crate::task::{Task, TaskContext};
 use crate::track::InFlight;
 
@@ -95,7 +98,8 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CUT_MARGIN: Duration = Duration::from_millis(100);
 
 /// Where a server listens: a socket address to bind (inside the server's task, so that a bind
-/// error fails graceful start) or a listener bound already.
+/// error fails graceful start) or a listener bound already; on Unix also a Unix domain socket,
+/// by path ([`Listen::unix`]) or bound already.
 ///
 /// # Examples
 ///
@@ -104,8 +108,44 @@ pub const DEFAULT_CUT_MARGIN: Duration = Duration::from_millis(100);
 ///
 /// let by_address: Listen = "127.0.0.1:3000".parse::<std::net::SocketAddr>().unwrap().into();
 /// let bound: Listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().into();
+/// # #[cfg(unix)]
+/// let unix = Listen::unix("/run/my-service/http.sock");
 /// # let _ = (by_address, bound);
+/// # #[cfg(unix)]
+/// # let _ = unix;
 /// ```
+///
+/// # Unix domain sockets
+///
+/// A Unix socket server drains exactly as a TCP one (the accept-queue sweep, the idle grace,
+/// `Connection: close`, upgrades, the cut); what is TCP's only
+/// ([`tcp_nodelay`](HttpServer::tcp_nodelay), the backlog shrink before the sweep) does not
+/// apply. Handlers see who connected as the frameworks' own servers tell it for a
+/// `UnixListener`: axum's `ConnectInfo<tokio::net::unix::SocketAddr>` (what `axum::serve` on
+/// a `tokio::net::UnixListener` gives), tonic's
+/// `tonic::transport::server::UdsConnectInfo` (the peer's address and credentials; its
+/// `Request::remote_addr()` is `None`, as with tonic's own server). A client's socket rarely has a path, so the report
+/// names a request cut at the deadline by the server's socket and the client's process id:
+/// `GET /events from pid 4321 on unix:/run/app.sock (stream open at the drain deadline)`.
+///
+/// **The socket file.** A server given a path binds it in its task, like an address:
+///
+/// - A file left at the path by an instance that is gone (a socket nothing accepts on: the
+///   connect finale tries is refused) is removed, with a log line, and the path is bound.
+/// - If something still accepts on it (another instance, another program), or the path is
+///   not a socket, nothing is removed: the bind fails with
+///   [`AddrInUse`](std::io::ErrorKind::AddrInUse) and a message that says which, and graceful
+///   start fails like a TCP port in use.
+/// - The file is removed when the server stops accepting (the Drain phase, or the server's
+///   end), unless another file has replaced it meanwhile (it is compared by inode), or the
+///   socket went to an upgrade's successor. A listener you bound yourself, or one passed to
+///   the process (systemd's `ListenStream=/path`, an upgrade's hand-off), is never removed:
+///   its file belongs to whoever created it.
+///
+/// With the `systemd` feature, a server given a path serves a Unix socket passed to the
+/// process under its own name instead of binding (as with an address), which is also how
+/// an [upgrade](https://docs.rs/finale/latest/finale/upgrade/) hands a Unix socket server to
+/// its successor without refusing a connection.
 #[derive(Debug)]
 pub struct Listen(ListenKind);
 
@@ -114,6 +154,12 @@ enum ListenKind {
     Addr(SocketAddr),
     Std(std::net::TcpListener),
     Tokio(TcpListener),
+    #[cfg(unix)]
+    UnixPath(std::path::PathBuf),
+    #[cfg(unix)]
+    UnixStd(std::os::unix::net::UnixListener),
+    #[cfg(unix)]
+    UnixTokio(tokio::net::UnixListener),
 }
 
 impl From<SocketAddr> for Listen {
@@ -140,11 +186,36 @@ impl From<TcpListener> for Listen {
     }
 }
 
+/// A Unix domain socket bound already (made non-blocking by the server); its file is never
+/// removed by finale.
+#[cfg(unix)]
+impl From<std::os::unix::net::UnixListener> for Listen {
+    fn from(listener: std::os::unix::net::UnixListener) -> Self {
+        Self(ListenKind::UnixStd(listener))
+    }
+}
+
+/// A Unix domain socket bound already; its file is never removed by finale.
+#[cfg(unix)]
+impl From<tokio::net::UnixListener> for Listen {
+    fn from(listener: tokio::net::UnixListener) -> Self {
+        Self(ListenKind::UnixTokio(listener))
+    }
+}
+
 impl Listen {
+    /// A Unix domain socket at `path`, bound in the server's task. A stale socket file is
+    /// removed first, a live one fails the start, and the file finale created is removed
+    /// when the server stops: see [Unix domain sockets](Listen#unix-domain-sockets).
+    #[cfg(unix)]
+    pub fn unix(path: impl Into<std::path::PathBuf>) -> Self {
+        Self(ListenKind::UnixPath(path.into()))
+    }
+
     /// The listener, and whether finale bound it itself (no other process or descriptor
     /// shares it). A server given an address serves a socket passed to the process under its
     /// own name instead (systemd socket activation, an upgrade's hand-off), if there is one.
-    async fn bind(self, name: &str) -> io::Result<(TcpListener, bool)> {
+    async fn bind(self, name: &str) -> io::Result<Bound> {
         let std_listener = match self.0 {
             ListenKind::Addr(addr) => {
                 #[cfg(all(feature = "systemd", unix))]
@@ -168,16 +239,79 @@ impl Listen {
                         );
                     }
                     passed.set_nonblocking(true)?;
-                    return Ok((TcpListener::from_std(passed)?, false));
+                    return Bound::tcp(TcpListener::from_std(passed)?, false);
                 }
                 let _ = name;
-                return Ok((TcpListener::bind(addr).await?, true));
+                return Bound::tcp(TcpListener::bind(addr).await?, true);
             }
             ListenKind::Std(listener) => listener,
-            ListenKind::Tokio(listener) => return Ok((listener, false)),
+            ListenKind::Tokio(listener) => return Bound::tcp(listener, false),
+            #[cfg(unix)]
+            ListenKind::UnixPath(path) => {
+                #[cfg(feature = "systemd")]
+                if let Some(passed) = crate::platform::systemd::take_unix_named_if_passed(name) {
+                    let local = passed.local_addr()?;
+                    if local.as_pathname() != Some(path.as_path()) {
+                        tracing::warn!(
+                            target: "finale",
+                            server = name,
+                            configured = %path.display(),
+                            local = ?local,
+                            "serving the socket passed as {name:?}, not the configured path \
+                             (a new path needs a restart, not an upgrade)"
+                        );
+                    } else {
+                        tracing::info!(
+                            target: "finale",
+                            server = name,
+                            path = %path.display(),
+                            "serving the socket passed as {name:?} instead of binding"
+                        );
+                    }
+                    passed.set_nonblocking(true)?;
+                    return unix::UnixAcceptor::new(
+                        tokio::net::UnixListener::from_std(passed)?,
+                        None,
+                    )
+                    .map(Bound::Unix);
+                }
+                let (listener, file) = unix::bind(&path, name)?;
+                return unix::UnixAcceptor::new(listener, Some(file)).map(Bound::Unix);
+            }
+            #[cfg(unix)]
+            ListenKind::UnixStd(listener) => {
+                listener.set_nonblocking(true)?;
+                return unix::UnixAcceptor::new(
+                    tokio::net::UnixListener::from_std(listener)?,
+                    None,
+                )
+                .map(Bound::Unix);
+            }
+            #[cfg(unix)]
+            ListenKind::UnixTokio(listener) => {
+                return unix::UnixAcceptor::new(listener, None).map(Bound::Unix);
+            }
         };
         std_listener.set_nonblocking(true)?;
-        Ok((TcpListener::from_std(std_listener)?, false))
+        Bound::tcp(TcpListener::from_std(std_listener)?, false)
+    }
+}
+
+/// A bound listener, of either transport.
+enum Bound {
+    Tcp(TcpAcceptor),
+    #[cfg(unix)]
+    Unix(unix::UnixAcceptor),
+}
+
+impl Bound {
+    fn tcp(listener: TcpListener, owned: bool) -> io::Result<Self> {
+        let local = listener.local_addr()?;
+        Ok(Self::Tcp(TcpAcceptor {
+            listener,
+            local,
+            owned,
+        }))
     }
 }
 
@@ -555,16 +689,43 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let (listener, owned) = listen.bind(ctx.name()).await?;
-    let local = listener.local_addr()?;
+    match listen.bind(ctx.name()).await? {
+        Bound::Tcp(acceptor) => {
+            serve_on(ctx, acceptor, service, shared, settings, tls, configure).await
+        }
+        #[cfg(unix)]
+        Bound::Unix(acceptor) => {
+            serve_on(ctx, acceptor, service, shared, settings, tls, configure).await
+        }
+    }
+}
+
+/// The accept loop and the drain, on one transport's listener.
+async fn serve_on<A, S, B>(
+    ctx: TaskContext,
+    acceptor: A,
+    service: S,
+    shared: Arc<LayerShared>,
+    settings: Settings,
+    tls: Tls,
+    configure: Option<Configure>,
+) -> io::Result<()>
+where
+    A: Acceptor,
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     // Offered to an upgrade's successor while this server accepts.
     #[cfg(all(feature = "upgrade", unix))]
     let offered = match &ctx.handle().shared.upgrade {
-        Some(upgrade) => Some(upgrade.register(ctx.name(), &listener)?),
+        Some(upgrade) => Some(upgrade.register(ctx.name(), &acceptor.fd())?),
         None => None,
     };
     let handle = ctx.handle().clone();
-    tracing::info!(target: "finale", server = ctx.name(), %local, "listening");
+    tracing::info!(target: "finale", server = ctx.name(), local = %acceptor.local(), "listening");
     ctx.set_ready();
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -585,12 +746,12 @@ where
     let announced = handle.phase_token(Phase::Announce);
     let accept = {
         let handle = handle.clone();
-        move |stream: TcpStream, peer: SocketAddr, conns: &mut JoinSet<()>| {
+        move |stream: A::Stream, peer: Peer, conns: &mut JoinSet<()>| {
             let service = ConnService {
                 inner: service.clone(),
                 in_flight: handle.in_flight(),
                 shared: shared.clone(),
-                conn: Arc::new(ConnWatch::new(peer, local, handle.clone())),
+                conn: Arc::new(ConnWatch::new(peer, handle.clone())),
             };
             // (A `Copy` type without the `tls` feature.)
             #[cfg_attr(not(feature = "tls"), allow(clippy::clone_on_copy))]
@@ -614,7 +775,7 @@ where
                 stage_tx.send_replace(Stage::Announced);
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => match accepted {
+            accepted = std::future::poll_fn(|cx| acceptor.poll_accept(cx)) => match accepted {
                 Ok((stream, peer)) => {
                     handle.shared.health.record_activity();
                     accept(stream, peer, &mut conns);
@@ -634,40 +795,11 @@ where
     #[cfg(all(feature = "upgrade", unix))]
     drop(offered);
     // After an upgrade the successor serves this same socket, its accept queue included: leave
-    // both as they are (no backlog change, no sweep), just stop accepting here.
+    // both as they are, just stop accepting here. Otherwise connections the kernel already
+    // completed (in the accept queue) get an answer, not the reset that closing the listener
+    // would give them (see `Acceptor::close`).
     let handed_off = handle.shared.handed_off();
-    // Connections the kernel already completed (in the accept queue) get an answer, not the
-    // reset that closing the listener would give them: the queue is taken straight from the
-    // socket (tokio's readiness may not have seen the latest arrivals), then the listener
-    // closes and new connections are refused. A socket finale bound itself has its backlog
-    // shrunk first, which narrows (not closes: Linux still completes one connection into an
-    // empty queue) the window in which a handshake lands between the last accept and the close
-    // and is reset. An inherited socket (systemd's, a hand-off) keeps its backlog: the same
-    // kernel socket serves the next instance, which must find it as it was.
-    if owned && !handed_off {
-        let _ = socket2::SockRef::from(&listener).listen(0);
-    }
-    let mut queued = 0;
-    if handed_off {
-        drop(listener);
-    } else if let Ok(std_listener) = listener.into_std() {
-        loop {
-            match std_listener.accept() {
-                Ok((stream, peer)) => {
-                    let Ok(stream) = stream
-                        .set_nonblocking(true)
-                        .and_then(|()| TcpStream::from_std(stream))
-                    else {
-                        continue;
-                    };
-                    queued += 1;
-                    accept(stream, peer, &mut conns);
-                }
-                Err(e) if is_connection_error(&e) => {}
-                Err(_) => break, // WouldBlock: the queue is empty
-            }
-        }
-    }
+    let queued = acceptor.close(handed_off, |stream, peer| accept(stream, peer, &mut conns));
 
     let now = Instant::now();
     let cut_at = handle.phase_deadline(Phase::Drain).map(|deadline| {
@@ -711,33 +843,22 @@ where
     Ok(())
 }
 
-/// Errors of one incoming connection, not of the listener.
-fn is_connection_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    )
-}
-
-async fn serve_connection<S, B>(
+async fn serve_connection<T, S, B>(
     builder: auto::Builder<TokioExecutor>,
-    stream: TcpStream,
+    stream: T,
     service: ConnService<S>,
     mut stage: watch::Receiver<Stage>,
     settings: Settings,
     tls: Tls,
 ) where
+    T: Transport,
     S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    if settings.tcp_nodelay {
-        let _ = stream.set_nodelay(true);
-    }
+    stream.prepare(settings.tcp_nodelay);
     let watch = service.conn.clone();
     let stream = Arc::new(stream);
     let socket = Arc::downgrade(&stream);
@@ -774,13 +895,13 @@ async fn serve_connection<S, B>(
 /// drain started, by the connection's idle grace (it has sent no request yet); cut at the
 /// deadline.
 #[cfg(feature = "tls")]
-async fn handshake(
+async fn handshake<T: Transport>(
     acceptor: &tokio_rustls::TlsAcceptor,
-    io: ConnIo,
+    io: ConnIo<T>,
     watch: &ConnWatch,
     stage: &mut watch::Receiver<Stage>,
     settings: Settings,
-) -> Option<tokio_rustls::server::TlsStream<ConnIo>> {
+) -> Option<tokio_rustls::server::TlsStream<ConnIo<T>>> {
     let drained = async {
         let grace_until = loop {
             let now = *stage.borrow_and_update();
@@ -818,10 +939,10 @@ type Connection<I, S> =
 
 /// Serves one connection through the drain; `true` if it ended on its own (not cut), which
 /// after an HTTP/1 upgrade means the socket now belongs to the upgrade's handler.
-async fn drive<I, S, B>(
+async fn drive<I, S, B, T>(
     mut conn: Pin<Box<Connection<I, S>>>,
     watch: &ConnWatch,
-    socket: &std::sync::Weak<TcpStream>,
+    socket: &std::sync::Weak<T>,
     stage: &mut watch::Receiver<Stage>,
     settings: Settings,
 ) -> bool
@@ -832,6 +953,7 @@ where
     S::Error: Into<BoxError>,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
+    T: Transport,
 {
     // GOAWAY sent already (an HTTP/2 connection moved during the drain delay, or old enough).
     let mut moved = false;
@@ -918,10 +1040,10 @@ where
 }
 
 /// Whether the connection's socket holds bytes nobody has read yet.
-fn unread(socket: &std::sync::Weak<TcpStream>) -> bool {
+fn unread<T: Transport>(socket: &std::sync::Weak<T>) -> bool {
     socket.upgrade().is_some_and(|stream| {
         let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        matches!(socket2::SockRef::from(&*stream).peek(&mut byte), Ok(n) if n > 0)
+        matches!(stream.sock_ref().peek(&mut byte), Ok(n) if n > 0)
     })
 }
 
@@ -930,9 +1052,9 @@ fn unread(socket: &std::sync::Weak<TcpStream>) -> bool {
 /// handler drops the socket; at the drain deadline the socket is shut down and the request
 /// named. The handler learns that the drain started from the Drain phase's token, and can
 /// send its close frame (see the module docs).
-async fn hold_upgraded(
+async fn hold_upgraded<T: Transport>(
     watch: &ConnWatch,
-    socket: &std::sync::Weak<TcpStream>,
+    socket: &std::sync::Weak<T>,
     stage: &mut watch::Receiver<Stage>,
 ) {
     if crate::state::lock(&watch.upgrades).is_empty() {
@@ -943,7 +1065,7 @@ async fn hold_upgraded(
         _ = stage.wait_for(|s| *s == Stage::Cut) => {
             if let Some(stream) = socket.upgrade() {
                 // Both directions: the handler's next read ends, the peer sees the close now.
-                let _ = socket2::SockRef::from(&*stream).shutdown(std::net::Shutdown::Both);
+                let _ = stream.sock_ref().shutdown(std::net::Shutdown::Both);
             }
             name_upgrades(watch, "upgraded connection open");
         }
@@ -964,21 +1086,21 @@ fn name_upgrades(watch: &ConnWatch, what: &str) -> usize {
     upgrades.len()
 }
 
-/// A served connection's socket: a `TcpStream` the server's connection task can still reach
-/// (weakly) after an HTTP/1 upgrade handed it to the handler, to shut it down at the drain
-/// deadline; its drop tells that task the upgraded connection ended.
-struct ConnIo {
-    stream: Arc<TcpStream>,
+/// A served connection's socket: a TCP or Unix stream the server's connection task can still
+/// reach (weakly) after an HTTP/1 upgrade handed it to the handler, to shut it down at the
+/// drain deadline; its drop tells that task the upgraded connection ended.
+struct ConnIo<T> {
+    stream: Arc<T>,
     watch: Arc<ConnWatch>,
 }
 
-impl Drop for ConnIo {
+impl<T> Drop for ConnIo<T> {
     fn drop(&mut self) {
         self.watch.io_dropped.notify_one();
     }
 }
 
-impl tokio::io::AsyncRead for ConnIo {
+impl<T: Transport> tokio::io::AsyncRead for ConnIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1008,7 +1130,7 @@ impl tokio::io::AsyncRead for ConnIo {
     }
 }
 
-impl ConnIo {
+impl<T: Transport> ConnIo<T> {
     /// One write of `total` bytes by `write`. As tokio's own `TcpStream`: a partial write means
     /// the send buffer is full, so the readiness is cleared (the closure says WouldBlock) and the
     /// next write waits for the reactor; the bytes written are still reported.
@@ -1016,7 +1138,7 @@ impl ConnIo {
         &self,
         cx: &mut Context<'_>,
         total: usize,
-        mut write: impl FnMut(&TcpStream) -> io::Result<usize>,
+        mut write: impl FnMut(&T) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.stream.poll_write_ready(cx))?;
@@ -1039,7 +1161,7 @@ impl ConnIo {
     }
 }
 
-impl tokio::io::AsyncWrite for ConnIo {
+impl<T: Transport> tokio::io::AsyncWrite for ConnIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1066,7 +1188,7 @@ impl tokio::io::AsyncWrite for ConnIo {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(socket2::SockRef::from(&*self.stream).shutdown(std::net::Shutdown::Write))
+        Poll::Ready(self.stream.sock_ref().shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -1130,15 +1252,36 @@ where
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         // Who is on the other end, as the frameworks' own servers tell their handlers: axum's
         // `ConnectInfo<SocketAddr>` extractor, tonic's `Request::remote_addr()`.
-        #[cfg(feature = "axum")]
-        req.extensions_mut()
-            .insert(::axum::extract::ConnectInfo(self.conn.peer));
-        #[cfg(feature = "tonic")]
-        req.extensions_mut()
-            .insert(::tonic::transport::server::TcpConnectInfo {
-                local_addr: Some(self.conn.local),
-                remote_addr: Some(self.conn.peer),
-            });
+        // On a Unix socket, what they give for a `UnixListener`: axum's
+        // `ConnectInfo<tokio::net::unix::SocketAddr>`, tonic's `UdsConnectInfo`.
+        match &self.conn.peer {
+            Peer::Tcp { peer, local } => {
+                #[cfg(feature = "axum")]
+                req.extensions_mut()
+                    .insert(::axum::extract::ConnectInfo(*peer));
+                #[cfg(feature = "tonic")]
+                req.extensions_mut()
+                    .insert(::tonic::transport::server::TcpConnectInfo {
+                        local_addr: Some(*local),
+                        remote_addr: Some(*peer),
+                    });
+                let _ = (peer, local);
+            }
+            #[cfg(unix)]
+            Peer::Unix { addr, cred, .. } => {
+                #[cfg(feature = "axum")]
+                req.extensions_mut().insert(::axum::extract::ConnectInfo(
+                    tokio::net::unix::SocketAddr::clone(addr),
+                ));
+                #[cfg(feature = "tonic")]
+                req.extensions_mut()
+                    .insert(::tonic::transport::server::UdsConnectInfo {
+                        peer_addr: Some(addr.clone()),
+                        peer_cred: *cred,
+                    });
+                let _ = (addr, cred);
+            }
+        }
         match admit(self.in_flight, &self.shared, Some(&self.conn), &req) {
             Admission::Rejected(response) => ResponseFuture::rejected(response),
             Admission::Admitted(admitted) => {

@@ -6,6 +6,9 @@
 //! accept loop instead (hyper-util, HTTP/1 and HTTP/2), which:
 //!
 //! - binds inside the server's task, so a bind error (port in use) fails graceful start;
+//!   on a TCP address or, on Unix, a Unix domain socket ([`Listen::unix`]: the same drain,
+//!   handlers get `ConnectInfo<tokio::net::unix::SocketAddr>`; see
+//!   [`Listen`](Listen#unix-domain-sockets) for the socket file);
 //! - keeps serving normally through the [Announce](crate::Phase::Announce) phase (readiness off,
 //!   drain delay), and stops accepting only when the [Drain](crate::Phase::Drain) phase starts;
 //! - finishes requests in flight, sends HTTP/2 GOAWAY, serves requests still arriving on open

@@ -5,6 +5,8 @@
 //! |---|---|
 //! | `tower.rs` | [`DrainLayer`](tower::DrainLayer) (in-flight tracking, 503 while draining) and the health service |
 //! | `accept.rs` | the bounded accept loop: bind in graceful start, drain, cut at the deadline |
+//! | `transport.rs` | what the accept loop needs from a listener and a socket; TCP's |
+//! | `unix.rs` | Unix domain sockets: binding a path, a stale socket file, its removal |
 //! | `axum.rs`, `hyper.rs`, `tonic.rs` | each framework's `serve` on the accept loop |
 //! | `tls.rs` | the servers' rustls configuration (feature `tls`) |
 
@@ -19,3 +21,7 @@ pub mod tls;
 #[cfg(feature = "tonic")]
 pub mod tonic;
 pub mod tower;
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+mod transport;
+#[cfg(all(unix, any(feature = "axum", feature = "hyper", feature = "tonic")))]
+mod unix;

@@ -30,7 +30,12 @@
 //! tonic `Server` settings that are tower layers (`timeout`, `concurrency_limit`, `layer`)
 //! are layers around the routes' service here. Not done by finale's server (yet): the
 //! `grpc-timeout` header is not enforced on the server side (tonic's client enforces its own
-//! deadline), and Unix domain sockets are not served.
+//! deadline).
+//!
+//! On a Unix domain socket ([`Listen::unix`], or a `UnixListener`), handlers find tonic's
+//! `UdsConnectInfo` (the peer's address and credentials) in the request's extensions, as
+//! with tonic's own server; `Request::remote_addr()` is `None` there, as with tonic's own
+//! server too. See [`Listen`](Listen#unix-domain-sockets) for the socket file.
 //!
 //! # Examples
 //!

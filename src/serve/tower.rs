@@ -266,14 +266,45 @@ impl LayerShared {
     }
 }
 
+/// Who is on the other end of a served connection, as its requests and the report name it.
+#[derive(Clone, Debug)]
+#[cfg_attr(not(feature = "tonic"), allow(dead_code))]
+pub(crate) enum Peer {
+    /// A TCP connection: the client's address (`127.0.0.1:5555` in the report) and the
+    /// server's own end (tonic's `local_addr()`).
+    Tcp { peer: SocketAddr, local: SocketAddr },
+    /// A Unix domain socket connection. A client's socket rarely has a path of its own, so the
+    /// report names the server's socket and, when the kernel tells it, the client's process:
+    /// `pid 4321 on unix:/run/app.sock`.
+    #[cfg(unix)]
+    Unix {
+        /// The client's address, as `accept` gave it (usually unnamed).
+        addr: Arc<tokio::net::unix::SocketAddr>,
+        /// The client's credentials (`SO_PEERCRED`), if the kernel gave them.
+        cred: Option<tokio::net::unix::UCred>,
+        /// The server's socket: `unix:/run/app.sock`.
+        server: Arc<str>,
+    },
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Tcp { peer, .. } => peer.fmt(f),
+            #[cfg(unix)]
+            Peer::Unix { cred, server, .. } => match cred.and_then(|cred| cred.pid()) {
+                Some(pid) if pid > 0 => write!(f, "pid {pid} on {server}"),
+                _ => f.write_str(server),
+            },
+        }
+    }
+}
+
 /// One served connection, as the requests on it see it: who is on the other end, and whether
 /// the server is cutting it at the drain deadline. Only finale's own servers make these.
 #[derive(Debug)]
 pub(crate) struct ConnWatch {
-    pub(crate) peer: SocketAddr,
-    /// The server's own address of the connection (tonic's `local_addr()`).
-    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
-    pub(crate) local: SocketAddr,
+    pub(crate) peer: Peer,
     pub(crate) handle: Handle,
     /// Set by the first HTTP/2 request: connections not known to be HTTP/2 get a grace period.
     pub(crate) http2: AtomicBool,
@@ -307,10 +338,9 @@ impl ConnWatch {
         not(any(feature = "axum", feature = "hyper", feature = "tonic")),
         allow(dead_code)
     )]
-    pub(crate) fn new(peer: SocketAddr, local: SocketAddr, handle: Handle) -> Self {
+    pub(crate) fn new(peer: Peer, handle: Handle) -> Self {
         Self {
             peer,
-            local,
             handle,
             http2: AtomicBool::new(false),
             cutting: AtomicBool::new(false),
