@@ -622,6 +622,22 @@ impl PushgatewayBuilder {
     ///
     /// A [`PushgatewayConfigError`] that says what to fix.
     pub fn build(self, handle: PrometheusHandle) -> Result<Pushgateway, PushgatewayConfigError> {
+        self.build_with(move || handle.render())
+    }
+
+    /// Like [`build`](Self::build), with the metrics rendered by `render` instead of a
+    /// [`PrometheusHandle`]: for a registry other than metrics-exporter-prometheus's (the
+    /// `prometheus` crate's `TextEncoder`, an exposition written by hand). `render` returns the
+    /// Prometheus text format (version 0.0.4) and is called once per push, on a thread of its
+    /// own, so it may take its time or block without holding up the runtime.
+    ///
+    /// # Errors
+    ///
+    /// A [`PushgatewayConfigError`] that says what to fix.
+    pub fn build_with<F>(self, render: F) -> Result<Pushgateway, PushgatewayConfigError>
+    where
+        F: Fn() -> String + Send + Sync + 'static,
+    {
         let url = grouping_url(&self.url, &self.job, &self.labels)?;
         let https = url.starts_with("https://");
         let uri: Uri = url
@@ -675,7 +691,7 @@ impl PushgatewayBuilder {
         let client = new_client(connector.clone());
         Ok(Pushgateway {
             inner: Arc::new(Inner {
-                handle,
+                render: Arc::new(render),
                 url,
                 uri,
                 method: self.method,
@@ -705,8 +721,11 @@ pub struct Pushgateway {
     inner: Arc<Inner>,
 }
 
+/// What renders the metrics: [`PrometheusHandle::render`] or the user's closure.
+type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
 struct Inner {
-    handle: PrometheusHandle,
+    render: Render,
     url: String,
     uri: Uri,
     method: Method,
@@ -1079,7 +1098,7 @@ impl Pushgateway {
         let body = match method {
             Method::Delete => Bytes::new(),
             _ => {
-                let text = inner.handle.render();
+                let text = (inner.render)();
                 inner
                     .samples
                     .last_body
