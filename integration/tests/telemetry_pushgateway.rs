@@ -9,6 +9,7 @@ use std::error::Error as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -328,6 +329,63 @@ async fn periodic_pushes_stop_before_the_final_one() {
         last.body
     );
     assert!(seen.len() >= 4);
+}
+
+/// A render that blocks its thread until another task of the same one-thread runtime lets it
+/// go: the periodic pushes must render off the runtime's thread, or that task never runs.
+#[tokio::test(flavor = "current_thread")]
+async fn a_render_that_blocks_does_not_stall_the_runtime() {
+    let (port, seen) = recording(Some("200 OK"));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = Mutex::new(released);
+    let blocking = Arc::new(AtomicBool::new(true));
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let render = {
+        let (started, blocking, outcomes) = (started.clone(), blocking.clone(), outcomes.clone());
+        move || {
+            if blocking.load(Ordering::SeqCst) {
+                started.notify_one();
+                // Released by the task below, or (if it cannot run) given up after the bound.
+                let got = released.lock().unwrap().recv_timeout(BOUND).is_ok();
+                outcomes.lock().unwrap().push(got);
+            }
+            "# TYPE blocking_render_test gauge\nblocking_render_test 1\n".to_owned()
+        }
+    };
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(format!("http://127.0.0.1:{port}"), "blocking-render")
+        .push_interval(Duration::from_millis(10))
+        .build_with(render)
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    // On the runtime's only thread, between the periodic pusher's turns.
+    let releaser = tokio::spawn(async move {
+        for _ in 0..2 {
+            started.notified().await;
+            release.send(()).unwrap();
+        }
+        blocking.store(false, Ordering::SeqCst);
+    });
+    releaser.await.unwrap();
+    let pushed = {
+        let seen = seen.clone();
+        tokio::task::spawn_blocking(move || {
+            wait_until(BOUND, || {
+                seen.lock().unwrap().iter().any(|s| {
+                    s.head.starts_with("PUT ") && s.body.contains("blocking_render_test 1")
+                })
+            })
+        })
+        .await
+        .unwrap()
+    };
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(*outcomes.lock().unwrap(), [true, true], "{report}");
+    assert!(pushed, "no periodic push");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
 
 #[tokio::test]

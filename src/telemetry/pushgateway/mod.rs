@@ -123,6 +123,7 @@ use crate::report::{Counts, Items, Tally};
 use crate::slot::{ORDER_METRICS, Share, stage_deadline};
 use crate::state::EmergencyStage;
 use crate::task::{Task, TaskContext};
+use crate::telemetry::stages::{OffThread, run_until};
 
 mod transport;
 
@@ -151,6 +152,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// How much of an error answer's body goes into the error.
 const MAX_ERROR_BODY: usize = 512;
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The name of the threads that render the metrics.
+const RENDER_THREAD: &str = "finale-pushgateway-render";
 
 /// What the final push does.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -333,6 +336,18 @@ pub enum PushError {
         /// What failed.
         source: TransportError,
     },
+    /// The metrics were not rendered, so nothing was sent: the render panicked, or did not
+    /// finish before the stage's time ran out (its thread is then left behind).
+    NotRendered {
+        /// The method of the push.
+        method: Method,
+        /// The grouping key URL.
+        url: String,
+        /// The panic's message, if the render panicked; `None` if it ran out of time.
+        panic: Option<String>,
+        /// How long the push waited for the render.
+        waited: Duration,
+    },
     /// No answer came in time: within the request timeout or before the stage's time ran out.
     TimedOut {
         /// The method of the request.
@@ -359,6 +374,8 @@ impl PushError {
             }
             PushError::Unreachable { source, .. } => !source.is_tls(),
             PushError::TimedOut { .. } => true,
+            // The same render would do the same again.
+            PushError::NotRendered { .. } => false,
         }
     }
 
@@ -367,6 +384,7 @@ impl PushError {
             PushError::Rejected { attempts, .. }
             | PushError::Unreachable { attempts, .. }
             | PushError::TimedOut { attempts, .. } => *attempts = n,
+            PushError::NotRendered { .. } => {}
         }
     }
 }
@@ -417,6 +435,25 @@ impl fmt::Display for PushError {
                 }
                 write!(f, " after {}: {innermost}", Tries(*attempts))
             }
+            PushError::NotRendered {
+                method,
+                url,
+                panic: Some(panic),
+                ..
+            } => write!(
+                f,
+                "the metrics for {method} {url} were not rendered: the render panicked: {panic}"
+            ),
+            PushError::NotRendered {
+                method,
+                url,
+                panic: None,
+                waited,
+            } => write!(
+                f,
+                "the metrics for {method} {url} were not rendered: still rendering after \
+                 {waited:?}, when the push's time ran out"
+            ),
             PushError::TimedOut {
                 method,
                 url,
@@ -793,6 +830,13 @@ impl Tally for SampleTally {
     }
 }
 
+/// Renders a push's body; with the number of samples it holds.
+fn rendered(render: &Render) -> (Bytes, u64) {
+    let text = render();
+    let samples = samples_in(&text);
+    (Bytes::from(text), samples)
+}
+
 /// The sample lines of a text exposition: neither empty nor comments.
 fn samples_in(body: &str) -> u64 {
     body.lines()
@@ -1004,7 +1048,10 @@ impl Pushgateway {
             // A push in flight is not cancelled by the stop signal: the final push waits for its
             // answer, so it cannot land after the final one.
             let deadline = Instant::now() + inner.request_timeout;
-            let result = self.send_once(&inner.client, method, deadline).await;
+            let result = match self.render(method, deadline).await {
+                Ok(body) => self.send_once(&inner.client, method, body, deadline).await,
+                Err(error) => Err(error),
+            };
             inner.samples.record(result.is_ok());
             match result {
                 Ok(()) => tracing::debug!(target: "finale", url = %inner.url, "periodic push"),
@@ -1060,9 +1107,21 @@ impl Pushgateway {
         let mut backoff = inner.backoff;
         let mut attempt = 0;
         let counted = method != Method::Delete;
+        // Rendered once for all attempts: a retry sends what the first attempt did.
+        let body = if counted {
+            match self.render(method, deadline).await {
+                Ok(body) => body,
+                Err(error) => {
+                    inner.samples.record(false);
+                    return Err(error);
+                }
+            }
+        } else {
+            Bytes::new()
+        };
         loop {
             attempt += 1;
-            let mut error = match self.send_once(client, method, deadline).await {
+            let mut error = match self.send_once(client, method, body.clone(), deadline).await {
                 Ok(()) => {
                     if counted {
                         inner.samples.record(true);
@@ -1085,27 +1144,57 @@ impl Pushgateway {
         }
     }
 
-    /// One request, bounded by the request timeout and `deadline`.
+    /// Renders the metrics for a push on a thread of its own, by `deadline`, and notes how many
+    /// samples they hold for the report.
+    ///
+    /// Not on the runtime: rendering a large registry (or a user's render that blocks) would
+    /// stall every task of a `current_thread` runtime for as long. A plain thread rather than
+    /// `spawn_blocking`, for the reason in [`stages`](crate::telemetry::stages): one that
+    /// outlives its deadline is left behind, not waited for by the runtime's drop. The thread
+    /// also works under the supervisor's takeover, whose runtime is a small one of its own.
+    async fn render(&self, method: Method, deadline: Instant) -> Result<Bytes, PushError> {
+        let inner = &*self.inner;
+        let render = inner.render.clone();
+        let start = Instant::now();
+        let rendered = match run_until(RENDER_THREAD, deadline, move || rendered(&render)).await {
+            Ok(OffThread::Done(rendered)) => Ok(rendered),
+            Ok(OffThread::Panicked(panic)) => Err(Some(panic)),
+            Ok(OffThread::TimedOut) => Err(None),
+            // No thread can start (a process at its limit): rendering here beats not pushing.
+            Err(error) => {
+                tracing::debug!(target: "finale", %error, "rendering on the runtime's thread");
+                Ok(rendered(&inner.render))
+            }
+        };
+        match rendered {
+            Ok((body, samples)) => {
+                inner.samples.last_body.store(samples, Ordering::Relaxed);
+                Ok(body)
+            }
+            Err(panic) => {
+                // Nothing was sent, and how much would have been is unknown.
+                inner.samples.last_body.store(0, Ordering::Relaxed);
+                Err(PushError::NotRendered {
+                    method,
+                    url: inner.url.clone(),
+                    panic,
+                    waited: start.elapsed(),
+                })
+            }
+        }
+    }
+
+    /// One request with `body`, bounded by the request timeout and `deadline`.
     async fn send_once(
         &self,
         client: &HttpClient,
         method: Method,
+        body: Bytes,
         deadline: Instant,
     ) -> Result<(), PushError> {
         let inner = &*self.inner;
         let start = Instant::now();
         let until = (start + inner.request_timeout).min(deadline);
-        let body = match method {
-            Method::Delete => Bytes::new(),
-            _ => {
-                let text = (inner.render)();
-                inner
-                    .samples
-                    .last_body
-                    .store(samples_in(&text), Ordering::Relaxed);
-                Bytes::from(text)
-            }
-        };
         let mut request = Request::builder()
             .method(method.http())
             .uri(inner.uri.clone())
