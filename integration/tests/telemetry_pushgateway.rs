@@ -388,6 +388,107 @@ async fn a_render_that_blocks_does_not_stall_the_runtime() {
     assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
 
+/// A gzip push reaches the real Pushgateway intact, and is smaller than the same push in text.
+#[tokio::test]
+// Reports what it measured (run with `--no-capture` to see it).
+#[allow(clippy::print_stderr)]
+async fn a_gzip_push_arrives_intact_and_smaller() {
+    let Some(gateway) = Gateway::start() else {
+        return;
+    };
+    let handle = recorder();
+    // A registry of a realistic shape: labelled counters and a histogram.
+    for route in 0..40 {
+        for status in ["200", "404", "500"] {
+            metrics::counter!("gzip_test_requests_total", "route" => format!("/api/v1/item/{route}"), "status" => status)
+                .increment(route + 1);
+        }
+    }
+    for ms in [3.0, 8.0, 21.0, 55.0, 144.0] {
+        metrics::histogram!("gzip_test_latency_seconds").record(ms / 1000.0);
+    }
+    let build = |url: String, gzip: bool| {
+        Pushgateway::builder(url, "gzip")
+            .gzip(gzip)
+            .build(handle.clone())
+            .unwrap()
+    };
+    build(gateway.url(), true).push().await.unwrap();
+    for route in [0u64, 39] {
+        let path = format!("/api/v1/item/{route}");
+        assert_eq!(
+            gateway.sample(
+                "gzip_test_requests_total",
+                &[("job", "gzip"), ("route", &path), ("status", "500")]
+            ),
+            Some((route + 1) as f64),
+            "{}",
+            gateway.diagnostics()
+        );
+    }
+    assert_eq!(
+        gateway.sample("gzip_test_latency_seconds_count", &[("job", "gzip")]),
+        Some(5.0)
+    );
+
+    // The same registry, once in text and once compressed, as a server sees them.
+    let (port, seen) = recording(Some("200 OK"));
+    let url = format!("http://127.0.0.1:{port}");
+    build(url.clone(), false).push().await.unwrap();
+    build(url, true).push().await.unwrap();
+    let seen = seen.lock().unwrap();
+    let length = |s: &Seen| -> usize {
+        s.head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    };
+    let (plain, gzip) = (&seen[0], &seen[1]);
+    assert!(!plain.head.contains("content-encoding"), "{}", plain.head);
+    assert!(
+        gzip.head.contains("content-encoding: gzip"),
+        "{}",
+        gzip.head
+    );
+    eprintln!(
+        "pushgateway: {} bytes in text, {} gzip-compressed",
+        length(plain),
+        length(gzip)
+    );
+    assert!(
+        length(gzip) * 3 < length(plain),
+        "{} vs {}",
+        length(gzip),
+        length(plain)
+    );
+}
+
+/// Without `gzip`, pushes are plain text, as older Pushgateways need.
+#[tokio::test]
+async fn pushes_are_plain_text_unless_gzip_is_asked_for() {
+    let (port, seen) = recording(Some("200 OK"));
+    let handle = recorder();
+    metrics::counter!("plain_test_total").increment(1);
+    Pushgateway::builder(format!("http://127.0.0.1:{port}"), "plain")
+        .build(handle)
+        .unwrap()
+        .push()
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(
+        !seen[0].head.contains("content-encoding"),
+        "{}",
+        seen[0].head
+    );
+    assert!(
+        seen[0].body.contains("plain_test_total 1"),
+        "{}",
+        seen[0].body
+    );
+}
+
 #[tokio::test]
 // Reports what it measured (run with `--no-capture` to see it).
 #[allow(clippy::print_stderr)]
