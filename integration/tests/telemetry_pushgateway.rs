@@ -389,6 +389,189 @@ async fn a_render_that_blocks_does_not_stall_the_runtime() {
 }
 
 /// A gzip push reaches the real Pushgateway intact, and is smaller than the same push in text.
+/// What the library logs, as text: fmt's output, no colours.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    /// Captures this thread's events up to `level` (a `current_thread` test runs every task on it).
+    fn capture(level: tracing::Level) -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(level)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn lines_with(&self, needle: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits, off the runtime's thread, until `n` lines hold `needle`.
+    async fn wait_for(&self, needle: &'static str, n: usize) -> bool {
+        let logs = self.clone();
+        tokio::task::spawn_blocking(move || {
+            wait_until(BOUND, || logs.lines_with(needle).len() >= n)
+        })
+        .await
+        .unwrap()
+    }
+}
+
+/// A metric another group holds with another type: the registration's check warns, naming
+/// the metric, both types and the other group; the final push is refused with the
+/// Pushgateway's message in the report, and the check after the refusal warns again.
+#[tokio::test(flavor = "current_thread")]
+async fn a_type_held_by_another_group_is_warned_of_and_its_refusal_explained() {
+    let Some(gateway) = Gateway::start() else {
+        return;
+    };
+    let (logs, _guard) = Logs::capture(tracing::Level::WARN);
+    let handle = recorder();
+    assert_eq!(
+        gateway
+            .put(
+                "other-job",
+                "# TYPE type_clash_test_total gauge\ntype_clash_test_total 1\n"
+            )
+            .unwrap(),
+        200
+    );
+    metrics::counter!("type_clash_test_total").increment(1);
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(gateway.url(), "type-clash")
+        .build(handle)
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    const WARNING: &str = "holds type_clash_test_total as a gauge for the group {job=\"other-job\"}, and this push has it as a counter";
+    assert!(
+        logs.wait_for(WARNING, 1).await,
+        "no warning at registration"
+    );
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
+    let error = push_error(&report);
+    assert!(error.is_inconsistent(), "{error}");
+    let PushError::Rejected { status, body, .. } = error else {
+        panic!("{error}");
+    };
+    assert_eq!(status.as_u16(), 400);
+    assert!(
+        body.contains("type_clash_test_total") && body.contains("is not a GAUGE"),
+        "{body}"
+    );
+    assert!(report.to_string().contains("is not a GAUGE"), "{report}");
+    // Once at registration, once after the refusal.
+    assert_eq!(
+        logs.lines_with(WARNING).len(),
+        2,
+        "{:?}",
+        logs.lines_with("WARN")
+    );
+}
+
+/// A series another group holds already (the group {job,instance} holds what a group {job}
+/// pushes with an instance label of the same value): warned of by the check of a periodic
+/// pusher's registration, with the series and the other group's labels.
+#[tokio::test(flavor = "current_thread")]
+async fn a_series_held_by_another_group_is_warned_of() {
+    let Some(gateway) = Gateway::start() else {
+        return;
+    };
+    let (logs, _guard) = Logs::capture(tracing::Level::WARN);
+    let handle = recorder();
+    let held = common::components::http_request(
+        "PUT",
+        &format!("{}/metrics/job/series-clash/instance/pod-1", gateway.url()),
+        &[],
+        b"# TYPE series_clash_test gauge\nseries_clash_test 1\n",
+    )
+    .unwrap();
+    assert_eq!(held.status, 200);
+    metrics::gauge!("series_clash_test", "instance" => "pod-1").set(2.0);
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(gateway.url(), "series-clash")
+        .push_interval(Duration::from_secs(3600))
+        .build(handle)
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    const WARNING: &str = "holds the series series_clash_test{instance=\"pod-1\",job=\"series-clash\"} for the group {instance=\"pod-1\",job=\"series-clash\"} already";
+    assert!(
+        logs.wait_for(WARNING, 1).await,
+        "{:?}",
+        logs.lines_with("WARN")
+    );
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    let PushError::Rejected { body, .. } = push_error(&report) else {
+        panic!("{report}");
+    };
+    assert!(
+        body.contains("was collected before with the same name and label values"),
+        "{body}"
+    );
+}
+
+/// Consistent metrics (the same type and other labels in another group): no warning.
+#[tokio::test(flavor = "current_thread")]
+async fn consistent_metrics_are_not_warned_of() {
+    let Some(gateway) = Gateway::start() else {
+        return;
+    };
+    let (logs, _guard) = Logs::capture(tracing::Level::DEBUG);
+    let handle = recorder();
+    assert_eq!(
+        gateway
+            .put(
+                "other-job",
+                "# TYPE agreed_test_total counter\nagreed_test_total{x=\"1\"} 1\n"
+            )
+            .unwrap(),
+        200
+    );
+    metrics::counter!("agreed_test_total", "x" => "1").increment(1);
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(gateway.url(), "agreed")
+        .build(handle)
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    assert!(
+        logs.wait_for("nothing the Pushgateway would refuse", 1)
+            .await,
+        "the check did not run"
+    );
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    assert_eq!(logs.lines_with(" WARN "), Vec::<String>::new());
+}
+
 #[tokio::test]
 // Reports what it measured (run with `--no-capture` to see it).
 #[allow(clippy::print_stderr)]

@@ -46,6 +46,32 @@
 //!   the push, failed when its last attempt did not (once per push, not per attempt), split at
 //!   the trigger.
 //!
+//! # Consistency with other groups
+//!
+//! The Pushgateway refuses a whole push (`400`) whose metrics cannot be exposed together with
+//! what it holds for the *other* groups: a metric that another group holds with another type
+//! (`… is not a COUNTER`), or a series with the same name and labels, grouping labels
+//! included, as another group's (`… was collected before with the same name and label
+//! values`). Different help texts are accepted. Such a push fails every time, the final one
+//! included, so finale looks for it early:
+//!
+//! - When the push is [registered](Pushgateway::register) inside a tokio runtime, a
+//!   background check reads every group the Pushgateway holds (`GET /api/v1/metrics`,
+//!   Pushgateway 1.2 and later), renders the metrics (on a thread of their own) and logs a
+//!   warning (target `finale`) for each metric that would be refused: its name, its type here
+//!   and there or the clashing series, and the other group's labels. It is bounded by one
+//!   request timeout and never fails anything: a Pushgateway that cannot be asked is logged at
+//!   debug level.
+//! - After a push refused with `400` the check runs again (for periodic pushes, on the first
+//!   of a run of refusals), so the log says which metric and which group, next to the error.
+//!   The final push checks only then, never before it pushes: the shutdown's path costs
+//!   nothing more while the pushes succeed.
+//! - The refused push's error, [`PushError::Rejected`] (see
+//!   [`is_inconsistent`](PushError::is_inconsistent)), carries the Pushgateway's own message
+//!   in its `body`, and the report shows it.
+//!
+//! [`check(false)`](PushgatewayBuilder::check) turns the checks off.
+//!
 //! # https and proxies
 //!
 //! `https://` URLs need the `pushgateway-tls` feature; without it [`build`](PushgatewayBuilder::build)
@@ -134,6 +160,7 @@ use crate::state::EmergencyStage;
 use crate::task::{Task, TaskContext};
 use crate::telemetry::stages::{OffThread, run_until};
 
+mod consistency;
 mod transport;
 
 pub use transport::TransportError;
@@ -158,8 +185,9 @@ pub const DEFAULT_NAME: &str = "pushgateway";
 pub const PUSH_JITTER: f64 = 0.2;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// How much of an error answer's body goes into the error.
-const MAX_ERROR_BODY: usize = 512;
+/// How much of an error answer's body goes into the error: enough for the Pushgateway's
+/// message on a few inconsistent metrics.
+const MAX_ERROR_BODY: usize = 2048;
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// The name of the threads that render the metrics.
 const RENDER_THREAD: &str = "finale-pushgateway-render";
@@ -388,6 +416,12 @@ impl PushError {
         }
     }
 
+    /// Whether the Pushgateway refused the push as inconsistent (`400`): with what it holds
+    /// for other groups, or in itself. Its message, in the error's `body`, says which metric.
+    pub fn is_inconsistent(&self) -> bool {
+        matches!(self, PushError::Rejected { status, .. } if *status == StatusCode::BAD_REQUEST)
+    }
+
     fn set_attempts(&mut self, n: u32) {
         match self {
             PushError::Rejected { attempts, .. }
@@ -506,6 +540,7 @@ enum Auth {
 /// | [`retry_backoff`](PushgatewayBuilder::retry_backoff) | 100 ms, doubling, at most 1 s ([`DEFAULT_RETRY_BACKOFF`]) |
 /// | [`push_interval`](PushgatewayBuilder::push_interval) | none: only the final push |
 /// | [`name`](PushgatewayBuilder::name) | `pushgateway` ([`DEFAULT_NAME`]) |
+/// | [`check`](PushgatewayBuilder::check) | on: at registration and after a `400` |
 /// | `gzip` (feature `pushgateway-gzip`) | off: the body is sent as plain text |
 /// | [`delete_delay`](PushgatewayBuilder::delete_delay) | 15 s, cut to fit the slot ([`DEFAULT_DELETE_DELAY`]) |
 /// | [`tls_ca_pem`](PushgatewayBuilder::tls_ca_pem), [`tls_ca_file`](PushgatewayBuilder::tls_ca_file) | Mozilla's roots (webpki-roots), for `https://` URLs |
@@ -523,6 +558,7 @@ pub struct PushgatewayBuilder {
     interval: Option<Duration>,
     name: String,
     delete_delay: Duration,
+    check: bool,
     #[cfg(feature = "pushgateway-gzip")]
     gzip: bool,
     #[cfg(feature = "pushgateway-tls")]
@@ -543,6 +579,7 @@ impl fmt::Debug for PushgatewayBuilder {
             .field("interval", &self.interval)
             .field("name", &self.name)
             .field("delete_delay", &self.delete_delay)
+            .field("check", &self.check)
             .field("gzip", &gzip_of(self))
             .finish_non_exhaustive()
     }
@@ -610,6 +647,16 @@ impl PushgatewayBuilder {
     /// plus two request timeouts. `Duration::ZERO` deletes right after the push.
     pub fn delete_delay(mut self, delay: Duration) -> Self {
         self.delete_delay = delay;
+        self
+    }
+
+    /// Whether to compare the metrics with what the Pushgateway holds for other groups, once
+    /// when the push is registered and again after a push it refused with `400`, and to log a
+    /// warning for each metric it would refuse (see [the module docs](self#consistency-with-other-groups)).
+    /// Each check reads the Pushgateway's whole state (`GET /api/v1/metrics`): turn it off
+    /// for a Pushgateway that holds very many groups and many instances that start together.
+    pub fn check(mut self, check: bool) -> Self {
+        self.check = check;
         self
     }
 
@@ -753,6 +800,15 @@ impl PushgatewayBuilder {
         }
         let client = new_client(connector.clone());
         let gzip = gzip_of(&self);
+        let api_uri =
+            api_url(&self.url)
+                .parse()
+                .map_err(|_| PushgatewayConfigError::InvalidUrl {
+                    url: self.url.clone(),
+                    reason: "it does not parse once the API path is added",
+                })?;
+        let mut group = vec![("job".to_owned(), self.job)];
+        group.extend(self.labels);
         Ok(Pushgateway {
             inner: Arc::new(Inner {
                 render: Arc::new(render),
@@ -767,6 +823,9 @@ impl PushgatewayBuilder {
                 name: self.name,
                 delete_delay: self.delete_delay,
                 gzip,
+                check: self.check,
+                api_uri,
+                group,
                 connector,
                 client,
                 lane: tokio::sync::Mutex::new(()),
@@ -774,6 +833,7 @@ impl PushgatewayBuilder {
                 delivered: AtomicBool::new(false),
                 jitter: std::collections::hash_map::RandomState::new(),
                 samples: Arc::default(),
+                refused: AtomicBool::new(false),
             }),
         })
     }
@@ -803,6 +863,12 @@ struct Inner {
     delete_delay: Duration,
     /// Whether pushes are sent gzip-compressed (never without the `pushgateway-gzip` feature).
     gzip: bool,
+    /// Whether to compare the metrics with the other groups' ([`PushgatewayBuilder::check`]).
+    check: bool,
+    /// `<url>/api/v1/metrics`: every group the Pushgateway holds.
+    api_uri: Uri,
+    /// The grouping labels, job first.
+    group: Vec<(String, String)>,
     connector: Connector,
     client: HttpClient,
     /// Held for the whole of every push, periodic or final, so they never overlap.
@@ -815,6 +881,8 @@ struct Inner {
     delivered: AtomicBool,
     /// The samples pushed, for the report.
     samples: Arc<Samples>,
+    /// Whether the Pushgateway refused the last periodic push as inconsistent.
+    refused: AtomicBool,
 }
 
 /// Samples in pushes the Pushgateway took (`exported`) and refused or never answered
@@ -957,6 +1025,7 @@ impl Pushgateway {
             interval: None,
             name: DEFAULT_NAME.to_owned(),
             delete_delay: DEFAULT_DELETE_DELAY,
+            check: true,
             #[cfg(feature = "pushgateway-gzip")]
             gzip: false,
             #[cfg(feature = "pushgateway-tls")]
@@ -1005,6 +1074,18 @@ impl Pushgateway {
                 stage: self.inner.name.clone(),
                 samples: self.inner.samples.clone(),
             }));
+        }
+        let pushes = self.inner.method != Method::None || self.inner.interval.is_some();
+        if self.inner.check && pushes {
+            // In the background, bounded by a request timeout: the service need not wait for
+            // it, and a Pushgateway that is down now is no reason to fail the start.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let this = self.clone();
+                runtime.spawn(async move {
+                    let deadline = Instant::now() + this.inner.request_timeout;
+                    this.check(&this.inner.client, deadline).await;
+                });
+            }
         }
         if let Some(interval) = self.inner.interval {
             let this = self.clone();
@@ -1121,7 +1202,7 @@ impl Pushgateway {
             let wait = jittered(interval, inner.jitter.hash_one(pushes));
             // After a late answer, a full wait from now rather than a burst to catch up.
             next = (next + wait).max(Instant::now() + wait);
-            let _lane = inner.lane.lock().await;
+            let lane = inner.lane.lock().await;
             if inner.finished.load(Ordering::Acquire) {
                 return;
             }
@@ -1132,10 +1213,22 @@ impl Pushgateway {
                 Ok(body) => self.send_once(&inner.client, method, body, deadline).await,
                 Err(error) => Err(error),
             };
+            drop(lane);
             inner.samples.record(result.is_ok());
+            // Checked on the first of a run of refusals, not on every tick that repeats it.
+            let refused = matches!(&result, Err(e) if e.is_inconsistent());
+            let refused_before = inner.refused.swap(refused, Ordering::Relaxed);
             match result {
                 Ok(()) => tracing::debug!(target: "finale", url = %inner.url, "periodic push"),
                 Err(error) => tracing::warn!(target: "finale", %error, "periodic push failed"),
+            }
+            if refused && !refused_before && inner.check {
+                let deadline = Instant::now() + inner.request_timeout;
+                tokio::select! {
+                    biased;
+                    () = ctx.stopped() => return,
+                    _ = self.check(&inner.client, deadline) => {}
+                }
             }
         }
     }
@@ -1216,12 +1309,97 @@ impl Pushgateway {
                 if counted {
                     inner.samples.record(false);
                 }
+                // Say which metric clashed, with whom; bounded like one more request.
+                if error.is_inconsistent() && inner.check {
+                    let until = (Instant::now() + inner.request_timeout).min(deadline);
+                    self.check(client, until).await;
+                }
                 return Err(error);
             }
             tracing::debug!(target: "finale", %error, ?backoff, "retrying the push");
             tokio::time::sleep_until(retry_at).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+
+    /// Compares the metrics with what the Pushgateway holds for the other groups and logs a
+    /// warning for each that it would refuse; returns how many. Bounded by `deadline`. A check
+    /// that cannot be made (the Pushgateway unreachable, an answer that is not its API's, as
+    /// from a gateway older than 1.2) is logged at debug level and changes nothing.
+    async fn check(&self, client: &HttpClient, deadline: Instant) -> usize {
+        let inner = &*self.inner;
+        let mut request = Request::builder()
+            .method(http::Method::GET)
+            .uri(inner.api_uri.clone());
+        if let Some(auth) = &inner.auth {
+            request = request.header(AUTHORIZATION, auth.clone());
+        }
+        let request = request
+            .body(Full::new(Bytes::new()))
+            .expect("the URI and headers were validated at build time");
+        let exchange = async {
+            let response = client.request(request).await.map_err(|e| {
+                let e = TransportError::new(e);
+                let mut cause: &(dyn StdError + 'static) = &e;
+                while let Some(c) = cause.source() {
+                    cause = c;
+                }
+                format!("{e}: {cause}")
+            })?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(format!("the Pushgateway answered {status}"));
+            }
+            response
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .map_err(|e| format!("reading the answer failed: {e}"))
+        };
+        let held = match tokio::time::timeout_at(deadline, exchange).await {
+            Ok(Ok(held)) => held,
+            Ok(Err(reason)) => {
+                tracing::debug!(target: "finale", url = %inner.api_uri, %reason, "no consistency check");
+                return 0;
+            }
+            Err(_) => {
+                tracing::debug!(target: "finale", url = %inner.api_uri, "no consistency check: no answer in time");
+                return 0;
+            }
+        };
+        // Rendering and comparing take a while for a large registry: off the runtime too.
+        let render = inner.render.clone();
+        let group = inner.group.clone();
+        let compare = move || consistency::clashes(&render(), &group, &held);
+        let clashes = match run_until(RENDER_THREAD, deadline, compare).await {
+            Ok(OffThread::Done(Ok(clashes))) => clashes,
+            Ok(OffThread::Done(Err(reason))) => {
+                tracing::debug!(target: "finale", url = %inner.api_uri, %reason, "no consistency check: not the Pushgateway's API");
+                return 0;
+            }
+            Ok(OffThread::Panicked(reason)) => {
+                tracing::debug!(target: "finale", %reason, "no consistency check: the render panicked");
+                return 0;
+            }
+            Ok(OffThread::TimedOut) | Err(_) => {
+                tracing::debug!(target: "finale", "no consistency check: not rendered in time");
+                return 0;
+            }
+        };
+        if clashes.is_empty() {
+            tracing::debug!(target: "finale", url = %inner.url, "consistency check: nothing the Pushgateway would refuse");
+        }
+        for clash in &clashes {
+            tracing::warn!(
+                target: "finale",
+                url = %inner.url,
+                metric = %clash.metric,
+                group = %clash.group,
+                "{clash}"
+            );
+        }
+        clashes.len()
     }
 
     /// Renders the metrics for a push on a thread of its own, by `deadline`, and notes how many
@@ -1398,6 +1576,16 @@ fn grouping_url(
         push_pair(&mut url, name, value);
     }
     Ok(url)
+}
+
+/// The API's list of groups, `<scheme>://<authority><prefix>/api/v1/metrics`, for a base URL
+/// that [`grouping_url`] accepted.
+fn api_url(base: &str) -> String {
+    let uri: Uri = base.parse().unwrap_or_default();
+    let scheme = uri.scheme_str().unwrap_or("http");
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    let prefix = uri.path().trim_end_matches('/');
+    format!("{scheme}://{authority}{prefix}/api/v1/metrics")
 }
 
 fn is_label_name(name: &str) -> bool {
