@@ -160,6 +160,7 @@
 //! | `tonic` | serve tonic services under finale, tonic-health included (implies `tower`) |
 //! | `pushgateway` | final push to a Prometheus Pushgateway from metrics-exporter-prometheus |
 //! | `pushgateway-tls` | the Pushgateway over `https://`: rustls with the ring provider (no global provider), webpki-roots, a custom CA, client certificates (implies `pushgateway`) |
+//! | `pushgateway-gzip` | gzip-compressed Pushgateway pushes (`PushgatewayBuilder::gzip`; Pushgateway 1.5.0 or later), flate2's pure-Rust backend (implies `pushgateway`) |
 //! | `otlp` | bounded, parallel flush and shutdown of OpenTelemetry SDK providers |
 //! | `tracing-appender` | release a tracing-appender `WorkerGuard` last, bounded |
 //! | `testing` | the testing kit (`finale::testing`): run a service in a test, virtual or real signals, bounded load, one-line assertions |

@@ -9,6 +9,7 @@ use std::error::Error as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -108,6 +109,14 @@ fn recording(status: Option<&'static str>) -> (u16, Arc<Mutex<Vec<Seen>>>) {
         }
     });
     (port, seen)
+}
+
+/// The pushes a recording server saw, without the consistency check's reads of the API.
+fn pushes(seen: &[Seen]) -> Vec<Seen> {
+    seen.iter()
+        .filter(|s| !s.head.starts_with("GET /api/v1/metrics "))
+        .cloned()
+        .collect()
 }
 
 #[tokio::test]
@@ -273,10 +282,15 @@ async fn credentials_are_sent() {
         let report = finale.run().await;
         assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
         let seen = seen.lock().unwrap();
+        // Every request carries them: the push, and the consistency check's read if it came.
+        for s in seen.iter() {
+            let head = s.head.to_ascii_lowercase();
+            assert!(head.contains(&expected.to_ascii_lowercase()), "{head}");
+        }
+        let seen = pushes(&seen);
         assert_eq!(seen.len(), 1);
         let head = seen[0].head.to_ascii_lowercase();
         assert!(head.starts_with("put /metrics/job/auth http/1.1"), "{head}");
-        assert!(head.contains(&expected.to_ascii_lowercase()), "{head}");
         assert!(
             head.contains("content-type: text/plain; version=0.0.4"),
             "{head}"
@@ -307,7 +321,7 @@ async fn periodic_pushes_stop_before_the_final_one() {
     let running = seen.clone();
     let handle = finale.handle();
     let waiter = tokio::task::spawn_blocking(move || {
-        let pushed = wait_until(BOUND, || running.lock().unwrap().len() >= 3);
+        let pushed = wait_until(BOUND, || pushes(&running.lock().unwrap()).len() >= 3);
         handle.trigger("enough periodic pushes");
         pushed
     });
@@ -318,7 +332,7 @@ async fn periodic_pushes_stop_before_the_final_one() {
         report.entry("pushgateway (periodic)").unwrap().outcome,
         Outcome::Completed
     );
-    let seen = seen.lock().unwrap();
+    let seen = pushes(&seen.lock().unwrap());
     let last = seen.last().unwrap();
     // The last request is the final push: POST (periodic pushes use it too), with the marker.
     assert!(last.head.starts_with("POST "), "{}", last.head);
@@ -328,6 +342,347 @@ async fn periodic_pushes_stop_before_the_final_one() {
         last.body
     );
     assert!(seen.len() >= 4);
+}
+
+/// A render that blocks its thread until another task of the same one-thread runtime lets it
+/// go: the periodic pushes must render off the runtime's thread, or that task never runs.
+#[tokio::test(flavor = "current_thread")]
+async fn a_render_that_blocks_does_not_stall_the_runtime() {
+    let (port, seen) = recording(Some("200 OK"));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = Mutex::new(released);
+    let blocking = Arc::new(AtomicBool::new(true));
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let render = {
+        let (started, blocking, outcomes) = (started.clone(), blocking.clone(), outcomes.clone());
+        move || {
+            if blocking.load(Ordering::SeqCst) {
+                started.notify_one();
+                // Released by the task below, or (if it cannot run) given up after the bound.
+                let got = released.lock().unwrap().recv_timeout(BOUND).is_ok();
+                outcomes.lock().unwrap().push(got);
+            }
+            "# TYPE blocking_render_test gauge\nblocking_render_test 1\n".to_owned()
+        }
+    };
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(format!("http://127.0.0.1:{port}"), "blocking-render")
+        .push_interval(Duration::from_millis(10))
+        .build_with(render)
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    // On the runtime's only thread, between the periodic pusher's turns.
+    let releaser = tokio::spawn(async move {
+        for _ in 0..2 {
+            started.notified().await;
+            release.send(()).unwrap();
+        }
+        blocking.store(false, Ordering::SeqCst);
+    });
+    releaser.await.unwrap();
+    let pushed = {
+        let seen = seen.clone();
+        tokio::task::spawn_blocking(move || {
+            wait_until(BOUND, || {
+                seen.lock().unwrap().iter().any(|s| {
+                    s.head.starts_with("PUT ") && s.body.contains("blocking_render_test 1")
+                })
+            })
+        })
+        .await
+        .unwrap()
+    };
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(*outcomes.lock().unwrap(), [true, true], "{report}");
+    assert!(pushed, "no periodic push");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+/// A gzip push reaches the real Pushgateway intact, and is smaller than the same push in text.
+/// What the library logs, as text: fmt's output, no colours.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    /// Captures this thread's events up to `level` (a `current_thread` test runs every task on it).
+    fn capture(level: tracing::Level) -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(level)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn lines_with(&self, needle: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits, off the runtime's thread, until `n` lines hold `needle`.
+    async fn wait_for(&self, needle: &'static str, n: usize) -> bool {
+        let logs = self.clone();
+        tokio::task::spawn_blocking(move || {
+            wait_until(BOUND, || logs.lines_with(needle).len() >= n)
+        })
+        .await
+        .unwrap()
+    }
+}
+
+/// A metric another group holds with another type: the registration's check warns, naming
+/// the metric, both types and the other group; the final push is refused with the
+/// Pushgateway's message in the report, and the check after the refusal warns again.
+#[tokio::test(flavor = "current_thread")]
+async fn a_type_held_by_another_group_is_warned_of_and_its_refusal_explained() {
+    let Some(gateway) = Gateway::start() else {
+        return;
+    };
+    let (logs, _guard) = Logs::capture(tracing::Level::WARN);
+    let handle = recorder();
+    assert_eq!(
+        gateway
+            .put(
+                "other-job",
+                "# TYPE type_clash_test_total gauge\ntype_clash_test_total 1\n"
+            )
+            .unwrap(),
+        200
+    );
+    metrics::counter!("type_clash_test_total").increment(1);
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(gateway.url(), "type-clash")
+        .build(handle)
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    const WARNING: &str = "holds type_clash_test_total as a gauge for the group {job=\"other-job\"}, and this push has it as a counter";
+    assert!(
+        logs.wait_for(WARNING, 1).await,
+        "no warning at registration"
+    );
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
+    let error = push_error(&report);
+    assert!(error.is_inconsistent(), "{error}");
+    let PushError::Rejected { status, body, .. } = error else {
+        panic!("{error}");
+    };
+    assert_eq!(status.as_u16(), 400);
+    assert!(
+        body.contains("type_clash_test_total") && body.contains("is not a GAUGE"),
+        "{body}"
+    );
+    assert!(report.to_string().contains("is not a GAUGE"), "{report}");
+    // Once at registration, once after the refusal.
+    assert_eq!(
+        logs.lines_with(WARNING).len(),
+        2,
+        "{:?}",
+        logs.lines_with("WARN")
+    );
+}
+
+/// A series another group holds already (the group {job,instance} holds what a group {job}
+/// pushes with an instance label of the same value): warned of by the check of a periodic
+/// pusher's registration, with the series and the other group's labels.
+#[tokio::test(flavor = "current_thread")]
+async fn a_series_held_by_another_group_is_warned_of() {
+    let Some(gateway) = Gateway::start() else {
+        return;
+    };
+    let (logs, _guard) = Logs::capture(tracing::Level::WARN);
+    let handle = recorder();
+    let held = common::components::http_request(
+        "PUT",
+        &format!("{}/metrics/job/series-clash/instance/pod-1", gateway.url()),
+        &[],
+        b"# TYPE series_clash_test gauge\nseries_clash_test 1\n",
+    )
+    .unwrap();
+    assert_eq!(held.status, 200);
+    metrics::gauge!("series_clash_test", "instance" => "pod-1").set(2.0);
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(gateway.url(), "series-clash")
+        .push_interval(Duration::from_secs(3600))
+        .build(handle)
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    const WARNING: &str = "holds the series series_clash_test{instance=\"pod-1\",job=\"series-clash\"} for the group {instance=\"pod-1\",job=\"series-clash\"} already";
+    assert!(
+        logs.wait_for(WARNING, 1).await,
+        "{:?}",
+        logs.lines_with("WARN")
+    );
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    let PushError::Rejected { body, .. } = push_error(&report) else {
+        panic!("{report}");
+    };
+    assert!(
+        body.contains("was collected before with the same name and label values"),
+        "{body}"
+    );
+}
+
+/// Consistent metrics (the same type and other labels in another group): no warning.
+#[tokio::test(flavor = "current_thread")]
+async fn consistent_metrics_are_not_warned_of() {
+    let Some(gateway) = Gateway::start() else {
+        return;
+    };
+    let (logs, _guard) = Logs::capture(tracing::Level::DEBUG);
+    let handle = recorder();
+    assert_eq!(
+        gateway
+            .put(
+                "other-job",
+                "# TYPE agreed_test_total counter\nagreed_test_total{x=\"1\"} 1\n"
+            )
+            .unwrap(),
+        200
+    );
+    metrics::counter!("agreed_test_total", "x" => "1").increment(1);
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(gateway.url(), "agreed")
+        .build(handle)
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    assert!(
+        logs.wait_for("nothing the Pushgateway would refuse", 1)
+            .await,
+        "the check did not run"
+    );
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    assert_eq!(logs.lines_with(" WARN "), Vec::<String>::new());
+}
+
+#[tokio::test]
+// Reports what it measured (run with `--no-capture` to see it).
+#[allow(clippy::print_stderr)]
+async fn a_gzip_push_arrives_intact_and_smaller() {
+    let Some(gateway) = Gateway::start() else {
+        return;
+    };
+    let handle = recorder();
+    // A registry of a realistic shape: labelled counters and a histogram.
+    for route in 0..40 {
+        for status in ["200", "404", "500"] {
+            metrics::counter!("gzip_test_requests_total", "route" => format!("/api/v1/item/{route}"), "status" => status)
+                .increment(route + 1);
+        }
+    }
+    for ms in [3.0, 8.0, 21.0, 55.0, 144.0] {
+        metrics::histogram!("gzip_test_latency_seconds").record(ms / 1000.0);
+    }
+    let build = |url: String, gzip: bool| {
+        Pushgateway::builder(url, "gzip")
+            .gzip(gzip)
+            .build(handle.clone())
+            .unwrap()
+    };
+    build(gateway.url(), true).push().await.unwrap();
+    for route in [0u64, 39] {
+        let path = format!("/api/v1/item/{route}");
+        assert_eq!(
+            gateway.sample(
+                "gzip_test_requests_total",
+                &[("job", "gzip"), ("route", &path), ("status", "500")]
+            ),
+            Some((route + 1) as f64),
+            "{}",
+            gateway.diagnostics()
+        );
+    }
+    assert_eq!(
+        gateway.sample("gzip_test_latency_seconds_count", &[("job", "gzip")]),
+        Some(5.0)
+    );
+
+    // The same registry, once in text and once compressed, as a server sees them.
+    let (port, seen) = recording(Some("200 OK"));
+    let url = format!("http://127.0.0.1:{port}");
+    build(url.clone(), false).push().await.unwrap();
+    build(url, true).push().await.unwrap();
+    let seen = seen.lock().unwrap();
+    let length = |s: &Seen| -> usize {
+        s.head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    };
+    let (plain, gzip) = (&seen[0], &seen[1]);
+    assert!(!plain.head.contains("content-encoding"), "{}", plain.head);
+    assert!(
+        gzip.head.contains("content-encoding: gzip"),
+        "{}",
+        gzip.head
+    );
+    eprintln!(
+        "pushgateway: {} bytes in text, {} gzip-compressed",
+        length(plain),
+        length(gzip)
+    );
+    assert!(
+        length(gzip) * 3 < length(plain),
+        "{} vs {}",
+        length(gzip),
+        length(plain)
+    );
+}
+
+/// Without `gzip`, pushes are plain text, as older Pushgateways need.
+#[tokio::test]
+async fn pushes_are_plain_text_unless_gzip_is_asked_for() {
+    let (port, seen) = recording(Some("200 OK"));
+    let handle = recorder();
+    metrics::counter!("plain_test_total").increment(1);
+    Pushgateway::builder(format!("http://127.0.0.1:{port}"), "plain")
+        .build(handle)
+        .unwrap()
+        .push()
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(
+        !seen[0].head.contains("content-encoding"),
+        "{}",
+        seen[0].head
+    );
+    assert!(
+        seen[0].body.contains("plain_test_total 1"),
+        "{}",
+        seen[0].body
+    );
 }
 
 #[tokio::test]
@@ -464,7 +819,7 @@ async fn a_refused_push_counts_its_samples_as_failed_once() {
         .unwrap();
     finale.handle().trigger("test");
     let report = finale.run().await;
-    let body = seen.lock().unwrap().last().unwrap().body.clone();
+    let body = pushes(&seen.lock().unwrap()).last().unwrap().body.clone();
     let sent = parse_samples(&body).len() as u64;
     let delivery = report.delivery("pushgateway").expect("counted");
     assert!(sent > 0);
@@ -497,7 +852,7 @@ async fn a_408_is_retried_like_a_5xx() {
         "{push}"
     );
     assert!(push.is_transient());
-    assert_eq!(seen.lock().unwrap().len(), 3);
+    assert_eq!(pushes(&seen.lock().unwrap()).len(), 3);
 }
 
 #[tokio::test]

@@ -12,7 +12,16 @@
 //!
 //! - The body is `handle.render()`: every metric the recorder holds, finale's own shutdown
 //!   metrics ([`names`](crate::names)) included, since they are recorded before the Telemetry
-//!   phase starts.
+//!   phase starts. Or whatever the closure given to
+//!   [`build_with`](PushgatewayBuilder::build_with) renders.
+//! - The body is rendered once per push (its retries send the same body) on a thread of its
+//!   own, not on a runtime worker: rendering a large registry takes a while, and on a
+//!   `current_thread` runtime every other task would wait for it. A render still running when
+//!   the push's time is up is left behind and the push fails with
+//!   [`PushError::NotRendered`].
+//! - With the `pushgateway-gzip` feature and [`gzip(true)`](PushgatewayBuilder::gzip), the
+//!   body is sent gzip-compressed (`Content-Encoding: gzip`, compressed on the render thread):
+//!   Pushgateway 1.5.0 and later read it; older ones answer `400`, hence off by default.
 //! - The URL is `<url>/metrics/job/<job>{/<label>/<value>}`: the job plus the grouping labels.
 //!   A value that is empty or holds anything but `A-Z a-z 0-9 - . _ ~` (a `/` for instance) is sent
 //!   the Pushgateway's way, `<label>@base64/<base64url of the value>`.
@@ -36,6 +45,32 @@
 //!   counts the samples of each push, periodic or final: exported when the Pushgateway took
 //!   the push, failed when its last attempt did not (once per push, not per attempt), split at
 //!   the trigger.
+//!
+//! # Consistency with other groups
+//!
+//! The Pushgateway refuses a whole push (`400`) whose metrics cannot be exposed together with
+//! what it holds for the *other* groups: a metric that another group holds with another type
+//! (`… is not a COUNTER`), or a series with the same name and labels, grouping labels
+//! included, as another group's (`… was collected before with the same name and label
+//! values`). Different help texts are accepted. Such a push fails every time, the final one
+//! included, so finale looks for it early:
+//!
+//! - When the push is [registered](Pushgateway::register) inside a tokio runtime, a
+//!   background check reads every group the Pushgateway holds (`GET /api/v1/metrics`,
+//!   Pushgateway 1.2 and later), renders the metrics (on a thread of their own) and logs a
+//!   warning (target `finale`) for each metric that would be refused: its name, its type here
+//!   and there or the clashing series, and the other group's labels. It is bounded by one
+//!   request timeout and never fails anything: a Pushgateway that cannot be asked is logged at
+//!   debug level.
+//! - After a push refused with `400` the check runs again (for periodic pushes, on the first
+//!   of a run of refusals), so the log says which metric and which group, next to the error.
+//!   The final push checks only then, never before it pushes: the shutdown's path costs
+//!   nothing more while the pushes succeed.
+//! - The refused push's error, [`PushError::Rejected`] (see
+//!   [`is_inconsistent`](PushError::is_inconsistent)), carries the Pushgateway's own message
+//!   in its `body`, and the report shows it.
+//!
+//! [`check(false)`](PushgatewayBuilder::check) turns the checks off.
 //!
 //! # https and proxies
 //!
@@ -109,7 +144,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HeaderValue};
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -123,7 +158,9 @@ use crate::report::{Counts, Items, Tally};
 use crate::slot::{ORDER_METRICS, Share, stage_deadline};
 use crate::state::EmergencyStage;
 use crate::task::{Task, TaskContext};
+use crate::telemetry::stages::{OffThread, run_until};
 
+mod consistency;
 mod transport;
 
 pub use transport::TransportError;
@@ -148,9 +185,12 @@ pub const DEFAULT_NAME: &str = "pushgateway";
 pub const PUSH_JITTER: f64 = 0.2;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// How much of an error answer's body goes into the error.
-const MAX_ERROR_BODY: usize = 512;
+/// How much of an error answer's body goes into the error: enough for the Pushgateway's
+/// message on a few inconsistent metrics.
+const MAX_ERROR_BODY: usize = 2048;
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The name of the threads that render the metrics.
+const RENDER_THREAD: &str = "finale-pushgateway-render";
 
 /// What the final push does.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -333,6 +373,18 @@ pub enum PushError {
         /// What failed.
         source: TransportError,
     },
+    /// The metrics were not rendered, so nothing was sent: the render panicked, or did not
+    /// finish before the stage's time ran out (its thread is then left behind).
+    NotRendered {
+        /// The method of the push.
+        method: Method,
+        /// The grouping key URL.
+        url: String,
+        /// The panic's message, if the render panicked; `None` if it ran out of time.
+        panic: Option<String>,
+        /// How long the push waited for the render.
+        waited: Duration,
+    },
     /// No answer came in time: within the request timeout or before the stage's time ran out.
     TimedOut {
         /// The method of the request.
@@ -359,7 +411,15 @@ impl PushError {
             }
             PushError::Unreachable { source, .. } => !source.is_tls(),
             PushError::TimedOut { .. } => true,
+            // The same render would do the same again.
+            PushError::NotRendered { .. } => false,
         }
+    }
+
+    /// Whether the Pushgateway refused the push as inconsistent (`400`): with what it holds
+    /// for other groups, or in itself. Its message, in the error's `body`, says which metric.
+    pub fn is_inconsistent(&self) -> bool {
+        matches!(self, PushError::Rejected { status, .. } if *status == StatusCode::BAD_REQUEST)
     }
 
     fn set_attempts(&mut self, n: u32) {
@@ -367,6 +427,7 @@ impl PushError {
             PushError::Rejected { attempts, .. }
             | PushError::Unreachable { attempts, .. }
             | PushError::TimedOut { attempts, .. } => *attempts = n,
+            PushError::NotRendered { .. } => {}
         }
     }
 }
@@ -417,6 +478,25 @@ impl fmt::Display for PushError {
                 }
                 write!(f, " after {}: {innermost}", Tries(*attempts))
             }
+            PushError::NotRendered {
+                method,
+                url,
+                panic: Some(panic),
+                ..
+            } => write!(
+                f,
+                "the metrics for {method} {url} were not rendered: the render panicked: {panic}"
+            ),
+            PushError::NotRendered {
+                method,
+                url,
+                panic: None,
+                waited,
+            } => write!(
+                f,
+                "the metrics for {method} {url} were not rendered: still rendering after \
+                 {waited:?}, when the push's time ran out"
+            ),
             PushError::TimedOut {
                 method,
                 url,
@@ -460,6 +540,8 @@ enum Auth {
 /// | [`retry_backoff`](PushgatewayBuilder::retry_backoff) | 100 ms, doubling, at most 1 s ([`DEFAULT_RETRY_BACKOFF`]) |
 /// | [`push_interval`](PushgatewayBuilder::push_interval) | none: only the final push |
 /// | [`name`](PushgatewayBuilder::name) | `pushgateway` ([`DEFAULT_NAME`]) |
+/// | [`check`](PushgatewayBuilder::check) | on: at registration and after a `400` |
+/// | `gzip` (feature `pushgateway-gzip`) | off: the body is sent as plain text |
 /// | [`delete_delay`](PushgatewayBuilder::delete_delay) | 15 s, cut to fit the slot ([`DEFAULT_DELETE_DELAY`]) |
 /// | [`tls_ca_pem`](PushgatewayBuilder::tls_ca_pem), [`tls_ca_file`](PushgatewayBuilder::tls_ca_file) | Mozilla's roots (webpki-roots), for `https://` URLs |
 /// | [`tls_client_cert_pem`](PushgatewayBuilder::tls_client_cert_pem), [`tls_client_cert_files`](PushgatewayBuilder::tls_client_cert_files) | none: no client certificate |
@@ -476,6 +558,9 @@ pub struct PushgatewayBuilder {
     interval: Option<Duration>,
     name: String,
     delete_delay: Duration,
+    check: bool,
+    #[cfg(feature = "pushgateway-gzip")]
+    gzip: bool,
     #[cfg(feature = "pushgateway-tls")]
     tls: TlsSettings,
 }
@@ -494,6 +579,8 @@ impl fmt::Debug for PushgatewayBuilder {
             .field("interval", &self.interval)
             .field("name", &self.name)
             .field("delete_delay", &self.delete_delay)
+            .field("check", &self.check)
+            .field("gzip", &gzip_of(self))
             .finish_non_exhaustive()
     }
 }
@@ -563,10 +650,33 @@ impl PushgatewayBuilder {
         self
     }
 
+    /// Whether to compare the metrics with what the Pushgateway holds for other groups, once
+    /// when the push is registered and again after a push it refused with `400`, and to log a
+    /// warning for each metric it would refuse (see [the module docs](self#consistency-with-other-groups)).
+    /// Each check reads the Pushgateway's whole state (`GET /api/v1/metrics`): turn it off
+    /// for a Pushgateway that holds very many groups and many instances that start together.
+    pub fn check(mut self, check: bool) -> Self {
+        self.check = check;
+        self
+    }
+
     /// The hook's name in the report; the periodic task is named `<name> (periodic)`. Give two
     /// Pushgateways different names.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
+        self
+    }
+
+    /// Sends each push gzip-compressed (`Content-Encoding: gzip`), compressed on the thread
+    /// that renders it. The text format compresses well (often to a tenth), which shortens the
+    /// final push of a large registry on a slow link.
+    ///
+    /// Off by default: only Pushgateway 1.5.0 and later read a compressed body; an older one
+    /// takes it for text and answers `400`.
+    #[cfg(feature = "pushgateway-gzip")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "pushgateway-gzip")))]
+    pub fn gzip(mut self, gzip: bool) -> Self {
+        self.gzip = gzip;
         self
     }
 
@@ -622,6 +732,22 @@ impl PushgatewayBuilder {
     ///
     /// A [`PushgatewayConfigError`] that says what to fix.
     pub fn build(self, handle: PrometheusHandle) -> Result<Pushgateway, PushgatewayConfigError> {
+        self.build_with(move || handle.render())
+    }
+
+    /// Like [`build`](Self::build), with the metrics rendered by `render` instead of a
+    /// [`PrometheusHandle`]: for a registry other than metrics-exporter-prometheus's (the
+    /// `prometheus` crate's `TextEncoder`, an exposition written by hand). `render` returns the
+    /// Prometheus text format (version 0.0.4) and is called once per push, on a thread of its
+    /// own, so it may take its time or block without holding up the runtime.
+    ///
+    /// # Errors
+    ///
+    /// A [`PushgatewayConfigError`] that says what to fix.
+    pub fn build_with<F>(self, render: F) -> Result<Pushgateway, PushgatewayConfigError>
+    where
+        F: Fn() -> String + Send + Sync + 'static,
+    {
         let url = grouping_url(&self.url, &self.job, &self.labels)?;
         let https = url.starts_with("https://");
         let uri: Uri = url
@@ -673,9 +799,19 @@ impl PushgatewayBuilder {
             return Err(PushgatewayConfigError::TlsFeatureDisabled { url: self.url });
         }
         let client = new_client(connector.clone());
+        let gzip = gzip_of(&self);
+        let api_uri =
+            api_url(&self.url)
+                .parse()
+                .map_err(|_| PushgatewayConfigError::InvalidUrl {
+                    url: self.url.clone(),
+                    reason: "it does not parse once the API path is added",
+                })?;
+        let mut group = vec![("job".to_owned(), self.job)];
+        group.extend(self.labels);
         Ok(Pushgateway {
             inner: Arc::new(Inner {
-                handle,
+                render: Arc::new(render),
                 url,
                 uri,
                 method: self.method,
@@ -686,6 +822,10 @@ impl PushgatewayBuilder {
                 interval: self.interval,
                 name: self.name,
                 delete_delay: self.delete_delay,
+                gzip,
+                check: self.check,
+                api_uri,
+                group,
                 connector,
                 client,
                 lane: tokio::sync::Mutex::new(()),
@@ -693,6 +833,7 @@ impl PushgatewayBuilder {
                 delivered: AtomicBool::new(false),
                 jitter: std::collections::hash_map::RandomState::new(),
                 samples: Arc::default(),
+                refused: AtomicBool::new(false),
             }),
         })
     }
@@ -705,8 +846,11 @@ pub struct Pushgateway {
     inner: Arc<Inner>,
 }
 
+/// What renders the metrics: [`PrometheusHandle::render`] or the user's closure.
+type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
 struct Inner {
-    handle: PrometheusHandle,
+    render: Render,
     url: String,
     uri: Uri,
     method: Method,
@@ -717,6 +861,14 @@ struct Inner {
     interval: Option<Duration>,
     name: String,
     delete_delay: Duration,
+    /// Whether pushes are sent gzip-compressed (never without the `pushgateway-gzip` feature).
+    gzip: bool,
+    /// Whether to compare the metrics with the other groups' ([`PushgatewayBuilder::check`]).
+    check: bool,
+    /// `<url>/api/v1/metrics`: every group the Pushgateway holds.
+    api_uri: Uri,
+    /// The grouping labels, job first.
+    group: Vec<(String, String)>,
     connector: Connector,
     client: HttpClient,
     /// Held for the whole of every push, periodic or final, so they never overlap.
@@ -729,6 +881,8 @@ struct Inner {
     delivered: AtomicBool,
     /// The samples pushed, for the report.
     samples: Arc<Samples>,
+    /// Whether the Pushgateway refused the last periodic push as inconsistent.
+    refused: AtomicBool,
 }
 
 /// Samples in pushes the Pushgateway took (`exported`) and refused or never answered
@@ -774,6 +928,61 @@ impl Tally for SampleTally {
     }
 }
 
+/// A push's body, rendered.
+#[derive(Clone, Default)]
+struct Body {
+    bytes: Bytes,
+    /// The samples it holds, for the report.
+    samples: u64,
+    /// Whether `bytes` is gzip-compressed.
+    gzip: bool,
+}
+
+/// Renders a push's body, compressed if `gzip`. Runs on the render thread.
+fn rendered(render: &Render, gzip: bool) -> Body {
+    let text = render();
+    let samples = samples_in(&text);
+    #[cfg(feature = "pushgateway-gzip")]
+    if let Some(bytes) = gzip.then(|| gzipped(text.as_bytes())).flatten() {
+        return Body {
+            bytes: Bytes::from(bytes),
+            samples,
+            gzip: true,
+        };
+    }
+    #[cfg(not(feature = "pushgateway-gzip"))]
+    let _ = gzip;
+    Body {
+        bytes: Bytes::from(text),
+        samples,
+        gzip: false,
+    }
+}
+
+/// `text`, gzip-compressed; `None` if compressing failed (it cannot, into memory: the body is
+/// then sent as it is).
+#[cfg(feature = "pushgateway-gzip")]
+fn gzipped(text: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write as _;
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(text.len() / 4),
+        flate2::Compression::default(),
+    );
+    encoder.write_all(text).ok()?;
+    encoder.finish().ok()
+}
+
+/// The builder's gzip setting: always off without the feature.
+fn gzip_of(builder: &PushgatewayBuilder) -> bool {
+    #[cfg(feature = "pushgateway-gzip")]
+    return builder.gzip;
+    #[cfg(not(feature = "pushgateway-gzip"))]
+    {
+        let _ = builder;
+        false
+    }
+}
+
 /// The sample lines of a text exposition: neither empty nor comments.
 fn samples_in(body: &str) -> u64 {
     body.lines()
@@ -816,6 +1025,9 @@ impl Pushgateway {
             interval: None,
             name: DEFAULT_NAME.to_owned(),
             delete_delay: DEFAULT_DELETE_DELAY,
+            check: true,
+            #[cfg(feature = "pushgateway-gzip")]
+            gzip: false,
             #[cfg(feature = "pushgateway-tls")]
             tls: TlsSettings::default(),
         }
@@ -862,6 +1074,18 @@ impl Pushgateway {
                 stage: self.inner.name.clone(),
                 samples: self.inner.samples.clone(),
             }));
+        }
+        let pushes = self.inner.method != Method::None || self.inner.interval.is_some();
+        if self.inner.check && pushes {
+            // In the background, bounded by a request timeout: the service need not wait for
+            // it, and a Pushgateway that is down now is no reason to fail the start.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let this = self.clone();
+                runtime.spawn(async move {
+                    let deadline = Instant::now() + this.inner.request_timeout;
+                    this.check(&this.inner.client, deadline).await;
+                });
+            }
         }
         if let Some(interval) = self.inner.interval {
             let this = self.clone();
@@ -978,18 +1202,33 @@ impl Pushgateway {
             let wait = jittered(interval, inner.jitter.hash_one(pushes));
             // After a late answer, a full wait from now rather than a burst to catch up.
             next = (next + wait).max(Instant::now() + wait);
-            let _lane = inner.lane.lock().await;
+            let lane = inner.lane.lock().await;
             if inner.finished.load(Ordering::Acquire) {
                 return;
             }
             // A push in flight is not cancelled by the stop signal: the final push waits for its
             // answer, so it cannot land after the final one.
             let deadline = Instant::now() + inner.request_timeout;
-            let result = self.send_once(&inner.client, method, deadline).await;
+            let result = match self.render(method, deadline).await {
+                Ok(body) => self.send_once(&inner.client, method, body, deadline).await,
+                Err(error) => Err(error),
+            };
+            drop(lane);
             inner.samples.record(result.is_ok());
+            // Checked on the first of a run of refusals, not on every tick that repeats it.
+            let refused = matches!(&result, Err(e) if e.is_inconsistent());
+            let refused_before = inner.refused.swap(refused, Ordering::Relaxed);
             match result {
                 Ok(()) => tracing::debug!(target: "finale", url = %inner.url, "periodic push"),
                 Err(error) => tracing::warn!(target: "finale", %error, "periodic push failed"),
+            }
+            if refused && !refused_before && inner.check {
+                let deadline = Instant::now() + inner.request_timeout;
+                tokio::select! {
+                    biased;
+                    () = ctx.stopped() => return,
+                    _ = self.check(&inner.client, deadline) => {}
+                }
             }
         }
     }
@@ -1041,9 +1280,21 @@ impl Pushgateway {
         let mut backoff = inner.backoff;
         let mut attempt = 0;
         let counted = method != Method::Delete;
+        // Rendered once for all attempts: a retry sends what the first attempt did.
+        let body = if counted {
+            match self.render(method, deadline).await {
+                Ok(body) => body,
+                Err(error) => {
+                    inner.samples.record(false);
+                    return Err(error);
+                }
+            }
+        } else {
+            Body::default()
+        };
         loop {
             attempt += 1;
-            let mut error = match self.send_once(client, method, deadline).await {
+            let mut error = match self.send_once(client, method, body.clone(), deadline).await {
                 Ok(()) => {
                     if counted {
                         inner.samples.record(true);
@@ -1058,6 +1309,11 @@ impl Pushgateway {
                 if counted {
                     inner.samples.record(false);
                 }
+                // Say which metric clashed, with whom; bounded like one more request.
+                if error.is_inconsistent() && inner.check {
+                    let until = (Instant::now() + inner.request_timeout).min(deadline);
+                    self.check(client, until).await;
+                }
                 return Err(error);
             }
             tracing::debug!(target: "finale", %error, ?backoff, "retrying the push");
@@ -1066,36 +1322,154 @@ impl Pushgateway {
         }
     }
 
-    /// One request, bounded by the request timeout and `deadline`.
+    /// Compares the metrics with what the Pushgateway holds for the other groups and logs a
+    /// warning for each that it would refuse; returns how many. Bounded by `deadline`. A check
+    /// that cannot be made (the Pushgateway unreachable, an answer that is not its API's, as
+    /// from a gateway older than 1.2) is logged at debug level and changes nothing.
+    async fn check(&self, client: &HttpClient, deadline: Instant) -> usize {
+        let inner = &*self.inner;
+        let mut request = Request::builder()
+            .method(http::Method::GET)
+            .uri(inner.api_uri.clone());
+        if let Some(auth) = &inner.auth {
+            request = request.header(AUTHORIZATION, auth.clone());
+        }
+        let request = request
+            .body(Full::new(Bytes::new()))
+            .expect("the URI and headers were validated at build time");
+        let exchange = async {
+            let response = client.request(request).await.map_err(|e| {
+                let e = TransportError::new(e);
+                let mut cause: &(dyn StdError + 'static) = &e;
+                while let Some(c) = cause.source() {
+                    cause = c;
+                }
+                format!("{e}: {cause}")
+            })?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(format!("the Pushgateway answered {status}"));
+            }
+            response
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .map_err(|e| format!("reading the answer failed: {e}"))
+        };
+        let held = match tokio::time::timeout_at(deadline, exchange).await {
+            Ok(Ok(held)) => held,
+            Ok(Err(reason)) => {
+                tracing::debug!(target: "finale", url = %inner.api_uri, %reason, "no consistency check");
+                return 0;
+            }
+            Err(_) => {
+                tracing::debug!(target: "finale", url = %inner.api_uri, "no consistency check: no answer in time");
+                return 0;
+            }
+        };
+        // Rendering and comparing take a while for a large registry: off the runtime too.
+        let render = inner.render.clone();
+        let group = inner.group.clone();
+        let compare = move || consistency::clashes(&render(), &group, &held);
+        let clashes = match run_until(RENDER_THREAD, deadline, compare).await {
+            Ok(OffThread::Done(Ok(clashes))) => clashes,
+            Ok(OffThread::Done(Err(reason))) => {
+                tracing::debug!(target: "finale", url = %inner.api_uri, %reason, "no consistency check: not the Pushgateway's API");
+                return 0;
+            }
+            Ok(OffThread::Panicked(reason)) => {
+                tracing::debug!(target: "finale", %reason, "no consistency check: the render panicked");
+                return 0;
+            }
+            Ok(OffThread::TimedOut) | Err(_) => {
+                tracing::debug!(target: "finale", "no consistency check: not rendered in time");
+                return 0;
+            }
+        };
+        if clashes.is_empty() {
+            tracing::debug!(target: "finale", url = %inner.url, "consistency check: nothing the Pushgateway would refuse");
+        }
+        for clash in &clashes {
+            tracing::warn!(
+                target: "finale",
+                url = %inner.url,
+                metric = %clash.metric,
+                group = %clash.group,
+                "{clash}"
+            );
+        }
+        clashes.len()
+    }
+
+    /// Renders the metrics for a push on a thread of its own, by `deadline`, and notes how many
+    /// samples they hold for the report.
+    ///
+    /// Not on the runtime: rendering a large registry (or a user's render that blocks) would
+    /// stall every task of a `current_thread` runtime for as long. A plain thread rather than
+    /// `spawn_blocking`, for the reason in [`stages`](crate::telemetry::stages): one that
+    /// outlives its deadline is left behind, not waited for by the runtime's drop. The thread
+    /// also works under the supervisor's takeover, whose runtime is a small one of its own.
+    async fn render(&self, method: Method, deadline: Instant) -> Result<Body, PushError> {
+        let inner = &*self.inner;
+        let render = inner.render.clone();
+        let gzip = inner.gzip;
+        let start = Instant::now();
+        let work = move || rendered(&render, gzip);
+        let rendered = match run_until(RENDER_THREAD, deadline, work).await {
+            Ok(OffThread::Done(rendered)) => Ok(rendered),
+            Ok(OffThread::Panicked(panic)) => Err(Some(panic)),
+            Ok(OffThread::TimedOut) => Err(None),
+            // No thread can start (a process at its limit): rendering here beats not pushing.
+            Err(error) => {
+                tracing::debug!(target: "finale", %error, "rendering on the runtime's thread");
+                Ok(rendered(&inner.render, inner.gzip))
+            }
+        };
+        match rendered {
+            Ok(body) => {
+                inner
+                    .samples
+                    .last_body
+                    .store(body.samples, Ordering::Relaxed);
+                Ok(body)
+            }
+            Err(panic) => {
+                // Nothing was sent, and how much would have been is unknown.
+                inner.samples.last_body.store(0, Ordering::Relaxed);
+                Err(PushError::NotRendered {
+                    method,
+                    url: inner.url.clone(),
+                    panic,
+                    waited: start.elapsed(),
+                })
+            }
+        }
+    }
+
+    /// One request with `body`, bounded by the request timeout and `deadline`.
     async fn send_once(
         &self,
         client: &HttpClient,
         method: Method,
+        body: Body,
         deadline: Instant,
     ) -> Result<(), PushError> {
         let inner = &*self.inner;
         let start = Instant::now();
         let until = (start + inner.request_timeout).min(deadline);
-        let body = match method {
-            Method::Delete => Bytes::new(),
-            _ => {
-                let text = inner.handle.render();
-                inner
-                    .samples
-                    .last_body
-                    .store(samples_in(&text), Ordering::Relaxed);
-                Bytes::from(text)
-            }
-        };
         let mut request = Request::builder()
             .method(method.http())
             .uri(inner.uri.clone())
             .header(CONTENT_TYPE, TEXT_FORMAT);
+        if body.gzip {
+            request = request.header(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
         if let Some(auth) = &inner.auth {
             request = request.header(AUTHORIZATION, auth.clone());
         }
         let request = request
-            .body(Full::new(body))
+            .body(Full::new(body.bytes))
             .expect("method, URI and headers were validated at build time");
         let exchange = async {
             let response = client.request(request).await?;
@@ -1202,6 +1576,16 @@ fn grouping_url(
         push_pair(&mut url, name, value);
     }
     Ok(url)
+}
+
+/// The API's list of groups, `<scheme>://<authority><prefix>/api/v1/metrics`, for a base URL
+/// that [`grouping_url`] accepted.
+fn api_url(base: &str) -> String {
+    let uri: Uri = base.parse().unwrap_or_default();
+    let scheme = uri.scheme_str().unwrap_or("http");
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    let prefix = uri.path().trim_end_matches('/');
+    format!("{scheme}://{authority}{prefix}/api/v1/metrics")
 }
 
 fn is_label_name(name: &str) -> bool {
