@@ -55,21 +55,28 @@ use tonic::service::Routes;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use ::tower::Layer;
+
 use crate::Finale;
 use crate::config::ConfigError;
 use crate::hook::Hook;
 use crate::phase::Phase;
 use crate::task::Task;
 
+pub use self::grpc_timeout::{GrpcTimeout, GrpcTimeoutBody, GrpcTimeoutFuture, GrpcTimeoutLayer};
 pub use crate::serve::accept::{
     DEFAULT_CUT_MARGIN, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_GRACE, HttpServer, Listen,
 };
+
+mod grpc_timeout;
 
 /// The name of the Announce hook that sets `NOT_SERVING`.
 pub const HEALTH_HOOK: &str = "grpc-health";
 
 /// Serves `routes` on `listen` as a [`Task::service`] named `name`, with [`HttpServer`]'s
-/// defaults: ready once bound, drained in the Drain phase, bounded by its deadline.
+/// defaults: ready once bound, drained in the Drain phase, bounded by its deadline. Each call
+/// is bounded by its client's `grpc-timeout` header, as under tonic's `Server`
+/// ([`GrpcTimeoutLayer`] with no server-side default).
 ///
 /// # Errors
 ///
@@ -84,7 +91,8 @@ pub fn serve(
     listen: impl Into<Listen>,
     routes: Routes,
 ) -> Result<(), ConfigError> {
-    HttpServer::new(name).serve(finale, listen, routes.prepare())
+    let service = GrpcTimeoutLayer::new(None).layer(routes.prepare());
+    HttpServer::new(name).serve(finale, listen, service)
 }
 
 /// Drives `reporter` from the sequence: `SERVING` for `""` and each of `services` once graceful
