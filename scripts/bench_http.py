@@ -2,8 +2,8 @@
 """HTTP overhead of finale's request tracking, measured with wrk over loopback.
 
 Usage:
-  python3 scripts/bench_http.py [--mode keepalive|churn|h2|tls] [--rounds N] [--duration S]
-                                [--threads T] [--connections C]
+  python3 scripts/bench_http.py [--mode keepalive|churn|h2|tls|grpc|grpc-tls] [--rounds N]
+                                [--duration S] [--threads T] [--connections C]
 
 Modes (each against its peer in the same run):
   keepalive  wrk, HTTP/1.1 keep-alive (the default)
@@ -11,6 +11,9 @@ Modes (each against its peer in the same run):
   h2         h2load, HTTP/2 multiplexed (prior knowledge, -c 8 -m 16)
   tls        wrk over HTTPS: finale's server over rustls vs tokio-rustls + hyper-util's
              auto connection (what axum-server's rustls acceptor does)
+  grpc       h2load, unary gRPC (grpc.health.v1.Health/Check, -c 8 -m 16): finale::tonic::serve
+             vs tonic's own Server (serve_with_incoming, TCP_NODELAY on)
+  grpc-tls   the same over TLS (ALPN h2): finale's HttpServer::tls vs tonic's ServerTlsConfig
 
 Builds `integration/benches/http_server.rs` in release mode, then for each round starts each variant in
 turn (alternating, so drift on a shared machine hits all of them alike) on a free loopback
@@ -21,7 +24,12 @@ SIGTERM. Prints requests/s per variant (median, min-max) and the ratios to the b
   finale  finale::axum::serve(&finale, "http", listener, router)  finale's accept loop + drain
   layer   axum::serve(listener, router.layer(DrainLayer))    the tower layer alone
 
-Needs `wrk` (scripts/install-components.sh installs it). Loopback only; bounded: every wrk run
+The gRPC modes send a real unary call: POST with the 5-byte gRPC frame of an empty
+HealthCheckRequest, `content-type: application/grpc`, `te: trailers`. gRPC answers its errors
+with HTTP 200, so before the load each server is asked once with curl and must answer
+`grpc-status: 0` and `SERVING`; h2load must then report every request succeeded.
+
+Needs `wrk`, `h2load` and `curl` (scripts/install-components.sh installs them). Loopback only; bounded: every wrk run
 has a timeout and every server is killed if it does not exit on SIGTERM.
 """
 import argparse
@@ -34,6 +42,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 MODES = {
@@ -41,7 +50,13 @@ MODES = {
     "churn": ["plain", "finale", "layer"],
     "h2": ["plain", "finale", "layer"],
     "tls": ["plain-tls", "finale-tls"],
+    "grpc": ["plain-grpc", "finale-grpc"],
+    "grpc-tls": ["plain-grpc-tls", "finale-grpc-tls"],
 }
+GRPC_PATH = "/grpc.health.v1.Health/Check"
+# An empty HealthCheckRequest as one gRPC message: not compressed, length 0.
+GRPC_FRAME = b"\x00\x00\x00\x00\x00"
+GRPC_HEADERS = ["content-type: application/grpc", "te: trailers"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -72,7 +87,9 @@ def build() -> str:
 
 
 def start(binary: str, variant: str, port: int) -> subprocess.Popen:
-    tls = variant.endswith("-tls")
+    # The TLS and gRPC variants: bound and accepting is enough (the first load run warms up;
+    # the gRPC ones are then checked with a real call).
+    raw = variant.endswith("-tls") or "grpc" in variant
     proc = subprocess.Popen([binary, variant, str(port)], cwd=ROOT, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()  # "listening on 127.0.0.1:<port> (<variant>)"
@@ -83,8 +100,7 @@ def start(binary: str, variant: str, port: int) -> subprocess.Popen:
     # Wait until it answers, not only until it is bound.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if tls:
-            # The TLS variants: bound and accepting is enough (the first wrk run warms up).
+        if raw:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                     return proc
@@ -113,8 +129,29 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def grpc_url(port: int, args: argparse.Namespace) -> str:
+    scheme = "https" if args.mode == "grpc-tls" else "http"
+    return f"{scheme}://127.0.0.1:{port}{GRPC_PATH}"
+
+
+def check_grpc(port: int, args: argparse.Namespace, frame: str) -> None:
+    """One real call with curl: the answer must be grpc-status 0 and a SERVING message."""
+    cmd = ["curl", "-sS", "--max-time", "10", "-X", "POST", "--data-binary", f"@{frame}",
+           "-D", "-", "-o", "-"]
+    cmd += ["--http2", "-k"] if args.mode == "grpc-tls" else ["--http2-prior-knowledge"]
+    for h in GRPC_HEADERS:
+        cmd += ["-H", h]
+    cmd.append(grpc_url(port, args))
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, timeout=20).stdout
+    # The headers, the message (frame header + HealthCheckResponse{status: SERVING} = 08 01),
+    # then the trailers, which curl prints with the headers.
+    if (not out.startswith(b"HTTP/2 200") or b"grpc-status: 0" not in out
+            or b"\x00\x00\x00\x00\x02\x08\x01" not in out):
+        sys.exit(f"the gRPC check did not answer grpc-status 0 and SERVING:\n{out!r}")
+
+
 def run_load(port: int, args: argparse.Namespace) -> float:
-    if args.mode == "h2":
+    if args.mode == "h2" or args.mode.startswith("grpc"):
         return run_h2load(port, args)
     scheme = "https" if args.mode == "tls" else "http"
     cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s"]
@@ -132,13 +169,24 @@ def run_load(port: int, args: argparse.Namespace) -> float:
 
 
 def run_h2load(port: int, args: argparse.Namespace) -> float:
-    cmd = ["h2load", "-D", str(args.duration), "-c", "8", "-m", "16", "-t", "1",
-           f"http://127.0.0.1:{port}/"]
+    cmd = ["h2load", "-D", str(args.duration), "-c", "8", "-m", "16", "-t", "1"]
+    if args.mode.startswith("grpc"):
+        # -d makes every request a POST with the file as its body.
+        cmd += ["-d", args.grpc_frame]
+        for h in GRPC_HEADERS:
+            cmd += ["-H", h]
+        cmd.append(grpc_url(port, args))
+    else:
+        cmd.append(f"http://127.0.0.1:{port}/")
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
                          timeout=args.duration + 30).stdout
     codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
-    if codes is None or any(int(codes.group(i)) for i in (2, 3, 4)):
+    if codes is None or int(codes.group(1)) == 0 or any(int(codes.group(i)) for i in (2, 3, 4)):
         sys.exit(f"h2load reported errors:\n{out}")
+    reqs = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, "
+                     r"(\d+) failed, (\d+) errored", out)
+    if reqs is None or reqs.group(1) != reqs.group(2) or int(reqs.group(3)) or int(reqs.group(4)):
+        sys.exit(f"h2load reported failed requests:\n{out}")
     m = re.search(r"finished in [0-9.]+m?s, ([0-9.]+) req/s", out)
     if m is None:
         sys.exit(f"no req/s in h2load output:\n{out}")
@@ -156,13 +204,19 @@ def main() -> None:
     args = p.parse_args()
     if not 1 <= args.rounds <= 50 or not 1 <= args.duration <= 60:
         sys.exit("--rounds must be 1..50 and --duration 1..60")
-    tool = "h2load" if args.mode == "h2" else "wrk"
-    if shutil.which(tool) is None:
-        sys.exit(f"{tool} not found: run scripts/install-components.sh")
+    grpc = args.mode.startswith("grpc")
+    tools = ["h2load", "curl"] if grpc else ["h2load"] if args.mode == "h2" else ["wrk"]
+    for tool in tools:
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: run scripts/install-components.sh")
     variants = MODES[args.mode]
     peer = variants[0]
 
     binary = build()
+    frame = tempfile.NamedTemporaryFile(prefix="grpc-frame-", suffix=".bin")
+    frame.write(GRPC_FRAME)
+    frame.flush()
+    args.grpc_frame = frame.name
     rps: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.rounds):
         # Rotate the order each round so no variant always runs first or last.
@@ -172,6 +226,8 @@ def main() -> None:
             port = free_port()
             proc = start(binary, variant, port)
             try:
+                if grpc:
+                    check_grpc(port, args, frame.name)
                 if args.warmup > 0:
                     warm = argparse.Namespace(**{**vars(args), "duration": args.warmup})
                     run_load(port, warm)
@@ -179,18 +235,20 @@ def main() -> None:
             finally:
                 stop(proc)
             rps[variant].append(value)
-            print(f"round {r + 1}/{args.rounds} {variant:>10}: {value:10.0f} req/s", flush=True)
+            print(f"round {r + 1}/{args.rounds} {variant:>16}: {value:10.0f} req/s", flush=True)
 
     print()
-    load = ("h2load -c 8 -m 16 -t 1" if args.mode == "h2"
+    load = ("h2load -c 8 -m 16 -t 1" if args.mode == "h2" or grpc
             else f"wrk -t{args.threads} -c{args.connections}")
-    print(f"mode {args.mode}: {load} -d{args.duration}s, "
-          f"{args.rounds} rounds, GET / -> 200 \"hello, world\"")
-    print(f"{'variant':<10} {'median req/s':>13} {'min':>10} {'max':>10}")
+    what = (f"unary POST {GRPC_PATH} -> grpc-status 0" if grpc
+            else "GET / -> 200 \"hello, world\"")
+    print(f"mode {args.mode}: {load} -d{args.duration}s, {args.rounds} rounds, {what}, "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"{'variant':<16} {'median req/s':>13} {'min':>10} {'max':>10}")
     med = {}
     for v in variants:
         med[v] = statistics.median(rps[v])
-        print(f"{v:<10} {med[v]:13.0f} {min(rps[v]):10.0f} {max(rps[v]):10.0f}")
+        print(f"{v:<16} {med[v]:13.0f} {min(rps[v]):10.0f} {max(rps[v]):10.0f}")
     print()
     for v in variants[1:]:
         ratio = med[v] / med[peer]

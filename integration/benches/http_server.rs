@@ -3,7 +3,15 @@
 //!
 //! - `plain`: `axum::serve(listener, router)`, no finale at all;
 //! - `finale`: `finale::axum::serve(..)`, finale's accept loop with the drain layer built in;
-//! - `layer`: `axum::serve(listener, router.layer(DrainLayer::new(..)))`, the layer alone.
+//! - `layer`: `axum::serve(listener, router.layer(DrainLayer::new(..)))`, the layer alone;
+//! - `plain-tls`, `finale-tls`: the handler over HTTPS, tokio-rustls + hyper-util vs finale's.
+//!
+//! And unary gRPC, tonic-health's `grpc.health.v1.Health/Check` (no codegen needed):
+//!
+//! - `plain-grpc`: tonic's own `Server` (`add_routes(..).serve_with_incoming(..)`, TCP_NODELAY on);
+//! - `finale-grpc`: `finale::tonic::serve(..)`;
+//! - `plain-grpc-tls`, `finale-grpc-tls`: the same over TLS, tonic's own (`ServerTlsConfig`,
+//!   rustls with ring) vs finale's `HttpServer::tls`.
 //!
 //! It prints `listening on 127.0.0.1:<port>` once bound and exits on SIGTERM. Driven by
 //! `scripts/bench_http.py`, which runs a load generator against each variant in turn:
@@ -27,25 +35,31 @@ use finale::Finale;
 use finale::tower::DrainLayer;
 use tokio::signal::unix::{SignalKind, signal};
 
-const USAGE: &str = "usage: http_server <plain|finale|layer|plain-tls|finale-tls> <port>";
+const USAGE: &str = "usage: http_server <plain|finale|layer|plain-tls|finale-tls|plain-grpc|\
+                     finale-grpc|plain-grpc-tls|finale-grpc-tls> <port>";
+
+const VARIANTS: [&str; 9] = [
+    "plain",
+    "finale",
+    "layer",
+    "plain-tls",
+    "finale-tls",
+    "plain-grpc",
+    "finale-grpc",
+    "plain-grpc-tls",
+    "finale-grpc-tls",
+];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (variant, port) = match args.as_slice() {
-        [variant, port, ..]
-            if matches!(
-                variant.as_str(),
-                "plain" | "finale" | "layer" | "plain-tls" | "finale-tls"
-            ) =>
-        {
-            match port.parse::<u16>() {
-                Ok(port) => (variant.clone(), port),
-                Err(_) => {
-                    eprintln!("{USAGE}");
-                    std::process::exit(2);
-                }
+        [variant, port, ..] if VARIANTS.contains(&variant.as_str()) => match port.parse::<u16>() {
+            Ok(port) => (variant.clone(), port),
+            Err(_) => {
+                eprintln!("{USAGE}");
+                std::process::exit(2);
             }
-        }
+        },
         // `cargo bench` with no filter runs every bench target with `--bench`: nothing to do.
         _ => {
             eprintln!("{USAGE} (run by scripts/bench_http.py)");
@@ -67,6 +81,57 @@ async fn run(variant: &str, port: u16) {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let listener = std::net::TcpListener::bind(addr).expect("bind the loopback port");
     match variant {
+        "plain-grpc" | "plain-grpc-tls" => {
+            let mut server = tonic::transport::Server::builder();
+            if variant == "plain-grpc-tls" {
+                let (cert, key) = self_signed();
+                let identity = tonic::transport::Identity::from_pem(cert, key);
+                server = server
+                    .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                    .expect("tonic's TLS configuration");
+            }
+            listener
+                .set_nonblocking(true)
+                .expect("a non-blocking listener");
+            let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+            // `Server::tcp_nodelay` does not reach a listener of one's own: set it on the
+            // incoming stream, as finale's server sets it.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+            println!("listening on {addr} ({variant})");
+            server
+                .add_routes(grpc_routes())
+                .serve_with_incoming_shutdown(incoming, async move {
+                    term.recv().await;
+                })
+                .await
+                .expect("serve");
+        }
+        "finale-grpc" => {
+            let finale = Finale::builder().build().expect("a finale configuration");
+            finale::tonic::serve(&finale, "grpc", listener, grpc_routes())
+                .expect("register the server");
+            println!("listening on {addr} ({variant})");
+            let _report = finale.run().await;
+        }
+        "finale-grpc-tls" => {
+            let finale = Finale::builder().build().expect("a finale configuration");
+            let (cert, key) = self_signed();
+            let tls = finale::tls::TlsConfig::from_pem(cert.as_bytes(), key.as_bytes())
+                .expect("a TLS configuration");
+            // What `finale::tonic::serve` serves, over TLS.
+            let service = tower::Layer::layer(
+                &finale::tonic::GrpcTimeoutLayer::new(None),
+                grpc_routes().prepare(),
+            );
+            finale::tonic::HttpServer::new("grpcs")
+                .tls(tls)
+                .serve(&finale, listener, service)
+                .expect("register the server");
+            println!("listening on {addr} ({variant})");
+            let _report = finale.run().await;
+        }
         "finale-tls" => {
             let finale = Finale::builder().build().expect("a finale configuration");
             let (cert, key) = self_signed();
@@ -151,6 +216,12 @@ async fn run(variant: &str, port: u16) {
             drop(finale);
         }
     }
+}
+
+/// tonic-health's service, `SERVING` for `""`: `Check` is a unary call with a 5-byte request.
+fn grpc_routes() -> tonic::service::Routes {
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tonic::service::Routes::new(health)
 }
 
 /// A certificate for `localhost` and `127.0.0.1` and its key (PEM), made at start.

@@ -8,6 +8,7 @@
 //! | `transport.rs` | what the accept loop needs from a listener and a socket; TCP's |
 //! | `unix.rs` | Unix domain sockets: binding a path, a stale socket file, its removal |
 //! | `axum.rs`, `hyper.rs`, `tonic.rs` | each framework's `serve` on the accept loop |
+//! | `tonic/grpc_timeout.rs` | the `grpc-timeout` deadline of a gRPC call, enforced by the server |
 //! | `tls.rs` | the servers' rustls configuration (feature `tls`) |
 
 #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]

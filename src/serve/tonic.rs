@@ -17,20 +17,44 @@
 //!
 //! # Settings
 //!
-//! [`serve`] uses [`HttpServer`]'s defaults; for settings, serve the prepared routes with an
-//! [`HttpServer`] of your own:
+//! [`serve`] uses [`HttpServer`]'s defaults and bounds each call by its client's
+//! `grpc-timeout` header ([`GrpcTimeoutLayer`]): when the deadline passes, the handler is
+//! dropped and the client gets `DEADLINE_EXCEEDED` in gRPC form (HTTP `200`, a trailers-only
+//! `grpc-status: 4`); a malformed header is ignored. For settings, serve the prepared routes
+//! with an [`HttpServer`] of your own, tower layers around them:
 //!
 //! ```ignore
+//! let routes = ServiceBuilder::new()
+//!     .layer(GrpcTimeoutLayer::new(Some(Duration::from_secs(30)))) // tonic's timeout
+//!     .service(routes.prepare());
 //! finale::tonic::HttpServer::new("grpc")
-//!     .max_connection_age(Duration::from_secs(300))          // tonic's max_connection_age
-//!     .hyper(|b| { b.http2().max_concurrent_streams(200); }) // tonic's concurrency_limit_per_connection
-//!     .serve(&finale, addr, routes.prepare())?;
+//!     .max_connection_age(Duration::from_secs(300))                   // tonic's max_connection_age
+//!     .hyper(|b| { b.http2().max_concurrent_streams(200); })          // tonic's max_concurrent_streams
+//!     .serve(&finale, addr, routes)?;
 //! ```
 //!
-//! tonic `Server` settings that are tower layers (`timeout`, `concurrency_limit`, `layer`)
-//! are layers around the routes' service here. Not done by finale's server (yet): the
-//! `grpc-timeout` header is not enforced on the server side (tonic's client enforces its own
-//! deadline).
+//! Every tonic `Server` setting and its equivalent here (`b` is hyper-util's connection
+//! builder in [`HttpServer::hyper`]):
+//!
+//! | tonic `Server` | finale |
+//! |---|---|
+//! | `grpc-timeout` header (always read) | read by [`serve`]; with an [`HttpServer`], `GrpcTimeoutLayer::new(None)` around the routes |
+//! | `timeout(d)` | `GrpcTimeoutLayer::new(Some(d))` around the routes (the shorter of it and the header wins). tonic answers `CANCELLED`, finale `DEADLINE_EXCEEDED` (see [`GrpcTimeoutLayer`]) |
+//! | `concurrency_limit_per_connection(n)` | no per-connection limit: the routes are shared by every connection. `tower::limit::ConcurrencyLimitLayer` around the routes limits the handlers running in the whole server; `b.http2().max_concurrent_streams(n)` limits the calls one connection may have open (the client queues the rest) |
+//! | `load_shed(true)` | `tonic::service::RecoverErrorLayer`, then `tower::load_shed::LoadShedLayer`, then the concurrency limit, around the routes: `RESOURCE_EXHAUSTED` when the limit is reached, as tonic answers |
+//! | `max_concurrent_streams(n)` | `b.http2().max_concurrent_streams(n)` |
+//! | `initial_stream_window_size`, `initial_connection_window_size`, `http2_adaptive_window`, `max_frame_size`, `http2_max_header_list_size`, `http2_max_pending_accept_reset_streams`, `http2_max_local_error_reset_streams` | the `b.http2()` setting of the same name (`adaptive_window`, `max_header_list_size`, ...) |
+//! | `http2_keepalive_interval`, `http2_keepalive_timeout` | `b.http2().keep_alive_interval(..).keep_alive_timeout(..)` (both default the timeout to 20 s) |
+//! | `max_connection_age(d)` | [`HttpServer::max_connection_age`] |
+//! | `max_connection_age_grace(d)` | none: an aged connection's calls run to their end, bounded by their deadlines and, at shutdown, by the drain deadline. Bound long streams in the handler |
+//! | `tcp_nodelay(b)` | [`HttpServer::tcp_nodelay`] (on by default, as in tonic) |
+//! | `tcp_keepalive`, `tcp_keepalive_interval`, `tcp_keepalive_retries` | none in finale: set them on a `socket2::Socket` you bind and pass it as a `std::net::TcpListener` ([`Listen`]); on Linux accepted sockets inherit them |
+//! | `accept_http1(false)` (tonic's default) | finale serves HTTP/1 and HTTP/2, auto-detected; for HTTP/2 only, `*b = b.clone().http2_only()` |
+//! | `layer(l)` | [`HttpServer::layer`]`(l)`: outside finale's own answers (a panicking handler's `grpc-status: 13` passes through it), inside the drain tracking; or `l` around the routes, inside those answers |
+//! | `trace_fn` | a tracing layer around the routes (for example `tower-http`'s `TraceLayer`) |
+//! | `tls_config(..)` | `HttpServer::tls` with a `finale::tls::TlsConfig` (feature `tls`; a rustls `ServerConfig` of your own through `TlsConfig::from_rustls`, client certificates included) |
+//! | `serve_with_incoming(..)`, `serve_with_incoming` over a `UnixListenerStream` | [`Listen`]: an address, a std or tokio `TcpListener`, [`Listen::unix`] or a `UnixListener`, or a socket passed by systemd or an upgrade |
+//! | `serve_with_shutdown(..)` | the sequence itself: Announce (health `NOT_SERVING`), Drain, the cut at the deadline |
 //!
 //! On a Unix domain socket ([`Listen::unix`], or a `UnixListener`), handlers find tonic's
 //! `UdsConnectInfo` (the peer's address and credentials) in the request's extensions, as
@@ -60,21 +84,28 @@ use tonic::service::Routes;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use ::tower::Layer;
+
 use crate::Finale;
 use crate::config::ConfigError;
 use crate::hook::Hook;
 use crate::phase::Phase;
 use crate::task::Task;
 
+pub use self::grpc_timeout::{GrpcTimeout, GrpcTimeoutBody, GrpcTimeoutFuture, GrpcTimeoutLayer};
 pub use crate::serve::accept::{
     DEFAULT_CUT_MARGIN, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_GRACE, HttpServer, Listen,
 };
+
+mod grpc_timeout;
 
 /// The name of the Announce hook that sets `NOT_SERVING`.
 pub const HEALTH_HOOK: &str = "grpc-health";
 
 /// Serves `routes` on `listen` as a [`Task::service`] named `name`, with [`HttpServer`]'s
-/// defaults: ready once bound, drained in the Drain phase, bounded by its deadline.
+/// defaults: ready once bound, drained in the Drain phase, bounded by its deadline. Each call
+/// is bounded by its client's `grpc-timeout` header, as under tonic's `Server`
+/// ([`GrpcTimeoutLayer`] with no server-side default).
 ///
 /// # Errors
 ///
@@ -89,7 +120,8 @@ pub fn serve(
     listen: impl Into<Listen>,
     routes: Routes,
 ) -> Result<(), ConfigError> {
-    HttpServer::new(name).serve(finale, listen, routes.prepare())
+    let service = GrpcTimeoutLayer::new(None).layer(routes.prepare());
+    HttpServer::new(name).serve(finale, listen, service)
 }
 
 /// Drives `reporter` from the sequence: `SERVING` for `""` and each of `services` once graceful
