@@ -338,18 +338,11 @@ impl Bound {
 pub struct HttpServer<L = Identity> {
     name: Cow<'static, str>,
     layer: L,
+    settings: Settings,
     rejection: Rejection,
-    idle_grace: Duration,
-    cut_margin: Duration,
-    header_read_timeout: Duration,
-    goaway_on_announce: bool,
-    tcp_nodelay: bool,
-    max_connection_age: Option<Duration>,
     configure: Option<Configure>,
     #[cfg(feature = "tls")]
     tls: Option<crate::tls::TlsConfig>,
-    #[cfg(feature = "tls")]
-    tls_handshake_timeout: Duration,
 }
 
 impl HttpServer {
@@ -358,18 +351,20 @@ impl HttpServer {
         Self {
             name: name.into(),
             layer: Identity::new(),
+            settings: Settings {
+                idle_grace: DEFAULT_IDLE_GRACE,
+                cut_margin: DEFAULT_CUT_MARGIN,
+                header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+                goaway_on_announce: false,
+                tcp_nodelay: true,
+                max_connection_age: None,
+                #[cfg(feature = "tls")]
+                tls_handshake_timeout: crate::tls::DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+            },
             rejection: Rejection::default(),
-            idle_grace: DEFAULT_IDLE_GRACE,
-            cut_margin: DEFAULT_CUT_MARGIN,
-            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
-            goaway_on_announce: false,
-            tcp_nodelay: true,
-            max_connection_age: None,
             configure: None,
             #[cfg(feature = "tls")]
             tls: None,
-            #[cfg(feature = "tls")]
-            tls_handshake_timeout: crate::tls::DEFAULT_TLS_HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -409,37 +404,14 @@ impl<L> HttpServer<L> {
     /// # let _ = server;
     /// ```
     pub fn layer<N>(self, layer: N) -> HttpServer<Stack<N, L>> {
-        let HttpServer {
-            name,
-            layer: inner,
-            rejection,
-            idle_grace,
-            cut_margin,
-            header_read_timeout,
-            goaway_on_announce,
-            tcp_nodelay,
-            max_connection_age,
-            configure,
-            #[cfg(feature = "tls")]
-            tls,
-            #[cfg(feature = "tls")]
-            tls_handshake_timeout,
-        } = self;
         HttpServer {
-            name,
-            layer: Stack::new(layer, inner),
-            rejection,
-            idle_grace,
-            cut_margin,
-            header_read_timeout,
-            goaway_on_announce,
-            tcp_nodelay,
-            max_connection_age,
-            configure,
+            name: self.name,
+            layer: Stack::new(layer, self.layer),
+            settings: self.settings,
+            rejection: self.rejection,
+            configure: self.configure,
             #[cfg(feature = "tls")]
-            tls,
-            #[cfg(feature = "tls")]
-            tls_handshake_timeout,
+            tls: self.tls,
         }
     }
 
@@ -457,7 +429,7 @@ impl<L> HttpServer<L> {
     #[cfg(feature = "tls")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     pub fn tls_handshake_timeout(mut self, timeout: Duration) -> Self {
-        self.tls_handshake_timeout = timeout;
+        self.settings.tls_handshake_timeout = timeout;
         self
     }
 
@@ -475,7 +447,7 @@ impl<L> HttpServer<L> {
     /// the drain starts is closed at once (a client that never sent a complete request does not
     /// hold the drain either). The drain ends earlier if every connection has closed.
     pub fn idle_grace(mut self, grace: Duration) -> Self {
-        self.idle_grace = grace;
+        self.settings.idle_grace = grace;
         self
     }
 
@@ -488,7 +460,7 @@ impl<L> HttpServer<L> {
     /// are cancelled by its own h2 stack (tonic's client does not retry them): measured with 16
     /// concurrent unary loops, it added `h2 protocol error`s that draining alone does not give.
     pub fn goaway_on_announce(mut self, goaway: bool) -> Self {
-        self.goaway_on_announce = goaway;
+        self.settings.goaway_on_announce = goaway;
         self
     }
 
@@ -528,7 +500,7 @@ impl<L> HttpServer<L> {
     /// connections are left alone: a load balancer balances their requests already, and closing
     /// an idle one would race its client's next request.
     pub fn max_connection_age(mut self, age: Duration) -> Self {
-        self.max_connection_age = Some(age);
+        self.settings.max_connection_age = Some(age);
         self
     }
 
@@ -536,20 +508,20 @@ impl<L> HttpServer<L> {
     /// soon as it is written, not when the kernel has coalesced enough of it; off trades that
     /// latency for fewer packets under heavy HTTP/2 multiplexing).
     pub fn tcp_nodelay(mut self, nodelay: bool) -> Self {
-        self.tcp_nodelay = nodelay;
+        self.settings.tcp_nodelay = nodelay;
         self
     }
 
     /// How long a client may take to send a request's headers (hyper's header-read timeout):
     /// a slow or stalled client is disconnected after it.
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
-        self.header_read_timeout = timeout;
+        self.settings.header_read_timeout = timeout;
         self
     }
 
     /// How long before the Drain phase's deadline the remaining connections are cut.
     pub fn cut_margin(mut self, margin: Duration) -> Self {
-        self.cut_margin = margin;
+        self.settings.cut_margin = margin;
         self
     }
 
@@ -587,29 +559,12 @@ impl<L> HttpServer<L> {
         let HttpServer {
             name,
             layer,
+            settings,
             rejection,
-            idle_grace,
-            cut_margin,
-            header_read_timeout,
-            goaway_on_announce,
-            tcp_nodelay,
-            max_connection_age,
             configure,
             #[cfg(feature = "tls")]
             tls,
-            #[cfg(feature = "tls")]
-            tls_handshake_timeout,
         } = self;
-        let settings = Settings {
-            idle_grace,
-            cut_margin,
-            header_read_timeout,
-            goaway_on_announce,
-            tcp_nodelay,
-            max_connection_age,
-            #[cfg(feature = "tls")]
-            tls_handshake_timeout,
-        };
         #[cfg(feature = "tls")]
         let tls = tls.map(|config| tokio_rustls::TlsAcceptor::from(config.config));
         #[cfg(not(feature = "tls"))]
