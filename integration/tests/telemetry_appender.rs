@@ -277,6 +277,44 @@ async fn a_writer_that_writes_nothing_is_not_delivered() {
     );
 }
 
+/// A buffered writer on a full disk (a `BufWriter` over a file, say): every write fills the
+/// buffer and succeeds, every flush fails with ENOSPC and loses what was buffered.
+struct FullOnFlush(usize);
+
+impl Write for FullOnFlush {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.0 == 0 {
+            return Ok(());
+        }
+        self.0 = 0;
+        Err(std::io::Error::from_raw_os_error(28))
+    }
+}
+
+#[tokio::test]
+async fn lines_lost_by_a_failed_flush_are_not_delivered() {
+    let (non_blocking, guard) = finale::appender::non_blocking(FullOnFlush(0));
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    guard.register(&finale).unwrap();
+    finale.handle().trigger("test");
+    write_lines(non_blocking, 100);
+    let report = finale.run().await;
+    eprintln!("full disk at flush:\n{report}");
+    let delivery = report.delivery(HOOK_NAME).expect("counted");
+    assert_eq!(delivery.total().exported, 0, "{report}");
+    assert_eq!(delivery.total().failed, 100, "{report}");
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
+}
+
 #[tokio::test]
 async fn a_plain_worker_guard_reports_its_drops_with_its_error_counter() {
     let (writer, open, _) = stalled();

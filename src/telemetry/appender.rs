@@ -23,7 +23,9 @@
 //! # What was written
 //!
 //! The wrapped writer also counts the lines written and the lines whose write failed (a full
-//! disk: tracing-appender drops such a line and goes on), and the writer's [`ErrorCounter`]
+//! disk: tracing-appender drops such a line and goes on), those a failed flush lost (a
+//! buffered writer, a `BufWriter` over a file, loses what it held: the lines written since the
+//! last flush that succeeded count as failed), and the writer's [`ErrorCounter`]
 //! the lines dropped because the queue was full (lossy mode). The report's
 //! [`delivery`](crate::ShutdownReport::delivery) entry `log-writer` splits them at the trigger:
 //! what happened during the run, and from the trigger to the release. Under the default
@@ -101,6 +103,7 @@ pub fn non_blocking_with<W: Write + Send + 'static>(
         inner: writer,
         released: Some(tx),
         lines: lines.clone(),
+        unflushed: 0,
     });
     let guard = LogWriterGuard {
         guard: Some(guard),
@@ -117,6 +120,9 @@ struct Tracked<W> {
     inner: W,
     released: Option<oneshot::Sender<()>>,
     lines: Arc<Lines>,
+    /// Lines written since the last flush that succeeded: a buffered writer (a `BufWriter`
+    /// over a file) holds them until its flush, and loses them if that fails.
+    unflushed: u64,
 }
 
 /// The lines the writer thread wrote, and those whose write failed.
@@ -136,6 +142,7 @@ impl<W: Write> Write for Tracked<W> {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         let result = self.inner.write_all(buf);
         let count = if result.is_ok() {
+            self.unflushed += 1;
             &self.lines.written
         } else {
             &self.lines.failed
@@ -144,8 +151,18 @@ impl<W: Write> Write for Tracked<W> {
         result
     }
 
+    // The writer thread flushes after each batch (and at its end). A failed flush loses what a
+    // buffered writer held: the lines written since the last good flush move from written to
+    // failed. (Written first, then failed: a reader between the two sees a line in neither,
+    // never in both.)
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        let result = self.inner.flush();
+        let unflushed = std::mem::take(&mut self.unflushed);
+        if result.is_err() && unflushed > 0 {
+            self.lines.written.fetch_sub(unflushed, Ordering::Relaxed);
+            self.lines.failed.fetch_add(unflushed, Ordering::Relaxed);
+        }
+        result
     }
 }
 
