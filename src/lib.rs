@@ -171,7 +171,7 @@
 //!
 //! ## Minimum supported Rust version
 //!
-//! Rust 1.88 (edition 2024).
+//! Rust 1.89 (edition 2024).
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]

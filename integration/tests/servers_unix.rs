@@ -640,3 +640,104 @@ async fn a_socket_file_replaced_while_serving_is_not_removed() {
     let _client = std::os::unix::net::UnixStream::connect(&path).unwrap();
     drop(other);
 }
+
+/// A finale serving `tag` on `listen`, run on its own task.
+fn start_tagged(listen: Listen, tag: &'static str) -> (Handle, JoinHandle<ShutdownReport>) {
+    let finale = builder().build().unwrap();
+    let handle = finale.handle();
+    HttpServer::new("http")
+        .serve(
+            &finale,
+            listen,
+            Router::new().route("/", get(move || async move { tag })),
+        )
+        .unwrap();
+    (handle, tokio::spawn(finale.run()))
+}
+
+/// Graceful start completed, or the run ended (a failed start ends it).
+async fn started_or_ended(
+    handle: &Handle,
+    run: &mut JoinHandle<ShutdownReport>,
+) -> Option<ShutdownReport> {
+    let health = handle.health();
+    tokio::time::timeout(BOUND, async {
+        tokio::select! {
+            () = health.started() => None,
+            report = &mut *run => Some(report.unwrap()),
+        }
+    })
+    .await
+    .expect("the start ends one way or the other")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_starting_on_one_stale_file_never_both_start() {
+    // Both see the stale file refused; without the start-up lock the second removed the socket
+    // the first had just bound (both "started", the first unreachable), or failed with a bare
+    // ENOENT when the file went between its steps.
+    let dir = SockDir::new("race");
+    let path = dir.sock();
+    let (mut both, mut refused, mut other) = (0, 0, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut rounds = 0;
+    while rounds < 300 && Instant::now() < deadline {
+        rounds += 1;
+        let _ = std::fs::remove_file(&path);
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap()); // stale
+        let (h1, mut r1) = start_tagged(Listen::unix(&path), "one");
+        let (h2, mut r2) = start_tagged(Listen::unix(&path), "two");
+        let e1 = started_or_ended(&h1, &mut r1).await;
+        let e2 = started_or_ended(&h2, &mut r2).await;
+        h1.trigger("test");
+        h2.trigger("test");
+        let r1 = match e1 {
+            Some(report) => report,
+            None => finish(r1).await,
+        };
+        let r2 = match e2 {
+            Some(report) => report,
+            None => finish(r2).await,
+        };
+        let clean = |r: &ShutdownReport| r.status == ShutdownStatus::Clean;
+        match (clean(&r1), clean(&r2)) {
+            (true, true) => both += 1,
+            (true, false) | (false, true) => {
+                let failed = if clean(&r1) { &r2 } else { &r1 };
+                let text = failed.to_string();
+                if text.contains("another process accepts") || text.contains("accept queue full") {
+                    refused += 1;
+                } else {
+                    other.push(text);
+                }
+            }
+            (false, false) => other.push(format!("{r1}\n{r2}")),
+        }
+    }
+    eprintln!(
+        "{rounds} rounds: both started {both}, one refused cleanly {refused}, other {}",
+        other.len()
+    );
+    assert_eq!(both, 0, "two instances started on one path");
+    assert!(other.is_empty(), "{}", other[0]);
+    assert_eq!(refused, rounds);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relative_socket_path_is_removed_after_a_chdir() {
+    // A daemon's `chdir` after the start: the file finale created is still the one removed.
+    // (nextest runs each test in a process of its own: the working directory is this test's.)
+    let (a, b) = (SockDir::new("chdir-a"), SockDir::new("chdir-b"));
+    std::env::set_current_dir(&a.0).unwrap();
+    let (handle, mut run) = start_tagged(Listen::unix("rel.sock"), "a");
+    assert!(started_or_ended(&handle, &mut run).await.is_none());
+    assert!(a.0.join("rel.sock").exists());
+    std::env::set_current_dir(&b.0).unwrap();
+    handle.trigger("test");
+    let report = finish(run).await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    assert!(
+        !a.0.join("rel.sock").exists(),
+        "finale's own socket file is left behind"
+    );
+}

@@ -132,6 +132,10 @@ pub const DEFAULT_CUT_MARGIN: Duration = Duration::from_millis(100);
 ///
 /// - A file left at the path by an instance that is gone (a socket nothing accepts on: the
 ///   connect finale tries is refused) is removed, with a log line, and the path is bound.
+///   Telling it stale and removing it happen under an exclusive lock on `<path>.lock`
+///   (created next to the socket and left there), so two instances starting at once on one
+///   stale file never both start: one binds, the other finds it live. A relative path is made
+///   absolute at the bind.
 /// - If something still accepts on it (another instance, another program), or the path is
 ///   not a socket, nothing is removed: the bind fails with
 ///   [`AddrInUse`](std::io::ErrorKind::AddrInUse) and a message that says which, and graceful
@@ -140,7 +144,9 @@ pub const DEFAULT_CUT_MARGIN: Duration = Duration::from_millis(100);
 ///   end), unless another file has replaced it meanwhile (it is compared by inode), or the
 ///   socket went to an upgrade's successor. A listener you bound yourself, or one passed to
 ///   the process (systemd's `ListenStream=/path`, an upgrade's hand-off), is never removed:
-///   its file belongs to whoever created it.
+///   its file belongs to whoever created it. A shutdown that abandons an upgrade in progress
+///   leaves the file too (the successor may have taken the socket); the next start removes
+///   it as stale.
 ///
 /// With the `systemd` feature, a server given a path serves a Unix socket passed to the
 /// process under its own name instead of binding (as with an address), which is also how

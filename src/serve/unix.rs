@@ -63,24 +63,77 @@ impl Drop for SocketFile {
 /// Binds `path` for the server `name`. A socket file nothing accepts on (the instance that
 /// created it is gone) is removed and the path bound again; anything else at the path is left
 /// alone and the bind fails with `AddrInUse`, saying why.
+///
+/// Telling a stale file from a live one (a refused connect) and removing it are two steps: two
+/// instances starting at once on the same stale file could each see it refused, and the second
+/// remove the socket the first had just bound. So those steps run under an exclusive lock on
+/// `<path>.lock` (created next to the socket, and left there: removing a lock file reopens the
+/// race it closes); when that file cannot be created, they run without it.
 pub(crate) fn bind(path: &Path, name: &str) -> io::Result<(UnixListener, SocketFile)> {
-    let in_use = |why: String| {
+    // Kept absolute: the file is removed at the stop, whatever the working directory is then.
+    let path = &std::path::absolute(path)?;
+    let failed = |e: io::Error| {
         io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!("cannot bind the Unix socket {}: {why}", path.display()),
+            e.kind(),
+            format!("cannot bind the Unix socket {}: {e}", path.display()),
         )
     };
     match UnixListener::bind(path) {
         Ok(listener) => return Ok((listener, SocketFile::new(path))),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
-        Err(e) => {
-            return Err(io::Error::new(
-                e.kind(),
-                format!("cannot bind the Unix socket {}: {e}", path.display()),
-            ));
+        Err(e) => return Err(failed(e)),
+    }
+    let lock = lock_file(path);
+    // The file may go between two steps (an old instance removing its own at its stop): the
+    // path is then free, so bind again, a few times at most.
+    for _ in 0..3 {
+        match replace_stale(path, name) {
+            Ok(listener) => {
+                drop(lock);
+                return Ok((listener, SocketFile::new(path)));
+            }
+            Err(Stale::Gone) => {}
+            Err(Stale::Failed(e)) => return Err(e),
         }
     }
-    let meta = std::fs::symlink_metadata(path)?;
+    Err(failed(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        "the path kept changing while it was bound",
+    )))
+}
+
+/// What stopped [`replace_stale`].
+enum Stale {
+    /// The path changed between two steps (the file went, or another instance bound it):
+    /// look again.
+    Gone,
+    Failed(io::Error),
+}
+
+/// One attempt: bind; if the path is taken, tell a stale socket file from anything else,
+/// remove the stale one and bind.
+fn replace_stale(path: &Path, name: &str) -> Result<UnixListener, Stale> {
+    let in_use = |why: String| {
+        Stale::Failed(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("cannot bind the Unix socket {}: {why}", path.display()),
+        ))
+    };
+    let failed = |e: io::Error| {
+        if e.kind() == io::ErrorKind::NotFound {
+            return Stale::Gone;
+        }
+        Stale::Failed(io::Error::new(
+            e.kind(),
+            format!("cannot bind the Unix socket {}: {e}", path.display()),
+        ))
+    };
+    match UnixListener::bind(path) {
+        Ok(listener) => return Ok(listener),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
+        Err(e) => return Err(failed(e)),
+    }
+    let meta = std::fs::symlink_metadata(path).map_err(failed)?;
     if !meta.file_type().is_socket() {
         return Err(in_use(
             "the path exists and is not a socket (left as it is)".into(),
@@ -88,10 +141,12 @@ pub(crate) fn bind(path: &Path, name: &str) -> io::Result<(UnixListener, SocketF
     }
     // A non-blocking connect: refused means nothing listens (a file left by an instance that
     // is gone); accepted, or a full accept queue (`EAGAIN`), means something serves it.
-    let probe = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
-    probe.set_nonblocking(true)?;
-    match probe.connect(&socket2::SockAddr::unix(path)?) {
+    let probe =
+        socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).map_err(failed)?;
+    probe.set_nonblocking(true).map_err(failed)?;
+    match probe.connect(&socket2::SockAddr::unix(path).map_err(failed)?) {
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Stale::Gone),
         Ok(()) => {
             return Err(in_use(
                 "another process accepts connections on it (left as it is)".into(),
@@ -109,20 +164,35 @@ pub(crate) fn bind(path: &Path, name: &str) -> io::Result<(UnixListener, SocketF
         }
     }
     drop(probe);
-    std::fs::remove_file(path)?;
+    std::fs::remove_file(path).map_err(failed)?;
     tracing::info!(
         target: "finale",
         server = name,
         path = %path.display(),
         "removed a stale socket file (nothing accepted on it)"
     );
-    let listener = UnixListener::bind(path).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot bind the Unix socket {}: {e}", path.display()),
-        )
-    })?;
-    Ok((listener, SocketFile::new(path)))
+    match UnixListener::bind(path) {
+        // Another instance bound the path in the moment it was free (its first bind takes no
+        // lock): look again, it is now a live socket.
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(Stale::Gone),
+        bound => bound.map_err(failed),
+    }
+}
+
+/// An exclusive lock on `<path>.lock`, held while a stale socket file is told and replaced;
+/// `None` if the lock file cannot be opened or locked (a read-only directory, say).
+fn lock_file(path: &Path) -> Option<std::fs::File> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .ok()?;
+    // Blocking, but only for as long as another instance takes to do the same few syscalls.
+    file.lock().ok()?;
+    Some(file)
 }
 
 /// A Unix socket listener the accept loop serves; `file` is the socket file finale created.
