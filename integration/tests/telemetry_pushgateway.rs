@@ -9,7 +9,7 @@ use std::error::Error as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -1320,4 +1320,286 @@ async fn plain_http_with_basic_auth_still_works() {
     )
     .await;
     assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+/// Periodic pushes whose render panicked sent nothing: under `DeliveryPolicy::WholeRun` they
+/// make the run not delivered, even though the final push went through.
+#[tokio::test]
+async fn unrendered_periodic_pushes_count_as_failed_under_the_whole_run_policy() {
+    let (port, _seen) = recording(Some("200 OK"));
+    let failing = Arc::new(AtomicBool::new(true));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let _ = recorder();
+    let finale = Finale::builder()
+        .no_signals()
+        .read_env(false)
+        .environment(Environment::Local)
+        .total_budget(Duration::from_secs(10))
+        .telemetry_reserve(Duration::from_secs(5))
+        .delivery_policy(finale::DeliveryPolicy::WholeRun)
+        .build()
+        .unwrap();
+    let render = {
+        let (failing, calls) = (failing.clone(), calls.clone());
+        move || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            assert!(!failing.load(Ordering::SeqCst), "registry poisoned");
+            "# TYPE unrendered_test gauge\nunrendered_test 1\n".to_owned()
+        }
+    };
+    Pushgateway::builder(format!("http://127.0.0.1:{port}"), "unrendered")
+        .check(false)
+        .push_interval(Duration::from_millis(10))
+        .build_with(render)
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    // A push is counted before the next one renders: three renders, two counted at least.
+    let rendered = {
+        let calls = calls.clone();
+        tokio::task::spawn_blocking(move || wait_until(BOUND, || calls.load(Ordering::SeqCst) >= 3))
+            .await
+            .unwrap()
+    };
+    assert!(rendered, "no periodic pushes");
+    failing.store(false, Ordering::SeqCst);
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    let delivery = report.delivery("pushgateway").expect("counted");
+    assert!(delivery.run.failed >= 2, "{report}");
+    assert!(delivery.at_exit.exported > 0, "{report}");
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
+}
+
+/// A render that does not return: the pushes after it do not start another render thread
+/// each, they fail at once (and count as failed), the final push included.
+#[tokio::test(flavor = "current_thread")]
+async fn a_render_that_never_returns_is_not_started_again() {
+    let (port, _seen) = recording(Some("200 OK"));
+    let (logs, _guard) = Logs::capture(tracing::Level::WARN);
+    let entered = Arc::new(AtomicUsize::new(0));
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = Mutex::new(released);
+    let render = {
+        let entered = entered.clone();
+        move || {
+            entered.fetch_add(1, Ordering::SeqCst);
+            let _ = released.lock().unwrap().recv_timeout(BOUND);
+            String::new()
+        }
+    };
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(format!("http://127.0.0.1:{port}"), "stuck-render")
+        .check(false)
+        .push_interval(Duration::from_millis(20))
+        .request_timeout(Duration::from_millis(30))
+        .build_with(render)
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    assert!(
+        logs.wait_for("periodic push failed", 5).await,
+        "{:?}",
+        logs.lines_with("WARN")
+    );
+    assert_eq!(entered.load(Ordering::SeqCst), 1, "render threads started");
+    assert_eq!(
+        logs.lines_with("the previous render has not returned")
+            .len(),
+        logs.lines_with("periodic push failed").len() - 1,
+        "{:?}",
+        logs.lines_with("WARN")
+    );
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    release.send(()).unwrap();
+    assert_eq!(entered.load(Ordering::SeqCst), 1, "render threads started");
+    let error = push_error(&report);
+    assert!(matches!(error, PushError::NotRendered { .. }), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("the previous render has not returned"),
+        "{error}"
+    );
+    let delivery = report.delivery("pushgateway").expect("counted");
+    assert!(delivery.run.failed >= 5, "{report}");
+    assert!(delivery.at_exit.failed >= 1, "{report}");
+}
+
+/// A server that answers every request whose method is (`GET`) or is not (anything else)
+/// `get` with `status` and a body of `size` bytes, written 1 MiB at a time, and every other
+/// request with `200 OK`. Sends, for each large answer, whether all of it was written (`false`:
+/// the client closed the connection first).
+fn large_answers(
+    status: &'static str,
+    get: bool,
+    size: usize,
+) -> (u16, std::sync::mpsc::Receiver<bool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(64) {
+            let Ok(mut stream) = stream else { continue };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(BOUND));
+                let mut raw = Vec::new();
+                let mut buf = [0u8; 8192];
+                loop {
+                    let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match stream.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => raw.extend_from_slice(&buf[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length").then_some(v)
+                        })
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    let total = head_end + 4 + length;
+                    while raw.len() < total {
+                        match stream.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => raw.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    raw.drain(..total);
+                    if head.starts_with("GET ") != get {
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if stream.write_all(ok).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let head = format!("HTTP/1.1 {status}\r\nContent-Length: {size}\r\n\r\n");
+                    let mut whole = stream.write_all(head.as_bytes()).is_ok();
+                    let chunk = vec![b'x'; 1 << 20];
+                    let mut sent = 0;
+                    while whole && sent < size {
+                        let n = chunk.len().min(size - sent);
+                        whole = stream.write_all(&chunk[..n]).is_ok();
+                        sent += n;
+                    }
+                    let _ = tx.send(whole);
+                    if !whole {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// A refusal with a huge body: the push fails with the body's first bytes, and the client
+/// stops reading (closes the connection) instead of taking the whole body into memory.
+#[tokio::test]
+async fn a_huge_error_body_is_not_read_whole() {
+    let (port, written) = large_answers("400 Bad Request", false, 64 << 20);
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    let pushgateway = Pushgateway::builder(format!("http://127.0.0.1:{port}"), "huge-error")
+        .check(false)
+        .build_with(|| "# TYPE huge_error_test gauge\nhuge_error_test 1\n".to_owned())
+        .unwrap();
+    pushgateway.register(&finale).unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    let PushError::Rejected { status, body, .. } = push_error(&report) else {
+        panic!("{report}");
+    };
+    assert_eq!(status.as_u16(), 400);
+    assert!(
+        body.starts_with("xxxx") && body.len() <= 2048 + 4,
+        "{}",
+        body.len()
+    );
+    let whole = tokio::task::spawn_blocking(move || written.recv_timeout(BOUND))
+        .await
+        .unwrap()
+        .expect("the server answered");
+    assert!(!whole, "the client read the whole 64 MiB body");
+}
+
+/// A consistency check whose answer is larger than the bound gives up (logged at debug level)
+/// and stops reading it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_huge_consistency_answer_is_not_read_whole() {
+    let (port, written) = large_answers("200 OK", true, 64 << 20);
+    let (logs, _guard) = Logs::capture(tracing::Level::DEBUG);
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(format!("http://127.0.0.1:{port}"), "huge-check")
+        .request_timeout(Duration::from_secs(5))
+        .build_with(|| "# TYPE huge_check_test gauge\nhuge_check_test 1\n".to_owned())
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    assert!(
+        logs.wait_for("no consistency check", 1).await,
+        "the check did not end"
+    );
+    assert_eq!(
+        logs.lines_with("the answer is larger than").len(),
+        1,
+        "{:?}",
+        logs.lines_with("consistency")
+    );
+    let whole = tokio::task::spawn_blocking(move || written.recv_timeout(BOUND))
+        .await
+        .unwrap()
+        .expect("the server answered");
+    assert!(!whole, "the check read the whole 64 MiB answer");
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+/// A histogram owns the names `_bucket`, `_count` and `_sum` derive from it: a plain metric
+/// of such a name in this push, where another group holds the histogram, is refused, and so
+/// is a histogram whose derived name another group holds as a metric. The check warns of both.
+#[tokio::test(flavor = "current_thread")]
+async fn a_name_a_histogram_of_another_group_derives_is_warned_of() {
+    let Some(gateway) = Gateway::start() else {
+        return;
+    };
+    let (logs, _guard) = Logs::capture(tracing::Level::WARN);
+    let held = "# TYPE derived_h histogram\nderived_h_bucket{le=\"+Inf\"} 1\nderived_h_sum 1\n\
+                derived_h_count 1\n# TYPE derived_g_sum gauge\nderived_g_sum 1\n";
+    assert_eq!(gateway.put("derived-other", held).unwrap(), 200);
+    let ours = "# TYPE derived_h_count gauge\nderived_h_count 7\n# TYPE derived_g histogram\n\
+                derived_g_bucket{le=\"+Inf\"} 1\nderived_g_sum 2\nderived_g_count 1\n";
+    let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+    Pushgateway::builder(gateway.url(), "derived-mine")
+        .build_with(|| ours.to_owned())
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    const PLAIN: &str = "the Pushgateway holds the histogram derived_h for the group {job=\"derived-other\"}, and this push has a gauge derived_h_count";
+    const DERIVED: &str = "the Pushgateway holds the gauge derived_g_sum for the group {job=\"derived-other\"}, and this push has a histogram derived_g";
+    assert!(
+        logs.wait_for(PLAIN, 1).await,
+        "{:?}",
+        logs.lines_with("WARN")
+    );
+    assert!(
+        logs.wait_for(DERIVED, 1).await,
+        "{:?}",
+        logs.lines_with("WARN")
+    );
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    let error = push_error(&report);
+    assert!(error.is_inconsistent(), "{error}");
+    assert!(error.to_string().contains("collide"), "{error}");
 }

@@ -9,7 +9,11 @@
 //!   metric counts as a type of its own;
 //! - a series with the same name and labels, grouping labels included, as one another group
 //!   holds (`… was collected before with the same name and label values`): a group
-//!   `{job="a"}` pushing `m{instance="x"}` while the group `{job="a",instance="x"}` holds `m`.
+//!   `{job="a"}` pushing `m{instance="x"}` while the group `{job="a",instance="x"}` holds `m`;
+//! - a name that a histogram or summary of the other side derives (`… collides with
+//!   previously collected histogram named …`): a histogram `x` owns `x_bucket`, `x_count` and
+//!   `x_sum`, a summary `x` owns `x_count` and `x_sum`, and no metric of another name may be
+//!   called so, whichever side holds the histogram.
 //!
 //! Different help texts are not refused (the Pushgateway exposes one of them), so they are not
 //! reported here. A label with an empty value is the same as no label, on both sides.
@@ -36,6 +40,15 @@ pub(super) enum ClashKind {
     Type { here: String, there: String },
     /// The other group holds a series with the same labels (as `{…}`).
     Series { labels: String },
+    /// One of the two is a histogram or summary, and the other's name is one that it derives
+    /// (`_bucket`, `_count`, `_sum`).
+    Derived {
+        /// Our metric's type.
+        here: String,
+        /// The other group's metric, and its type.
+        there: String,
+        there_kind: String,
+    },
 }
 
 impl fmt::Display for Clash {
@@ -51,6 +64,17 @@ impl fmt::Display for Clash {
                 "the Pushgateway holds {metric} as a {there} for the group {group}, and this \
                  push has it as a {here}: it refuses every push of this group (400) until one \
                  of the two changes"
+            ),
+            ClashKind::Derived {
+                here,
+                there,
+                there_kind,
+            } => write!(
+                f,
+                "the Pushgateway holds the {there_kind} {there} for the group {group}, and this \
+                 push has a {here} {metric}: the names of a histogram's or summary's \
+                 _bucket, _count and _sum series are its own, so it refuses every push of \
+                 this group (400) until one of the two is renamed"
             ),
             ClashKind::Series { labels } => write!(
                 f,
@@ -99,19 +123,34 @@ pub(super) fn clashes(
             continue;
         }
         for (name, held) in entries {
-            let Some(family) = families.get(name) else {
-                continue;
-            };
             let Some(there) = held.get("type").and_then(|t| t.as_str()) else {
                 continue;
             };
-            if !there.eq_ignore_ascii_case(&family.kind) {
+            let there = there.to_ascii_lowercase();
+            // Ours is named like a series of their histogram or summary.
+            for derived in derived_names(name, &there) {
+                if let Some(family) = families.get(&derived) {
+                    found.push(Clash {
+                        metric: derived,
+                        group: shown(&labels),
+                        kind: ClashKind::Derived {
+                            here: family.kind.clone(),
+                            there: name.clone(),
+                            there_kind: there.clone(),
+                        },
+                    });
+                }
+            }
+            let Some(family) = families.get(name) else {
+                continue;
+            };
+            if there != family.kind {
                 found.push(Clash {
                     metric: name.clone(),
                     group: shown(&labels),
                     kind: ClashKind::Type {
                         here: family.kind.clone(),
-                        there: there.to_ascii_lowercase(),
+                        there,
                     },
                 });
                 continue;
@@ -130,8 +169,36 @@ pub(super) fn clashes(
                 }
             }
         }
+        // Theirs is named like a series of our histogram or summary.
+        for (name, family) in &families {
+            for derived in derived_names(name, &family.kind) {
+                let held = entries.get(&derived).and_then(|held| held.get("type"));
+                if let Some(there) = held.and_then(|t| t.as_str()) {
+                    found.push(Clash {
+                        metric: name.clone(),
+                        group: shown(&labels),
+                        kind: ClashKind::Derived {
+                            here: family.kind.clone(),
+                            there: derived,
+                            there_kind: there.to_ascii_lowercase(),
+                        },
+                    });
+                }
+            }
+        }
     }
     Ok(found)
+}
+
+/// The names a metric family `name` of type `kind` owns besides its own: a histogram's
+/// `_bucket`, `_count` and `_sum`, a summary's `_count` and `_sum`.
+fn derived_names(name: &str, kind: &str) -> Vec<String> {
+    let suffixes: &[&str] = match kind {
+        "histogram" => &["_bucket", "_count", "_sum"],
+        "summary" => &["_count", "_sum"],
+        _ => &[],
+    };
+    suffixes.iter().map(|s| format!("{name}{s}")).collect()
 }
 
 fn labels_of(value: Option<&serde_json::Value>) -> Labels {
@@ -337,6 +404,54 @@ mod tests {
         // Our own group is not compared with itself.
         let ours = group(&[("job", "svc"), ("instance", "x")]);
         assert_eq!(clashes(text, &ours, HELD.as_bytes()).unwrap(), []);
+    }
+
+    #[test]
+    fn a_name_a_histogram_or_summary_derives_is_found_both_ways() {
+        // The group {job="svc",instance="x"} holds the histogram h.
+        let ours = group(&[("job", "j")]);
+        let found = clashes("# TYPE h_count gauge\nh_count 1\n", &ours, HELD.as_bytes());
+        assert_eq!(
+            found.unwrap(),
+            [Clash {
+                metric: "h_count".to_owned(),
+                group: r#"{instance="x",job="svc"}"#.to_owned(),
+                kind: ClashKind::Derived {
+                    here: "gauge".to_owned(),
+                    there: "h".to_owned(),
+                    there_kind: "histogram".to_owned()
+                }
+            }]
+        );
+        // Ours a summary s whose s_sum another group holds as a gauge.
+        let summary = "# TYPE s summary\ns_sum 1\ns_count 1\n";
+        let held = r#"{"data":[{"labels":{"job":"o"},"s_sum":{"type":"GAUGE","metrics":[]}}]}"#;
+        let found = clashes(summary, &ours, held.as_bytes()).unwrap();
+        assert_eq!(
+            found,
+            [Clash {
+                metric: "s".to_owned(),
+                group: r#"{job="o"}"#.to_owned(),
+                kind: ClashKind::Derived {
+                    here: "summary".to_owned(),
+                    there: "s_sum".to_owned(),
+                    there_kind: "gauge".to_owned()
+                }
+            }]
+        );
+        assert!(
+            found[0]
+                .to_string()
+                .starts_with("the Pushgateway holds the gauge s_sum for the group {job=\"o\"}, and this push has a summary s:"),
+            "{}",
+            found[0]
+        );
+        // A summary owns no _bucket; a histogram does.
+        let text = "# TYPE m_bucket gauge\nm_bucket 1\n";
+        let held = r#"{"data":[{"labels":{"job":"o"},"m":{"type":"SUMMARY","metrics":[]}}]}"#;
+        assert_eq!(clashes(text, &ours, held.as_bytes()).unwrap(), []);
+        let held = r#"{"data":[{"labels":{"job":"o"},"m":{"type":"HISTOGRAM","metrics":[]}}]}"#;
+        assert_eq!(clashes(text, &ours, held.as_bytes()).unwrap().len(), 1);
     }
 
     #[test]

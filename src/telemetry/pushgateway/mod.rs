@@ -18,7 +18,14 @@
 //!   own, not on a runtime worker: rendering a large registry takes a while, and on a
 //!   `current_thread` runtime every other task would wait for it. A render still running when
 //!   the push's time is up is left behind and the push fails with
-//!   [`PushError::NotRendered`].
+//!   [`PushError::NotRendered`]. No push starts a second render beside it: while it has not
+//!   returned, every push (periodic or final) fails at once with `NotRendered` ("the previous
+//!   render has not returned"), so a render that never returns leaves one thread behind, not
+//!   one per push. (A consistency check renders on a thread of its own, with the same rule:
+//!   one at a time, or none.)
+//! - The metrics are also rendered by each consistency check (below), at registration and
+//!   after a `400`: a render must not change what it renders (drain, reset or take the
+//!   values), or what a push sends would depend on how many checks ran before it.
 //! - With the `pushgateway-gzip` feature and [`gzip(true)`](PushgatewayBuilder::gzip), the
 //!   body is sent gzip-compressed (`Content-Encoding: gzip`, compressed on the render thread):
 //!   Pushgateway 1.5.0 and later read it; older ones answer `400`, hence off by default.
@@ -44,7 +51,9 @@
 //! - The report's [`delivery`](crate::ShutdownReport::delivery) entry (named like the hook)
 //!   counts the samples of each push, periodic or final: exported when the Pushgateway took
 //!   the push, failed when its last attempt did not (once per push, not per attempt), split at
-//!   the trigger.
+//!   the trigger. A push whose metrics were not rendered counts as failed the samples of the
+//!   last body rendered, at least one, so that
+//!   [`DeliveryPolicy::WholeRun`](crate::DeliveryPolicy::WholeRun) sees it.
 //!
 //! # Consistency with other groups
 //!
@@ -52,16 +61,23 @@
 //! what it holds for the *other* groups: a metric that another group holds with another type
 //! (`… is not a COUNTER`), or a series with the same name and labels, grouping labels
 //! included, as another group's (`… was collected before with the same name and label
-//! values`). Different help texts are accepted. Such a push fails every time, the final one
-//! included, so finale looks for it early:
+//! values`), or a name that a histogram or summary owns (`… collides with previously collected
+//! histogram named …`: a histogram `x` owns `x_bucket`, `x_count` and `x_sum`, a summary `x`
+//! owns `x_count` and `x_sum`, whichever side has the histogram and whatever the other's type).
+//! Different help texts are accepted. Such a push fails every time, the final one included, so
+//! finale looks for it early:
 //!
 //! - When the push is [registered](Pushgateway::register) inside a tokio runtime, a
 //!   background check reads every group the Pushgateway holds (`GET /api/v1/metrics`,
 //!   Pushgateway 1.2 and later), renders the metrics (on a thread of their own) and logs a
 //!   warning (target `finale`) for each metric that would be refused: its name, its type here
 //!   and there or the clashing series, and the other group's labels. It is bounded by one
-//!   request timeout and never fails anything: a Pushgateway that cannot be asked is logged at
+//!   request timeout and never fails anything: a Pushgateway that cannot be asked, or whose
+//!   answer is larger than [`MAX_CHECK_ANSWER`] (16 MiB; the rest is not read), is logged at
 //!   debug level.
+//! - The Pushgateway's own metrics (`go_*`, `process_*`, `pushgateway_*`) are not in the API's
+//!   list of groups, so a push that clashes with one of them (a `process_cpu_seconds_total`
+//!   gauge, say) is refused without a warning ahead: the refusal's message says which.
 //! - After a push refused with `400` the check runs again (for periodic pushes, on the first
 //!   of a run of refusals), so the log says which metric and which group, next to the error.
 //!   The final push checks only then, never before it pushes: the shutdown's path costs
@@ -185,9 +201,12 @@ pub const DEFAULT_NAME: &str = "pushgateway";
 pub const PUSH_JITTER: f64 = 0.2;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// How much of an error answer's body goes into the error: enough for the Pushgateway's
-/// message on a few inconsistent metrics.
+/// How much of an error answer's body is read and goes into the error: enough for the
+/// Pushgateway's message on a few inconsistent metrics. The rest is not read, however large.
 const MAX_ERROR_BODY: usize = 2048;
+/// The largest answer to the consistency check's `GET /api/v1/metrics` that is read: 16 MiB.
+/// The check gives up (logged at debug level) on a larger one rather than hold it in memory.
+pub const MAX_CHECK_ANSWER: usize = 16 << 20;
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// The name of the threads that render the metrics.
 const RENDER_THREAD: &str = "finale-pushgateway-render";
@@ -373,17 +392,22 @@ pub enum PushError {
         /// What failed.
         source: TransportError,
     },
-    /// The metrics were not rendered, so nothing was sent: the render panicked, or did not
-    /// finish before the stage's time ran out (its thread is then left behind).
+    /// The metrics were not rendered, so nothing was sent: the render panicked, did not
+    /// finish before the push's time ran out (its thread is then left behind), or an earlier
+    /// push's render has not returned yet (no second one is started beside it).
     NotRendered {
         /// The method of the push.
         method: Method,
         /// The grouping key URL.
         url: String,
-        /// The panic's message, if the render panicked; `None` if it ran out of time.
+        /// The panic's message, if the render panicked; `None` if it ran out of time or was
+        /// not started.
         panic: Option<String>,
         /// How long the push waited for the render.
         waited: Duration,
+        /// Whether this push started no render because the previous push's render is still
+        /// running.
+        previous_running: bool,
     },
     /// No answer came in time: within the request timeout or before the stage's time ran out.
     TimedOut {
@@ -490,8 +514,19 @@ impl fmt::Display for PushError {
             PushError::NotRendered {
                 method,
                 url,
+                previous_running: true,
+                ..
+            } => write!(
+                f,
+                "the metrics for {method} {url} were not rendered: the previous render has not \
+                 returned, and no second one is started beside it"
+            ),
+            PushError::NotRendered {
+                method,
+                url,
                 panic: None,
                 waited,
+                ..
             } => write!(
                 f,
                 "the metrics for {method} {url} were not rendered: still rendering after \
@@ -738,8 +773,14 @@ impl PushgatewayBuilder {
     /// Like [`build`](Self::build), with the metrics rendered by `render` instead of a
     /// [`PrometheusHandle`]: for a registry other than metrics-exporter-prometheus's (the
     /// `prometheus` crate's `TextEncoder`, an exposition written by hand). `render` returns the
-    /// Prometheus text format (version 0.0.4) and is called once per push, on a thread of its
-    /// own, so it may take its time or block without holding up the runtime.
+    /// Prometheus text format (version 0.0.4) and is called once per push attempt (retries
+    /// reuse the body), on a thread of its own, so it may take its time or block without
+    /// holding up the runtime; while one call has not returned, pushes fail rather than call
+    /// it again beside it (see [the module docs](self#what-is-pushed-where-and-how)).
+    ///
+    /// It is also called once by each consistency check ([`check`](Self::check): at
+    /// registration and after a push refused with `400`), so it must not have side effects:
+    /// it must not drain, reset or otherwise change what it renders.
     ///
     /// # Errors
     ///
@@ -834,6 +875,8 @@ impl PushgatewayBuilder {
                 jitter: std::collections::hash_map::RandomState::new(),
                 samples: Arc::default(),
                 refused: AtomicBool::new(false),
+                rendering: Arc::default(),
+                check_rendering: Arc::default(),
             }),
         })
     }
@@ -883,6 +926,31 @@ struct Inner {
     samples: Arc<Samples>,
     /// Whether the Pushgateway refused the last periodic push as inconsistent.
     refused: AtomicBool,
+    /// Whether a push's render thread is running (see [`RenderSlot`]).
+    rendering: Arc<AtomicBool>,
+    /// Whether a consistency check's render thread is running.
+    check_rendering: Arc<AtomicBool>,
+}
+
+/// The right to run a render thread: one for pushes and one for consistency checks at a time,
+/// so that a render that never returns leaves one thread behind, not one per push. Held by the
+/// thread and given back when it returns (or panics).
+struct RenderSlot(Arc<AtomicBool>);
+
+impl RenderSlot {
+    /// The slot, unless its last render is still running.
+    fn take(running: &Arc<AtomicBool>) -> Option<RenderSlot> {
+        running
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| RenderSlot(running.clone()))
+    }
+}
+
+impl Drop for RenderSlot {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Samples in pushes the Pushgateway took (`exported`) and refused or never answered
@@ -895,6 +963,13 @@ struct Samples {
 }
 
 impl Samples {
+    /// A push whose body was not rendered: it fails as many samples as the last body held, at
+    /// least one, so that a [`DeliveryPolicy`](crate::DeliveryPolicy) sees the failure. Its own
+    /// count is unknown; the last one is the best guess.
+    fn nothing_rendered(&self) {
+        self.last_body.fetch_max(1, Ordering::Relaxed);
+    }
+
     /// Counts the last body's samples as pushed or not. One count per push, not per attempt:
     /// a push that succeeded on its second attempt lost nothing.
     fn record(&self, pushed: bool) {
@@ -1350,12 +1425,28 @@ impl Pushgateway {
             if !status.is_success() {
                 return Err(format!("the Pushgateway answered {status}"));
             }
-            response
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .map_err(|e| format!("reading the answer failed: {e}"))
+            let too_large = || format!("the answer is larger than {} MiB", MAX_CHECK_ANSWER >> 20);
+            let announced = response
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            if announced.is_some_and(|n| n > MAX_CHECK_ANSWER as u64) {
+                return Err(too_large());
+            }
+            // Read frame by frame, so that a larger answer is not taken whole into memory; the
+            // rest is not read (dropping the body closes the connection).
+            let mut incoming = response.into_body();
+            let mut held = Vec::new();
+            while let Some(frame) = incoming.frame().await {
+                let frame = frame.map_err(|e| format!("reading the answer failed: {e}"))?;
+                if let Ok(data) = frame.into_data() {
+                    if held.len() + data.len() > MAX_CHECK_ANSWER {
+                        return Err(too_large());
+                    }
+                    held.extend_from_slice(&data);
+                }
+            }
+            Ok(held)
         };
         let held = match tokio::time::timeout_at(deadline, exchange).await {
             Ok(Ok(held)) => held,
@@ -1369,9 +1460,16 @@ impl Pushgateway {
             }
         };
         // Rendering and comparing take a while for a large registry: off the runtime too.
+        let Some(slot) = RenderSlot::take(&inner.check_rendering) else {
+            tracing::debug!(target: "finale", "no consistency check: the previous check's render has not returned");
+            return 0;
+        };
         let render = inner.render.clone();
         let group = inner.group.clone();
-        let compare = move || consistency::clashes(&render(), &group, &held);
+        let compare = move || {
+            let _slot = slot;
+            consistency::clashes(&render(), &group, &held)
+        };
         let clashes = match run_until(RENDER_THREAD, deadline, compare).await {
             Ok(OffThread::Done(Ok(clashes))) => clashes,
             Ok(OffThread::Done(Err(reason))) => {
@@ -1405,6 +1503,9 @@ impl Pushgateway {
     /// Renders the metrics for a push on a thread of its own, by `deadline`, and notes how many
     /// samples they hold for the report.
     ///
+    /// One render thread for pushes at a time: while the last one has not returned (a render
+    /// that blocks), a push fails at once rather than leave one more thread behind each time.
+    ///
     /// Not on the runtime: rendering a large registry (or a user's render that blocks) would
     /// stall every task of a `current_thread` runtime for as long. A plain thread rather than
     /// `spawn_blocking`, for the reason in [`stages`](crate::telemetry::stages): one that
@@ -1412,10 +1513,23 @@ impl Pushgateway {
     /// also works under the supervisor's takeover, whose runtime is a small one of its own.
     async fn render(&self, method: Method, deadline: Instant) -> Result<Body, PushError> {
         let inner = &*self.inner;
+        let start = Instant::now();
+        let Some(slot) = RenderSlot::take(&inner.rendering) else {
+            inner.samples.nothing_rendered();
+            return Err(PushError::NotRendered {
+                method,
+                url: inner.url.clone(),
+                panic: None,
+                waited: Duration::ZERO,
+                previous_running: true,
+            });
+        };
         let render = inner.render.clone();
         let gzip = inner.gzip;
-        let start = Instant::now();
-        let work = move || rendered(&render, gzip);
+        let work = move || {
+            let _slot = slot;
+            rendered(&render, gzip)
+        };
         let rendered = match run_until(RENDER_THREAD, deadline, work).await {
             Ok(OffThread::Done(rendered)) => Ok(rendered),
             Ok(OffThread::Panicked(panic)) => Err(Some(panic)),
@@ -1435,13 +1549,13 @@ impl Pushgateway {
                 Ok(body)
             }
             Err(panic) => {
-                // Nothing was sent, and how much would have been is unknown.
-                inner.samples.last_body.store(0, Ordering::Relaxed);
+                inner.samples.nothing_rendered();
                 Err(PushError::NotRendered {
                     method,
                     url: inner.url.clone(),
                     panic,
                     waited: start.elapsed(),
+                    previous_running: false,
                 })
             }
         }
@@ -1474,17 +1588,22 @@ impl Pushgateway {
         let exchange = async {
             let response = client.request(request).await?;
             let status = response.status();
-            // The body of an error answer says why; read a bounded part of it.
-            let body = if status.is_success() {
-                Bytes::new()
-            } else {
-                response
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default()
-            };
+            // The body of an error answer says why; read its start only. The rest is not read:
+            // dropping the body closes the connection.
+            let mut body = Vec::new();
+            if !status.is_success() {
+                let mut incoming = response.into_body();
+                while body.len() <= MAX_ERROR_BODY {
+                    match incoming.frame().await {
+                        Some(Ok(frame)) => {
+                            if let Ok(data) = frame.into_data() {
+                                body.extend_from_slice(&data);
+                            }
+                        }
+                        Some(Err(_)) | None => break,
+                    }
+                }
+            }
             Ok::<_, hyper_util::client::legacy::Error>((status, body))
         };
         match tokio::time::timeout_at(until, exchange).await {
