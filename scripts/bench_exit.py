@@ -16,7 +16,7 @@ stopped by PID.
                                   OpenTelemetry specification's default)
   --example full_service --features ... --backends --protocol grpc
                                   the same over OTLP/gRPC (rotel's gRPC receiver)
-  --example full_service --features ... --backends --collector-nodelay
+  --example full_service --features ... --backends --protocol grpc --collector-nodelay
                                   the same, with TCP_NODELAY set on the collector's accepted
                                   connections (rotel sets none), through an LD_PRELOAD shim
                                   built with cc: shows what the collector's Nagle costs
