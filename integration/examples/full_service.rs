@@ -31,6 +31,8 @@
 //!   (Kubernetes sets it to the pod's name), else the machine's host name: a name that stays
 //!   the same when the process restarts, so a restart replaces its group instead of leaving a
 //!   stale one behind (pushed groups live until deleted; a pid would make a new one each time).
+//!   An `https://` URL is spoken over TLS (webpki roots, or only the CA in `PUSHGATEWAY_CA_FILE`);
+//!   `PUSHGATEWAY_USER` and `PUSHGATEWAY_PASSWORD` add basic auth.
 //! - `OTEL_EXPORTER_OTLP_ENDPOINT` (the collector's base URL) and
 //!   `OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf`, the default, as in the OpenTelemetry
 //!   specification, or `grpc`): without an endpoint, no OTLP. Over gRPC, a collector that
@@ -270,9 +272,18 @@ async fn run() -> ! {
     match env("PUSHGATEWAY_URL") {
         Some(url) => {
             let job = env("PUSHGATEWAY_JOB").unwrap_or_else(|| "full_service".to_owned());
-            Pushgateway::builder(url, job)
+            let mut builder = Pushgateway::builder(url, job)
                 .label("instance", instance())
-                .push_interval(Duration::from_secs(10))
+                .push_interval(Duration::from_secs(10));
+            if let Some(ca) = env("PUSHGATEWAY_CA_FILE") {
+                builder = builder.tls_ca_file(ca);
+            }
+            if let (Some(user), Some(password)) =
+                (env("PUSHGATEWAY_USER"), env("PUSHGATEWAY_PASSWORD"))
+            {
+                builder = builder.basic_auth(user, password);
+            }
+            builder
                 .build(metrics)
                 .unwrap_or_else(|e| {
                     eprintln!("{e}");

@@ -47,6 +47,7 @@ use finale::testing::Process;
 
 use common::components::{Collector, Pushgateway, free_port, http_request, wait_until};
 use common::load;
+use common::tls_gateway::{PASSWORD, TempDir, USER, tls_gateway};
 
 /// Wide bound for anything that should take a second or two.
 const BOUND: Duration = Duration::from_secs(20);
@@ -191,17 +192,57 @@ fn lossless_under_load_across_sigterm() {
     let (Some(gateway), Some(collector)) = (Pushgateway::start(), Collector::start()) else {
         return;
     };
-    let scratch = Scratch::new("lossless");
-    let job = "lossless";
-    let mut service = Service::start(
-        &scratch.log(),
-        &[
-            ("PUSHGATEWAY_URL", &gateway.url()),
-            ("PUSHGATEWAY_JOB", job),
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.grpc_endpoint()),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-        ],
+    lossless(
+        "lossless",
+        &collector,
+        &[("PUSHGATEWAY_URL", &gateway.url())],
+        &|name, labels| gateway.sample(name, labels),
+        &|| gateway.metrics_text(),
     );
+}
+
+#[test]
+fn lossless_under_load_across_sigterm_with_the_pushgateway_over_tls() {
+    // The Pushgateway behind TLS and basic auth (its own `--web.config.file`, certificates made
+    // by the test): the same counts, read back over TLS.
+    let (Some(tls), Some(collector)) = (tls_gateway(false), Collector::start()) else {
+        return;
+    };
+    let dir = TempDir::new("lossless-tls");
+    let ca = dir.write("ca.pem", &tls.pki.ca);
+    let ca = ca.to_str().unwrap();
+    lossless(
+        "lossless-tls",
+        &collector,
+        &[
+            ("PUSHGATEWAY_URL", &tls.gateway.url()),
+            ("PUSHGATEWAY_CA_FILE", ca),
+            ("PUSHGATEWAY_USER", USER),
+            ("PUSHGATEWAY_PASSWORD", PASSWORD),
+        ],
+        &|name, labels| tls.sample(false, name, labels),
+        &|| tls.metrics_text(false),
+    );
+}
+
+/// The lossless run: a steady load across SIGTERM; every request a client saw answered 2xx is
+/// in the Pushgateway's counter (read with `sample`), one span, one log record and one log line.
+fn lossless(
+    job: &str,
+    collector: &Collector,
+    gateway_env: &[(&str, &str)],
+    sample: &dyn Fn(&str, &[(&str, &str)]) -> Option<f64>,
+    metrics_text: &dyn Fn() -> String,
+) {
+    let scratch = Scratch::new(job);
+    let endpoint = collector.grpc_endpoint();
+    let mut env = vec![
+        ("PUSHGATEWAY_JOB", job),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+    ];
+    env.extend_from_slice(gateway_env);
+    let mut service = Service::start(&scratch.log(), &env);
 
     // A steady load from a real keep-alive HTTP client, on its own thread and runtime, until the
     // service has exited.
@@ -249,21 +290,17 @@ fn lossless_under_load_across_sigterm() {
     );
 
     // Metrics: the counter at the Pushgateway is exactly what the clients saw.
-    let pushed = gateway.sample("requests_total", &[("job", job)]);
-    assert_eq!(pushed, Some(ok as f64), "{}", gateway.metrics_text());
+    let pushed = sample("requests_total", &[("job", job)]);
+    assert_eq!(pushed, Some(ok as f64), "{}", metrics_text());
     // finale's own shutdown metrics made it too.
     assert_eq!(
-        gateway.sample(
+        sample(
             "finale_shutdowns_total",
             &[("job", job), ("reason", "signal")]
         ),
         Some(1.0)
     );
-    assert!(
-        gateway
-            .sample("finale_shutdown_duration_seconds", &[("job", job)])
-            .is_some()
-    );
+    assert!(sample("finale_shutdown_duration_seconds", &[("job", job)]).is_some());
 
     // Traces and logs: exactly one span and one log record per successful request.
     let n = ok as usize;

@@ -9,3 +9,4 @@ pub(crate) mod load;
 pub(crate) mod logfmt;
 pub(crate) mod pki;
 pub(crate) mod served;
+pub(crate) mod tls_gateway;
