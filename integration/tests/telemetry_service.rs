@@ -225,13 +225,16 @@ fn lossless_under_load_across_sigterm_with_the_pushgateway_over_tls() {
     );
 }
 
+/// Reads one sample from the Pushgateway: its name and some of its labels.
+type Sample<'a> = dyn Fn(&str, &[(&str, &str)]) -> Option<f64> + 'a;
+
 /// The lossless run: a steady load across SIGTERM; every request a client saw answered 2xx is
 /// in the Pushgateway's counter (read with `sample`), one span, one log record and one log line.
 fn lossless(
     job: &str,
     collector: &Collector,
     gateway_env: &[(&str, &str)],
-    sample: &dyn Fn(&str, &[(&str, &str)]) -> Option<f64>,
+    sample: &Sample<'_>,
     metrics_text: &dyn Fn() -> String,
 ) {
     let scratch = Scratch::new(job);
@@ -305,18 +308,18 @@ fn lossless(
     // Traces and logs: exactly one span and one log record per successful request.
     let n = ok as usize;
     wait_until(BOUND, || {
-        spans_named(&collector, "request") >= n
-            && log_records_with_body(&collector, "request served") >= n
-            && spans_named(&collector, "finale.shutdown") >= 1
+        spans_named(collector, "request") >= n
+            && log_records_with_body(collector, "request served") >= n
+            && spans_named(collector, "finale.shutdown") >= 1
     });
     assert_eq!(
-        spans_named(&collector, "request"),
+        spans_named(collector, "request"),
         n,
         "{}",
         collector.diagnostics()
     );
-    assert_eq!(log_records_with_body(&collector, "request served"), n);
-    assert_eq!(spans_named(&collector, "finale.shutdown"), 1);
+    assert_eq!(log_records_with_body(collector, "request served"), n);
+    assert_eq!(spans_named(collector, "finale.shutdown"), 1);
     // The report's counts are the collector's: every span and log record it received, and
     // nothing failed or dropped.
     for (stage, received) in [

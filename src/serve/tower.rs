@@ -276,7 +276,7 @@ pub(crate) enum Peer {
     /// A Unix domain socket connection. A client's socket rarely has a path of its own, so the
     /// report names the server's socket and, when the kernel tells it, the client's process:
     /// `pid 4321 on unix:/run/app.sock`.
-    #[cfg(unix)]
+    #[cfg(all(unix, any(feature = "axum", feature = "hyper", feature = "tonic")))]
     Unix {
         /// The client's address, as `accept` gave it (usually unnamed).
         addr: Arc<tokio::net::unix::SocketAddr>,
@@ -291,7 +291,7 @@ impl fmt::Display for Peer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Peer::Tcp { peer, .. } => peer.fmt(f),
-            #[cfg(unix)]
+            #[cfg(all(unix, any(feature = "axum", feature = "hyper", feature = "tonic")))]
             Peer::Unix { cred, server, .. } => match cred.and_then(|cred| cred.pid()) {
                 Some(pid) if pid > 0 => write!(f, "pid {pid} on {server}"),
                 _ => f.write_str(server),
