@@ -397,17 +397,25 @@ impl<L> HttpServer<L> {
     /// served instead of rejected.
     ///
     /// ```
-    /// use tower::ServiceBuilder;
+    /// use finale::tower::DrainBody;
     /// use tower::util::MapResponseLayer;
     ///
-    /// // Counts every response, finale's own 503s and 500s included.
-    /// let server = finale::axum::HttpServer::new("http").layer(
-    ///     ServiceBuilder::new().layer(MapResponseLayer::new(|response: http::Response<_>| {
-    ///         // metrics::counter!("responses", "status" => response.status().as_str().to_owned()).increment(1);
-    ///         response
-    ///     })),
-    /// );
-    /// # let _ = server;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let finale = finale::Finale::builder().read_env(false).build().unwrap();
+    /// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
+    /// // Sees every response, finale's own 503s and 500s included (the body is finale's
+    /// // `DrainBody` around the service's).
+    /// finale::axum::HttpServer::new("http")
+    ///     .layer(MapResponseLayer::new(
+    ///         |response: http::Response<DrainBody<axum::body::Body>>| {
+    ///             let _status = response.status(); // count it, log it, ...
+    ///             response
+    ///         },
+    ///     ))
+    ///     .serve(&finale, ([127, 0, 0, 1], 0), app)
+    ///     .unwrap();
+    /// # }
     /// ```
     pub fn layer<N>(self, layer: N) -> HttpServer<Stack<N, L>> {
         HttpServer {
