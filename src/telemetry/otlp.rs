@@ -627,6 +627,10 @@ async fn flush<P: Flush>(
 /// exit: after a final flush that drained the queue those drops are the run's (a full queue),
 /// otherwise they are the exit's (left in the queue). Metrics have no queue to overflow.
 ///
+/// Metric data points are counted as sent: with cumulative temporality every export carries
+/// every point again, so the count grows with each export (the final one included), not with
+/// the number of distinct points.
+///
 /// # Examples
 ///
 /// ```
