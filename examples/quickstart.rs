@@ -34,6 +34,8 @@ fn main() {
                 .unwrap_or_else(|_| EnvFilter::new("info,finale=warn")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file or a collector gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     let mut runtime = match std::env::var("QUICKSTART_RUNTIME").as_deref() {
@@ -74,7 +76,7 @@ async fn run() -> ! {
         }))
         .expect("unique name");
 
-    // A cleanup hook, bounded by its own timeout.
+    // A cleanup hook, bounded by its own timeout: it runs once the worker has ended.
     finale
         .hook(
             Hook::new(Phase::Workers, "close-db", |_| async {

@@ -134,7 +134,12 @@ where
 
 /// A named async function that runs once, in one [`Phase`], when the shutdown sequence reaches it.
 ///
-/// Hooks of one phase run concurrently with each other and with the phase's tasks. A hook that
+/// Hooks of one phase and one [`order`](Hook::order) run concurrently with each other. In the
+/// [`Workers`](Phase::Workers) phase, hooks run after the phase's tasks have been told to stop
+/// and have ended (or been abandoned at their own [`timeout`](crate::Task::timeout)), so that a
+/// cleanup hook (closing a pool) never races a worker's last write; a hook that must run
+/// alongside the tasks says so with [`alongside_tasks`](Hook::alongside_tasks). In the other
+/// phases hooks run concurrently with the phase's tasks. A hook that
 /// errors, panics (before or after it returns its future) or overruns is recorded in the report
 /// and abandoned; the others and the later phases still run. A hook that blocks its thread past
 /// its deadline cannot be stopped, but is reported as [`Overran`](crate::Outcome::Overran), and
@@ -162,6 +167,7 @@ pub struct Hook {
     pub(crate) name: Cow<'static, str>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) order: i32,
+    pub(crate) alongside_tasks: bool,
     pub(crate) run: WorkFn<HookContext>,
 }
 
@@ -178,6 +184,7 @@ impl Hook {
             name: name.into(),
             timeout: None,
             order: 0,
+            alongside_tasks: false,
             run: work_fn(f),
         }
     }
@@ -204,6 +211,17 @@ impl Hook {
         self
     }
 
+    /// Runs the hook at the start of its phase, concurrently with the phase's tasks, instead of
+    /// after them. This matters in the [`Workers`](Phase::Workers) phase only, where hooks
+    /// otherwise wait until every task of the phase has ended: use it for a hook that helps the
+    /// tasks stop (closing a queue they wait on), never for one that closes what they still use.
+    /// Such hooks keep their [`order`](Hook::order) among themselves.
+    #[must_use]
+    pub fn alongside_tasks(mut self) -> Self {
+        self.alongside_tasks = true;
+        self
+    }
+
     /// The hook's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -222,6 +240,7 @@ impl fmt::Debug for Hook {
             .field("name", &self.name)
             .field("timeout", &self.timeout)
             .field("order", &self.order)
+            .field("alongside_tasks", &self.alongside_tasks)
             .finish_non_exhaustive()
     }
 }

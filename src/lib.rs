@@ -8,7 +8,8 @@
 //! 1. **Announce**: readiness off (`/readyz` answers 503, liveness stays OK); keep serving for
 //!    the drain delay so the load balancer lets go first.
 //! 2. **Drain**: servers stop accepting and finish in-flight work, in parallel.
-//! 3. **Workers**: tracked background tasks stop and are awaited; cleanup hooks run.
+//! 3. **Workers**: tracked background tasks stop and are awaited; then cleanup hooks run (a hook
+//!    that closes a pool never races a worker's last write; [`Hook::alongside_tasks`] opts out).
 //! 4. **Telemetry**: the final metrics push and telemetry flush, in a reserved slot of the budget
 //!    that earlier overruns cannot eat.
 //! 5. **Exit** with a documented exit code and a [`ShutdownReport`] of what happened.
@@ -34,7 +35,8 @@
 //!         }
 //!     }))?;
 //!
-//!     // A cleanup hook, bounded by its own timeout.
+//!     // A cleanup hook, bounded by its own timeout: it runs once the Workers phase's tasks
+//!     // have ended.
 //!     finale.hook(
 //!         Hook::new(Phase::Workers, "close-db", |_| async { /* pool.close().await */ })
 //!             .timeout(Duration::from_secs(2)),
@@ -154,7 +156,7 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | (none) | the core: phases, budget, signals, hooks, tasks, in-flight tracking, health, report |
-//! | `tower` | a tower layer: in-flight tracking, 503 while draining; `/livez` and `/readyz` |
+//! | `tower` | a tower layer: in-flight tracking, HTTP/1 served with `Connection: close` while draining (`503` + `Retry-After` only near the deadline); `/livez` and `/readyz` |
 //! | `axum` | serve an axum `Router` under finale (implies `tower`) |
 //! | `hyper` | serve a hyper / hyper-util service under finale (implies `tower`) |
 //! | `tonic` | serve tonic services under finale, tonic-health included (implies `tower`) |

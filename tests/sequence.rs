@@ -122,7 +122,7 @@ async fn order_groups_run_one_after_another() {
     finale.handle().trigger("test");
     let report = finale.run().await;
     assert_eq!(*log.lock().unwrap(), ["first", "middle", "last"]);
-    // The report keeps registration order.
+    // The report lists them in the order they ran (the log writer, order last, shows last).
     let names: Vec<_> = report
         .phase(Phase::Telemetry)
         .unwrap()
@@ -130,7 +130,89 @@ async fn order_groups_run_one_after_another() {
         .iter()
         .map(|e| e.name.to_string())
         .collect();
-    assert_eq!(names, ["last", "first", "middle"]);
+    assert_eq!(names, ["first", "middle", "last"]);
+}
+
+/// A pool that a worker writes to until it stops and a Workers hook closes.
+#[derive(Clone, Default)]
+struct Pool {
+    closed: Arc<std::sync::atomic::AtomicBool>,
+    writes: Arc<Mutex<Vec<Result<(), &'static str>>>>,
+}
+
+impl Pool {
+    fn write(&self) {
+        let result = if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            Err("closed pool")
+        } else {
+            Ok(())
+        };
+        self.writes.lock().unwrap().push(result);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn workers_hooks_run_after_the_phases_tasks_have_ended() {
+    let finale = builder().build().unwrap();
+    let pool = Pool::default();
+    let worker_pool = pool.clone();
+    finale
+        .spawn(Task::worker("writer", move |ctx| async move {
+            ctx.stopped().await;
+            // The last write after the stop signal: several turns of the scheduler and a
+            // timer later, as a real flush would be.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            worker_pool.write();
+        }))
+        .unwrap();
+    let hook_pool = pool.clone();
+    finale
+        .hook(Hook::new(Phase::Workers, "close-db", move |_| async move {
+            hook_pool
+                .closed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }))
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    assert_eq!(*pool.writes.lock().unwrap(), [Ok(())], "{report}");
+    // The report shows the run order: the task, then the hook.
+    let names: Vec<_> = report
+        .phase(Phase::Workers)
+        .unwrap()
+        .entries
+        .iter()
+        .map(|e| e.name.to_string())
+        .collect();
+    assert_eq!(names, ["writer", "close-db"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hook_alongside_tasks_runs_while_they_stop() {
+    let finale = builder().build().unwrap();
+    // The worker stops only once the hook has run: only concurrent execution completes.
+    let (tx, rx) = oneshot::channel::<()>();
+    finale
+        .spawn(Task::worker("consumer", move |ctx| async move {
+            ctx.stopped().await;
+            rx.await.unwrap();
+        }))
+        .unwrap();
+    finale
+        .hook(
+            Hook::new(Phase::Workers, "close-queue", move |_| async move {
+                tx.send(()).unwrap();
+            })
+            .alongside_tasks(),
+        )
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
 
 #[tokio::test(start_paused = true)]

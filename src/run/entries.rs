@@ -28,6 +28,9 @@ use crate::state::{RunningTask, Shared, TaskResult};
 pub(crate) struct Entry {
     name: Cow<'static, str>,
     kind: EntryKind,
+    /// Runs after the phase's tasks have ended (a Workers hook, unless
+    /// [`Hook::alongside_tasks`]): sorts before `order`.
+    after_tasks: bool,
     order: i32,
     timeout: Option<Duration>,
     work: Option<Work>,
@@ -45,13 +48,16 @@ enum Work {
 
 impl Entry {
     pub(crate) fn hook(hook: Hook) -> Self {
-        Self::new(
+        let after_tasks = hook.phase == Phase::Workers && !hook.alongside_tasks;
+        let mut entry = Self::new(
             hook.name,
             EntryKind::Hook,
             hook.order,
             hook.timeout,
             Work::Hook(hook.run),
-        )
+        );
+        entry.after_tasks = after_tasks;
+        entry
     }
 
     pub(crate) fn task(task: RunningTask) -> Self {
@@ -87,6 +93,7 @@ impl Entry {
         Self {
             name,
             kind,
+            after_tasks: false,
             order,
             timeout,
             work: Some(work),
@@ -146,7 +153,9 @@ pub(crate) struct PhaseRun {
 }
 
 /// Runs `entries`, grouped by order (each group concurrently, the groups in sequence), until
-/// they are done, `deadline` passes or a second signal says otherwise.
+/// they are done, `deadline` passes or a second signal says otherwise. Hooks that run after the
+/// tasks (the Workers phase's, by default) form groups of their own after every other entry's.
+/// The report lists the entries in the order they ran (registration order within a group).
 pub(crate) async fn run_phase(
     shared: &Arc<Shared>,
     phase: Phase,
@@ -165,8 +174,12 @@ pub(crate) async fn run_phase(
         }
     }
     // Stable: registration order within a group, and in the report.
-    let mut order: Vec<(i32, usize)> = entries.iter().map(|e| e.order).zip(0..).collect();
-    order.sort_by_key(|&(order, _)| order);
+    let mut order: Vec<((bool, i32), usize)> = entries
+        .iter()
+        .map(|e| (e.after_tasks, e.order))
+        .zip(0..)
+        .collect();
+    order.sort_by_key(|&(key, _)| key);
     let groups = if outcome == PhaseOutcome::Completed {
         order.as_slice()
     } else {
@@ -215,10 +228,14 @@ pub(crate) async fn run_phase(
     {
         outcome = PhaseOutcome::DeadlineReached;
     }
-    PhaseRun {
-        outcome,
-        entries: entries.into_iter().map(|e| e.report(Some(phase))).collect(),
-    }
+    // In the order they ran.
+    let mut entries: Vec<Option<Entry>> = entries.into_iter().map(Some).collect();
+    let entries = order
+        .iter()
+        .filter_map(|&(_, idx)| entries[idx].take())
+        .map(|e| e.report(Some(phase)))
+        .collect();
+    PhaseRun { outcome, entries }
 }
 
 fn start_entry(
