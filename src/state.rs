@@ -392,7 +392,7 @@ impl Shared {
         std::mem::take(&mut *lock(&self.cut))
     }
 
-    /// Records one request answered `503` because it arrived while draining.
+    /// Records one request answered `503` because it arrived near the drain deadline.
     #[cfg_attr(not(feature = "tower"), allow(dead_code))]
     pub(crate) fn record_rejected_request(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);

@@ -22,7 +22,7 @@
 //! | `finale_phase_duration_seconds` | gauge | `phase`, `outcome` | `s` | each of Announce, Drain, Workers |
 //! | `finale_hook_duration_seconds` | gauge | `phase`, `name`, `outcome` | `s` | each hook, task and wait |
 //! | `finale_in_flight_at_drain_start` | gauge | | `{request}` | in-flight work when the Drain phase started |
-//! | `finale_requests_rejected_total` | counter | | `{request}` | requests answered 503 while draining |
+//! | `finale_requests_rejected_total` | counter | | `{request}` | requests answered 503 near the drain deadline |
 //! | `finale_request_panics_total` | counter | | `{request}` | requests whose handler panicked (answered 500) |
 //! | `finale_supervisor_takeovers_total` | counter | | `{takeover}` | the supervisor ended a wedged shutdown (recorded just before its own flush) |
 //! | `finale_upgrades_total` | counter | `outcome` | `{upgrade}` | upgrades (feature `upgrade`): `ready`, `exited`, `not_ready`, `spawn_failed`, `refused` |
@@ -52,7 +52,7 @@ pub const PHASE_DURATION: &str = "finale_phase_duration_seconds";
 pub const HOOK_DURATION: &str = "finale_hook_duration_seconds";
 /// Gauge: in-flight work when the Drain phase started.
 pub const IN_FLIGHT_AT_DRAIN_START: &str = "finale_in_flight_at_drain_start";
-/// Counter: requests answered `503` while draining.
+/// Counter: requests answered `503` near the drain deadline.
 pub const REQUESTS_REJECTED: &str = "finale_requests_rejected_total";
 /// Counter: requests whose handler panicked; the server answered `500` and kept serving.
 pub const REQUEST_PANICS: &str = "finale_request_panics_total";
@@ -163,7 +163,7 @@ pub(crate) mod metric {
         super::REQUESTS_REJECTED,
         Kind::Counter,
         "{request}",
-        "requests answered 503 while draining",
+        "requests answered 503 near the drain deadline",
     );
     pub(crate) const REQUEST_PANICS: Metric = Metric::new(
         super::REQUEST_PANICS,

@@ -543,7 +543,8 @@ impl<L> HttpServer<L> {
     /// Registers the server with `finale` as a [`Task::service`] serving `service` (a tower
     /// service over hyper requests: an axum `Router`, a tonic `Routes`, any
     /// `tower::Service<Request<Incoming>>`) on `listen`. The [`DrainLayer`](crate::tower::DrainLayer)
-    /// behaviour is built in: every request is tracked and, once draining, rejected.
+    /// behaviour is built in: every request is tracked and, once draining, served with
+    /// `Connection: close` (`503` + `Retry-After` only near the deadline).
     ///
     /// Binding happens in the task: a bind error (port in use) fails graceful start, which stops
     /// the other servers and ends with [`StartupFailure`](crate::ShutdownStatus::StartupFailure).

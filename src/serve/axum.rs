@@ -128,8 +128,9 @@ pub use crate::serve::accept::{
 };
 
 /// Serves `router` on `listen` as a [`Task::service`](crate::Task::service) named `name`, with
-/// [`HttpServer`]'s defaults. Every request is tracked as in flight and, once draining, rejected
-/// with `503` (the [`DrainLayer`](crate::tower::DrainLayer) behaviour is built in).
+/// [`HttpServer`]'s defaults. Every request is tracked as in flight and, once draining,
+/// served with `Connection: close` (`503` + `Retry-After` only near the deadline; the
+/// [`DrainLayer`](crate::tower::DrainLayer) behaviour is built in).
 ///
 /// # Errors
 ///

@@ -3,7 +3,7 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `tower.rs` | [`DrainLayer`](tower::DrainLayer) (in-flight tracking, 503 while draining) and the health service |
+//! | `tower.rs` | [`DrainLayer`](tower::DrainLayer) (in-flight tracking, `Connection: close` while draining, 503 only near the deadline) and the health service |
 //! | `accept.rs` | the bounded accept loop: bind in graceful start, drain, cut at the deadline |
 //! | `transport.rs` | what the accept loop needs from a listener and a socket; TCP's |
 //! | `unix.rs` | Unix domain sockets: binding a path, a stale socket file, its removal |

@@ -1,5 +1,6 @@
-//! A tower [`Layer`] that tracks every request as in flight and answers `503` while draining,
-//! and `/livez` + `/readyz` as a tower [`Service`].
+//! A tower [`Layer`] that tracks every request as in flight and serves what arrives while
+//! draining with `Connection: close` (`503` + `Retry-After` only near the deadline), and
+//! `/livez` + `/readyz` as a tower [`Service`].
 //!
 //! # What the layer does
 //!
