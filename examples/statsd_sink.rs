@@ -66,6 +66,8 @@ async fn main() -> Result<(), finale::ConfigError> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file or a collector gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let addr = std::env::var("STATSD_ADDR").unwrap_or_else(|_| "127.0.0.1:8125".to_owned());
     let stats: Stats = Arc::default();

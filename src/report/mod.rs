@@ -51,7 +51,7 @@ pub struct ShutdownReport {
     /// When, after readiness turned off, the last "not ready" answer was served during the
     /// Announce phase. `None` if none was.
     pub last_probe_after_announce: Option<Duration>,
-    /// Requests answered `503` because they arrived while draining.
+    /// Requests answered `503` because they arrived too late in the drain (near its deadline).
     pub requests_rejected: u64,
     /// Requests whose handler panicked during the run; each was answered `500`, the server kept
     /// serving.
@@ -196,7 +196,7 @@ impl fmt::Display for ShutdownReport {
         if self.requests_rejected > 0 {
             write!(
                 f,
-                ", {} requests rejected while draining",
+                ", {} requests rejected near the drain deadline",
                 self.requests_rejected
             )?;
         }
@@ -228,12 +228,16 @@ impl fmt::Display for ShutdownReport {
                 && (self.last_request_after_announce.is_some()
                     || self.last_probe_after_announce.is_some())
             {
-                let at = |d: Option<Duration>| d.map_or("none".to_owned(), |d| Ms(d).to_string());
+                let at = |what: &str, d: Option<Duration>| {
+                    d.map_or(format!("no {what}"), |d| {
+                        format!("last {what} at {}", Ms(d))
+                    })
+                };
                 write!(
                     f,
-                    "  (last request at {}, last probe at {})",
-                    at(self.last_request_after_announce),
-                    at(self.last_probe_after_announce)
+                    "  ({}, {})",
+                    at("request", self.last_request_after_announce),
+                    at("probe", self.last_probe_after_announce)
                 )?;
             }
             if p.phase == Phase::Drain && p.outcome != PhaseOutcome::Skipped {
@@ -276,5 +280,42 @@ impl fmt::Display for ShutdownReport {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_announce_line_says_no_probe_rather_than_none() {
+        let report = ShutdownReport {
+            reason: Reason::Requested("test".into()),
+            phases: vec![PhaseReport {
+                phase: Phase::Announce,
+                outcome: PhaseOutcome::Completed,
+                duration: Duration::from_millis(500),
+                entries: Vec::new(),
+            }],
+            in_flight_at_drain_start: 0,
+            last_request_after_announce: Some(Duration::from_millis(200)),
+            last_probe_after_announce: None,
+            requests_rejected: 0,
+            requests_panicked: 0,
+            cut: Vec::new(),
+            upgrades_failed: Vec::new(),
+            delivery: Vec::new(),
+            escalated: false,
+            total: Duration::from_millis(500),
+            over_budget: false,
+            status: ShutdownStatus::Clean,
+            exit_code: 0,
+        };
+        let text = report.to_string();
+        assert!(
+            text.contains("(last request at 200.0ms, no probe)"),
+            "{text}"
+        );
+        assert!(!text.contains("none"), "{text}");
     }
 }

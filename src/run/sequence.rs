@@ -137,7 +137,9 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
         exit_code: 0,
     };
     report.classify(&shared.exit_codes, shared.delivery_policy);
-    tracing::info!(target: "finale", "{report}");
+    // The event's target already says `finale`: the line does not say it twice.
+    let text = report.to_string();
+    tracing::info!(target: "finale", "{}", text.strip_prefix("finale: ").unwrap_or(&text));
 
     // Telemetry: the reserved slot.
     let phase = Phase::Telemetry;
