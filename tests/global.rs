@@ -7,6 +7,11 @@ use finale::{ConfigError, Finale, Hook, Phase, ShutdownStatus, Task};
 async fn the_installed_instance_is_reachable_until_the_sequence_starts() {
     assert_eq!(global::handle().err(), Some(GlobalError::NotInstalled));
     assert_eq!(global::acquire().err(), Some(GlobalError::NotInstalled));
+    // A library that cleans up after itself where a Finale runs, and does nothing elsewhere
+    // (its tests, other binaries): no error to match on, the answer says what happened.
+    let registered =
+        global::hook_if_installed(Hook::new(Phase::Workers, "close-pool", |_| async {}));
+    assert_eq!(registered, Ok(false));
 
     let builder = || Finale::builder().read_env(false).no_signals();
     let finale = builder().install(true).build().unwrap();
@@ -19,7 +24,10 @@ async fn the_installed_instance_is_reachable_until_the_sequence_starts() {
     drop(builder().build().unwrap());
 
     // A library deep in the stack registers without seeing the `Finale`.
-    global::hook(Hook::new(Phase::Workers, "close-pool", |_| async {})).unwrap();
+    assert_eq!(
+        global::hook_if_installed(Hook::new(Phase::Workers, "close-pool", |_| async {})),
+        Ok(true)
+    );
     global::spawn(Task::worker("consumer", |ctx| async move {
         ctx.stopped().await
     }))

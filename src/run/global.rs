@@ -129,6 +129,41 @@ pub fn hook(hook: Hook) -> Result<(), GlobalError> {
     Ok(register_hook(&*installed()?, hook)?)
 }
 
+/// Registers a hook with the installed instance if there is one, and does nothing otherwise:
+/// for a library that cleans up after itself where a `Finale` runs, and must also work where
+/// none does (its own tests, another binary).
+///
+/// Returns `Ok(true)` when the hook was registered and `Ok(false)` when no instance is
+/// installed (the hook is dropped without running).
+///
+/// # Errors
+///
+/// [`GlobalError::AlreadyStarted`] once the sequence has started, or [`GlobalError::Config`]
+/// for a bad hook: mistakes are still reported, only the absence of an instance is not one.
+///
+/// # Examples
+///
+/// ```
+/// use finale::{Hook, Phase, global};
+///
+/// // In a library: no `match` on "not installed".
+/// let registered = global::hook_if_installed(Hook::new(Phase::Workers, "close-pool", |_| async {
+///     // pool.close().await
+/// }))?;
+/// if !registered {
+///     // No Finale in this process: the pool is closed when it is dropped.
+/// }
+/// # Ok::<(), global::GlobalError>(())
+/// ```
+pub fn hook_if_installed(hook: Hook) -> Result<bool, GlobalError> {
+    // `installed` fails only with `NotInstalled`.
+    let Ok(shared) = installed() else {
+        return Ok(false);
+    };
+    register_hook(&shared, hook)?;
+    Ok(true)
+}
+
 /// Spawns a tracked task on the current runtime, as [`Finale::spawn`](crate::Finale::spawn)
 /// does.
 ///
