@@ -12,8 +12,8 @@
 //!   dropped.
 //! - [`assert_clean`] and [`assert_nothing_dropped`]: one line each, with the whole report in
 //!   the message when they fail.
-//! - [`Process`]: the service as a child process, a real signal sent to it by PID, its exit code
-//!   and stderr, every wait bounded.
+//! - [`Process`]: the service as a child process, a real signal sent to it by PID, its exit code,
+//!   stdout and stderr, every wait bounded.
 //!
 //! Everything in-process works on paused tokio time (`#[tokio::test(start_paused = true)]`):
 //! drain delays and timeouts then take no real time and the report's durations are exact.
@@ -93,7 +93,8 @@
 //! }
 //! ```
 //!
-//! A child process and a real `SIGTERM`: see [`Process`].
+//! A child process and a real `SIGTERM`, and the pattern for a binary-only service (no library
+//! target to call `register(&finale)` from): see [`Process`](Process#testing-a-binary-only-service).
 
 /// Items that need an HTTP client: hyper-util's, there with any server feature.
 macro_rules! cfg_http {

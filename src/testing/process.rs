@@ -25,11 +25,15 @@ const INHERITED: &[&str] = &[
     "LISTEN_FDNAMES",
 ];
 
-/// How long the stderr lines still in the pipe may take once the process has ended.
+/// How long the lines still in the pipes may take once the process has ended.
 const LAST_LINES: Duration = Duration::from_secs(2);
 
-/// A service under test as a child process: its stderr read line by line, real signals sent to
-/// it by PID, and a bounded wait for its exit.
+/// A service under test as a child process: its stdout and stderr read line by line, real
+/// signals sent to it by PID, and a bounded wait for its exit.
+///
+/// Both streams are read, since loggers differ on where they write: tracing-subscriber's
+/// `fmt()` writes to stdout unless given `.with_writer(std::io::stderr)`, and a report printed
+/// with `eprintln!` goes to stderr. [`wait_for`](Process::wait_for) finds a line in either.
 ///
 /// Every wait is bounded, and the child is killed (by its PID, while it is still this process's
 /// child) when a wait fails and when the `Process` is dropped, so a failing test never leaves it
@@ -52,24 +56,96 @@ const LAST_LINES: Duration = Duration::from_secs(2);
 /// service.wait_for("started: ready", Duration::from_secs(10));
 /// service.signal(Signal::Terminate);
 /// let exit = service.wait_exit(Duration::from_secs(30));
-/// assert_eq!(exit.code(), Some(0), "{}", exit.stderr);
-/// assert!(exit.report().contains("shutdown after signal SIGTERM: clean"), "{}", exit.stderr);
+/// assert_eq!(exit.code(), Some(0), "{}", exit.output());
+/// assert!(exit.report().contains("shutdown after signal SIGTERM: clean"), "{}", exit.output());
 /// assert!(exit.elapsed < Duration::from_secs(1), "{exit}");
 /// # Ok(())
 /// # }
 /// ```
+///
+/// # Testing a binary-only service
+///
+/// A service with no library target (everything in `src/main.rs`) is tested from the outside:
+/// an integration test in `tests/` gets the path of the binary cargo built for it from
+/// `env!("CARGO_BIN_EXE_<name>")`, starts it on a free port, waits for its "listening" line,
+/// drives it over the network and sends it a real signal. No `finale::testing::Run` is needed
+/// (that one runs a service registered in-process, from a library's `register(&finale)`).
+///
+/// ```ignore
+/// // tests/shutdown.rs of a package whose binary is `my-service`
+/// use std::process::Command;
+/// use std::time::Duration;
+/// use finale::{Signal, testing::Process};
+///
+/// #[test]
+/// fn sigterm_drains_and_exits_clean() {
+///     let mut command = Command::new(env!("CARGO_BIN_EXE_my-service"));
+///     command.env("BIND_ADDRESS", "127.0.0.1:0").env("RUST_LOG", "info");
+///     let mut service = Process::spawn(command).unwrap();
+///     // The service logs the address it bound (port 0: the kernel's choice).
+///     let line = service.wait_for("listening on ", Duration::from_secs(30));
+///     let addr = line.rsplit("listening on ").next().unwrap().trim().to_owned();
+///     // ... requests to `addr` ...
+///     service.signal(Signal::Terminate);
+///     let exit = service.wait_exit(Duration::from_secs(30));
+///     assert_eq!(exit.code(), Some(0), "{}", exit.output());
+///     assert!(exit.report().contains(": clean, exit code 0"), "{}", exit.report());
+/// }
+/// ```
+///
+/// `tests/binary_service.rs` in finale's own repository does exactly this with the
+/// `axum_service` example, which is a binary-only service.
 pub struct Process {
     label: String,
     child: Child,
     spawned: Instant,
     signalled: Option<Instant>,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
+    lines: mpsc::Receiver<(Stream, String)>,
+    seen: Vec<(Stream, String)>,
     reaped: bool,
 }
 
+/// Which of the child's streams a line came from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Reads `pipe` line by line into `tx` on a thread of its own, until it closes.
+fn read_lines(
+    stream: Stream,
+    pipe: impl io::Read + Send + 'static,
+    tx: mpsc::Sender<(Stream, String)>,
+) -> io::Result<()> {
+    let name = match stream {
+        Stream::Stdout => "finale-testing-stdout",
+        Stream::Stderr => "finale-testing-stderr",
+    };
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send((stream, plain(&line))).is_err() {
+                    break;
+                }
+            }
+        })
+        .map(drop)
+}
+
+/// The lines of one stream, or of both in the order they arrived.
+fn joined(seen: &[(Stream, String)], only: Option<Stream>) -> String {
+    let lines: Vec<&str> = seen
+        .iter()
+        .filter(|(s, _)| only.is_none_or(|only| *s == only))
+        .map(|(_, line)| line.as_str())
+        .collect();
+    lines.join("\n")
+}
+
 impl Process {
-    /// Starts `command` with stdin and stdout on the null device and stderr read line by line
+    /// Starts `command` with stdin on the null device and stdout and stderr read line by line
     /// (ANSI colour sequences removed).
     ///
     /// The variables of the test's own environment that would change what finale does in the
@@ -89,22 +165,17 @@ impl Process {
         }
         command
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let spawned = Instant::now();
         let mut child = command.spawn()?;
+        let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
+        // The channel disconnects once both pipes have closed.
         let (tx, lines) = mpsc::channel();
-        let reader = std::thread::Builder::new()
-            .name("finale-testing-stderr".to_owned())
-            .spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if tx.send(plain(&line)).is_err() {
-                        break;
-                    }
-                }
-            });
-        if let Err(e) = reader {
+        let readers = read_lines(Stream::Stdout, stdout, tx.clone())
+            .and_then(|()| read_lines(Stream::Stderr, stderr, tx));
+        if let Err(e) = readers {
             let _ = child.kill();
             let _ = child.wait();
             return Err(e);
@@ -125,7 +196,8 @@ impl Process {
         self.child.id()
     }
 
-    /// Waits, at most `within`, for a stderr line containing `needle`, and returns it.
+    /// Waits, at most `within`, for a line of stdout or stderr containing `needle`, and returns
+    /// it.
     ///
     /// # Panics
     ///
@@ -135,7 +207,8 @@ impl Process {
         self.wait_until(&format!("{needle:?}"), within, |line| line.contains(needle))
     }
 
-    /// Waits, at most `within`, for a stderr line for which `matches` holds, and returns it.
+    /// Waits, at most `within`, for a line of stdout or stderr for which `matches` holds, and
+    /// returns it.
     /// `what` describes the line for the panic message.
     ///
     /// # Panics
@@ -151,11 +224,11 @@ impl Process {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) => {
+                Ok((stream, line)) => {
                     let found = matches(&line);
-                    self.seen.push(line);
+                    self.seen.push((stream, line));
                     if found {
-                        return self.seen.last().cloned().unwrap_or_default();
+                        return self.seen.last().map(|(_, l)| l.clone()).unwrap_or_default();
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -165,7 +238,7 @@ impl Process {
                     let status = self.reap(deadline);
                     self.fail(&format!(
                         "ended ({}) after {:?} without a line with {what}",
-                        status.map_or_else(|| "stderr closed".to_owned(), |s| s.to_string()),
+                        status.map_or_else(|| "output closed".to_owned(), |s| s.to_string()),
                         self.spawned.elapsed()
                     ))
                 }
@@ -214,8 +287,9 @@ impl Process {
     /// spawn, if none was sent); a child still running then is killed, and
     /// [`Exit::status`] is `None`.
     ///
-    /// The exit is seen when the child's stderr closes, so it is measured at once; a child that
-    /// left a process of its own holding its stderr is seen at the end of the window.
+    /// The exit is seen when the child's stdout and stderr close, so it is measured at once; a
+    /// child that left a process of its own holding one of them is seen at the end of the
+    /// window.
     pub fn wait_exit(mut self, within: Duration) -> Exit {
         let since = self.signalled.unwrap_or(self.spawned);
         let deadline = since + within;
@@ -238,10 +312,13 @@ impl Process {
         {
             self.seen.push(line);
         }
+        let seen = std::mem::take(&mut self.seen);
         Exit {
             status,
             elapsed,
-            stderr: std::mem::take(&mut self.seen).join("\n"),
+            stdout: joined(&seen, Some(Stream::Stdout)),
+            stderr: joined(&seen, Some(Stream::Stderr)),
+            output: joined(&seen, None),
         }
     }
 
@@ -282,9 +359,9 @@ impl Process {
             self.seen.push(line);
         }
         panic!(
-            "[{}] {why}\n--- its stderr ---\n{}",
+            "[{}] {why}\n--- its stdout and stderr ---\n{}",
             self.label,
-            self.seen.join("\n")
+            joined(&self.seen, None)
         );
     }
 }
@@ -313,8 +390,11 @@ pub struct Exit {
     pub status: Option<ExitStatus>,
     /// From the last signal sent (or the spawn) to the observed exit (or the end of the window).
     pub elapsed: Duration,
+    /// Everything the child wrote to stdout, one line per line, colours removed.
+    pub stdout: String,
     /// Everything the child wrote to stderr, one line per line, colours removed.
     pub stderr: String,
+    output: String,
 }
 
 impl Exit {
@@ -323,13 +403,19 @@ impl Exit {
         self.status.and_then(|s| s.code())
     }
 
+    /// Everything the child wrote to stdout and stderr, in the order the test read it (the
+    /// order between the two streams is only as exact as the pipes make it).
+    pub fn output(&self) -> &str {
+        &self.output
+    }
+
     /// The last [`ShutdownReport`](crate::ShutdownReport) the child wrote with its `Display`
-    /// (`eprintln!("{report}")`): the line starting with `finale: shutdown after` and its
-    /// indented lines. Empty if there is none.
+    /// (`eprintln!("{report}")` or `println!`): the line starting with `finale: shutdown after`
+    /// and its indented lines. Empty if there is none.
     pub fn report(&self) -> String {
         let mut report = Vec::new();
         let mut inside = false;
-        for line in self.stderr.lines() {
+        for line in self.output.lines() {
             if line.starts_with("finale: shutdown after") {
                 report.clear();
                 inside = true;
@@ -499,6 +585,22 @@ mod tests {
             exit.report(),
             "finale: shutdown after signal SIGTERM: clean, exit code 0, 1.0ms\n  announce   completed"
         );
+    }
+
+    #[test]
+    fn a_line_on_stdout_is_found_too() {
+        // tracing-subscriber's `fmt()` writes to stdout by default.
+        let mut child =
+            Process::spawn(sh("echo 'INFO started: ready'; echo warm >&2; echo done")).unwrap();
+        assert_eq!(
+            child.wait_for("started: ready", Duration::from_secs(10)),
+            "INFO started: ready"
+        );
+        let exit = child.wait_exit(Duration::from_secs(10));
+        assert_eq!(exit.code(), Some(0), "{exit}");
+        assert_eq!(exit.stdout, "INFO started: ready\ndone");
+        assert_eq!(exit.stderr, "warm");
+        assert!(exit.output().contains("warm"), "{}", exit.output());
     }
 
     #[test]
