@@ -10,14 +10,14 @@
 //!   Ctrl-C: the request completes before the process exits).
 //! - `GET /readyz` is `200` while serving and `503` from the moment the shutdown starts;
 //!   `GET /livez` stays `200` until exit.
-//! - `AXUM_SERVICE_ADDR`: where to listen (default `127.0.0.1:3000`).
+//! - `AXUM_SERVICE_ADDR`: where to listen, `host:port` (default `127.0.0.1:3000`; `localhost:0`
+//!   picks a free port, logged once bound). A port in use exits with code 3.
 //! - `FINALE_*`: any budget setting, for example `FINALE_DRAIN_DELAY=5s` to keep serving for
 //!   five seconds after SIGTERM while `/readyz` says 503 (the default is 0 outside Kubernetes/ECS).
 
 // Examples print the report; the library itself never prints.
 #![allow(clippy::print_stderr)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
@@ -41,13 +41,8 @@ async fn main() {
         eprintln!("configuration error: {e}");
         std::process::exit(2)
     });
-    let addr: SocketAddr = std::env::var("AXUM_SERVICE_ADDR")
-        .unwrap_or_else(|_| "127.0.0.1:3000".to_owned())
-        .parse()
-        .unwrap_or_else(|e| {
-            eprintln!("AXUM_SERVICE_ADDR must be host:port: {e}");
-            std::process::exit(2)
-        });
+    // Resolved and bound by finale inside graceful start.
+    let addr = std::env::var("AXUM_SERVICE_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
 
     // A background worker, stopped after the server has drained.
     finale
@@ -78,7 +73,12 @@ async fn main() {
             }),
         )
         .merge(finale::axum::health_router(&finale.handle()));
-    finale::axum::serve(&finale, "http", addr, app).expect("unique name");
+    let listening = finale::axum::serve(&finale, "http", addr, app).expect("unique name");
+    // Once bound, not before: the kernel's port when the address said 0. A bind that failed
+    // ends `run()` below with exit code 3 and the error in the report.
+    if let Ok(addr) = listening.local_addr().await {
+        tracing::info!("listening on {addr}");
+    }
 
     let report = finale.run().await;
     eprintln!("{report}");

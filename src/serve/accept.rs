@@ -76,6 +76,7 @@ use tower::layer::util::{Identity, Stack};
 use crate::Finale;
 use crate::config::ConfigError;
 use crate::phase::Phase;
+use crate::serve::listening::{BindError, Binding, Listening, LocalAddr};
 use crate::serve::tower::{
     Admission, ConnWatch, DrainBody, LayerShared, Peer, Rejection, Responder, ResponseFuture,
     TooLate, admit,
@@ -97,20 +98,29 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long before the Drain phase's deadline the remaining connections are cut: 100 ms.
 pub const DEFAULT_CUT_MARGIN: Duration = Duration::from_millis(100);
 
-/// Where a server listens: a socket address to bind (inside the server's task, so that a bind
-/// error fails graceful start) or a listener bound already; on Unix also a Unix domain socket,
-/// by path ([`Listen::unix`]) or bound already.
+/// Where a server listens: an address to bind (inside the server's task, so that a bind error
+/// fails graceful start) or a listener bound already; on Unix also a Unix domain socket, by
+/// path ([`Listen::unix`]) or bound already.
+///
+/// An address is a [`SocketAddr`], `([0, 0, 0, 0], 3000)`, or a `"host:port"` string
+/// (`"localhost:3031"`, `"127.0.0.1:0"`, `"[::1]:8080"`, `"0.0.0.0:3000"`): the string is
+/// resolved and bound in the server's task, trying each address the name resolves to, as
+/// `TcpListener::bind` does. A string that does not resolve, has no port, or whose port is in
+/// use fails the start with a [`BindError`](crate::axum::BindError) naming it (exit code 3).
+/// A string is never a Unix socket path: use [`Listen::unix`].
 ///
 /// # Examples
 ///
 /// ```
 /// use finale::axum::Listen;
 ///
+/// let by_name: Listen = "localhost:3031".into();
+/// let from_env: Listen = std::env::var("BIND_ADDRESS").unwrap_or("[::1]:0".into()).into();
 /// let by_address: Listen = "127.0.0.1:3000".parse::<std::net::SocketAddr>().unwrap().into();
 /// let bound: Listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().into();
 /// # #[cfg(unix)]
 /// let unix = Listen::unix("/run/my-service/http.sock");
-/// # let _ = (by_address, bound);
+/// # let _ = (by_name, from_env, by_address, bound);
 /// # #[cfg(unix)]
 /// # let _ = unix;
 /// ```
@@ -159,6 +169,8 @@ pub struct Listen(ListenKind);
 #[derive(Debug)]
 enum ListenKind {
     Addr(SocketAddr),
+    /// `"host:port"`, resolved at the bind.
+    Host(String),
     Std(std::net::TcpListener),
     Tokio(TcpListener),
     #[cfg(unix)]
@@ -178,6 +190,20 @@ impl From<SocketAddr> for Listen {
 impl From<([u8; 4], u16)> for Listen {
     fn from(addr: ([u8; 4], u16)) -> Self {
         Self(ListenKind::Addr(addr.into()))
+    }
+}
+
+/// `"host:port"`: resolved and bound in the server's task.
+impl From<&str> for Listen {
+    fn from(addr: &str) -> Self {
+        Self(ListenKind::Host(addr.to_owned()))
+    }
+}
+
+/// `"host:port"`: resolved and bound in the server's task.
+impl From<String> for Listen {
+    fn from(addr: String) -> Self {
+        Self(ListenKind::Host(addr))
     }
 }
 
@@ -219,11 +245,45 @@ impl Listen {
         Self(ListenKind::UnixPath(path.into()))
     }
 
+    /// The address as given, for a [`BindError`].
+    fn describe(&self) -> String {
+        match &self.0 {
+            ListenKind::Addr(addr) => addr.to_string(),
+            ListenKind::Host(host) => host.clone(),
+            ListenKind::Std(l) => l
+                .local_addr()
+                .map_or("a TCP listener".into(), |a| a.to_string()),
+            ListenKind::Tokio(l) => l
+                .local_addr()
+                .map_or("a TCP listener".into(), |a| a.to_string()),
+            #[cfg(unix)]
+            ListenKind::UnixPath(path) => format!("unix:{}", path.display()),
+            #[cfg(unix)]
+            ListenKind::UnixStd(_) | ListenKind::UnixTokio(_) => "a Unix listener".into(),
+        }
+    }
+
     /// The listener, and whether finale bound it itself (no other process or descriptor
     /// shares it). A server given an address serves a socket passed to the process under its
     /// own name instead (systemd socket activation, an upgrade's hand-off), if there is one.
     async fn bind(self, name: &str) -> io::Result<Bound> {
         let std_listener = match self.0 {
+            ListenKind::Host(host) => {
+                #[cfg(all(feature = "systemd", unix))]
+                if let Some(passed) = crate::platform::systemd::take_named_if_passed(name) {
+                    tracing::info!(
+                        target: "finale",
+                        server = name,
+                        configured = %host,
+                        local = %passed.local_addr()?,
+                        "serving the socket passed as {name:?} instead of binding"
+                    );
+                    passed.set_nonblocking(true)?;
+                    return Bound::tcp(TcpListener::from_std(passed)?, false);
+                }
+                // Resolves, then tries each address in turn.
+                return Bound::tcp(TcpListener::bind(host.as_str()).await?, true);
+            }
             ListenKind::Addr(addr) => {
                 #[cfg(all(feature = "systemd", unix))]
                 if let Some(passed) = crate::platform::systemd::take_named_if_passed(name) {
@@ -546,8 +606,11 @@ impl<L> HttpServer<L> {
     /// behaviour is built in: every request is tracked and, once draining, served with
     /// `Connection: close` (`503` + `Retry-After` only near the deadline).
     ///
-    /// Binding happens in the task: a bind error (port in use) fails graceful start, which stops
-    /// the other servers and ends with [`StartupFailure`](crate::ShutdownStatus::StartupFailure).
+    /// Binding happens in the task: a bind error (an address that does not resolve, a port in
+    /// use) fails graceful start with a [`BindError`](crate::axum::BindError), which stops the
+    /// other servers and ends with [`StartupFailure`](crate::ShutdownStatus::StartupFailure).
+    /// The returned [`Listening`](crate::axum::Listening) says where the server listens once it
+    /// has bound (port `0` resolved), for a "listening on …" line at the right time.
     ///
     /// # Errors
     ///
@@ -561,7 +624,7 @@ impl<L> HttpServer<L> {
         finale: &Finale,
         listen: impl Into<Listen>,
         service: S,
-    ) -> Result<(), ConfigError>
+    ) -> Result<Listening, ConfigError>
     where
         L: Layer<Responder<S>>,
         L::Service:
@@ -591,9 +654,13 @@ impl<L> HttpServer<L> {
             cut_margin: settings.cut_margin,
         });
         let service = layer.layer(Responder::new(service, shared.clone()));
+        let (listening, binding) = Listening::new(name.clone());
         finale.spawn(Task::service(name, move |ctx| {
-            run(ctx, listen, service, shared, settings, tls, configure)
-        }))
+            run(
+                ctx, listen, binding, service, shared, settings, tls, configure,
+            )
+        }))?;
+        Ok(listening)
     }
 }
 
@@ -644,15 +711,17 @@ enum Stage {
     Cut,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run<S, B>(
     ctx: TaskContext,
     listen: Listen,
+    binding: Binding,
     service: S,
     shared: Arc<LayerShared>,
     settings: Settings,
     tls: Tls,
     configure: Option<Configure>,
-) -> io::Result<()>
+) -> Result<(), BoxError>
 where
     S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -660,15 +729,27 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    match listen.bind(ctx.name()).await? {
+    let address = listen.describe();
+    let bound = match listen.bind(ctx.name()).await {
+        Ok(bound) => bound,
+        Err(e) => {
+            let error = BindError::new(ctx.name(), address, e);
+            binding.send(Err(error.clone()));
+            return Err(error.into());
+        }
+    };
+    let served = match bound {
         Bound::Tcp(acceptor) => {
+            binding.send(Ok(LocalAddr::Tcp(acceptor.local)));
             serve_on(ctx, acceptor, service, shared, settings, tls, configure).await
         }
         #[cfg(unix)]
         Bound::Unix(acceptor) => {
+            binding.send(Ok(LocalAddr::Unix(acceptor.local().to_string())));
             serve_on(ctx, acceptor, service, shared, settings, tls, configure).await
         }
-    }
+    };
+    Ok(served?)
 }
 
 /// The accept loop and the drain, on one transport's listener.

@@ -126,6 +126,7 @@ use crate::{Finale, Handle};
 pub use crate::serve::accept::{
     DEFAULT_CUT_MARGIN, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_GRACE, HttpServer, Listen,
 };
+pub use crate::serve::listening::{BindError, Listening, LocalAddr};
 
 /// Serves `router` on `listen` as a [`Task::service`](crate::Task::service) named `name`, with
 /// [`HttpServer`]'s defaults. Every request is tracked as in flight and, once draining,
@@ -144,7 +145,7 @@ pub fn serve(
     name: impl Into<Cow<'static, str>>,
     listen: impl Into<Listen>,
     router: Router,
-) -> Result<(), ConfigError> {
+) -> Result<Listening, ConfigError> {
     HttpServer::new(name).serve(finale, listen, router)
 }
 

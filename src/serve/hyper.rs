@@ -36,6 +36,7 @@ use crate::serve::accept::HyperToTower;
 pub use crate::serve::accept::{
     DEFAULT_CUT_MARGIN, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_GRACE, HttpServer, Listen,
 };
+pub use crate::serve::listening::{BindError, Listening, LocalAddr};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -55,7 +56,7 @@ pub fn serve<S, B>(
     name: impl Into<Cow<'static, str>>,
     listen: impl Into<Listen>,
     service: S,
-) -> Result<(), ConfigError>
+) -> Result<Listening, ConfigError>
 where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,

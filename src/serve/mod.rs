@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `tower.rs` | [`DrainLayer`](tower::DrainLayer) (in-flight tracking, `Connection: close` while draining, 503 only near the deadline) and the health service |
 //! | `accept.rs` | the bounded accept loop: bind in graceful start, drain, cut at the deadline |
+//! | `listening.rs` | what `serve` returns: the bound address, or the typed bind error |
 //! | `transport.rs` | what the accept loop needs from a listener and a socket; TCP's |
 //! | `unix.rs` | Unix domain sockets: binding a path, a stale socket file, its removal |
 //! | `axum.rs`, `hyper.rs`, `tonic.rs` | each framework's `serve` on the accept loop |
@@ -17,6 +18,8 @@ mod accept;
 pub mod axum;
 #[cfg(feature = "hyper")]
 pub mod hyper;
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+mod listening;
 #[cfg(feature = "tls")]
 pub mod tls;
 #[cfg(feature = "tonic")]

@@ -96,6 +96,7 @@ pub use self::grpc_timeout::{GrpcTimeout, GrpcTimeoutBody, GrpcTimeoutFuture, Gr
 pub use crate::serve::accept::{
     DEFAULT_CUT_MARGIN, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_GRACE, HttpServer, Listen,
 };
+pub use crate::serve::listening::{BindError, Listening, LocalAddr};
 
 mod grpc_timeout;
 
@@ -119,7 +120,7 @@ pub fn serve(
     name: impl Into<Cow<'static, str>>,
     listen: impl Into<Listen>,
     routes: Routes,
-) -> Result<(), ConfigError> {
+) -> Result<Listening, ConfigError> {
     let service = GrpcTimeoutLayer::new(None).layer(routes.prepare());
     HttpServer::new(name).serve(finale, listen, service)
 }
