@@ -78,6 +78,61 @@ impl Finale {
         registered(spawn_task(&self.shared, task))
     }
 
+    /// Awaits a tokio-util [`TaskTracker`](tokio_util::task::TaskTracker) in `phase`: when the
+    /// phase starts, the tracker is [closed](tokio_util::task::TaskTracker::close) and its
+    /// tasks are awaited like the phase's own [`Task`]s, before the phase's cleanup hooks in the
+    /// Workers phase (an entry named `name` in the report). Tell the tracked tasks to stop with
+    /// the phase's token, [`Handle::phase_token`]`(phase).`[`cancellation_token()`](StopToken::cancellation_token).
+    ///
+    /// Tasks still running at the phase's deadline are reported abandoned but keep running (a
+    /// `TaskTracker` cannot abort them): a tracked task should stop when its token says so.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use finale::{Finale, Phase};
+    /// use tokio_util::task::TaskTracker;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), finale::ConfigError> {
+    /// let finale = Finale::builder().no_signals().build()?;
+    /// let tracker = TaskTracker::new();
+    /// let stop = finale.handle().phase_token(Phase::Workers).cancellation_token();
+    /// for _ in 0..3 {
+    ///     let stop = stop.clone();
+    ///     tracker.spawn(async move {
+    ///         stop.cancelled().await;
+    ///         // finish the job
+    ///     });
+    /// }
+    /// finale.track(Phase::Workers, "jobs", tracker)?;
+    /// finale.handle().trigger("done");
+    /// let report = finale.run().await;
+    /// assert!(report.entry("jobs").unwrap().outcome.is_completed());
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`hook`](Finale::hook): [`ConfigError::DuplicateName`] or [`ConfigError::EmptyName`].
+    #[cfg(feature = "tokio-util")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio-util")))]
+    pub fn track(
+        &self,
+        phase: crate::Phase,
+        name: impl Into<Cow<'static, str>>,
+        tracker: tokio_util::task::TaskTracker,
+    ) -> Result<(), ConfigError> {
+        self.hook(
+            Hook::new(phase, name, move |_| async move {
+                tracker.close();
+                tracker.wait().await;
+            })
+            .alongside_tasks(),
+        )
+    }
+
     /// Runs the service's whole life: waits for graceful start (every [`Task::service`] ready),
     /// waits for the shutdown to be requested, runs the sequence and returns its report.
     ///

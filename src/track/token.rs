@@ -41,6 +41,11 @@ pub struct StopToken {
 struct Inner {
     cancelled: AtomicBool,
     notify: Notify,
+    /// The `CancellationToken` handed out by [`StopToken::cancellation_token`], created on the
+    /// first call. Under the lock, so that a token created while `cancel` runs is cancelled
+    /// either by `cancel` (it saw the token) or by its creator (it saw the flag).
+    #[cfg(feature = "tokio-util")]
+    linked: std::sync::Mutex<Option<tokio_util::sync::CancellationToken>>,
 }
 
 impl StopToken {
@@ -49,6 +54,8 @@ impl StopToken {
             inner: Arc::new(Inner {
                 cancelled: AtomicBool::new(false),
                 notify: Notify::new(),
+                #[cfg(feature = "tokio-util")]
+                linked: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -60,8 +67,57 @@ impl StopToken {
         let first = !self.inner.cancelled.swap(true, Ordering::AcqRel);
         if first {
             self.inner.notify.notify_waiters();
+            #[cfg(feature = "tokio-util")]
+            if let Some(linked) = &*self.linked() {
+                linked.cancel();
+            }
         }
         first
+    }
+
+    #[cfg(feature = "tokio-util")]
+    fn linked(&self) -> std::sync::MutexGuard<'_, Option<tokio_util::sync::CancellationToken>> {
+        // Nothing panics while holding it; a poisoned lock still holds a valid token.
+        self.inner
+            .linked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// This token as a tokio-util [`CancellationToken`](tokio_util::sync::CancellationToken),
+    /// for code that takes one: it is cancelled when this token is (at once if it already is).
+    ///
+    /// Each call returns a [child](tokio_util::sync::CancellationToken::child_token) of one
+    /// token shared by every clone of this `StopToken`: cancelling what you were given
+    /// cancels it and its own children, never this token or another caller's. No task is
+    /// spawned; the link costs one allocation, made on the first call.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use finale::{Finale, Phase};
+    /// use tokio_util::sync::CancellationToken;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let finale = Finale::builder().no_signals().build().unwrap();
+    /// // A library that stops when its `CancellationToken` is cancelled.
+    /// let token: CancellationToken = finale.handle().phase_token(Phase::Workers).cancellation_token();
+    /// let job = tokio::spawn(async move { token.cancelled().await });
+    /// finale.handle().trigger("done");
+    /// finale.run().await;
+    /// job.await.unwrap(); // stopped in the Workers phase
+    /// # }
+    /// ```
+    #[cfg(feature = "tokio-util")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio-util")))]
+    pub fn cancellation_token(&self) -> tokio_util::sync::CancellationToken {
+        let mut linked = self.linked();
+        let shared = linked.get_or_insert_with(tokio_util::sync::CancellationToken::new);
+        if self.is_cancelled() {
+            shared.cancel();
+        }
+        shared.child_token()
     }
 
     /// Whether the token has been cancelled. One atomic load.
@@ -114,6 +170,15 @@ impl fmt::Debug for Cancelled {
     }
 }
 
+/// [`StopToken::cancellation_token`].
+#[cfg(feature = "tokio-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio-util")))]
+impl From<StopToken> for tokio_util::sync::CancellationToken {
+    fn from(token: StopToken) -> Self {
+        token.cancellation_token()
+    }
+}
+
 impl fmt::Debug for StopToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StopToken")
@@ -140,5 +205,41 @@ mod tests {
         }
         assert!(token.is_cancelled());
         token.cancelled().await; // already cancelled: returns at once
+    }
+
+    #[cfg(feature = "tokio-util")]
+    #[tokio::test]
+    async fn a_cancellation_token_follows_the_stop_token_and_not_the_other_way() {
+        let token = StopToken::new();
+        let (a, b) = (
+            token.cancellation_token(),
+            token.clone().cancellation_token(),
+        );
+        // Cancelling what one caller got touches nobody else.
+        a.cancel();
+        assert!(!b.is_cancelled() && !token.is_cancelled());
+        let waiter = tokio::spawn(b.clone().cancelled_owned());
+        tokio::task::yield_now().await;
+        assert!(token.cancel());
+        waiter.await.unwrap();
+        assert!(b.is_cancelled());
+        // One asked for after the cancel is cancelled already.
+        assert!(tokio_util::sync::CancellationToken::from(token).is_cancelled());
+    }
+
+    /// The link and the cancel racing on two threads: the token is cancelled whichever wins.
+    #[cfg(feature = "tokio-util")]
+    #[test]
+    fn a_link_made_while_cancelling_is_never_missed() {
+        for _ in 0..2_000 {
+            let token = StopToken::new();
+            let canceller = {
+                let token = token.clone();
+                std::thread::spawn(move || token.cancel())
+            };
+            let linked = token.cancellation_token();
+            canceller.join().unwrap();
+            assert!(linked.is_cancelled());
+        }
     }
 }
