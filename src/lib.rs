@@ -172,6 +172,31 @@
 //!
 //! The Kubernetes termination message needs no feature: see [`Builder::termination_log`].
 //!
+//! ## Compatibility
+//!
+//! The crates whose types appear in finale's public API, and the versions finale is built and
+//! tested against. Depend on the same ones: another major version (for semver 0.x, another
+//! minor) is a different crate to the compiler, and its types do not fit. CI checks this table
+//! against the versions the library and its tests resolve.
+//!
+//! <!-- compat:start -->
+//! | crate | version | feature | where it appears in finale's API |
+//! |---|---|---|---|
+//! | `tokio` | 1 | (core) | `HookContext::deadline` (`tokio::time::Instant`), the runtime finale runs on |
+//! | `metrics` | 0.24 | (core) | the facade finale records its own metrics through: your recorder must be built for the same version |
+//! | `tower` | 0.5 | `tower` | `DrainLayer`, `HealthService`, `HttpServer::layer` |
+//! | `http` | 1 | `tower` | requests and responses of the layer and the servers |
+//! | `hyper` | 1 | `hyper`, `axum`, `tonic` | `finale::hyper::serve` takes a hyper `Service` |
+//! | `hyper-util` | 0.1 | `axum`, `hyper`, `tonic` | `HttpServer::hyper` configures its `auto::Builder` |
+//! | `axum` | 0.8 | `axum` | `finale::axum::serve` takes a `Router` |
+//! | `tonic`, `tonic-health` | 0.14 | `tonic` | `finale::tonic::serve` takes `Routes`; `report_health` a `HealthReporter` |
+//! | `rustls` | 0.23 | `tls`, `pushgateway-tls` | `TlsConfig::from_rustls` takes a `ServerConfig` |
+//! | `metrics-exporter-prometheus` | 0.18 | `pushgateway` | `Pushgateway::build` takes a `PrometheusHandle` |
+//! | `opentelemetry`, `opentelemetry_sdk` | 0.33 | `otlp` | `Otlp` takes the SDK's tracer, meter and logger providers |
+//! | `tracing-appender` | 0.2 | `tracing-appender` | `finale::appender` wraps its `WorkerGuard` |
+//! | `tokio-util` | 0.7 | `tokio-util` | `CancellationToken`, `TaskTracker` |
+//! <!-- compat:end -->
+//!
 //! ## Minimum supported Rust version
 //!
 //! Rust 1.89 (edition 2024).
