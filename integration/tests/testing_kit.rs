@@ -19,7 +19,8 @@ fn service(finale: &Finale, listener: std::net::TcpListener) -> Result<(), final
             }),
         )
         .merge(finale::axum::health_router(&finale.handle()));
-    finale::axum::serve(finale, "http", listener, app)
+    finale::axum::serve(finale, "http", listener, app)?;
+    Ok(())
 }
 
 async fn sigterm_under_load(drain_delay: Duration) {
