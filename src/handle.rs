@@ -50,6 +50,53 @@ impl Handle {
         self.shared.request(Reason::Requested(reason.into()))
     }
 
+    /// Requests the shutdown (with `reason`, as [`trigger`](Handle::trigger)) when `token` is
+    /// cancelled: the other direction of
+    /// [`StopToken::cancellation_token`], for an application or library whose own root
+    /// `CancellationToken` means "stop the service". A task on the current runtime waits for
+    /// the token, and ends when the shutdown is requested by anything else.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tokio_util::sync::CancellationToken;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), finale::ConfigError> {
+    /// let finale = finale::Finale::builder().no_signals().build()?;
+    /// let root = CancellationToken::new();
+    /// finale.handle().trigger_on_cancel(root.clone(), "root token cancelled")?;
+    /// root.cancel(); // somewhere in the application
+    /// let report = finale.run().await;
+    /// assert_eq!(report.reason, finale::Reason::Requested("root token cancelled".into()));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::NoRuntime`](crate::ConfigError::NoRuntime) outside a tokio runtime.
+    #[cfg(feature = "tokio-util")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio-util")))]
+    pub fn trigger_on_cancel(
+        &self,
+        token: tokio_util::sync::CancellationToken,
+        reason: impl Into<Cow<'static, str>>,
+    ) -> Result<(), crate::ConfigError> {
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| crate::ConfigError::NoRuntime)?;
+        let (handle, reason) = (self.clone(), reason.into());
+        runtime.spawn(async move {
+            tokio::select! {
+                () = token.cancelled() => {
+                    handle.trigger(reason);
+                }
+                () = handle.shutdown_requested() => {}
+            }
+        });
+        Ok(())
+    }
+
     /// Escalates a running shutdown, as a second signal does: the current phase is abandoned and
     /// the Telemetry phase runs with the escalation budget (never past the total budget).
     /// Returns `true` if this call escalated; `false` if the shutdown was not requested yet or

@@ -165,7 +165,7 @@
 //! | `pushgateway-gzip` | gzip-compressed Pushgateway pushes (`PushgatewayBuilder::gzip`; Pushgateway 1.5.0 or later), flate2's pure-Rust backend (implies `pushgateway`) |
 //! | `otlp` | bounded, parallel flush and shutdown of OpenTelemetry SDK providers |
 //! | `tracing-appender` | release a tracing-appender `WorkerGuard` last, bounded |
-//! | `tokio-util` | a phase's [`StopToken`] as a `CancellationToken` (`StopToken::cancellation_token`), a `TaskTracker` awaited in a phase (`Finale::track`) |
+//! | `tokio-util` | a phase's [`StopToken`] as a `CancellationToken` (`StopToken::cancellation_token`) and a cancelled `CancellationToken` as a trigger (`Handle::trigger_on_cancel`); a `TaskTracker` awaited in a phase (`Finale::track`) |
 //! | `testing` | the testing kit (`finale::testing`): run a service in a test, virtual or real signals, bounded load, one-line assertions |
 //! | `systemd` | Linux: `READY`/`STOPPING`/`STATUS`/`EXTEND_TIMEOUT_USEC`/`WATCHDOG` on `$NOTIFY_SOCKET`, socket activation for the servers (no libsystemd) |
 //! | `serde` | `serde::Serialize` for the report and its parts; `ShutdownReport::to_json` for log pipelines |

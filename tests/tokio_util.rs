@@ -77,6 +77,26 @@ async fn a_tracked_task_that_ignores_the_token_is_abandoned_at_the_deadline() {
     assert_eq!(report.status, ShutdownStatus::DeadlineOverrun, "{report}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_root_token_requests_the_shutdown() {
+    let finale = builder().build().unwrap();
+    let root = CancellationToken::new();
+    finale
+        .handle()
+        .trigger_on_cancel(root.child_token(), "root cancelled")
+        .unwrap();
+    let handle = finale.handle();
+    let run = tokio::spawn(finale.run());
+    tokio::task::yield_now().await;
+    assert!(!handle.is_shutdown_requested());
+    root.cancel();
+    let report = run.await.unwrap();
+    assert_eq!(
+        report.reason,
+        finale::Reason::Requested("root cancelled".into())
+    );
+}
+
 #[tokio::test]
 async fn a_token_taken_after_its_phase_started_is_cancelled_already() {
     let finale = builder().build().unwrap();
