@@ -829,3 +829,42 @@ async fn announce_hooks_run_before_during_and_after_the_drain_delay_by_order() {
         ]
     );
 }
+
+/// A buffer the log lines of one test go to.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_logged_report_says_finale_once() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let finale = builder().build().unwrap();
+    finale.handle().trigger("test");
+    finale.run().await;
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("shutdown after"))
+        .unwrap_or_else(|| panic!("no report line in\n{text}"));
+    assert!(
+        line.contains(" finale: shutdown after requested: test: clean"),
+        "{line}"
+    );
+    assert!(!line.contains("finale: finale:"), "{line}");
+}
