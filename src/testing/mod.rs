@@ -59,22 +59,23 @@
 #![cfg_attr(feature = "axum", doc = "```")]
 #![cfg_attr(not(feature = "axum"), doc = "```ignore")]
 //! use axum::{Router, routing::get};
+//! use finale::axum::Listening;
 //! use finale::{Finale, Phase, testing::{self, Load}};
 //!
 //! /// The service, as the user's crate builds it.
-//! fn service(finale: &Finale, listener: std::net::TcpListener) -> Result<(), finale::ConfigError> {
+//! fn service(finale: &Finale, addr: &str) -> Result<Listening, finale::ConfigError> {
 //!     let app = Router::new()
 //!         .route("/hello", get(|| async { "hello" }))
 //!         .merge(finale::axum::health_router(&finale.handle()));
-//!     finale::axum::serve(finale, "http", listener, app)
+//!     finale::axum::serve(finale, "http", addr, app)
 //! }
 //!
 //! #[tokio::main]
 //! async fn main() {
 //!     let finale = testing::builder().build().unwrap();
-//!     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-//!     let url = format!("http://{}/hello", listener.local_addr().unwrap());
-//!     service(&finale, listener).unwrap();
+//!     // Port 0: the kernel picks a free one; the server says which once it has bound.
+//!     let addr = service(&finale, "127.0.0.1:0").unwrap().local_addr().await.unwrap();
+//!     let url = format!("http://{addr}/hello");
 //!
 //!     let run = testing::Run::start(finale);
 //!     run.started().await;
