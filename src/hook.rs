@@ -138,12 +138,16 @@ where
 /// [`Workers`](Phase::Workers) phase, hooks run after the phase's tasks have been told to stop
 /// and have ended (or been abandoned at their own [`timeout`](crate::Task::timeout)), so that a
 /// cleanup hook (closing a pool) never races a worker's last write; a hook that must run
-/// alongside the tasks says so with [`alongside_tasks`](Hook::alongside_tasks). In the other
-/// phases hooks run concurrently with the phase's tasks. A hook that
-/// errors, panics (before or after it returns its future) or overruns is recorded in the report
-/// and abandoned; the others and the later phases still run. A hook that blocks its thread past
-/// its deadline cannot be stopped, but is reported as [`Overran`](crate::Outcome::Overran), and
-/// the supervisor still ends the process within the budget.
+/// alongside the tasks says so with [`alongside_tasks`](Hook::alongside_tasks). A task that
+/// never stops holds the hooks until the phase's deadline, where they are abandoned with it:
+/// give a task that may hang its own [`timeout`](crate::Task::timeout), so the hooks keep the
+/// rest of the phase. In the other phases hooks run concurrently with the phase's tasks.
+///
+/// A hook that errors, panics (before or after it returns its future) or overruns is recorded in
+/// the report and abandoned; the others and the later phases still run. A hook that blocks its
+/// thread past its deadline cannot be stopped, but is reported as
+/// [`Overran`](crate::Outcome::Overran), and the supervisor still ends the process within the
+/// budget.
 ///
 /// # Examples
 ///

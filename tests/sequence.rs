@@ -192,6 +192,36 @@ async fn workers_hooks_run_after_the_phases_tasks_have_ended() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_worker_that_hangs_past_its_own_timeout_leaves_the_hooks_the_rest_of_the_phase() {
+    let finale = builder()
+        .workers_timeout(Duration::from_secs(4))
+        .build()
+        .unwrap();
+    finale
+        .spawn(
+            Task::worker("stuck", |_| std::future::pending::<()>()).timeout(Duration::from_secs(1)),
+        )
+        .unwrap();
+    let ran_at: Arc<Mutex<Option<Instant>>> = Default::default();
+    let hook_ran_at = ran_at.clone();
+    finale
+        .hook(Hook::new(Phase::Workers, "close-db", move |_| async move {
+            *hook_ran_at.lock().unwrap() = Some(Instant::now());
+        }))
+        .unwrap();
+    finale.handle().trigger("test");
+    let start = Instant::now();
+    let report = finale.run().await;
+    assert_eq!(report.entry("stuck").unwrap().outcome, Outcome::TimedOut);
+    assert_eq!(
+        report.entry("close-db").unwrap().outcome,
+        Outcome::Completed
+    );
+    let ran_at = ran_at.lock().unwrap().expect("the hook ran");
+    assert_eq!(ran_at - start, Duration::from_secs(1), "{report}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_hook_alongside_tasks_runs_while_they_stop() {
     let finale = builder().build().unwrap();
     // The worker stops only once the hook has run: only concurrent execution completes.
