@@ -67,6 +67,14 @@ async fn a_host_port_string_is_bound_and_its_address_readable_before_run() {
         }),
     )
     .unwrap();
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let grpc = finale::tonic::serve(
+        &finale,
+        "grpc",
+        "127.0.0.1:0",
+        tonic::service::Routes::new(health),
+    )
+    .unwrap();
     // Bound before `run()`: the app can log "listening on …" now, with the kernel's port.
     let addr = tokio::time::timeout(BOUND, listening.local_addr())
         .await
@@ -84,6 +92,11 @@ async fn a_host_port_string_is_bound_and_its_address_readable_before_run() {
     let run = tokio::spawn(finale.run());
     assert!(get_hello(tcp).await.ends_with("hello"));
     assert!(get_hello(by_name).await.ends_with("hello"));
+    let grpc = grpc.local_addr().await.unwrap().tcp().unwrap();
+    assert!(
+        get_hello(grpc).await.starts_with("HTTP/1.1 "),
+        "a gRPC server on {grpc}"
+    );
     // IPv6 loopback may be missing in a container: then the bind error says so.
     match v6.local_addr().await {
         Ok(v6) => assert!(get_hello(v6.tcp().unwrap()).await.ends_with("hello")),
