@@ -595,6 +595,11 @@ fn wait_ready(
             Ok(n) => {
                 seen.extend_from_slice(&buf[..n]);
                 if seen.windows(READY_LINE.len()).any(|w| w == READY_LINE) {
+                    // A shutdown requested while the successor got ready (within the last
+                    // slice) still wins: looked at again, not only at the slice's start.
+                    if life.trigger().is_some() {
+                        break End::Aborted;
+                    }
                     return Ok(pid);
                 }
             }
