@@ -78,7 +78,7 @@ use crate::config::ConfigError;
 use crate::phase::Phase;
 use crate::serve::tower::{
     Admission, ConnWatch, DrainBody, LayerShared, Peer, Rejection, Responder, ResponseFuture,
-    TooLate, admit,
+    TooLate, admit, grpc_kind,
 };
 use crate::serve::transport::{Acceptor, TcpAcceptor, Transport, is_connection_error};
 #[cfg(unix)]
@@ -584,6 +584,13 @@ impl<L> HttpServer<L> {
         let tls = tls.map(|config| tokio_rustls::TlsAcceptor::from(config.config));
         #[cfg(not(feature = "tls"))]
         let tls = None;
+        if let Err(misfit) = crate::config::plan_late_answers(
+            &finale.handle().shared.budget,
+            rejection.late_margin_value(),
+            settings.cut_margin,
+        ) {
+            tracing::warn!(target: "finale", server = %name, "{misfit}");
+        }
         let shared = Arc::new(LayerShared {
             handle: finale.handle(),
             rejection,
@@ -699,10 +706,12 @@ where
     ctx.set_ready();
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Slow clients are bounded by the connection's own loop (`drive`), once per connection;
+    // hyper's header-read timeout would allocate and register a timer for every request.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout);
+        .header_read_timeout(None);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -835,6 +844,8 @@ async fn serve_connection<T, S, B>(
     let io = ConnIo {
         stream,
         watch: watch.clone(),
+        // Under TLS the bytes are the handshake's: its ALPN tells instead.
+        sniff: tls.is_none(),
     };
     let ended = match tls {
         #[cfg(feature = "tls")]
@@ -842,6 +853,9 @@ async fn serve_connection<T, S, B>(
             let Some(io) = handshake(&acceptor, io, &watch, &mut stage, settings).await else {
                 return;
             };
+            if io.get_ref().1.alpn_protocol() != Some(b"h2") {
+                watch.http1.store(true, Ordering::Relaxed);
+            }
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service)
                 .into_owned();
@@ -925,6 +939,11 @@ where
     B::Error: Into<BoxError>,
     T: Transport,
 {
+    // Slow clients: an HTTP/1 connection with no request in flight that has not sent a
+    // request's headers within the header-read timeout after it last did something (accepted,
+    // or its last request ended) is closed. One timer per connection, moved only when it fires.
+    let slow = tokio::time::sleep_until(watch.last_active() + settings.header_read_timeout);
+    tokio::pin!(slow);
     // GOAWAY sent already (an HTTP/2 connection moved during the drain delay, or old enough).
     let mut moved = false;
     // The connection age was looked at (once).
@@ -957,6 +976,20 @@ where
                 // The accept loop is gone (aborted): close at once.
                 return cut_connection(conn, watch);
             },
+            () = &mut slow => {
+                let now = Instant::now();
+                let due = watch.last_active() + settings.header_read_timeout;
+                if watch.active.load(Ordering::Relaxed) > 0 || !watch.http1.load(Ordering::Relaxed) {
+                    // A request in flight (its body, its response), or not HTTP/1: look again
+                    // one timeout from now.
+                    slow.as_mut().reset(now + settings.header_read_timeout);
+                } else if due <= now {
+                    tracing::debug!(target: "finale", peer = %watch.peer, "no request headers within the header-read timeout: closing");
+                    return true;
+                } else {
+                    slow.as_mut().reset(due);
+                }
+            }
             () = aged => {
                 aged_checked = true;
                 if watch.http2.load(Ordering::Relaxed) {
@@ -1062,6 +1095,25 @@ fn name_upgrades(watch: &ConnWatch, what: &str) -> usize {
 struct ConnIo<T> {
     stream: Arc<T>,
     watch: Arc<ConnWatch>,
+    /// The first bytes are still to be looked at (plain connections: HTTP/1 or HTTP/2?).
+    sniff: bool,
+}
+
+/// The first bytes of every HTTP/2 connection (prior knowledge), up to the first line's end.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+impl<T> ConnIo<T> {
+    /// Looks at the first bytes read: anything but the HTTP/2 preface is HTTP/1, which the
+    /// header-read timeout bounds. Only until they decide it.
+    fn sniff(&mut self, read: &[u8]) {
+        let n = read.len().min(H2_PREFACE.len());
+        if read[..n] != H2_PREFACE[..n] {
+            self.watch.http1.store(true, Ordering::Relaxed);
+            self.sniff = false;
+        } else if n == H2_PREFACE.len() {
+            self.sniff = false;
+        }
+    }
 }
 
 impl<T> Drop for ConnIo<T> {
@@ -1072,6 +1124,22 @@ impl<T> Drop for ConnIo<T> {
 
 impl<T: Transport> tokio::io::AsyncRead for ConnIo<T> {
     fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = self.as_mut().poll_read_inner(cx, buf);
+        if self.sniff && buf.filled().len() > before {
+            let this = self.get_mut();
+            this.sniff(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl<T: Transport> ConnIo<T> {
+    fn poll_read_inner(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
@@ -1224,17 +1292,23 @@ where
         // `ConnectInfo<SocketAddr>` extractor, tonic's `Request::remote_addr()`.
         // On a Unix socket, what they give for a `UnixListener`: axum's
         // `ConnectInfo<tokio::net::unix::SocketAddr>`, tonic's `UdsConnectInfo`.
+        // tonic's is read by gRPC handlers only (`tonic::Request` exists for gRPC calls): it is
+        // inserted for gRPC requests, and a plain HTTP request pays for one insert, as with
+        // `axum::serve`'s own connect info.
+        let grpc = grpc_kind(&req);
         match &self.conn.peer {
             Peer::Tcp { peer, local } => {
                 #[cfg(feature = "axum")]
                 req.extensions_mut()
                     .insert(::axum::extract::ConnectInfo(*peer));
                 #[cfg(feature = "tonic")]
-                req.extensions_mut()
-                    .insert(::tonic::transport::server::TcpConnectInfo {
-                        local_addr: Some(*local),
-                        remote_addr: Some(*peer),
-                    });
+                if grpc.is_some() {
+                    req.extensions_mut()
+                        .insert(::tonic::transport::server::TcpConnectInfo {
+                            local_addr: Some(*local),
+                            remote_addr: Some(*peer),
+                        });
+                }
                 let _ = (peer, local);
             }
             #[cfg(unix)]
@@ -1244,15 +1318,17 @@ where
                     tokio::net::unix::SocketAddr::clone(addr),
                 ));
                 #[cfg(feature = "tonic")]
-                req.extensions_mut()
-                    .insert(::tonic::transport::server::UdsConnectInfo {
-                        peer_addr: Some(addr.clone()),
-                        peer_cred: *cred,
-                    });
+                if grpc.is_some() {
+                    req.extensions_mut()
+                        .insert(::tonic::transport::server::UdsConnectInfo {
+                            peer_addr: Some(addr.clone()),
+                            peer_cred: *cred,
+                        });
+                }
                 let _ = (addr, cred);
             }
         }
-        match admit(self.in_flight, &self.shared, Some(&self.conn), &req) {
+        match admit(self.in_flight, &self.shared, Some(&self.conn), &req, grpc) {
             Admission::Rejected(response) => ResponseFuture::rejected(response),
             Admission::Admitted(admitted) => {
                 if admitted.too_late {

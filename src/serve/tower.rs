@@ -130,6 +130,11 @@ impl Default for Rejection {
 }
 
 impl Rejection {
+    /// The late margin ([`late_margin`](Rejection::late_margin)).
+    pub(crate) fn late_margin_value(&self) -> Duration {
+        self.late_margin
+    }
+
     /// The status code (not for a gRPC request: its answer is always `200` with
     /// `grpc-status: 14`).
     pub fn status(mut self, status: StatusCode) -> Self {
@@ -308,6 +313,10 @@ pub(crate) struct ConnWatch {
     pub(crate) handle: Handle,
     /// Set by the first HTTP/2 request: connections not known to be HTTP/2 get a grace period.
     pub(crate) http2: AtomicBool,
+    /// Set once the connection's first bytes (or its TLS handshake's ALPN) say HTTP/1: only
+    /// such a connection is bounded by the header-read timeout (an HTTP/2 connection with no
+    /// stream open is idle, not slow).
+    pub(crate) http1: AtomicBool,
     /// Set just before the connection is dropped at the deadline: unfinished requests name
     /// themselves in the report as they are dropped.
     pub(crate) cutting: AtomicBool,
@@ -343,6 +352,7 @@ impl ConnWatch {
             peer,
             handle,
             http2: AtomicBool::new(false),
+            http1: AtomicBool::new(false),
             cutting: AtomicBool::new(false),
             named: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
@@ -412,13 +422,21 @@ impl CutName {
         // so this drop is sequenced after the store. (HTTP/2 streams run on tasks of their own
         // and are dropped later; `cutting` was set before, and the connection does not name
         // itself while it has active requests, so each stream is named once.)
-        if self.conn.cutting.load(Ordering::Relaxed) {
-            self.conn.named.fetch_add(1, Ordering::Relaxed);
-            self.conn
-                .handle
-                .shared
-                .record_cut(format!("{} ({what} at the drain deadline)", self.name()));
-        }
+        //
+        // A second signal abandons the drain: the server's task is aborted, its connections
+        // are dropped without a cut, and an unfinished request names itself as it is dropped.
+        let when = if self.conn.cutting.load(Ordering::Relaxed) {
+            "at the drain deadline"
+        } else if self.conn.handle.shared.is_escalated() {
+            "when a second signal abandoned the drain"
+        } else {
+            return;
+        };
+        self.conn.named.fetch_add(1, Ordering::Relaxed);
+        self.conn
+            .handle
+            .shared
+            .record_cut(format!("{} ({what} {when})", self.name()));
     }
 }
 
@@ -426,11 +444,7 @@ impl CutName {
     /// The name of this request in the report: method and path (a tunnel's target for an
     /// HTTP/1 CONNECT), never the query.
     fn name(&self) -> String {
-        let target = match self.uri.authority() {
-            Some(authority) if self.uri.path().is_empty() => authority.as_str(),
-            _ => self.uri.path(),
-        };
-        format!("{} {target} from {}", self.method, self.conn.peer)
+        request_name(&self.method, &self.uri, &self.conn.peer)
     }
 
     /// The request was answered with an upgrade. HTTP/1: the connection's task keeps `guard`
@@ -468,6 +482,44 @@ impl Drop for CutName {
         // Release: whoever sees the count drop also sees this request's `named` increment.
         self.conn.active.fetch_sub(1, Ordering::Release);
     }
+}
+
+/// How many bytes of a method, and of a path or authority, a request's name in the report
+/// keeps; a longer one is cut there and ends with `…`.
+const MAX_NAME_PART: usize = 128;
+
+/// A request's name in the report: `GET /events from 127.0.0.1:5555`. The method and the path
+/// (a tunnel's target for an HTTP/1 CONNECT), never the query, nor the userinfo of an authority
+/// (`CONNECT user:password@host:443` is named `CONNECT host:443`): the report goes to logs and
+/// telemetry. Each part is bounded ([`MAX_NAME_PART`] bytes).
+fn request_name(method: &Method, uri: &Uri, peer: &Peer) -> String {
+    let target = match uri.authority() {
+        Some(authority) if uri.path().is_empty() => {
+            let authority = authority.as_str();
+            // The userinfo ends at the last `@` (a password may hold one too).
+            authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host)
+        }
+        _ => uri.path(),
+    };
+    format!(
+        "{} {} from {peer}",
+        bounded(method.as_str()),
+        bounded(target)
+    )
+}
+
+/// `text` cut to at most [`MAX_NAME_PART`] bytes (on a character boundary), marked with `…`.
+fn bounded(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_NAME_PART {
+        return text.into();
+    }
+    let mut end = MAX_NAME_PART;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
 }
 
 /// The decision for one request.
@@ -511,13 +563,13 @@ pub(crate) fn admit<ReqB, B>(
     shared: &LayerShared,
     conn: Option<&Arc<ConnWatch>>,
     req: &Request<ReqB>,
+    grpc: Option<Grpc>,
 ) -> Admission<B> {
     let version = req.version();
     // Count first, then check: a drain that starts at the same moment either sees this guard
     // (and waits for the request) or is seen here. The check is one relaxed load of a
     // `&'static` flag, set when the Drain phase starts.
     let guard = in_flight.acquire();
-    let grpc = grpc_kind(req);
     let too_late = in_flight.is_draining() && is_http1(version) && shared.too_late();
     if too_late && conn.is_none() {
         drop(guard);
@@ -580,7 +632,7 @@ impl Grpc {
 
 /// The request's gRPC kind, from its content type; a `CONNECT` is never gRPC (a `2xx` to it
 /// would upgrade the connection).
-fn grpc_kind<ReqB>(req: &Request<ReqB>) -> Option<Grpc> {
+pub(crate) fn grpc_kind<ReqB>(req: &Request<ReqB>) -> Option<Grpc> {
     let content_type = req.headers().get(CONTENT_TYPE)?.as_bytes();
     let rest = content_type.strip_prefix(b"application/grpc")?;
     if req.method() == Method::CONNECT {
@@ -690,7 +742,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        match admit(self.in_flight, &self.shared, None, &req) {
+        match admit(self.in_flight, &self.shared, None, &req, grpc_kind(&req)) {
             Admission::Rejected(response) => ResponseFuture::rejected(response),
             Admission::Admitted(admitted) => {
                 ResponseFuture::admitted(self.inner.call(req), admitted)
