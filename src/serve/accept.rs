@@ -76,6 +76,7 @@ use tower::layer::util::{Identity, Stack};
 use crate::Finale;
 use crate::config::ConfigError;
 use crate::phase::Phase;
+use crate::serve::gate::Gate;
 use crate::serve::tower::{
     Admission, ConnWatch, DrainBody, LayerShared, Peer, Rejection, Responder, ResponseFuture,
     TooLate, admit, grpc_kind,
@@ -944,6 +945,7 @@ where
     // or its last request ended) is closed. One timer per connection, moved only when it fires.
     let slow = tokio::time::sleep_until(watch.last_active() + settings.header_read_timeout);
     tokio::pin!(slow);
+    let gate = Gate::new();
     // GOAWAY sent already (an HTTP/2 connection moved during the drain delay, or old enough).
     let mut moved = false;
     // The connection age was looked at (once).
@@ -962,24 +964,42 @@ where
             Stage::Draining { grace_until } => break grace_until,
             Stage::Cut => return cut_connection(conn, watch),
         }
-        let aged = async {
-            match settings.max_connection_age {
-                Some(age) if !aged_checked && !moved => {
-                    tokio::time::sleep_until(watch.accepted() + age).await;
+        let event = {
+            let aged = async {
+                match settings.max_connection_age {
+                    Some(age) if !aged_checked && !moved => {
+                        tokio::time::sleep_until(watch.accepted() + age).await;
+                    }
+                    _ => std::future::pending().await,
                 }
-                _ => std::future::pending().await,
+            };
+            // The drain's signals: looked at only when one of them fired, not at every
+            // wake-up of the connection (one per request).
+            let signals = async {
+                tokio::select! {
+                    biased;
+                    changed = stage.changed() => Event::Stage { closed: changed.is_err() },
+                    () = &mut slow => Event::Slow,
+                    () = aged => Event::Aged,
+                }
+            };
+            tokio::pin!(signals);
+            gate.open();
+            tokio::select! {
+                biased;
+                result = conn.as_mut() => return log_end(watch, result),
+                event = std::future::poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => event,
             }
         };
-        tokio::select! {
-            result = conn.as_mut() => return log_end(watch, result),
-            changed = stage.changed() => if changed.is_err() {
-                // The accept loop is gone (aborted): close at once.
-                return cut_connection(conn, watch);
-            },
-            () = &mut slow => {
+        match event {
+            Event::Stage { closed: false } => {}
+            // The accept loop is gone (aborted): close at once.
+            Event::Stage { closed: true } => return cut_connection(conn, watch),
+            Event::Slow => {
                 let now = Instant::now();
                 let due = watch.last_active() + settings.header_read_timeout;
-                if watch.active.load(Ordering::Relaxed) > 0 || !watch.http1.load(Ordering::Relaxed) {
+                if watch.active.load(Ordering::Relaxed) > 0 || !watch.http1.load(Ordering::Relaxed)
+                {
                     // A request in flight (its body, its response), or not HTTP/1: look again
                     // one timeout from now.
                     slow.as_mut().reset(now + settings.header_read_timeout);
@@ -990,7 +1010,7 @@ where
                     slow.as_mut().reset(due);
                 }
             }
-            () = aged => {
+            Event::Aged => {
                 aged_checked = true;
                 if watch.http2.load(Ordering::Relaxed) {
                     // Old enough: GOAWAY, the streams it has finish, the client reconnects
@@ -1040,6 +1060,16 @@ where
         result = conn.as_mut() => log_end(watch, result),
         _ = stage.wait_for(|s| *s == Stage::Cut) => cut_connection(conn, watch),
     }
+}
+
+/// What woke a serving connection's drain signals.
+enum Event {
+    /// The server's stage changed (or its sender is gone: `closed`).
+    Stage { closed: bool },
+    /// The slow-client timer fired.
+    Slow,
+    /// The connection reached its maximum age.
+    Aged,
 }
 
 /// Whether the connection's socket holds bytes nobody has read yet.
