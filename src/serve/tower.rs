@@ -546,7 +546,9 @@ pub(crate) struct Admitted {
         allow(dead_code)
     )]
     pub(crate) too_late: bool,
-    cut: Option<CutName>,
+    /// Boxed: the name's parts (a method and a URI) are large, and the response and its
+    /// futures are moved several times on their way out; one small allocation is cheaper.
+    cut: Option<Box<CutName>>,
 }
 
 /// The hot path, shared by [`Drain`] and finale's servers.
@@ -589,7 +591,11 @@ pub(crate) fn admit<ReqB, B>(
         if !is_http1(version) && !conn.http2.load(Ordering::Relaxed) {
             conn.http2.store(true, Ordering::Relaxed);
         }
-        CutName::new(req.method().clone(), req.uri().clone(), conn.clone())
+        Box::new(CutName::new(
+            req.method().clone(),
+            req.uri().clone(),
+            conn.clone(),
+        ))
     });
     let http1 = is_http1(version);
     Admission::Admitted(Admitted {
@@ -788,6 +794,12 @@ impl<F, B> ResponseFuture<F, B> {
         }
     }
 
+    /// The service panicked when it was called: answered `500` (in gRPC form for gRPC),
+    /// counted, and no longer in flight.
+    pub(crate) fn panicked(admitted: Admitted, payload: &(dyn std::any::Any + Send)) -> Self {
+        Self::rejected(handler_panicked(admitted.in_flight, payload, admitted.grpc))
+    }
+
     pub(crate) fn admitted(fut: F, admitted: Admitted) -> Self {
         Self {
             state: State::Pending {
@@ -946,18 +958,46 @@ where
                 },
             };
         }
-        // The clone that was made for this request goes into the future (tower's usual
-        // clone-and-swap): its readiness and its call both happen there, inside the panic
-        // isolation.
-        let clone = self.inner.clone();
-        let service = std::mem::replace(&mut self.inner, clone);
-        ResponderFuture {
-            state: Answer::Waiting {
-                call: Some((service, req)),
-                grpc,
-                in_flight: self.shared.handle.in_flight(),
+        let in_flight = self.shared.handle.in_flight();
+        // Ready at once (the usual case): called now, inside the panic isolation, and the
+        // request is handed over once. (A waker that does nothing: a service not ready now is
+        // polled again, with the task's waker, in the future.)
+        let ready = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.inner
+                .poll_ready(&mut Context::from_waker(std::task::Waker::noop()))
+        }));
+        let state = match ready {
+            Ok(Poll::Ready(Ok(()))) => {
+                match std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
+                    Ok(fut) => Answer::Called {
+                        fut,
+                        grpc,
+                        in_flight,
+                    },
+                    Err(payload) => Answer::Ready {
+                        response: Some(handler_panicked(in_flight, &*payload, grpc)),
+                    },
+                }
+            }
+            // Not ready, or failed (asked again in the future, where it says so again: its
+            // error is not kept here, it need not be `Send`).
+            Ok(Poll::Ready(Err(_)) | Poll::Pending) => {
+                // The clone that was made for this request goes into the future (tower's usual
+                // clone-and-swap): its readiness and its call both happen there, inside the
+                // panic isolation.
+                let clone = self.inner.clone();
+                let service = std::mem::replace(&mut self.inner, clone);
+                Answer::Waiting {
+                    call: Some((service, req)),
+                    grpc,
+                    in_flight,
+                }
+            }
+            Err(payload) => Answer::Ready {
+                response: Some(handler_panicked(in_flight, &*payload, grpc)),
             },
-        }
+        };
+        ResponderFuture { state }
     }
 }
 
@@ -1080,7 +1120,7 @@ pin_project! {
         #[pin]
         kind: Kind<B>,
         guard: Option<InFlightGuard>,
-        cut: Option<CutName>,
+        cut: Option<Box<CutName>>,
     }
 
     impl<B> PinnedDrop for DrainBody<B> {
@@ -1122,7 +1162,7 @@ impl<B> DrainBody<B> {
         }
     }
 
-    fn tracked(body: B, guard: InFlightGuard, cut: Option<CutName>) -> Self {
+    fn tracked(body: B, guard: InFlightGuard, cut: Option<Box<CutName>>) -> Self {
         Self {
             kind: Kind::Inner { body },
             guard: Some(guard),
