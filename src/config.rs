@@ -703,6 +703,10 @@ fn validate(b: &Budget) -> Result<(), ConfigError> {
 /// answered `503`; a drain timeout not longer than that makes every HTTP/1 request of the
 /// drain a `503`, from its first moment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+    allow(dead_code)
+)]
 pub(crate) struct LateMisfit {
     pub(crate) drain_timeout: Duration,
     pub(crate) late_margin: Duration,
@@ -720,6 +724,10 @@ impl fmt::Display for LateMisfit {
 }
 
 /// The budget planner, for a server: do its late answers leave the drain time to serve?
+#[cfg_attr(
+    not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+    allow(dead_code)
+)]
 pub(crate) fn plan_late_answers(
     budget: &Budget,
     late_margin: Duration,
