@@ -24,7 +24,7 @@ pub(crate) struct TooLate;
 
 /// The innermost service of finale's servers: calls the user's service, isolates its panics
 /// (`500`, in gRPC form for gRPC), and answers a request the server found too late in the drain
-/// with the [`Rejection`]. The layers given to
+/// with the [`Rejection`](super::Rejection). The layers given to
 /// [`HttpServer::layer`](crate::axum::HttpServer::layer) wrap it, so they see those answers as
 /// they see any other; the tracking (in flight until the last byte of the body, the cut and its
 /// report names) stays outside every layer.
