@@ -357,3 +357,45 @@ async fn pipelined_requests_during_the_drain_delay_get_only_the_first_answered()
     let report = finish(run).await;
     assert_eq!(report.status, finale::ShutdownStatus::Clean, "{report}");
 }
+
+/// A drain timeout not longer than the late margin plus the cut margin turns every HTTP/1
+/// request of the drain into a `503`: registering the server says so (a warning naming the
+/// setting to change), and a drain long enough says nothing.
+#[tokio::test(flavor = "current_thread")]
+async fn a_drain_timeout_within_the_late_margin_is_warned_at_registration() {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        for (name, drain) in [
+            ("short", Duration::from_secs(1)),
+            ("long", Duration::from_secs(5)),
+        ] {
+            let finale = builder().drain_timeout(drain).build().unwrap();
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            finale::axum::HttpServer::new(name)
+                .serve(&finale, listener, Router::new())
+                .unwrap();
+        }
+    });
+    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    eprintln!("{text}");
+    assert_eq!(text.matches("answered 503").count(), 1, "{text}");
+    assert!(text.contains("server=short"), "{text}");
+    assert!(text.contains("FINALE_DRAIN_TIMEOUT"), "{text}");
+}
