@@ -698,6 +698,51 @@ fn validate(b: &Budget) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The budget planner: a server's drain answers do not fit the Drain phase. An HTTP/1 request
+/// that arrives within the late margin (plus the server's cut margin) of the Drain deadline is
+/// answered `503`; a drain timeout not longer than that makes every HTTP/1 request of the
+/// drain a `503`, from its first moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+    allow(dead_code)
+)]
+pub(crate) struct LateMisfit {
+    pub(crate) drain_timeout: Duration,
+    pub(crate) late_margin: Duration,
+    pub(crate) cut_margin: Duration,
+}
+
+impl fmt::Display for LateMisfit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the drain timeout {:?} is not longer than the late margin {:?} plus the cut margin              {:?}: every HTTP/1 request that arrives during the drain is answered 503 instead of              served; lengthen the drain timeout (FINALE_DRAIN_TIMEOUT) or shorten              Rejection::late_margin",
+            self.drain_timeout, self.late_margin, self.cut_margin
+        )
+    }
+}
+
+/// The budget planner, for a server: do its late answers leave the drain time to serve?
+#[cfg_attr(
+    not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+    allow(dead_code)
+)]
+pub(crate) fn plan_late_answers(
+    budget: &Budget,
+    late_margin: Duration,
+    cut_margin: Duration,
+) -> Result<(), LateMisfit> {
+    if budget.drain_timeout <= late_margin + cut_margin {
+        return Err(LateMisfit {
+            drain_timeout: budget.drain_timeout,
+            late_margin,
+            cut_margin,
+        });
+    }
+    Ok(())
+}
+
 /// The budget planner: does the plan fit the platform's grace period?
 pub(crate) fn plan(budget: &Budget) -> Result<(), Box<PlanMisfit>> {
     let Some(grace_period) = budget.grace_period else {
@@ -792,6 +837,19 @@ mod tests {
             1,
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_drain_timeout_within_the_late_margin_is_a_misfit() {
+        let mut b = resolve(BudgetSettings::default(), &[]).unwrap();
+        let (late, cut) = (Duration::from_secs(1), Duration::from_millis(100));
+        b.drain_timeout = Duration::from_secs(1);
+        let misfit = plan_late_answers(&b, late, cut).unwrap_err();
+        assert!(misfit.to_string().contains("answered 503"), "{misfit}");
+        b.drain_timeout = Duration::from_millis(1100);
+        assert!(plan_late_answers(&b, late, cut).is_err());
+        b.drain_timeout = Duration::from_millis(1500);
+        assert!(plan_late_answers(&b, late, cut).is_ok());
     }
 
     fn resolve(s: BudgetSettings, env: &[(&str, &str)]) -> Result<Budget, ConfigError> {

@@ -2,6 +2,9 @@
 //! chosen by the first argument, on the loopback port given as the second.
 //!
 //! - `plain`: `axum::serve(listener, router)`, no finale at all;
+//! - `plain-ci`: the same with `into_make_service_with_connect_info::<SocketAddr>()`, so that
+//!   handlers get `ConnectInfo` as they do behind finale's server (the peer of the instruction
+//!   count, `scripts/bench_instructions.py`);
 //! - `finale`: `finale::axum::serve(..)`, finale's accept loop with the drain layer built in;
 //! - `layer`: `axum::serve(listener, router.layer(DrainLayer::new(..)))`, the layer alone;
 //! - `plain-tls`, `finale-tls`: the handler over HTTPS, tokio-rustls + hyper-util vs finale's.
@@ -35,11 +38,12 @@ use finale::Finale;
 use finale::tower::DrainLayer;
 use tokio::signal::unix::{SignalKind, signal};
 
-const USAGE: &str = "usage: http_server <plain|finale|layer|plain-tls|finale-tls|plain-grpc|\
+const USAGE: &str = "usage: http_server <plain|plain-ci|finale|layer|plain-tls|finale-tls|plain-grpc|\
                      finale-grpc|plain-grpc-tls|finale-grpc-tls> <port>";
 
-const VARIANTS: [&str; 9] = [
+const VARIANTS: [&str; 10] = [
     "plain",
+    "plain-ci",
     "finale",
     "layer",
     "plain-tls",
@@ -187,7 +191,7 @@ async fn run(variant: &str, port: u16) {
             let _report = finale.run().await;
         }
         _ => {
-            // `plain` and `layer` share everything but the layer, so the difference between
+            // `plain`, `plain-ci` and `layer` share everything but the layer, so the difference between
             // them is the layer's own cost, and `finale` minus `layer` is the accept loop's.
             let finale = Finale::builder()
                 .no_signals()
@@ -209,9 +213,17 @@ async fn run(variant: &str, port: u16) {
             });
             let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
             println!("listening on {addr} ({variant})");
-            tokio::select! {
-                result = axum::serve(listener, router) => result.expect("serve"),
-                _ = term.recv() => {}
+            if variant == "plain-ci" {
+                let service = router.into_make_service_with_connect_info::<SocketAddr>();
+                tokio::select! {
+                    result = axum::serve(listener, service) => result.expect("serve"),
+                    _ = term.recv() => {}
+                }
+            } else {
+                tokio::select! {
+                    result = axum::serve(listener, router) => result.expect("serve"),
+                    _ = term.recv() => {}
+                }
             }
             drop(finale);
         }

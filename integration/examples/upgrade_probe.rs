@@ -6,6 +6,8 @@
 //!   version that removed it).
 //! - `PROBE_SUCCESSOR_SLOW_START_MS`: a successor's graceful start takes this long after its
 //!   servers are up (a warm-up task).
+//! - `PROBE_SUCCESSOR_READY_ON_USR1`: a successor's graceful start completes only when it
+//!   receives SIGUSR1 (it logs `probe warming pid=N` once it waits for it).
 //! - `PROBE_READY_TIMEOUT_MS`: `Upgrade::ready_timeout`.
 //! - `PROBE_SPAWN_CHILD`: spawns `sleep 300` right after build and logs `child pid=N`.
 //! - `PROBE_PROGRAM`: `Upgrade::program`.
@@ -95,6 +97,19 @@ async fn main() {
         finale
             .spawn(Task::service("warmup", move |ctx| async move {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
+                ctx.set_ready();
+                ctx.stopped().await;
+                Ok::<(), std::io::Error>(())
+            }))
+            .unwrap();
+    }
+    if successor && env("PROBE_SUCCESSOR_READY_ON_USR1").is_some() {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut usr1 = signal(SignalKind::user_defined1()).unwrap();
+        finale
+            .spawn(Task::service("warmup-usr1", move |ctx| async move {
+                eprintln!("probe warming pid={pid}");
+                usr1.recv().await;
                 ctx.set_ready();
                 ctx.stopped().await;
                 Ok::<(), std::io::Error>(())

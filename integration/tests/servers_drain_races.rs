@@ -246,3 +246,156 @@ async fn an_http1_connect_tunnel_counts_in_flight_and_is_cut_like_a_websocket() 
     );
     assert!(!alive, "documented: shut down at the deadline");
 }
+
+/// The report goes to logs and telemetry: a request cut at the deadline is named without the
+/// userinfo of its authority (`CONNECT user:password@host:443`, as a proxy client may send it)
+/// and with a bounded name (a 3,000-byte path is not copied in full).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_request_is_named_without_credentials_and_with_a_bounded_length() {
+    let finale = builder()
+        .drain_timeout(Duration::from_secs(1))
+        .total_budget(Duration::from_secs(4))
+        .telemetry_reserve(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let handle = finale.handle();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Never answers: every request is still in flight at the deadline.
+    let service = hyper::service::service_fn(|_req: Request<Incoming>| async move {
+        std::future::pending::<()>().await;
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    });
+    finale::hyper::serve(&finale, "proxy", listener, service).unwrap();
+    let run = tokio::spawn(finale.run());
+    tokio::time::timeout(BOUND, handle.health().started())
+        .await
+        .expect("graceful start completes");
+
+    let long_path = format!("/{}", "a".repeat(3000));
+    let heads = [
+        "CONNECT user:S3CRETPW@example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+            .to_owned(),
+        format!("GET {long_path} HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ];
+    let mut conns = Vec::new();
+    for head in &heads {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conns.push(conn);
+    }
+    // Both requests reached the service (in flight), polled with a bound.
+    let mut count = handle.in_flight().count();
+    for _ in 0..400 {
+        if count == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        count = handle.in_flight().count();
+    }
+    assert_eq!(count, 2);
+
+    handle.trigger("test");
+    let report = finish(run).await;
+    eprintln!("{report}");
+    let text = report.to_string();
+    assert!(!text.contains("S3CRETPW"), "userinfo in the report: {text}");
+    assert!(!text.contains("user:"), "userinfo in the report: {text}");
+    assert!(
+        report
+            .cut
+            .iter()
+            .any(|c| c.starts_with("CONNECT example.com:443 from 127.0.0.1:")),
+        "{report}"
+    );
+    let long = report
+        .cut
+        .iter()
+        .find(|c| c.starts_with("GET /aaa"))
+        .unwrap_or_else(|| panic!("the long request is named: {report}"));
+    assert!(long.len() < 400, "a bounded name, got {} bytes", long.len());
+    drop(conns);
+}
+
+/// README: "pipelined requests (several sent before the first answer) get only the first one
+/// answered, with `Connection: close`, also during the drain delay". Four requests in one
+/// write, once the shutdown is announced: one answer, then the connection closes (the client
+/// resends the rest elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_during_the_drain_delay_get_only_the_first_answered() {
+    let finale = builder()
+        .drain_delay(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let handle = finale.handle();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route("/", get(|| async { "hello" }));
+    finale::axum::serve(&finale, "http", listener, app).unwrap();
+    let run = tokio::spawn(finale.run());
+    tokio::time::timeout(BOUND, handle.health().started())
+        .await
+        .expect("graceful start completes");
+    handle.trigger("test");
+    tokio::time::timeout(BOUND, handle.phase_started(Phase::Announce))
+        .await
+        .expect("the drain delay starts");
+
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all("GET / HTTP/1.1\r\nHost: x\r\n\r\n".repeat(4).as_bytes())
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    tokio::time::timeout(BOUND, conn.read_to_end(&mut answers))
+        .await
+        .expect("the connection closes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answers).to_ascii_lowercase();
+    eprintln!("{text}");
+    assert_eq!(text.matches("http/1.1 200").count(), 1, "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    let report = finish(run).await;
+    assert_eq!(report.status, finale::ShutdownStatus::Clean, "{report}");
+}
+
+/// A drain timeout not longer than the late margin plus the cut margin turns every HTTP/1
+/// request of the drain into a `503`: registering the server says so (a warning naming the
+/// setting to change), and a drain long enough says nothing.
+#[tokio::test(flavor = "current_thread")]
+async fn a_drain_timeout_within_the_late_margin_is_warned_at_registration() {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        for (name, drain) in [
+            ("short", Duration::from_secs(1)),
+            ("long", Duration::from_secs(5)),
+        ] {
+            let finale = builder().drain_timeout(drain).build().unwrap();
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            finale::axum::HttpServer::new(name)
+                .serve(&finale, listener, Router::new())
+                .unwrap();
+        }
+    });
+    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    eprintln!("{text}");
+    assert_eq!(text.matches("answered 503").count(), 1, "{text}");
+    assert!(text.contains("server=short"), "{text}");
+    assert!(text.contains("FINALE_DRAIN_TIMEOUT"), "{text}");
+}

@@ -841,6 +841,50 @@ async fn the_header_read_timeout_disconnects_a_slow_client() {
     assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
 
+/// `HttpServer::header_read_timeout` is finale's own, one timer per connection: an idle
+/// HTTP/1 keep-alive connection is closed after it (as hyper's per-request timer did), an
+/// HTTP/2 connection with no stream open is idle, not slow, and stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_read_timeout_closes_idle_http1_connections_and_leaves_http2_alone() {
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    let served = serve_with(builder(), |server| server.header_read_timeout(TIMEOUT)).await;
+    let mut kept = kept_alive(&served).await;
+    let mut h2 = TcpStream::connect(served.addr).await.unwrap();
+    // The HTTP/2 preface and an empty SETTINGS frame; no stream.
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    tokio::time::timeout(BOUND, kept.read_to_end(&mut buf))
+        .await
+        .expect("the idle keep-alive connection is closed")
+        .unwrap();
+    let elapsed = start.elapsed();
+    eprintln!("idle HTTP/1 connection closed after {elapsed:?}");
+    assert!(
+        elapsed >= TIMEOUT - Duration::from_millis(50),
+        "{elapsed:?}"
+    );
+    // By now the HTTP/2 connection has been idle for longer than the timeout, three times
+    // over once this read gives up: it is still open (its frames come, no end of file).
+    let mut frames = [0u8; 256];
+    let ended = tokio::time::timeout(3 * TIMEOUT, async {
+        loop {
+            match h2.read(&mut frames).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_err(), "the idle HTTP/2 connection was closed");
+    drop(h2);
+    served.handle.trigger("test");
+    let report = finish(served).await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn axum_handlers_get_connect_info() {
     // axum's `ConnectInfo<SocketAddr>` extractor answers 500 unless the server provides it:

@@ -211,6 +211,44 @@ fn fresh_get(addr: SocketAddr, path: &str) -> Result<String, String> {
     }
 }
 
+/// Sends `GET /slow` on a new connection and returns once the server has read it (the
+/// server's end of the connection has nothing left unread, per `ss`); the answer is read on a
+/// thread: `Ok(body)` for a 200, `Err(what)` otherwise.
+fn slow_in_flight(addr: SocketAddr) -> std::thread::JoinHandle<Result<String, String>> {
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap();
+    let client_port = conn.local_addr().unwrap().port();
+    conn.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let read = wait_until(BOUND, || {
+        let out = Command::new("ss")
+            .args([
+                "-Htn",
+                &format!("sport = :{} and dport = :{client_port}", addr.port()),
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // State Recv-Q Send-Q Local Peer: an accepted connection whose request was read.
+        text.lines()
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u32>().ok())
+            == Some(0)
+    });
+    assert!(read, "the server read the request");
+    std::thread::spawn(move || {
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = Vec::new();
+        match conn.read_to_end(&mut buf) {
+            Ok(_) if buf.starts_with(b"HTTP/1.1 200") => {
+                Ok(String::from_utf8_lossy(&buf).into_owned())
+            }
+            Ok(0) => Err("closed without an answer".to_owned()),
+            Ok(_) => Err(format!("answer {:?}", String::from_utf8_lossy(&buf))),
+            Err(e) => Err(format!("read: {:?}", e.kind())),
+        }
+    })
+}
+
 /// `Upgrade::program`'s default is the executable found when the finale was built: a new
 /// release installed by rename (writing a running binary in place fails with ETXTBSY) is the
 /// successor, although the running process's own path then names a deleted file.
@@ -517,4 +555,119 @@ fn the_ready_outcome_is_counted_before_the_shutdown_runs() {
     kill("-TERM", pid);
     assert!(wait_until(BOUND, || !alive(pid)));
     assert_eq!(logged, rounds, "{}", chain.seen.join("\n"));
+}
+
+/// A SIGTERM recorded while the successor starts wins, even when the successor reports ready
+/// a moment later (before the old process looked at the shutdown again): the upgrade is
+/// abandoned, the successor stopped, nobody serves on. The successor here becomes ready only
+/// when told (SIGUSR1), right after the old process logged the shutdown request. Five rounds:
+/// the old wait looked at the shutdown only every 20 ms, and a `READY=1` in that slice won.
+#[test]
+fn a_sigterm_just_before_the_successor_is_ready_wins() {
+    for round in 1..=5 {
+        let addr = addr();
+        let mut chain = Chain::start(
+            &probe(),
+            &[
+                ("PROBE_ADDR", addr.to_string()),
+                ("PROBE_SUCCESSOR_READY_ON_USR1", "1".to_owned()),
+                ("PROBE_READY_TIMEOUT_MS", "10000".to_owned()),
+                ("FINALE_DRAIN_DELAY", "0s".to_owned()),
+            ],
+        );
+        ready(addr);
+        let old = chain.first.id();
+        kill("-USR2", old);
+        let warming = chain.wait_line("probe warming pid=");
+        let successor: u32 = field(&warming, "probe warming pid=").parse().unwrap();
+        kill("-TERM", old);
+        chain.wait_line("shutdown requested reason=signal");
+        kill("-USR1", successor);
+        let report = chain.wait_line(&format!("probe report pid={old}"));
+        let _ = chain.first.wait();
+        let gone = wait_until(BOUND, || !alive(successor));
+        let serving = fresh_get(addr, "/hello");
+        eprintln!("round {round}: {report}\n  successor gone: {gone}, serving: {serving:?}");
+        assert!(
+            gone,
+            "round {round}: the successor {successor} serves on (orphan): {serving:?}\n{}",
+            chain.seen.join("\n")
+        );
+        assert!(
+            chain.seen.iter().any(|l| l.contains("upgrade abandoned")),
+            "round {round}: {}",
+            chain.seen.join("\n")
+        );
+        assert_eq!(serving, Err("connect: ConnectionRefused".to_owned()));
+    }
+}
+
+/// After a hand-off the old process drains what it has in flight; `systemctl stop` (one
+/// SIGTERM to it, `KillMode=control-group`) is the first signal, not a second one: its
+/// requests finish (a 1.5 s request here), the exit is not "forced".
+#[test]
+fn one_sigterm_after_the_hand_off_does_not_cut_the_old_processes_requests() {
+    let addr = addr();
+    let mut chain = Chain::start(
+        &probe(),
+        &[
+            ("PROBE_ADDR", addr.to_string()),
+            ("FINALE_DRAIN_DELAY", "0s".to_owned()),
+        ],
+    );
+    ready(addr);
+    let old = chain.first.id();
+    // In flight in the old process before the upgrade.
+    let slow = slow_in_flight(addr);
+    kill("-USR2", old);
+    chain.wait_line("shutdown requested reason=upgrade");
+    kill("-TERM", old);
+    let answer = slow.join().unwrap();
+    let report = chain.wait_line(&format!("probe report pid={old}"));
+    let status = chain.first.wait().unwrap();
+    eprintln!("{report}\n  old exit: {status}, the slow request: {answer:?}");
+    assert!(
+        answer
+            .as_ref()
+            .is_ok_and(|a| a.contains(&format!("hello from {old}"))),
+        "cut: {answer:?}\n{}",
+        chain.seen.join("\n")
+    );
+    assert_eq!(status.code(), Some(0), "{report}");
+    // The successor serves.
+    assert!(fresh_get(addr, "/hello").is_ok());
+}
+
+/// A second signal abandons the drain: the requests it cuts are named in the report, as those
+/// cut at the drain deadline are.
+#[test]
+fn a_second_sigterm_names_the_requests_it_cuts() {
+    let addr = addr();
+    let mut chain = Chain::start(
+        &probe(),
+        &[
+            ("PROBE_ADDR", addr.to_string()),
+            ("FINALE_DRAIN_DELAY", "0s".to_owned()),
+        ],
+    );
+    ready(addr);
+    let old = chain.first.id();
+    let slow = slow_in_flight(addr);
+    kill("-TERM", old);
+    chain.wait_line("shutdown requested reason=signal");
+    kill("-TERM", old);
+    let report = chain.wait_line(&format!("probe report pid={old}"));
+    let _ = chain.first.wait();
+    let answer = slow.join().unwrap();
+    chain.drain_lines(Duration::from_millis(300));
+    eprintln!("{report}\n  the slow request: {answer:?}");
+    assert!(answer.is_err(), "cut by the second signal: {answer:?}");
+    assert!(
+        chain
+            .seen
+            .iter()
+            .any(|l| l.contains("GET /slow from 127.0.0.1:")),
+        "the cut request is named:\n{}",
+        chain.seen.join("\n")
+    );
 }

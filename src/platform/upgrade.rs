@@ -25,8 +25,10 @@
 //!    finale drains what it already accepted from the shared sockets; SIGKILL after
 //!    [`STOP_WAIT`]), the failure is logged, counted (`finale_upgrades_total{outcome}`), listed
 //!    in the report, and this process goes on serving.
-//! 5. **A shutdown requested while the successor starts** (SIGTERM, `Handle::trigger`) wins:
-//!    the service is to stop, not to be replaced. The upgrade is abandoned, the successor
+//! 5. **A shutdown requested while the successor starts** (SIGTERM, `Handle::trigger`) wins,
+//!    also when the successor's `READY=1` arrives right after it (the wait looks at the request
+//!    again once the line is in): the service is to stop, not to be replaced. (One requested
+//!    after that look is after the hand-off: the successor serves, this process drains.) The upgrade is abandoned, the successor
 //!    stopped the same way (SIGKILL once most of the Announce timeout is spent, so that no
 //!    orphan outlives this process), the report says so, and the servers leave the shared
 //!    sockets alone while the successor still holds them.
@@ -595,6 +597,11 @@ fn wait_ready(
             Ok(n) => {
                 seen.extend_from_slice(&buf[..n]);
                 if seen.windows(READY_LINE.len()).any(|w| w == READY_LINE) {
+                    // A shutdown requested while the successor got ready (within the last
+                    // slice) still wins: looked at again, not only at the slice's start.
+                    if life.trigger().is_some() {
+                        break End::Aborted;
+                    }
                     return Ok(pid);
                 }
             }

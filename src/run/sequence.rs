@@ -109,6 +109,13 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
         });
     }
     drop(shutdown_span);
+    if shared.is_escalated() && shared.in_flight.count() > 0 {
+        // The servers were aborted: their connections are dropped on the runtime, and each
+        // unfinished request names itself in the report as it goes. A short, bounded wait for
+        // that, out of the escalation's budget, so that the report names what was cut.
+        let wait = ESCALATION_NAMING_WAIT.min(budget.escalation_budget / 10);
+        let _ = tokio::time::timeout(wait, shared.in_flight.wait_idle()).await;
+    }
 
     // Record everything known so far before the Telemetry phase flushes it.
     let before_telemetry = clock.t0.elapsed();
@@ -160,6 +167,10 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
     finish(shared, &mut report, clock.t0.elapsed());
     report
 }
+
+/// How long, after a second signal, the sequence waits for the aborted servers' requests to
+/// be dropped (and named): 100 ms, at most a tenth of the escalation budget.
+const ESCALATION_NAMING_WAIT: Duration = Duration::from_millis(100);
 
 /// How late past the total a sequence may end and still count as within it: the Telemetry
 /// phase ends at its deadline, and its timer fires a tick after it.

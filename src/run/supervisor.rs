@@ -70,6 +70,7 @@ pub(crate) fn start(shared: &Arc<Shared>, signals: &[Signal]) -> Result<(), Conf
         life: shared.life.clone(),
         budget: shared.budget,
         codes: shared.exit_codes,
+        after_upgrade: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     };
     let signals = signals.to_vec();
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -138,6 +139,9 @@ struct Supervisor {
     life: Arc<Life>,
     budget: Budget,
     codes: ExitCodes,
+    /// A signal arrived after a hand-off had requested the shutdown (that one does not
+    /// escalate; the next does).
+    after_upgrade: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Where the sequence was stuck when the supervisor took over.
@@ -217,6 +221,21 @@ impl Supervisor {
             return;
         };
         if shared.request(Reason::Signal(signal)) {
+            return;
+        }
+        // A hand-off requested the shutdown, not a signal: the first signal after it (systemd
+        // stopping a draining old process) is the first, not a second that cuts what is still
+        // in flight here. The drain goes on; another signal escalates.
+        if matches!(shared.reason(), Some(Reason::Upgrade { .. }))
+            && !self
+                .after_upgrade
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            tracing::warn!(
+                target: "finale",
+                %signal,
+                "signal while draining after the hand-off: the drain goes on; send another to abandon it"
+            );
             return;
         }
         if shared.escalate() {

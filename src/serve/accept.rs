@@ -50,22 +50,17 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use pin_project_lite::pin_project;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -76,24 +71,23 @@ use tower::layer::util::{Identity, Stack};
 use crate::Finale;
 use crate::config::ConfigError;
 use crate::phase::Phase;
+use crate::serve::conn_service::ConnService;
+#[cfg(feature = "hyper")]
+pub(crate) use crate::serve::conn_service::HyperToTower;
+use crate::serve::connection::{BoxError, Settings, Stage, Tls, serve_connection};
 use crate::serve::listening::{BindError, Binding, Listening, LocalAddr};
-use crate::serve::tower::{
-    Admission, ConnWatch, DrainBody, LayerShared, Peer, Rejection, Responder, ResponseFuture,
-    TooLate, admit,
-};
-use crate::serve::transport::{Acceptor, TcpAcceptor, Transport, is_connection_error};
+use crate::serve::tower::{ConnWatch, LayerShared, Peer, Rejection, Responder};
+use crate::serve::transport::{Acceptor, TcpAcceptor, is_connection_error};
 #[cfg(unix)]
 use crate::serve::unix;
 use crate::task::{Task, TaskContext};
-use crate::track::InFlight;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// How long connections not known to be HTTP/2 stay open after the drain started, so that a
 /// request on its way is served (with `Connection: close`) instead of reset: 1 second.
 pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_secs(1);
 /// How long a client may take to send a request's headers: 10 seconds. A slow or stalled
-/// client is disconnected after it, whatever the drain is doing.
+/// HTTP/1 client is disconnected after it, whatever the drain is doing (see
+/// [`HttpServer::header_read_timeout`]).
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long before the Drain phase's deadline the remaining connections are cut: 100 ms.
 pub const DEFAULT_CUT_MARGIN: Duration = Duration::from_millis(100);
@@ -521,6 +515,14 @@ impl<L> HttpServer<L> {
     /// connection with no request in flight is closed: one idle for longer than the grace when
     /// the drain starts is closed at once (a client that never sent a complete request does not
     /// hold the drain either). The drain ends earlier if every connection has closed.
+    ///
+    /// # Caveats
+    ///
+    /// Closing an idle HTTP/1 connection always leaves a window: a request the client sends as
+    /// the close happens is reset (the client sees the connection end without an answer). A
+    /// client that sends on a fixed period equal to the grace (a poller every second, with the
+    /// default) aims at that window: seen 4 times in 1,460 upgrades with a 1 s poller, never
+    /// with periods of 0.5, 0.98, 1.02 or 1.5 s. Pick a grace apart from your clients' periods.
     pub fn idle_grace(mut self, grace: Duration) -> Self {
         self.settings.idle_grace = grace;
         self
@@ -540,8 +542,9 @@ impl<L> HttpServer<L> {
     }
 
     /// Every other hyper setting: `configure` gets hyper-util's connection builder (HTTP/1 and
-    /// HTTP/2) after finale has set its own (the timers, the header-read timeout, extended
-    /// CONNECT), so it may change those too. For example HTTP/2 limits and keep-alive pings:
+    /// HTTP/2) after finale has set its own (the timers, hyper's own header-read timeout off:
+    /// finale's [`header_read_timeout`](HttpServer::header_read_timeout) bounds slow clients;
+    /// extended CONNECT), so it may change those too. For example HTTP/2 limits and keep-alive pings:
     ///
     /// ```
     /// use std::time::Duration;
@@ -587,8 +590,13 @@ impl<L> HttpServer<L> {
         self
     }
 
-    /// How long a client may take to send a request's headers (hyper's header-read timeout):
-    /// a slow or stalled client is disconnected after it.
+    /// How long a client may take to send a request's headers: an HTTP/1 connection with no
+    /// request in flight that has not sent a complete request head within this time after it
+    /// last did something (accepted, or its last request ended) is closed, whatever the drain
+    /// is doing. An idle keep-alive connection is closed after it too, as hyper's own
+    /// header-read timeout does. finale's connection loop keeps one timer per connection for
+    /// this (moved only when it fires), not hyper's timer per request; an HTTP/2 connection
+    /// with no stream open is idle, not slow, and is left alone.
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.settings.header_read_timeout = timeout;
         self
@@ -648,6 +656,13 @@ impl<L> HttpServer<L> {
         let tls = tls.map(|config| tokio_rustls::TlsAcceptor::from(config.config));
         #[cfg(not(feature = "tls"))]
         let tls = None;
+        if let Err(misfit) = crate::config::plan_late_answers(
+            &finale.handle().shared.budget,
+            rejection.late_margin_value(),
+            settings.cut_margin,
+        ) {
+            tracing::warn!(target: "finale", server = %name, "{misfit}");
+        }
         let shared = Arc::new(LayerShared {
             handle: finale.handle(),
             rejection,
@@ -675,40 +690,6 @@ impl fmt::Debug for Configure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Configure(..)")
     }
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Settings {
-    idle_grace: Duration,
-    cut_margin: Duration,
-    header_read_timeout: Duration,
-    goaway_on_announce: bool,
-    tcp_nodelay: bool,
-    max_connection_age: Option<Duration>,
-    #[cfg(feature = "tls")]
-    tls_handshake_timeout: Duration,
-}
-
-/// The TLS acceptor of an HTTPS server (nothing without the `tls` feature).
-#[cfg(feature = "tls")]
-type Tls = Option<tokio_rustls::TlsAcceptor>;
-#[cfg(not(feature = "tls"))]
-type Tls = Option<std::convert::Infallible>;
-
-/// Where the server is, as every connection task sees it: one `watch` channel for all of them
-/// (a receiver per connection, no per-connection channel or map entry).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stage {
-    Serving,
-    /// The shutdown is announced (the drain delay): move persistent clients politely.
-    Announced,
-    /// The drain started: connections not known to be HTTP/2 get their idle grace, never past
-    /// `grace_until` (the drain start plus the grace, capped by the cut).
-    Draining {
-        grace_until: Instant,
-    },
-    /// The deadline: close now.
-    Cut,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -781,10 +762,12 @@ where
     ctx.set_ready();
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Slow clients are bounded by the connection's own loop (`drive`), once per connection;
+    // hyper's header-read timeout would allocate and register a timer for every request.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout);
+        .header_read_timeout(None);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -893,517 +876,4 @@ where
     }
     tracing::debug!(target: "finale", server = ctx.name(), "drained");
     Ok(())
-}
-
-async fn serve_connection<T, S, B>(
-    builder: auto::Builder<TokioExecutor>,
-    stream: T,
-    service: ConnService<S>,
-    mut stage: watch::Receiver<Stage>,
-    settings: Settings,
-    tls: Tls,
-) where
-    T: Transport,
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    stream.prepare(settings.tcp_nodelay);
-    let watch = service.conn.clone();
-    let stream = Arc::new(stream);
-    let socket = Arc::downgrade(&stream);
-    let io = ConnIo {
-        stream,
-        watch: watch.clone(),
-    };
-    let ended = match tls {
-        #[cfg(feature = "tls")]
-        Some(acceptor) => {
-            let Some(io) = handshake(&acceptor, io, &watch, &mut stage, settings).await else {
-                return;
-            };
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(io), service)
-                .into_owned();
-            drive(Box::pin(conn), &watch, &socket, &mut stage, settings).await
-        }
-        #[cfg(not(feature = "tls"))]
-        Some(never) => match never {},
-        None => {
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(io), service)
-                .into_owned();
-            drive(Box::pin(conn), &watch, &socket, &mut stage, settings).await
-        }
-    };
-    if ended {
-        hold_upgraded(&watch, &socket, &mut stage).await;
-    }
-}
-
-/// The TLS handshake of a fresh connection, bounded by the handshake timeout, and, once the
-/// drain started, by the connection's idle grace (it has sent no request yet); cut at the
-/// deadline.
-#[cfg(feature = "tls")]
-async fn handshake<T: Transport>(
-    acceptor: &tokio_rustls::TlsAcceptor,
-    io: ConnIo<T>,
-    watch: &ConnWatch,
-    stage: &mut watch::Receiver<Stage>,
-    settings: Settings,
-) -> Option<tokio_rustls::server::TlsStream<ConnIo<T>>> {
-    let drained = async {
-        let grace_until = loop {
-            let now = *stage.borrow_and_update();
-            match now {
-                Stage::Draining { grace_until } => break grace_until,
-                Stage::Cut => break Instant::now(),
-                Stage::Serving | Stage::Announced => {}
-            }
-            if stage.changed().await.is_err() {
-                break Instant::now();
-            }
-        };
-        tokio::time::sleep_until(grace_until.min(watch.last_active() + settings.idle_grace)).await;
-    };
-    tokio::select! {
-        accepted = tokio::time::timeout(settings.tls_handshake_timeout, acceptor.accept(io)) => {
-            match accepted {
-                Ok(Ok(stream)) => Some(stream),
-                Ok(Err(error)) => {
-                    tracing::debug!(target: "finale", peer = %watch.peer, %error, "TLS handshake failed");
-                    None
-                }
-                Err(_) => {
-                    tracing::debug!(target: "finale", peer = %watch.peer, "TLS handshake timed out");
-                    None
-                }
-            }
-        }
-        () = drained => None,
-    }
-}
-
-type Connection<I, S> =
-    auto::UpgradeableConnection<'static, TokioIo<I>, ConnService<S>, TokioExecutor>;
-
-/// Serves one connection through the drain; `true` if it ended on its own (not cut), which
-/// after an HTTP/1 upgrade means the socket now belongs to the upgrade's handler.
-async fn drive<I, S, B, T>(
-    mut conn: Pin<Box<Connection<I, S>>>,
-    watch: &ConnWatch,
-    socket: &std::sync::Weak<T>,
-    stage: &mut watch::Receiver<Stage>,
-    settings: Settings,
-) -> bool
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-    T: Transport,
-{
-    // GOAWAY sent already (an HTTP/2 connection moved during the drain delay, or old enough).
-    let mut moved = false;
-    // The connection age was looked at (once).
-    let mut aged_checked = settings.max_connection_age.is_none();
-    let grace_until = loop {
-        match *stage.borrow_and_update() {
-            Stage::Serving => {}
-            Stage::Announced => {
-                if settings.goaway_on_announce && !moved && watch.http2.load(Ordering::Relaxed) {
-                    // The peer learns to open new streams elsewhere while this connection
-                    // still serves the ones it has.
-                    conn.as_mut().graceful_shutdown();
-                    moved = true;
-                }
-            }
-            Stage::Draining { grace_until } => break grace_until,
-            Stage::Cut => return cut_connection(conn, watch),
-        }
-        let aged = async {
-            match settings.max_connection_age {
-                Some(age) if !aged_checked && !moved => {
-                    tokio::time::sleep_until(watch.accepted() + age).await;
-                }
-                _ => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            result = conn.as_mut() => return log_end(watch, result),
-            changed = stage.changed() => if changed.is_err() {
-                // The accept loop is gone (aborted): close at once.
-                return cut_connection(conn, watch);
-            },
-            () = aged => {
-                aged_checked = true;
-                if watch.http2.load(Ordering::Relaxed) {
-                    // Old enough: GOAWAY, the streams it has finish, the client reconnects
-                    // (to another instance, behind an L4 balancer).
-                    conn.as_mut().graceful_shutdown();
-                    moved = true;
-                }
-            }
-        }
-    };
-    // A connection not known to be HTTP/2 stays open for the idle grace after it last did
-    // something (accepted, or its last request ended): a fresh connection's first request, or
-    // a keep-alive client's next one, may be on its way, and closing now would reset it. A
-    // request that arrives is served, with `Connection: close`. One idle for longer than the
-    // grace is closed at once: its client is no likelier to use it in the next moment.
-    // Bytes the kernel received and hyper has not read yet (this task may not have run since
-    // they arrived) are a request on its way: closing now would reset it, so it gets the grace.
-    let mut waiting = false;
-    if !watch.http2.load(Ordering::Relaxed) {
-        let mut until = grace_until.min(watch.last_active() + settings.idle_grace);
-        if until <= Instant::now() && unread(socket) {
-            until = grace_until;
-        }
-        if until > Instant::now() {
-            tokio::select! {
-                result = conn.as_mut() => return log_end(watch, result),
-                () = tokio::time::sleep_until(until) => {}
-                _ = stage.wait_for(|s| *s == Stage::Cut) => return cut_connection(conn, watch),
-            }
-        }
-        if watch.active.load(Ordering::Relaxed) == 0 {
-            waiting = unread(socket);
-            if !waiting {
-                // Nothing in flight after the grace (idle, or a client that never sent a
-                // complete request): this connection holds nothing, close it.
-                return false;
-            }
-        }
-    }
-    // HTTP/2: GOAWAY, streams in flight finish. HTTP/1: closes after the response in flight
-    // (its `Connection: close`); with a request still unread hyper would take the connection
-    // for idle and close it, so it is left to read it (the response closes it).
-    if !moved && !waiting {
-        conn.as_mut().graceful_shutdown();
-    }
-    tokio::select! {
-        result = conn.as_mut() => log_end(watch, result),
-        _ = stage.wait_for(|s| *s == Stage::Cut) => cut_connection(conn, watch),
-    }
-}
-
-/// Whether the connection's socket holds bytes nobody has read yet.
-fn unread<T: Transport>(socket: &std::sync::Weak<T>) -> bool {
-    socket.upgrade().is_some_and(|stream| {
-        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        matches!(stream.sock_ref().peek(&mut byte), Ok(n) if n > 0)
-    })
-}
-
-/// After the connection ended on its own: if a request on it was upgraded (HTTP/1: the
-/// socket now belongs to the upgrade's handler, a WebSocket say), it stays in flight until the
-/// handler drops the socket; at the drain deadline the socket is shut down and the request
-/// named. The handler learns that the drain started from the Drain phase's token, and can
-/// send its close frame (see the module docs).
-async fn hold_upgraded<T: Transport>(
-    watch: &ConnWatch,
-    socket: &std::sync::Weak<T>,
-    stage: &mut watch::Receiver<Stage>,
-) {
-    if crate::state::lock(&watch.upgrades).is_empty() {
-        return;
-    }
-    tokio::select! {
-        () = watch.io_dropped.notified() => {}
-        _ = stage.wait_for(|s| *s == Stage::Cut) => {
-            if let Some(stream) = socket.upgrade() {
-                // Both directions: the handler's next read ends, the peer sees the close now.
-                let _ = stream.sock_ref().shutdown(std::net::Shutdown::Both);
-            }
-            name_upgrades(watch, "upgraded connection open");
-        }
-    }
-    // Drops the in-flight guards.
-    crate::state::lock(&watch.upgrades).clear();
-}
-
-/// Names every upgraded request of a connection cut at the deadline; how many were named.
-fn name_upgrades(watch: &ConnWatch, what: &str) -> usize {
-    let upgrades = std::mem::take(&mut *crate::state::lock(&watch.upgrades));
-    for upgrade in &upgrades {
-        watch
-            .handle
-            .shared
-            .record_cut(format!("{} ({what} at the drain deadline)", upgrade.name));
-    }
-    upgrades.len()
-}
-
-/// A served connection's socket: a TCP or Unix stream the server's connection task can still
-/// reach (weakly) after an HTTP/1 upgrade handed it to the handler, to shut it down at the
-/// drain deadline; its drop tells that task the upgraded connection ended.
-struct ConnIo<T> {
-    stream: Arc<T>,
-    watch: Arc<ConnWatch>,
-}
-
-impl<T> Drop for ConnIo<T> {
-    fn drop(&mut self) {
-        self.watch.io_dropped.notify_one();
-    }
-}
-
-impl<T: Transport> tokio::io::AsyncRead for ConnIo<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        loop {
-            ready!(self.stream.poll_read_ready(cx))?;
-            // As tokio's own `TcpStream`: a short read means the socket is drained, so the
-            // readiness is cleared (the closure says WouldBlock) and the next read waits for the
-            // reactor instead of trying (and failing) once more.
-            let mut read = None;
-            let result = self.stream.try_io(tokio::io::Interest::READABLE, || {
-                let wanted = buf.remaining();
-                let n = self.stream.try_read_buf(buf)?;
-                read = Some(n);
-                if n > 0 && n < wanted {
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(())
-            });
-            match (result, read) {
-                (_, Some(_)) | (Ok(()), None) => return Poll::Ready(Ok(())),
-                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {}
-                (Err(e), None) => return Poll::Ready(Err(e)),
-            }
-        }
-    }
-}
-
-impl<T: Transport> ConnIo<T> {
-    /// One write of `total` bytes by `write`. As tokio's own `TcpStream`: a partial write means
-    /// the send buffer is full, so the readiness is cleared (the closure says WouldBlock) and the
-    /// next write waits for the reactor; the bytes written are still reported.
-    fn poll_write_with(
-        &self,
-        cx: &mut Context<'_>,
-        total: usize,
-        mut write: impl FnMut(&T) -> io::Result<usize>,
-    ) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.stream.poll_write_ready(cx))?;
-            let mut written = None;
-            let result = self.stream.try_io(tokio::io::Interest::WRITABLE, || {
-                let n = write(&self.stream)?;
-                written = Some(n);
-                if n > 0 && n < total {
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(())
-            });
-            match (result, written) {
-                (_, Some(n)) => return Poll::Ready(Ok(n)),
-                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {}
-                (Err(e), None) => return Poll::Ready(Err(e)),
-                (Ok(()), None) => return Poll::Ready(Ok(0)),
-            }
-        }
-    }
-}
-
-impl<T: Transport> tokio::io::AsyncWrite for ConnIo<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.poll_write_with(cx, buf.len(), |stream| stream.try_write(buf))
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let total = bufs.iter().map(|b| b.len()).sum();
-        self.poll_write_with(cx, total, |stream| stream.try_write_vectored(bufs))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.stream.sock_ref().shutdown(std::net::Shutdown::Write))
-    }
-}
-
-fn log_end(watch: &ConnWatch, result: Result<(), BoxError>) -> bool {
-    if let Err(error) = result {
-        tracing::debug!(target: "finale", peer = %watch.peer, %error, "connection ended with an error");
-    }
-    true
-}
-
-fn cut_connection<C>(conn: C, watch: &ConnWatch) -> bool {
-    // Set before the drop: every request dropped with the connection names itself.
-    watch.cutting.store(true, Ordering::Relaxed);
-    drop(conn);
-    // Upgraded requests (a 101 not yet handed over, HTTP/2 extended CONNECT streams) are
-    // named here: their responses have ended, so nothing else names them.
-    let upgrades = name_upgrades(watch, "upgraded stream open");
-    // A connection with requests in flight is named by them (HTTP/2 streams, on tasks of their
-    // own, name themselves when they are dropped, a moment later); only one with none is named
-    // here, so nothing is reported twice.
-    // `active` first (Acquire, paired with the Release decrement): a stream that named itself
-    // and then went inactive between the two loads is then seen as named.
-    if upgrades == 0
-        && watch.active.load(Ordering::Acquire) == 0
-        && watch.named.load(Ordering::Relaxed) == 0
-    {
-        watch.handle.shared.record_cut(format!(
-            "connection from {} (open at the drain deadline)",
-            watch.peer
-        ));
-    }
-    false
-}
-
-/// One connection's service: the drain logic of [`DrainLayer`](crate::tower::DrainLayer) in
-/// front of a clone of the user's service per request.
-struct ConnService<S> {
-    inner: S,
-    in_flight: InFlight,
-    shared: Arc<LayerShared>,
-    conn: Arc<ConnWatch>,
-}
-
-impl<S> fmt::Debug for ConnService<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConnService")
-            .field("peer", &self.conn.peer)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
-where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone,
-    B: Body<Data = Bytes>,
-{
-    type Response = Response<DrainBody<B>>;
-    type Error = S::Error;
-    type Future = ResponseFuture<Oneshot<S, Request<Incoming>>, B>;
-
-    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
-        // Who is on the other end, as the frameworks' own servers tell their handlers: axum's
-        // `ConnectInfo<SocketAddr>` extractor, tonic's `Request::remote_addr()`.
-        // On a Unix socket, what they give for a `UnixListener`: axum's
-        // `ConnectInfo<tokio::net::unix::SocketAddr>`, tonic's `UdsConnectInfo`.
-        match &self.conn.peer {
-            Peer::Tcp { peer, local } => {
-                #[cfg(feature = "axum")]
-                req.extensions_mut()
-                    .insert(::axum::extract::ConnectInfo(*peer));
-                #[cfg(feature = "tonic")]
-                req.extensions_mut()
-                    .insert(::tonic::transport::server::TcpConnectInfo {
-                        local_addr: Some(*local),
-                        remote_addr: Some(*peer),
-                    });
-                let _ = (peer, local);
-            }
-            #[cfg(unix)]
-            Peer::Unix { addr, cred, .. } => {
-                #[cfg(feature = "axum")]
-                req.extensions_mut().insert(::axum::extract::ConnectInfo(
-                    tokio::net::unix::SocketAddr::clone(addr),
-                ));
-                #[cfg(feature = "tonic")]
-                req.extensions_mut()
-                    .insert(::tonic::transport::server::UdsConnectInfo {
-                        peer_addr: Some(addr.clone()),
-                        peer_cred: *cred,
-                    });
-                let _ = (addr, cred);
-            }
-        }
-        match admit(self.in_flight, &self.shared, Some(&self.conn), &req) {
-            Admission::Rejected(response) => ResponseFuture::rejected(response),
-            Admission::Admitted(admitted) => {
-                if admitted.too_late {
-                    // Answered by the `Responder`, inside the user's layers.
-                    req.extensions_mut().insert(TooLate);
-                }
-                ResponseFuture::admitted(Oneshot::new(self.inner.clone(), req), admitted)
-            }
-        }
-    }
-}
-
-pin_project! {
-    /// `poll_ready`, then `call`, on an owned tower service.
-    pub(crate) struct Oneshot<S, Req>
-    where
-        S: tower::Service<Req>,
-    {
-        pending: Option<(S, Req)>,
-        #[pin]
-        fut: Option<S::Future>,
-    }
-}
-
-impl<S: tower::Service<Req>, Req> Oneshot<S, Req> {
-    fn new(service: S, req: Req) -> Self {
-        Self {
-            pending: Some((service, req)),
-            fut: None,
-        }
-    }
-}
-
-impl<S: tower::Service<Req>, Req> Future for Oneshot<S, Req> {
-    type Output = Result<S::Response, S::Error>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        loop {
-            if let Some(fut) = this.fut.as_mut().as_pin_mut() {
-                return fut.poll(cx);
-            }
-            let (service, _) = this.pending.as_mut().expect("polled after completion");
-            ready!(service.poll_ready(cx))?;
-            let (mut service, req) = this.pending.take().expect("checked above");
-            this.fut.set(Some(service.call(req)));
-        }
-    }
-}
-
-/// Adapts a hyper service (`call(&self)`) to tower, for [`HttpServer::serve`].
-#[cfg(feature = "hyper")]
-#[derive(Clone, Debug)]
-pub(crate) struct HyperToTower<S>(pub(crate) S);
-
-#[cfg(feature = "hyper")]
-impl<S, Req> tower::Service<Req> for HyperToTower<S>
-where
-    S: hyper::service::Service<Req>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        self.0.call(req)
-    }
 }

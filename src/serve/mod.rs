@@ -3,8 +3,12 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `tower.rs` | [`DrainLayer`](tower::DrainLayer) (in-flight tracking, `Connection: close` while draining, 503 only near the deadline) and the health service |
-//! | `accept.rs` | the bounded accept loop: bind in graceful start, drain, cut at the deadline |
+//! | `tower/` | [`DrainLayer`](tower::DrainLayer) (in-flight tracking, `Connection: close` while draining, 503 only near the deadline, `mod.rs`), the response body (`body.rs`), a connection as its requests see it and their names in the report (`conn.rs`), finale's own answers (`rejection.rs`, `responder.rs`) and the health service (`health.rs`) |
+//! | `accept.rs` | where a server listens, `HttpServer`'s settings, the bounded accept loop: bind in graceful start, drain, cut at the deadline |
+//! | `connection.rs` | one connection through the drain: the drive loop, slow clients, upgrades, the cut |
+//! | `conn_service.rs` | one connection's service: connection info, admission, the call of the user's service |
+//! | `conn_io.rs` | a connection's socket as hyper sees it (HTTP/1 or HTTP/2 by its first bytes) |
+//! | `gate.rs` | a future polled only when its own wake-ups fired (a connection's drain signals) |
 //! | `listening.rs` | what `serve` returns: the bound address, or the typed bind error |
 //! | `transport.rs` | what the accept loop needs from a listener and a socket; TCP's |
 //! | `unix.rs` | Unix domain sockets: binding a path, a stale socket file, its removal |
@@ -16,6 +20,14 @@
 mod accept;
 #[cfg(feature = "axum")]
 pub mod axum;
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+mod conn_io;
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+mod conn_service;
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+mod connection;
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+mod gate;
 #[cfg(feature = "hyper")]
 pub mod hyper;
 #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]

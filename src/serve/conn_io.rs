@@ -1,0 +1,153 @@
+//! A served connection's socket as hyper reads and writes it: reachable (weakly) by the
+//! connection's task after an HTTP/1 upgrade handed it to a handler, and telling HTTP/1 from
+//! HTTP/2 by its first bytes.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+
+use crate::serve::tower::ConnWatch;
+use crate::serve::transport::Transport;
+
+/// A served connection's socket: a TCP or Unix stream the server's connection task can still
+/// reach (weakly) after an HTTP/1 upgrade handed it to the handler, to shut it down at the
+/// drain deadline; its drop tells that task the upgraded connection ended.
+pub(super) struct ConnIo<T> {
+    pub(super) stream: Arc<T>,
+    pub(super) watch: Arc<ConnWatch>,
+    /// The first bytes are still to be looked at (plain connections: HTTP/1 or HTTP/2?).
+    pub(super) sniff: bool,
+}
+
+/// The first bytes of every HTTP/2 connection (prior knowledge), up to the first line's end.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+impl<T> ConnIo<T> {
+    /// Looks at the first bytes read: anything but the HTTP/2 preface is HTTP/1, which the
+    /// header-read timeout bounds. Only until they decide it.
+    fn sniff(&mut self, read: &[u8]) {
+        let n = read.len().min(H2_PREFACE.len());
+        if read[..n] != H2_PREFACE[..n] {
+            self.watch.http1.store(true, Ordering::Relaxed);
+            self.sniff = false;
+        } else if n == H2_PREFACE.len() {
+            self.sniff = false;
+        }
+    }
+}
+
+impl<T> Drop for ConnIo<T> {
+    fn drop(&mut self) {
+        self.watch.io_dropped.notify_one();
+    }
+}
+
+impl<T: Transport> tokio::io::AsyncRead for ConnIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = self.as_mut().poll_read_inner(cx, buf);
+        if self.sniff && buf.filled().len() > before {
+            let this = self.get_mut();
+            this.sniff(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl<T: Transport> ConnIo<T> {
+    fn poll_read_inner(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            // As tokio's own `TcpStream`: a short read means the socket is drained, so the
+            // readiness is cleared (the closure says WouldBlock) and the next read waits for the
+            // reactor instead of trying (and failing) once more.
+            let mut read = None;
+            let result = self.stream.try_io(tokio::io::Interest::READABLE, || {
+                let wanted = buf.remaining();
+                let n = self.stream.try_read_buf(buf)?;
+                read = Some(n);
+                if n > 0 && n < wanted {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            match (result, read) {
+                (_, Some(_)) | (Ok(()), None) => return Poll::Ready(Ok(())),
+                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {}
+                (Err(e), None) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl<T: Transport> ConnIo<T> {
+    /// One write of `total` bytes by `write`. As tokio's own `TcpStream`: a partial write means
+    /// the send buffer is full, so the readiness is cleared (the closure says WouldBlock) and the
+    /// next write waits for the reactor; the bytes written are still reported.
+    fn poll_write_with(
+        &self,
+        cx: &mut Context<'_>,
+        total: usize,
+        mut write: impl FnMut(&T) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.stream.poll_write_ready(cx))?;
+            let mut written = None;
+            let result = self.stream.try_io(tokio::io::Interest::WRITABLE, || {
+                let n = write(&self.stream)?;
+                written = Some(n);
+                if n > 0 && n < total {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            match (result, written) {
+                (_, Some(n)) => return Poll::Ready(Ok(n)),
+                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {}
+                (Err(e), None) => return Poll::Ready(Err(e)),
+                (Ok(()), None) => return Poll::Ready(Ok(0)),
+            }
+        }
+    }
+}
+
+impl<T: Transport> tokio::io::AsyncWrite for ConnIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_with(cx, buf.len(), |stream| stream.try_write(buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let total = bufs.iter().map(|b| b.len()).sum();
+        self.poll_write_with(cx, total, |stream| stream.try_write_vectored(bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.stream.sock_ref().shutdown(std::net::Shutdown::Write))
+    }
+}

@@ -1,0 +1,386 @@
+//! One connection's life on finale's server: the TLS handshake, the drive loop through the
+//! drain (the idle grace, `Connection: close`, GOAWAY, slow clients, the maximum age), an
+//! upgraded connection held until its handler lets go, and the cut at the deadline.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::serve::conn_io::ConnIo;
+use crate::serve::conn_service::ConnService;
+use crate::serve::gate::Gate;
+use crate::serve::tower::ConnWatch;
+use crate::serve::transport::Transport;
+
+pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Settings {
+    pub(super) idle_grace: Duration,
+    pub(super) cut_margin: Duration,
+    pub(super) header_read_timeout: Duration,
+    pub(super) goaway_on_announce: bool,
+    pub(super) tcp_nodelay: bool,
+    pub(super) max_connection_age: Option<Duration>,
+    #[cfg(feature = "tls")]
+    pub(super) tls_handshake_timeout: Duration,
+}
+
+/// The TLS acceptor of an HTTPS server (nothing without the `tls` feature).
+#[cfg(feature = "tls")]
+pub(super) type Tls = Option<tokio_rustls::TlsAcceptor>;
+#[cfg(not(feature = "tls"))]
+pub(super) type Tls = Option<std::convert::Infallible>;
+
+/// Where the server is, as every connection task sees it: one `watch` channel for all of them
+/// (a receiver per connection, no per-connection channel or map entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Stage {
+    Serving,
+    /// The shutdown is announced (the drain delay): move persistent clients politely.
+    Announced,
+    /// The drain started: connections not known to be HTTP/2 get their idle grace, never past
+    /// `grace_until` (the drain start plus the grace, capped by the cut).
+    Draining {
+        grace_until: Instant,
+    },
+    /// The deadline: close now.
+    Cut,
+}
+
+pub(super) async fn serve_connection<T, S, B>(
+    builder: auto::Builder<TokioExecutor>,
+    stream: T,
+    service: ConnService<S>,
+    mut stage: watch::Receiver<Stage>,
+    settings: Settings,
+    tls: Tls,
+) where
+    T: Transport,
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    stream.prepare(settings.tcp_nodelay);
+    let watch = service.conn.clone();
+    let stream = Arc::new(stream);
+    let socket = Arc::downgrade(&stream);
+    let io = ConnIo {
+        stream,
+        watch: watch.clone(),
+        // Under TLS the bytes are the handshake's: its ALPN tells instead.
+        sniff: tls.is_none(),
+    };
+    let ended = match tls {
+        #[cfg(feature = "tls")]
+        Some(acceptor) => {
+            let Some(io) = handshake(&acceptor, io, &watch, &mut stage, settings).await else {
+                return;
+            };
+            if io.get_ref().1.alpn_protocol() != Some(b"h2") {
+                watch.http1.store(true, Ordering::Relaxed);
+            }
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .into_owned();
+            drive(Box::pin(conn), &watch, &socket, &mut stage, settings).await
+        }
+        #[cfg(not(feature = "tls"))]
+        Some(never) => match never {},
+        None => {
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .into_owned();
+            drive(Box::pin(conn), &watch, &socket, &mut stage, settings).await
+        }
+    };
+    if ended {
+        hold_upgraded(&watch, &socket, &mut stage).await;
+    }
+}
+
+/// The TLS handshake of a fresh connection, bounded by the handshake timeout, and, once the
+/// drain started, by the connection's idle grace (it has sent no request yet); cut at the
+/// deadline.
+#[cfg(feature = "tls")]
+async fn handshake<T: Transport>(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    io: ConnIo<T>,
+    watch: &ConnWatch,
+    stage: &mut watch::Receiver<Stage>,
+    settings: Settings,
+) -> Option<tokio_rustls::server::TlsStream<ConnIo<T>>> {
+    let drained = async {
+        let grace_until = loop {
+            let now = *stage.borrow_and_update();
+            match now {
+                Stage::Draining { grace_until } => break grace_until,
+                Stage::Cut => break Instant::now(),
+                Stage::Serving | Stage::Announced => {}
+            }
+            if stage.changed().await.is_err() {
+                break Instant::now();
+            }
+        };
+        tokio::time::sleep_until(grace_until.min(watch.last_active() + settings.idle_grace)).await;
+    };
+    tokio::select! {
+        accepted = tokio::time::timeout(settings.tls_handshake_timeout, acceptor.accept(io)) => {
+            match accepted {
+                Ok(Ok(stream)) => Some(stream),
+                Ok(Err(error)) => {
+                    tracing::debug!(target: "finale", peer = %watch.peer, %error, "TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!(target: "finale", peer = %watch.peer, "TLS handshake timed out");
+                    None
+                }
+            }
+        }
+        () = drained => None,
+    }
+}
+
+type Connection<I, S> =
+    auto::UpgradeableConnection<'static, TokioIo<I>, ConnService<S>, TokioExecutor>;
+
+/// Serves one connection through the drain; `true` if it ended on its own (not cut), which
+/// after an HTTP/1 upgrade means the socket now belongs to the upgrade's handler.
+async fn drive<I, S, B, T>(
+    mut conn: Pin<Box<Connection<I, S>>>,
+    watch: &ConnWatch,
+    socket: &std::sync::Weak<T>,
+    stage: &mut watch::Receiver<Stage>,
+    settings: Settings,
+) -> bool
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    T: Transport,
+{
+    // Slow clients: an HTTP/1 connection with no request in flight that has not sent a
+    // request's headers within the header-read timeout after it last did something (accepted,
+    // or its last request ended) is closed. One timer per connection, moved only when it fires.
+    let slow = tokio::time::sleep_until(watch.last_active() + settings.header_read_timeout);
+    tokio::pin!(slow);
+    let gate = Gate::new();
+    // GOAWAY sent already (an HTTP/2 connection moved during the drain delay, or old enough).
+    let mut moved = false;
+    // The connection age was looked at (once).
+    let mut aged_checked = settings.max_connection_age.is_none();
+    let grace_until = loop {
+        match *stage.borrow_and_update() {
+            Stage::Serving => {}
+            Stage::Announced => {
+                if settings.goaway_on_announce && !moved && watch.http2.load(Ordering::Relaxed) {
+                    // The peer learns to open new streams elsewhere while this connection
+                    // still serves the ones it has.
+                    conn.as_mut().graceful_shutdown();
+                    moved = true;
+                }
+            }
+            Stage::Draining { grace_until } => break grace_until,
+            Stage::Cut => return cut_connection(conn, watch),
+        }
+        let event = {
+            let aged = async {
+                match settings.max_connection_age {
+                    Some(age) if !aged_checked && !moved => {
+                        tokio::time::sleep_until(watch.accepted() + age).await;
+                    }
+                    _ => std::future::pending().await,
+                }
+            };
+            // The drain's signals: looked at only when one of them fired, not at every
+            // wake-up of the connection (one per request).
+            let signals = async {
+                tokio::select! {
+                    biased;
+                    changed = stage.changed() => Event::Stage { closed: changed.is_err() },
+                    () = &mut slow => Event::Slow,
+                    () = aged => Event::Aged,
+                }
+            };
+            tokio::pin!(signals);
+            gate.open();
+            tokio::select! {
+                biased;
+                result = conn.as_mut() => return log_end(watch, result),
+                event = std::future::poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => event,
+            }
+        };
+        match event {
+            Event::Stage { closed: false } => {}
+            // The accept loop is gone (aborted): close at once.
+            Event::Stage { closed: true } => return cut_connection(conn, watch),
+            Event::Slow => {
+                let now = Instant::now();
+                let due = watch.last_active() + settings.header_read_timeout;
+                if watch.active.load(Ordering::Relaxed) > 0 || !watch.http1.load(Ordering::Relaxed)
+                {
+                    // A request in flight (its body, its response), or not HTTP/1: look again
+                    // one timeout from now.
+                    slow.as_mut().reset(now + settings.header_read_timeout);
+                } else if due <= now {
+                    tracing::debug!(target: "finale", peer = %watch.peer, "no request headers within the header-read timeout: closing");
+                    return true;
+                } else {
+                    slow.as_mut().reset(due);
+                }
+            }
+            Event::Aged => {
+                aged_checked = true;
+                if watch.http2.load(Ordering::Relaxed) {
+                    // Old enough: GOAWAY, the streams it has finish, the client reconnects
+                    // (to another instance, behind an L4 balancer).
+                    conn.as_mut().graceful_shutdown();
+                    moved = true;
+                }
+            }
+        }
+    };
+    // A connection not known to be HTTP/2 stays open for the idle grace after it last did
+    // something (accepted, or its last request ended): a fresh connection's first request, or
+    // a keep-alive client's next one, may be on its way, and closing now would reset it. A
+    // request that arrives is served, with `Connection: close`. One idle for longer than the
+    // grace is closed at once: its client is no likelier to use it in the next moment.
+    // Bytes the kernel received and hyper has not read yet (this task may not have run since
+    // they arrived) are a request on its way: closing now would reset it, so it gets the grace.
+    let mut waiting = false;
+    if !watch.http2.load(Ordering::Relaxed) {
+        let mut until = grace_until.min(watch.last_active() + settings.idle_grace);
+        if until <= Instant::now() && unread(socket) {
+            until = grace_until;
+        }
+        if until > Instant::now() {
+            tokio::select! {
+                result = conn.as_mut() => return log_end(watch, result),
+                () = tokio::time::sleep_until(until) => {}
+                _ = stage.wait_for(|s| *s == Stage::Cut) => return cut_connection(conn, watch),
+            }
+        }
+        if watch.active.load(Ordering::Relaxed) == 0 {
+            waiting = unread(socket);
+            if !waiting {
+                // Nothing in flight after the grace (idle, or a client that never sent a
+                // complete request): this connection holds nothing, close it.
+                return false;
+            }
+        }
+    }
+    // HTTP/2: GOAWAY, streams in flight finish. HTTP/1: closes after the response in flight
+    // (its `Connection: close`); with a request still unread hyper would take the connection
+    // for idle and close it, so it is left to read it (the response closes it).
+    if !moved && !waiting {
+        conn.as_mut().graceful_shutdown();
+    }
+    tokio::select! {
+        result = conn.as_mut() => log_end(watch, result),
+        _ = stage.wait_for(|s| *s == Stage::Cut) => cut_connection(conn, watch),
+    }
+}
+
+/// What woke a serving connection's drain signals.
+enum Event {
+    /// The server's stage changed (or its sender is gone: `closed`).
+    Stage { closed: bool },
+    /// The slow-client timer fired.
+    Slow,
+    /// The connection reached its maximum age.
+    Aged,
+}
+
+/// Whether the connection's socket holds bytes nobody has read yet.
+fn unread<T: Transport>(socket: &std::sync::Weak<T>) -> bool {
+    socket.upgrade().is_some_and(|stream| {
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        matches!(stream.sock_ref().peek(&mut byte), Ok(n) if n > 0)
+    })
+}
+
+/// After the connection ended on its own: if a request on it was upgraded (HTTP/1: the
+/// socket now belongs to the upgrade's handler, a WebSocket say), it stays in flight until the
+/// handler drops the socket; at the drain deadline the socket is shut down and the request
+/// named. The handler learns that the drain started from the Drain phase's token, and can
+/// send its close frame (see the module docs).
+async fn hold_upgraded<T: Transport>(
+    watch: &ConnWatch,
+    socket: &std::sync::Weak<T>,
+    stage: &mut watch::Receiver<Stage>,
+) {
+    if crate::state::lock(&watch.upgrades).is_empty() {
+        return;
+    }
+    tokio::select! {
+        () = watch.io_dropped.notified() => {}
+        _ = stage.wait_for(|s| *s == Stage::Cut) => {
+            if let Some(stream) = socket.upgrade() {
+                // Both directions: the handler's next read ends, the peer sees the close now.
+                let _ = stream.sock_ref().shutdown(std::net::Shutdown::Both);
+            }
+            name_upgrades(watch, "upgraded connection open");
+        }
+    }
+    // Drops the in-flight guards.
+    crate::state::lock(&watch.upgrades).clear();
+}
+
+/// Names every upgraded request of a connection cut at the deadline; how many were named.
+fn name_upgrades(watch: &ConnWatch, what: &str) -> usize {
+    let upgrades = std::mem::take(&mut *crate::state::lock(&watch.upgrades));
+    for upgrade in &upgrades {
+        watch
+            .handle
+            .shared
+            .record_cut(format!("{} ({what} at the drain deadline)", upgrade.name));
+    }
+    upgrades.len()
+}
+
+fn log_end(watch: &ConnWatch, result: Result<(), BoxError>) -> bool {
+    if let Err(error) = result {
+        tracing::debug!(target: "finale", peer = %watch.peer, %error, "connection ended with an error");
+    }
+    true
+}
+
+fn cut_connection<C>(conn: C, watch: &ConnWatch) -> bool {
+    // Set before the drop: every request dropped with the connection names itself.
+    watch.cutting.store(true, Ordering::Relaxed);
+    drop(conn);
+    // Upgraded requests (a 101 not yet handed over, HTTP/2 extended CONNECT streams) are
+    // named here: their responses have ended, so nothing else names them.
+    let upgrades = name_upgrades(watch, "upgraded stream open");
+    // A connection with requests in flight is named by them (HTTP/2 streams, on tasks of their
+    // own, name themselves when they are dropped, a moment later); only one with none is named
+    // here, so nothing is reported twice.
+    // `active` first (Acquire, paired with the Release decrement): a stream that named itself
+    // and then went inactive between the two loads is then seen as named.
+    if upgrades == 0
+        && watch.active.load(Ordering::Acquire) == 0
+        && watch.named.load(Ordering::Relaxed) == 0
+    {
+        watch.handle.shared.record_cut(format!(
+            "connection from {} (open at the drain deadline)",
+            watch.peer
+        ));
+    }
+    false
+}

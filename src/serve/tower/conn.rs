@@ -1,0 +1,268 @@
+//! One served connection as its requests see it: who is on the other end, whether it is being
+//! cut, and the name a request cut at the deadline gets in the report.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Method, Uri};
+
+use crate::Handle;
+use crate::track::InFlightGuard;
+
+/// Who is on the other end of a served connection, as its requests and the report name it.
+#[derive(Clone, Debug)]
+#[cfg_attr(not(feature = "tonic"), allow(dead_code))]
+pub(crate) enum Peer {
+    /// A TCP connection: the client's address (`127.0.0.1:5555` in the report) and the
+    /// server's own end (tonic's `local_addr()`).
+    Tcp { peer: SocketAddr, local: SocketAddr },
+    /// A Unix domain socket connection. A client's socket rarely has a path of its own, so the
+    /// report names the server's socket and, when the kernel tells it, the client's process:
+    /// `pid 4321 on unix:/run/app.sock`.
+    #[cfg(all(unix, any(feature = "axum", feature = "hyper", feature = "tonic")))]
+    Unix {
+        /// The client's address, as `accept` gave it (usually unnamed).
+        addr: Arc<tokio::net::unix::SocketAddr>,
+        /// The client's credentials (`SO_PEERCRED`), if the kernel gave them.
+        cred: Option<tokio::net::unix::UCred>,
+        /// The server's socket: `unix:/run/app.sock`.
+        server: Arc<str>,
+    },
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Tcp { peer, .. } => peer.fmt(f),
+            #[cfg(all(unix, any(feature = "axum", feature = "hyper", feature = "tonic")))]
+            Peer::Unix { cred, server, .. } => match cred.and_then(|cred| cred.pid()) {
+                Some(pid) if pid > 0 => write!(f, "pid {pid} on {server}"),
+                _ => f.write_str(server),
+            },
+        }
+    }
+}
+
+/// One served connection, as the requests on it see it: who is on the other end, and whether
+/// the server is cutting it at the drain deadline. Only finale's own servers make these.
+#[derive(Debug)]
+pub(crate) struct ConnWatch {
+    pub(crate) peer: Peer,
+    pub(crate) handle: Handle,
+    /// Set by the first HTTP/2 request: connections not known to be HTTP/2 get a grace period.
+    pub(crate) http2: AtomicBool,
+    /// Set once the connection's first bytes (or its TLS handshake's ALPN) say HTTP/1: only
+    /// such a connection is bounded by the header-read timeout (an HTTP/2 connection with no
+    /// stream open is idle, not slow).
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
+    pub(crate) http1: AtomicBool,
+    /// Set just before the connection is dropped at the deadline: unfinished requests name
+    /// themselves in the report as they are dropped.
+    pub(crate) cutting: AtomicBool,
+    /// How many requests of this connection named themselves.
+    pub(crate) named: AtomicUsize,
+    /// Requests of this connection admitted and not yet answered to their last byte. A
+    /// connection with none holds nothing: the drain may close it after the grace.
+    pub(crate) active: AtomicUsize,
+    /// When the connection was accepted.
+    accepted: tokio::time::Instant,
+    /// When its last request ended, in nanoseconds after `accepted` (0: none yet).
+    last_active: AtomicU64,
+    /// Requests answered with an upgrade (`101`, or a `2xx` to an HTTP/2 extended CONNECT):
+    /// each counts as in flight, and is named if cut, until the server's connection task lets
+    /// it go (the upgraded socket closed, or the connection ended).
+    pub(crate) upgrades: Mutex<Vec<Upgrade>>,
+    /// Notified when the connection's socket is dropped: by hyper, or, after an HTTP/1
+    /// upgrade, by the handler that took it over.
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
+    pub(crate) io_dropped: tokio::sync::Notify,
+}
+
+impl ConnWatch {
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
+    pub(crate) fn new(peer: Peer, handle: Handle) -> Self {
+        Self {
+            peer,
+            handle,
+            http2: AtomicBool::new(false),
+            http1: AtomicBool::new(false),
+            cutting: AtomicBool::new(false),
+            named: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            accepted: tokio::time::Instant::now(),
+            last_active: AtomicU64::new(0),
+            upgrades: Mutex::new(Vec::new()),
+            io_dropped: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// When the connection was accepted.
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
+    pub(crate) fn accepted(&self) -> tokio::time::Instant {
+        self.accepted
+    }
+
+    /// When this connection last did something: accepted, or its last request ended.
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
+    pub(crate) fn last_active(&self) -> tokio::time::Instant {
+        self.accepted + Duration::from_nanos(self.last_active.load(Ordering::Relaxed))
+    }
+}
+
+/// How many HTTP/2 extended CONNECT streams a connection remembers, to name them if it is cut.
+const MAX_H2_UPGRADE_NAMES: usize = 16;
+
+/// A request whose connection was upgraded (a WebSocket, an HTTP/2 extended CONNECT): in
+/// flight while it lives, and named if it is cut.
+#[derive(Debug)]
+pub(crate) struct Upgrade {
+    _guard: Option<InFlightGuard>,
+    /// `GET /ws from 127.0.0.1:5555`: method and path, never the query.
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
+    pub(crate) name: String,
+}
+
+/// What an admitted request on one of finale's connections remembers so that, if it is cut at
+/// the deadline, the report can name it ("GET /events from 127.0.0.1:5555"), and that its
+/// connection counts it as active while it lives.
+///
+/// The name is the method and the path only: a query string may carry a token or a signed URL,
+/// and the report goes to logs and telemetry.
+pub(crate) struct CutName {
+    method: Method,
+    uri: Uri,
+    pub(super) conn: Arc<ConnWatch>,
+}
+
+impl CutName {
+    pub(super) fn new(method: Method, uri: Uri, conn: Arc<ConnWatch>) -> Self {
+        conn.active.fetch_add(1, Ordering::Relaxed);
+        Self { method, uri, conn }
+    }
+
+    /// Called on drop of an unfinished request or body.
+    pub(super) fn record_if_cut(&self, what: &str) {
+        // Relaxed: the server sets `cutting` and then drops the connection on the same task,
+        // so this drop is sequenced after the store. (HTTP/2 streams run on tasks of their own
+        // and are dropped later; `cutting` was set before, and the connection does not name
+        // itself while it has active requests, so each stream is named once.)
+        //
+        // A second signal abandons the drain: the server's task is aborted, its connections
+        // are dropped without a cut, and an unfinished request names itself as it is dropped.
+        let when = if self.conn.cutting.load(Ordering::Relaxed) {
+            "at the drain deadline"
+        } else if self.conn.handle.shared.is_escalated() {
+            "when a second signal abandoned the drain"
+        } else {
+            return;
+        };
+        self.conn.named.fetch_add(1, Ordering::Relaxed);
+        self.conn
+            .handle
+            .shared
+            .record_cut(format!("{} ({what} {when})", self.name()));
+    }
+}
+
+impl CutName {
+    /// The name of this request in the report: method and path (a tunnel's target for an
+    /// HTTP/1 CONNECT), never the query.
+    fn name(&self) -> String {
+        request_name(&self.method, &self.uri, &self.conn.peer)
+    }
+
+    /// The request was answered with an upgrade. HTTP/1: the connection's task keeps `guard`
+    /// (the request stays in flight) until the upgraded socket is dropped, and names it if cut.
+    /// HTTP/2: finale cannot see one upgraded stream end, only its connection; the guard goes
+    /// now (the connection, which the drain waits for, stays open while the stream does) and
+    /// the name is kept, for at most [`MAX_H2_UPGRADE_NAMES`] streams per connection.
+    pub(super) fn upgraded(&self, guard: InFlightGuard, http1: bool) {
+        let mut upgrades = crate::state::lock(&self.conn.upgrades);
+        if http1 {
+            upgrades.push(Upgrade {
+                _guard: Some(guard),
+                name: self.name(),
+            });
+            return;
+        }
+        drop(guard);
+        if upgrades.len() >= MAX_H2_UPGRADE_NAMES {
+            upgrades.remove(0);
+        }
+        upgrades.push(Upgrade {
+            _guard: None,
+            name: self.name(),
+        });
+    }
+}
+
+impl Drop for CutName {
+    fn drop(&mut self) {
+        let since = tokio::time::Instant::now().saturating_duration_since(self.conn.accepted);
+        self.conn.last_active.store(
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        // Release: whoever sees the count drop also sees this request's `named` increment.
+        self.conn.active.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// How many bytes of a method, and of a path or authority, a request's name in the report
+/// keeps; a longer one is cut there and ends with `…`.
+const MAX_NAME_PART: usize = 128;
+
+/// A request's name in the report: `GET /events from 127.0.0.1:5555`. The method and the path
+/// (a tunnel's target for an HTTP/1 CONNECT), never the query, nor the userinfo of an authority
+/// (`CONNECT user:password@host:443` is named `CONNECT host:443`): the report goes to logs and
+/// telemetry. Each part is bounded ([`MAX_NAME_PART`] bytes).
+fn request_name(method: &Method, uri: &Uri, peer: &Peer) -> String {
+    let target = match uri.authority() {
+        Some(authority) if uri.path().is_empty() => {
+            let authority = authority.as_str();
+            // The userinfo ends at the last `@` (a password may hold one too).
+            authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host)
+        }
+        _ => uri.path(),
+    };
+    format!(
+        "{} {} from {peer}",
+        bounded(method.as_str()),
+        bounded(target)
+    )
+}
+
+/// `text` cut to at most [`MAX_NAME_PART`] bytes (on a character boundary), marked with `…`.
+fn bounded(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_NAME_PART {
+        return text.into();
+    }
+    let mut end = MAX_NAME_PART;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
+}
