@@ -166,6 +166,57 @@ async fn grouping_labels_with_slashes_and_empty_values_reach_the_group() {
 }
 
 #[tokio::test]
+async fn grouping_values_that_are_dots_reach_the_group() {
+    // `.` and `..` are path segments that an HTTP server resolves (the Pushgateway answers a
+    // path holding them with a redirect): sent as they are, the push never reaches the group.
+    let Some(gateway) = Gateway::start() else {
+        return;
+    };
+    let handle = recorder();
+    metrics::counter!("dots_test_total").increment(4);
+    for (job, labels) in [
+        ("..", vec![("instance", "."), ("zone", "..")]),
+        (".", vec![("instance", "a..b"), ("zone", "...")]),
+    ] {
+        let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+        let mut builder = Pushgateway::builder(gateway.url(), job);
+        for (name, value) in &labels {
+            builder = builder.label(*name, *value);
+        }
+        builder
+            .build(handle.clone())
+            .unwrap()
+            .register(&finale)
+            .unwrap();
+        finale.handle().trigger("test");
+        let report = finale.run().await;
+        assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+        let mut group = vec![("job", job)];
+        group.extend(labels.iter().copied());
+        assert_eq!(
+            gateway.sample("dots_test_total", &group),
+            Some(4.0),
+            "{}",
+            gateway.metrics_text()
+        );
+    }
+}
+
+#[test]
+fn credentials_in_the_url_are_refused_without_being_shown() {
+    let e = Pushgateway::builder("http://user:hunter2@gw:9091", "j")
+        .build(recorder())
+        .unwrap_err();
+    let PushgatewayConfigError::InvalidUrl { url, .. } = &e else {
+        panic!("{e:?}");
+    };
+    for shown in [e.to_string(), format!("{e:?}"), url.clone()] {
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("gw:9091"), "{shown}");
+    }
+}
+
+#[tokio::test]
 async fn delete_at_exit_removes_the_group() {
     let Some(gateway) = Gateway::start() else {
         return;

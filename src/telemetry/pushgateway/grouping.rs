@@ -12,7 +12,7 @@ pub(super) fn grouping_url(
     labels: &[(String, String)],
 ) -> Result<String, PushgatewayConfigError> {
     let invalid = |reason| PushgatewayConfigError::InvalidUrl {
-        url: base.to_owned(),
+        url: without_credentials(base),
         reason,
     };
     let uri: Uri = base.parse().map_err(|_| invalid("it is not a valid URL"))?;
@@ -52,6 +52,19 @@ pub(super) fn grouping_url(
     Ok(url)
 }
 
+/// `url` with the user information of its authority (`user:password@`), if any, replaced by
+/// `<redacted>@`: an error that shows the URL must not show the password.
+fn without_credentials(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}<redacted>@{}", &url[..start], &url[start + at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
 /// The API's list of groups, `<scheme>://<authority><prefix>/api/v1/metrics`, for a base URL
 /// that [`grouping_url`] accepted.
 pub(super) fn api_url(base: &str) -> String {
@@ -72,10 +85,12 @@ fn is_label_name(name: &str) -> bool {
         && name != "job"
 }
 
-/// Appends `/<name>/<value>`, or `/<name>@base64/<value as base64url>` when the value is empty
-/// or holds anything but URL-unreserved characters (the Pushgateway's own encoding).
+/// Appends `/<name>/<value>`, or `/<name>@base64/<value as base64url>` when the value is empty,
+/// is `.` or `..` (path segments that an HTTP server resolves: the Pushgateway answers such a
+/// path with a redirect) or holds anything but URL-unreserved characters (the Pushgateway's own
+/// encoding).
 fn push_pair(url: &mut String, name: &str, value: &str) {
-    let plain = !value.is_empty()
+    let plain = !matches!(value, "" | "." | "..")
         && value
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
@@ -164,6 +179,16 @@ mod tests {
             "http://127.0.0.1:9091/metrics/job/batch/instance/host-1\
              /path@base64/L3Zhci90bXA/empty@base64/="
         );
+        let url = grouping_url(
+            "http://gw:80",
+            "..",
+            &labels(&[("a", "."), ("b", "..."), ("c", "x.y")]),
+        )
+        .unwrap();
+        assert_eq!(
+            url,
+            "http://gw:80/metrics/job@base64/Li4/a@base64/Lg/b/.../c/x.y"
+        );
         let url = grouping_url("http://gw:80/prefix", "a b", &[]).unwrap();
         assert_eq!(url, "http://gw:80/prefix/metrics/job@base64/YSBi");
     }
@@ -203,6 +228,11 @@ mod tests {
                 name: "a".to_owned()
             }
         );
+        assert_eq!(
+            without_credentials("http://u:p@ss@gw:1/x@y"),
+            "http://<redacted>@gw:1/x@y"
+        );
+        assert_eq!(without_credentials("gw:1/a@b"), "gw:1/a@b");
         let shown = err("ftp://gw:9091", "j", &[]).to_string();
         assert!(
             shown.contains("the scheme must be http or https"),

@@ -30,8 +30,9 @@
 //!   body is sent gzip-compressed (`Content-Encoding: gzip`, compressed on the render thread):
 //!   Pushgateway 1.5.0 and later read it; older ones answer `400`, hence off by default.
 //! - The URL is `<url>/metrics/job/<job>{/<label>/<value>}`: the job plus the grouping labels.
-//!   A value that is empty or holds anything but `A-Z a-z 0-9 - . _ ~` (a `/` for instance) is sent
-//!   the Pushgateway's way, `<label>@base64/<base64url of the value>`.
+//!   A value that is empty, is `.` or `..`, or holds anything but `A-Z a-z 0-9 - . _ ~` (a `/`
+//!   for instance) is sent the Pushgateway's way, `<label>@base64/<base64url of the value>`;
+//!   the job's name too.
 //! - [`Method::Put`] (default) replaces the whole group, [`Method::Post`] only the metrics of the
 //!   same names (use it for **batch jobs**: a failed run that does not push
 //!   `…_last_success_timestamp_seconds` then leaves the last good run's value in place, where a
