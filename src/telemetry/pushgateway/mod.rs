@@ -42,8 +42,9 @@
 //! - [`Method::Delete`] does not delete at once: that would delete the shutdown's own metrics
 //!   before any scrape could read them. It PUTs the final metrics, keeps them for the
 //!   [`delete_delay`](PushgatewayBuilder::delete_delay) (15 s by default) as far as the metrics
-//!   stage's share of the slot allows, leaving one request timeout for the DELETE, and then
-//!   deletes the group. A shutdown with it takes that much longer; a slot too short for the
+//!   stage's share of the slot allows, and then deletes the group. One request timeout (at
+//!   most half the share left) is kept for the DELETE from the start: the PUT and its retries
+//!   never use it, so a Pushgateway that answers slowly still gets the DELETE. A shutdown with it takes that much longer; a slot too short for the
 //!   delay is logged.
 //! - Each request has a timeout; failed attempts (connection errors, timeouts, `408`, `429` and
 //!   `5xx` answers) are retried with a doubling backoff, as long as the stage's share of the slot

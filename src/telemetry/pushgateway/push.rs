@@ -145,14 +145,15 @@ impl Pushgateway {
             return self.send_with_retries(client, inner.method, deadline).await;
         }
         // The final snapshot first, finale's shutdown metrics included, so that a scrape can
-        // read it; the group is deleted after the delay, keeping a request's time for that.
-        let put = self.send_with_retries(client, Method::Put, deadline).await;
+        // read it; the group is deleted after the delay. One request timeout (at most half of
+        // what is left) is kept for the DELETE from the start: the PUT's retries against a slow
+        // Pushgateway must not use it, or the group would outlive the service.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let latest = deadline - inner.request_timeout.min(left / 2);
+        let put = self.send_with_retries(client, Method::Put, latest).await;
         match &put {
             Ok(()) => {
                 let asked = Instant::now() + inner.delete_delay;
-                let latest = deadline
-                    .checked_sub(inner.request_timeout)
-                    .unwrap_or(deadline);
                 if latest < asked {
                     tracing::warn!(
                         target: "finale",
