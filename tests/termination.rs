@@ -198,6 +198,51 @@ async fn termination_message_names_what_a_stage_lost() {
 #[cfg(unix)]
 #[test]
 fn termination_message_from_the_supervisor_of_a_wedged_process() {
+    let message = takeover_message(None);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    let pairs = parse(&message);
+    assert_eq!(get(&pairs, "supervisor"), Some("took_over"), "{message}");
+    assert_eq!(get(&pairs, "exit_code"), Some("5"));
+    assert_eq!(get(&pairs, "reason"), Some("signal SIGTERM"));
+    assert_eq!(
+        get(&pairs, "stuck"),
+        Some("the Telemetry phase did not start in time"),
+        "{message}"
+    );
+}
+
+/// The takeover's message is shortened like the end-of-run one: a 5,000-byte reason does not
+/// push out the rest, and the line still parses.
+#[cfg(unix)]
+#[test]
+fn the_supervisors_termination_message_shortens_a_long_reason() {
+    let reason = format!("deploy \"{}\" done", "x".repeat(5000));
+    let message = takeover_message(Some(&reason));
+    assert!(
+        message.len() <= TERMINATION_MESSAGE_MAX,
+        "{}",
+        message.len()
+    );
+    assert_eq!(message.lines().count(), 1, "{message}");
+    let pairs = parse(&message);
+    assert_eq!(get(&pairs, "supervisor"), Some("took_over"), "{message}");
+    assert_eq!(get(&pairs, "exit_code"), Some("5"), "{message}");
+    let shown = get(&pairs, "reason").unwrap();
+    assert!(shown.len() < 1024, "{}", shown.len());
+    assert!(shown.starts_with("requested: deploy \"xxx"), "{shown}");
+    assert!(shown.ends_with('…'), "{shown}");
+    assert_eq!(
+        get(&pairs, "stuck"),
+        Some("the Telemetry phase did not start in time"),
+        "{message}"
+    );
+}
+
+/// Runs the faults example with a Workers hook that blocks the runtime's only thread, stops it
+/// (with SIGTERM, or `trigger` if given) and returns the termination message the supervisor
+/// wrote before it exited with code 5.
+#[cfg(unix)]
+fn takeover_message(trigger: Option<&str>) -> String {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     use std::time::Instant;
@@ -208,6 +253,9 @@ fn termination_message_from_the_supervisor_of_a_wedged_process() {
         if key.to_string_lossy().starts_with("FINALE_") {
             cmd.env_remove(key);
         }
+    }
+    if let Some(reason) = trigger {
+        cmd.env("FAULT_TRIGGER", reason);
     }
     let mut child = cmd
         .env("FAULT", "block-workers")
@@ -237,7 +285,8 @@ fn termination_message_from_the_supervisor_of_a_wedged_process() {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {
-            Ok(line) if line.contains("started: ready") => break,
+            Ok(line) if trigger.is_none() && line.contains("started: ready") => break,
+            Ok(line) if trigger.is_some() && line.contains("blocker started") => break,
             Ok(_) => {}
             Err(e) => {
                 let _ = child.kill();
@@ -246,11 +295,13 @@ fn termination_message_from_the_supervisor_of_a_wedged_process() {
             }
         }
     }
-    let sent = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    if trigger.is_none() {
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -268,14 +319,5 @@ fn termination_message_from_the_supervisor_of_a_wedged_process() {
 
     let message = std::fs::read_to_string(&path).unwrap();
     let _ = std::fs::remove_file(&path);
-    assert_eq!(message.lines().count(), 1, "{message}");
-    let pairs = parse(&message);
-    assert_eq!(get(&pairs, "supervisor"), Some("took_over"), "{message}");
-    assert_eq!(get(&pairs, "exit_code"), Some("5"));
-    assert_eq!(get(&pairs, "reason"), Some("signal SIGTERM"));
-    assert_eq!(
-        get(&pairs, "stuck"),
-        Some("the Telemetry phase did not start in time"),
-        "{message}"
-    );
+    message
 }

@@ -11,7 +11,9 @@
 //! learns that the sequence finished, so its deadline still bounds the process; the write itself
 //! runs on a thread of its own and is waited for at most 500 ms, so a file system that hangs
 //! (NFS, FUSE, a FIFO with no reader) costs that and no more. When the supervisor takes over a
-//! wedged shutdown it writes a one-line message of its own, the same way, before it exits.
+//! wedged shutdown it writes a one-line message of its own, the same way, before it exits:
+//! `finale supervisor=took_over exit_code=5 reason=… stuck=…`, its values shortened like the
+//! end-of-run message's, so that it too parses and fits.
 //!
 //! # The format
 //!
@@ -195,10 +197,18 @@ impl Observer for Writer {
     fn took_over(&self, shared: &Shared, why: &str, code: i32) {
         let mut line = String::from("finale supervisor=took_over");
         kv(&mut line, "exit_code", &code.to_string());
+        // Shortened like the end-of-run message's values, so the line always ends with its
+        // closing quote and `stuck=`, and parses: at most 512 + 1,024 bytes before quoting,
+        // which at most doubles them, well within the 4 KiB.
         if let Some(reason) = shared.reason() {
-            kv(&mut line, "reason", &reason.to_string());
+            kv(
+                &mut line,
+                "reason",
+                &shorten(&reason.to_string(), REASON_MAX),
+            );
         }
-        kv(&mut line, "stuck", why);
+        kv(&mut line, "stuck", &shorten(why, STUCK_MAX));
+        debug_assert!(line.len() <= TERMINATION_MESSAGE_MAX);
         truncate(&mut line, TERMINATION_MESSAGE_MAX);
         self.write(&line);
     }
@@ -212,6 +222,8 @@ const SLOWEST: usize = 3;
 const REASON_MAX: usize = 512;
 const VALUE_MAX: usize = 256;
 const NAME_MAX: usize = 128;
+/// The longest the supervisor's `stuck=` value may be before it is shortened, in bytes.
+const STUCK_MAX: usize = 1024;
 
 /// The termination message for `report`, at most `max` bytes (`max` of at least a few hundred
 /// bytes; the header alone is never longer than about 1.2 KiB).
