@@ -9,8 +9,10 @@
 //! return from `main`, or a test that reads the report. `ShutdownReport::exit` would miss the
 //! last two and knows nothing of the configuration. The write happens before the supervisor
 //! learns that the sequence finished, so its deadline still bounds the process; the write itself
-//! runs on a thread of its own and is waited for at most 500 ms, so a file system that hangs
-//! (NFS, FUSE, a FIFO with no reader) costs that and no more. When the supervisor takes over a
+//! runs on a thread of its own and is waited for at most 500 ms, and not past the process's
+//! last moment (`total + safety_margin / 2` after the trigger; at that moment, 10 ms: a file
+//! that takes writes needs microseconds), so a file system that hangs (NFS, FUSE, a FIFO with
+//! no reader) costs that and no more. When the supervisor takes over a
 //! wedged shutdown it writes a one-line message of its own, the same way, before it exits:
 //! `finale supervisor=took_over exit_code=5 reason=… stuck=…`, its values shortened like the
 //! end-of-run message's, so that it too parses and fits.
@@ -148,9 +150,26 @@ pub(crate) fn writer(
 /// A file system that hangs (NFS, FUSE, a FIFO with no reader) must not keep the process alive:
 /// past this the write is left to its own thread and the process goes on to exit.
 const WRITE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+/// The least a write is waited for, even at the process's last moment: enough for a file that
+/// takes writes (microseconds), so a takeover at that moment still leaves its message.
+const WRITE_FLOOR: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl Writer {
-    fn write(&self, message: &str) {
+    /// Writes `message` on a thread of its own and waits for it at most [`WRITE_WAIT`], and
+    /// not past the process's last moment (`trigger + total + safety_margin / 2`, the
+    /// supervisor's bound) but for [`WRITE_FLOOR`]: a write that hangs is left to its thread,
+    /// which the exit ends.
+    fn write(&self, shared: &Shared, message: &str) {
+        let wait = match shared.life.trigger() {
+            Some(t0) => {
+                let b = &shared.budget;
+                let last = t0 + b.total + b.safety_margin / 2;
+                WRITE_WAIT
+                    .min(last.saturating_duration_since(std::time::Instant::now()))
+                    .max(WRITE_FLOOR)
+            }
+            None => WRITE_WAIT,
+        };
         let (path, explicit, message) = (self.path.clone(), self.explicit, message.to_owned());
         let (tx, rx) = std::sync::mpsc::channel();
         let spawned = std::thread::Builder::new()
@@ -165,11 +184,10 @@ impl Writer {
                 let _ = tx.send(written.map(|()| message.len()));
             });
         let written = match spawned {
-            Ok(_) => rx.recv_timeout(WRITE_WAIT).unwrap_or_else(|_| {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the write did not finish in 500 ms; left to its thread",
-                ))
+            Ok(_) => rx.recv_timeout(wait).unwrap_or_else(|_| {
+                Err(std::io::Error::other(format!(
+                    "the write did not finish in {wait:?}; left to its thread"
+                )))
             }),
             Err(error) => Err(error),
         };
@@ -190,8 +208,8 @@ impl Writer {
 }
 
 impl Observer for Writer {
-    fn finished(&self, _shared: &Shared, report: &ShutdownReport) {
-        self.write(&message(report, TERMINATION_MESSAGE_MAX));
+    fn finished(&self, shared: &Shared, report: &ShutdownReport) {
+        self.write(shared, &message(report, TERMINATION_MESSAGE_MAX));
     }
 
     fn took_over(&self, shared: &Shared, why: &str, code: i32) {
@@ -210,7 +228,7 @@ impl Observer for Writer {
         kv(&mut line, "stuck", &shorten(why, STUCK_MAX));
         debug_assert!(line.len() <= TERMINATION_MESSAGE_MAX);
         truncate(&mut line, TERMINATION_MESSAGE_MAX);
-        self.write(&line);
+        self.write(shared, &line);
     }
 }
 
