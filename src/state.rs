@@ -198,6 +198,9 @@ pub(crate) trait Observer: Send + Sync {
     fn finished(&self, _shared: &Shared, _report: &ShutdownReport) {}
     /// The supervisor takes over a wedged shutdown and is about to exit with `code`.
     fn took_over(&self, _shared: &Shared, _why: &str, _code: i32) {}
+    /// An upgrade handed the service over to the process `successor_pid`, which is ready: it
+    /// speaks for the service from now on (this process's shutdown follows).
+    fn handed_over(&self, _shared: &Shared, _successor_pid: u32) {}
 }
 
 /// Why a registration was refused.

@@ -486,7 +486,7 @@ async fn try_upgrade(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> {
         ready_after = ?upgraded.ready_after,
         "upgrade: the successor is ready; shutting down"
     );
-    crate::platform::systemd::main_pid(pid);
+    shared.observe(|o| o.handed_over(shared, pid));
     state.idle.send_replace(true);
     if !shared.request(Reason::Upgrade { successor_pid: pid }) {
         // A signal won the race after the successor was ready: it serves, this one stops.
