@@ -200,6 +200,7 @@ pub(crate) trait Observer: Send + Sync {
     fn took_over(&self, _shared: &Shared, _why: &str, _code: i32) {}
     /// An upgrade handed the service over to the process `successor_pid`, which is ready: it
     /// speaks for the service from now on (this process's shutdown follows).
+    #[cfg_attr(not(all(feature = "upgrade", unix)), allow(dead_code))]
     fn handed_over(&self, _shared: &Shared, _successor_pid: u32) {}
 }
 
