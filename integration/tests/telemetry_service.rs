@@ -28,7 +28,7 @@ fn delivered(out: &str, stage: &str) -> (u64, u64) {
         let n: u64 = pair[0].parse().unwrap_or(0);
         match pair[1].trim_end_matches([',', ';']) {
             "exported" => exported += n,
-            "failed" | "dropped" => lost += n,
+            "failed" | "sent" | "dropped" => lost += n,
             _ => {}
         }
     }

@@ -35,8 +35,9 @@
 //!
 //! The header and the phases always come first; then every entry that did not complete, what
 //! was cut at a deadline, each telemetry stage that lost something (`delivery=otlp-traces
-//! items=spans run_exported=488 run_failed=512 run_dropped=0 exit_exported=12 exit_failed=0
-//! exit_dropped=0`, see [`Delivery`](crate::Delivery)), and the three slowest entries that
+//! items=spans run_exported=488 run_failed=512 run_unconfirmed=0 run_dropped=0
+//! exit_exported=12 exit_failed=0 exit_unconfirmed=0 exit_dropped=0`, see
+//! [`Delivery`](crate::Delivery)), and the three slowest entries that
 //! completed, as many as fit. When
 //! something did not fit, the last line is `omitted entries=N cut=M`. Long values (a reason, an
 //! error, a name) are shortened at a character boundary and end in `…`. `status` is the
@@ -314,16 +315,22 @@ pub(crate) fn message(report: &ShutdownReport, max: usize) -> String {
         }
     }
     // What a stage lost, before the slowest: why a run exits 6 with every entry completed.
-    for d in report.delivery.iter().filter(|d| d.total().lost() > 0) {
+    for d in report
+        .delivery
+        .iter()
+        .filter(|d| d.total().not_confirmed() > 0)
+    {
         let mut line = String::from("delivery=");
         line.push_str(&quote(&shorten(&d.stage, VALUE_MAX)));
         kv(&mut line, "items", d.items.as_str());
         for (key, n) in [
             ("run_exported", d.run.exported),
             ("run_failed", d.run.failed),
+            ("run_unconfirmed", d.run.unconfirmed),
             ("run_dropped", d.run.dropped),
             ("exit_exported", d.at_exit.exported),
             ("exit_failed", d.at_exit.failed),
+            ("exit_unconfirmed", d.at_exit.unconfirmed),
             ("exit_dropped", d.at_exit.dropped),
         ] {
             kv(&mut line, key, &n.to_string());

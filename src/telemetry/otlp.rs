@@ -617,7 +617,11 @@ async fn flush<P: Flush>(
 ///
 /// A [`SpanExporter`], [`LogExporter`] or [`PushMetricExporter`] itself: it forwards every call
 /// to the exporter it wraps and counts each batch's items (spans, log records, metric data
-/// points) as exported when the export succeeded and as failed when it did not.
+/// points) as exported when the export succeeded and as failed when it did not. An export
+/// that has not answered by the end (the flush gave up while the collector kept it waiting, or
+/// kept answering `503`), or that was dropped before it answered, counts its items as
+/// unconfirmed: sent, with no answer. They may have arrived; nothing says so, and they are not
+/// counted as dropped either.
 ///
 /// Items dropped before they reach the exporter (the batch processor's queue was full, or still
 /// held them when the final flush gave up) are never seen by an exporter, and the SDK does not
@@ -682,14 +686,48 @@ impl<E> Counted<E> {
     pub fn counter(&self) -> Counter {
         self.counter.clone()
     }
+}
 
-    fn record(counter: &Counter, items: u64, result: &OTelSdkResult) {
+/// One export's items while it waits for the backend's answer. Counted as exported or failed
+/// by its answer; an export dropped before it answered (the flush gave up, the process is
+/// leaving) counts its items as unconfirmed: sent, with no answer.
+struct Sending {
+    counter: Counter,
+    items: u64,
+    answered: bool,
+}
+
+impl Sending {
+    fn start(counter: Counter, items: u64) -> Self {
+        counter.inner.sending.fetch_add(items, Ordering::Relaxed);
+        Self {
+            counter,
+            items,
+            answered: false,
+        }
+    }
+
+    fn answered(mut self, result: &OTelSdkResult) {
+        let c = &self.counter.inner;
         let to = if result.is_ok() {
-            &counter.inner.exported
+            &c.exported
         } else {
-            &counter.inner.failed
+            &c.failed
         };
-        to.fetch_add(items, Ordering::Relaxed);
+        to.fetch_add(self.items, Ordering::Relaxed);
+        self.answered = true;
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        let c = &self.counter.inner;
+        // After the answer's count, so that the sum of the buckets never dips below what was
+        // handed in while an export finishes.
+        if !self.answered {
+            c.unconfirmed.fetch_add(self.items, Ordering::Relaxed);
+        }
+        c.sending.fetch_sub(self.items, Ordering::Relaxed);
     }
 }
 
@@ -700,10 +738,10 @@ impl<E: SpanExporter> SpanExporter for Counted<E> {
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let items = batch.len() as u64;
         let export = self.inner.export(batch);
-        let counter = self.counter.clone();
+        let sending = Sending::start(self.counter.clone(), items);
         async move {
             let result = export.await;
-            Self::record(&counter, items, &result);
+            sending.answered(&result);
             result
         }
     }
@@ -728,10 +766,10 @@ impl<E: LogExporter> LogExporter for Counted<E> {
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let items = batch.iter().count() as u64;
         let export = self.inner.export(batch);
-        let counter = self.counter.clone();
+        let sending = Sending::start(self.counter.clone(), items);
         async move {
             let result = export.await;
-            Self::record(&counter, items, &result);
+            sending.answered(&result);
             result
         }
     }
@@ -761,10 +799,10 @@ impl<E: PushMetricExporter> PushMetricExporter for Counted<E> {
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let items = data_points(metrics);
         let export = self.inner.export(metrics);
-        let counter = self.counter.clone();
+        let sending = Sending::start(self.counter.clone(), items);
         async move {
             let result = export.await;
-            Self::record(&counter, items, &result);
+            sending.answered(&result);
             result
         }
     }
@@ -817,21 +855,43 @@ pub struct Counter {
 struct CounterInner {
     /// Handed to the processors (only if the counter is one of them).
     handed: AtomicU64,
+    /// Every item of an export that answered `Ok`, the rejected ones of a partial success
+    /// included.
     exported: AtomicU64,
     failed: AtomicU64,
+    /// Items of exports that answered `Ok` but that the backend rejected (a partial success),
+    /// as the counting HTTP client read them.
+    rejected: AtomicU64,
+    /// Items of exports waiting for their answer now.
+    sending: AtomicU64,
+    /// Items of exports dropped before they answered.
+    unconfirmed: AtomicU64,
     /// The final flush's shutdown returned in time: nothing was left in the queue.
     drained: AtomicBool,
 }
 
 impl Counter {
-    /// Items exported so far.
+    /// Items exported so far: in exports that succeeded, less those the backend rejected in a
+    /// partial success (as far as it is known: see [`Counted`]).
     pub fn exported(&self) -> u64 {
-        self.inner.exported.load(Ordering::Relaxed)
+        let c = &self.inner;
+        // Rejected items were counted as exported first: read them first, so that the
+        // difference never underflows.
+        let rejected = c.rejected.load(Ordering::Acquire);
+        c.exported.load(Ordering::Acquire).saturating_sub(rejected)
     }
 
-    /// Items whose export failed so far.
+    /// Items whose export failed so far, and those a partial success rejected.
     pub fn failed(&self) -> u64 {
-        self.inner.failed.load(Ordering::Relaxed)
+        let c = &self.inner;
+        c.failed.load(Ordering::Relaxed) + c.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Items sent with no answer so far: in exports dropped before they answered, and
+    /// (at exit) in exports still waiting for theirs.
+    pub fn unconfirmed(&self) -> u64 {
+        let c = &self.inner;
+        c.unconfirmed.load(Ordering::Relaxed) + c.sending.load(Ordering::Relaxed)
     }
 
     /// Items handed to the processors so far (0 unless the counter is one of them).
@@ -898,13 +958,21 @@ impl Tally for Tallied {
     }
 
     fn counts(&self) -> Counts {
-        Counts::new(self.counter.exported(), self.counter.failed(), 0)
+        let c = &self.counter;
+        Counts::new(c.exported(), c.failed(), 0)
+            .with_unconfirmed(c.inner.unconfirmed.load(Ordering::Relaxed))
     }
 
     fn late_drops(&self) -> (u64, bool) {
         let c = &self.counter;
-        let unseen = c.handed().saturating_sub(c.exported() + c.failed());
+        let unseen = c
+            .handed()
+            .saturating_sub(c.exported() + c.failed() + c.unconfirmed());
         (unseen, c.inner.drained.load(Ordering::Acquire))
+    }
+
+    fn late_unconfirmed(&self) -> u64 {
+        self.counter.inner.sending.load(Ordering::Relaxed)
     }
 }
 
