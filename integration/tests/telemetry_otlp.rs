@@ -22,7 +22,9 @@ use finale::{
 use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::trace::{Tracer as _, TracerProvider as _};
-use opentelemetry_otlp::{LogExporter, MetricExporter, SpanExporter, WithExportConfig};
+use opentelemetry_otlp::{
+    LogExporter, MetricExporter, SpanExporter, WithExportConfig, WithHttpConfig,
+};
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
@@ -123,6 +125,62 @@ fn http_tracer(port: u16, spans: usize) -> (SdkTracerProvider, finale::otlp::Cou
         t.in_span("work", |_| {});
     }
     (tracer, counter)
+}
+
+/// `ExportTraceServiceResponse { partial_success { rejected_spans: n, error_message: "…" } }`,
+/// as protobuf.
+fn partial_success(n: u8) -> Vec<u8> {
+    let message = b"over quota";
+    let inner_len = 2 + 2 + message.len();
+    let mut body = vec![0x0a, inner_len as u8, 0x08, n, 0x12, message.len() as u8];
+    body.extend_from_slice(message);
+    body
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn spans_a_partial_success_rejected_are_counted_as_failed() {
+    let (port, seen) = stand_in(Some(("200 OK", partial_success(10))));
+    // The exporter's own blocking client, wrapped so the answer is read; built off the runtime.
+    let counter = finale::otlp::Counter::default();
+    let client = std::thread::spawn(reqwest::blocking::Client::new)
+        .join()
+        .unwrap();
+    let exporter = SpanExporter::builder()
+        .with_http()
+        .with_http_client(counter.http_client(client))
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(format!("http://127.0.0.1:{port}/v1/traces"))
+        .build()
+        .unwrap();
+    let tracer = SdkTracerProvider::builder()
+        .with_span_processor(counter.clone())
+        .with_batch_exporter(Counted::with_counter(exporter, counter.clone()))
+        .build();
+    let t = tracer.tracer("test");
+    for _ in 0..10 {
+        t.in_span("work", |_| {});
+    }
+    let finale = finale(Duration::from_secs(5), Duration::from_secs(3));
+    Otlp::new()
+        .tracer_provider(tracer)
+        .span_counter(counter)
+        .finale_metrics(false)
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(seen.lock().unwrap().len(), 1, "one export");
+    let spans = report.delivery(HOOK_TRACES).unwrap().total();
+    assert_eq!(
+        (spans.exported, spans.failed, spans.dropped),
+        (0, 10, 0),
+        "{report}"
+    );
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]

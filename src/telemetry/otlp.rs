@@ -44,6 +44,14 @@
 //! a counter, a flush that only ran out of the SDK's fixed 5 s counts as delivered when the
 //! shutdown then drained the queue without a failed export.
 //!
+//! An export still waiting for its answer when the flush gives up counts as unconfirmed (sent,
+//! no answer), not as dropped. A collector's **partial success** (`200` with some items
+//! rejected) is only logged by opentelemetry-otlp, which returns `Ok`: over OTLP/HTTP, send
+//! through a [`CountingClient`](Counter::http_client) (feature `otlp-http`) and the rejected
+//! items count as failed. Over OTLP/gRPC finale cannot read the answer (the exporter takes a
+//! tonic `Channel` and its interceptors see requests only): a partial success counts as
+//! exported.
+//!
 //! # Requirements and traps
 //!
 //! - **Use the SDK's default, thread-based processors** (`with_batch_exporter`,
@@ -120,6 +128,12 @@ use crate::report::{Counts, Items, Tally};
 use crate::slot::{ORDER_METRICS, ORDER_TRACES_LOGS, Share, stage_deadline};
 use crate::state::{EmergencyStage, Shared};
 use crate::telemetry::stages::{Handoff, OffThread, run_until};
+
+#[cfg(feature = "otlp-http")]
+mod http;
+#[cfg(feature = "otlp-http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otlp-http")))]
+pub use http::CountingClient;
 
 /// The report name of the meter provider's hook.
 pub const HOOK_METRICS: &str = "otlp-metrics";
@@ -678,6 +692,15 @@ impl<E> Counted<E> {
         Self {
             inner: exporter,
             counter: Counter::default(),
+        }
+    }
+
+    /// Counts what `exporter` delivers in `counter`: one made before the exporter, for a
+    /// [`CountingClient`] (feature `otlp-http`) that the exporter sends with.
+    pub fn with_counter(exporter: E, counter: Counter) -> Self {
+        Self {
+            inner: exporter,
+            counter,
         }
     }
 
