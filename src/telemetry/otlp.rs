@@ -57,11 +57,15 @@
 //! - **Use the SDK's default, thread-based processors** (`with_batch_exporter`,
 //!   `PeriodicReader`). The `experimental_async_runtime` ones block forever on a
 //!   `current_thread` runtime.
-//! - **gRPC (tonic) exporters** must be built inside the tokio runtime that runs finale, and that
-//!   runtime must be alive when the Telemetry phase runs: the export makes progress only while the
-//!   runtime's threads poll tonic's connection. finale never blocks a runtime thread for it (the
-//!   flushes run on their own threads and are awaited), so this works on a `current_thread`
-//!   runtime and on a one-worker runtime. Call [`Finale::run`](crate::Finale::run) from inside the
+//! - **gRPC (tonic) exporters: build them with [`with_exporter_runtime`].** A tonic exporter's
+//!   export makes progress only while the runtime it was built in polls tonic's connection.
+//!   Built inside `with_exporter_runtime`, that is a runtime of finale's own on a thread of its
+//!   own, so the exporters deliver even when your runtime is wedged and the supervisor flushes
+//!   from its own threads. Built on your runtime instead, they deliver only while it runs:
+//!   finale never blocks a runtime thread for them (the flushes run on their own threads and
+//!   are awaited), so a `current_thread` or one-worker runtime that is healthy still works, but
+//!   after a takeover of a wedged runtime they deliver nothing (the report says
+//!   `not delivered`). Either way call [`Finale::run`](crate::Finale::run) from inside the
 //!   runtime; do not drop the runtime first.
 //! - **The async-client feature trap.** opentelemetry-otlp's HTTP exporter picks its client by
 //!   cargo feature, and an async client wins: if *any* crate in the build enables
@@ -128,6 +132,9 @@ use crate::report::{Counts, Items, Tally};
 use crate::slot::{ORDER_METRICS, ORDER_TRACES_LOGS, Share, stage_deadline};
 use crate::state::{EmergencyStage, Shared};
 use crate::telemetry::stages::{Handoff, OffThread, run_until};
+
+mod runtime;
+pub use runtime::with_exporter_runtime;
 
 #[cfg(feature = "otlp-http")]
 mod http;
