@@ -119,6 +119,14 @@ fn wedged(protocol: &str) {
         "no log record at the collector\n{out}"
     );
     assert!(file.contains("the shutdown overran its budget"), "{file}");
+    // Each stage's outcome is logged before the log writer is released: in the file too.
+    for stage in ["pushgateway", "otlp-metrics", "otlp-traces", "otlp-logs"] {
+        assert!(
+            file.lines()
+                .any(|l| l.contains("delivered by the supervisor") && l.contains(stage)),
+            "{stage}:\n{file}"
+        );
+    }
     // The same counter through the OTLP meter provider, flushed by the supervisor too.
     let takeovers = |collector: &Collector| {
         collector

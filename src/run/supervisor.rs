@@ -317,18 +317,9 @@ impl Supervisor {
         if let Some(shared) = shared {
             shared.observe(|o| o.took_over(&shared, &stuck.to_string(), code));
         }
-        if let Ok(results) = tokio::task::spawn_blocking(move || deliver(stages, deadline)).await {
-            for (name, result) in results {
-                match result {
-                    Ok(()) => {
-                        tracing::info!(target: "finale", stage = %name, "delivered by the supervisor")
-                    }
-                    Err(error) => {
-                        tracing::error!(target: "finale", stage = %name, %error, "not delivered")
-                    }
-                }
-            }
-        }
+        // Each stage's outcome is logged by `deliver` as its group ends, so the outcomes of the
+        // stages before the log writer reach the log file it releases last.
+        let _ = tokio::task::spawn_blocking(move || deliver(stages, deadline)).await;
         std::process::exit(code)
     }
 }
@@ -339,13 +330,16 @@ async fn sleep_until(at: Instant) {
 }
 
 /// Runs the stages on threads of their own, lower orders first, each group within its share of
-/// what is left before `deadline`; blocks until all are done or the deadline passed.
+/// what is left before `deadline`; blocks until all are done or the deadline passed. Logs each
+/// stage's outcome when its group ends, before the next group starts: the log writer's stage
+/// comes last, so the outcomes of the others are in the file it releases.
 pub(crate) fn deliver(
     mut stages: Vec<EmergencyStage>,
     deadline: Instant,
 ) -> Vec<(Cow<'static, str>, Result<(), String>)> {
     stages.sort_by_key(|s| s.order);
     let mut results = Vec::with_capacity(stages.len());
+    let mut logged = 0;
     let mut stages = stages.into_iter().peekable();
     while let Some(first) = stages.next() {
         let order = first.order;
@@ -390,6 +384,17 @@ pub(crate) fn deliver(
         for name in pending {
             results.push((name, Err("not done by the deadline".to_owned())));
         }
+        for (name, result) in &results[logged..] {
+            match result {
+                Ok(()) => {
+                    tracing::info!(target: "finale", stage = %name, "delivered by the supervisor")
+                }
+                Err(error) => {
+                    tracing::error!(target: "finale", stage = %name, %error, "not delivered by the supervisor")
+                }
+            }
+        }
+        logged = results.len();
     }
     results
 }
