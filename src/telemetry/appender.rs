@@ -325,7 +325,7 @@ impl LogWriterGuard {
                 // The report counts the lines, and the delivery policy decides what their loss
                 // means: the hook says only whether the writer drained.
                 let result = guard.release_only(stage_deadline(&ctx, Share::ALL)).await;
-                for_hook.done();
+                for_hook.done(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                 result
             })
             .order(ORDER_LOG_WRITER),

@@ -213,6 +213,14 @@ pub enum OtlpError {
         /// The panic message.
         message: String,
     },
+    /// The supervisor took the flush over (the runtime was wedged when the Telemetry phase was
+    /// due) and it did not deliver, or had not finished at this stage's deadline.
+    TakenOver {
+        /// Which provider.
+        provider: Provider,
+        /// What the supervisor's flush said.
+        message: String,
+    },
     /// The flush thread could not be started.
     Thread {
         /// Which provider.
@@ -230,6 +238,7 @@ impl OtlpError {
             | OtlpError::Shutdown { provider, .. }
             | OtlpError::TimedOut { provider, .. }
             | OtlpError::Panicked { provider, .. }
+            | OtlpError::TakenOver { provider, .. }
             | OtlpError::Thread { provider, .. } => *provider,
         }
     }
@@ -256,6 +265,11 @@ impl fmt::Display for OtlpError {
                     "OTLP {provider} not delivered: the flush panicked: {message}"
                 )
             }
+            OtlpError::TakenOver { provider, message } => write!(
+                f,
+                "OTLP {provider} not delivered by the supervisor, which took the flush over: \
+                 {message}"
+            ),
             OtlpError::Thread { provider, source } => write!(
                 f,
                 "OTLP {provider} not delivered: cannot start the flush thread: {source}"
@@ -269,7 +283,9 @@ impl StdError for OtlpError {
         match self {
             OtlpError::Flush { source, .. } | OtlpError::Shutdown { source, .. } => Some(source),
             OtlpError::Thread { source, .. } => Some(source),
-            OtlpError::TimedOut { .. } | OtlpError::Panicked { .. } => None,
+            OtlpError::TimedOut { .. }
+            | OtlpError::Panicked { .. }
+            | OtlpError::TakenOver { .. } => None,
         }
     }
 }
@@ -601,12 +617,14 @@ async fn flush<P: Flush>(
         std::time::Instant::now() + deadline.saturating_duration_since(Instant::now());
     let work = move || {
         // Taken here, not before: if the supervisor took it first (the runtime was wedged), it
-        // is flushing already and this hook has nothing left to do.
+        // is flushing already: this hook waits for it, bounded, and reports what it delivered.
         let Some(p) = held.take() else {
-            return Ok(());
+            return held
+                .wait(thread_deadline)
+                .map_err(|message| OtlpError::TakenOver { provider, message });
         };
         let result = flush_blocking(provider, &p, counter.as_ref(), thread_deadline);
-        held.done();
+        held.done(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
         // The provider is dropped here, on this thread: a last clone's drop blocks.
         drop(p);
         result
@@ -1009,7 +1027,9 @@ impl Tally for Tallied {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::Outcome;
     use opentelemetry::logs::{Logger as _, LoggerProvider as _, Severity};
+    use opentelemetry::trace::{Tracer as _, TracerProvider as _};
 
     /// A processor that wants no event at all, as an exporter filtering by level would.
     #[derive(Debug)]
@@ -1026,6 +1046,85 @@ mod tests {
         fn event_enabled(&self, _: Severity, _: &str, _: Option<&str>) -> bool {
             false
         }
+    }
+
+    /// An exporter that says when an export starts and answers what the test sends it.
+    #[derive(Debug)]
+    struct Held {
+        started: std::sync::mpsc::Sender<()>,
+        answer: std::sync::Mutex<std::sync::mpsc::Receiver<OTelSdkResult>>,
+    }
+
+    impl SpanExporter for Held {
+        fn export(
+            &self,
+            _: Vec<SpanData>,
+        ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+            let _ = self.started.send(());
+            let answer = self
+                .answer
+                .lock()
+                .unwrap()
+                .recv()
+                .unwrap_or(Err(OTelSdkError::InternalFailure("no answer".into())));
+            std::future::ready(answer)
+        }
+    }
+
+    /// The supervisor took the flush over (its emergency stage is running it) when the runtime
+    /// unblocks and the sequence reaches the hook: the hook reports the supervisor's outcome, it
+    /// does not complete at once on its own.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_hook_reports_what_the_supervisors_flush_delivered() {
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (answer, answer_rx) = std::sync::mpsc::channel();
+        let tracer = SdkTracerProvider::builder()
+            .with_batch_exporter(Held {
+                started: started_tx,
+                answer: std::sync::Mutex::new(answer_rx),
+            })
+            .build();
+        tracer.tracer("test").in_span("work", |_| {});
+        let finale = Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .build()
+            .unwrap();
+        Otlp::new()
+            .tracer_provider(tracer.clone())
+            .finale_metrics(false)
+            .register(&finale)
+            .unwrap();
+        drop(tracer);
+        let stage = finale
+            .shared
+            .take_emergency()
+            .into_iter()
+            .find(|s| s.name == HOOK_TRACES)
+            .unwrap();
+        // The supervisor's side: it takes the provider and flushes; the export waits for the
+        // test's answer.
+        let supervisor = std::thread::spawn(move || {
+            (stage.run)(std::time::Instant::now() + Duration::from_secs(10))
+        });
+        started
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the supervisor's flush exports");
+        answer
+            .send(Err(OTelSdkError::InternalFailure("collector down".into())))
+            .unwrap();
+        finale.handle().trigger("test");
+        let report = finale.run().await;
+        assert!(supervisor.join().unwrap().is_err());
+        let Outcome::Failed(error) = &report.entry(HOOK_TRACES).unwrap().outcome else {
+            panic!("the hook claims a delivery the supervisor did not make:\n{report}");
+        };
+        assert!(
+            error
+                .to_string()
+                .contains("not delivered by the supervisor"),
+            "{error}"
+        );
     }
 
     #[test]
