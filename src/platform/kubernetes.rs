@@ -15,7 +15,9 @@
 //! no reader) costs that and no more. When the supervisor takes over a
 //! wedged shutdown it writes a one-line message of its own, the same way, before it exits:
 //! `finale supervisor=took_over exit_code=5 reason=… stuck=…`, its values shortened like the
-//! end-of-run message's, so that it too parses and fits.
+//! end-of-run message's, so that it too parses and fits. If the runtime unblocks after the
+//! takeover and `run()` still ends, its message keeps the supervisor's line as its last: one
+//! message holds both, within the 4 KiB.
 //!
 //! # The format
 //!
@@ -107,6 +109,9 @@ pub(crate) struct Writer {
     /// An explicit path is created if missing, and a failure is a warning; the automatic one
     /// is only ever the kubelet's file.
     explicit: bool,
+    /// The supervisor's line, once it took over: the end-of-run message, if the sequence still
+    /// gets there, keeps it, so that one message holds both.
+    took_over: std::sync::Mutex<Option<String>>,
 }
 
 /// The writer `setting` (or the environment's `env`, which wins) asks for, if any.
@@ -124,6 +129,7 @@ pub(crate) fn writer(
         TerminationLog::Path(path) => Some(Writer {
             path,
             explicit: true,
+            took_over: std::sync::Mutex::default(),
         }),
         TerminationLog::Auto if environment == Environment::Kubernetes => {
             // The kubelet mounts the file into every container; opening it does not change it.
@@ -131,6 +137,7 @@ pub(crate) fn writer(
                 Ok(_) => Some(Writer {
                     path: PathBuf::from(DEFAULT_TERMINATION_LOG),
                     explicit: false,
+                    took_over: std::sync::Mutex::default(),
                 }),
                 Err(error) => {
                     tracing::debug!(
@@ -210,15 +217,28 @@ impl Writer {
 
 impl Observer for Writer {
     fn finished(&self, shared: &Shared, report: &ShutdownReport) {
-        self.write(shared, &message(report, TERMINATION_MESSAGE_MAX));
+        let took_over = crate::state::lock(&self.took_over).clone();
+        let text = match took_over {
+            // The runtime unblocked after the takeover and the sequence ended too: its report,
+            // then the supervisor's line, in one message that still fits.
+            Some(line) => {
+                let mut text = message(report, TERMINATION_MESSAGE_MAX - line.len() - 1);
+                text.push('\n');
+                text.push_str(&line);
+                text
+            }
+            None => message(report, TERMINATION_MESSAGE_MAX),
+        };
+        self.write(shared, &text);
     }
 
     fn took_over(&self, shared: &Shared, why: &str, code: i32) {
         let mut line = String::from("finale supervisor=took_over");
         kv(&mut line, "exit_code", &code.to_string());
         // Shortened like the end-of-run message's values, so the line always ends with its
-        // closing quote and `stuck=`, and parses: at most 512 + 1,024 bytes before quoting,
-        // which at most doubles them, well within the 4 KiB.
+        // closing quote and `stuck=`, and parses: at most 512 + 256 bytes before quoting,
+        // which at most doubles them: within half the 4 KiB, the other half being kept for
+        // the end-of-run message if the sequence still ends.
         if let Some(reason) = shared.reason() {
             kv(
                 &mut line,
@@ -227,8 +247,9 @@ impl Observer for Writer {
             );
         }
         kv(&mut line, "stuck", &shorten(why, STUCK_MAX));
-        debug_assert!(line.len() <= TERMINATION_MESSAGE_MAX);
-        truncate(&mut line, TERMINATION_MESSAGE_MAX);
+        debug_assert!(line.len() <= TERMINATION_MESSAGE_MAX / 2);
+        truncate(&mut line, TERMINATION_MESSAGE_MAX / 2);
+        *crate::state::lock(&self.took_over) = Some(line.clone());
         self.write(shared, &line);
     }
 }
@@ -242,7 +263,7 @@ const REASON_MAX: usize = 512;
 const VALUE_MAX: usize = 256;
 const NAME_MAX: usize = 128;
 /// The longest the supervisor's `stuck=` value may be before it is shortened, in bytes.
-const STUCK_MAX: usize = 1024;
+const STUCK_MAX: usize = 256;
 
 /// The termination message for `report`, at most `max` bytes (`max` of at least a few hundred
 /// bytes; the header alone is never longer than about 1.2 KiB).
@@ -467,6 +488,39 @@ mod tests {
             )
             .is_none()
         );
+    }
+
+    /// The supervisor took over, then the runtime unblocked and the sequence ended too: the
+    /// end-of-run message keeps the supervisor's line, in one message that fits.
+    #[tokio::test(flavor = "current_thread")]
+    async fn one_termination_message_holds_the_takeover_and_the_report() {
+        let path =
+            std::env::temp_dir().join(format!("finale-termination-both-{}", std::process::id()));
+        let finale = crate::Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .termination_log(TerminationLog::Path(path.clone()))
+            .build()
+            .unwrap();
+        finale.handle().trigger("x".repeat(5000));
+        let shared = finale.shared.clone();
+        shared.observe(|o| o.took_over(&shared, "the Telemetry phase did not start in time", 5));
+        let report = finale.run().await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(text.len() <= TERMINATION_MESSAGE_MAX, "{}", text.len());
+        let first = text.lines().next().unwrap();
+        assert!(first.starts_with("finale status=clean"), "{text}");
+        let last = text.lines().last().unwrap();
+        assert!(
+            last.starts_with("finale supervisor=took_over exit_code=5 "),
+            "{text}"
+        );
+        assert!(
+            last.ends_with("stuck=\"the Telemetry phase did not start in time\""),
+            "{text}"
+        );
+        assert_eq!(report.exit_code, 0);
     }
 
     #[test]
