@@ -204,6 +204,19 @@ pub(crate) trait Observer: Send + Sync {
     fn handed_over(&self, _shared: &Shared, _successor_pid: u32) {}
 }
 
+/// What the running state asks of the upgrade machinery (feature `upgrade`), which plugs in
+/// here: the state never names it. The upgrade finds its own state again with a downcast
+/// (the trait is [`Any`](std::any::Any)).
+#[cfg_attr(not(all(feature = "upgrade", unix)), allow(dead_code))]
+pub(crate) trait Handover: std::any::Any + Send + Sync + std::fmt::Debug {
+    /// Upgrades that failed (the process kept serving), for the report; taken once.
+    fn take_failed(&self) -> Vec<String>;
+    /// Whether the service was handed over to a successor that is ready.
+    fn succeeded(&self) -> bool;
+    /// Whether the listening sockets belong to a successor, or are shared with one starting.
+    fn handed_off(&self) -> bool;
+}
+
 /// Why a registration was refused.
 pub(crate) enum Refused {
     Config(ConfigError),
@@ -246,7 +259,7 @@ pub(crate) struct Shared {
     pub(crate) observers: Vec<Box<dyn Observer>>,
     /// Set by the builder before the state is shared, with [`Builder::upgrade`](crate::Builder::upgrade).
     #[cfg(all(feature = "upgrade", unix))]
-    pub(crate) upgrade: Option<Arc<crate::platform::upgrade::UpgradeState>>,
+    pub(crate) upgrade: Option<Arc<dyn Handover>>,
 }
 
 impl Drop for Shared {

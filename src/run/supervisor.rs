@@ -190,7 +190,7 @@ impl Supervisor {
     fn on_signal(&self, signal: Signal) {
         #[cfg(all(feature = "upgrade", unix))]
         if let Some(shared) = self.shared.upgrade()
-            && let Some(upgrade) = &shared.upgrade
+            && let Some(upgrade) = crate::upgrade::state(&shared)
             && upgrade.signal() == Some(signal)
         {
             // On the supervisor's own runtime: the upgrade needs nothing of the user's.
