@@ -49,6 +49,7 @@ fn wedged(protocol: &str) {
         .env("FINALE_TELEMETRY_RESERVE", "2s")
         .env("FINALE_SAFETY_MARGIN", "1s")
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+        .env("FINALE_TERMINATION_LOG", dir.join("termination.log"))
         .spawn()
         .unwrap();
     let (tx, lines) = mpsc::channel();
@@ -97,6 +98,7 @@ fn wedged(protocol: &str) {
     }
     let out = seen.join("\n");
     let file = std::fs::read_to_string(&log).unwrap_or_default();
+    let message = std::fs::read_to_string(dir.join("termination.log")).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(
         code,
@@ -119,6 +121,27 @@ fn wedged(protocol: &str) {
         "no log record at the collector\n{out}"
     );
     assert!(file.contains("the shutdown overran its budget"), "{file}");
+    // The termination message says which stages the supervisor delivered (in the order they
+    // ended, which within one order is a race).
+    let mut delivered: Vec<&str> = message
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("delivered="))
+        .unwrap_or_default()
+        .split(',')
+        .collect();
+    delivered.sort_unstable();
+    assert_eq!(
+        delivered,
+        [
+            "log-writer",
+            "otlp-logs",
+            "otlp-metrics",
+            "otlp-traces",
+            "pushgateway"
+        ],
+        "{message}"
+    );
+    assert!(!message.contains("not_delivered="), "{message}");
     // Each stage's outcome is logged before the log writer is released: in the file too.
     for stage in ["pushgateway", "otlp-metrics", "otlp-traces", "otlp-logs"] {
         assert!(

@@ -14,7 +14,9 @@
 //! that takes writes needs microseconds), so a file system that hangs (NFS, FUSE, a FIFO with
 //! no reader) costs that and no more. When the supervisor takes over a
 //! wedged shutdown it writes a one-line message of its own, the same way, before it exits:
-//! `finale supervisor=took_over exit_code=5 reason=… stuck=…`, its values shortened like the
+//! `finale supervisor=took_over exit_code=5 reason=… stuck=… delivered=pushgateway,otlp-traces
+//! not_delivered=otlp-logs` (the telemetry stages the supervisor delivered, and those it did
+//! not; a list with no stage is left out), written once its delivery ended, its values shortened like the
 //! end-of-run message's, so that it too parses and fits. If the runtime unblocks after the
 //! takeover and `run()` still ends, its message keeps the supervisor's line as its last: one
 //! message holds both, within the 4 KiB.
@@ -55,7 +57,7 @@ use std::time::Duration;
 use crate::config::Environment;
 use crate::phase::Phase;
 use crate::report::{EntryReport, Outcome, ShutdownReport};
-use crate::state::{Observer, Shared};
+use crate::state::{Observer, Shared, StageOutcome};
 
 /// Where Kubernetes reads a container's termination message unless its
 /// `terminationMessagePath` says otherwise: `/dev/termination-log`.
@@ -232,13 +234,13 @@ impl Observer for Writer {
         self.write(shared, &text);
     }
 
-    fn took_over(&self, shared: &Shared, why: &str, code: i32) {
+    fn took_over(&self, shared: &Shared, why: &str, code: i32, stages: &[StageOutcome]) {
         let mut line = String::from("finale supervisor=took_over");
         kv(&mut line, "exit_code", &code.to_string());
         // Shortened like the end-of-run message's values, so the line always ends with its
-        // closing quote and `stuck=`, and parses: at most 512 + 256 bytes before quoting,
-        // which at most doubles them: within half the 4 KiB, the other half being kept for
-        // the end-of-run message if the sequence still ends.
+        // closing quote and `stuck=`, and parses: at most 512 + 192 bytes before quoting,
+        // which at most doubles them, and two stage lists of at most 192: within half the
+        // 4 KiB, the other half being kept for the end-of-run message if the sequence ends.
         if let Some(reason) = shared.reason() {
             kv(
                 &mut line,
@@ -247,6 +249,18 @@ impl Observer for Writer {
             );
         }
         kv(&mut line, "stuck", &shorten(why, STUCK_MAX));
+        // Which telemetry stages the supervisor delivered, and which not: comma-separated
+        // names, each list shortened like a value.
+        for (key, delivered) in [("delivered", true), ("not_delivered", false)] {
+            let names: Vec<&str> = stages
+                .iter()
+                .filter(|(_, r)| r.is_ok() == delivered)
+                .map(|(name, _)| name.as_ref())
+                .collect();
+            if !names.is_empty() {
+                kv(&mut line, key, &shorten(&names.join(","), STAGES_MAX));
+            }
+        }
         debug_assert!(line.len() <= TERMINATION_MESSAGE_MAX / 2);
         truncate(&mut line, TERMINATION_MESSAGE_MAX / 2);
         *crate::state::lock(&self.took_over) = Some(line.clone());
@@ -263,7 +277,9 @@ const REASON_MAX: usize = 512;
 const VALUE_MAX: usize = 256;
 const NAME_MAX: usize = 128;
 /// The longest the supervisor's `stuck=` value may be before it is shortened, in bytes.
-const STUCK_MAX: usize = 256;
+const STUCK_MAX: usize = 192;
+/// The longest each of the supervisor's stage lists may be before it is shortened, in bytes.
+const STAGES_MAX: usize = 192;
 
 /// The termination message for `report`, at most `max` bytes (`max` of at least a few hundred
 /// bytes; the header alone is never longer than about 1.2 KiB).
@@ -504,7 +520,21 @@ mod tests {
             .unwrap();
         finale.handle().trigger("x".repeat(5000));
         let shared = finale.shared.clone();
-        shared.observe(|o| o.took_over(&shared, "the Telemetry phase did not start in time", 5));
+        let stages = [
+            (std::borrow::Cow::Borrowed("otlp-traces"), Ok(())),
+            (
+                std::borrow::Cow::Borrowed("otlp-logs"),
+                Err("timed out".to_owned()),
+            ),
+        ];
+        shared.observe(|o| {
+            o.took_over(
+                &shared,
+                "the Telemetry phase did not start in time",
+                5,
+                &stages,
+            )
+        });
         let report = finale.run().await;
         let text = std::fs::read_to_string(&path).unwrap();
         let _ = std::fs::remove_file(&path);
@@ -517,7 +547,10 @@ mod tests {
             "{text}"
         );
         assert!(
-            last.ends_with("stuck=\"the Telemetry phase did not start in time\""),
+            last.ends_with(
+                "stuck=\"the Telemetry phase did not start in time\" delivered=otlp-traces \
+                 not_delivered=otlp-logs"
+            ),
             "{text}"
         );
         assert_eq!(report.exit_code, 0);

@@ -90,7 +90,7 @@ use std::time::{Duration, Instant};
 
 use crate::phase::Phase;
 use crate::report::{Reason, ShutdownReport};
-use crate::state::{Life, Observer, Shared, lock};
+use crate::state::{Life, Observer, Shared, StageOutcome, lock};
 
 // ---------------------------------------------------------------------------------------------
 // Notifications
@@ -300,7 +300,7 @@ impl Observer for Notifier {
         ));
     }
 
-    fn took_over(&self, shared: &Shared, why: &str, code: i32) {
+    fn took_over(&self, shared: &Shared, why: &str, code: i32, _stages: &[StageOutcome]) {
         if handed_over(shared) {
             return;
         }

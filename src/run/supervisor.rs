@@ -314,12 +314,15 @@ impl Supervisor {
         let shared = self.shared.upgrade();
         let sinks = shared.as_ref().map(|s| s.recorders()).unwrap_or_default();
         names::add(&sinks, &metric::SUPERVISOR_TAKEOVERS, &[], 1);
-        if let Some(shared) = shared {
-            shared.observe(|o| o.took_over(&shared, &stuck.to_string(), code));
-        }
         // Each stage's outcome is logged by `deliver` as its group ends, so the outcomes of the
         // stages before the log writer reach the log file it releases last.
-        let _ = tokio::task::spawn_blocking(move || deliver(stages, deadline)).await;
+        let results = tokio::task::spawn_blocking(move || deliver(stages, deadline))
+            .await
+            .unwrap_or_default();
+        // After the delivery, so that the platform hears which stages delivered.
+        if let Some(shared) = shared {
+            shared.observe(|o| o.took_over(&shared, &stuck.to_string(), code, &results));
+        }
         std::process::exit(code)
     }
 }
