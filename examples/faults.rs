@@ -13,6 +13,8 @@
 //! - `FAULT_RUNTIME=current_thread|multi_thread_2`: the tokio runtime (default `current_thread`).
 //! - `FAULT_BLOCK_TELEMETRY=1`: also Telemetry-phase hooks that block their thread for 8 s, so
 //!   that the process cannot finish the sequence on its own after a second signal.
+//! - `FAULT_TRIGGER=<reason>`: the shutdown is triggered with this reason right before `run()`,
+//!   instead of waiting for a signal.
 //! - `FINALE_*`: any budget setting (see the README's defaults table).
 //!
 //! Markers written to stderr: `built` (the `Finale` is built and its tasks spawned), `blocker
@@ -192,6 +194,9 @@ async fn run(fault: Fault, threads: usize) {
         _ => {}
     }
 
+    if let Ok(reason) = std::env::var("FAULT_TRIGGER") {
+        handle.trigger(reason);
+    }
     let report = finale.run().await;
     eprintln!("{report}");
     if fault == Fault::StuckAfterRun {

@@ -122,20 +122,24 @@ fn otlp_providers(endpoint: &str) -> Result<Providers, opentelemetry_otlp::Expor
         .build();
     let grpc = matches!(env("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref(), Some("grpc"));
     let (spans, logs, metrics) = if grpc {
-        (
-            SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()?,
-            LogExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()?,
-            MetricExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()?,
-        )
+        // On finale's exporter runtime: tonic's connection tasks then run on a thread of
+        // finale's, and the supervisor can still deliver when this service's runtime is wedged.
+        finale::otlp::with_exporter_runtime(|| {
+            Ok::<_, opentelemetry_otlp::ExporterBuildError>((
+                SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(endpoint)
+                    .build()?,
+                LogExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(endpoint)
+                    .build()?,
+                MetricExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(endpoint)
+                    .build()?,
+            ))
+        })?
     } else {
         // With HTTP the programmatic endpoint is used as is: add the signal's path.
         let base = endpoint.trim_end_matches('/');

@@ -14,6 +14,9 @@
 //! - `ZERO_DOWNTIME_UNIX`: also serve on a Unix domain socket at this path (handed over too).
 //! - `ZERO_DOWNTIME_FAIL_SUCCESSOR`: a successor (a process started by an upgrade) exits with
 //!   code 3 before it is ready: the old one keeps serving and says why.
+//! - `ZERO_DOWNTIME_WEDGE_OLD`: the first process runs on a `current_thread` runtime and, once
+//!   handed over, blocks that thread in a Workers hook: its supervisor takes over.
+//! - `ZERO_DOWNTIME_NO_NOTIFY`: no systemd notifications, even under systemd.
 //! - `FINALE_*`: any budget setting.
 //! - Under systemd (`NOTIFY_SOCKET` set) it reports ready and hands over its main pid.
 
@@ -28,8 +31,19 @@ use finale::Finale;
 use finale::upgrade::Upgrade;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    let successor = std::env::var_os("FINALE_LISTEN_PARENT").is_some();
+    let wedge = !successor && std::env::var_os("ZERO_DOWNTIME_WEDGE_OLD").is_some();
+    let mut runtime = if wedge {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = runtime.enable_all().build().expect("a tokio runtime");
+    runtime.block_on(serve(wedge));
+}
+
+async fn serve(wedge: bool) {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -47,7 +61,7 @@ async fn main() {
     let finale = Finale::builder()
         .upgrade(Upgrade::new())
         // Under systemd (`ExecReload=/bin/kill -USR2 $MAINPID`): READY=1, MAINPID= at a hand-off.
-        .systemd_notify(true)
+        .systemd_notify(std::env::var_os("ZERO_DOWNTIME_NO_NOTIFY").is_none())
         .build()
         .unwrap_or_else(|e| {
             eprintln!("configuration error: {e}");
@@ -73,6 +87,18 @@ async fn main() {
         finale::axum::serve(&finale, "unix", unix, app.clone()).expect("unique name");
     }
     finale::axum::serve(&finale, "http", addr, app).expect("unique name");
+    if wedge {
+        finale
+            .hook(finale::Hook::new(
+                finale::Phase::Workers,
+                "wedge",
+                |_| async {
+                    // Holds the runtime's only thread: the scenario, not synchronisation.
+                    std::thread::sleep(std::time::Duration::from_secs(8));
+                },
+            ))
+            .expect("unique name");
+    }
     eprintln!("pid {pid} serving on http://{addr}");
     finale.run_and_exit().await
 }

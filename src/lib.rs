@@ -164,6 +164,7 @@
 //! | `pushgateway-tls` | the Pushgateway over `https://`: rustls with the ring provider (no global provider), webpki-roots, a custom CA, client certificates (implies `pushgateway`) |
 //! | `pushgateway-gzip` | gzip-compressed Pushgateway pushes (`PushgatewayBuilder::gzip`; Pushgateway 1.5.0 or later), flate2's pure-Rust backend (implies `pushgateway`) |
 //! | `otlp` | bounded, parallel flush and shutdown of OpenTelemetry SDK providers |
+//! | `otlp-http` | `otlp::CountingClient`: an OTLP/HTTP exporter's partial successes count their rejected items as failed (implies `otlp`) |
 //! | `tracing-appender` | release a tracing-appender `WorkerGuard` last, bounded |
 //! | `tokio-util` | a phase's [`StopToken`] as a `CancellationToken` (`StopToken::cancellation_token`) and a cancelled `CancellationToken` as a trigger (`Handle::trigger_on_cancel`); a `TaskTracker` awaited in a phase (`Finale::track`) |
 //! | `testing` | the testing kit (`finale::testing`): run a service in a test, virtual or real signals, bounded load, one-line assertions |

@@ -184,6 +184,9 @@ pub(crate) struct EmergencyStage {
     pub(crate) run: Box<dyn FnOnce(std::time::Instant) -> Result<(), String> + Send>,
 }
 
+/// A telemetry stage's name and what the supervisor's delivery of it said.
+pub(crate) type StageOutcome = (Cow<'static, str>, Result<(), String>);
+
 /// What the platform learns of the service's life (systemd's notify socket, Kubernetes'
 /// termination message): told at each moment, on the thread where it happens. Implementations
 /// never block for long, never panic and never print.
@@ -196,8 +199,26 @@ pub(crate) trait Observer: Send + Sync {
     fn phase_started(&self, _shared: &Shared, _phase: Phase) {}
     /// The run ended with `report`, just before `run()` returns it.
     fn finished(&self, _shared: &Shared, _report: &ShutdownReport) {}
-    /// The supervisor takes over a wedged shutdown and is about to exit with `code`.
-    fn took_over(&self, _shared: &Shared, _why: &str, _code: i32) {}
+    /// The supervisor took over a wedged shutdown, delivered what its `stages` could (each
+    /// stage's name and outcome), and is about to exit with `code`.
+    fn took_over(&self, _shared: &Shared, _why: &str, _code: i32, _stages: &[StageOutcome]) {}
+    /// An upgrade handed the service over to the process `successor_pid`, which is ready: it
+    /// speaks for the service from now on (this process's shutdown follows).
+    #[cfg_attr(not(all(feature = "upgrade", unix)), allow(dead_code))]
+    fn handed_over(&self, _shared: &Shared, _successor_pid: u32) {}
+}
+
+/// What the running state asks of the upgrade machinery (feature `upgrade`), which plugs in
+/// here: the state never names it. The upgrade finds its own state again with a downcast
+/// (the trait is [`Any`](std::any::Any)).
+#[cfg_attr(not(all(feature = "upgrade", unix)), allow(dead_code))]
+pub(crate) trait Handover: std::any::Any + Send + Sync + std::fmt::Debug {
+    /// Upgrades that failed (the process kept serving), for the report; taken once.
+    fn take_failed(&self) -> Vec<String>;
+    /// Whether the service was handed over to a successor that is ready.
+    fn succeeded(&self) -> bool;
+    /// Whether the listening sockets belong to a successor, or are shared with one starting.
+    fn handed_off(&self) -> bool;
 }
 
 /// Why a registration was refused.
@@ -242,7 +263,7 @@ pub(crate) struct Shared {
     pub(crate) observers: Vec<Box<dyn Observer>>,
     /// Set by the builder before the state is shared, with [`Builder::upgrade`](crate::Builder::upgrade).
     #[cfg(all(feature = "upgrade", unix))]
-    pub(crate) upgrade: Option<Arc<crate::platform::upgrade::UpgradeState>>,
+    pub(crate) upgrade: Option<Arc<dyn Handover>>,
 }
 
 impl Drop for Shared {

@@ -198,16 +198,108 @@ async fn termination_message_names_what_a_stage_lost() {
 #[cfg(unix)]
 #[test]
 fn termination_message_from_the_supervisor_of_a_wedged_process() {
+    let message = takeover_message(None);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    let pairs = parse(&message);
+    assert_eq!(get(&pairs, "supervisor"), Some("took_over"), "{message}");
+    assert_eq!(get(&pairs, "exit_code"), Some("5"));
+    assert_eq!(get(&pairs, "reason"), Some("signal SIGTERM"));
+    assert_eq!(
+        get(&pairs, "stuck"),
+        Some("the Telemetry phase did not start in time"),
+        "{message}"
+    );
+}
+
+/// The takeover's message is shortened like the end-of-run one: a 5,000-byte reason does not
+/// push out the rest, and the line still parses.
+#[cfg(unix)]
+#[test]
+fn the_supervisors_termination_message_shortens_a_long_reason() {
+    let reason = format!("deploy \"{}\" done", "x".repeat(5000));
+    let message = takeover_message(Some(&reason));
+    assert!(
+        message.len() <= TERMINATION_MESSAGE_MAX,
+        "{}",
+        message.len()
+    );
+    assert_eq!(message.lines().count(), 1, "{message}");
+    let pairs = parse(&message);
+    assert_eq!(get(&pairs, "supervisor"), Some("took_over"), "{message}");
+    assert_eq!(get(&pairs, "exit_code"), Some("5"), "{message}");
+    let shown = get(&pairs, "reason").unwrap();
+    assert!(shown.len() < 1024, "{}", shown.len());
+    assert!(shown.starts_with("requested: deploy \"xxx"), "{shown}");
+    assert!(shown.ends_with('…'), "{shown}");
+    assert_eq!(
+        get(&pairs, "stuck"),
+        Some("the Telemetry phase did not start in time"),
+        "{message}"
+    );
+}
+
+/// Runs the faults example with a Workers hook that blocks the runtime's only thread, stops it
+/// (with SIGTERM, or `trigger` if given) and returns the termination message the supervisor
+/// wrote before it exited with code 5.
+#[cfg(unix)]
+fn takeover_message(trigger: Option<&str>) -> String {
+    let path = fresh_path("takeover");
+    let (code, _) = takeover(&path, trigger, &[]);
+    assert_eq!(code, Some(5));
+    let message = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    message
+}
+
+/// A termination log that never takes a write (a FIFO with no reader; a hung file system
+/// behaves alike) must not keep the supervisor past its bound, `total + safety_margin / 2`.
+#[cfg(unix)]
+#[test]
+fn a_termination_log_that_hangs_does_not_delay_the_supervisors_exit() {
+    let path = fresh_path("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // The Telemetry phase starts and wedges, so the supervisor takes over at the process's last
+    // moment (total 2 s + margin / 2 = 2.1 s): the write's wait is all that could add to it.
+    let (code, elapsed) = takeover(
+        &path,
+        None,
+        &[
+            ("FAULT", "block-telemetry"),
+            ("FINALE_TELEMETRY_RESERVE", "400ms"),
+            ("FINALE_SAFETY_MARGIN", "200ms"),
+        ],
+    );
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(code, Some(5));
+    // 2.1 s, plus what the kernel and a loaded machine add between the signal and the wait.
+    assert!(elapsed < Duration::from_millis(2400), "{elapsed:?}");
+}
+
+/// Runs the faults example with a hook that blocks the runtime's only thread (Workers, unless
+/// `env` says otherwise), stops it with SIGTERM (or `trigger`, if given) and returns its exit
+/// code and how long after the stop it exited.
+#[cfg(unix)]
+fn takeover(
+    path: &std::path::Path,
+    trigger: Option<&str>,
+    env: &[(&str, &str)],
+) -> (Option<i32>, Duration) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     use std::time::Instant;
 
-    let path = fresh_path("takeover");
     let mut cmd = Command::new(common::examples::example("faults"));
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("FINALE_") {
             cmd.env_remove(key);
         }
+    }
+    if let Some(reason) = trigger {
+        cmd.env("FAULT_TRIGGER", reason);
     }
     let mut child = cmd
         .env("FAULT", "block-workers")
@@ -215,13 +307,14 @@ fn termination_message_from_the_supervisor_of_a_wedged_process() {
         .env("FINALE_TOTAL_BUDGET", "2s")
         .env("FINALE_TELEMETRY_RESERVE", "500ms")
         .env("FINALE_SAFETY_MARGIN", "500ms")
-        .env("FINALE_TERMINATION_LOG", &path)
+        .env("FINALE_TERMINATION_LOG", path)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .env_remove("KUBERNETES_SERVICE_HOST")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        .envs(env.iter().copied())
         .spawn()
         .unwrap();
     let (tx, lines) = std::sync::mpsc::channel();
@@ -237,7 +330,8 @@ fn termination_message_from_the_supervisor_of_a_wedged_process() {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {
-            Ok(line) if line.contains("started: ready") => break,
+            Ok(line) if trigger.is_none() && line.contains("started: ready") => break,
+            Ok(line) if trigger.is_some() && line.contains("blocker started") => break,
             Ok(_) => {}
             Err(e) => {
                 let _ = child.kill();
@@ -246,11 +340,14 @@ fn termination_message_from_the_supervisor_of_a_wedged_process() {
             }
         }
     }
-    let sent = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    let stopped = Instant::now();
+    if trigger.is_none() {
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -264,18 +361,5 @@ fn termination_message_from_the_supervisor_of_a_wedged_process() {
         // A bounded poll of the child's state, not a synchronisation point.
         std::thread::sleep(Duration::from_millis(10));
     };
-    assert_eq!(status.code(), Some(5));
-
-    let message = std::fs::read_to_string(&path).unwrap();
-    let _ = std::fs::remove_file(&path);
-    assert_eq!(message.lines().count(), 1, "{message}");
-    let pairs = parse(&message);
-    assert_eq!(get(&pairs, "supervisor"), Some("took_over"), "{message}");
-    assert_eq!(get(&pairs, "exit_code"), Some("5"));
-    assert_eq!(get(&pairs, "reason"), Some("signal SIGTERM"));
-    assert_eq!(
-        get(&pairs, "stuck"),
-        Some("the Telemetry phase did not start in time"),
-        "{message}"
-    );
+    (status.code(), stopped.elapsed())
 }

@@ -3,7 +3,8 @@
 //! cannot reach its Telemetry slot; the supervisor takes over, pushes to the real Pushgateway on
 //! a runtime of its own, flushes the OTLP providers to the real collector (HTTP exporter) and
 //! releases the log file, then exits with the deadline-overrun code — well before the hook
-//! would have let go. Its takeover counter reaches both the Pushgateway and the collector.
+//! would have let go. Over OTLP/HTTP and over gRPC (exporters built on finale's exporter
+//! runtime). Its takeover counter reaches both the Pushgateway and the collector.
 
 #![cfg(unix)]
 #![allow(clippy::print_stderr)]
@@ -19,20 +20,36 @@ use common::components::{Collector, Pushgateway, full_service, wait_until};
 
 #[test]
 fn a_wedged_runtime_still_pushes_flushes_and_writes_its_log() {
+    wedged("http/protobuf");
+}
+
+/// The same with the gRPC (tonic) exporters, built on finale's exporter runtime as the
+/// full_service example does: their tasks do not live on the wedged runtime.
+#[test]
+fn a_wedged_runtime_still_delivers_over_grpc() {
+    wedged("grpc");
+}
+
+fn wedged(protocol: &str) {
     let (Some(gateway), Some(collector)) = (Pushgateway::start(), Collector::start_with_metrics())
     else {
         return;
     };
+    let endpoint = match protocol {
+        "grpc" => collector.grpc_endpoint(),
+        _ => collector.http_endpoint(),
+    };
     let dir = std::env::temp_dir().join(format!("finale-wedged-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("service.log");
-    let mut child = full_service(&gateway, "wedged", &collector.http_endpoint(), &log)
+    let mut child = full_service(&gateway, "wedged", &endpoint, &log)
         .env("FULL_SERVICE_RUNTIME", "current_thread")
         .env("FULL_SERVICE_BLOCK_WORKERS_MS", "8000")
         .env("FINALE_TOTAL_BUDGET", "3s")
         .env("FINALE_TELEMETRY_RESERVE", "2s")
         .env("FINALE_SAFETY_MARGIN", "1s")
-        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+        .env("FINALE_TERMINATION_LOG", dir.join("termination.log"))
         .spawn()
         .unwrap();
     let (tx, lines) = mpsc::channel();
@@ -81,6 +98,7 @@ fn a_wedged_runtime_still_pushes_flushes_and_writes_its_log() {
     }
     let out = seen.join("\n");
     let file = std::fs::read_to_string(&log).unwrap_or_default();
+    let message = std::fs::read_to_string(dir.join("termination.log")).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(
         code,
@@ -103,6 +121,35 @@ fn a_wedged_runtime_still_pushes_flushes_and_writes_its_log() {
         "no log record at the collector\n{out}"
     );
     assert!(file.contains("the shutdown overran its budget"), "{file}");
+    // The termination message says which stages the supervisor delivered (in the order they
+    // ended, which within one order is a race).
+    let mut delivered: Vec<&str> = message
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("delivered="))
+        .unwrap_or_default()
+        .split(',')
+        .collect();
+    delivered.sort_unstable();
+    assert_eq!(
+        delivered,
+        [
+            "log-writer",
+            "otlp-logs",
+            "otlp-metrics",
+            "otlp-traces",
+            "pushgateway"
+        ],
+        "{message}"
+    );
+    assert!(!message.contains("not_delivered="), "{message}");
+    // Each stage's outcome is logged before the log writer is released: in the file too.
+    for stage in ["pushgateway", "otlp-metrics", "otlp-traces", "otlp-logs"] {
+        assert!(
+            file.lines()
+                .any(|l| l.contains("delivered by the supervisor") && l.contains(stage)),
+            "{stage}:\n{file}"
+        );
+    }
     // The same counter through the OTLP meter provider, flushed by the supervisor too.
     let takeovers = |collector: &Collector| {
         collector
@@ -118,6 +165,7 @@ fn a_wedged_runtime_still_pushes_flushes_and_writes_its_log() {
     );
     assert_eq!(takeovers(&collector), Some(1.0), "{out}");
     eprintln!(
-        "wedged runtime: exit code 5 after {elapsed:?}, telemetry delivered by the supervisor"
+        "wedged runtime ({protocol}): exit code 5 after {elapsed:?}, telemetry delivered by the \
+         supervisor"
     );
 }

@@ -22,7 +22,9 @@ use finale::{
 use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::trace::{Tracer as _, TracerProvider as _};
-use opentelemetry_otlp::{LogExporter, MetricExporter, SpanExporter, WithExportConfig};
+use opentelemetry_otlp::{
+    LogExporter, MetricExporter, SpanExporter, WithExportConfig, WithHttpConfig,
+};
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
@@ -39,6 +41,185 @@ fn blackhole() -> u16 {
         }
     });
     port
+}
+
+/// A stand-in collector (rotel cannot be made to take a request and never answer, or answer a
+/// partial success, on demand): it reads each HTTP request whole, records its path, and answers
+/// `answer` (status line and protobuf body), or never if `None`.
+fn stand_in(answer: Option<(&'static str, Vec<u8>)>) -> (u16, Arc<Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(64) {
+            let Ok(mut stream) = stream else { continue };
+            let (log, answer) = (log.clone(), answer.clone());
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut raw = Vec::new();
+                let mut buf = [0u8; 8192];
+                loop {
+                    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match stream.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => raw.extend_from_slice(&buf[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length").then_some(v)
+                        })
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while raw.len() < end + 4 + length {
+                        match stream.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => raw.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    raw.drain(..end + 4 + length);
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    log.lock().unwrap().push(path);
+                    let Some((status, body)) = &answer else {
+                        continue; // received, never answered: the connection stays open
+                    };
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/x-protobuf\r\n\
+                         content-length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    if stream.write_all(head.as_bytes()).is_err() || stream.write_all(body).is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// An OTLP/HTTP tracer provider exporting to `port`, counted, with `spans` spans recorded.
+fn http_tracer(port: u16, spans: usize) -> (SdkTracerProvider, finale::otlp::Counter) {
+    let exporter = Counted::new(
+        SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(format!("http://127.0.0.1:{port}/v1/traces"))
+            .build()
+            .unwrap(),
+    );
+    let counter = exporter.counter();
+    let tracer = SdkTracerProvider::builder()
+        .with_span_processor(counter.clone())
+        .with_batch_exporter(exporter)
+        .build();
+    let t = tracer.tracer("test");
+    for _ in 0..spans {
+        t.in_span("work", |_| {});
+    }
+    (tracer, counter)
+}
+
+/// `ExportTraceServiceResponse { partial_success { rejected_spans: n, error_message: "…" } }`,
+/// as protobuf.
+fn partial_success(n: u8) -> Vec<u8> {
+    let message = b"over quota";
+    let inner_len = 2 + 2 + message.len();
+    let mut body = vec![0x0a, inner_len as u8, 0x08, n, 0x12, message.len() as u8];
+    body.extend_from_slice(message);
+    body
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn spans_a_partial_success_rejected_are_counted_as_failed() {
+    let (port, seen) = stand_in(Some(("200 OK", partial_success(10))));
+    // The exporter's own blocking client, wrapped so the answer is read; built off the runtime.
+    let counter = finale::otlp::Counter::default();
+    let client = std::thread::spawn(reqwest::blocking::Client::new)
+        .join()
+        .unwrap();
+    let exporter = SpanExporter::builder()
+        .with_http()
+        .with_http_client(counter.http_client(client))
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(format!("http://127.0.0.1:{port}/v1/traces"))
+        .build()
+        .unwrap();
+    let tracer = SdkTracerProvider::builder()
+        .with_span_processor(counter.clone())
+        .with_batch_exporter(Counted::with_counter(exporter, counter.clone()))
+        .build();
+    let t = tracer.tracer("test");
+    for _ in 0..10 {
+        t.in_span("work", |_| {});
+    }
+    let finale = finale(Duration::from_secs(5), Duration::from_secs(3));
+    Otlp::new()
+        .tracer_provider(tracer)
+        .span_counter(counter)
+        .finale_metrics(false)
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(seen.lock().unwrap().len(), 1, "one export");
+    let spans = report.delivery(HOOK_TRACES).unwrap().total();
+    assert_eq!(
+        (spans.exported, spans.failed, spans.dropped),
+        (0, 10, 0),
+        "{report}"
+    );
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn spans_a_collector_received_but_never_answered_are_unconfirmed_not_dropped() {
+    let (port, seen) = stand_in(None);
+    let (tracer, counter) = http_tracer(port, 10);
+    let finale = finale(Duration::from_secs(3), Duration::from_secs(2));
+    Otlp::new()
+        .tracer_provider(tracer)
+        .span_counter(counter)
+        .finale_metrics(false)
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert!(
+        seen.lock().unwrap().iter().any(|p| p == "/v1/traces"),
+        "the stand-in received the export"
+    );
+    assert_eq!(
+        report.status,
+        ShutdownStatus::TelemetryNotDelivered,
+        "{report}"
+    );
+    let spans = report.delivery(HOOK_TRACES).unwrap().total();
+    assert_eq!(
+        (
+            spans.exported,
+            spans.failed,
+            spans.unconfirmed,
+            spans.dropped
+        ),
+        (0, 0, 10, 0),
+        "{report}"
+    );
+    assert!(
+        report.to_string().contains("10 sent with no answer"),
+        "{report}"
+    );
 }
 
 fn closed_port() -> u16 {

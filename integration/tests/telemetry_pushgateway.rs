@@ -50,8 +50,25 @@ struct Seen {
     at: Instant,
 }
 
+/// How a recording server answers.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// At once, with this status line.
+    Now(&'static str),
+    /// Never: the connection is accepted and nothing is read.
+    BlackHole,
+    /// Never, but the request is read and recorded: a gateway that applied it and answers
+    /// later than any request timeout.
+    Late,
+}
+
 /// An HTTP server that records every request and answers `status`, or never answers if `None`.
 fn recording(status: Option<&'static str>) -> (u16, Arc<Mutex<Vec<Seen>>>) {
+    recording_as(status.map_or(Answer::BlackHole, Answer::Now))
+}
+
+/// An HTTP server that records requests and answers as `answer` says.
+fn recording_as(answer: Answer) -> (u16, Arc<Mutex<Vec<Seen>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -61,9 +78,13 @@ fn recording(status: Option<&'static str>) -> (u16, Arc<Mutex<Vec<Seen>>>) {
         for stream in listener.incoming().take(256) {
             let Ok(mut stream) = stream else { continue };
             let log = log.clone();
-            let Some(status) = status else {
-                held.push(stream); // a black hole: accept, never answer
-                continue;
+            let status = match answer {
+                Answer::BlackHole => {
+                    held.push(stream); // a black hole: accept, never answer
+                    continue;
+                }
+                Answer::Now(status) => Some(status),
+                Answer::Late => None,
             };
             std::thread::spawn(move || {
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
@@ -101,6 +122,8 @@ fn recording(status: Option<&'static str>) -> (u16, Arc<Mutex<Vec<Seen>>>) {
                         body,
                         at: Instant::now(),
                     });
+                    // Late: the connection stays open, unanswered, until the client drops it.
+                    let Some(status) = status else { continue };
                     let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 2\r\n\r\nok");
                     if stream.write_all(answer.as_bytes()).is_err() {
                         return;
@@ -163,6 +186,57 @@ async fn grouping_labels_with_slashes_and_empty_values_reach_the_group() {
             )
             .is_some()
     );
+}
+
+#[tokio::test]
+async fn grouping_values_that_are_dots_reach_the_group() {
+    // `.` and `..` are path segments that an HTTP server resolves (the Pushgateway answers a
+    // path holding them with a redirect): sent as they are, the push never reaches the group.
+    let Some(gateway) = Gateway::start() else {
+        return;
+    };
+    let handle = recorder();
+    metrics::counter!("dots_test_total").increment(4);
+    for (job, labels) in [
+        ("..", vec![("instance", "."), ("zone", "..")]),
+        (".", vec![("instance", "a..b"), ("zone", "...")]),
+    ] {
+        let finale = finale(Duration::from_secs(10), Duration::from_secs(5));
+        let mut builder = Pushgateway::builder(gateway.url(), job);
+        for (name, value) in &labels {
+            builder = builder.label(*name, *value);
+        }
+        builder
+            .build(handle.clone())
+            .unwrap()
+            .register(&finale)
+            .unwrap();
+        finale.handle().trigger("test");
+        let report = finale.run().await;
+        assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+        let mut group = vec![("job", job)];
+        group.extend(labels.iter().copied());
+        assert_eq!(
+            gateway.sample("dots_test_total", &group),
+            Some(4.0),
+            "{}",
+            gateway.metrics_text()
+        );
+    }
+}
+
+#[test]
+fn credentials_in_the_url_are_refused_without_being_shown() {
+    let e = Pushgateway::builder("http://user:hunter2@gw:9091", "j")
+        .build(recorder())
+        .unwrap_err();
+    let PushgatewayConfigError::InvalidUrl { url, .. } = &e else {
+        panic!("{e:?}");
+    };
+    for shown in [e.to_string(), format!("{e:?}"), url.clone()] {
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("gw:9091"), "{shown}");
+    }
 }
 
 #[tokio::test]
@@ -883,6 +957,41 @@ async fn a_pushgateway_that_never_answers_costs_at_most_the_slot() {
     assert!(shown.contains("did not answer PUT"), "{shown}");
     // The metrics stage gives up at half the slot, so the rest still has time.
     assert!(elapsed < total, "{elapsed:?}");
+}
+
+#[tokio::test]
+async fn a_slow_pushgateway_still_gets_the_delete() {
+    // A stand-in: a real Pushgateway cannot be made to apply a request and answer it late.
+    // Every PUT times out, so the PUT's retries would use the whole share if let them; the DELETE
+    // must still go out with one request timeout of its own, or the group stays forever.
+    let (port, seen) = recording_as(Answer::Late);
+    let finale = finale(Duration::from_secs(3), Duration::from_secs(2));
+    Pushgateway::builder(format!("http://127.0.0.1:{port}"), "slow")
+        .method(Method::Delete)
+        .request_timeout(Duration::from_millis(200))
+        .attempts(100)
+        .retry_backoff(Duration::from_millis(10))
+        .delete_delay(Duration::from_millis(10))
+        .check(false)
+        .build(recorder())
+        .unwrap()
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let start = Instant::now();
+    let report = finale.run().await;
+    assert!(start.elapsed() < Duration::from_secs(3), "{report}");
+    let deleted = || {
+        pushes(&seen.lock().unwrap())
+            .iter()
+            .any(|s| s.head.starts_with("DELETE /metrics/job/slow "))
+    };
+    assert!(wait_until(BOUND, deleted), "{report}");
+    let Outcome::Failed(error) = &report.entry("pushgateway").unwrap().outcome else {
+        panic!("{report}");
+    };
+    let shown = error.to_string();
+    assert!(shown.contains("did not answer DELETE"), "{shown}");
 }
 
 #[test]

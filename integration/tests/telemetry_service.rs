@@ -28,7 +28,7 @@ fn delivered(out: &str, stage: &str) -> (u64, u64) {
         let n: u64 = pair[0].parse().unwrap_or(0);
         match pair[1].trim_end_matches([',', ';']) {
             "exported" => exported += n,
-            "failed" | "dropped" => lost += n,
+            "failed" | "sent" | "dropped" => lost += n,
             _ => {}
         }
     }
@@ -201,6 +201,31 @@ fn lossless_under_load_across_sigterm() {
     );
 }
 
+/// The same with the service's runtime wedged in its Workers phase (`current_thread`, a hook
+/// that blocks its only thread for 8 s, a 3 s budget): the supervisor takes over, and its
+/// delivery is just as lossless, over gRPC (the exporters are built on finale's exporter
+/// runtime, as the full_service example does).
+#[test]
+fn lossless_under_load_across_sigterm_with_a_wedged_runtime() {
+    let (Some(gateway), Some(collector)) = (Pushgateway::start(), Collector::start()) else {
+        return;
+    };
+    lossless(
+        "lossless-wedged",
+        &collector,
+        &[
+            ("PUSHGATEWAY_URL", &gateway.url()),
+            ("FULL_SERVICE_RUNTIME", "current_thread"),
+            ("FULL_SERVICE_BLOCK_WORKERS_MS", "8000"),
+            ("FINALE_TOTAL_BUDGET", "3s"),
+            ("FINALE_TELEMETRY_RESERVE", "2s"),
+            ("FINALE_SAFETY_MARGIN", "1s"),
+        ],
+        &|name, labels| gateway.sample(name, labels),
+        &|| gateway.metrics_text(),
+    );
+}
+
 #[test]
 fn lossless_under_load_across_sigterm_with_the_pushgateway_over_tls() {
     // The Pushgateway behind TLS and basic auth (its own `--web.config.file`, certificates made
@@ -245,6 +270,10 @@ fn lossless(
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
     ];
     env.extend_from_slice(gateway_env);
+    // A runtime wedged in the Workers phase: the supervisor delivers, and exits with 5.
+    let wedged = gateway_env
+        .iter()
+        .any(|(k, _)| *k == "FULL_SERVICE_BLOCK_WORKERS_MS");
     let mut service = Service::start(&scratch.log(), &env);
 
     // A steady load from a real keep-alive HTTP client, on its own thread and runtime, until the
@@ -281,8 +310,13 @@ fn lossless(
         "lossless: sent {}, {ok} answered 2xx, statuses {:?}, failures {:?}; exit {elapsed:?} after SIGTERM",
         report.sent, report.statuses, report.errors
     );
-    assert_eq!(status.code(), Some(0), "{out}");
-    assert!(out.contains("clean, exit code 0"), "{out}");
+    if wedged {
+        assert_eq!(status.code(), Some(5), "{out}");
+        assert!(out.contains("the shutdown overran its budget"), "{out}");
+    } else {
+        assert_eq!(status.code(), Some(0), "{out}");
+        assert!(out.contains("clean, exit code 0"), "{out}");
+    }
     assert!(
         report.sent < LOAD_MAX,
         "the load ended before the service did"
@@ -295,22 +329,30 @@ fn lossless(
     // Metrics: the counter at the Pushgateway is exactly what the clients saw.
     let pushed = sample("requests_total", &[("job", job)]);
     assert_eq!(pushed, Some(ok as f64), "{}", metrics_text());
-    // finale's own shutdown metrics made it too.
-    assert_eq!(
-        sample(
-            "finale_shutdowns_total",
-            &[("job", job), ("reason", "signal")]
-        ),
-        Some(1.0)
-    );
-    assert!(sample("finale_shutdown_duration_seconds", &[("job", job)]).is_some());
+    if wedged {
+        // The sequence never reached its Telemetry phase; the supervisor's own counter did.
+        assert_eq!(
+            sample("finale_supervisor_takeovers_total", &[("job", job)]),
+            Some(1.0)
+        );
+    } else {
+        // finale's own shutdown metrics made it too.
+        assert_eq!(
+            sample(
+                "finale_shutdowns_total",
+                &[("job", job), ("reason", "signal")]
+            ),
+            Some(1.0)
+        );
+        assert!(sample("finale_shutdown_duration_seconds", &[("job", job)]).is_some());
+    }
 
     // Traces and logs: exactly one span and one log record per successful request.
     let n = ok as usize;
     wait_until(BOUND, || {
         spans_named(collector, "request") >= n
             && log_records_with_body(collector, "request served") >= n
-            && spans_named(collector, "finale.shutdown") >= 1
+            && (wedged || spans_named(collector, "finale.shutdown") >= 1)
     });
     assert_eq!(
         spans_named(collector, "request"),
@@ -319,6 +361,13 @@ fn lossless(
         collector.diagnostics()
     );
     assert_eq!(log_records_with_body(collector, "request served"), n);
+    if wedged {
+        // The supervisor's flush: the sequence never closed its span, so none is exported;
+        // the file has the lines of every request served and the takeover's.
+        assert_eq!(lines_containing(&scratch.log(), "request served"), n);
+        assert!(lines_containing(&scratch.log(), "the shutdown overran its budget") >= 1);
+        return;
+    }
     assert_eq!(spans_named(collector, "finale.shutdown"), 1);
     // The report's counts are the collector's: every span and log record it received, and
     // nothing failed or dropped.

@@ -523,6 +523,77 @@ fn under_systemd_the_old_process_hands_over_its_main_pid_and_then_says_nothing()
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The datagrams a notify socket receives across one upgrade of a service started with `env`,
+/// up to the old process's exit; and that exit's code.
+fn datagrams_across_an_upgrade(label: &str, env: &[(&str, &str)]) -> (Vec<String>, Option<i32>) {
+    let dir = std::env::temp_dir().join(format!("finale-upgrade-{label}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify");
+    let _ = std::fs::remove_file(&path);
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));
+    let mut service = Service::start_with(addr, env, Some(&path));
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let mut drain = |seen: &mut Vec<String>| {
+        while let Ok(n) = socket.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    service.signal("-USR2");
+    let line = service.wait_line("the successor is ready");
+    let successor: u32 = field(&line, "successor_pid=").parse().expect("a pid");
+    let mut old = service.first.take().unwrap();
+    service.pid = successor;
+    let start = Instant::now();
+    let code = loop {
+        drain(&mut seen);
+        if let Some(status) = old.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(start.elapsed() < BOUND, "the old process did not exit");
+    };
+    // What the old process sent just before its exit.
+    drain(&mut seen);
+    drop(service);
+    let _ = std::fs::remove_dir_all(&dir);
+    (seen, code)
+}
+
+#[test]
+fn a_wedged_old_process_says_nothing_to_systemd_after_the_hand_over() {
+    // The old process's supervisor takes over its wedged shutdown after MAINPID=<successor>:
+    // with NotifyAccess=all its STATUS= would show on the healthy successor.
+    let (seen, code) = datagrams_across_an_upgrade(
+        "wedged",
+        &[
+            ("ZERO_DOWNTIME_WEDGE_OLD", "1"),
+            ("FINALE_TOTAL_BUDGET", "2s"),
+            ("FINALE_TELEMETRY_RESERVE", "500ms"),
+        ],
+    );
+    eprintln!("datagrams: {seen:?}");
+    assert_eq!(code, Some(5), "the supervisor took over");
+    let handed = seen
+        .iter()
+        .position(|d| d.starts_with("MAINPID="))
+        .expect("MAINPID= sent");
+    assert!(
+        seen[handed + 1..].is_empty(),
+        "sent after the hand-over: {seen:?}"
+    );
+}
+
+#[test]
+fn without_systemd_notify_no_main_pid_is_sent() {
+    let (seen, code) = datagrams_across_an_upgrade("silent", &[("ZERO_DOWNTIME_NO_NOTIFY", "1")]);
+    assert_eq!(code, Some(0));
+    assert!(seen.is_empty(), "{seen:?}");
+}
+
 /// A successor that never reports ready (it ignores its arguments and sleeps).
 fn sleeper(dir: &std::path::Path) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;

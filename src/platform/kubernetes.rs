@@ -9,9 +9,17 @@
 //! return from `main`, or a test that reads the report. `ShutdownReport::exit` would miss the
 //! last two and knows nothing of the configuration. The write happens before the supervisor
 //! learns that the sequence finished, so its deadline still bounds the process; the write itself
-//! runs on a thread of its own and is waited for at most 500 ms, so a file system that hangs
-//! (NFS, FUSE, a FIFO with no reader) costs that and no more. When the supervisor takes over a
-//! wedged shutdown it writes a one-line message of its own, the same way, before it exits.
+//! runs on a thread of its own and is waited for at most 500 ms, and not past the process's
+//! last moment (`total + safety_margin / 2` after the trigger; at that moment, 10 ms: a file
+//! that takes writes needs microseconds), so a file system that hangs (NFS, FUSE, a FIFO with
+//! no reader) costs that and no more. When the supervisor takes over a
+//! wedged shutdown it writes a one-line message of its own, the same way, before it exits:
+//! `finale supervisor=took_over exit_code=5 reason=… stuck=… delivered=pushgateway,otlp-traces
+//! not_delivered=otlp-logs` (the telemetry stages the supervisor delivered, and those it did
+//! not; a list with no stage is left out), written once its delivery ended, its values shortened like the
+//! end-of-run message's, so that it too parses and fits. If the runtime unblocks after the
+//! takeover and `run()` still ends, its message keeps the supervisor's line as its last: one
+//! message holds both, within the 4 KiB.
 //!
 //! # The format
 //!
@@ -31,8 +39,9 @@
 //!
 //! The header and the phases always come first; then every entry that did not complete, what
 //! was cut at a deadline, each telemetry stage that lost something (`delivery=otlp-traces
-//! items=spans run_exported=488 run_failed=512 run_dropped=0 exit_exported=12 exit_failed=0
-//! exit_dropped=0`, see [`Delivery`](crate::Delivery)), and the three slowest entries that
+//! items=spans run_exported=488 run_failed=512 run_unconfirmed=0 run_dropped=0
+//! exit_exported=12 exit_failed=0 exit_unconfirmed=0 exit_dropped=0`, see
+//! [`Delivery`](crate::Delivery)), and the three slowest entries that
 //! completed, as many as fit. When
 //! something did not fit, the last line is `omitted entries=N cut=M`. Long values (a reason, an
 //! error, a name) are shortened at a character boundary and end in `…`. `status` is the
@@ -48,7 +57,7 @@ use std::time::Duration;
 use crate::config::Environment;
 use crate::phase::Phase;
 use crate::report::{EntryReport, Outcome, ShutdownReport};
-use crate::state::{Observer, Shared};
+use crate::state::{Observer, Shared, StageOutcome};
 
 /// Where Kubernetes reads a container's termination message unless its
 /// `terminationMessagePath` says otherwise: `/dev/termination-log`.
@@ -102,6 +111,9 @@ pub(crate) struct Writer {
     /// An explicit path is created if missing, and a failure is a warning; the automatic one
     /// is only ever the kubelet's file.
     explicit: bool,
+    /// The supervisor's line, once it took over: the end-of-run message, if the sequence still
+    /// gets there, keeps it, so that one message holds both.
+    took_over: std::sync::Mutex<Option<String>>,
 }
 
 /// The writer `setting` (or the environment's `env`, which wins) asks for, if any.
@@ -119,6 +131,7 @@ pub(crate) fn writer(
         TerminationLog::Path(path) => Some(Writer {
             path,
             explicit: true,
+            took_over: std::sync::Mutex::default(),
         }),
         TerminationLog::Auto if environment == Environment::Kubernetes => {
             // The kubelet mounts the file into every container; opening it does not change it.
@@ -126,6 +139,7 @@ pub(crate) fn writer(
                 Ok(_) => Some(Writer {
                     path: PathBuf::from(DEFAULT_TERMINATION_LOG),
                     explicit: false,
+                    took_over: std::sync::Mutex::default(),
                 }),
                 Err(error) => {
                     tracing::debug!(
@@ -146,9 +160,26 @@ pub(crate) fn writer(
 /// A file system that hangs (NFS, FUSE, a FIFO with no reader) must not keep the process alive:
 /// past this the write is left to its own thread and the process goes on to exit.
 const WRITE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+/// The least a write is waited for, even at the process's last moment: enough for a file that
+/// takes writes (microseconds), so a takeover at that moment still leaves its message.
+const WRITE_FLOOR: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl Writer {
-    fn write(&self, message: &str) {
+    /// Writes `message` on a thread of its own and waits for it at most [`WRITE_WAIT`], and
+    /// not past the process's last moment (`trigger + total + safety_margin / 2`, the
+    /// supervisor's bound) but for [`WRITE_FLOOR`]: a write that hangs is left to its thread,
+    /// which the exit ends.
+    fn write(&self, shared: &Shared, message: &str) {
+        let wait = match shared.life.trigger() {
+            Some(t0) => {
+                let b = &shared.budget;
+                let last = t0 + b.total + b.safety_margin / 2;
+                WRITE_WAIT
+                    .min(last.saturating_duration_since(std::time::Instant::now()))
+                    .max(WRITE_FLOOR)
+            }
+            None => WRITE_WAIT,
+        };
         let (path, explicit, message) = (self.path.clone(), self.explicit, message.to_owned());
         let (tx, rx) = std::sync::mpsc::channel();
         let spawned = std::thread::Builder::new()
@@ -163,11 +194,10 @@ impl Writer {
                 let _ = tx.send(written.map(|()| message.len()));
             });
         let written = match spawned {
-            Ok(_) => rx.recv_timeout(WRITE_WAIT).unwrap_or_else(|_| {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the write did not finish in 500 ms; left to its thread",
-                ))
+            Ok(_) => rx.recv_timeout(wait).unwrap_or_else(|_| {
+                Err(std::io::Error::other(format!(
+                    "the write did not finish in {wait:?}; left to its thread"
+                )))
             }),
             Err(error) => Err(error),
         };
@@ -188,19 +218,53 @@ impl Writer {
 }
 
 impl Observer for Writer {
-    fn finished(&self, _shared: &Shared, report: &ShutdownReport) {
-        self.write(&message(report, TERMINATION_MESSAGE_MAX));
+    fn finished(&self, shared: &Shared, report: &ShutdownReport) {
+        let took_over = crate::state::lock(&self.took_over).clone();
+        let text = match took_over {
+            // The runtime unblocked after the takeover and the sequence ended too: its report,
+            // then the supervisor's line, in one message that still fits.
+            Some(line) => {
+                let mut text = message(report, TERMINATION_MESSAGE_MAX - line.len() - 1);
+                text.push('\n');
+                text.push_str(&line);
+                text
+            }
+            None => message(report, TERMINATION_MESSAGE_MAX),
+        };
+        self.write(shared, &text);
     }
 
-    fn took_over(&self, shared: &Shared, why: &str, code: i32) {
+    fn took_over(&self, shared: &Shared, why: &str, code: i32, stages: &[StageOutcome]) {
         let mut line = String::from("finale supervisor=took_over");
         kv(&mut line, "exit_code", &code.to_string());
+        // Shortened like the end-of-run message's values, so the line always ends with its
+        // closing quote and `stuck=`, and parses: at most 512 + 192 bytes before quoting,
+        // which at most doubles them, and two stage lists of at most 192: within half the
+        // 4 KiB, the other half being kept for the end-of-run message if the sequence ends.
         if let Some(reason) = shared.reason() {
-            kv(&mut line, "reason", &reason.to_string());
+            kv(
+                &mut line,
+                "reason",
+                &shorten(&reason.to_string(), REASON_MAX),
+            );
         }
-        kv(&mut line, "stuck", why);
-        truncate(&mut line, TERMINATION_MESSAGE_MAX);
-        self.write(&line);
+        kv(&mut line, "stuck", &shorten(why, STUCK_MAX));
+        // Which telemetry stages the supervisor delivered, and which not: comma-separated
+        // names, each list shortened like a value.
+        for (key, delivered) in [("delivered", true), ("not_delivered", false)] {
+            let names: Vec<&str> = stages
+                .iter()
+                .filter(|(_, r)| r.is_ok() == delivered)
+                .map(|(name, _)| name.as_ref())
+                .collect();
+            if !names.is_empty() {
+                kv(&mut line, key, &shorten(&names.join(","), STAGES_MAX));
+            }
+        }
+        debug_assert!(line.len() <= TERMINATION_MESSAGE_MAX / 2);
+        truncate(&mut line, TERMINATION_MESSAGE_MAX / 2);
+        *crate::state::lock(&self.took_over) = Some(line.clone());
+        self.write(shared, &line);
     }
 }
 
@@ -212,6 +276,10 @@ const SLOWEST: usize = 3;
 const REASON_MAX: usize = 512;
 const VALUE_MAX: usize = 256;
 const NAME_MAX: usize = 128;
+/// The longest the supervisor's `stuck=` value may be before it is shortened, in bytes.
+const STUCK_MAX: usize = 192;
+/// The longest each of the supervisor's stage lists may be before it is shortened, in bytes.
+const STAGES_MAX: usize = 192;
 
 /// The termination message for `report`, at most `max` bytes (`max` of at least a few hundred
 /// bytes; the header alone is never longer than about 1.2 KiB).
@@ -284,16 +352,22 @@ pub(crate) fn message(report: &ShutdownReport, max: usize) -> String {
         }
     }
     // What a stage lost, before the slowest: why a run exits 6 with every entry completed.
-    for d in report.delivery.iter().filter(|d| d.total().lost() > 0) {
+    for d in report
+        .delivery
+        .iter()
+        .filter(|d| d.total().not_confirmed() > 0)
+    {
         let mut line = String::from("delivery=");
         line.push_str(&quote(&shorten(&d.stage, VALUE_MAX)));
         kv(&mut line, "items", d.items.as_str());
         for (key, n) in [
             ("run_exported", d.run.exported),
             ("run_failed", d.run.failed),
+            ("run_unconfirmed", d.run.unconfirmed),
             ("run_dropped", d.run.dropped),
             ("exit_exported", d.at_exit.exported),
             ("exit_failed", d.at_exit.failed),
+            ("exit_unconfirmed", d.at_exit.unconfirmed),
             ("exit_dropped", d.at_exit.dropped),
         ] {
             kv(&mut line, key, &n.to_string());
@@ -430,6 +504,56 @@ mod tests {
             )
             .is_none()
         );
+    }
+
+    /// The supervisor took over, then the runtime unblocked and the sequence ended too: the
+    /// end-of-run message keeps the supervisor's line, in one message that fits.
+    #[tokio::test(flavor = "current_thread")]
+    async fn one_termination_message_holds_the_takeover_and_the_report() {
+        let path =
+            std::env::temp_dir().join(format!("finale-termination-both-{}", std::process::id()));
+        let finale = crate::Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .termination_log(TerminationLog::Path(path.clone()))
+            .build()
+            .unwrap();
+        finale.handle().trigger("x".repeat(5000));
+        let shared = finale.shared.clone();
+        let stages = [
+            (std::borrow::Cow::Borrowed("otlp-traces"), Ok(())),
+            (
+                std::borrow::Cow::Borrowed("otlp-logs"),
+                Err("timed out".to_owned()),
+            ),
+        ];
+        shared.observe(|o| {
+            o.took_over(
+                &shared,
+                "the Telemetry phase did not start in time",
+                5,
+                &stages,
+            )
+        });
+        let report = finale.run().await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(text.len() <= TERMINATION_MESSAGE_MAX, "{}", text.len());
+        let first = text.lines().next().unwrap();
+        assert!(first.starts_with("finale status=clean"), "{text}");
+        let last = text.lines().last().unwrap();
+        assert!(
+            last.starts_with("finale supervisor=took_over exit_code=5 "),
+            "{text}"
+        );
+        assert!(
+            last.ends_with(
+                "stuck=\"the Telemetry phase did not start in time\" delivered=otlp-traces \
+                 not_delivered=otlp-logs"
+            ),
+            "{text}"
+        );
+        assert_eq!(report.exit_code, 0);
     }
 
     #[test]

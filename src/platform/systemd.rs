@@ -14,6 +14,7 @@
 //! | each phase starts (or is skipped) | `STATUS=stopping: <phase>`, `EXTEND_TIMEOUT_USEC=<left>` |
 //! | the run ended | `STATUS=stopped: <status>, exit code <code>` |
 //! | the supervisor takes over a wedged shutdown | `STATUS=stopped by the supervisor: <why>, exit code <code>` |
+//! | an upgrade handed the service over to its ready successor (feature `upgrade`) | `MAINPID=<successor>`, `STATUS=handed over to pid <successor>`; then nothing more from this process |
 //! | while running, with `$WATCHDOG_USEC` set (and `$WATCHDOG_PID` unset or this process) | `WATCHDOG=1` every half of `$WATCHDOG_USEC` |
 //!
 //! `<left>` is what is left, in microseconds, until the trigger + the total budget + the safety
@@ -83,12 +84,13 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::phase::Phase;
 use crate::report::{Reason, ShutdownReport};
-use crate::state::{Life, Observer, Shared, lock};
+use crate::state::{Life, Observer, Shared, StageOutcome, lock};
 
 // ---------------------------------------------------------------------------------------------
 // Notifications
@@ -106,6 +108,10 @@ struct Inner {
     addr: SocketAddr,
     /// `$WATCHDOG_USEC`, when it is meant for this process.
     watchdog: Option<Duration>,
+    /// Set once `MAINPID=<successor>` was sent: from then on the successor speaks for the
+    /// service, and this process sends nothing more (with `NotifyAccess=all` its `STATUS=`
+    /// would show on the successor).
+    handed: AtomicBool,
 }
 
 impl Notifier {
@@ -137,6 +143,7 @@ impl Notifier {
                         socket,
                         addr,
                         watchdog,
+                        handed: AtomicBool::new(false),
                     }),
                 })
             }
@@ -147,8 +154,12 @@ impl Notifier {
         }
     }
 
-    /// Sends one datagram without blocking; a failure is logged, never returned.
+    /// Sends one datagram without blocking, unless the service was handed over; a failure is
+    /// logged, never returned.
     fn send(&self, message: &str) {
+        if self.inner.handed.load(Ordering::Acquire) {
+            return;
+        }
         match self
             .inner
             .socket
@@ -289,11 +300,22 @@ impl Observer for Notifier {
         ));
     }
 
-    fn took_over(&self, _shared: &Shared, why: &str, code: i32) {
+    fn took_over(&self, shared: &Shared, why: &str, code: i32, _stages: &[StageOutcome]) {
+        if handed_over(shared) {
+            return;
+        }
         self.send(&format!(
             "STATUS=stopped by the supervisor: {}, exit code {code}",
             status(why)
         ));
+    }
+
+    fn handed_over(&self, _shared: &Shared, successor_pid: u32) {
+        self.send(&format!(
+            "MAINPID={successor_pid}\nSTATUS=handed over to pid {successor_pid}"
+        ));
+        // After the datagram, so that it is the last one this process sends.
+        self.inner.handed.store(true, Ordering::Release);
     }
 }
 
@@ -669,15 +691,6 @@ pub(crate) fn close_untaken() -> Vec<String> {
         }
     }
     closed
-}
-
-/// Tells systemd that `pid` is now the service's main process (an upgrade's successor), when
-/// `$NOTIFY_SOCKET` is set.
-#[cfg(feature = "upgrade")]
-pub(crate) fn main_pid(pid: u32) {
-    if let Some(notifier) = Notifier::from_env() {
-        notifier.send(&format!("MAINPID={pid}\nSTATUS=handed over to pid {pid}"));
-    }
 }
 
 fn take(passed: &mut Passed, index: usize) -> Result<TcpListener, ListenError> {

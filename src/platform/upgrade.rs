@@ -81,7 +81,7 @@ use command_fds::{CommandFdExt, FdMapping};
 use crate::platform::PARENT_ENV;
 use crate::report::Reason;
 use crate::signal::Signal;
-use crate::state::{Life, Observer, Shared, lock};
+use crate::state::{Handover, Life, Observer, Shared, lock};
 
 /// The variable that carries [`generation`] to a successor.
 pub const GENERATION_ENV: &str = "FINALE_UPGRADE_GENERATION";
@@ -378,6 +378,26 @@ impl UpgradeState {
     }
 }
 
+impl Handover for UpgradeState {
+    fn take_failed(&self) -> Vec<String> {
+        UpgradeState::take_failed(self)
+    }
+
+    fn succeeded(&self) -> bool {
+        UpgradeState::succeeded(self)
+    }
+
+    fn handed_off(&self) -> bool {
+        UpgradeState::handed_off(self)
+    }
+}
+
+/// The upgrade machinery of `shared`'s `Finale`, if it has upgrades on.
+pub(crate) fn state(shared: &Shared) -> Option<Arc<UpgradeState>> {
+    let any: Arc<dyn std::any::Any + Send + Sync> = shared.upgrade.clone()?;
+    any.downcast().ok()
+}
+
 /// A server's listening socket, offered to a successor while the server accepts.
 #[cfg_attr(
     not(any(feature = "axum", feature = "hyper", feature = "tonic")),
@@ -413,7 +433,7 @@ pub(crate) async fn run(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> 
             }
             _ => tracing::error!(target: "finale", error = %e, "upgrade failed; still serving"),
         }
-        if let Some(state) = &shared.upgrade
+        if let Some(state) = state(shared)
             && !matches!(
                 e,
                 UpgradeError::NotEnabled
@@ -429,7 +449,7 @@ pub(crate) async fn run(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> 
 }
 
 async fn try_upgrade(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> {
-    let Some(state) = shared.upgrade.clone() else {
+    let Some(state) = state(shared) else {
         return Err(UpgradeError::NotEnabled);
     };
     if shared.reason().is_some() {
@@ -488,7 +508,7 @@ async fn try_upgrade(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> {
         ready_after = ?upgraded.ready_after,
         "upgrade: the successor is ready; shutting down"
     );
-    crate::platform::systemd::main_pid(pid);
+    shared.observe(|o| o.handed_over(shared, pid));
     state.idle.send_replace(true);
     if !shared.request(Reason::Upgrade { successor_pid: pid }) {
         // A signal won the race after the successor was ready: it serves, this one stops.

@@ -1,5 +1,6 @@
-//! What each telemetry stage delivered: items exported, failed and dropped, during the run and
-//! at exit, and the policy that decides which of them the exit code depends on.
+//! What each telemetry stage delivered: items exported, failed, sent with no answer
+//! (unconfirmed) and dropped, during the run and at exit, and the policy that decides which of
+//! them the exit code depends on.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -44,32 +45,54 @@ impl fmt::Display for Items {
     }
 }
 
-/// Items exported, failed and dropped over some stretch of the run.
+/// Items exported, failed, unconfirmed and dropped over some stretch of the run.
+///
+/// Each item is in one bucket: the backend confirmed it (`exported`), refused it or could not
+/// be reached (`failed`), was sent it and never answered (`unconfirmed`: it may have arrived,
+/// nothing says so), or never got it (`dropped`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Counts {
     /// Handed to the backend, which took them (an export that succeeded, a line written).
     pub exported: u64,
     /// Handed to the backend, which refused them or could not be reached (an export that
-    /// failed, a write error).
+    /// failed, a write error, the items a partial success rejected).
     pub failed: u64,
+    /// Sent, with no answer: an export still waiting for the backend's answer when the flush
+    /// gave up. The backend may have them; nothing confirmed it, so they are not counted as
+    /// exported, and not as dropped either.
+    pub unconfirmed: u64,
     /// Never handed to the backend: a full queue, or left queued when the flush gave up.
     pub dropped: u64,
 }
 
 impl Counts {
-    /// Counts of `exported`, `failed` and `dropped` items.
+    /// Counts of `exported`, `failed` and `dropped` items, none unconfirmed.
     pub const fn new(exported: u64, failed: u64, dropped: u64) -> Self {
         Self {
             exported,
             failed,
+            unconfirmed: 0,
             dropped,
         }
+    }
+
+    /// The same counts with `unconfirmed` items sent with no answer.
+    #[must_use]
+    pub const fn with_unconfirmed(mut self, unconfirmed: u64) -> Self {
+        self.unconfirmed = unconfirmed;
+        self
     }
 
     /// Failed and dropped: what did not arrive.
     pub const fn lost(&self) -> u64 {
         self.failed + self.dropped
+    }
+
+    /// Failed, unconfirmed and dropped: what no answer of the backend confirmed. What a
+    /// [`DeliveryPolicy`] looks at.
+    pub const fn not_confirmed(&self) -> u64 {
+        self.failed + self.unconfirmed + self.dropped
     }
 }
 
@@ -80,6 +103,7 @@ impl Sub for Counts {
         Counts {
             exported: self.exported.saturating_sub(earlier.exported),
             failed: self.failed.saturating_sub(earlier.failed),
+            unconfirmed: self.unconfirmed.saturating_sub(earlier.unconfirmed),
             dropped: self.dropped.saturating_sub(earlier.dropped),
         }
     }
@@ -87,11 +111,11 @@ impl Sub for Counts {
 
 impl fmt::Display for Counts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} exported, {} failed, {} dropped",
-            self.exported, self.failed, self.dropped
-        )
+        write!(f, "{} exported, {} failed, ", self.exported, self.failed)?;
+        if self.unconfirmed > 0 {
+            write!(f, "{} sent with no answer, ", self.unconfirmed)?;
+        }
+        write!(f, "{} dropped", self.dropped)
     }
 }
 
@@ -122,6 +146,7 @@ impl Delivery {
         Counts {
             exported: self.run.exported + self.at_exit.exported,
             failed: self.run.failed + self.at_exit.failed,
+            unconfirmed: self.run.unconfirmed + self.at_exit.unconfirmed,
             dropped: self.run.dropped + self.at_exit.dropped,
         }
     }
@@ -149,15 +174,15 @@ impl fmt::Display for Delivery {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum DeliveryPolicy {
-    /// What was recorded from the trigger on must arrive: an item that failed or was dropped
-    /// at exit ([`Delivery::at_exit`]) makes the run not delivered. Losses before the trigger
+    /// What was recorded from the trigger on must arrive: an item that failed, was sent with
+    /// no answer or was dropped at exit ([`Delivery::at_exit`]) makes the run not delivered. Losses before the trigger
     /// (a collector down for a minute last week, a burst that overflowed a queue) are reported
     /// but do not change the exit code: they were the run's, and a rollout that went well
     /// should not look like a failed one.
     #[default]
     AtExit,
-    /// Nothing may be lost over the whole run: any failed or dropped item, before or after the
-    /// trigger, makes the run not delivered. For batch jobs, whose output is their telemetry.
+    /// Nothing may be lost over the whole run: any failed, unconfirmed or dropped item, before
+    /// or after the trigger, makes the run not delivered. For batch jobs, whose output is their telemetry.
     WholeRun,
 }
 
@@ -165,8 +190,8 @@ impl DeliveryPolicy {
     /// Whether `delivery` lost what this policy requires.
     pub fn is_lost(self, delivery: &Delivery) -> bool {
         match self {
-            DeliveryPolicy::AtExit => delivery.at_exit.lost() > 0,
-            DeliveryPolicy::WholeRun => delivery.total().lost() > 0,
+            DeliveryPolicy::AtExit => delivery.at_exit.not_confirmed() > 0,
+            DeliveryPolicy::WholeRun => delivery.total().not_confirmed() > 0,
         }
     }
 }
@@ -182,6 +207,11 @@ pub(crate) trait Tally: Send + Sync {
     /// whether they belong to the run rather than to the exit.
     fn late_drops(&self) -> (u64, bool) {
         (0, false)
+    }
+    /// Items known only at the end to have been sent with no answer (an export still waiting
+    /// when the flush gave up); they belong to the exit.
+    fn late_unconfirmed(&self) -> u64 {
+        0
     }
 }
 
@@ -208,6 +238,7 @@ impl Tallied {
         } else {
             delivery.at_exit.dropped += late;
         }
+        delivery.at_exit.unconfirmed += self.tally.late_unconfirmed();
         delivery
     }
 }
@@ -233,6 +264,17 @@ mod tests {
         let late = delivery(Counts::new(10, 0, 0), Counts::new(0, 0, 1));
         assert!(DeliveryPolicy::AtExit.is_lost(&late));
         assert!(DeliveryPolicy::WholeRun.is_lost(&late));
+        let unanswered = delivery(
+            Counts::new(10, 0, 0),
+            Counts::new(0, 0, 0).with_unconfirmed(4),
+        );
+        assert!(DeliveryPolicy::AtExit.is_lost(&unanswered));
+        assert_eq!(unanswered.total().lost(), 0);
+        assert_eq!(unanswered.total().not_confirmed(), 4);
+        assert_eq!(
+            unanswered.at_exit.to_string(),
+            "0 exported, 0 failed, 4 sent with no answer, 0 dropped"
+        );
         let clean = delivery(Counts::new(10, 0, 0), Counts::new(5, 0, 0));
         assert!(!DeliveryPolicy::WholeRun.is_lost(&clean));
         assert_eq!(

@@ -29,8 +29,8 @@ impl ShutdownReport {
     ///             "entries":[{"name":"close-db","kind":"hook","outcome":"failed",
     ///                         "error":"connection refused","duration_seconds":0.008}]}],
     ///  "delivery":[{"stage":"otlp-traces","items":"spans",
-    ///               "run":{"exported":488,"failed":512,"dropped":0},
-    ///               "at_exit":{"exported":12,"failed":0,"dropped":0}}]}
+    ///               "run":{"exported":488,"failed":512,"unconfirmed":0,"dropped":0},
+    ///               "at_exit":{"exported":12,"failed":0,"unconfirmed":0,"dropped":0}}]}
     /// ```
     ///
     /// - `status`: `clean`, `startup_failure`, `component_failure`, `deadline_overrun`,
@@ -44,7 +44,7 @@ impl ShutdownReport {
     ///   `escalated`, `skipped`.
     /// - `delivery`: one object per telemetry stage that counts, `{"stage", "items", "run",
     ///   "at_exit"}`, `items` one of `spans`, `log_records`, `metric_points`, `log_lines`,
-    ///   `samples`, `other`, and `run` and `at_exit` each `{"exported", "failed", "dropped"}`.
+    ///   `samples`, `other`, and `run` and `at_exit` each `{"exported", "failed", "unconfirmed", "dropped"}`.
     /// - every duration in seconds, as a floating-point number.
     ///
     /// The same shape comes from `serde_json::to_string(&report)` or any other `serde` format.
@@ -137,13 +137,14 @@ impl Serialize for Delivery {
     }
 }
 
-/// `{"exported": 488, "failed": 512, "dropped": 0}`.
+/// `{"exported": 488, "failed": 512, "unconfirmed": 0, "dropped": 0}`.
 #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
 impl Serialize for Counts {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut r = s.serialize_struct("Counts", 3)?;
+        let mut r = s.serialize_struct("Counts", 4)?;
         r.serialize_field("exported", &self.exported)?;
         r.serialize_field("failed", &self.failed)?;
+        r.serialize_field("unconfirmed", &self.unconfirmed)?;
         r.serialize_field("dropped", &self.dropped)?;
         r.end()
     }

@@ -244,7 +244,7 @@ fn with_own_waits(
             // service is to stop, not to be replaced): the sequence waits for that, before the
             // Drain lets go of the sockets the successor holds too.
             #[cfg(all(feature = "upgrade", unix))]
-            if let Some(upgrade) = shared.upgrade.clone()
+            if let Some(upgrade) = crate::upgrade::state(shared)
                 && upgrade.in_progress()
             {
                 // Most of the Announce timeout for its SIGTERM; then SIGKILL, so that no orphan

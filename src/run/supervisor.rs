@@ -16,7 +16,8 @@
 //!   one over, see [`EmergencyStage`]) on threads of its own, and ends the process with the
 //!   deadline-overrun code (forced, after a second signal). The stages get what is left of the
 //!   Telemetry slot, or, when the slot itself was overrun, up to half the safety margin past
-//!   the total: the process always exits by `t0 + total + safety_margin / 2`. After a second
+//!   the total: the process always exits by `t0 + total + safety_margin / 2` (a termination
+//!   message that the file system does not take by then may add 10 ms). After a second
 //!   signal the checkpoints move to the escalation: the Telemetry phase must start within
 //!   `min(GRACE, escalation budget / 4)`, and a sequence still running [`GRACE`] after the
 //!   escalation budget's end is ended at once, without a flush (the user asked to leave).
@@ -193,7 +194,7 @@ impl Supervisor {
     fn on_signal(&self, signal: Signal) {
         #[cfg(all(feature = "upgrade", unix))]
         if let Some(shared) = self.shared.upgrade()
-            && let Some(upgrade) = &shared.upgrade
+            && let Some(upgrade) = crate::upgrade::state(&shared)
             && upgrade.signal() == Some(signal)
         {
             // On the supervisor's own runtime: the upgrade needs nothing of the user's.
@@ -332,20 +333,14 @@ impl Supervisor {
         let shared = self.shared.upgrade();
         let sinks = shared.as_ref().map(|s| s.recorders()).unwrap_or_default();
         names::add(&sinks, &metric::SUPERVISOR_TAKEOVERS, &[], 1);
+        // Each stage's outcome is logged by `deliver` as its group ends, so the outcomes of the
+        // stages before the log writer reach the log file it releases last.
+        let results = tokio::task::spawn_blocking(move || deliver(stages, deadline))
+            .await
+            .unwrap_or_default();
+        // After the delivery, so that the platform hears which stages delivered.
         if let Some(shared) = shared {
-            shared.observe(|o| o.took_over(&shared, &stuck.to_string(), code));
-        }
-        if let Ok(results) = tokio::task::spawn_blocking(move || deliver(stages, deadline)).await {
-            for (name, result) in results {
-                match result {
-                    Ok(()) => {
-                        tracing::info!(target: "finale", stage = %name, "delivered by the supervisor")
-                    }
-                    Err(error) => {
-                        tracing::error!(target: "finale", stage = %name, %error, "not delivered")
-                    }
-                }
-            }
+            shared.observe(|o| o.took_over(&shared, &stuck.to_string(), code, &results));
         }
         std::process::exit(code)
     }
@@ -357,13 +352,16 @@ async fn sleep_until(at: Instant) {
 }
 
 /// Runs the stages on threads of their own, lower orders first, each group within its share of
-/// what is left before `deadline`; blocks until all are done or the deadline passed.
+/// what is left before `deadline`; blocks until all are done or the deadline passed. Logs each
+/// stage's outcome when its group ends, before the next group starts: the log writer's stage
+/// comes last, so the outcomes of the others are in the file it releases.
 pub(crate) fn deliver(
     mut stages: Vec<EmergencyStage>,
     deadline: Instant,
 ) -> Vec<(Cow<'static, str>, Result<(), String>)> {
     stages.sort_by_key(|s| s.order);
     let mut results = Vec::with_capacity(stages.len());
+    let mut logged = 0;
     let mut stages = stages.into_iter().peekable();
     while let Some(first) = stages.next() {
         let order = first.order;
@@ -408,6 +406,17 @@ pub(crate) fn deliver(
         for name in pending {
             results.push((name, Err("not done by the deadline".to_owned())));
         }
+        for (name, result) in &results[logged..] {
+            match result {
+                Ok(()) => {
+                    tracing::info!(target: "finale", stage = %name, "delivered by the supervisor")
+                }
+                Err(error) => {
+                    tracing::error!(target: "finale", stage = %name, %error, "not delivered by the supervisor")
+                }
+            }
+        }
+        logged = results.len();
     }
     results
 }

@@ -753,7 +753,7 @@ where
 {
     // Offered to an upgrade's successor while this server accepts.
     #[cfg(all(feature = "upgrade", unix))]
-    let offered = match &ctx.handle().shared.upgrade {
+    let offered = match crate::upgrade::state(&ctx.handle().shared) {
         Some(upgrade) => Some(upgrade.register(ctx.name(), &acceptor.fd())?),
         None => None,
     };

@@ -199,6 +199,12 @@ pub enum LogWriterError {
         /// The panic message.
         message: String,
     },
+    /// The supervisor released the writer (the runtime was wedged when the Telemetry phase
+    /// was due), and its release did not drain, or had not ended at this stage's deadline.
+    TakenOver {
+        /// What the supervisor's release said.
+        message: String,
+    },
     /// The thread that drops the guard could not be started.
     Thread {
         /// The OS error.
@@ -223,6 +229,10 @@ impl fmt::Display for LogWriterError {
             LogWriterError::Panicked { message } => {
                 write!(f, "releasing the log writer panicked: {message}")
             }
+            LogWriterError::TakenOver { message } => write!(
+                f,
+                "the supervisor took the log writer's release over and it did not drain: {message}"
+            ),
             LogWriterError::Thread { source } => {
                 write!(
                     f,
@@ -320,12 +330,28 @@ impl LogWriterGuard {
         finale.hook(
             Hook::new(Phase::Telemetry, HOOK_NAME, move |ctx| async move {
                 let Some(guard) = for_hook.take() else {
-                    return Ok(()); // the supervisor released it already
+                    // The supervisor took the release over: wait for it (bounded, off the
+                    // runtime) and report what it said, not a release of our own.
+                    let deadline = stage_deadline(&ctx, Share::ALL);
+                    let until = std::time::Instant::now()
+                        + deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let held = for_hook.clone();
+                    let waited =
+                        run_until("finale-log-writer-wait", deadline, move || held.wait(until));
+                    return match waited.await {
+                        Ok(OffThread::Done(Ok(()))) => Ok(()),
+                        Ok(OffThread::Done(Err(message))) => {
+                            Err(LogWriterError::TakenOver { message })
+                        }
+                        _ => Err(LogWriterError::TakenOver {
+                            message: "still releasing at the deadline".to_owned(),
+                        }),
+                    };
                 };
                 // The report counts the lines, and the delivery policy decides what their loss
                 // means: the hook says only whether the writer drained.
                 let result = guard.release_only(stage_deadline(&ctx, Share::ALL)).await;
-                for_hook.done();
+                for_hook.done(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                 result
             })
             .order(ORDER_LOG_WRITER),

@@ -44,16 +44,28 @@
 //! a counter, a flush that only ran out of the SDK's fixed 5 s counts as delivered when the
 //! shutdown then drained the queue without a failed export.
 //!
+//! An export still waiting for its answer when the flush gives up counts as unconfirmed (sent,
+//! no answer), not as dropped. A collector's **partial success** (`200` with some items
+//! rejected) is only logged by opentelemetry-otlp, which returns `Ok`: over OTLP/HTTP, send
+//! through a [`CountingClient`](Counter::http_client) (feature `otlp-http`) and the rejected
+//! items count as failed. Over OTLP/gRPC finale cannot read the answer (the exporter takes a
+//! tonic `Channel` and its interceptors see requests only): a partial success counts as
+//! exported.
+//!
 //! # Requirements and traps
 //!
 //! - **Use the SDK's default, thread-based processors** (`with_batch_exporter`,
 //!   `PeriodicReader`). The `experimental_async_runtime` ones block forever on a
 //!   `current_thread` runtime.
-//! - **gRPC (tonic) exporters** must be built inside the tokio runtime that runs finale, and that
-//!   runtime must be alive when the Telemetry phase runs: the export makes progress only while the
-//!   runtime's threads poll tonic's connection. finale never blocks a runtime thread for it (the
-//!   flushes run on their own threads and are awaited), so this works on a `current_thread`
-//!   runtime and on a one-worker runtime. Call [`Finale::run`](crate::Finale::run) from inside the
+//! - **gRPC (tonic) exporters: build them with [`with_exporter_runtime`].** A tonic exporter's
+//!   export makes progress only while the runtime it was built in polls tonic's connection.
+//!   Built inside `with_exporter_runtime`, that is a runtime of finale's own on a thread of its
+//!   own, so the exporters deliver even when your runtime is wedged and the supervisor flushes
+//!   from its own threads. Built on your runtime instead, they deliver only while it runs:
+//!   finale never blocks a runtime thread for them (the flushes run on their own threads and
+//!   are awaited), so a `current_thread` or one-worker runtime that is healthy still works, but
+//!   after a takeover of a wedged runtime they deliver nothing (the report says
+//!   `not delivered`). Either way call [`Finale::run`](crate::Finale::run) from inside the
 //!   runtime; do not drop the runtime first.
 //! - **The async-client feature trap.** opentelemetry-otlp's HTTP exporter picks its client by
 //!   cargo feature, and an async client wins: if *any* crate in the build enables
@@ -120,6 +132,15 @@ use crate::report::{Counts, Items, Tally};
 use crate::slot::{ORDER_METRICS, ORDER_TRACES_LOGS, Share, stage_deadline};
 use crate::state::{EmergencyStage, Shared};
 use crate::telemetry::stages::{Handoff, OffThread, run_until};
+
+mod runtime;
+pub use runtime::with_exporter_runtime;
+
+#[cfg(feature = "otlp-http")]
+mod http;
+#[cfg(feature = "otlp-http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otlp-http")))]
+pub use http::CountingClient;
 
 /// The report name of the meter provider's hook.
 pub const HOOK_METRICS: &str = "otlp-metrics";
@@ -192,6 +213,14 @@ pub enum OtlpError {
         /// The panic message.
         message: String,
     },
+    /// The supervisor took the flush over (the runtime was wedged when the Telemetry phase was
+    /// due) and it did not deliver, or had not finished at this stage's deadline.
+    TakenOver {
+        /// Which provider.
+        provider: Provider,
+        /// What the supervisor's flush said.
+        message: String,
+    },
     /// The flush thread could not be started.
     Thread {
         /// Which provider.
@@ -209,6 +238,7 @@ impl OtlpError {
             | OtlpError::Shutdown { provider, .. }
             | OtlpError::TimedOut { provider, .. }
             | OtlpError::Panicked { provider, .. }
+            | OtlpError::TakenOver { provider, .. }
             | OtlpError::Thread { provider, .. } => *provider,
         }
     }
@@ -235,6 +265,11 @@ impl fmt::Display for OtlpError {
                     "OTLP {provider} not delivered: the flush panicked: {message}"
                 )
             }
+            OtlpError::TakenOver { provider, message } => write!(
+                f,
+                "OTLP {provider} not delivered by the supervisor, which took the flush over: \
+                 {message}"
+            ),
             OtlpError::Thread { provider, source } => write!(
                 f,
                 "OTLP {provider} not delivered: cannot start the flush thread: {source}"
@@ -248,7 +283,9 @@ impl StdError for OtlpError {
         match self {
             OtlpError::Flush { source, .. } | OtlpError::Shutdown { source, .. } => Some(source),
             OtlpError::Thread { source, .. } => Some(source),
-            OtlpError::TimedOut { .. } | OtlpError::Panicked { .. } => None,
+            OtlpError::TimedOut { .. }
+            | OtlpError::Panicked { .. }
+            | OtlpError::TakenOver { .. } => None,
         }
     }
 }
@@ -580,12 +617,14 @@ async fn flush<P: Flush>(
         std::time::Instant::now() + deadline.saturating_duration_since(Instant::now());
     let work = move || {
         // Taken here, not before: if the supervisor took it first (the runtime was wedged), it
-        // is flushing already and this hook has nothing left to do.
+        // is flushing already: this hook waits for it, bounded, and reports what it delivered.
         let Some(p) = held.take() else {
-            return Ok(());
+            return held
+                .wait(thread_deadline)
+                .map_err(|message| OtlpError::TakenOver { provider, message });
         };
         let result = flush_blocking(provider, &p, counter.as_ref(), thread_deadline);
-        held.done();
+        held.done(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
         // The provider is dropped here, on this thread: a last clone's drop blocks.
         drop(p);
         result
@@ -617,7 +656,11 @@ async fn flush<P: Flush>(
 ///
 /// A [`SpanExporter`], [`LogExporter`] or [`PushMetricExporter`] itself: it forwards every call
 /// to the exporter it wraps and counts each batch's items (spans, log records, metric data
-/// points) as exported when the export succeeded and as failed when it did not.
+/// points) as exported when the export succeeded and as failed when it did not. An export
+/// that has not answered by the end (the flush gave up while the collector kept it waiting, or
+/// kept answering `503`), or that was dropped before it answered, counts its items as
+/// unconfirmed: sent, with no answer. They may have arrived; nothing says so, and they are not
+/// counted as dropped either.
 ///
 /// Items dropped before they reach the exporter (the batch processor's queue was full, or still
 /// held them when the final flush gave up) are never seen by an exporter, and the SDK does not
@@ -677,19 +720,62 @@ impl<E> Counted<E> {
         }
     }
 
+    /// Counts what `exporter` delivers in `counter`: one made before the exporter, for a
+    /// [`CountingClient`] (feature `otlp-http`) that the exporter sends with.
+    pub fn with_counter(exporter: E, counter: Counter) -> Self {
+        Self {
+            inner: exporter,
+            counter,
+        }
+    }
+
     /// The counts, to hand to [`Otlp`] (and, for spans and log records, to the provider as a
     /// processor).
     pub fn counter(&self) -> Counter {
         self.counter.clone()
     }
+}
 
-    fn record(counter: &Counter, items: u64, result: &OTelSdkResult) {
+/// One export's items while it waits for the backend's answer. Counted as exported or failed
+/// by its answer; an export dropped before it answered (the flush gave up, the process is
+/// leaving) counts its items as unconfirmed: sent, with no answer.
+struct Sending {
+    counter: Counter,
+    items: u64,
+    answered: bool,
+}
+
+impl Sending {
+    fn start(counter: Counter, items: u64) -> Self {
+        counter.inner.sending.fetch_add(items, Ordering::Relaxed);
+        Self {
+            counter,
+            items,
+            answered: false,
+        }
+    }
+
+    fn answered(mut self, result: &OTelSdkResult) {
+        let c = &self.counter.inner;
         let to = if result.is_ok() {
-            &counter.inner.exported
+            &c.exported
         } else {
-            &counter.inner.failed
+            &c.failed
         };
-        to.fetch_add(items, Ordering::Relaxed);
+        to.fetch_add(self.items, Ordering::Relaxed);
+        self.answered = true;
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        let c = &self.counter.inner;
+        // After the answer's count, so that the sum of the buckets never dips below what was
+        // handed in while an export finishes.
+        if !self.answered {
+            c.unconfirmed.fetch_add(self.items, Ordering::Relaxed);
+        }
+        c.sending.fetch_sub(self.items, Ordering::Relaxed);
     }
 }
 
@@ -700,10 +786,10 @@ impl<E: SpanExporter> SpanExporter for Counted<E> {
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let items = batch.len() as u64;
         let export = self.inner.export(batch);
-        let counter = self.counter.clone();
+        let sending = Sending::start(self.counter.clone(), items);
         async move {
             let result = export.await;
-            Self::record(&counter, items, &result);
+            sending.answered(&result);
             result
         }
     }
@@ -728,10 +814,10 @@ impl<E: LogExporter> LogExporter for Counted<E> {
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let items = batch.iter().count() as u64;
         let export = self.inner.export(batch);
-        let counter = self.counter.clone();
+        let sending = Sending::start(self.counter.clone(), items);
         async move {
             let result = export.await;
-            Self::record(&counter, items, &result);
+            sending.answered(&result);
             result
         }
     }
@@ -761,10 +847,10 @@ impl<E: PushMetricExporter> PushMetricExporter for Counted<E> {
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let items = data_points(metrics);
         let export = self.inner.export(metrics);
-        let counter = self.counter.clone();
+        let sending = Sending::start(self.counter.clone(), items);
         async move {
             let result = export.await;
-            Self::record(&counter, items, &result);
+            sending.answered(&result);
             result
         }
     }
@@ -817,21 +903,43 @@ pub struct Counter {
 struct CounterInner {
     /// Handed to the processors (only if the counter is one of them).
     handed: AtomicU64,
+    /// Every item of an export that answered `Ok`, the rejected ones of a partial success
+    /// included.
     exported: AtomicU64,
     failed: AtomicU64,
+    /// Items of exports that answered `Ok` but that the backend rejected (a partial success),
+    /// as the counting HTTP client read them.
+    rejected: AtomicU64,
+    /// Items of exports waiting for their answer now.
+    sending: AtomicU64,
+    /// Items of exports dropped before they answered.
+    unconfirmed: AtomicU64,
     /// The final flush's shutdown returned in time: nothing was left in the queue.
     drained: AtomicBool,
 }
 
 impl Counter {
-    /// Items exported so far.
+    /// Items exported so far: in exports that succeeded, less those the backend rejected in a
+    /// partial success (as far as it is known: see [`Counted`]).
     pub fn exported(&self) -> u64 {
-        self.inner.exported.load(Ordering::Relaxed)
+        let c = &self.inner;
+        // Rejected items were counted as exported first: read them first, so that the
+        // difference never underflows.
+        let rejected = c.rejected.load(Ordering::Acquire);
+        c.exported.load(Ordering::Acquire).saturating_sub(rejected)
     }
 
-    /// Items whose export failed so far.
+    /// Items whose export failed so far, and those a partial success rejected.
     pub fn failed(&self) -> u64 {
-        self.inner.failed.load(Ordering::Relaxed)
+        let c = &self.inner;
+        c.failed.load(Ordering::Relaxed) + c.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Items sent with no answer so far: in exports dropped before they answered, and
+    /// (at exit) in exports still waiting for theirs.
+    pub fn unconfirmed(&self) -> u64 {
+        let c = &self.inner;
+        c.unconfirmed.load(Ordering::Relaxed) + c.sending.load(Ordering::Relaxed)
     }
 
     /// Items handed to the processors so far (0 unless the counter is one of them).
@@ -898,20 +1006,30 @@ impl Tally for Tallied {
     }
 
     fn counts(&self) -> Counts {
-        Counts::new(self.counter.exported(), self.counter.failed(), 0)
+        let c = &self.counter;
+        Counts::new(c.exported(), c.failed(), 0)
+            .with_unconfirmed(c.inner.unconfirmed.load(Ordering::Relaxed))
     }
 
     fn late_drops(&self) -> (u64, bool) {
         let c = &self.counter;
-        let unseen = c.handed().saturating_sub(c.exported() + c.failed());
+        let unseen = c
+            .handed()
+            .saturating_sub(c.exported() + c.failed() + c.unconfirmed());
         (unseen, c.inner.drained.load(Ordering::Acquire))
+    }
+
+    fn late_unconfirmed(&self) -> u64 {
+        self.counter.inner.sending.load(Ordering::Relaxed)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::Outcome;
     use opentelemetry::logs::{Logger as _, LoggerProvider as _, Severity};
+    use opentelemetry::trace::{Tracer as _, TracerProvider as _};
 
     /// A processor that wants no event at all, as an exporter filtering by level would.
     #[derive(Debug)]
@@ -928,6 +1046,85 @@ mod tests {
         fn event_enabled(&self, _: Severity, _: &str, _: Option<&str>) -> bool {
             false
         }
+    }
+
+    /// An exporter that says when an export starts and answers what the test sends it.
+    #[derive(Debug)]
+    struct Held {
+        started: std::sync::mpsc::Sender<()>,
+        answer: std::sync::Mutex<std::sync::mpsc::Receiver<OTelSdkResult>>,
+    }
+
+    impl SpanExporter for Held {
+        fn export(
+            &self,
+            _: Vec<SpanData>,
+        ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+            let _ = self.started.send(());
+            let answer = self
+                .answer
+                .lock()
+                .unwrap()
+                .recv()
+                .unwrap_or(Err(OTelSdkError::InternalFailure("no answer".into())));
+            std::future::ready(answer)
+        }
+    }
+
+    /// The supervisor took the flush over (its emergency stage is running it) when the runtime
+    /// unblocks and the sequence reaches the hook: the hook reports the supervisor's outcome, it
+    /// does not complete at once on its own.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_hook_reports_what_the_supervisors_flush_delivered() {
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (answer, answer_rx) = std::sync::mpsc::channel();
+        let tracer = SdkTracerProvider::builder()
+            .with_batch_exporter(Held {
+                started: started_tx,
+                answer: std::sync::Mutex::new(answer_rx),
+            })
+            .build();
+        tracer.tracer("test").in_span("work", |_| {});
+        let finale = Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .build()
+            .unwrap();
+        Otlp::new()
+            .tracer_provider(tracer.clone())
+            .finale_metrics(false)
+            .register(&finale)
+            .unwrap();
+        drop(tracer);
+        let stage = finale
+            .shared
+            .take_emergency()
+            .into_iter()
+            .find(|s| s.name == HOOK_TRACES)
+            .unwrap();
+        // The supervisor's side: it takes the provider and flushes; the export waits for the
+        // test's answer.
+        let supervisor = std::thread::spawn(move || {
+            (stage.run)(std::time::Instant::now() + Duration::from_secs(10))
+        });
+        started
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the supervisor's flush exports");
+        answer
+            .send(Err(OTelSdkError::InternalFailure("collector down".into())))
+            .unwrap();
+        finale.handle().trigger("test");
+        let report = finale.run().await;
+        assert!(supervisor.join().unwrap().is_err());
+        let Outcome::Failed(error) = &report.entry(HOOK_TRACES).unwrap().outcome else {
+            panic!("the hook claims a delivery the supervisor did not make:\n{report}");
+        };
+        assert!(
+            error
+                .to_string()
+                .contains("not delivered by the supervisor"),
+            "{error}"
+        );
     }
 
     #[test]

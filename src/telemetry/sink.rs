@@ -269,10 +269,13 @@ async fn run_blocking(
         // Taken here, not before: if the supervisor took it first (the runtime was wedged), it
         // is flushing already and this hook has nothing left to do.
         let Some(flush) = held.take() else {
-            return Ok(());
+            // The supervisor took the stage over: its result is the stage's.
+            return held
+                .wait(ctx.deadline)
+                .map_err(|e| HookError::msg(format!("flushed by the supervisor: {e}")));
         };
         let result = flush(&ctx);
-        held.done();
+        held.done(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
         result
     };
     match run_until(&format!("finale-sink-{stage}"), deadline, work).await {

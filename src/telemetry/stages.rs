@@ -71,7 +71,8 @@ where
 
 /// A stage's resource (a provider, the log writer's guard), handed to whoever runs the stage
 /// first: the Telemetry hook on the user's runtime or, if that runtime is wedged, the
-/// supervisor's emergency stage. The other then waits for the first to finish.
+/// supervisor's emergency stage. The other then waits for the first to finish and reports its
+/// result: both sides say the same about what the stage delivered.
 ///
 /// # Drop
 ///
@@ -86,7 +87,8 @@ pub(crate) struct Handoff<T: Send + 'static> {
 enum Held<T> {
     Ready(T),
     Taken,
-    Done,
+    /// Done, with the taker's result.
+    Done(Result<(), String>),
 }
 
 impl<T: Send + 'static> Handoff<T> {
@@ -109,10 +111,33 @@ impl<T: Send + 'static> Handoff<T> {
         }
     }
 
-    /// Whoever took the resource is done with it.
-    pub(crate) fn done(&self) {
-        *crate::state::lock(&self.state) = Held::Done;
+    /// Whoever took the resource is done with it, with `result`.
+    pub(crate) fn done(&self, result: Result<(), String>) {
+        *crate::state::lock(&self.state) = Held::Done(result);
         self.done.notify_all();
+    }
+
+    /// Waits, until `deadline`, for whoever took the resource to be done; returns its result.
+    /// Blocks its thread.
+    pub(crate) fn wait(&self, deadline: std::time::Instant) -> Result<(), String> {
+        let mut state = crate::state::lock(&self.state);
+        loop {
+            match &*state {
+                Held::Done(result) => return result.clone(),
+                // Nobody took it: it was never run.
+                Held::Ready(_) => return Err("never run".to_owned()),
+                Held::Taken => {}
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err("still running on the other side at the deadline".to_owned());
+            }
+            state = self
+                .done
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Runs `work` on the resource if nobody took it; otherwise waits, until `deadline`, for
@@ -124,31 +149,18 @@ impl<T: Send + 'static> Handoff<T> {
     ) -> Result<(), String> {
         if let Some(value) = self.take() {
             let result = work(value);
-            self.done();
+            self.done(result.clone());
             return result;
         }
-        let mut state = crate::state::lock(&self.state);
-        loop {
-            if matches!(*state, Held::Done) {
-                return Ok(());
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return Err("still running in the Telemetry phase at the deadline".to_owned());
-            }
-            state = self
-                .done
-                .wait_timeout(state, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.wait(deadline)
+            .map_err(|e| format!("the Telemetry phase's hook ran it: {e}"))
     }
 }
 
 impl<T: Send + 'static> Drop for Handoff<T> {
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Held::Ready(value) = std::mem::replace(state, Held::Done) {
+        if let Held::Ready(value) = std::mem::replace(state, Held::Done(Ok(()))) {
             // If no thread can start, the closure (and the value in it) drops here.
             let _ = std::thread::Builder::new()
                 .name("finale-drop".to_owned())
@@ -178,8 +190,19 @@ mod tests {
                 held.run_or_wait(later, |_| Err("must not run".to_owned()))
             })
         };
-        held.done();
+        held.done(Ok(()));
         assert_eq!(waiter.join().unwrap(), Ok(()));
+        // The waiting side reports the taker's result, not a success of its own.
+        let held = Handoff::new(3);
+        let _taken = held.take().unwrap();
+        let waiter = {
+            let held = held.clone();
+            std::thread::spawn(move || {
+                held.wait(std::time::Instant::now() + Duration::from_secs(10))
+            })
+        };
+        held.done(Err("collector down".to_owned()));
+        assert_eq!(waiter.join().unwrap(), Err("collector down".to_owned()));
         // Nobody took it: the emergency side runs it.
         let held = Handoff::new(1);
         let mut ran = None;

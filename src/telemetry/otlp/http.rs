@@ -1,0 +1,214 @@
+//! What an OTLP/HTTP collector's answer says it rejected: a counting HTTP client that reads
+//! each answer's `partial_success` for [`Counted`](super::Counted).
+//!
+//! opentelemetry-otlp 0.33 reads an answer's `partial_success` only to log it, and returns
+//! `Ok`: an export that the collector answered `200` with every item rejected looks delivered.
+//! [`CountingClient`] wraps the HTTP client the exporter sends with and reads the answer
+//! itself.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+
+use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
+
+use super::Counter;
+
+/// An [`HttpClient`] for opentelemetry-otlp's OTLP/HTTP exporters that counts the items a
+/// collector rejected in a partial success (`200` with `partial_success.rejected_spans`,
+/// `rejected_log_records` or `rejected_data_points`) as failed, in its [`Counter`]. Made by
+/// [`Counter::http_client`]; give it to the exporter with `with_http_client`.
+///
+/// Both encodings are read: protobuf (`http/protobuf`) and JSON (`http/json`). An answer that
+/// is neither (or does not parse) rejects nothing. The collector's `error_message` is logged
+/// (target `finale`, warning).
+///
+/// OTLP/gRPC exporters cannot be counted this way: opentelemetry-otlp 0.33 takes a tonic
+/// `Channel`, not a client finale could wrap, and its interceptors see requests only. Their
+/// partial successes count as exported.
+///
+/// Wire it up before the exporter is built: make the [`Counter`] first, pass
+/// `counter.http_client(client)` to the exporter builder's `with_http_client`, and wrap the
+/// exporter with [`Counted::with_counter`](super::Counted::with_counter)`(exporter, counter)`.
+pub struct CountingClient<C> {
+    inner: C,
+    counter: Counter,
+}
+
+impl<C: fmt::Debug> fmt::Debug for CountingClient<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CountingClient")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Counter {
+    /// Wraps `client` so that the items a collector rejects in a partial success count as
+    /// failed in this counter. See [`CountingClient`].
+    pub fn http_client<C: HttpClient>(&self, client: C) -> CountingClient<C> {
+        CountingClient {
+            inner: client,
+            counter: self.clone(),
+        }
+    }
+}
+
+impl<C: HttpClient> HttpClient for CountingClient<C> {
+    fn send_bytes<'s, 'f>(
+        &'s self,
+        request: Request<Bytes>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<Bytes>, HttpError>> + Send + 'f>>
+    where
+        's: 'f,
+        Self: 'f,
+    {
+        Box::pin(async move {
+            let response = self.inner.send_bytes(request).await?;
+            if response.status().is_success() {
+                let json = response
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with("application/json"));
+                let rejected = if json {
+                    rejected_json(response.body())
+                } else {
+                    rejected_protobuf(response.body())
+                };
+                if let Some((rejected, message)) = rejected.filter(|(n, _)| *n > 0) {
+                    // Before the exporter returns `Ok` and `Counted` counts the batch as
+                    // exported: `Counter::exported` subtracts these.
+                    self.counter
+                        .inner
+                        .rejected
+                        .fetch_add(rejected, Ordering::Release);
+                    tracing::warn!(
+                        target: "finale",
+                        rejected,
+                        message,
+                        "the OTLP collector rejected part of an export"
+                    );
+                }
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// `partial_success` (field 1) of an `Export*ServiceResponse`: its `rejected_*` count (field 1,
+/// int64) and `error_message` (field 2). `None` if the bytes are not such a message.
+fn rejected_protobuf(body: &[u8]) -> Option<(u64, String)> {
+    let mut fields = Fields(body);
+    let mut found = None;
+    while let Some((number, value)) = fields.next()? {
+        if let (1, Value::Bytes(inner)) = (number, value) {
+            let (mut rejected, mut message) = (0, String::new());
+            let mut inner = Fields(inner);
+            while let Some((number, value)) = inner.next()? {
+                match (number, value) {
+                    (1, Value::Varint(n)) => rejected = n,
+                    (2, Value::Bytes(text)) => message = String::from_utf8_lossy(text).into(),
+                    _ => {}
+                }
+            }
+            found = Some((rejected, message));
+        }
+    }
+    found
+}
+
+/// The same from the JSON encoding: `{"partialSuccess": {"rejectedSpans": "10", …}}` (an
+/// int64 may be a string or a number).
+fn rejected_json(body: &[u8]) -> Option<(u64, String)> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let partial = value.get("partialSuccess")?;
+    let rejected = ["rejectedSpans", "rejectedLogRecords", "rejectedDataPoints"]
+        .iter()
+        .find_map(|key| match partial.get(*key)? {
+            serde_json::Value::String(s) => s.parse().ok(),
+            n => n.as_u64(),
+        })
+        .unwrap_or(0);
+    let message = partial
+        .get("errorMessage")
+        .and_then(|m| m.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    Some((rejected, message))
+}
+
+/// A protobuf field's value, as far as these messages need.
+enum Value<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Other,
+}
+
+/// The fields of a protobuf message, in order.
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    /// The next field: `Some(None)` at the end, `None` if the bytes are malformed.
+    fn next(&mut self) -> Option<Option<(u64, Value<'a>)>> {
+        if self.0.is_empty() {
+            return Some(None);
+        }
+        let key = self.varint()?;
+        let value = match key & 7 {
+            0 => Value::Varint(self.varint()?),
+            1 => {
+                self.0 = self.0.get(8..)?;
+                Value::Other
+            }
+            2 => {
+                let len = usize::try_from(self.varint()?).ok()?;
+                let (bytes, rest) = (self.0.get(..len)?, self.0.get(len..)?);
+                self.0 = rest;
+                Value::Bytes(bytes)
+            }
+            5 => {
+                self.0 = self.0.get(4..)?;
+                Value::Other
+            }
+            _ => return None,
+        };
+        Some(Some((key >> 3, value)))
+    }
+
+    fn varint(&mut self) -> Option<u64> {
+        let mut n = 0u64;
+        for (i, byte) in self.0.iter().enumerate().take(10) {
+            n |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                self.0 = &self.0[i + 1..];
+                return Some(n);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_success_is_read_in_both_encodings() {
+        // partial_success { rejected_spans: 10, error_message: "bad" }
+        let body = [0x0a, 0x07, 0x08, 0x0a, 0x12, 0x03, b'b', b'a', b'd'];
+        assert_eq!(rejected_protobuf(&body), Some((10, "bad".to_owned())));
+        assert_eq!(rejected_protobuf(&[]), None);
+        assert_eq!(rejected_protobuf(&[0x0a, 0x05, 0x08]), None);
+        let json = br#"{"partialSuccess":{"rejectedLogRecords":"7","errorMessage":"x"}}"#;
+        assert_eq!(rejected_json(json), Some((7, "x".to_owned())));
+        assert_eq!(
+            rejected_json(br#"{"partialSuccess":{"rejectedSpans":3}}"#)
+                .unwrap()
+                .0,
+            3
+        );
+        assert_eq!(rejected_json(b"{}"), None);
+    }
+}
