@@ -32,7 +32,9 @@
 //! The header and the phases always come first; then every entry that did not complete, what
 //! was cut at a deadline, each telemetry stage that lost something (`delivery=otlp-traces
 //! items=spans run_exported=488 run_failed=512 run_dropped=0 exit_exported=12 exit_failed=0
-//! exit_dropped=0`, see [`Delivery`](crate::Delivery)), and the three slowest entries that
+//! exit_dropped=0`, see [`Delivery`](crate::Delivery)), each final scrape (`scrape=final-scrape
+//! outcome=scraped waited=0.4120s at=0.9050s peer=10.0.0.7:51234 agent=Prometheus/2.42.0
+//! samples=143`, or `why=…` when the stage did not wait), and the three slowest entries that
 //! completed, as many as fit. When
 //! something did not fit, the last line is `omitted entries=N cut=M`. Long values (a reason, an
 //! error, a name) are shortened at a character boundary and end in `…`. `status` is the
@@ -297,6 +299,24 @@ pub(crate) fn message(report: &ShutdownReport, max: usize) -> String {
             ("exit_dropped", d.at_exit.dropped),
         ] {
             kv(&mut line, key, &n.to_string());
+        }
+        push(&mut out, line);
+    }
+    // The final scrape: when it came and who made it, or why the stage did not wait.
+    for f in &report.final_scrapes {
+        let mut line = String::from("scrape=");
+        line.push_str(&quote(&shorten(&f.stage, NAME_MAX)));
+        kv(&mut line, "outcome", f.outcome.as_str());
+        kv(&mut line, "waited", &seconds(f.waited));
+        if let Some(first) = f.scrapes.first() {
+            kv(&mut line, "at", &seconds(first.at));
+            kv(&mut line, "peer", &first.peer.to_string());
+            if let Some(agent) = &first.user_agent {
+                kv(&mut line, "agent", &shorten(agent, VALUE_MAX));
+            }
+            kv(&mut line, "samples", &first.samples.to_string());
+        } else {
+            kv(&mut line, "why", &shorten(&f.outcome.to_string(), VALUE_MAX));
         }
         push(&mut out, line);
     }
