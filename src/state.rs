@@ -480,7 +480,10 @@ impl Shared {
 
     /// The final-scrape stages' lines, of those that ran.
     pub(crate) fn final_scrapes(&self) -> Vec<FinalScrape> {
-        lock(&self.final_scrapes).iter().filter_map(|r| r()).collect()
+        lock(&self.final_scrapes)
+            .iter()
+            .filter_map(|r| r())
+            .collect()
     }
 
     /// What every counting stage delivered so far, split at the trigger.

@@ -316,7 +316,11 @@ pub(crate) fn message(report: &ShutdownReport, max: usize) -> String {
             }
             kv(&mut line, "samples", &first.samples.to_string());
         } else {
-            kv(&mut line, "why", &shorten(&f.outcome.to_string(), VALUE_MAX));
+            kv(
+                &mut line,
+                "why",
+                &shorten(&f.outcome.to_string(), VALUE_MAX),
+            );
         }
         push(&mut out, line);
     }

@@ -242,7 +242,10 @@ impl fmt::Display for ScrapeConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ScrapeConfigError::InvalidAddress { address, source } => {
-                write!(f, "metrics endpoint address {address:?} is invalid: {source}")
+                write!(
+                    f,
+                    "metrics endpoint address {address:?} is invalid: {source}"
+                )
             }
             ScrapeConfigError::Bind { address, source } => {
                 write!(f, "metrics endpoint cannot bind {address:?}: {source}")
@@ -445,8 +448,9 @@ impl MetricsEndpointBuilder {
 }
 
 /// A metrics endpoint that outlives the drain, and its final-scrape stage: see the
-/// [module](self) docs. A cheap handle; the endpoint serves from [`build`] until it closes (see
-/// the module docs), whether or not it is registered.
+/// [module](self) docs. A cheap handle; the endpoint serves from [`build`] until it closes:
+/// a registered one just before the exit (see the module docs), one that is not registered on
+/// [`close`](MetricsEndpoint::close) or with the process, even once every handle is dropped.
 ///
 /// [`build`]: MetricsEndpointBuilder::build
 #[derive(Clone, Debug)]
@@ -507,37 +511,46 @@ impl MetricsEndpoint {
         let (hook_inner, hook_held, hook_outcome, hook_shared) =
             (inner.clone(), held.clone(), outcome.clone(), shared.clone());
         finale.hook(
-            Hook::new(Phase::Telemetry, inner.wait.stage.clone(), move |ctx: HookContext| {
-                let deadline = stage_deadline(&ctx, share);
-                let hard = ctx.deadline();
-                let start = std::time::Instant::now();
-                let std_deadline =
-                    start + deadline.saturating_duration_since(tokio::time::Instant::now());
-                let trigger = hook_shared.life.trigger().unwrap_or(start);
-                let (inner, held, outcome) = (hook_inner, hook_held, hook_outcome);
-                async move {
-                    let name = format!("finale-{}", inner.wait.stage);
-                    let work = move || {
-                        // If the supervisor took it first, it is waiting already.
-                        if held.take().is_none() {
-                            return Ok(());
+            Hook::new(
+                Phase::Telemetry,
+                inner.wait.stage.clone(),
+                move |ctx: HookContext| {
+                    let deadline = stage_deadline(&ctx, share);
+                    let hard = ctx.deadline();
+                    let start = std::time::Instant::now();
+                    let std_deadline =
+                        start + deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let trigger = hook_shared.life.trigger().unwrap_or(start);
+                    let (inner, held, outcome) = (hook_inner, hook_held, hook_outcome);
+                    async move {
+                        let name = format!("finale-{}", inner.wait.stage);
+                        let work = move || {
+                            // If the supervisor took it first, it is waiting already.
+                            if held.take().is_none() {
+                                return Ok(());
+                            }
+                            let result = stage::final_scrape(
+                                &inner.scrapers,
+                                &inner.wait,
+                                trigger,
+                                start,
+                                std_deadline,
+                            );
+                            let verdict = stage::conclude(&outcome, result);
+                            held.done();
+                            verdict
+                        };
+                        match run_until(&name, hard, work).await {
+                            Ok(OffThread::Done(result)) => result.map_err(HookError::msg),
+                            Ok(OffThread::Panicked(m)) => Err(HookError::msg(m)),
+                            Ok(OffThread::TimedOut) => Err(HookError::msg(
+                                "the final-scrape wait did not return by the phase deadline",
+                            )),
+                            Err(e) => Err(HookError::new(e)),
                         }
-                        let result =
-                            stage::final_scrape(&inner.scrapers, &inner.wait, trigger, start, std_deadline);
-                        let verdict = stage::conclude(&outcome, result);
-                        held.done();
-                        verdict
-                    };
-                    match run_until(&name, hard, work).await {
-                        Ok(OffThread::Done(result)) => result.map_err(HookError::msg),
-                        Ok(OffThread::Panicked(m)) => Err(HookError::msg(m)),
-                        Ok(OffThread::TimedOut) => Err(HookError::msg(
-                            "the final-scrape wait did not return by the phase deadline",
-                        )),
-                        Err(e) => Err(HookError::new(e)),
                     }
-                }
-            })
+                },
+            )
             .order(ORDER_METRICS),
         )?;
 
@@ -550,8 +563,13 @@ impl MetricsEndpoint {
                 held.run_or_wait(deadline, |()| {
                     let start = std::time::Instant::now();
                     let trigger = em_shared.life.trigger().unwrap_or(start);
-                    let result =
-                        stage::final_scrape(&em_inner.scrapers, &em_inner.wait, trigger, start, deadline);
+                    let result = stage::final_scrape(
+                        &em_inner.scrapers,
+                        &em_inner.wait,
+                        trigger,
+                        start,
+                        deadline,
+                    );
                     stage::conclude(&em_outcome, result)
                 })
             }),

@@ -265,7 +265,12 @@ mod tests {
         let b = model.started(&req(2, 5001, "Prometheus/2.42.0", t));
         assert_ne!(a, b);
         model.closed(1);
-        let again = model.started(&req(3, 5002, "Prometheus/2.42.0", t + Duration::from_secs(1)));
+        let again = model.started(&req(
+            3,
+            5002,
+            "Prometheus/2.42.0",
+            t + Duration::from_secs(1),
+        ));
         assert_eq!(again, a);
         model.read(|seen| assert_eq!(seen.scrapers.len(), 2));
     }

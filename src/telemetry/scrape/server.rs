@@ -97,9 +97,17 @@ async fn serve(
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_conn = 0u64;
+    // Closed by `close()` only: every handle dropped (an endpoint built and not registered)
+    // leaves it serving until the process exits.
+    let close = async move {
+        if closed.wait_for(|c| *c).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let mut close = std::pin::pin!(close);
     loop {
         tokio::select! {
-            _ = closed.wait_for(|c| *c) => return,
+            () = &mut close => return,
             _ = tick.tick() => {
                 if let Some(f) = &upkeep {
                     f();
@@ -144,7 +152,14 @@ async fn exchange(
             break end;
         }
         if buf.len() > MAX_HEAD {
-            let _ = respond(stream, "431 Request Header Fields Too Large", "", false, true).await;
+            let _ = respond(
+                stream,
+                "431 Request Header Fields Too Large",
+                "",
+                false,
+                true,
+            )
+            .await;
             return None;
         }
         let mut chunk = [0u8; 4096];
@@ -156,7 +171,10 @@ async fn exchange(
     let at = Instant::now();
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut parsed = httparse::Request::new(&mut headers);
-    if !matches!(parsed.parse(&buf[..head_end]), Ok(httparse::Status::Complete(_))) {
+    if !matches!(
+        parsed.parse(&buf[..head_end]),
+        Ok(httparse::Status::Complete(_))
+    ) {
         let _ = respond(stream, "400 Bad Request", "", false, true).await;
         return None;
     }
@@ -170,8 +188,8 @@ async fn exchange(
     };
     let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
     let keep_alive = parsed.version == Some(1) && !close;
-    let has_body = header("transfer-encoding").is_some()
-        || header("content-length").is_some_and(|v| v != "0");
+    let has_body =
+        header("transfer-encoding").is_some() || header("content-length").is_some_and(|v| v != "0");
     let user_agent = header("user-agent").map(str::to_owned);
     let timeout = header("x-prometheus-scrape-timeout-seconds")
         .and_then(|v| v.parse::<f64>().ok())
@@ -244,7 +262,11 @@ async fn respond(
         "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\n\
          content-length: {}\r\n{}\r\n",
         body.len(),
-        if keep_alive { "" } else { "connection: close\r\n" }
+        if keep_alive {
+            ""
+        } else {
+            "connection: close\r\n"
+        }
     );
     stream.write_all(head.as_bytes()).await?;
     if !head_only {

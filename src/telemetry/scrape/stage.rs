@@ -270,9 +270,19 @@ mod tests {
             .resolve(&[], crate::config::Environment::Local)
             .unwrap();
         budget.grace_period = Some(Duration::from_secs(30));
-        let fits = plan(&budget, Duration::from_secs(20), Duration::from_secs(15), Duration::from_secs(1));
+        let fits = plan(
+            &budget,
+            Duration::from_secs(20),
+            Duration::from_secs(15),
+            Duration::from_secs(1),
+        );
         assert!(fits.iter().all(|m| !m.contains("grace period")), "{fits:?}");
-        let misfits = plan(&budget, Duration::from_secs(2), Duration::from_secs(60), Duration::from_secs(10));
+        let misfits = plan(
+            &budget,
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+        );
         assert_eq!(misfits.len(), 2, "{misfits:?}");
         assert!(misfits[0].contains("grace period 30s"));
         assert!(misfits[1].contains("raise the telemetry reserve"));
