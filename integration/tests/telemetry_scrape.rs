@@ -448,3 +448,30 @@ fn a_bad_or_taken_address_is_a_typed_error_at_build() {
         .unwrap();
     assert_ne!(e.local_addr().port(), 0);
 }
+
+#[test]
+fn the_planner_warns_at_start_when_the_grace_period_cannot_hold_a_scrape_interval() {
+    // A 30 s grace period, a 25 s budget, and a declared 60 s interval: no final scrape can fit.
+    let scratch = Scratch::new("planner");
+    let service = Service::start(
+        &scratch,
+        &[
+            ("FINALE_GRACE_PERIOD", "30s"),
+            ("FINALE_SAFETY_MARGIN", "2s"),
+            ("FINALE_TOTAL_BUDGET", "25s"),
+            ("METRICS_INTERVAL", "60s"),
+        ],
+    );
+    let (status, out, _) = service.stop();
+    assert!(
+        out.contains("cannot hold the drain delay") && out.contains("one scrape interval 60s"),
+        "{out}"
+    );
+    assert!(out.contains("raise the telemetry reserve"), "{out}");
+    assert_eq!(status.code(), Some(0), "{out}");
+    // Nobody scraped: the stage did not wait, and the report says why.
+    assert!(
+        out.contains("final-scrape: did not wait: no scrape was ever seen"),
+        "{out}"
+    );
+}

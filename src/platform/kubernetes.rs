@@ -424,6 +424,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_termination_message_has_a_line_per_final_scrape() {
+        use crate::report::{DeliveryPolicy, ExitCodes, Reason, ShutdownStatus};
+        let mut report = ShutdownReport {
+            reason: Reason::Requested("test".into()),
+            phases: Vec::new(),
+            in_flight_at_drain_start: 0,
+            last_request_after_announce: None,
+            last_probe_after_announce: None,
+            requests_rejected: 0,
+            requests_panicked: 0,
+            cut: Vec::new(),
+            upgrades_failed: Vec::new(),
+            escalated: false,
+            total: Duration::from_secs(1),
+            over_budget: false,
+            delivery: Vec::new(),
+            final_scrapes: crate::report::scrape::samples(),
+            status: ShutdownStatus::Clean,
+            exit_code: 0,
+        };
+        report.classify(&ExitCodes::default(), DeliveryPolicy::default());
+        let m = message(&report, crate::platform::TERMINATION_MESSAGE_MAX);
+        assert!(
+            m.contains(
+                "scrape=final-scrape outcome=scraped waited=0.4120s at=0.9050s \
+                 peer=10.0.0.7:51234 agent=Prometheus/2.42.0 samples=143"
+            ),
+            "{m}"
+        );
+        assert!(
+            m.contains("scrape=second outcome=too_late waited=0.0000s why=\"did not wait: "),
+            "{m}"
+        );
+    }
+
+    #[test]
     fn termination_log_env_values() {
         assert_eq!(TerminationLog::from_env(" "), None);
         assert_eq!(TerminationLog::from_env("off"), Some(TerminationLog::Off));

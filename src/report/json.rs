@@ -395,6 +395,35 @@ mod tests {
     }
 
     #[test]
+    fn report_json_and_display_carry_the_final_scrape() {
+        let mut report = report();
+        report.final_scrapes = crate::report::scrape::samples();
+        let json: Value = serde_json::from_str(&report.to_json()).unwrap();
+        let came = &json["final_scrapes"][0];
+        assert_eq!(came["stage"], "final-scrape");
+        assert_eq!(came["outcome"], "scraped");
+        assert_eq!(came["waited_seconds"], 0.412);
+        assert_eq!(came["scrapes"][0]["at_seconds"], 0.905);
+        assert_eq!(came["scrapes"][0]["peer"], "10.0.0.7:51234");
+        assert_eq!(came["scrapes"][0]["user_agent"], "Prometheus/2.42.0");
+        assert_eq!(came["scrapes"][0]["samples"], 143);
+        let late = &json["final_scrapes"][1];
+        assert_eq!(late["outcome"], "too_late");
+        assert_eq!(late["predicted_seconds"], 14.0);
+        assert_eq!(late["deadline_seconds"], 2.4);
+        assert!(late["why"].as_str().unwrap().contains("did not wait"));
+        let text = report.to_string();
+        assert!(
+            text.contains(
+                "\n  scrape     final-scrape: scraped, waited 412.0ms; first at 0.905s by \
+             10.0.0.7:51234 (Prometheus/2.42.0), 143 samples in 2.0ms"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("second: did not wait: the next scrape would end 14.000s"));
+    }
+
+    #[test]
     fn report_json_names_every_status_and_reason_kind() {
         let statuses = [
             ShutdownStatus::Clean,

@@ -4,7 +4,7 @@ mod delivery;
 #[cfg(feature = "serde")]
 mod json;
 mod outcome;
-mod scrape;
+pub(crate) mod scrape;
 mod status;
 
 pub mod names;

@@ -143,3 +143,31 @@ impl fmt::Display for FinalScrape {
         Ok(())
     }
 }
+
+/// Two lines for the report's tests: a scrape that came, and a stage that did not wait.
+#[cfg(test)]
+pub(crate) fn samples() -> Vec<FinalScrape> {
+    vec![
+        FinalScrape {
+            stage: Cow::Borrowed("final-scrape"),
+            waited: Duration::from_millis(412),
+            outcome: ScrapeOutcome::Scraped,
+            scrapes: vec![ScrapeSeen {
+                at: Duration::from_millis(905),
+                duration: Duration::from_millis(2),
+                peer: SocketAddr::from(([10, 0, 0, 7], 51234)),
+                user_agent: Some("Prometheus/2.42.0".to_owned()),
+                samples: 143,
+            }],
+        },
+        FinalScrape {
+            stage: Cow::Borrowed("second"),
+            waited: Duration::ZERO,
+            outcome: ScrapeOutcome::TooLate {
+                predicted: Duration::from_secs(14),
+                deadline: Duration::from_millis(2400),
+            },
+            scrapes: Vec::new(),
+        },
+    ]
+}
