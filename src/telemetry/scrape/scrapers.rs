@@ -24,6 +24,9 @@ use crate::state::lock;
 
 /// Gaps kept per scraper to learn its interval.
 const GAPS: usize = 5;
+/// Scrapers remembered; past this, a closed one seen least recently makes room. Open
+/// connections are never forgotten (each is a file descriptor the process holds anyway).
+const SCRAPERS: usize = 64;
 /// Answered scrapes kept for the stage to read.
 const ANSWERED: usize = 64;
 
@@ -139,7 +142,7 @@ impl Scrapers {
         let index = match index {
             Some(i) => i,
             None => {
-                seen.scrapers.push(Scraper {
+                let fresh = Scraper {
                     ip: req.peer.ip(),
                     peer: req.peer,
                     user_agent: req.user_agent.clone(),
@@ -147,8 +150,31 @@ impl Scrapers {
                     starts: VecDeque::with_capacity(GAPS + 1),
                     last_duration: Duration::ZERO,
                     timeout: None,
-                });
-                seen.scrapers.len() - 1
+                };
+                // Bounded: past `SCRAPERS`, the closed scraper seen least recently makes room
+                // (curl sessions, probes). Its slot is reused, so an answered scrape of the old
+                // one could count for the new one only if the old one had scraped after the
+                // Telemetry phase began, and it was then no longer the least recent.
+                let reuse = (seen.scrapers.len() >= SCRAPERS)
+                    .then(|| {
+                        seen.scrapers
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, s)| s.conn.is_none())
+                            .min_by_key(|(_, s)| s.last_start())
+                            .map(|(i, _)| i)
+                    })
+                    .flatten();
+                match reuse {
+                    Some(i) => {
+                        seen.scrapers[i] = fresh;
+                        i
+                    }
+                    None => {
+                        seen.scrapers.push(fresh);
+                        seen.scrapers.len() - 1
+                    }
+                }
             }
         };
         let s = &mut seen.scrapers[index];
@@ -273,5 +299,16 @@ mod tests {
         ));
         assert_eq!(again, a);
         model.read(|seen| assert_eq!(seen.scrapers.len(), 2));
+    }
+
+    #[test]
+    fn one_off_clients_do_not_grow_the_model_without_bound() {
+        let model = Scrapers::default();
+        let t = Instant::now();
+        for conn in 0..1000u64 {
+            model.started(&req(conn, 6000, &format!("curl/{conn}"), t));
+            model.closed(conn);
+        }
+        model.read(|seen| assert_eq!(seen.scrapers.len(), SCRAPERS));
     }
 }
