@@ -20,8 +20,10 @@
 //!   with what the registry renders: metrics-exporter-prometheus's `PrometheusHandle`
 //!   ([`build`](MetricsEndpointBuilder::build)) or a closure for any other registry
 //!   ([`build_with`](MetricsEndpointBuilder::build_with)). Other paths answer `404`, other
-//!   methods `405`. It **never answers `503`**: Prometheus treats a failed scrape as an empty
-//!   one and writes staleness markers.
+//!   methods `405`, a render that panics `500` (logged). It **never answers `503`**: Prometheus
+//!   treats a failed scrape as an empty one and writes staleness markers. The body is sent
+//!   uncompressed, whatever `Accept-Encoding` asks, so that its last byte is the end of the
+//!   scrape.
 //! - It keeps answering through Announce, Drain, Workers and Telemetry: it is not one of the
 //!   servers finale drains. It closes when the run's report exists (just before
 //!   [`ShutdownReport::exit`](crate::ShutdownReport::exit)), when the `Finale` is dropped
