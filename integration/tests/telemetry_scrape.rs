@@ -475,3 +475,22 @@ fn the_planner_warns_at_start_when_the_grace_period_cannot_hold_a_scrape_interva
         "{out}"
     );
 }
+
+#[test]
+fn full_service_with_its_metrics_address_taken_exits_3_without_a_panic() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let scratch = Scratch::new("taken");
+    let mut cmd = Command::new(full_service());
+    cmd.env("FULL_SERVICE_ADDR", "127.0.0.1:0")
+        .env("FULL_SERVICE_LOG", scratch.log())
+        .env("METRICS_ADDR", taken.local_addr().unwrap().to_string())
+        .env("NO_COLOR", "1");
+    let exit = Process::spawn(cmd).unwrap().wait_exit(BOUND);
+    assert_eq!(exit.code(), Some(3), "{}", exit.stderr);
+    assert!(
+        exit.stderr.contains("metrics endpoint cannot bind"),
+        "{}",
+        exit.stderr
+    );
+    assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
+}
