@@ -494,3 +494,54 @@ fn full_service_with_its_metrics_address_taken_exits_3_without_a_panic() {
     );
     assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_serves_through_the_shutdown_and_closes_when_the_run_ends() {
+    let finale = Finale::builder()
+        .no_signals()
+        .drain_delay(Duration::ZERO)
+        .build()
+        .unwrap();
+    let endpoint = MetricsEndpoint::builder("127.0.0.1:0")
+        .build_with(|| "up 1\n".to_owned())
+        .unwrap();
+    endpoint.register(&finale).unwrap();
+    let addr = endpoint.local_addr();
+    let get = move || {
+        common::components::http_request("GET", &format!("http://{addr}/metrics"), &[], &[])
+            .map(|r| r.status)
+    };
+    // Answers in every phase: a Workers hook asks it.
+    let in_workers = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen = in_workers.clone();
+    finale
+        .hook(finale::Hook::new(
+            finale::Phase::Workers,
+            "ask",
+            move |_| {
+                let seen = seen.clone();
+                async move {
+                    let status = tokio::task::spawn_blocking(get).await.unwrap();
+                    *seen.lock().unwrap() = Some(status.ok());
+                }
+            },
+        ))
+        .unwrap();
+    let handle = finale.handle();
+    let run = tokio::spawn(finale.run());
+    handle.trigger("test");
+    let report = run.await.unwrap();
+    assert_eq!(*in_workers.lock().unwrap(), Some(Some(200)), "{report}");
+    // The hook's GET was the only scrape: no interval to predict with, so the stage did not
+    // wait, and says so.
+    assert_eq!(
+        report.final_scrapes[0].outcome,
+        ScrapeOutcome::IntervalUnknown,
+        "{report}"
+    );
+    // Once the report exists the endpoint closes.
+    assert!(
+        wait_until(BOUND, || TcpStream::connect(addr).is_err()),
+        "still accepting after the run"
+    );
+}
