@@ -138,6 +138,11 @@
 //!   servers' listening sockets at file descriptors 3, 4, … and `LISTEN_FDS`, `LISTEN_FDNAMES`,
 //!   `FINALE_LISTEN_PARENT` in its environment) and waits for it. In a successor, the passed
 //!   sockets are taken at [`Builder::build`]. See [`upgrade`].
+//! - **The metrics endpoint**, only with a built `prometheus::MetricsEndpoint` (feature
+//!   `prometheus`): one thread (`finale-metrics`) with a `current_thread` tokio runtime of its
+//!   own and the listening socket, from `build` until the run's report exists (registered) or
+//!   `close()` or the process's exit. Its final-scrape wait
+//!   runs on a short-lived thread (`finale-final-scrape`).
 //! - **`std::process::exit`** is called by [`ShutdownReport::exit`] and
 //!   [`Finale::run_and_exit`] (by you), by the supervisor on a takeover, on a third signal and on
 //!   a signal after `run()` returned.
