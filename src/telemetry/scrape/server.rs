@@ -43,34 +43,52 @@ pub(crate) struct Server {
 
 impl Server {
     /// Starts serving `listener` on a new thread.
+    ///
+    /// The runtime is built on that thread and never leaves it: a runtime dropped inside the
+    /// caller's async context (if the thread could not start, say) would panic.
     pub(crate) fn start(
         listener: std::net::TcpListener,
         app: App,
         upkeep: Option<(Duration, Upkeep)>,
     ) -> io::Result<Server> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .thread_name("finale-metrics")
-            .build()?;
         listener.set_nonblocking(true)?;
-        let listener = {
-            let _entered = runtime.enter();
-            TcpListener::from_std(listener)?
-        };
         let (close, closed) = watch::channel(false);
-        let handle = runtime.handle().clone();
+        let (started, start) = std::sync::mpsc::channel();
         let app = Arc::new(app);
         std::thread::Builder::new()
             .name("finale-metrics".to_owned())
             .spawn(move || {
-                runtime.block_on(serve(listener, app, upkeep, closed));
-                // Dropping the runtime drops every connection task: the sockets close.
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .enable_time()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                        return;
+                    }
+                };
+                let listener = {
+                    let _entered = runtime.enter();
+                    TcpListener::from_std(listener)
+                };
+                match listener {
+                    Ok(listener) => {
+                        let _ = started.send(Ok(runtime.handle().clone()));
+                        runtime.block_on(serve(listener, app, upkeep, closed));
+                        // Dropping the runtime drops every connection task: the sockets close.
+                    }
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                    }
+                }
             })?;
-        Ok(Server {
-            close,
-            runtime: handle,
-        })
+        // The thread answers at once: it builds a runtime and registers one socket.
+        let runtime = start
+            .recv()
+            .map_err(|_| io::Error::other("the endpoint's thread ended before it started"))??;
+        Ok(Server { close, runtime })
     }
 
     /// Stops accepting and closes every connection. Returns whether this call closed it.
