@@ -312,6 +312,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_upkeep_runs_periodically_on_the_endpoint_thread() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let runs = Arc::new(AtomicU64::new(0));
+        let counted = runs.clone();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let app = App {
+            path: "/metrics".to_owned(),
+            render: Arc::new(String::new),
+            scrapers: Arc::new(Scrapers::default()),
+        };
+        let upkeep: Upkeep = Box::new(move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+        });
+        let server =
+            Server::start(listener, app, Some((Duration::from_millis(5), upkeep))).unwrap();
+        // Bounded poll: three runs of a 5 ms period come well within 10 s.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while runs.load(Ordering::Relaxed) < 3 && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert!(runs.load(Ordering::Relaxed) >= 3);
+        assert!(server.close());
+        assert!(!server.close());
+    }
+
+    #[test]
     fn samples_are_the_lines_that_are_not_comments() {
         let body = "# HELP a x\n# TYPE a counter\na 1\n\nb{x=\"1\"} 2\n";
         assert_eq!(count_samples(body), 2);
