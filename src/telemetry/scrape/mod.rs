@@ -9,7 +9,8 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `mod.rs` | the builder, [`MetricsEndpoint`], the errors |
+//! | `mod.rs` | the builder, [`MetricsEndpoint`] |
+//! | `address.rs`, `error.rs` | where it listens; why it could not be built |
 //! | `server.rs` | the endpoint's thread and its small HTTP/1.1 server |
 //! | `scrapers.rs` | who scrapes, how often, at which phase; the scrapes answered in full |
 //! | `stage.rs` | the final-scrape stage: the prediction, the wait, the planner's check |
@@ -120,12 +121,13 @@
 //! }
 //! ```
 
+mod address;
+mod error;
 mod scrapers;
 mod server;
 mod stage;
 
 use std::borrow::Cow;
-use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
@@ -141,10 +143,13 @@ use crate::slot::{ORDER_METRICS, Share, stage_deadline};
 use crate::state::EmergencyStage;
 use crate::telemetry::stages::{Handoff, OffThread, run_until};
 
+use address::AddressKind;
 use scrapers::Scrapers;
 use server::{App, Render, Server, Upkeep};
 use stage::Wait;
 
+pub use self::address::Address;
+pub use self::error::ScrapeConfigError;
 pub use crate::report::{FinalScrape, ScrapeOutcome, ScrapeSeen};
 
 /// Default path the endpoint serves: `/metrics`.
@@ -168,110 +173,6 @@ pub enum ScrapePolicy {
     /// One by every scraper seen recently whose next scrape is predicted in time: both servers
     /// of a highly available Prometheus pair.
     Every,
-}
-
-/// Where the endpoint listens: `"127.0.0.1:9090"`, `"localhost:9090"`, `"[::]:9090"`, or a
-/// [`SocketAddr`].
-#[derive(Clone, Debug)]
-pub struct Address(AddressKind);
-
-#[derive(Clone, Debug)]
-enum AddressKind {
-    Text(String),
-    Socket(SocketAddr),
-}
-
-impl From<&str> for Address {
-    fn from(s: &str) -> Self {
-        Address(AddressKind::Text(s.to_owned()))
-    }
-}
-
-impl From<String> for Address {
-    fn from(s: String) -> Self {
-        Address(AddressKind::Text(s))
-    }
-}
-
-impl From<SocketAddr> for Address {
-    fn from(a: SocketAddr) -> Self {
-        Address(AddressKind::Socket(a))
-    }
-}
-
-impl fmt::Display for Address {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            AddressKind::Text(s) => f.write_str(s),
-            AddressKind::Socket(a) => write!(f, "{a}"),
-        }
-    }
-}
-
-/// Why [`MetricsEndpointBuilder::build`] refused.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum ScrapeConfigError {
-    /// The address does not parse or resolve.
-    InvalidAddress {
-        /// The address as given.
-        address: String,
-        /// Why.
-        source: io::Error,
-    },
-    /// The address could not be bound (in use, not on this host, no permission).
-    Bind {
-        /// The address as given.
-        address: String,
-        /// The last bind error.
-        source: io::Error,
-    },
-    /// The path does not start with `/`.
-    InvalidPath {
-        /// The path as given.
-        path: String,
-    },
-    /// A duration setting is zero.
-    ZeroDuration {
-        /// Which setting.
-        setting: &'static str,
-    },
-    /// The endpoint's thread or runtime could not start.
-    Start(io::Error),
-}
-
-impl fmt::Display for ScrapeConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ScrapeConfigError::InvalidAddress { address, source } => {
-                write!(
-                    f,
-                    "metrics endpoint address {address:?} is invalid: {source}"
-                )
-            }
-            ScrapeConfigError::Bind { address, source } => {
-                write!(f, "metrics endpoint cannot bind {address:?}: {source}")
-            }
-            ScrapeConfigError::InvalidPath { path } => {
-                write!(f, "metrics endpoint path {path:?} must start with '/'")
-            }
-            ScrapeConfigError::ZeroDuration { setting } => {
-                write!(f, "metrics endpoint: the {setting} must not be zero")
-            }
-            ScrapeConfigError::Start(e) => write!(f, "metrics endpoint cannot start: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for ScrapeConfigError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ScrapeConfigError::InvalidAddress { source, .. }
-            | ScrapeConfigError::Bind { source, .. }
-            | ScrapeConfigError::Start(source) => Some(source),
-            _ => None,
-        }
-    }
 }
 
 /// Builds a [`MetricsEndpoint`].
