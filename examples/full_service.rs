@@ -33,6 +33,12 @@
 //!   stale one behind (pushed groups live until deleted; a pid would make a new one each time).
 //!   An `https://` URL is spoken over TLS (webpki roots, or only the CA in `PUSHGATEWAY_CA_FILE`);
 //!   `PUSHGATEWAY_USER` and `PUSHGATEWAY_PASSWORD` add basic auth.
+//! - `METRICS_ADDR`: the pull mode, beside the push: finale serves `/metrics` at this address
+//!   (port `0` picks a free one; printed on stderr as `metrics on http://…/metrics`) from a
+//!   thread of its own, through the whole shutdown, and the Telemetry phase waits for a scrape
+//!   of the final values (the `final-scrape` stage). `METRICS_FINAL_SCRAPE=off` serves the
+//!   endpoint without the stage; `METRICS_POLICY=every` waits for every recent scraper;
+//!   `METRICS_INTERVAL` (e.g. `15s`) declares the scrape interval, for the budget planner.
 //! - `OTEL_EXPORTER_OTLP_ENDPOINT` (the collector's base URL) and
 //!   `OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf`, the default, as in the OpenTelemetry
 //!   specification, or `grpc`): without an endpoint, no OTLP. Over gRPC, a collector that
@@ -58,6 +64,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use finale::otlp::{Counted, Counter, Otlp};
+use finale::prometheus::{MetricsEndpoint, ScrapePolicy};
 use finale::pushgateway::Pushgateway;
 use finale::{Finale, Hook, Phase, Task};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -89,6 +96,14 @@ fn instance() -> String {
                 .filter(|name| !name.is_empty())
         })
         .unwrap_or_else(|| "full_service".to_owned())
+}
+
+/// `15s`, `500ms`.
+fn humantime(v: &str) -> Option<Duration> {
+    if let Some(ms) = v.strip_suffix("ms") {
+        return ms.parse().ok().map(Duration::from_millis);
+    }
+    v.strip_suffix('s')?.parse().ok().map(Duration::from_secs)
 }
 
 fn main() {
@@ -196,6 +211,8 @@ async fn run() -> ! {
     let metrics: PrometheusHandle = PrometheusBuilder::new()
         .install_recorder()
         .expect("no other global metrics recorder");
+    // Counters start at 0, so that a scrape sees every increment, the first included.
+    metrics::counter!("requests_total").absolute(0);
 
     // OTLP, if a collector is configured.
     let providers = env("OTEL_EXPORTER_OTLP_ENDPOINT").map(|endpoint| {
@@ -270,6 +287,25 @@ async fn run() -> ! {
                 },
             ))
             .expect("unique names");
+    }
+
+    // Pull mode: an endpoint that outlives the drain, and a wait for the final scrape.
+    if let Some(addr) = env("METRICS_ADDR") {
+        let mut builder = MetricsEndpoint::builder(addr);
+        if env("METRICS_POLICY").as_deref() == Some("every") {
+            builder = builder.policy(ScrapePolicy::Every);
+        }
+        if let Some(interval) = env("METRICS_INTERVAL").and_then(|v| humantime(&v)) {
+            builder = builder.expected_interval(interval);
+        }
+        let endpoint = builder.build(metrics.clone()).unwrap_or_else(|e| {
+            eprintln!("{e}");
+            std::process::exit(3)
+        });
+        eprintln!("metrics on http://{}/metrics", endpoint.local_addr());
+        if env("METRICS_FINAL_SCRAPE").as_deref() != Some("off") {
+            endpoint.register(&finale).expect("unique names");
+        }
     }
 
     // Telemetry, in the order finale flushes it: metrics, then traces and logs, the file last.

@@ -27,12 +27,12 @@ apt_install() {
   apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends "$@"
 }
 
-step "install prometheus-pushgateway, haproxy, wrk, h2load, curl (apt)"
-if command -v prometheus-pushgateway >/dev/null && command -v haproxy >/dev/null && command -v wrk >/dev/null \
+step "install prometheus, prometheus-pushgateway, haproxy, wrk, h2load, curl (apt)"
+if command -v prometheus >/dev/null && command -v prometheus-pushgateway >/dev/null && command -v haproxy >/dev/null && command -v wrk >/dev/null \
   && command -v h2load >/dev/null && command -v curl >/dev/null; then
   echo "already installed, skipping apt"
 else
-  apt_install prometheus-pushgateway haproxy wrk nghttp2-client curl ca-certificates
+  apt_install prometheus prometheus-pushgateway haproxy wrk nghttp2-client curl ca-certificates
 fi
 
 step "install systemd-socket-activate (apt: systemd)"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command of the README: runs every test, doctests included.
 #
-# The integration tests start a real Prometheus Pushgateway, a real OTLP collector (rotel) and
+# The integration tests start a real Prometheus server, a real Prometheus Pushgateway, a real OTLP collector (rotel) and
 # haproxy on free loopback ports. When they are missing and this runs as root with apt-get, they
 # are installed first (scripts/install-components.sh); otherwise the tests that need them say so
 # loudly and skip — except under CI=true, where a missing component fails the run.
@@ -13,7 +13,7 @@ case ":${PATH}:" in
 esac
 
 missing=()
-for bin in prometheus-pushgateway rotel-agent haproxy systemd-socket-activate h2load; do
+for bin in prometheus prometheus-pushgateway rotel-agent haproxy systemd-socket-activate h2load; do
   command -v "$bin" >/dev/null || missing+=("$bin")
 done
 if ((${#missing[@]})); then

@@ -140,6 +140,11 @@
 //!   servers' listening sockets at file descriptors 3, 4, … and `LISTEN_FDS`, `LISTEN_FDNAMES`,
 //!   `FINALE_LISTEN_PARENT` in its environment) and waits for it. In a successor, the passed
 //!   sockets are taken at [`Builder::build`]. See [`upgrade`].
+//! - **The metrics endpoint**, only with a built `prometheus::MetricsEndpoint` (feature
+//!   `prometheus`): one thread (`finale-metrics`) with a `current_thread` tokio runtime of its
+//!   own and the listening socket, from `build` until the run's report exists (registered) or
+//!   `close()` or the process's exit. Its final-scrape wait
+//!   runs on a short-lived thread (`finale-final-scrape`).
 //! - **`std::process::exit`** is called by [`ShutdownReport::exit`] and
 //!   [`Finale::run_and_exit`] (by you), by the supervisor on a takeover, on a third signal and on
 //!   a signal after `run()` returned.
@@ -160,6 +165,7 @@
 //! | `axum` | serve an axum `Router` under finale (implies `tower`) |
 //! | `hyper` | serve a hyper / hyper-util service under finale (implies `tower`) |
 //! | `tonic` | serve tonic services under finale, tonic-health included (implies `tower`) |
+//! | `prometheus` | the last scrape: a metrics endpoint on finale's own thread that outlives the drain, and a Telemetry stage that waits for a scrape of the final values (`finale::prometheus`) |
 //! | `pushgateway` | final push to a Prometheus Pushgateway from metrics-exporter-prometheus |
 //! | `pushgateway-tls` | the Pushgateway over `https://`: rustls with the ring provider (no global provider), webpki-roots, a custom CA, client certificates (implies `pushgateway`) |
 //! | `pushgateway-gzip` | gzip-compressed Pushgateway pushes (`PushgatewayBuilder::gzip`; Pushgateway 1.5.0 or later), flate2's pure-Rust backend (implies `pushgateway`) |
@@ -252,6 +258,9 @@ pub use crate::telemetry::otlp;
 #[cfg(feature = "pushgateway")]
 #[cfg_attr(docsrs, doc(cfg(feature = "pushgateway")))]
 pub use crate::telemetry::pushgateway;
+#[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
+pub use crate::telemetry::scrape as prometheus;
 
 #[cfg(all(feature = "systemd", unix))]
 #[cfg_attr(docsrs, doc(cfg(feature = "systemd")))]
@@ -273,8 +282,9 @@ pub use crate::phase::Phase;
 pub use crate::platform::{DEFAULT_TERMINATION_LOG, TERMINATION_MESSAGE_MAX, TerminationLog};
 pub use crate::report::names;
 pub use crate::report::{
-    Counts, Delivery, DeliveryPolicy, EntryKind, EntryReport, ExitCodes, Items, Outcome,
-    PhaseOutcome, PhaseReport, Reason, ShutdownReport, ShutdownStatus,
+    Counts, Delivery, DeliveryPolicy, EntryKind, EntryReport, ExitCodes, FinalScrape, Items,
+    Outcome, PhaseOutcome, PhaseReport, Reason, ScrapeOutcome, ScrapeSeen, ShutdownReport,
+    ShutdownStatus,
 };
 pub use crate::run::builder::Builder;
 pub use crate::run::finale::Finale;

@@ -9,7 +9,7 @@
 //!
 //! | stage | order | may use of what is left |
 //! |---|---|---|
-//! | metrics (Pushgateway, OTLP metrics) | [`ORDER_METRICS`] | 1/2 |
+//! | metrics (Pushgateway, OTLP metrics, the final scrape) | [`ORDER_METRICS`] | 1/2 |
 //! | traces and logs (OTLP) | [`ORDER_TRACES_LOGS`] | 3/4 |
 //! | the log file (tracing-appender) | [`ORDER_LOG_WRITER`] | all of it |
 //!
@@ -43,7 +43,7 @@ use crate::hook::HookContext;
 ///
 /// | stage | order | hooks | may use of what is left when it starts |
 /// |---|---|---|---|
-/// | metrics | [`ORDER_METRICS`] (0) | `pushgateway`, `otlp-metrics` | 1/2 |
+/// | metrics | [`ORDER_METRICS`] (0) | `pushgateway`, `otlp-metrics`, `final-scrape` | 1/2 |
 /// | traces and logs | [`ORDER_TRACES_LOGS`] (100) | `otlp-traces`, `otlp-logs` | 3/4 |
 /// | log file | [`ORDER_LOG_WRITER`] (200) | `log-writer` | all of it |
 ///

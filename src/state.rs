@@ -21,7 +21,9 @@ use crate::config::{Budget, ConfigError};
 use crate::hook::{Hook, HookError};
 use crate::phase::Phase;
 use crate::report::names::Recorder;
-use crate::report::{Delivery, DeliveryPolicy, ExitCodes, Reason, ShutdownReport, Tallied, Tally};
+use crate::report::{
+    Delivery, DeliveryPolicy, ExitCodes, FinalScrape, Reason, ShutdownReport, Tallied, Tally,
+};
 use crate::slot::Share;
 use crate::track::{Health, InFlight, InFlightTracker, StopToken};
 
@@ -187,6 +189,9 @@ pub(crate) struct EmergencyStage {
 /// A telemetry stage's name and what the supervisor's delivery of it said.
 pub(crate) type StageOutcome = (Cow<'static, str>, Result<(), String>);
 
+/// Reads a final-scrape stage's line for the report: `None` until the stage ran.
+pub(crate) type FinalScrapeReader = Box<dyn Fn() -> Option<FinalScrape> + Send + Sync>;
+
 /// What the platform learns of the service's life (systemd's notify socket, Kubernetes'
 /// termination message): told at each moment, on the thread where it happens. Implementations
 /// never block for long, never panic and never print.
@@ -255,6 +260,8 @@ pub(crate) struct Shared {
     emergency: Mutex<Vec<EmergencyStage>>,
     /// The telemetry stages that count what they deliver, each read at the trigger.
     tallies: Mutex<Vec<Tallied>>,
+    /// The final-scrape stages' lines for the report, each read at the end of the sequence.
+    final_scrapes: Mutex<Vec<FinalScrapeReader>>,
     /// Which lost telemetry makes the run not delivered; set by the builder.
     pub(crate) delivery_policy: DeliveryPolicy,
     /// Recorders of finale's own metrics besides the facade (the OTLP meter provider's).
@@ -290,6 +297,7 @@ impl Shared {
             registry: Mutex::new(Some(Registry::default())),
             emergency: Mutex::new(Vec::new()),
             tallies: Mutex::new(Vec::new()),
+            final_scrapes: Mutex::new(Vec::new()),
             delivery_policy: DeliveryPolicy::default(),
             sinks: Mutex::new(Vec::new()),
             observers: Vec::new(),
@@ -483,6 +491,20 @@ impl Shared {
         let at_trigger = reason.as_ref().map(|_| tally.counts());
         lock(&self.tallies).push(Tallied { tally, at_trigger });
         drop(reason);
+    }
+
+    /// Adds a final-scrape stage's line to the report.
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
+    pub(crate) fn add_final_scrape(&self, reader: FinalScrapeReader) {
+        lock(&self.final_scrapes).push(reader);
+    }
+
+    /// The final-scrape stages' lines, of those that ran.
+    pub(crate) fn final_scrapes(&self) -> Vec<FinalScrape> {
+        lock(&self.final_scrapes)
+            .iter()
+            .filter_map(|r| r())
+            .collect()
     }
 
     /// What every counting stage delivered so far, split at the trigger.

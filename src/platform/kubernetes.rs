@@ -41,7 +41,9 @@
 //! was cut at a deadline, each telemetry stage that lost something (`delivery=otlp-traces
 //! items=spans run_exported=488 run_failed=512 run_unconfirmed=0 run_dropped=0
 //! exit_exported=12 exit_failed=0 exit_unconfirmed=0 exit_dropped=0`, see
-//! [`Delivery`](crate::Delivery)), and the three slowest entries that
+//! [`Delivery`](crate::Delivery)), each final scrape (`scrape=final-scrape
+//! outcome=scraped waited=0.4120s at=0.9050s peer=10.0.0.7:51234 agent=Prometheus/2.42.0
+//! samples=143`, or `why=…` when the stage did not wait), and the three slowest entries that
 //! completed, as many as fit. When
 //! something did not fit, the last line is `omitted entries=N cut=M`. Long values (a reason, an
 //! error, a name) are shortened at a character boundary and end in `…`. `status` is the
@@ -374,6 +376,28 @@ pub(crate) fn message(report: &ShutdownReport, max: usize) -> String {
         }
         push(&mut out, line);
     }
+    // The final scrape: when it came and who made it, or why the stage did not wait.
+    for f in &report.final_scrapes {
+        let mut line = String::from("scrape=");
+        line.push_str(&quote(&shorten(&f.stage, NAME_MAX)));
+        kv(&mut line, "outcome", f.outcome.as_str());
+        kv(&mut line, "waited", &seconds(f.waited));
+        if let Some(first) = f.scrapes.first() {
+            kv(&mut line, "at", &seconds(first.at));
+            kv(&mut line, "peer", &first.peer.to_string());
+            if let Some(agent) = &first.user_agent {
+                kv(&mut line, "agent", &shorten(agent, VALUE_MAX));
+            }
+            kv(&mut line, "samples", &first.samples.to_string());
+        } else {
+            kv(
+                &mut line,
+                "why",
+                &shorten(&f.outcome.to_string(), VALUE_MAX),
+            );
+        }
+        push(&mut out, line);
+    }
     let mut completed: Vec<(Phase, &EntryReport)> = entries()
         .filter(|(_, e)| e.outcome.is_completed())
         .collect();
@@ -472,6 +496,42 @@ fn bool_str(b: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_termination_message_has_a_line_per_final_scrape() {
+        use crate::report::{DeliveryPolicy, ExitCodes, Reason, ShutdownStatus};
+        let mut report = ShutdownReport {
+            reason: Reason::Requested("test".into()),
+            phases: Vec::new(),
+            in_flight_at_drain_start: 0,
+            last_request_after_announce: None,
+            last_probe_after_announce: None,
+            requests_rejected: 0,
+            requests_panicked: 0,
+            cut: Vec::new(),
+            upgrades_failed: Vec::new(),
+            escalated: false,
+            total: Duration::from_secs(1),
+            over_budget: false,
+            delivery: Vec::new(),
+            final_scrapes: crate::report::scrape::samples(),
+            status: ShutdownStatus::Clean,
+            exit_code: 0,
+        };
+        report.classify(&ExitCodes::default(), DeliveryPolicy::default());
+        let m = message(&report, crate::platform::TERMINATION_MESSAGE_MAX);
+        assert!(
+            m.contains(
+                "scrape=final-scrape outcome=scraped waited=0.4120s at=0.9050s \
+                 peer=10.0.0.7:51234 agent=Prometheus/2.42.0 samples=143"
+            ),
+            "{m}"
+        );
+        assert!(
+            m.contains("scrape=second outcome=too_late waited=0.0000s why=\"did not wait: "),
+            "{m}"
+        );
+    }
 
     #[test]
     fn termination_log_env_values() {

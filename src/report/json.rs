@@ -9,8 +9,8 @@ use serde::ser::{Serialize, SerializeMap, SerializeStruct, Serializer};
 
 use super::names::reason_label;
 use super::{
-    Counts, Delivery, EntryKind, EntryReport, Outcome, PhaseOutcome, PhaseReport, Reason,
-    ShutdownReport, ShutdownStatus,
+    Counts, Delivery, EntryKind, EntryReport, FinalScrape, Outcome, PhaseOutcome, PhaseReport,
+    Reason, ScrapeOutcome, ScrapeSeen, ShutdownReport, ShutdownStatus,
 };
 use crate::phase::Phase;
 use crate::signal::Signal;
@@ -44,7 +44,13 @@ impl ShutdownReport {
     ///   `escalated`, `skipped`.
     /// - `delivery`: one object per telemetry stage that counts, `{"stage", "items", "run",
     ///   "at_exit"}`, `items` one of `spans`, `log_records`, `metric_points`, `log_lines`,
-    ///   `samples`, `other`, and `run` and `at_exit` each `{"exported", "failed", "unconfirmed", "dropped"}`.
+    ///   `samples`, `other`, and `run` and `at_exit` each `{"exported", "failed", "unconfirmed",
+    ///   "dropped"}`.
+    /// - `final_scrapes`: one object per final-scrape stage (feature `prometheus`), `{"stage",
+    ///   "outcome", "why", "waited_seconds", "scrapes"}`, `outcome` one of `scraped`,
+    ///   `no_scraper_seen`, `interval_unknown`, `too_late` (with `predicted_seconds` and
+    ///   `deadline_seconds`), `missed` (with `waiting_for`); each scrape `{"at_seconds",
+    ///   "duration_seconds", "peer", "user_agent", "samples"}`.
     /// - every duration in seconds, as a floating-point number.
     ///
     /// The same shape comes from `serde_json::to_string(&report)` or any other `serde` format.
@@ -96,6 +102,50 @@ impl Serialize for ShutdownReport {
         r.serialize_field("upgrades_failed", &self.upgrades_failed)?;
         r.serialize_field("phases", &self.phases)?;
         r.serialize_field("delivery", &self.delivery)?;
+        r.serialize_field("final_scrapes", &self.final_scrapes)?;
+        r.end()
+    }
+}
+
+/// `{"stage": "final-scrape", "outcome": "scraped", "why": "...", "waited_seconds": 0.4,
+/// "scrapes": [{"at_seconds", "duration_seconds", "peer", "user_agent", "samples"}]}`; a
+/// `too_late` outcome also has `predicted_seconds` and `deadline_seconds`, a `missed` one
+/// `waiting_for`.
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl Serialize for FinalScrape {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut r = s.serialize_map(None)?;
+        r.serialize_entry("stage", &*self.stage)?;
+        r.serialize_entry("outcome", self.outcome.as_str())?;
+        r.serialize_entry("why", &self.outcome.to_string())?;
+        match &self.outcome {
+            ScrapeOutcome::TooLate {
+                predicted,
+                deadline,
+            } => {
+                r.serialize_entry("predicted_seconds", &predicted.as_secs_f64())?;
+                r.serialize_entry("deadline_seconds", &deadline.as_secs_f64())?;
+            }
+            ScrapeOutcome::Missed { waiting_for } => {
+                r.serialize_entry("waiting_for", waiting_for)?;
+            }
+            _ => {}
+        }
+        r.serialize_entry("waited_seconds", &self.waited.as_secs_f64())?;
+        r.serialize_entry("scrapes", &self.scrapes)?;
+        r.end()
+    }
+}
+
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+impl Serialize for ScrapeSeen {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut r = s.serialize_struct("ScrapeSeen", 5)?;
+        r.serialize_field("at_seconds", &self.at.as_secs_f64())?;
+        r.serialize_field("duration_seconds", &self.duration.as_secs_f64())?;
+        r.serialize_field("peer", &self.peer.to_string())?;
+        r.serialize_field("user_agent", &self.user_agent)?;
+        r.serialize_field("samples", &self.samples)?;
         r.end()
     }
 }
@@ -302,6 +352,7 @@ mod tests {
                 run: Counts::new(488, 512, 0),
                 at_exit: Counts::new(12, 0, 3),
             }],
+            final_scrapes: Vec::new(),
             escalated: false,
             total: Duration::from_millis(1500),
             over_budget: false,
@@ -343,6 +394,35 @@ mod tests {
         assert_eq!(spans["run"]["failed"], 512);
         assert_eq!(spans["at_exit"]["exported"], 12);
         assert_eq!(spans["at_exit"]["dropped"], 3);
+    }
+
+    #[test]
+    fn report_json_and_display_carry_the_final_scrape() {
+        let mut report = report();
+        report.final_scrapes = crate::report::scrape::samples();
+        let json: Value = serde_json::from_str(&report.to_json()).unwrap();
+        let came = &json["final_scrapes"][0];
+        assert_eq!(came["stage"], "final-scrape");
+        assert_eq!(came["outcome"], "scraped");
+        assert_eq!(came["waited_seconds"], 0.412);
+        assert_eq!(came["scrapes"][0]["at_seconds"], 0.905);
+        assert_eq!(came["scrapes"][0]["peer"], "10.0.0.7:51234");
+        assert_eq!(came["scrapes"][0]["user_agent"], "Prometheus/2.42.0");
+        assert_eq!(came["scrapes"][0]["samples"], 143);
+        let late = &json["final_scrapes"][1];
+        assert_eq!(late["outcome"], "too_late");
+        assert_eq!(late["predicted_seconds"], 14.0);
+        assert_eq!(late["deadline_seconds"], 2.4);
+        assert!(late["why"].as_str().unwrap().contains("did not wait"));
+        let text = report.to_string();
+        assert!(
+            text.contains(
+                "\n  scrape     final-scrape: scraped, waited 412.0ms; first at 0.905s by \
+             10.0.0.7:51234 (Prometheus/2.42.0), 143 samples in 2.0ms"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("second: did not wait: the next scrape would end 14.000s"));
     }
 
     #[test]

@@ -4,6 +4,7 @@ mod delivery;
 #[cfg(feature = "serde")]
 mod json;
 mod outcome;
+pub(crate) mod scrape;
 mod status;
 
 pub mod names;
@@ -16,6 +17,7 @@ use crate::phase::Phase;
 pub use self::delivery::{Counts, Delivery, DeliveryPolicy, Items};
 pub(crate) use self::delivery::{Tallied, Tally};
 pub use self::outcome::{EntryKind, EntryReport, Outcome, PhaseOutcome, PhaseReport, Reason};
+pub use self::scrape::{FinalScrape, ScrapeOutcome, ScrapeSeen};
 pub use self::status::{ExitCodes, ShutdownStatus};
 
 /// What happened during one run: why it stopped, what every phase, hook and task did, and how
@@ -74,6 +76,10 @@ pub struct ShutdownReport {
     /// [`TelemetryNotDelivered`](ShutdownStatus::TelemetryNotDelivered) is the
     /// [`DeliveryPolicy`]'s choice.
     pub delivery: Vec<Delivery>,
+    /// What each final-scrape stage did (feature `prometheus`'s
+    /// [`MetricsEndpoint`](crate::prometheus::MetricsEndpoint)): when the final scrape came and
+    /// who made it, or why the stage did not wait. Empty without one.
+    pub final_scrapes: Vec<FinalScrape>,
     /// The ending's class.
     pub status: ShutdownStatus,
     /// The process exit code for [`status`](ShutdownReport::status), after the user's mapping.
@@ -279,6 +285,9 @@ impl fmt::Display for ShutdownReport {
                 d.at_exit
             )?;
         }
+        for s in &self.final_scrapes {
+            write!(f, "\n  scrape     {s}")?;
+        }
         Ok(())
     }
 }
@@ -304,6 +313,7 @@ mod tests {
             requests_panicked: 0,
             cut: Vec::new(),
             upgrades_failed: Vec::new(),
+            final_scrapes: Vec::new(),
             delivery: Vec::new(),
             escalated: false,
             total: Duration::from_millis(500),

@@ -140,6 +140,7 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
         total: before_telemetry,
         over_budget: false,
         delivery: Vec::new(),
+        final_scrapes: Vec::new(),
         status: ShutdownStatus::Clean,
         exit_code: 0,
     };
@@ -185,6 +186,7 @@ fn finish(shared: &Shared, report: &mut ShutdownReport, total: Duration) {
     report.requests_panicked = shared.in_flight.panicked();
     report.cut.extend(shared.take_cut());
     report.delivery = shared.delivery();
+    report.final_scrapes = shared.final_scrapes();
     report.classify(&shared.exit_codes, shared.delivery_policy);
     shared.set_state(State::Finished);
 }
@@ -418,6 +420,7 @@ pub(crate) fn without_timers(
         total: Duration::ZERO,
         over_budget: false,
         delivery: Vec::new(),
+        final_scrapes: Vec::new(),
         status: ShutdownStatus::Clean,
         exit_code: 0,
     };

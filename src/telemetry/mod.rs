@@ -8,6 +8,7 @@
 //! | `pushgateway/` | the final push to a Prometheus Pushgateway; `transport.rs`: TCP, TLS, errors |
 //! | `otlp.rs` | the OpenTelemetry providers' flush and shutdown |
 //! | `appender.rs` | the tracing-appender writer, released last |
+//! | `scrape/` | the last scrape: a metrics endpoint on finale's own thread, the final-scrape stage |
 //! | `sink.rs` | the user's own stages ([`Sink`](crate::Sink)), on the same machinery |
 
 pub(crate) mod sink;
@@ -19,3 +20,5 @@ pub mod appender;
 pub mod otlp;
 #[cfg(feature = "pushgateway")]
 pub mod pushgateway;
+#[cfg(feature = "prometheus")]
+pub mod scrape;

@@ -1151,3 +1151,143 @@ pub(crate) fn full_service(
         .stderr(Stdio::piped());
     cmd
 }
+
+// ---------------------------------------------------------------------------
+// Prometheus server
+// ---------------------------------------------------------------------------
+
+/// Binary of the Debian package `prometheus`.
+pub(crate) const PROMETHEUS_BIN: &str = "prometheus";
+
+/// A Prometheus server on a free loopback port, scraping `targets` (job `svc`) every
+/// `interval`, with its own TSDB in its temp dir; killed by PID on drop.
+#[derive(Debug)]
+pub(crate) struct Prometheus {
+    proc: Proc,
+    port: u16,
+}
+
+impl Prometheus {
+    /// Starts Prometheus with a generated config and waits until `/-/ready` answers 200.
+    ///
+    /// `None` (after a loud message) if the binary is missing outside CI; panics under CI or
+    /// if it does not come up.
+    pub(crate) fn start(targets: &[SocketAddr], interval: Duration) -> Option<Prometheus> {
+        if !require(PROMETHEUS_BIN) {
+            return None;
+        }
+        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let ms = interval.as_millis();
+        let config = format!(
+            "global:\n  scrape_interval: {ms}ms\n  scrape_timeout: {}ms\n\
+             scrape_configs:\n  - job_name: svc\n    static_configs:\n      - targets: [{}]\n",
+            (ms / 2).max(100),
+            targets.join(", ")
+        );
+        let (proc, ports) = start_with_retries(
+            PROMETHEUS_BIN,
+            "prometheus",
+            1,
+            |ports, dir| {
+                let file = dir.join("prometheus.yml");
+                fs::write(&file, &config).expect("write prometheus.yml");
+                vec![
+                    format!("--config.file={}", file.display()),
+                    format!("--storage.tsdb.path={}", dir.join("data").display()),
+                    format!("--web.listen-address=127.0.0.1:{}", ports[0]),
+                    "--log.level=warn".to_owned(),
+                ]
+            },
+            |ports| {
+                http_request(
+                    "GET",
+                    &format!("http://127.0.0.1:{}/-/ready", ports[0]),
+                    &[],
+                    &[],
+                )
+                .is_ok_and(|r| r.status == 200)
+            },
+        );
+        Some(Prometheus {
+            proc,
+            port: ports[0],
+        })
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:PORT`.
+    pub(crate) fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The first value of an instant query, `None` for an empty result.
+    pub(crate) fn query(&self, promql: &str) -> Option<f64> {
+        let url = format!("{}/api/v1/query?query={}", self.url(), url_encode(promql));
+        let r = http_request("GET", &url, &[], &[]).ok()?;
+        let json: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+        json["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Every series of an instant query, as `(labels, value)`.
+    pub(crate) fn query_all(&self, promql: &str) -> Vec<(serde_json::Value, f64)> {
+        let url = format!("{}/api/v1/query?query={}", self.url(), url_encode(promql));
+        let Ok(r) = http_request("GET", &url, &[], &[]) else {
+            return Vec::new();
+        };
+        let json: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        json["data"]["result"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| {
+                        let v = s["value"][1].as_str()?.parse().ok()?;
+                        Some((s["metric"].clone(), v))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// How many scrapes of job `svc` succeeded so far (`up == 1` samples in the last 10 m).
+    pub(crate) fn successful_scrapes(&self) -> u64 {
+        self.query("sum_over_time(up{job=\"svc\"}[10m])")
+            .map_or(0, |v| v as u64)
+    }
+
+    /// Whether a scrape of job `svc` has failed (the target went away): every scrape before it
+    /// has been stored.
+    pub(crate) fn saw_target_down(&self) -> bool {
+        self.query("min_over_time(up{job=\"svc\"}[10m])") == Some(0.0)
+    }
+
+    /// The scrape's start of the last scrape of `target`, from `/api/v1/targets`.
+    pub(crate) fn last_scrape(&self) -> Option<String> {
+        let r = http_request("GET", &format!("{}/api/v1/targets", self.url()), &[], &[]).ok()?;
+        let json: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+        json["data"]["activeTargets"][0]["lastScrape"]
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
+    pub(crate) fn diagnostics(&self) -> String {
+        self.proc.diagnostics()
+    }
+}
+
+/// Percent-encodes a query parameter's value.
+pub(crate) fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}

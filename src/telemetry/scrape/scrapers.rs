@@ -1,0 +1,314 @@
+//! What the endpoint learns of its scrapers: who scrapes, how often, at which phase, and which
+//! scrapes were answered in full. The server writes it, the final-scrape stage waits on it.
+//!
+//! # Who is one scraper
+//!
+//! A scraper is first a keep-alive connection (Prometheus keeps one per target), so two
+//! Prometheus servers on one host with the same version stay apart. A new connection from the
+//! address and `User-Agent` of a scraper whose connection has closed continues that scraper
+//! (Prometheus reconnected), so its interval and phase are not lost.
+//!
+//! # The prediction
+//!
+//! Prometheus scrapes a target at a fixed offset within its interval, so the next scrape starts
+//! at `last + k × interval`, the interval being the median of the gaps between the last scrapes
+//! seen (or the declared one before two scrapes were seen). It ends one scrape duration (the
+//! last one seen) later.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::state::lock;
+
+/// Gaps kept per scraper to learn its interval.
+const GAPS: usize = 5;
+/// Scrapers remembered; past this, a closed one seen least recently makes room. Open
+/// connections are never forgotten (each is a file descriptor the process holds anyway).
+const SCRAPERS: usize = 64;
+/// Answered scrapes kept for the stage to read.
+const ANSWERED: usize = 64;
+
+/// A request the server read: one scrape.
+#[derive(Clone, Debug)]
+pub(crate) struct Request {
+    pub(crate) conn: u64,
+    pub(crate) peer: SocketAddr,
+    pub(crate) user_agent: Option<String>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) at: Instant,
+}
+
+/// A scrape answered in full.
+#[derive(Clone, Debug)]
+pub(crate) struct Answered {
+    pub(crate) scraper: usize,
+    pub(crate) peer: SocketAddr,
+    pub(crate) user_agent: Option<String>,
+    pub(crate) started: Instant,
+    pub(crate) ended: Instant,
+    pub(crate) samples: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Scraper {
+    ip: IpAddr,
+    pub(crate) peer: SocketAddr,
+    pub(crate) user_agent: Option<String>,
+    conn: Option<u64>,
+    starts: VecDeque<Instant>,
+    last_duration: Duration,
+    timeout: Option<Duration>,
+}
+
+impl Scraper {
+    /// `peer (user agent)`, for the report.
+    pub(crate) fn label(&self) -> String {
+        format!(
+            "{} ({})",
+            self.peer,
+            self.user_agent.as_deref().unwrap_or("no user agent")
+        )
+    }
+
+    /// The median gap between its last scrapes, if it was seen twice.
+    pub(crate) fn interval(&self) -> Option<Duration> {
+        let mut gaps: Vec<Duration> = self
+            .starts
+            .iter()
+            .zip(self.starts.iter().skip(1))
+            .map(|(a, b)| b.saturating_duration_since(*a))
+            .filter(|g| !g.is_zero())
+            .collect();
+        if gaps.is_empty() {
+            return None;
+        }
+        gaps.sort_unstable();
+        Some(gaps[gaps.len() / 2])
+    }
+
+    pub(crate) fn last_start(&self) -> Option<Instant> {
+        self.starts.back().copied()
+    }
+
+    /// Whether it scraped recently at `now`: within two intervals and its timeout.
+    pub(crate) fn is_recent(&self, now: Instant, interval: Duration) -> bool {
+        self.last_start().is_some_and(|last| {
+            now.saturating_duration_since(last)
+                <= interval * 2 + self.timeout.unwrap_or(Duration::ZERO)
+        })
+    }
+
+    /// When its first scrape that starts after `after` should have been answered.
+    pub(crate) fn next_end(&self, after: Instant, interval: Duration) -> Option<Instant> {
+        let last = self.last_start()?;
+        if interval.is_zero() {
+            return None;
+        }
+        let since = after.saturating_duration_since(last);
+        let k = since.as_nanos() / interval.as_nanos() + 1;
+        let k = u32::try_from(k).ok()?;
+        Some(last + interval.checked_mul(k)? + self.last_duration)
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Seen {
+    pub(crate) scrapers: Vec<Scraper>,
+    pub(crate) answered: VecDeque<Answered>,
+}
+
+/// The model, shared by the server's connections and the stage.
+#[derive(Debug, Default)]
+pub(crate) struct Scrapers {
+    seen: Mutex<Seen>,
+    changed: Condvar,
+}
+
+impl Scrapers {
+    /// A scrape arrived; returns its scraper's index.
+    pub(crate) fn started(&self, req: &Request) -> usize {
+        let mut seen = lock(&self.seen);
+        let index = seen
+            .scrapers
+            .iter()
+            .position(|s| s.conn == Some(req.conn))
+            .or_else(|| {
+                seen.scrapers.iter().position(|s| {
+                    s.conn.is_none() && s.ip == req.peer.ip() && s.user_agent == req.user_agent
+                })
+            });
+        let index = match index {
+            Some(i) => i,
+            None => {
+                let fresh = Scraper {
+                    ip: req.peer.ip(),
+                    peer: req.peer,
+                    user_agent: req.user_agent.clone(),
+                    conn: None,
+                    starts: VecDeque::with_capacity(GAPS + 1),
+                    last_duration: Duration::ZERO,
+                    timeout: None,
+                };
+                // Bounded: past `SCRAPERS`, the closed scraper seen least recently makes room
+                // (curl sessions, probes). Its slot is reused, so an answered scrape of the old
+                // one could count for the new one only if the old one had scraped after the
+                // Telemetry phase began, and it was then no longer the least recent.
+                let reuse = (seen.scrapers.len() >= SCRAPERS)
+                    .then(|| {
+                        seen.scrapers
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, s)| s.conn.is_none())
+                            .min_by_key(|(_, s)| s.last_start())
+                            .map(|(i, _)| i)
+                    })
+                    .flatten();
+                match reuse {
+                    Some(i) => {
+                        seen.scrapers[i] = fresh;
+                        i
+                    }
+                    None => {
+                        seen.scrapers.push(fresh);
+                        seen.scrapers.len() - 1
+                    }
+                }
+            }
+        };
+        let s = &mut seen.scrapers[index];
+        s.conn = Some(req.conn);
+        s.peer = req.peer;
+        s.timeout = req.timeout.or(s.timeout);
+        if s.starts.len() > GAPS {
+            s.starts.pop_front();
+        }
+        s.starts.push_back(req.at);
+        index
+    }
+
+    /// The scrape `req` of scraper `index` was written in full at `ended`.
+    pub(crate) fn answered(&self, index: usize, req: &Request, ended: Instant, samples: u64) {
+        let mut seen = lock(&self.seen);
+        if let Some(s) = seen.scrapers.get_mut(index) {
+            s.last_duration = ended.saturating_duration_since(req.at);
+        }
+        if seen.answered.len() == ANSWERED {
+            seen.answered.pop_front();
+        }
+        seen.answered.push_back(Answered {
+            scraper: index,
+            peer: req.peer,
+            user_agent: req.user_agent.clone(),
+            started: req.at,
+            ended,
+            samples,
+        });
+        drop(seen);
+        self.changed.notify_all();
+    }
+
+    /// Connection `conn` closed.
+    pub(crate) fn closed(&self, conn: u64) {
+        let mut seen = lock(&self.seen);
+        for s in seen.scrapers.iter_mut().filter(|s| s.conn == Some(conn)) {
+            s.conn = None;
+        }
+    }
+
+    /// Reads the model.
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Seen) -> T) -> T {
+        f(&lock(&self.seen))
+    }
+
+    /// Blocks until `done` holds or `deadline` passes; returns what `done` returned last.
+    pub(crate) fn wait_until<T>(
+        &self,
+        deadline: Instant,
+        mut done: impl FnMut(&Seen) -> Option<T>,
+    ) -> Result<T, ()> {
+        let mut seen = lock(&self.seen);
+        loop {
+            if let Some(value) = done(&seen) {
+                return Ok(value);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(());
+            }
+            seen = self
+                .changed
+                .wait_timeout(seen, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(conn: u64, port: u16, ua: &str, at: Instant) -> Request {
+        Request {
+            conn,
+            peer: SocketAddr::from(([127, 0, 0, 1], port)),
+            user_agent: Some(ua.to_owned()),
+            timeout: Some(Duration::from_millis(500)),
+            at,
+        }
+    }
+
+    #[test]
+    fn learns_interval_and_phase_and_predicts_the_next_scrape() {
+        let model = Scrapers::default();
+        let t = Instant::now();
+        let s = Duration::from_secs(1);
+        for k in 0..4 {
+            let r = req(1, 5000, "Prometheus/2.42.0", t + s * k);
+            let i = model.started(&r);
+            model.answered(i, &r, r.at + Duration::from_millis(3), 10);
+        }
+        model.read(|seen| {
+            assert_eq!(seen.scrapers.len(), 1);
+            let sc = &seen.scrapers[0];
+            assert_eq!(sc.interval(), Some(s));
+            // The trigger 300 ms after the last scrape: the next starts 700 ms later.
+            let next = sc.next_end(t + s * 3 + Duration::from_millis(300), s);
+            assert_eq!(next, Some(t + s * 4 + Duration::from_millis(3)));
+            // Long after: the phase holds.
+            let next = sc.next_end(t + s * 10 + Duration::from_millis(999), s);
+            assert_eq!(next, Some(t + s * 11 + Duration::from_millis(3)));
+        });
+    }
+
+    #[test]
+    fn two_scrapers_on_one_host_stay_apart_and_a_reconnect_continues_one() {
+        let model = Scrapers::default();
+        let t = Instant::now();
+        let a = model.started(&req(1, 5000, "Prometheus/2.42.0", t));
+        let b = model.started(&req(2, 5001, "Prometheus/2.42.0", t));
+        assert_ne!(a, b);
+        model.closed(1);
+        let again = model.started(&req(
+            3,
+            5002,
+            "Prometheus/2.42.0",
+            t + Duration::from_secs(1),
+        ));
+        assert_eq!(again, a);
+        model.read(|seen| assert_eq!(seen.scrapers.len(), 2));
+    }
+
+    #[test]
+    fn one_off_clients_do_not_grow_the_model_without_bound() {
+        let model = Scrapers::default();
+        let t = Instant::now();
+        for conn in 0..1000u64 {
+            model.started(&req(conn, 6000, &format!("curl/{conn}"), t));
+            model.closed(conn);
+        }
+        model.read(|seen| assert_eq!(seen.scrapers.len(), SCRAPERS));
+    }
+}
