@@ -134,14 +134,17 @@ where
 
 /// A named async function that runs once, in one [`Phase`], when the shutdown sequence reaches it.
 ///
-/// Hooks of one phase and one [`order`](Hook::order) run concurrently with each other. In the
-/// [`Workers`](Phase::Workers) phase, hooks run after the phase's tasks have been told to stop
-/// and have ended (or been abandoned at their own [`timeout`](crate::Task::timeout)), so that a
-/// cleanup hook (closing a pool) never races a worker's last write; a hook that must run
-/// alongside the tasks says so with [`alongside_tasks`](Hook::alongside_tasks). A task that
-/// never stops holds the hooks until the phase's deadline, where they are abandoned with it:
-/// give a task that may hang its own [`timeout`](crate::Task::timeout), so the hooks keep the
-/// rest of the phase. In the other phases hooks run concurrently with the phase's tasks.
+/// A phase's [tasks](crate::Task) are told to stop when it starts and are awaited from then on.
+/// Its hooks run in order groups: hooks of one [`order`](Hook::order) run concurrently with each
+/// other, and a group starts once the group of the next lower order has ended. In the
+/// [`Workers`](Phase::Workers) phase, hooks run after the phase's tasks have ended (or been
+/// abandoned at their own [`timeout`](crate::Task::timeout)), so that a cleanup hook (closing a
+/// pool) never races a worker's last write; a hook that must run alongside the tasks says so
+/// with [`alongside_tasks`](Hook::alongside_tasks). A task that never stops holds the hooks
+/// until the phase's deadline, where they are abandoned with it: give a task that may hang its
+/// own [`timeout`](crate::Task::timeout), so the hooks keep the rest of the phase. In the other
+/// phases every order group runs while the phase's tasks stop: a hook of any order may help
+/// them stop, and the phase ends once its hooks and its tasks have all ended.
 ///
 /// A hook that errors, panics (before or after it returns its future) or overruns is recorded in
 /// the report and abandoned; the others and the later phases still run. A hook that blocks its
@@ -219,7 +222,8 @@ impl Hook {
     /// after them. This matters in the [`Workers`](Phase::Workers) phase only, where hooks
     /// otherwise wait until every task of the phase has ended: use it for a hook that helps the
     /// tasks stop (closing a queue they wait on), never for one that closes what they still use.
-    /// Such hooks keep their [`order`](Hook::order) among themselves.
+    /// Such hooks keep their [`order`](Hook::order) among themselves, and every one of their
+    /// groups runs while the tasks stop, whatever its order.
     #[must_use]
     pub fn alongside_tasks(mut self) -> Self {
         self.alongside_tasks = true;

@@ -246,6 +246,106 @@ async fn a_hook_alongside_tasks_runs_while_they_stop() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_hook_alongside_tasks_with_a_later_order_still_runs_while_they_stop() {
+    let finale = builder().build().unwrap();
+    // The worker stops only once the hook has run: a hook of order 1 that waited for the
+    // tasks (order 0) would leave both waiting until the phase's deadline.
+    let (tx, rx) = oneshot::channel::<()>();
+    finale
+        .spawn(Task::worker("consumer", move |ctx| async move {
+            ctx.stopped().await;
+            rx.await.unwrap();
+        }))
+        .unwrap();
+    finale
+        .hook(
+            Hook::new(Phase::Workers, "close-queue", move |_| async move {
+                tx.send(()).unwrap();
+            })
+            .alongside_tasks()
+            .order(1),
+        )
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_hook_of_a_later_order_runs_while_the_drain_tasks_stop() {
+    let finale = builder().build().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    finale
+        .spawn(
+            Task::worker("stream", move |ctx| async move {
+                ctx.stopped().await;
+                rx.await.unwrap();
+            })
+            .stop_in(Phase::Drain),
+        )
+        .unwrap();
+    finale
+        .hook(
+            Hook::new(Phase::Drain, "end-streams", move |_| async move {
+                tx.send(()).unwrap();
+            })
+            .order(1),
+        )
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    assert_eq!(
+        report.phase(Phase::Drain).unwrap().duration,
+        Duration::ZERO,
+        "{report}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_report_lists_a_phases_tasks_first_then_its_hooks_group_by_group() {
+    let finale = builder().build().unwrap();
+    let hook = |name: &'static str| Hook::new(Phase::Workers, name, |_| async {});
+    finale.hook(hook("cleanup")).unwrap();
+    finale
+        .hook(hook("helper-late").alongside_tasks().order(1))
+        .unwrap();
+    finale
+        .spawn(Task::worker("first-task", |ctx| async move {
+            ctx.stopped().await
+        }))
+        .unwrap();
+    finale.hook(hook("helper").alongside_tasks()).unwrap();
+    finale
+        .spawn(Task::worker("second-task", |ctx| async move {
+            ctx.stopped().await
+        }))
+        .unwrap();
+    finale.hook(hook("cleanup-early").order(-1)).unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    let names: Vec<&str> = report
+        .phase(Phase::Workers)
+        .unwrap()
+        .entries
+        .iter()
+        .map(|e| &*e.name)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "first-task",
+            "second-task",
+            "helper",
+            "helper-late",
+            "cleanup-early",
+            "cleanup"
+        ],
+        "{report}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_hanging_drain_is_abandoned_at_its_deadline() {
     let finale = builder()
         .drain_timeout(Duration::from_secs(3))

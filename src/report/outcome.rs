@@ -197,6 +197,8 @@ pub struct PhaseReport {
     pub outcome: PhaseOutcome,
     /// How long it ran.
     pub duration: Duration,
-    /// Its hooks, tasks and waits, in registration order.
+    /// Its tasks first (they stop from the phase's start), in registration order; then its
+    /// hooks and finale's own waits, in the order their groups ran: registration order within
+    /// a group, finale's own waits last.
     pub entries: Vec<EntryReport>,
 }

@@ -29,7 +29,7 @@ pub(crate) struct Entry {
     name: Cow<'static, str>,
     kind: EntryKind,
     /// Runs after the phase's tasks have ended (a Workers hook, unless
-    /// [`Hook::alongside_tasks`]): sorts before `order`.
+    /// [`Hook::alongside_tasks`]): sorts before `order`. Tasks themselves are in no group.
     after_tasks: bool,
     order: i32,
     timeout: Option<Duration>,
@@ -152,10 +152,25 @@ pub(crate) struct PhaseRun {
     pub(crate) entries: Vec<EntryReport>,
 }
 
-/// Runs `entries`, grouped by order (each group concurrently, the groups in sequence), until
-/// they are done, `deadline` passes or a second signal says otherwise. Hooks that run after the
-/// tasks (the Workers phase's, by default) form groups of their own after every other entry's.
-/// The report lists the entries in the order they ran (registration order within a group).
+/// One step of a phase: an order group of hooks and waits, or the wait for the phase's tasks.
+#[derive(Clone, Copy)]
+enum Step<'a> {
+    Group(&'a [(Key, usize)]),
+    Tasks,
+}
+
+/// Sorts a phase's hooks and waits: those that run alongside the tasks before those that run
+/// after them, then by order.
+type Key = (bool, i32);
+
+/// Runs `entries` until they are done, `deadline` passes or a second signal says otherwise.
+///
+/// The phase's tasks were told to stop when it started, and are awaited from its start; its
+/// hooks and finale's own waits run grouped by order (each group concurrently, the groups in
+/// sequence), alongside the tasks. Hooks that run after the tasks (the Workers phase's, by
+/// default) form groups of their own once the tasks have ended, and the others' groups too.
+/// The report lists the tasks first (registration order), then the hooks and waits in the
+/// order their groups ran (registration order within a group, finale's own waits last).
 pub(crate) async fn run_phase(
     shared: &Arc<Shared>,
     phase: Phase,
@@ -173,43 +188,73 @@ pub(crate) async fn run_phase(
             OnEscalate::Shorten(d) => deadline = deadline.min(Instant::now() + d),
         }
     }
+    let is_task = |e: &Entry| e.kind == EntryKind::Task;
+    let task_idx: Vec<usize> = (0..entries.len())
+        .filter(|&i| is_task(&entries[i]))
+        .collect();
     // Stable: registration order within a group, and in the report.
-    let mut order: Vec<((bool, i32), usize)> = entries
-        .iter()
-        .map(|e| (e.after_tasks, e.order))
-        .zip(0..)
+    let mut order: Vec<(Key, usize)> = (0..entries.len())
+        .filter(|&i| !is_task(&entries[i]))
+        .map(|i| ((entries[i].after_tasks, entries[i].order), i))
         .collect();
     order.sort_by_key(|&(key, _)| key);
-    let groups = if outcome == PhaseOutcome::Completed {
-        order.as_slice()
+    let (alongside, after) = order.split_at(order.partition_point(|&((after, _), _)| !after));
+    let same_group = |a: &(Key, usize), b: &(Key, usize)| a.0 == b.0;
+    let steps: Vec<Step<'_>> = if outcome == PhaseOutcome::Completed {
+        alongside
+            .chunk_by(same_group)
+            .map(Step::Group)
+            .chain([Step::Tasks])
+            .chain(after.chunk_by(same_group).map(Step::Group))
+            .collect()
     } else {
-        &[]
+        Vec::new()
     };
-    'groups: for group in groups.chunk_by(|a, b| a.0 == b.0) {
-        // Dropping the set (when the phase gives up) aborts what still runs in it.
+    // Dropping a set (when the phase gives up) aborts what still runs in it.
+    let mut tasks = JoinSet::new();
+    if !steps.is_empty() {
+        for &idx in &task_idx {
+            start_entry(&mut tasks, idx, &mut entries[idx], phase, deadline, span);
+        }
+    }
+    'steps: for step in steps {
         let mut set = JoinSet::new();
-        for &(_, idx) in group {
-            start_entry(&mut set, idx, &mut entries[idx], phase, deadline, span);
+        if let Step::Group(group) = step {
+            for &(_, idx) in group {
+                start_entry(&mut set, idx, &mut entries[idx], phase, deadline, span);
+            }
         }
         loop {
+            let done = match step {
+                Step::Group(_) => set.is_empty(),
+                Step::Tasks => tasks.is_empty(),
+            };
+            if done {
+                break;
+            }
             tokio::select! {
                 biased;
-                joined = set.join_next() => match joined {
-                    None => break,
-                    Some(Ok((idx, ended))) => entries[idx].ended = Some(ended),
-                    // Only aborted wrappers fail to join; their entry is abandoned below.
-                    Some(Err(_)) => {}
-                },
+                // Only aborted wrappers fail to join; their entry is abandoned below.
+                Some(joined) = set.join_next(), if !set.is_empty() => {
+                    if let Ok((idx, ended)) = joined {
+                        entries[idx].ended = Some(ended);
+                    }
+                }
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Ok((idx, ended)) = joined {
+                        entries[idx].ended = Some(ended);
+                    }
+                }
                 () = sleep_until(deadline) => {
                     outcome = PhaseOutcome::DeadlineReached;
-                    break 'groups;
+                    break 'steps;
                 }
                 () = shared.life.escalated.cancelled(), if !escalation_seen => {
                     escalation_seen = true;
                     match on_escalate {
                         OnEscalate::Abandon => {
                             outcome = PhaseOutcome::Escalated;
-                            break 'groups;
+                            break 'steps;
                         }
                         OnEscalate::Shorten(d) => deadline = deadline.min(Instant::now() + d),
                     }
@@ -217,6 +262,7 @@ pub(crate) async fn run_phase(
             }
         }
     }
+    drop(tasks);
     // Entries still running, and those of later groups that never started, are abandoned.
     for entry in &mut entries {
         entry.abandon();
@@ -228,11 +274,12 @@ pub(crate) async fn run_phase(
     {
         outcome = PhaseOutcome::DeadlineReached;
     }
-    // In the order they ran.
+    // The tasks, then the groups in the order they ran.
     let mut entries: Vec<Option<Entry>> = entries.into_iter().map(Some).collect();
-    let entries = order
+    let entries = task_idx
         .iter()
-        .filter_map(|&(_, idx)| entries[idx].take())
+        .chain(order.iter().map(|(_, idx)| idx))
+        .filter_map(|&idx| entries[idx].take())
         .map(|e| e.report(Some(phase)))
         .collect();
     PhaseRun { outcome, entries }
