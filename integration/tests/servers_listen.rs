@@ -107,6 +107,29 @@ async fn a_host_port_string_is_bound_and_its_address_readable_before_run() {
     assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
 
+/// The `main` of the README's servers section and of `Listening`'s example, with `run()` for
+/// `run_and_exit()`: the exit code the process would end with, or the error `main` returns
+/// (exit code 1, no report).
+async fn documented_main(finale: Finale, bind: String) -> Result<i32, Box<dyn std::error::Error>> {
+    let listening = finale::axum::serve(&finale, "http", bind, app())?;
+    // A bind error is the run's to report: `run()` ends the start with exit code 3.
+    if let Ok(addr) = listening.local_addr().await {
+        tracing::info!("listening on {addr}");
+    }
+    Ok(finale.run().await.exit_code)
+}
+
+#[tokio::test]
+async fn the_documented_main_exits_with_the_startup_failure_code_on_a_port_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bind = taken.local_addr().unwrap().to_string();
+    let finale = builder().build().unwrap();
+    let code = tokio::time::timeout(BOUND, documented_main(finale, bind))
+        .await
+        .unwrap();
+    assert_eq!(code.map_err(|e| e.to_string()), Ok(3));
+}
+
 #[tokio::test]
 async fn a_port_in_use_given_as_a_string_fails_the_start_with_a_typed_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -113,9 +113,11 @@ type Slot = Option<Result<LocalAddr, BindError>>;
 ///     let app = axum::Router::new();
 ///     let bind = std::env::var("BIND_ADDRESS").unwrap_or_else(|_| "localhost:3031".into());
 ///     let listening = finale::axum::serve(&finale, "http", bind, app)?;
-///     // After the bind, not before it; port 0 resolved.
-///     let addr = listening.local_addr().await?;
-///     tracing::info!("listening on {addr}");
+///     // After the bind, not before it; port 0 resolved. Not `?`: a bind error is `run`'s to
+///     // report, with exit code 3 (returned from `main`, it would exit 1 with no report).
+///     if let Ok(addr) = listening.local_addr().await {
+///         tracing::info!("listening on {addr}");
+///     }
 ///     finale.run_and_exit().await
 /// }
 /// # #[cfg(not(feature = "axum"))]
