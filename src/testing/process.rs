@@ -112,7 +112,8 @@ enum Stream {
     Stderr,
 }
 
-/// Reads `pipe` line by line into `tx` on a thread of its own, until it closes.
+/// Reads `pipe` line by line into `tx` on a thread of its own, until it closes; bytes that are
+/// not UTF-8 become U+FFFD.
 fn read_lines(
     stream: Stream,
     pipe: impl io::Read + Send + 'static,
@@ -125,8 +126,24 @@ fn read_lines(
     std::thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if tx.send((stream, plain(&line))).is_err() {
+            // Bytes, decoded lossily: a line that is not UTF-8 must not stop the reader, which
+            // would close the pipe (the child's next write fails) and lose every later line.
+            let mut pipe = BufReader::new(pipe);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match pipe.read_until(b'\n', &mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+                let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if tx
+                    .send((stream, plain(&String::from_utf8_lossy(line))))
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -410,24 +427,36 @@ impl Exit {
     }
 
     /// The last [`ShutdownReport`](crate::ShutdownReport) the child wrote with its `Display`
-    /// (`eprintln!("{report}")` or `println!`): the line starting with `finale: shutdown after`
-    /// and its indented lines. Empty if there is none.
+    /// to stderr (`eprintln!("{report}")`) or, if stderr has none, to stdout (`println!`):
+    /// the line starting with
+    /// `finale: shutdown after` and the indented lines that follow it on the same stream, so
+    /// lines the other stream wrote meanwhile do not cut it short. Empty if there is none.
     pub fn report(&self) -> String {
-        let mut report = Vec::new();
-        let mut inside = false;
-        for line in self.output.lines() {
-            if line.starts_with("finale: shutdown after") {
-                report.clear();
-                inside = true;
-                report.push(line);
-            } else if inside && line.starts_with("  ") {
-                report.push(line);
-            } else {
-                inside = false;
-            }
+        let report = last_report(&self.stderr);
+        if report.is_empty() {
+            last_report(&self.stdout)
+        } else {
+            report
         }
-        report.join("\n")
     }
+}
+
+/// The last report in one stream's lines.
+fn last_report(stream: &str) -> String {
+    let mut report = Vec::new();
+    let mut inside = false;
+    for line in stream.lines() {
+        if line.starts_with("finale: shutdown after") {
+            report.clear();
+            inside = true;
+            report.push(line);
+        } else if inside && line.starts_with("  ") {
+            report.push(line);
+        } else {
+            inside = false;
+        }
+    }
+    report.join("\n")
 }
 
 /// "exit code 0 after 12ms", "killed by signal 9 after 3s", "still running after 30s".
@@ -601,6 +630,50 @@ mod tests {
         assert_eq!(exit.stdout, "INFO started: ready\ndone");
         assert_eq!(exit.stderr, "warm");
         assert!(exit.output().contains("warm"), "{}", exit.output());
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_read_lossily_and_the_lines_after_it_too() {
+        // Printed with `printf '%b'` octal escapes: 0xff is never valid UTF-8.
+        let mut child = Process::spawn(sh("printf 'bad \\377 byte\\n'; echo after; \
+             printf 'err \\377\\n' >&2; echo 'later' >&2; echo ready >&2; \
+             echo last; echo 'last err' >&2"))
+        .unwrap();
+        child.wait_for("ready", Duration::from_secs(10));
+        let exit = child.wait_exit(Duration::from_secs(10));
+        assert_eq!(exit.code(), Some(0), "{exit}: {}", exit.output());
+        assert_eq!(exit.stdout, "bad \u{fffd} byte\nafter\nlast");
+        assert_eq!(exit.stderr, "err \u{fffd}\nlater\nready\nlast err");
+    }
+
+    #[test]
+    fn the_report_is_read_from_its_stream_whatever_the_other_wrote_between() {
+        let header = "finale: shutdown after signal SIGTERM: clean, exit code 0, 1.0ms";
+        let exit = Exit {
+            status: None,
+            elapsed: Duration::ZERO,
+            stdout: "INFO a log line".to_owned(),
+            stderr: format!("{header}\n  announce   completed\n  drain      completed"),
+            // The two pipes read in this order.
+            output: format!(
+                "{header}\nINFO a log line\n  announce   completed\n  drain      completed"
+            ),
+        };
+        assert_eq!(
+            exit.report(),
+            format!("{header}\n  announce   completed\n  drain      completed")
+        );
+        // A report printed to stdout is found there.
+        let exit = Exit {
+            stdout: exit.stderr.clone(),
+            stderr: "WARN something".to_owned(),
+            ..exit
+        };
+        assert!(
+            exit.report().ends_with("drain      completed"),
+            "{}",
+            exit.report()
+        );
     }
 
     #[test]
