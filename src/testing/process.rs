@@ -428,9 +428,9 @@ impl Exit {
 
     /// The last [`ShutdownReport`](crate::ShutdownReport) the child wrote with its `Display`
     /// to stderr (`eprintln!("{report}")`) or, if stderr has none, to stdout (`println!`):
-    /// the line starting with
-    /// `finale: shutdown after` and the indented lines that follow it on the same stream, so
-    /// lines the other stream wrote meanwhile do not cut it short. Empty if there is none.
+    /// the line starting with `finale: shutdown after` and the indented lines that follow it
+    /// on the same stream, so lines the other stream wrote meanwhile do not cut it short.
+    /// Empty if there is none.
     pub fn report(&self) -> String {
         let report = last_report(&self.stderr);
         if report.is_empty() {
