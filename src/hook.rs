@@ -142,7 +142,10 @@ where
 /// pool) never races a worker's last write; a hook that must run alongside the tasks says so
 /// with [`alongside_tasks`](Hook::alongside_tasks). A task that never stops holds the hooks
 /// until the phase's deadline, where they are abandoned with it: give a task that may hang its
-/// own [`timeout`](crate::Task::timeout), so the hooks keep the rest of the phase. In the other
+/// own [`timeout`](crate::Task::timeout), so the hooks keep the rest of the phase. A second
+/// signal gives up on the phase at once: cleanup hooks still waiting for the tasks never start
+/// (reported [`Abandoned`](crate::Outcome::Abandoned)), since the operator asked to stop now.
+/// In the other
 /// phases every order group runs while the phase's tasks stop: a hook of any order may help
 /// them stop, and the phase ends once its hooks and its tasks have all ended.
 ///

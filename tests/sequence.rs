@@ -549,6 +549,44 @@ async fn escalation_abandons_the_drain_and_flushes_with_the_short_budget() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn escalation_while_workers_wait_for_their_tasks_abandons_the_cleanup_hooks() {
+    let finale = builder().build().unwrap();
+    let (stopping_tx, stopping_rx) = oneshot::channel();
+    finale
+        .spawn(Task::worker("stubborn", move |ctx| async move {
+            ctx.stopped().await;
+            stopping_tx.send(()).unwrap();
+            std::future::pending::<()>().await
+        }))
+        .unwrap();
+    let ran = Arc::new(Mutex::new(false));
+    let ran_in_hook = ran.clone();
+    finale
+        .hook(Hook::new(Phase::Workers, "close-db", move |_| async move {
+            *ran_in_hook.lock().unwrap() = true;
+        }))
+        .unwrap();
+    let handle = finale.handle();
+    let run = tokio::spawn(finale.run());
+    handle.trigger("first");
+    stopping_rx.await.unwrap();
+    assert!(handle.escalate());
+    let report = run.await.unwrap();
+    assert_eq!(
+        report.phase(Phase::Workers).unwrap().outcome,
+        PhaseOutcome::Escalated
+    );
+    assert_eq!(
+        report.entry("stubborn").unwrap().outcome,
+        Outcome::Abandoned
+    );
+    let cleanup = report.entry("close-db").unwrap();
+    assert_eq!(cleanup.outcome, Outcome::Abandoned, "{report}");
+    assert_eq!(cleanup.duration, Duration::ZERO);
+    assert!(!*ran.lock().unwrap(), "the cleanup hook never starts");
+}
+
+#[tokio::test(start_paused = true)]
 async fn escalation_during_telemetry_shortens_it() {
     let finale = builder()
         .escalation_budget(Duration::from_secs(1))

@@ -130,6 +130,33 @@ async fn the_documented_main_exits_with_the_startup_failure_code_on_a_port_in_us
     assert_eq!(code.map_err(|e| e.to_string()), Ok(3));
 }
 
+#[test]
+fn a_server_stopped_before_it_bound_says_so() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    // `block_on` returns on the block's first poll: the server's task never runs.
+    let (finale, listening) = first.block_on(async {
+        let finale = builder().build().unwrap();
+        let listening = finale::axum::serve(&finale, "http", "127.0.0.1:0", app()).unwrap();
+        (finale, listening)
+    });
+    // The runtime drops the task, and with it the server's side of the `Listening`.
+    drop(first);
+    drop(finale);
+    let error = runtime()
+        .block_on(async { tokio::time::timeout(BOUND, listening.local_addr()).await })
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Interrupted, "{error}");
+    assert_eq!(error.server(), "http");
+    assert_eq!(error.address(), "(not bound)");
+}
+
 #[tokio::test]
 async fn a_port_in_use_given_as_a_string_fails_the_start_with_a_typed_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

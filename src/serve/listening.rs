@@ -37,7 +37,9 @@ impl BindError {
         &self.server
     }
 
-    /// The address as it was given (`"localhost:3031"`, `"[::1]:8080"`, `unix:/run/app.sock`).
+    /// The address as it was given (`"localhost:3031"`, `"[::1]:8080"`, `unix:/run/app.sock`);
+    /// `"(not bound)"` when [`Listening::local_addr`] finds the server stopped before it bound
+    /// (the error's kind is then [`Interrupted`](io::ErrorKind::Interrupted)).
     pub fn address(&self) -> &str {
         &self.address
     }

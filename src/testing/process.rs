@@ -93,8 +93,10 @@ const LAST_LINES: Duration = Duration::from_secs(2);
 /// }
 /// ```
 ///
-/// `tests/binary_service.rs` in finale's own repository does exactly this with the
-/// `axum_service` example, which is a binary-only service.
+/// `tests/binary_service.rs` in finale's own repository follows this pattern with the
+/// `axum_service` example, a binary-only service; since an example is not a `[[bin]]`, cargo
+/// sets no `CARGO_BIN_EXE_` variable for it, and the test finds its path with a helper of its
+/// own instead.
 pub struct Process {
     label: String,
     child: Child,

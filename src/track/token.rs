@@ -90,7 +90,8 @@ impl StopToken {
     /// Each call returns a [child](tokio_util::sync::CancellationToken::child_token) of one
     /// token shared by every clone of this `StopToken`: cancelling what you were given
     /// cancels it and its own children, never this token or another caller's. No task is
-    /// spawned; the link costs one allocation, made on the first call.
+    /// spawned. The shared token is allocated on the first call; each call allocates the child
+    /// it returns (tokio-util's tree node).
     ///
     /// # Examples
     ///
