@@ -145,9 +145,8 @@ where
 /// own [`timeout`](crate::Task::timeout), so the hooks keep the rest of the phase. A second
 /// signal gives up on the phase at once: cleanup hooks still waiting for the tasks never start
 /// (reported [`Abandoned`](crate::Outcome::Abandoned)), since the operator asked to stop now.
-/// In the other
-/// phases every order group runs while the phase's tasks stop: a hook of any order may help
-/// them stop, and the phase ends once its hooks and its tasks have all ended.
+/// In the other phases every order group runs while the phase's tasks stop: a hook of any order
+/// may help them stop, and the phase ends once its hooks and its tasks have all ended.
 ///
 /// A hook that errors, panics (before or after it returns its future) or overruns is recorded in
 /// the report and abandoned; the others and the later phases still run. A hook that blocks its
