@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Checks the compatibility table (README.md and the crate docs in src/lib.rs) against the
 versions Cargo.lock resolves for finale and for the integration package (what the tests build
-against). Fails when a listed version is not the one resolved, when the two tables differ, or
-when a crate the table lists is not a dependency.
+against). Fails when a listed version is not the one resolved, when the two tables differ, when
+a crate the table lists is not a dependency, or when a crate of PUBLIC_API has no row.
 
 Usage: python3 scripts/check-compat.py   (from anywhere in the repository)
 """
@@ -16,6 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- compat:start -->", "<!-- compat:end -->"
 # The packages whose resolved dependencies must match: the library, and the tests.
 PACKAGES = ["finale", "finale-integration"]
+# The crates whose types appear in finale's public API: each must have a row, so that a row
+# dropped (or a crate added to the API without one) fails. Keep in step with the API: a new
+# public signature naming another crate's type adds its crate here and to the table.
+PUBLIC_API = [
+    "tokio", "metrics", "tower", "http", "http-body", "bytes", "hyper", "hyper-util", "axum",
+    "tonic", "tonic-health", "rustls", "metrics-exporter-prometheus", "opentelemetry",
+    "opentelemetry_sdk", "opentelemetry-http", "tracing-appender", "tokio-util", "serde",
+]
 
 
 def table(path: Path, prefix: str = "") -> dict[str, str]:
@@ -85,6 +93,9 @@ def main() -> int:
                 )
         if not found:
             errors.append(f"{crate}: listed, but no dependency of {' or '.join(PACKAGES)}")
+    for crate in PUBLIC_API:
+        if crate not in readme:
+            errors.append(f"{crate}: its types appear in finale's public API, but it has no row")
     for e in errors:
         print(f"compatibility table: {e}", file=sys.stderr)
     if not errors:

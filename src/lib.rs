@@ -193,6 +193,8 @@
 //! | `metrics` | 0.24 | (core) | the facade finale records its own metrics through: your recorder must be built for the same version |
 //! | `tower` | 0.5 | `tower` | `DrainLayer`, `HealthService`, `HttpServer::layer` |
 //! | `http` | 1 | `tower` | requests and responses of the layer and the servers |
+//! | `http-body` | 1 | `tower` | `DrainBody` implements `http_body::Body`; the servers' request and response bodies |
+//! | `bytes` | 1 | `tower` | `Rejection::body` takes `impl Into<Bytes>`; `DrainBody`'s data |
 //! | `hyper` | 1 | `hyper`, `axum`, `tonic` | `finale::hyper::serve` takes a hyper `Service` |
 //! | `hyper-util` | 0.1 | `axum`, `hyper`, `tonic` | `HttpServer::hyper` configures its `auto::Builder` |
 //! | `axum` | 0.8 | `axum` | `finale::axum::serve` takes a `Router` |
@@ -200,8 +202,10 @@
 //! | `rustls` | 0.23 | `tls`, `pushgateway-tls` | `TlsConfig::from_rustls` takes a `ServerConfig` |
 //! | `metrics-exporter-prometheus` | 0.18 | `pushgateway` | `Pushgateway::build` takes a `PrometheusHandle` |
 //! | `opentelemetry`, `opentelemetry_sdk` | 0.33 | `otlp` | `Otlp` takes the SDK's tracer, meter and logger providers |
+//! | `opentelemetry-http` | 0.33 | `otlp-http` | `CountingClient` wraps and implements its `HttpClient` |
 //! | `tracing-appender` | 0.2 | `tracing-appender` | `finale::appender` wraps its `WorkerGuard` |
 //! | `tokio-util` | 0.7 | `tokio-util` | `CancellationToken`, `TaskTracker` |
+//! | `serde` | 1 | `serde` | the report and its parts implement `Serialize` |
 //! <!-- compat:end -->
 //!
 //! ## Minimum supported Rust version
