@@ -78,6 +78,45 @@ async fn a_tracked_task_that_ignores_the_token_is_abandoned_at_the_deadline() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_tracker_awaited_by_a_hook_with_a_timeout_frees_the_cleanup_hooks() {
+    // `track` has no timeout of its own: the pattern its docs give for one.
+    let finale = builder()
+        .workers_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let tracker = TaskTracker::new();
+    tracker.spawn(std::future::pending::<()>());
+    finale
+        .hook(
+            Hook::new(Phase::Workers, "jobs", move |_| async move {
+                tracker.close();
+                tracker.wait().await;
+            })
+            .alongside_tasks()
+            .timeout(Duration::from_secs(1)),
+        )
+        .unwrap();
+    let started = Arc::new(Mutex::new(None));
+    let started_in_hook = started.clone();
+    finale
+        .hook(Hook::new(Phase::Workers, "close-db", move |_| async move {
+            *started_in_hook.lock().unwrap() = Some(tokio::time::Instant::now());
+        }))
+        .unwrap();
+    let t0 = tokio::time::Instant::now();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    assert_eq!(report.entry("jobs").unwrap().outcome, Outcome::TimedOut);
+    assert_eq!(
+        report.entry("close-db").unwrap().outcome,
+        Outcome::Completed,
+        "{report}"
+    );
+    let started = started.lock().unwrap().expect("the cleanup hook ran");
+    assert_eq!(started - t0, Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_cancelled_root_token_requests_the_shutdown() {
     let finale = builder().build().unwrap();
     let root = CancellationToken::new();

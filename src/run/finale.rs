@@ -86,6 +86,12 @@ impl Finale {
     ///
     /// Tasks still running at the phase's deadline are reported abandoned but keep running (a
     /// `TaskTracker` cannot abort them): a tracked task should stop when its token says so.
+    /// `track` has no timeout of its own: a tracked task that ignores its token holds the
+    /// Workers phase's cleanup hooks until the phase's deadline. To bound the wait, register
+    /// the same wait as a hook with a [`timeout`](Hook::timeout):
+    /// `Hook::new(phase, name, move |_| async move { tracker.close(); tracker.wait().await })`
+    /// `.alongside_tasks().timeout(limit)`; the cleanup hooks then start at `limit` at the
+    /// latest.
     ///
     /// # Examples
     ///
