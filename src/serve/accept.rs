@@ -99,8 +99,12 @@ pub const DEFAULT_CUT_MARGIN: Duration = Duration::from_millis(100);
 /// An address is a [`SocketAddr`], `([0, 0, 0, 0], 3000)`, or a `"host:port"` string
 /// (`"localhost:3031"`, `"127.0.0.1:0"`, `"[::1]:8080"`, `"0.0.0.0:3000"`): the string is
 /// resolved and bound in the server's task, trying each address the name resolves to, as
-/// `TcpListener::bind` does. A string that does not resolve, has no port, or whose port is in
-/// use fails the start with a [`BindError`](crate::axum::BindError) naming it (exit code 3).
+/// `TcpListener::bind` does, and listening on the first that binds (one socket, not one per
+/// address). A string that does not resolve, has no port, or whose port is in use on every
+/// address it resolves to fails the start with a [`BindError`](crate::axum::BindError) naming
+/// it (exit code 3). A name resolving to several addresses (`localhost` to `127.0.0.1` and
+/// `::1`) whose port is taken on the first binds the next one: give an IP address to listen on
+/// exactly one, and to fail the start when its port is in use.
 /// A string is never a Unix socket path: use [`Listen::unix`].
 ///
 /// # Examples
