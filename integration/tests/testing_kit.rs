@@ -36,6 +36,19 @@ async fn sigterm_under_load(drain_delay: Duration) {
         .timeout(Duration::from_secs(5))
         .spawn_get(&format!("{base}/work"));
     assert!(load.until_served(300).await, "{}", load.progress());
+    // On a current_thread runtime the 16 clients run in lockstep (their 20 ms sleeps end on the
+    // same tick), so the moment the 300th answer arrives can fall between two rounds with nothing
+    // in flight. The signal comes while requests are in flight, as it does under real load
+    // (checked and sent in the same poll, so no request can end in between).
+    let in_flight = run.handle().in_flight();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while in_flight.count() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no request in flight within 5 s"
+        );
+        tokio::task::yield_now().await;
+    }
     run.sigterm();
     let report = run.report().await;
     let load = load.stop().await;
