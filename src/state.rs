@@ -224,7 +224,22 @@ pub(crate) trait Handover: std::any::Any + Send + Sync + std::fmt::Debug {
     fn succeeded(&self) -> bool;
     /// Whether the listening sockets belong to a successor, or are shared with one starting.
     fn handed_off(&self) -> bool;
+    /// The signal that starts a hand-over instead of the shutdown, if any.
+    fn signal(&self) -> Option<crate::signal::Signal>;
+    /// Starts one hand-over of `shared`'s service, as its signal does; it logs and counts its
+    /// own outcome.
+    fn start(&self, shared: &Arc<Shared>) -> HandoverFuture;
+    /// The Announce phase's wait when the shutdown started while a hand-over was under way:
+    /// stops the successor (most of `patience` for it to go, then it is killed) and resolves
+    /// once no hand-over is under way. `None` when none is.
+    fn abandon(self: Arc<Self>, patience: Duration) -> Option<HandoverFuture>;
 }
+
+/// What [`Handover`] hands back to run: a boxed future, so that the state never names the
+/// upgrade's own types.
+#[cfg_attr(not(all(feature = "upgrade", unix)), allow(dead_code))]
+pub(crate) type HandoverFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
 
 /// Why a registration was refused.
 pub(crate) enum Refused {

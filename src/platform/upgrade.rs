@@ -81,7 +81,7 @@ use command_fds::{CommandFdExt, FdMapping};
 use crate::platform::PARENT_ENV;
 use crate::report::Reason;
 use crate::signal::Signal;
-use crate::state::{Handover, Life, Observer, Shared, lock};
+use crate::state::{Handover, HandoverFuture, Life, Observer, Shared, lock};
 
 /// The variable that carries [`generation`] to a successor.
 pub const GENERATION_ENV: &str = "FINALE_UPGRADE_GENERATION";
@@ -389,6 +389,32 @@ impl Handover for UpgradeState {
 
     fn handed_off(&self) -> bool {
         UpgradeState::handed_off(self)
+    }
+
+    fn signal(&self) -> Option<Signal> {
+        UpgradeState::signal(self)
+    }
+
+    fn start(&self, shared: &Arc<Shared>) -> HandoverFuture {
+        let shared = shared.clone();
+        Box::pin(async move {
+            let _ = run(&shared).await;
+        })
+    }
+
+    fn abandon(self: Arc<Self>, patience: Duration) -> Option<HandoverFuture> {
+        if !self.in_progress() {
+            return None;
+        }
+        Some(Box::pin(async move {
+            tokio::select! {
+                () = self.settled() => {}
+                () = tokio::time::sleep(patience) => {
+                    self.kill_successor();
+                    self.settled().await;
+                }
+            }
+        }))
     }
 }
 

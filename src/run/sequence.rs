@@ -246,25 +246,18 @@ fn with_own_waits(
             // service is to stop, not to be replaced): the sequence waits for that, before the
             // Drain lets go of the sockets the successor holds too.
             #[cfg(all(feature = "upgrade", unix))]
-            if let Some(upgrade) = crate::upgrade::state(shared)
-                && upgrade.in_progress()
+            if let Some(wait) = shared
+                .upgrade
+                .clone()
+                // Most of the Announce timeout for its SIGTERM; then SIGKILL, so that no
+                // orphan outlives this process.
+                .and_then(|upgrade| upgrade.abandon(budget.announce_timeout.mul_f32(0.8)))
             {
-                // Most of the Announce timeout for its SIGTERM; then SIGKILL, so that no orphan
-                // outlives this process.
-                let patience = budget.announce_timeout.mul_f32(0.8);
                 entries.push(Entry::wait(
                     "upgrade abandoned",
                     EntryKind::Upgrade,
                     -1,
-                    Box::pin(async move {
-                        tokio::select! {
-                            () = upgrade.settled() => {}
-                            () = tokio::time::sleep(patience) => {
-                                upgrade.kill_successor();
-                                upgrade.settled().await;
-                            }
-                        }
-                    }),
+                    wait,
                 ));
             }
             let delay = budget.drain_delay;

@@ -194,13 +194,11 @@ impl Supervisor {
     fn on_signal(&self, signal: Signal) {
         #[cfg(all(feature = "upgrade", unix))]
         if let Some(shared) = self.shared.upgrade()
-            && let Some(upgrade) = crate::upgrade::state(&shared)
-            && upgrade.signal() == Some(signal)
+            && let Some(handover) = &shared.upgrade
+            && handover.signal() == Some(signal)
         {
             // On the supervisor's own runtime: the upgrade needs nothing of the user's.
-            tokio::spawn(async move {
-                let _ = crate::upgrade::run(&shared).await;
-            });
+            tokio::spawn(handover.start(&shared));
             return;
         }
         if self.life.finished.is_cancelled() {
