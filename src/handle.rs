@@ -169,23 +169,6 @@ impl Handle {
     pub fn phase_deadline(&self, phase: Phase) -> Option<tokio::time::Instant> {
         self.shared.phase_deadline(phase)
     }
-
-    /// Starts an upgrade, as the upgrade signal does, and waits for its end: the successor
-    /// ready (this process is then shutting down, [`Reason::Upgrade`](crate::Reason::Upgrade)),
-    /// or an [`UpgradeError`](crate::upgrade::UpgradeError) and this process goes on serving.
-    /// See [`finale::upgrade`](crate::upgrade).
-    ///
-    /// # Errors
-    ///
-    /// [`NotEnabled`](crate::upgrade::UpgradeError::NotEnabled) without
-    /// [`Builder::upgrade`](crate::Builder::upgrade), [`InProgress`](crate::upgrade::UpgradeError::InProgress),
-    /// [`ShuttingDown`](crate::upgrade::UpgradeError::ShuttingDown), or how the successor
-    /// failed.
-    #[cfg(all(feature = "upgrade", unix))]
-    #[cfg_attr(docsrs, doc(cfg(feature = "upgrade")))]
-    pub async fn upgrade(&self) -> Result<crate::upgrade::Upgraded, crate::upgrade::UpgradeError> {
-        crate::upgrade::run(&self.shared).await
-    }
 }
 
 impl fmt::Debug for Handle {

@@ -78,10 +78,13 @@ use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt, FdMapping};
 
+use crate::config::ConfigError;
 use crate::platform::PARENT_ENV;
 use crate::report::Reason;
+use crate::run::builder::Install;
 use crate::signal::Signal;
 use crate::state::{Handover, HandoverFuture, Life, Observer, Shared, lock};
+use crate::{Builder, Handle};
 
 /// The variable that carries [`generation`] to a successor.
 pub const GENERATION_ENV: &str = "FINALE_UPGRADE_GENERATION";
@@ -164,6 +167,54 @@ impl Upgrade {
 
     pub(crate) fn ready_timeout_value(&self) -> Duration {
         self.ready_timeout
+    }
+}
+
+impl Install for Upgrade {
+    fn install(self: Box<Self>) -> Result<Arc<dyn Handover>, ConfigError> {
+        let timeout = self.ready_timeout_value();
+        if timeout.is_zero() || timeout > crate::config::MAX_DURATION {
+            return Err(ConfigError::UpgradeReadyTimeout { value: timeout });
+        }
+        Ok(Arc::new(UpgradeState::new(*self)))
+    }
+}
+
+// The upgrade's doors on the builder and the handle: defined here, so that the core never
+// names the upgrade.
+impl Builder {
+    /// Lets the service restart without refusing a connection: on the upgrade signal
+    /// (`SIGUSR2` by default) or [`Handle::upgrade`](crate::Handle::upgrade), it starts its
+    /// successor with its listening sockets and shuts down once the successor is ready. See
+    /// [`finale::upgrade`](self).
+    ///
+    /// # Caveats
+    ///
+    /// Installs a handler for the upgrade signal, and starts a short-lived thread
+    /// (`finale-upgrade`) and a child process per upgrade; see the crate docs, "Threading and
+    /// process-wide effects".
+    #[cfg_attr(docsrs, doc(cfg(feature = "upgrade")))]
+    pub fn upgrade(mut self, upgrade: Upgrade) -> Self {
+        self.handover = Some(Box::new(upgrade));
+        self
+    }
+}
+
+impl Handle {
+    /// Starts an upgrade, as the upgrade signal does, and waits for its end: the successor
+    /// ready (this process is then shutting down, [`Reason::Upgrade`](crate::Reason::Upgrade)),
+    /// or an [`UpgradeError`](UpgradeError) and this process goes on serving.
+    /// See [`finale::upgrade`](self).
+    ///
+    /// # Errors
+    ///
+    /// [`NotEnabled`](UpgradeError::NotEnabled) without
+    /// [`Builder::upgrade`](crate::Builder::upgrade), [`InProgress`](UpgradeError::InProgress),
+    /// [`ShuttingDown`](UpgradeError::ShuttingDown), or how the successor
+    /// failed.
+    #[cfg_attr(docsrs, doc(cfg(feature = "upgrade")))]
+    pub async fn upgrade(&self) -> Result<Upgraded, UpgradeError> {
+        run(&self.shared).await
     }
 }
 

@@ -9,6 +9,8 @@ use crate::report::{DeliveryPolicy, ExitCodes, Reason};
 use crate::run::finale::Finale;
 use crate::run::{global, supervisor};
 use crate::signal::{DEFAULT_SIGNALS, Signal};
+#[cfg(all(feature = "upgrade", unix))]
+use crate::state::Handover;
 use crate::state::Shared;
 
 /// Configures a [`Finale`]. Created by [`Finale::builder`].
@@ -51,8 +53,9 @@ pub struct Builder {
     empty_signals: bool,
     install: bool,
     platform: PlatformSettings,
+    /// Set by [`Builder::upgrade`], which the upgrade defines.
     #[cfg(all(feature = "upgrade", unix))]
-    upgrade: Option<crate::upgrade::Upgrade>,
+    pub(crate) handover: Option<Box<dyn Install>>,
 }
 
 impl Default for Builder {
@@ -70,7 +73,7 @@ impl Default for Builder {
             install: false,
             platform: PlatformSettings::default(),
             #[cfg(all(feature = "upgrade", unix))]
-            upgrade: None,
+            handover: None,
         }
     }
 }
@@ -268,23 +271,6 @@ impl Builder {
         self
     }
 
-    /// Lets the service restart without refusing a connection: on the upgrade signal
-    /// (`SIGUSR2` by default) or [`Handle::upgrade`](crate::Handle::upgrade), it starts its
-    /// successor with its listening sockets and shuts down once the successor is ready. See
-    /// [`finale::upgrade`](crate::upgrade).
-    ///
-    /// # Caveats
-    ///
-    /// Installs a handler for the upgrade signal, and starts a short-lived thread
-    /// (`finale-upgrade`) and a child process per upgrade; see the crate docs, "Threading and
-    /// process-wide effects".
-    #[cfg(all(feature = "upgrade", unix))]
-    #[cfg_attr(docsrs, doc(cfg(feature = "upgrade")))]
-    pub fn upgrade(mut self, upgrade: crate::upgrade::Upgrade) -> Self {
-        self.upgrade = Some(upgrade);
-        self
-    }
-
     /// Resolves and validates the configuration.
     ///
     /// # Errors
@@ -321,18 +307,15 @@ impl Builder {
         #[allow(unused_mut)]
         let mut signals = self.signals.clone();
         #[cfg(all(feature = "upgrade", unix))]
-        if let Some(upgrade) = self.upgrade {
-            let timeout = upgrade.ready_timeout_value();
-            if timeout.is_zero() || timeout > config::MAX_DURATION {
-                return Err(ConfigError::UpgradeReadyTimeout { value: timeout });
-            }
-            if let Some(signal) = upgrade.signal {
+        if let Some(install) = self.handover {
+            let handover = install.install()?;
+            if let Some(signal) = handover.signal() {
                 if signals.contains(&signal) {
                     return Err(ConfigError::UpgradeSignal { signal });
                 }
                 signals.push(signal);
             }
-            shared.upgrade = Some(Arc::new(crate::upgrade::UpgradeState::new(upgrade)));
+            shared.upgrade = Some(handover);
         }
         let shared = Arc::new(shared);
         // Installed first: a second instance fails here, before it has a supervisor that
@@ -352,6 +335,15 @@ impl Builder {
         tracing::debug!(target: "finale", ?budget, ?environment, "configured");
         Ok(finale)
     }
+}
+
+/// A hand-over the builder installs at build (the upgrade, feature `upgrade`, which plugs in
+/// here: the builder never names it): its own settings checked, then turned into the state's
+/// [`Handover`]. The builder adds the hand-over's signal to the ones it listens for.
+#[cfg(all(feature = "upgrade", unix))]
+pub(crate) trait Install: Send + Sync + std::fmt::Debug {
+    /// Checks the hand-over's settings and builds what the state holds.
+    fn install(self: Box<Self>) -> Result<Arc<dyn Handover>, ConfigError>;
 }
 
 impl From<Duration> for DrainDelay {
