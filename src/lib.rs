@@ -227,6 +227,7 @@ mod slot;
 mod state;
 mod task;
 mod telemetry;
+mod termination_log;
 mod track;
 
 #[cfg(any(feature = "tls", feature = "pushgateway-tls"))]
@@ -283,7 +284,7 @@ pub use crate::config::{
 pub use crate::handle::Handle;
 pub use crate::hook::{Hook, HookContext, HookError, HookOutput};
 pub use crate::phase::Phase;
-pub use crate::platform::{DEFAULT_TERMINATION_LOG, TERMINATION_MESSAGE_MAX, TerminationLog};
+pub use crate::platform::TERMINATION_MESSAGE_MAX;
 pub use crate::report::names;
 pub use crate::report::{
     Counts, Delivery, DeliveryPolicy, EntryKind, EntryReport, ExitCodes, FinalScrape, Items,
@@ -298,4 +299,5 @@ pub use crate::slot::{ORDER_LOG_WRITER, ORDER_METRICS, ORDER_TRACES_LOGS};
 pub use crate::state::State;
 pub use crate::task::{Task, TaskContext};
 pub use crate::telemetry::sink::{Sink, SinkContext, SinkCounter};
+pub use crate::termination_log::{DEFAULT_TERMINATION_LOG, TerminationLog};
 pub use crate::track::{Cancelled, Health, InFlight, InFlightGuard, InFlightTracker, StopToken};

@@ -2,9 +2,10 @@
 //! activation (`systemd.rs`, feature `systemd`), Kubernetes' termination message
 //! (`kubernetes.rs`).
 //!
-//! Both plug into the running state as [`Observer`]s, set by the builder before the state is
-//! shared and only when the user asked (the termination message's default is on only on
-//! Kubernetes, where the file is the platform's own channel for it). `state.rs` calls them at
+//! Both plug into the running state as [`Observer`]s, which the builder's settings make
+//! (`PlatformSettings::observers`, defined here) before the state is shared, and only when the
+//! user asked (the termination message's default is on only on Kubernetes, where the file is
+//! the platform's own channel for it). `state.rs` calls them at
 //! each moment of the service's life; nothing here is called on the request path.
 
 pub(crate) mod kubernetes;
@@ -20,39 +21,36 @@ pub(crate) const PARENT_ENV: &str = "FINALE_LISTEN_PARENT";
 use crate::config::Environment;
 use crate::state::Observer;
 
-pub use self::kubernetes::{DEFAULT_TERMINATION_LOG, TERMINATION_MESSAGE_MAX, TerminationLog};
+pub use self::kubernetes::TERMINATION_MESSAGE_MAX;
 
-/// What the builder collected about the platform.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct PlatformSettings {
-    pub(crate) termination_log: TerminationLog,
-    #[cfg(all(feature = "systemd", unix))]
-    pub(crate) systemd_notify: bool,
-}
+use crate::run::builder::PlatformSettings;
 
-/// The observers the settings ask for; reads the platform's environment variables
-/// (`FINALE_TERMINATION_LOG` only when `read_env`).
-pub(crate) fn observers(
-    settings: &PlatformSettings,
-    read_env: bool,
-    environment: Environment,
-) -> Vec<Box<dyn Observer>> {
-    let mut observers: Vec<Box<dyn Observer>> = Vec::new();
-    #[cfg(all(feature = "systemd", unix))]
-    if settings.systemd_notify
-        && let Some(notifier) = systemd::Notifier::from_env()
-    {
-        observers.push(Box::new(notifier));
+impl PlatformSettings {
+    /// The observers the settings ask for; reads the platform's environment variables
+    /// (`FINALE_TERMINATION_LOG` only when `read_env`). The builder calls it at build: defined
+    /// here, so that the builder never names the platform.
+    pub(crate) fn observers(
+        &self,
+        read_env: bool,
+        environment: Environment,
+    ) -> Vec<Box<dyn Observer>> {
+        let mut observers: Vec<Box<dyn Observer>> = Vec::new();
+        #[cfg(all(feature = "systemd", unix))]
+        if self.systemd_notify
+            && let Some(notifier) = systemd::Notifier::from_env()
+        {
+            observers.push(Box::new(notifier));
+        }
+        let env = read_env
+            .then(|| std::env::var(crate::termination_log::TERMINATION_LOG_ENV).ok())
+            .flatten();
+        if let Some(writer) = kubernetes::writer(&self.termination_log, env, environment) {
+            observers.push(Box::new(writer));
+        }
+        #[cfg(all(feature = "upgrade", unix))]
+        if let Some(reporter) = upgrade::ready_reporter() {
+            observers.push(Box::new(reporter));
+        }
+        observers
     }
-    let env = read_env
-        .then(|| std::env::var(kubernetes::TERMINATION_LOG_ENV).ok())
-        .flatten();
-    if let Some(writer) = kubernetes::writer(&settings.termination_log, env, environment) {
-        observers.push(Box::new(writer));
-    }
-    #[cfg(all(feature = "upgrade", unix))]
-    if let Some(reporter) = upgrade::ready_reporter() {
-        observers.push(Box::new(reporter));
-    }
-    observers
 }

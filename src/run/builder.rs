@@ -4,7 +4,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::config::{self, BudgetSettings, ConfigError, DrainDelay, Environment, Misfit};
-use crate::platform::{self, PlatformSettings, TerminationLog};
 use crate::report::{DeliveryPolicy, ExitCodes, Reason};
 use crate::run::finale::Finale;
 use crate::run::{global, supervisor};
@@ -12,6 +11,7 @@ use crate::signal::{DEFAULT_SIGNALS, Signal};
 #[cfg(all(feature = "upgrade", unix))]
 use crate::state::Handover;
 use crate::state::Shared;
+use crate::termination_log::TerminationLog;
 
 /// Configures a [`Finale`]. Created by [`Finale::builder`].
 ///
@@ -303,7 +303,7 @@ impl Builder {
         }
         let mut shared = Shared::new(budget, self.exit_codes);
         shared.delivery_policy = self.delivery_policy;
-        shared.observers = platform::observers(&self.platform, self.read_env, environment);
+        shared.observers = self.platform.observers(self.read_env, environment);
         #[allow(unused_mut)]
         let mut signals = self.signals.clone();
         #[cfg(all(feature = "upgrade", unix))]
@@ -344,6 +344,16 @@ impl Builder {
 pub(crate) trait Install: Send + Sync + std::fmt::Debug {
     /// Checks the hand-over's settings and builds what the state holds.
     fn install(self: Box<Self>) -> Result<Arc<dyn Handover>, ConfigError>;
+}
+
+/// What the builder collected for the platform layer, which turns it into the state's
+/// observers (`PlatformSettings::observers`, defined by the platform: the builder never names
+/// it).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PlatformSettings {
+    pub(crate) termination_log: TerminationLog,
+    #[cfg(all(feature = "systemd", unix))]
+    pub(crate) systemd_notify: bool,
 }
 
 impl From<Duration> for DrainDelay {
