@@ -317,7 +317,11 @@ impl Supervisor {
         };
         let code = self.codes.code(status);
         let (state, stages) = match self.shared.upgrade() {
-            Some(shared) => (Some(shared.state()), shared.take_emergency()),
+            Some(shared) => {
+                // First: an end-of-run message written from now on waits for the supervisor's.
+                shared.observe(|o| o.taking_over(&shared));
+                (Some(shared.state()), shared.take_emergency())
+            }
             None => (None, Vec::new()),
         };
         tracing::error!(
