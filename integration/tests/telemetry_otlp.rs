@@ -217,7 +217,9 @@ async fn spans_a_collector_received_but_never_answered_are_unconfirmed_not_dropp
         "{report}"
     );
     assert!(
-        report.to_string().contains("10 sent with no answer"),
+        report
+            .to_string()
+            .contains("10 handed to the exporter with no answer"),
         "{report}"
     );
 }
@@ -884,4 +886,48 @@ async fn finale_metrics_can_be_kept_out_of_the_meter_provider() {
         "{:?}",
         names(&metrics)
     );
+}
+
+/// An export whose connection is never made (the collector's accept queue is full, so the
+/// kernel drops the SYN: nothing can have arrived) cannot be told apart from one the collector
+/// received and never answered: the exporter's client says neither. Both count as unconfirmed,
+/// which the report words as what is known: handed to the exporter, no answer; never "sent".
+/// (No real collector can be made to hold its accept queue full on demand: a plain listener
+/// that never accepts stands in for one.)
+#[tokio::test(flavor = "current_thread")]
+async fn spans_never_connected_are_reported_as_handed_with_no_answer_not_as_sent() {
+    use std::net::TcpStream;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..1024 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err(),
+        "the accept queue did not fill ({} held)",
+        held.len()
+    );
+    let (tracer, counter) = http_tracer(addr.port(), 10);
+    let finale = finale(Duration::from_secs(3), Duration::from_secs(2));
+    Otlp::new()
+        .tracer_provider(tracer)
+        .span_counter(counter)
+        .finale_metrics(false)
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    let spans = report.delivery(HOOK_TRACES).unwrap().total();
+    assert_eq!((spans.exported, spans.unconfirmed), (0, 10), "{report}");
+    let text = report.to_string();
+    assert!(
+        text.contains("10 handed to the exporter with no answer"),
+        "{report}"
+    );
+    assert!(!text.contains("sent"), "{report}");
+    drop(held);
 }
