@@ -761,12 +761,16 @@ impl Sending {
 
     fn answered(mut self, result: &OTelSdkResult) {
         let c = &self.counter.inner;
-        let to = if result.is_ok() {
-            &c.exported
+        // What the counting client read from this export's answers, at most the batch: a
+        // collector claiming more rejections than the batch held lowers no other batch.
+        let rejected = c.rejected_answer.swap(0, Ordering::AcqRel).min(self.items);
+        if result.is_ok() {
+            c.rejected.fetch_add(rejected, Ordering::Relaxed);
+            c.exported
+                .fetch_add(self.items - rejected, Ordering::Relaxed);
         } else {
-            &c.failed
-        };
-        to.fetch_add(self.items, Ordering::Relaxed);
+            c.failed.fetch_add(self.items, Ordering::Relaxed);
+        }
         self.answered = true;
     }
 }
@@ -907,13 +911,18 @@ pub struct Counter {
 struct CounterInner {
     /// Handed to the processors (only if the counter is one of them).
     handed: AtomicU64,
-    /// Every item of an export that answered `Ok`, the rejected ones of a partial success
-    /// included.
+    /// Items of exports that answered `Ok`, less those the backend rejected in a partial
+    /// success.
     exported: AtomicU64,
     failed: AtomicU64,
     /// Items of exports that answered `Ok` but that the backend rejected (a partial success),
-    /// as the counting HTTP client read them.
+    /// each export's at most its batch.
     rejected: AtomicU64,
+    /// What the counting HTTP client read from the answers of the export in progress, taken
+    /// (and clamped to the batch) when the export returns. The SDK's processors export one
+    /// batch at a time per exporter; an export dropped before it returned leaves what its
+    /// answer rejected to the next one, clamped to that batch.
+    rejected_answer: AtomicU64,
     /// Items of exports waiting for their answer now.
     sending: AtomicU64,
     /// Items of exports dropped before they answered.
@@ -926,11 +935,7 @@ impl Counter {
     /// Items exported so far: in exports that succeeded, less those the backend rejected in a
     /// partial success (as far as it is known: see [`Counted`]).
     pub fn exported(&self) -> u64 {
-        let c = &self.inner;
-        // Rejected items were counted as exported first: read them first, so that the
-        // difference never underflows.
-        let rejected = c.rejected.load(Ordering::Acquire);
-        c.exported.load(Ordering::Acquire).saturating_sub(rejected)
+        self.inner.exported.load(Ordering::Relaxed)
     }
 
     /// Items whose export failed so far, and those a partial success rejected.

@@ -77,12 +77,12 @@ impl<C: HttpClient> HttpClient for CountingClient<C> {
                     response.body(),
                 );
                 if let Some((rejected, message)) = rejected.filter(|(n, _)| *n > 0) {
-                    // Before the exporter returns `Ok` and `Counted` counts the batch as
-                    // exported: `Counter::exported` subtracts these.
+                    // Before the exporter returns and `Counted` counts the batch: it counts
+                    // these (at most the batch) as failed, the rest as exported.
                     self.counter
                         .inner
-                        .rejected
-                        .fetch_add(rejected, Ordering::Release);
+                        .rejected_answer
+                        .fetch_add(rejected, Ordering::AcqRel);
                     tracing::warn!(
                         target: "finale",
                         rejected,
@@ -285,5 +285,68 @@ mod tests {
             rejected(None, Some("application/x-protobuf"), &body).map(|r| r.0),
             Some(5)
         );
+    }
+
+    /// A collector that claims more rejections than the batch held lowers no other batch's
+    /// count: the rejections are clamped per export.
+    #[test]
+    fn rejections_are_clamped_to_their_batch() {
+        use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+        use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+
+        /// Answers `200` with a partial success rejecting 25 items the first time, then `200`
+        /// with an empty body.
+        #[derive(Debug, Default)]
+        struct Claims(AtomicUsize);
+        impl HttpClient for Claims {
+            fn send_bytes<'s, 'f>(
+                &'s self,
+                _: Request<Bytes>,
+            ) -> Pin<Box<dyn Future<Output = Result<Response<Bytes>, HttpError>> + Send + 'f>>
+            where
+                's: 'f,
+                Self: 'f,
+            {
+                let body = if self.0.fetch_add(1, Ordering::Relaxed) == 0 {
+                    vec![0x0a, 0x02, 0x08, 25]
+                } else {
+                    Vec::new()
+                };
+                Box::pin(std::future::ready(Ok(Response::builder()
+                    .status(200)
+                    .header("content-type", "application/x-protobuf")
+                    .body(Bytes::from(body))
+                    .unwrap())))
+            }
+        }
+        #[derive(Debug)]
+        struct Through(Arc<CountingClient<Claims>>);
+        impl SpanExporter for Through {
+            fn export(
+                &self,
+                _: Vec<SpanData>,
+            ) -> impl Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
+                let client = self.0.clone();
+                async move {
+                    let _ = client.send_bytes(Request::new(Bytes::new())).await;
+                    Ok(())
+                }
+            }
+        }
+        let counter = Counter::default();
+        let client = Arc::new(counter.http_client(Claims::default()));
+        let tracer = SdkTracerProvider::builder()
+            .with_simple_exporter(super::super::Counted::with_counter(
+                Through(client),
+                counter.clone(),
+            ))
+            .build();
+        let t = tracer.tracer("test");
+        // One span per export: the first export's answer claims 25 rejected.
+        t.in_span("first", |_| {});
+        t.in_span("second", |_| {});
+        assert_eq!((counter.exported(), counter.failed()), (1, 1));
     }
 }
