@@ -18,9 +18,9 @@
 //! not_delivered=otlp-logs` (the telemetry stages the supervisor delivered, and those it did
 //! not; a list with no stage is left out), written once its delivery ended, its values shortened like the
 //! end-of-run message's, so that it too parses and fits. If the runtime unblocks after the
-//! takeover and `run()` still ends, `run()` waits for the supervisor's line (until the process's
-//! last moment, when the supervisor ends the process) and its message keeps that line as its
-//! last: one message holds both, within the 4 KiB. The two sides compose and write under one
+//! takeover and `run()` still ends, `run()` waits for the supervisor's line (the supervisor ends
+//! the process by its last moment; the wait gives up 500 ms past it) and its message keeps that
+//! line as its last: one message holds both, within the 4 KiB. The two sides compose and write under one
 //! lock, so that neither starts a write while the other's is in progress and the second writes
 //! both. One window stays: a sequence that ends in the instant between the supervisor's last
 //! check and the start of its takeover writes its report alone and returns; if the process then
@@ -274,13 +274,14 @@ impl Observer for Writer {
         both.report = Some(report.clone());
         if both.taking_over {
             // The supervisor is delivering and will write its line, then end the process: wait
-            // for the line (until the process's last moment, when the supervisor exits), so that
-            // one message holds both and `run()` does not return into an exit that could cut
-            // the supervisor's write.
+            // for the line, so that one message holds both and `run()` does not return into an
+            // exit that could cut the supervisor's write. Bounded: the supervisor exits by the
+            // process's last moment (plus its write's floor); past that and `WRITE_WAIT` more,
+            // it is stuck itself and the report is written alone.
             let last = shared
                 .life
                 .trigger()
-                .map(|t0| t0 + shared.budget.total + shared.budget.safety_margin / 2);
+                .map(|t0| t0 + shared.budget.total + shared.budget.safety_margin / 2 + WRITE_WAIT);
             while both.line.is_none() {
                 let left = last.map_or(WRITE_WAIT, |last| {
                     last.saturating_duration_since(std::time::Instant::now())
