@@ -204,6 +204,8 @@ pub(crate) trait Observer: Send + Sync {
     fn phase_started(&self, _shared: &Shared, _phase: Phase) {}
     /// The run ended with `report`, just before `run()` returns it.
     fn finished(&self, _shared: &Shared, _report: &ShutdownReport) {}
+    /// The supervisor starts taking over a wedged shutdown (on its thread, before it delivers).
+    fn taking_over(&self, _shared: &Shared) {}
     /// The supervisor took over a wedged shutdown, delivered what its `stages` could (each
     /// stage's name and outcome), and is about to exit with `code`.
     fn took_over(&self, _shared: &Shared, _why: &str, _code: i32, _stages: &[StageOutcome]) {}

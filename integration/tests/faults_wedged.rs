@@ -169,3 +169,113 @@ fn wedged(protocol: &str) {
          supervisor"
     );
 }
+
+/// The takeover racing a runtime that unblocks right after it: a child process (this test
+/// binary, re-run with `FINALE_RACE_CHILD` set) on a `current_thread` runtime, total 2 s, reserve
+/// 1 s, margin 500 ms (takeover at about 1.25 s); a Workers hook blocks the only thread until
+/// 1.35 s; an OTLP span exporter takes 300 ms, so the supervisor's flush is in flight when the
+/// runtime comes back. The child calls `report.exit()` if `run()` returns. In every run the
+/// termination message is one whole message: it ends with the supervisor's line, and holds the
+/// report too whenever `run()` returned. No real collector: the exporter's delay is what
+/// matters here, and it stands in for one.
+#[test]
+fn a_takeover_racing_an_unblocked_runtime_leaves_one_whole_termination_message() {
+    const RUNS: usize = 12;
+    if let Ok(path) = std::env::var("FINALE_RACE_CHILD") {
+        race_child(&path);
+    }
+    let mut broken = Vec::new();
+    for i in 0..RUNS {
+        let path = std::env::temp_dir().join(format!("finale-race-{}-{i}", std::process::id()));
+        let start = Instant::now();
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_takeover_racing_an_unblocked_runtime_leaves_one_whole_termination_message",
+                "--nocapture",
+            ])
+            .env("FINALE_RACE_CHILD", &path)
+            .output()
+            .unwrap();
+        let elapsed = start.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let message = std::fs::read_to_string(&path).unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        let ended = stderr.contains("RUN-ENDED");
+        let has_report = message.lines().any(|l| l.starts_with("finale status="));
+        let has_line = message
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("finale supervisor=took_over"));
+        eprintln!(
+            "run {i}: {:?} in {elapsed:?}, run() ended: {ended}\n{message}\n---",
+            out.status.code()
+        );
+        if !has_line || (ended && !has_report) || message.len() > 4096 {
+            broken.push(format!(
+                "run {i}: run() ended: {ended}, message:\n{message}"
+            ));
+        }
+        // The bound: total + margin / 2 = 2.25 s after the trigger, plus the process's start.
+        assert!(
+            elapsed < Duration::from_millis(2900),
+            "run {i}: {elapsed:?}"
+        );
+    }
+    assert!(broken.is_empty(), "{}", broken.join("\n=====\n"));
+}
+
+#[derive(Debug)]
+struct SlowExporter;
+
+impl opentelemetry_sdk::trace::SpanExporter for SlowExporter {
+    fn export(
+        &self,
+        _: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> impl Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
+        std::thread::sleep(Duration::from_millis(300));
+        std::future::ready(Ok(()))
+    }
+}
+
+fn race_child(path: &str) -> ! {
+    use finale::otlp::Otlp;
+    use finale::{Environment, Finale, Hook, Phase, TerminationLog};
+    use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let finale = Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .environment(Environment::Local)
+            .total_budget(Duration::from_secs(2))
+            .telemetry_reserve(Duration::from_secs(1))
+            .safety_margin(Duration::from_millis(500))
+            .termination_log(TerminationLog::Path(path.into()))
+            .build()
+            .unwrap();
+        let tracer = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(SlowExporter)
+            .build();
+        tracer.tracer("race").in_span("work", |_| {});
+        Otlp::new()
+            .tracer_provider(tracer)
+            .finale_metrics(false)
+            .register(&finale)
+            .unwrap();
+        let t0 = Instant::now();
+        finale
+            .hook(Hook::new(Phase::Workers, "blocker", move |_| async move {
+                let until = t0 + Duration::from_millis(1350);
+                std::thread::sleep(until.saturating_duration_since(Instant::now()));
+            }))
+            .unwrap();
+        finale.handle().trigger("race");
+        let report = finale.run().await;
+        eprintln!("RUN-ENDED at {:?} code {}", t0.elapsed(), report.exit_code);
+        report.exit()
+    })
+}

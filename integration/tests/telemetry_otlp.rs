@@ -47,6 +47,14 @@ fn blackhole() -> u16 {
 /// partial success, on demand): it reads each HTTP request whole, records its path, and answers
 /// `answer` (status line and protobuf body), or never if `None`.
 fn stand_in(answer: Option<(&'static str, Vec<u8>)>) -> (u16, Arc<Mutex<Vec<String>>>) {
+    stand_in_typed("application/x-protobuf", answer)
+}
+
+/// [`stand_in`], its answers of `Content-Type` `content_type`.
+fn stand_in_typed(
+    content_type: &'static str,
+    answer: Option<(&'static str, Vec<u8>)>,
+) -> (u16, Arc<Mutex<Vec<String>>>) {
     use std::io::{Read, Write};
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -90,7 +98,7 @@ fn stand_in(answer: Option<(&'static str, Vec<u8>)>) -> (u16, Arc<Mutex<Vec<Stri
                         continue; // received, never answered: the connection stays open
                     };
                     let head = format!(
-                        "HTTP/1.1 {status}\r\ncontent-type: application/x-protobuf\r\n\
+                        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\n\
                          content-length: {}\r\n\r\n",
                         body.len()
                     );
@@ -217,7 +225,9 @@ async fn spans_a_collector_received_but_never_answered_are_unconfirmed_not_dropp
         "{report}"
     );
     assert!(
-        report.to_string().contains("10 sent with no answer"),
+        report
+            .to_string()
+            .contains("10 handed to the exporter with no answer"),
         "{report}"
     );
 }
@@ -884,4 +894,91 @@ async fn finale_metrics_can_be_kept_out_of_the_meter_provider() {
         "{:?}",
         names(&metrics)
     );
+}
+
+/// An export whose connection is never made (the collector's accept queue is full, so the
+/// kernel drops the SYN: nothing can have arrived) cannot be told apart from one the collector
+/// received and never answered: the exporter's client says neither. Both count as unconfirmed,
+/// which the report words as what is known: handed to the exporter, no answer; never "sent".
+/// (No real collector can be made to hold its accept queue full on demand: a plain listener
+/// that never accepts stands in for one.)
+#[tokio::test(flavor = "current_thread")]
+async fn spans_never_connected_are_reported_as_handed_with_no_answer_not_as_sent() {
+    use std::net::TcpStream;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..1024 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err(),
+        "the accept queue did not fill ({} held)",
+        held.len()
+    );
+    let (tracer, counter) = http_tracer(addr.port(), 10);
+    let finale = finale(Duration::from_secs(3), Duration::from_secs(2));
+    Otlp::new()
+        .tracer_provider(tracer)
+        .span_counter(counter)
+        .finale_metrics(false)
+        .register(&finale)
+        .unwrap();
+    finale.handle().trigger("test");
+    let report = finale.run().await;
+    let spans = report.delivery(HOOK_TRACES).unwrap().total();
+    assert_eq!((spans.exported, spans.unconfirmed), (0, 10), "{report}");
+    let text = report.to_string();
+    assert!(
+        text.contains("10 handed to the exporter with no answer"),
+        "{report}"
+    );
+    assert!(!text.contains("sent"), "{report}");
+    drop(held);
+}
+
+/// A JSON partial success is read whatever its spelling: a media type in capitals with a
+/// parameter (media types are case-insensitive) and the original snake_case field names (which
+/// proto3 JSON parsers accept): the 10 rejected spans count as failed, not exported.
+#[test]
+fn spans_a_json_partial_success_rejected_are_failed_in_either_spelling() {
+    for (content_type, body) in [
+        (
+            "Application/JSON; charset=utf-8",
+            br#"{"partialSuccess":{"rejectedSpans":"10","errorMessage":"over quota"}}"#.to_vec(),
+        ),
+        (
+            "application/json",
+            br#"{"partial_success":{"rejected_spans":"10","error_message":"over quota"}}"#.to_vec(),
+        ),
+    ] {
+        let (port, seen) = stand_in_typed(content_type, Some(("200 OK", body)));
+        let counter = finale::otlp::Counter::default();
+        let exporter = SpanExporter::builder()
+            .with_http()
+            .with_http_client(counter.http_client(reqwest::blocking::Client::new()))
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(format!("http://127.0.0.1:{port}/v1/traces"))
+            .build()
+            .unwrap();
+        let tracer = SdkTracerProvider::builder()
+            .with_span_processor(counter.clone())
+            .with_batch_exporter(Counted::with_counter(exporter, counter.clone()))
+            .build();
+        let t = tracer.tracer("test");
+        for _ in 0..10 {
+            t.in_span("work", |_| {});
+        }
+        tracer.force_flush().unwrap();
+        let _ = tracer.shutdown();
+        assert_eq!(seen.lock().unwrap().len(), 1, "{content_type}: one export");
+        assert_eq!(
+            (counter.exported(), counter.failed()),
+            (0, 10),
+            "{content_type}"
+        );
+    }
 }

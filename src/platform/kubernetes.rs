@@ -18,8 +18,14 @@
 //! not_delivered=otlp-logs` (the telemetry stages the supervisor delivered, and those it did
 //! not; a list with no stage is left out), written once its delivery ended, its values shortened like the
 //! end-of-run message's, so that it too parses and fits. If the runtime unblocks after the
-//! takeover and `run()` still ends, its message keeps the supervisor's line as its last: one
-//! message holds both, within the 4 KiB.
+//! takeover and `run()` still ends, `run()` waits for the supervisor's line (the supervisor ends
+//! the process by its last moment; the wait gives up 500 ms past it) and its message keeps that
+//! line as its last: one message holds both, within the 4 KiB. The two sides compose and write under one
+//! lock, so that neither starts a write while the other's is in progress and the second writes
+//! both. One window stays: a sequence that ends in the instant between the supervisor's last
+//! check and the start of its takeover writes its report alone and returns; if the process then
+//! exits (say [`ShutdownReport::exit`]) while the supervisor writes its own line, that write
+//! may be cut.
 //!
 //! # The format
 //!
@@ -73,9 +79,25 @@ pub(crate) struct Writer {
     /// An explicit path is created if missing, and a failure is a warning; the automatic one
     /// is only ever the kubelet's file.
     explicit: bool,
-    /// The supervisor's line, once it took over: the end-of-run message, if the sequence still
-    /// gets there, keeps it, so that one message holds both.
-    took_over: std::sync::Mutex<Option<String>>,
+    /// What the message holds so far, and what was written: the end-of-run report and the
+    /// supervisor's line, composed and written under this one lock, so that whichever side
+    /// writes last writes both and no write starts while another is in progress.
+    both: std::sync::Mutex<Both>,
+    /// Signalled when the supervisor's line arrives.
+    line_arrived: std::sync::Condvar,
+}
+
+/// The two sides of one termination message.
+#[derive(Debug, Default)]
+struct Both {
+    /// The end-of-run report, once `run()` ended.
+    report: Option<ShutdownReport>,
+    /// The supervisor's line, once it took over and delivered.
+    line: Option<String>,
+    /// The supervisor started taking over: its line is coming.
+    taking_over: bool,
+    /// The last message written (a write of the same text again is skipped).
+    written: Option<String>,
 }
 
 /// The writer `setting` (or the environment's `env`, which wins) asks for, if any.
@@ -93,7 +115,8 @@ pub(crate) fn writer(
         TerminationLog::Path(path) => Some(Writer {
             path,
             explicit: true,
-            took_over: std::sync::Mutex::default(),
+            both: std::sync::Mutex::default(),
+            line_arrived: std::sync::Condvar::new(),
         }),
         TerminationLog::Auto if environment == Environment::Kubernetes => {
             // The kubelet mounts the file into every container; opening it does not change it.
@@ -101,7 +124,8 @@ pub(crate) fn writer(
                 Ok(_) => Some(Writer {
                     path: PathBuf::from(DEFAULT_TERMINATION_LOG),
                     explicit: false,
-                    took_over: std::sync::Mutex::default(),
+                    both: std::sync::Mutex::default(),
+                    line_arrived: std::sync::Condvar::new(),
                 }),
                 Err(error) => {
                     tracing::debug!(
@@ -179,21 +203,64 @@ impl Writer {
     }
 }
 
-impl Observer for Writer {
-    fn finished(&self, shared: &Shared, report: &ShutdownReport) {
-        let took_over = crate::state::lock(&self.took_over).clone();
-        let text = match took_over {
+impl Writer {
+    /// Writes what `both` holds, unless that text was written already. Called with the lock
+    /// held: the two sides never write at once, and the second sees what the first stored.
+    fn write_both(&self, shared: &Shared, both: &mut Both) {
+        let text = match (&both.report, &both.line) {
             // The runtime unblocked after the takeover and the sequence ended too: its report,
             // then the supervisor's line, in one message that still fits.
-            Some(line) => {
+            (Some(report), Some(line)) => {
                 let mut text = message(report, TERMINATION_MESSAGE_MAX - line.len() - 1);
                 text.push('\n');
-                text.push_str(&line);
+                text.push_str(line);
                 text
             }
-            None => message(report, TERMINATION_MESSAGE_MAX),
+            (Some(report), None) => message(report, TERMINATION_MESSAGE_MAX),
+            (None, Some(line)) => line.clone(),
+            (None, None) => return,
         };
+        if both.written.as_ref() == Some(&text) {
+            return;
+        }
         self.write(shared, &text);
+        both.written = Some(text);
+    }
+}
+
+impl Observer for Writer {
+    fn finished(&self, shared: &Shared, report: &ShutdownReport) {
+        let mut both = crate::state::lock(&self.both);
+        both.report = Some(report.clone());
+        if both.taking_over {
+            // The supervisor is delivering and will write its line, then end the process: wait
+            // for the line, so that one message holds both and `run()` does not return into an
+            // exit that could cut the supervisor's write. Bounded: the supervisor exits by the
+            // process's last moment (plus its write's floor); past that and `WRITE_WAIT` more,
+            // it is stuck itself and the report is written alone.
+            let last = shared
+                .life
+                .trigger()
+                .map(|t0| t0 + shared.budget.total + shared.budget.safety_margin / 2 + WRITE_WAIT);
+            while both.line.is_none() {
+                let left = last.map_or(WRITE_WAIT, |last| {
+                    last.saturating_duration_since(std::time::Instant::now())
+                });
+                if left.is_zero() {
+                    break;
+                }
+                both = self
+                    .line_arrived
+                    .wait_timeout(both, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+        self.write_both(shared, &mut both);
+    }
+
+    fn taking_over(&self, _shared: &Shared) {
+        crate::state::lock(&self.both).taking_over = true;
     }
 
     fn took_over(&self, shared: &Shared, why: &str, code: i32, stages: &[StageOutcome]) {
@@ -225,8 +292,10 @@ impl Observer for Writer {
         }
         debug_assert!(line.len() <= TERMINATION_MESSAGE_MAX / 2);
         truncate(&mut line, TERMINATION_MESSAGE_MAX / 2);
-        *crate::state::lock(&self.took_over) = Some(line.clone());
-        self.write(shared, &line);
+        let mut both = crate::state::lock(&self.both);
+        both.line = Some(line);
+        self.line_arrived.notify_all();
+        self.write_both(shared, &mut both);
     }
 }
 

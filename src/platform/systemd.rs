@@ -84,7 +84,6 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -110,8 +109,9 @@ struct Inner {
     watchdog: Option<Duration>,
     /// Set once `MAINPID=<successor>` was sent: from then on the successor speaks for the
     /// service, and this process sends nothing more (with `NotifyAccess=all` its `STATUS=`
-    /// would show on the successor).
-    handed: AtomicBool,
+    /// would show on the successor). Checked and set under this lock around the send itself,
+    /// so that a ping that passed the check cannot go out after `MAINPID=`.
+    handed: Mutex<bool>,
 }
 
 impl Notifier {
@@ -143,7 +143,7 @@ impl Notifier {
                         socket,
                         addr,
                         watchdog,
-                        handed: AtomicBool::new(false),
+                        handed: Mutex::new(false),
                     }),
                 })
             }
@@ -157,9 +157,15 @@ impl Notifier {
     /// Sends one datagram without blocking, unless the service was handed over; a failure is
     /// logged, never returned.
     fn send(&self, message: &str) {
-        if self.inner.handed.load(Ordering::Acquire) {
+        let handed = lock(&self.inner.handed);
+        if *handed {
             return;
         }
+        self.transmit(message);
+    }
+
+    /// Sends one datagram without blocking; a failure is logged. The caller holds `handed`.
+    fn transmit(&self, message: &str) {
         match self
             .inner
             .socket
@@ -311,11 +317,15 @@ impl Observer for Notifier {
     }
 
     fn handed_over(&self, _shared: &Shared, successor_pid: u32) {
-        self.send(&format!(
+        // The datagram and the flag under one lock: it is the last one this process sends.
+        let mut handed = lock(&self.inner.handed);
+        if *handed {
+            return;
+        }
+        self.transmit(&format!(
             "MAINPID={successor_pid}\nSTATUS=handed over to pid {successor_pid}"
         ));
-        // After the datagram, so that it is the last one this process sends.
-        self.inner.handed.store(true, Ordering::Release);
+        *handed = true;
     }
 }
 
@@ -731,6 +741,7 @@ fn take(passed: &mut Passed, index: usize) -> Result<TcpListener, ListenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     #[test]
     fn systemd_watchdog_is_for_this_process_only() {
@@ -840,6 +851,79 @@ mod tests {
             notifier.send("WATCHDOG=1");
         }
         assert!(start.elapsed() < Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Watchdog pings from other threads while the service is handed over: none reaches the
+    /// socket after `MAINPID=` (the check and the send are one step under the lock that
+    /// `handed_over` holds while it sends and sets the flag).
+    #[test]
+    fn systemd_no_datagram_follows_mainpid() {
+        let finale = crate::Finale::builder().no_signals().build().unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "finale-notify-handed-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for round in 0..200 {
+            let path = dir.join(format!("notify-{round}"));
+            let receiver = UnixDatagram::bind(&path).unwrap();
+            receiver
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let notifier = Notifier::new(path.as_os_str(), None).unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let pingers: Vec<_> = (0..3)
+                .map(|_| {
+                    let (notifier, stop) = (notifier.clone(), stop.clone());
+                    std::thread::spawn(move || {
+                        // Bounded: at most 20,000 pings each, paced so that the reader
+                        // keeps the socket's queue from filling (a full queue drops datagrams).
+                        for _ in 0..20_000 {
+                            if stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            notifier.send("WATCHDOG=1");
+                            std::thread::sleep(Duration::from_micros(20));
+                        }
+                    })
+                })
+                .collect();
+            let reader = std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 256];
+                // Until the test's own end marker, sent once the pingers stopped.
+                while let Ok(n) = receiver.recv(&mut buf) {
+                    if &buf[..n] == b"END" {
+                        break;
+                    }
+                    seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+                seen
+            });
+            Observer::handed_over(&notifier, &finale.shared, 4242);
+            stop.store(true, Ordering::Relaxed);
+            for p in pingers {
+                p.join().unwrap();
+            }
+            UnixDatagram::unbound()
+                .unwrap()
+                .send_to(b"END", &path)
+                .unwrap();
+            let seen = reader.join().unwrap();
+            let at = seen
+                .iter()
+                .position(|m| m.starts_with("MAINPID=4242"))
+                .unwrap_or_else(|| panic!("round {round}: no MAINPID in {} datagrams", seen.len()));
+            assert_eq!(
+                seen.len(),
+                at + 1,
+                "round {round}: {:?} after MAINPID",
+                &seen[at + 1..]
+            );
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

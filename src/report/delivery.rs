@@ -1,4 +1,4 @@
-//! What each telemetry stage delivered: items exported, failed, sent with no answer
+//! What each telemetry stage delivered: items exported, failed, handed to the exporter with no answer
 //! (unconfirmed) and dropped, during the run and at exit, and the policy that decides which of
 //! them the exit code depends on.
 
@@ -58,9 +58,11 @@ pub struct Counts {
     /// Handed to the backend, which refused them or could not be reached (an export that
     /// failed, a write error, the items a partial success rejected).
     pub failed: u64,
-    /// Sent, with no answer: an export still waiting for the backend's answer when the flush
-    /// gave up. The backend may have them; nothing confirmed it, so they are not counted as
-    /// exported, and not as dropped either.
+    /// Handed to the exporter, with no answer: an export still waiting for the backend's answer
+    /// when the flush gave up. Whether its request was written is not known (the exporter's
+    /// client does not say: a connection never made counts here too), so the backend may or may
+    /// not have them; nothing confirmed it, so they are not counted as exported, and not as
+    /// dropped either.
     pub unconfirmed: u64,
     /// Never handed to the backend: a full queue, or left queued when the flush gave up.
     pub dropped: u64,
@@ -77,7 +79,7 @@ impl Counts {
         }
     }
 
-    /// The same counts with `unconfirmed` items sent with no answer.
+    /// The same counts with `unconfirmed` items: handed to the exporter, with no answer.
     #[must_use]
     pub const fn with_unconfirmed(mut self, unconfirmed: u64) -> Self {
         self.unconfirmed = unconfirmed;
@@ -113,7 +115,11 @@ impl fmt::Display for Counts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} exported, {} failed, ", self.exported, self.failed)?;
         if self.unconfirmed > 0 {
-            write!(f, "{} sent with no answer, ", self.unconfirmed)?;
+            write!(
+                f,
+                "{} handed to the exporter with no answer, ",
+                self.unconfirmed
+            )?;
         }
         write!(f, "{} dropped", self.dropped)
     }
@@ -208,7 +214,7 @@ pub(crate) trait Tally: Send + Sync {
     fn late_drops(&self) -> (u64, bool) {
         (0, false)
     }
-    /// Items known only at the end to have been sent with no answer (an export still waiting
+    /// Items known only at the end to have been handed to the exporter with no answer (an export still waiting
     /// when the flush gave up); they belong to the exit.
     fn late_unconfirmed(&self) -> u64 {
         0
@@ -273,7 +279,7 @@ mod tests {
         assert_eq!(unanswered.total().not_confirmed(), 4);
         assert_eq!(
             unanswered.at_exit.to_string(),
-            "0 exported, 0 failed, 4 sent with no answer, 0 dropped"
+            "0 exported, 0 failed, 4 handed to the exporter with no answer, 0 dropped"
         );
         let clean = delivery(Counts::new(10, 0, 0), Counts::new(5, 0, 0));
         assert!(!DeliveryPolicy::WholeRun.is_lost(&clean));

@@ -17,7 +17,8 @@
 //!   deadline-overrun code (forced, after a second signal). The stages get what is left of the
 //!   Telemetry slot, or, when the slot itself was overrun, up to half the safety margin past
 //!   the total: the process always exits by `t0 + total + safety_margin / 2` (a termination
-//!   message that the file system does not take by then may add 10 ms). After a second
+//!   message that the file system does not take by then may add 10 ms, 20 ms when `run()`'s
+//!   own write is in progress then). After a second
 //!   signal the checkpoints move to the escalation: the Telemetry phase must start within
 //!   `min(GRACE, escalation budget / 4)`, and a sequence still running [`GRACE`] after the
 //!   escalation budget's end is ended at once, without a flush (the user asked to leave).
@@ -315,7 +316,11 @@ impl Supervisor {
         };
         let code = self.codes.code(status);
         let (state, stages) = match self.shared.upgrade() {
-            Some(shared) => (Some(shared.state()), shared.take_emergency()),
+            Some(shared) => {
+                // First: an end-of-run message written from now on waits for the supervisor's.
+                shared.observe(|o| o.taking_over(&shared));
+                (Some(shared.state()), shared.take_emergency())
+            }
             None => (None, Vec::new()),
         };
         tracing::error!(

@@ -44,8 +44,9 @@
 //! a counter, a flush that only ran out of the SDK's fixed 5 s counts as delivered when the
 //! shutdown then drained the queue without a failed export.
 //!
-//! An export still waiting for its answer when the flush gives up counts as unconfirmed (sent,
-//! no answer), not as dropped. A collector's **partial success** (`200` with some items
+//! An export still waiting for its answer when the flush gives up counts as unconfirmed (handed
+//! to the exporter, no answer: whether its request was written is not known, a connection never
+//! made counts here too), not as dropped. A collector's **partial success** (`200` with some items
 //! rejected) is only logged by opentelemetry-otlp, which returns `Ok`: over OTLP/HTTP, send
 //! through a [`CountingClient`](Counter::http_client) (feature `otlp-http`) and the rejected
 //! items count as failed. Over OTLP/gRPC finale cannot read the answer (the exporter takes a
@@ -659,8 +660,10 @@ async fn flush<P: Flush>(
 /// points) as exported when the export succeeded and as failed when it did not. An export
 /// that has not answered by the end (the flush gave up while the collector kept it waiting, or
 /// kept answering `503`), or that was dropped before it answered, counts its items as
-/// unconfirmed: sent, with no answer. They may have arrived; nothing says so, and they are not
-/// counted as dropped either.
+/// unconfirmed: handed to the exporter, with no answer. They may have arrived; nothing says so,
+/// and they are not counted as dropped either. Whether the request was written at all is not
+/// known (the exporter's client does not say): an export whose connection was never made
+/// counts here too.
 ///
 /// Items dropped before they reach the exporter (the batch processor's queue was full, or still
 /// held them when the final flush gave up) are never seen by an exporter, and the SDK does not
@@ -738,7 +741,8 @@ impl<E> Counted<E> {
 
 /// One export's items while it waits for the backend's answer. Counted as exported or failed
 /// by its answer; an export dropped before it answered (the flush gave up, the process is
-/// leaving) counts its items as unconfirmed: sent, with no answer.
+/// leaving) counts its items as unconfirmed: handed to the exporter, with no answer (sent or
+/// not: the exporter does not say).
 struct Sending {
     counter: Counter,
     items: u64,
@@ -757,12 +761,16 @@ impl Sending {
 
     fn answered(mut self, result: &OTelSdkResult) {
         let c = &self.counter.inner;
-        let to = if result.is_ok() {
-            &c.exported
+        // What the counting client read from this export's answers, at most the batch: a
+        // collector claiming more rejections than the batch held lowers no other batch.
+        let rejected = c.rejected_answer.swap(0, Ordering::AcqRel).min(self.items);
+        if result.is_ok() {
+            c.rejected.fetch_add(rejected, Ordering::Relaxed);
+            c.exported
+                .fetch_add(self.items - rejected, Ordering::Relaxed);
         } else {
-            &c.failed
-        };
-        to.fetch_add(self.items, Ordering::Relaxed);
+            c.failed.fetch_add(self.items, Ordering::Relaxed);
+        }
         self.answered = true;
     }
 }
@@ -903,13 +911,18 @@ pub struct Counter {
 struct CounterInner {
     /// Handed to the processors (only if the counter is one of them).
     handed: AtomicU64,
-    /// Every item of an export that answered `Ok`, the rejected ones of a partial success
-    /// included.
+    /// Items of exports that answered `Ok`, less those the backend rejected in a partial
+    /// success.
     exported: AtomicU64,
     failed: AtomicU64,
     /// Items of exports that answered `Ok` but that the backend rejected (a partial success),
-    /// as the counting HTTP client read them.
+    /// each export's at most its batch.
     rejected: AtomicU64,
+    /// What the counting HTTP client read from the answers of the export in progress, taken
+    /// (and clamped to the batch) when the export returns. The SDK's processors export one
+    /// batch at a time per exporter; an export dropped before it returned leaves what its
+    /// answer rejected to the next one, clamped to that batch.
+    rejected_answer: AtomicU64,
     /// Items of exports waiting for their answer now.
     sending: AtomicU64,
     /// Items of exports dropped before they answered.
@@ -922,11 +935,7 @@ impl Counter {
     /// Items exported so far: in exports that succeeded, less those the backend rejected in a
     /// partial success (as far as it is known: see [`Counted`]).
     pub fn exported(&self) -> u64 {
-        let c = &self.inner;
-        // Rejected items were counted as exported first: read them first, so that the
-        // difference never underflows.
-        let rejected = c.rejected.load(Ordering::Acquire);
-        c.exported.load(Ordering::Acquire).saturating_sub(rejected)
+        self.inner.exported.load(Ordering::Relaxed)
     }
 
     /// Items whose export failed so far, and those a partial success rejected.
@@ -935,7 +944,8 @@ impl Counter {
         c.failed.load(Ordering::Relaxed) + c.rejected.load(Ordering::Relaxed)
     }
 
-    /// Items sent with no answer so far: in exports dropped before they answered, and
+    /// Items handed to the exporter with no answer so far (sent or not: the exporter does not
+    /// say): in exports dropped before they answered, and
     /// (at exit) in exports still waiting for theirs.
     pub fn unconfirmed(&self) -> u64 {
         let c = &self.inner;

@@ -334,7 +334,7 @@ impl PushgatewayBuilder {
                 client,
                 lane: tokio::sync::Mutex::new(()),
                 finished: AtomicBool::new(false),
-                delivered: AtomicBool::new(false),
+                held: crate::telemetry::stages::Handoff::new(()),
                 jitter: std::collections::hash_map::RandomState::new(),
                 samples: Arc::default(),
                 refused: AtomicBool::new(false),

@@ -173,6 +173,17 @@ pub enum PushError {
         /// How long the last request waited.
         waited: Duration,
     },
+    /// The supervisor took the final push over (the runtime was wedged, then unblocked) and
+    /// the sequence's hook waited for it instead of pushing again: the supervisor's push
+    /// failed, or had not ended by the hook's deadline.
+    BySupervisor {
+        /// The method of the push.
+        method: Method,
+        /// The grouping key URL.
+        url: String,
+        /// The supervisor's outcome.
+        error: String,
+    },
 }
 
 impl PushError {
@@ -190,6 +201,8 @@ impl PushError {
             PushError::TimedOut { .. } => true,
             // The same render would do the same again.
             PushError::NotRendered { .. } => false,
+            // Another side's push: not this one's to retry.
+            PushError::BySupervisor { .. } => false,
         }
     }
 
@@ -204,7 +217,7 @@ impl PushError {
             PushError::Rejected { attempts, .. }
             | PushError::Unreachable { attempts, .. }
             | PushError::TimedOut { attempts, .. } => *attempts = n,
-            PushError::NotRendered { .. } => {}
+            PushError::NotRendered { .. } | PushError::BySupervisor { .. } => {}
         }
     }
 }
@@ -294,6 +307,10 @@ impl fmt::Display for PushError {
                 f,
                 "Pushgateway did not answer {method} {url} within {waited:?} ({})",
                 Tries(*attempts)
+            ),
+            PushError::BySupervisor { method, url, error } => write!(
+                f,
+                "the supervisor's {method} {url}, which the final push waited for: {error}"
             ),
         }
     }

@@ -15,6 +15,14 @@ pub(super) fn grouping_url(
         url: without_credentials(base),
         reason,
     };
+    // Before parsing: a password holding `/`, `?` or `#`, pasted unencoded, ends the authority
+    // early (`http::Uri` then reads a host of `user` and a "port" of the password's start, and
+    // the rest lands in the path). A base URL with an `@` anywhere is refused.
+    if base.contains('@') {
+        return Err(invalid(
+            "credentials in the URL are not sent (and a URL holding `@` is refused); use basic_auth instead",
+        ));
+    }
     let uri: Uri = base.parse().map_err(|_| invalid("it is not a valid URL"))?;
     let scheme = match uri.scheme_str() {
         Some(s @ ("http" | "https")) => s,
@@ -24,10 +32,14 @@ pub(super) fn grouping_url(
     let authority = uri
         .authority()
         .ok_or_else(|| invalid("the host is missing"))?;
-    if authority.as_str().contains('@') {
-        return Err(invalid(
-            "credentials in the URL are not sent; use basic_auth instead",
-        ));
+    // `http::Uri` does not check the port (`Authority::port` is `None` for one that is not a
+    // number): the text after the host's last `:` (not inside an IPv6 address's brackets).
+    let port = match authority.as_str().rsplit_once(':') {
+        Some((_, port)) if !port.ends_with(']') => Some(port),
+        _ => None,
+    };
+    if port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return Err(invalid("the port is not a number"));
     }
     if uri.query().is_some() {
         return Err(invalid("it must not have a query"));
@@ -52,14 +64,12 @@ pub(super) fn grouping_url(
     Ok(url)
 }
 
-/// `url` with the user information of its authority (`user:password@`), if any, replaced by
-/// `<redacted>@`: an error that shows the URL must not show the password.
+/// `url` with everything between the scheme and its last `@` replaced by `<redacted>`: an error
+/// that shows the URL must not show a password, even one holding `/`, `?` or `#` (which would
+/// end the authority early if it were read as a URL).
 fn without_credentials(url: &str) -> String {
     let start = url.find("://").map_or(0, |i| i + 3);
-    let end = url[start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| start + i);
-    match url[start..end].rfind('@') {
+    match url[start..].rfind('@') {
         Some(at) => format!("{}<redacted>@{}", &url[..start], &url[start + at + 1..]),
         None => url.to_owned(),
     }
@@ -229,10 +239,14 @@ mod tests {
             }
         );
         assert_eq!(
-            without_credentials("http://u:p@ss@gw:1/x@y"),
-            "http://<redacted>@gw:1/x@y"
+            without_credentials("http://u:p@ss@gw:1/x"),
+            "http://<redacted>@gw:1/x"
         );
-        assert_eq!(without_credentials("gw:1/a@b"), "gw:1/a@b");
+        assert_eq!(
+            without_credentials("http://u:p/ss?w#d@gw:1/x"),
+            "http://<redacted>@gw:1/x"
+        );
+        assert_eq!(without_credentials("gw:1/a"), "gw:1/a");
         let shown = err("ftp://gw:9091", "j", &[]).to_string();
         assert!(
             shown.contains("the scheme must be http or https"),
@@ -242,5 +256,28 @@ mod tests {
             grouping_url("https://gw:9091/p", "j", &[]).unwrap(),
             "https://gw:9091/p/metrics/job/j"
         );
+    }
+
+    /// A password holding a character that ends an authority (`/`, `?`, `#`), pasted
+    /// unencoded: `http::Uri` reads a host of `user` and a "port" of `hun`. Refused, and the
+    /// error does not show it.
+    #[test]
+    fn a_password_ending_the_authority_early_is_refused_and_not_shown() {
+        for url in [
+            "http://user:hun/ter2@gw:9091",
+            "http://user:hun?ter2@gw:9091",
+            "http://user:hun#ter2@gw:9091",
+            "http://user:hun/ter2@gw:9091/prefix",
+            "https://user:ter2@gw:9091",
+        ] {
+            let e = grouping_url(url, "j", &[]).unwrap_err();
+            for shown in [e.to_string(), format!("{e:?}")] {
+                assert!(!shown.contains("ter2"), "{url}: {shown}");
+                assert!(shown.contains("<redacted>"), "{url}: {shown}");
+            }
+        }
+        // A port that is not a number is refused too.
+        let e = grouping_url("http://gw:port/x", "j", &[]).unwrap_err();
+        assert!(e.to_string().contains("port"), "{e}");
     }
 }

@@ -172,6 +172,7 @@ use crate::phase::Phase;
 use crate::slot::{ORDER_METRICS, Share};
 use crate::state::EmergencyStage;
 use crate::task::Task;
+use crate::telemetry::stages::Handoff;
 
 mod builder;
 mod check;
@@ -296,10 +297,11 @@ struct Inner {
     lane: tokio::sync::Mutex<()>,
     /// Set by the final push (before it takes the lane): no periodic push may start after it.
     finished: AtomicBool,
-    /// Set once the final push was accepted: the supervisor need not push again.
     /// Seeds the periodic pushes' jitter: random keys for each Pushgateway.
     jitter: std::collections::hash_map::RandomState,
-    delivered: AtomicBool,
+    /// The final push, handed to whoever runs it first: the Telemetry hook or the supervisor's
+    /// takeover. The other waits for its result: one final push (and one DELETE) between them.
+    held: Arc<Handoff<()>>,
     /// The samples pushed, for the report.
     samples: Arc<Samples>,
     /// Whether the Pushgateway refused the last periodic push as inconsistent.
@@ -344,7 +346,10 @@ impl Pushgateway {
     /// With a push interval, outside a tokio runtime (the periodic pusher is spawned on it).
     ///
     /// If the user's runtime is wedged and the Telemetry phase cannot run, finale's supervisor
-    /// pushes from its own thread instead, on a small runtime and a client of its own.
+    /// pushes from its own thread instead, on a small runtime and a client of its own. The
+    /// final push goes to whichever side starts it first; if the runtime unblocks after the
+    /// takeover, the hook waits for the supervisor's push (and reports its result,
+    /// [`PushError::BySupervisor`] if it failed) instead of pushing, or deleting, again.
     pub fn register(&self, finale: &Finale) -> Result<(), ConfigError> {
         let this = self.clone();
         finale.hook(

@@ -20,6 +20,7 @@ use super::{
 use crate::hook::HookContext;
 use crate::slot::{Share, stage_deadline};
 use crate::task::TaskContext;
+use crate::telemetry::stages::{OffThread, run_until};
 
 impl Pushgateway {
     pub(super) async fn final_push(&self, ctx: &HookContext) -> Result<(), PushError> {
@@ -28,6 +29,47 @@ impl Pushgateway {
         // Ordering: the flag is set before we queue for the lane, and a periodic push checks it
         // after taking the lane, so none can start once we hold it.
         inner.finished.store(true, Ordering::Release);
+        if inner.held.take().is_none() {
+            // The supervisor took the push over: its result, not a second push.
+            return self.supervisor_result(deadline).await;
+        }
+        let result = self.final_push_held(deadline).await;
+        // A hook dropped before this line (cancelled) leaves the supervisor waiting until its
+        // own deadline, then saying so.
+        inner
+            .held
+            .done(result.as_ref().map(|_| ()).map_err(ToString::to_string));
+        result
+    }
+
+    /// Waits, on a plain thread and until `deadline`, for the supervisor's push.
+    async fn supervisor_result(&self, deadline: Instant) -> Result<(), PushError> {
+        let inner = &*self.inner;
+        let held = inner.held.clone();
+        let until = deadline.into_std();
+        let waited = run_until("finale-pushgateway-wait", deadline, move || {
+            held.wait(until)
+        })
+        .await;
+        let error = match waited {
+            Ok(OffThread::Done(Ok(()))) => return Ok(()),
+            Ok(OffThread::Done(Err(error))) => error,
+            Ok(OffThread::Panicked(panic)) => panic,
+            Ok(OffThread::TimedOut) => "still running at the deadline".to_owned(),
+            Err(error) => format!("no thread to wait on: {error}"),
+        };
+        let error = PushError::BySupervisor {
+            method: inner.method,
+            url: inner.url.clone(),
+            error,
+        };
+        tracing::error!(target: "finale", %error, "final metrics push failed");
+        Err(error)
+    }
+
+    /// The final push, once this side holds it.
+    async fn final_push_held(&self, deadline: Instant) -> Result<(), PushError> {
+        let inner = &*self.inner;
         let method = inner.method;
         let start = Instant::now();
         let lane = match tokio::time::timeout_at(deadline, inner.lane.lock()).await {
@@ -47,9 +89,6 @@ impl Pushgateway {
             return Ok(());
         }
         let result = self.send_final(&inner.client, deadline).await;
-        if result.is_ok() {
-            inner.delivered.store(true, Ordering::Release);
-        }
         drop(lane);
         match &result {
             Ok(()) => tracing::info!(
@@ -66,21 +105,25 @@ impl Pushgateway {
 
     /// The final push from a plain thread, when the user's runtime is wedged. Its own client:
     /// a pooled connection's task lives on the wedged runtime and would never run.
+    /// Runs only if the Telemetry hook has not taken the push; otherwise waits for the hook's
+    /// result (the hook's push is then the one).
     pub(super) fn emergency_push(&self, deadline: std::time::Instant) -> Result<(), String> {
         let inner = &*self.inner;
-        if inner.method == Method::None || inner.delivered.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        runtime.block_on(async {
-            let client = new_client(inner.connector.clone());
-            let deadline = Instant::from_std(deadline);
-            self.send_final(&client, deadline)
-                .await
-                .map_err(|e| e.to_string())
+        inner.held.run_or_wait(deadline, |()| {
+            if inner.method == Method::None {
+                return Ok(());
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                let client = new_client(inner.connector.clone());
+                let deadline = Instant::from_std(deadline);
+                self.send_final(&client, deadline)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
         })
     }
 
@@ -344,5 +387,92 @@ mod tests {
             mean > Duration::from_millis(8900) && mean < Duration::from_millis(9100),
             "{mean:?}"
         );
+    }
+
+    /// The supervisor's push and the sequence's final push never both run: once the
+    /// supervisor took the push (a wedged runtime that unblocks after the takeover), the
+    /// sequence's hook waits for its result instead of pushing again. A stand-in Pushgateway
+    /// (a real one cannot hold an answer on demand) holds the supervisor's PUT until the
+    /// sequence's hook is waiting, then answers; it must have seen one request.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_supervisor_and_the_sequence_push_once_between_them() {
+        use std::io::{Read, Write};
+        use std::sync::{Arc, Mutex, mpsc};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+        let (release, released) = mpsc::channel::<()>();
+        let (arrived, first) = mpsc::channel::<()>();
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            let released = Mutex::new(released);
+            for stream in listener.incoming().take(8) {
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut raw = Vec::new();
+                let mut buf = [0u8; 8192];
+                let end = loop {
+                    if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break end;
+                    }
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => raw.extend_from_slice(&buf[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+                let method = head.split_whitespace().next().unwrap_or("").to_owned();
+                let first_one = {
+                    let mut log = log.lock().unwrap();
+                    log.push(method);
+                    log.len() == 1
+                };
+                if first_one {
+                    let _ = arrived.send(());
+                    let _ = released
+                        .lock()
+                        .unwrap()
+                        .recv_timeout(Duration::from_secs(10));
+                }
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+            }
+        });
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle();
+        let gateway = Pushgateway::builder(format!("http://127.0.0.1:{port}"), "j")
+            .check(false)
+            .build(handle)
+            .unwrap();
+        let finale = crate::Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .total_budget(Duration::from_secs(8))
+            .telemetry_reserve(Duration::from_secs(6))
+            .build()
+            .unwrap();
+        gateway.register(&finale).unwrap();
+        // The supervisor's side, as a takeover runs it: on a plain thread.
+        let stages = finale.shared.take_emergency();
+        let supervisor = std::thread::spawn(move || {
+            crate::run::supervisor::deliver(
+                stages,
+                std::time::Instant::now() + Duration::from_secs(5),
+            )
+        });
+        first
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the supervisor's PUT arrived");
+        finale.handle().trigger("test");
+        // The sequence's hook runs while the supervisor's PUT waits for its answer, whatever
+        // the order from here: the hook starts after the supervisor took the push.
+        let run = tokio::spawn(finale.run());
+        let _ = release.send(());
+        let report = run.await.unwrap();
+        let outcomes = tokio::task::spawn_blocking(move || supervisor.join().unwrap())
+            .await
+            .unwrap();
+        assert!(outcomes.iter().all(|(_, r)| r.is_ok()), "{outcomes:?}");
+        assert_eq!(*seen.lock().unwrap(), ["PUT"], "{report}");
     }
 }
