@@ -30,6 +30,17 @@ const SCRAPERS: usize = 64;
 /// Answered scrapes kept for the stage to read.
 const ANSWERED: usize = 64;
 
+/// How far a scrape may start from its predicted time and still be the one predicted: a tenth
+/// of the interval, at most [`SLACK`]. A scrape due this much before the Telemetry phase began
+/// that has not come is still waited for; one predicted to end within this much of the stage's
+/// deadline is not (it would likely miss it).
+pub(crate) fn slack(interval: Duration) -> Duration {
+    (interval / 10).min(SLACK)
+}
+
+/// The most [`slack`] allows.
+const SLACK: Duration = Duration::from_millis(100);
+
 /// A request the server read: one scrape.
 #[derive(Clone, Debug)]
 pub(crate) struct Request {
@@ -100,17 +111,34 @@ impl Scraper {
         })
     }
 
-    /// When its first scrape that starts after `after` should have been answered.
+    /// When its next scrape should have been answered, if it starts at `after` or later: the
+    /// first one due after `after`, or one due up to [`slack`] before `after` that has not come
+    /// yet (a scrape a little late is still to come, not past).
     pub(crate) fn next_end(&self, after: Instant, interval: Duration) -> Option<Instant> {
         let last = self.last_start()?;
         if interval.is_zero() {
             return None;
         }
         let since = after.saturating_duration_since(last);
-        let k = since.as_nanos() / interval.as_nanos() + 1;
+        let mut k = since.as_nanos() / interval.as_nanos() + 1;
+        // Due `k - 1` intervals after the last one seen, it would have started by `after`; it
+        // has not, so it is late: if only a little, it is the one to wait for.
+        if k > 1 {
+            let overdue = since.saturating_sub(interval.checked_mul(u32::try_from(k - 1).ok()?)?);
+            if overdue <= slack(interval) {
+                k -= 1;
+            }
+        }
         let k = u32::try_from(k).ok()?;
         Some(last + interval.checked_mul(k)? + self.last_duration)
     }
+}
+
+/// Why a wait ended without what it waited for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ended {
+    Deadline,
+    Stopped,
 }
 
 #[derive(Debug, Default)]
@@ -222,20 +250,32 @@ impl Scrapers {
         f(&lock(&self.seen))
     }
 
-    /// Blocks until `done` holds or `deadline` passes; returns what `done` returned last.
+    /// Wakes the waiters, so that they look at their `stop` again. Under the lock, so that a
+    /// waiter that checked `stop` before it changed is already waiting when this notifies.
+    pub(crate) fn wake(&self) {
+        drop(lock(&self.seen));
+        self.changed.notify_all();
+    }
+
+    /// Blocks until `done` holds, `stop` says so (checked on each [`wake`](Self::wake)) or
+    /// `deadline` passes; returns what `done` returned, or why it ended without.
     pub(crate) fn wait_until<T>(
         &self,
         deadline: Instant,
+        stop: &dyn Fn() -> bool,
         mut done: impl FnMut(&Seen) -> Option<T>,
-    ) -> Result<T, ()> {
+    ) -> Result<T, Ended> {
         let mut seen = lock(&self.seen);
         loop {
             if let Some(value) = done(&seen) {
                 return Ok(value);
             }
+            if stop() {
+                return Err(Ended::Stopped);
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(());
+                return Err(Ended::Deadline);
             }
             seen = self
                 .changed
@@ -280,6 +320,27 @@ mod tests {
             // Long after: the phase holds.
             let next = sc.next_end(t + s * 10 + Duration::from_millis(999), s);
             assert_eq!(next, Some(t + s * 11 + Duration::from_millis(3)));
+        });
+    }
+
+    #[test]
+    fn a_scrape_a_little_late_at_the_phase_start_is_still_to_come() {
+        let model = Scrapers::default();
+        let t = Instant::now();
+        let s = Duration::from_secs(1);
+        for k in 0..4 {
+            let r = req(1, 5000, "Prometheus/2.42.0", t + s * k);
+            let i = model.started(&r);
+            model.answered(i, &r, r.at + Duration::from_millis(3), 10);
+        }
+        model.read(|seen| {
+            let sc = &seen.scrapers[0];
+            // Due at 4 s, not come by 4.02 s: that one, not the one at 5 s.
+            let next = sc.next_end(t + Duration::from_millis(4020), s);
+            assert_eq!(next, Some(t + s * 4 + Duration::from_millis(3)));
+            // Not come by 4.2 s (past the 100 ms slack): the one at 5 s.
+            let next = sc.next_end(t + Duration::from_millis(4200), s);
+            assert_eq!(next, Some(t + s * 5 + Duration::from_millis(3)));
         });
     }
 
