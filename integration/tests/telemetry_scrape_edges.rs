@@ -16,11 +16,11 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use finale::prometheus::{MetricsEndpoint, ScrapeOutcome};
+use finale::prometheus::{MetricsEndpoint, ScrapeOutcome, ScrapePolicy};
 use finale::testing::Process;
 use finale::{Hook, Phase, Signal};
 
@@ -221,5 +221,390 @@ fn the_takeover_names_the_stage_delivered_only_if_a_scrape_came() {
     assert!(
         list("not_delivered=").iter().any(|s| s == "final-scrape"),
         "{message}"
+    );
+}
+
+/// Two Prometheus servers behind one address (a NAT, a proxy that does not keep the
+/// connection, `option http-server-close`), same version, a new connection per scrape.
+/// `ScrapePolicy::Every`: "every scraper seen recently ... must have made one".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_with_two_scrapers_behind_one_address_waits_for_both() {
+    let finale = finale::testing::builder()
+        .drain_delay(Duration::ZERO)
+        .total_budget(Duration::from_secs(10))
+        .telemetry_reserve(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let endpoint = MetricsEndpoint::builder("127.0.0.1:0")
+        .policy(ScrapePolicy::Every)
+        .build_with(|| "up 1\n".to_owned())
+        .unwrap();
+    endpoint.register(&finale).unwrap();
+    let addr = endpoint.local_addr();
+    let handle = finale.handle();
+    let run = tokio::spawn(finale.run());
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Vec::<(&str, Instant)>::new()));
+    let base = Instant::now() + Duration::from_millis(100);
+    let mut threads = Vec::new();
+    for (name, offset) in [("A", 0u64), ("B", 400)] {
+        let (stop, log) = (stop.clone(), log.clone());
+        threads.push(std::thread::spawn(move || {
+            for k in 0..12u32 {
+                sleep_until(base + Duration::from_millis(offset) + Duration::from_secs(1) * k);
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if get(addr, "Prometheus/2.42.0").is_ok() {
+                    log.lock().unwrap().push((name, Instant::now()));
+                }
+            }
+        }));
+    }
+    // Both seen 4 times; the trigger at 3.7 s: A is due at 4.0 s, B at 4.4 s.
+    tokio::time::sleep_until((base + Duration::from_millis(3700)).into()).await;
+    handle.trigger("test");
+    let report = tokio::time::timeout(BOUND, run).await.unwrap().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    eprintln!("{report}");
+    let line = &report.final_scrapes[0];
+    assert_eq!(line.outcome, ScrapeOutcome::Scraped, "{report}");
+    assert!(
+        line.scrapes.len() >= 2,
+        "Every waited for one scrape, not one per scraper (A and B were merged into one \
+         scraper): {:?}\n{report}",
+        line.scrapes
+    );
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+/// `ScrapePolicy::Every` and the model's bound: a scraper waited for (its connection closed,
+/// as after each `Connection: close` scrape) is evicted by one-off clients during the wait, and
+/// its slot is reused. A scrape by the stranger must not count for
+/// the scraper waited for: the stage says `missed`, since the scraper waited for never came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_is_not_satisfied_by_a_stranger_that_took_the_scrapers_slot() {
+    let finale = finale::testing::builder()
+        .drain_delay(Duration::ZERO)
+        .total_budget(Duration::from_secs(4))
+        .telemetry_reserve(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let endpoint = MetricsEndpoint::builder("127.0.0.1:0")
+        .policy(ScrapePolicy::Every)
+        .build_with(|| "up 1\n".to_owned())
+        .unwrap();
+    endpoint.register(&finale).unwrap();
+    let addr = endpoint.local_addr();
+    let handle = finale.handle();
+    let run = tokio::spawn(finale.run());
+    let h = handle.clone();
+    tokio::task::spawn_blocking(move || {
+        let base = Instant::now();
+        for k in 0..3u32 {
+            sleep_until(base + Duration::from_millis(300) * k);
+            get(addr, "Prometheus/A").unwrap();
+        }
+        h.trigger("test");
+    })
+    .await
+    .unwrap();
+    handle.phase_started(Phase::Telemetry).await;
+    // 64 one-off clients (curl sessions, probes) while the stage waits for A.
+    tokio::task::spawn_blocking(move || {
+        for n in 0..64 {
+            let _ = get(addr, &format!("stranger/{n}"));
+        }
+    })
+    .await
+    .unwrap();
+    let report = tokio::time::timeout(BOUND, run).await.unwrap().unwrap();
+    eprintln!("{report}");
+    let line = &report.final_scrapes[0];
+    assert!(
+        matches!(line.outcome, ScrapeOutcome::Missed { .. }),
+        "A never scraped after the trigger, yet the stage says {:?}; scrapes: {:?}\n{report}",
+        line.outcome,
+        line.scrapes
+            .iter()
+            .map(|s| s.user_agent.clone())
+            .collect::<Vec<_>>()
+    );
+}
+
+/// Two scrapers behind one address at the same offset (an HA pair with one offset seed,
+/// behind a proxy): a new connection each, the same `User-Agent`, 3 s interval, 5 ms apart. The stage's
+/// share (~0.9 s) cannot hold a 3 s interval: the docs say it does not wait and the report says
+/// why (exit 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interval_longer_than_the_share_behind_one_address_does_not_wait() {
+    let finale = finale::testing::builder()
+        .drain_delay(Duration::ZERO)
+        .total_budget(Duration::from_secs(2))
+        .telemetry_reserve(Duration::from_secs(1))
+        .escalation_budget(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let endpoint = MetricsEndpoint::builder("127.0.0.1:0")
+        .build_with(|| "up 1\n".to_owned())
+        .unwrap();
+    endpoint.register(&finale).unwrap();
+    let addr = endpoint.local_addr();
+    let handle = finale.handle();
+    let run = tokio::spawn(finale.run());
+    let h = handle.clone();
+    tokio::task::spawn_blocking(move || {
+        let base = Instant::now();
+        for k in 0..3u32 {
+            sleep_until(base + Duration::from_secs(3) * k);
+            get(addr, "Prometheus/2.42.0").unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+            get(addr, "Prometheus/2.42.0").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        h.trigger("test");
+    })
+    .await
+    .unwrap();
+    let report = tokio::time::timeout(BOUND, run).await.unwrap().unwrap();
+    eprintln!("{report}");
+    let line = &report.final_scrapes[0];
+    assert!(
+        matches!(line.outcome, ScrapeOutcome::TooLate { .. }),
+        "the next scrape is ~2.8 s away, past the stage's deadline, yet: {line} (exit {})",
+        report.exit_code
+    );
+}
+
+/// What `ScrapePolicy::Every` can and cannot tell: a scraper that stopped (its target was
+/// dropped) looks, until two of its intervals and its timeout have passed, like one whose next
+/// scrape is still to come. Scraper A stops 100 ms before the trigger; B goes on. The stage
+/// waits for A, ends `missed` naming A, and the termination message's line says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_waits_for_a_scraper_that_stopped_recently_and_names_it() {
+    let term = std::env::temp_dir().join(format!(
+        "finale-scrape-edges-term-{}-{}",
+        std::process::id(),
+        common::components::free_port()
+    ));
+    let finale = finale::testing::builder()
+        .drain_delay(Duration::ZERO)
+        .total_budget(Duration::from_secs(4))
+        .telemetry_reserve(Duration::from_secs(2))
+        .termination_log(finale::TerminationLog::Path(term.clone()))
+        .build()
+        .unwrap();
+    let endpoint = MetricsEndpoint::builder("127.0.0.1:0")
+        .policy(ScrapePolicy::Every)
+        .build_with(|| "up 1\n".to_owned())
+        .unwrap();
+    endpoint.register(&finale).unwrap();
+    let addr = endpoint.local_addr();
+    let handle = finale.handle();
+    let run = tokio::spawn(finale.run());
+    let base = Instant::now() + Duration::from_millis(100);
+    let (a_addr_tx, a_addr) = std::sync::mpsc::channel();
+    let a = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        a_addr_tx.send(s.local_addr().unwrap()).unwrap();
+        for k in 0..4u32 {
+            sleep_until(base + Duration::from_millis(300) * k);
+            get_kept_alive(&mut s).unwrap();
+        }
+        // Stopped (the target was dropped); the connection stays idle.
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    let b = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        for k in 0..10u32 {
+            sleep_until(base + Duration::from_millis(150) + Duration::from_millis(300) * k);
+            if get_kept_alive(&mut s).is_err() {
+                break;
+            }
+        }
+    });
+    // A's last scrape at 0.9 s; the trigger at 1.0 s; B at 1.05 s.
+    tokio::time::sleep_until((base + Duration::from_millis(1000)).into()).await;
+    handle.trigger("test");
+    let report = tokio::time::timeout(BOUND, run).await.unwrap().unwrap();
+    let message = std::fs::read_to_string(&term).unwrap_or_default();
+    let _ = std::fs::remove_file(&term);
+    let _ = (a.join(), b.join());
+    eprintln!("{report}\ntermination message:\n{message}");
+    let a_addr = a_addr.recv().unwrap().to_string();
+    let line = &report.final_scrapes[0];
+    assert!(
+        matches!(&line.outcome, ScrapeOutcome::Missed { waiting_for }
+            if waiting_for.len() == 1 && waiting_for[0].starts_with(&a_addr)),
+        "{line}"
+    );
+    assert!(!line.scrapes.is_empty(), "B's scrape is listed: {line}");
+    let scrape_line = message.lines().find(|l| l.starts_with("scrape=")).unwrap();
+    assert!(
+        scrape_line.contains("outcome=missed") && scrape_line.contains(&a_addr),
+        "{scrape_line}"
+    );
+}
+
+/// A child killed on drop (by this process's own handle to it).
+struct Child(std::process::Child, std::path::PathBuf);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "finale-scrape-edges-{name}-{}-{}",
+        std::process::id(),
+        common::components::free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn ready(url: &str) -> bool {
+    common::components::http_request("GET", url, &[], &[]).is_ok_and(|r| r.status == 200)
+}
+
+fn prometheus(target: SocketAddr, replica: &str) -> (Child, u16) {
+    let dir = scratch(&format!("prom-{replica}"));
+    let port = common::components::free_port();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 500ms\n  external_labels:\n    replica: {replica}\n\
+         scrape_configs:\n  - job_name: svc\n    static_configs:\n      - targets: ['{target}']\n"
+    );
+    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+    let child = Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--log.level=warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = Child(child, dir);
+    assert!(common::components::wait_until(BOUND, || ready(&format!(
+        "http://127.0.0.1:{port}/-/ready"
+    ))));
+    (child, port)
+}
+
+fn query(port: u16, promql: &str) -> Option<f64> {
+    let url = format!(
+        "http://127.0.0.1:{port}/api/v1/query?query={}",
+        common::components::url_encode(promql)
+    );
+    let r = common::components::http_request("GET", &url, &[], &[]).ok()?;
+    let json: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+    json["data"]["result"][0]["value"][1]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+}
+
+/// The HA pair for real: two Prometheus 2.42 servers (replica a and b) scrape the endpoint
+/// through haproxy (`mode http`, `option http-server-close`: one address, a new upstream
+/// connection per scrape, the same `User-Agent`). `ScrapePolicy::Every` must let the process
+/// exit only once both have read the final values: both store `final_marker 1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_with_a_real_prometheus_pair_behind_haproxy_stores_the_final_value_in_both() {
+    if !common::components::require("haproxy") || !common::components::require("prometheus") {
+        return;
+    }
+    let marker = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let m = marker.clone();
+    let finale = finale::testing::builder()
+        .drain_delay(Duration::ZERO)
+        .total_budget(Duration::from_secs(10))
+        .telemetry_reserve(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let endpoint = MetricsEndpoint::builder("127.0.0.1:0")
+        .policy(ScrapePolicy::Every)
+        .build_with(move || {
+            format!(
+                "# TYPE final_marker gauge\nfinal_marker {}\n",
+                m.load(Ordering::SeqCst)
+            )
+        })
+        .unwrap();
+    endpoint.register(&finale).unwrap();
+    // The shutdown records its final value in Workers, as a service's shutdown errors would be.
+    let m = marker.clone();
+    finale
+        .hook(Hook::new(Phase::Workers, "record", move |_| {
+            let m = m.clone();
+            async move { m.store(1, Ordering::SeqCst) }
+        }))
+        .unwrap();
+    let dir = scratch("haproxy");
+    let front = common::components::free_port();
+    let cfg = format!(
+        "defaults\n  mode http\n  timeout connect 1s\n  timeout client 5s\n  timeout server 5s\n  \
+         option http-server-close\nfrontend f\n  bind 127.0.0.1:{front}\n  default_backend b\n\
+         backend b\n  server s1 {}\n",
+        endpoint.local_addr()
+    );
+    std::fs::write(dir.join("haproxy.cfg"), cfg).unwrap();
+    let haproxy = Child(
+        Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(dir.join("haproxy.cfg"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+        dir,
+    );
+    let target: SocketAddr = format!("127.0.0.1:{front}").parse().unwrap();
+    let ((_a, pa), (_b, pb)) =
+        tokio::task::spawn_blocking(move || (prometheus(target, "a"), prometheus(target, "b")))
+            .await
+            .unwrap();
+    let handle = finale.handle();
+    let run = tokio::spawn(finale.run());
+    let learned = tokio::task::spawn_blocking(move || {
+        common::components::wait_until(BOUND, || {
+            [pa, pb]
+                .iter()
+                .all(|p| query(*p, "sum_over_time(up{job=\"svc\"}[10m])").is_some_and(|v| v >= 4.0))
+        })
+    })
+    .await
+    .unwrap();
+    assert!(learned, "both Prometheus servers scrape through haproxy");
+    handle.trigger("test");
+    let report = tokio::time::timeout(BOUND, run).await.unwrap().unwrap();
+    eprintln!("{report}");
+    let stored = tokio::task::spawn_blocking(move || {
+        for p in [pa, pb] {
+            common::components::wait_until(BOUND, || {
+                query(p, "min_over_time(up{job=\"svc\"}[10m])") == Some(0.0)
+            });
+        }
+        [pa, pb].map(|p| query(p, "max_over_time(final_marker{job=\"svc\"}[10m])"))
+    })
+    .await
+    .unwrap();
+    drop(haproxy);
+    eprintln!("final_marker stored by replica a, b: {stored:?}");
+    assert_eq!(
+        stored,
+        [Some(1.0), Some(1.0)],
+        "under ScrapePolicy::Every one replica of the pair never read the final value:\n{report}"
     );
 }

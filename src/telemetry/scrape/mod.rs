@@ -55,12 +55,15 @@
 //!   and its last byte written to the socket. Under [`ScrapePolicy::Any`] (the default) one such
 //!   scrape by anyone is enough; under [`ScrapePolicy::Every`] every scraper seen recently
 //!   (within two of its intervals and its timeout) whose next scrape is predicted in time must
-//!   have made one (a highly available Prometheus pair scrapes independently).
+//!   have made one (a highly available Prometheus pair scrapes independently). A scraper that
+//!   stopped within that window cannot be told from one still to come: it is waited for, and
+//!   the stage ends missed, naming it.
 //! - **The prediction.** Prometheus scrapes each target at a fixed offset within its interval.
 //!   The endpoint learns each scraper's interval (the median gap between its last scrapes) and
 //!   phase (its last scrape), and the duration of its last scrape; a scraper is a keep-alive
 //!   connection, continued across reconnects by address and `User-Agent`
-//!   (`Prometheus/2.42.0`, `vm_promscrape`: hints, not a filter).
+//!   (`Prometheus/2.42.0`, `vm_promscrape`: hints, not a filter) when the new scrape lands on
+//!   that scraper's phase (what can and cannot be told apart: the `scrapers` module).
 //!   `X-Prometheus-Scrape-Timeout-Seconds` tells how long a scraper may still count as recent.
 //!   The prediction is made when the Telemetry phase begins. A scrape due up to a tenth of the
 //!   interval (at most 100 ms) before that moment that has not come yet is late, not past: it

@@ -251,7 +251,7 @@ async fn exchange(
     };
     // Only a GET is a scrape; it is recorded before the render, so a scrape that started after
     // the Telemetry phase began renders the final values.
-    let index = (!head_only).then(|| app.scrapers.started(&req));
+    let scraper = (!head_only).then(|| app.scrapers.started(&req));
     let render = app.render.clone();
     let Ok(body) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| render())) else {
         tracing::error!(target: "finale", "metrics endpoint: the render panicked");
@@ -261,9 +261,9 @@ async fn exchange(
     respond(stream, "200 OK", &body, keep_alive, head_only)
         .await
         .ok()?;
-    if let Some(index) = index {
+    if let Some(scraper) = scraper {
         app.scrapers
-            .answered(index, &req, Instant::now(), count_samples(&body));
+            .answered(scraper, &req, Instant::now(), count_samples(&body));
     }
     Some(keep_alive)
 }

@@ -61,7 +61,7 @@ pub(crate) fn final_scrape(
                     waiting_for: scrapers.read(|seen| {
                         pending(seen, wait.policy, &waiting_for, start)
                             .into_iter()
-                            .map(|i| seen.scrapers[i].label())
+                            .map(|(_, label)| label)
                             .collect()
                     }),
                 },
@@ -89,17 +89,20 @@ pub(crate) fn final_scrape(
     }
 }
 
+/// A scraper waited for: its identity and its label for the report.
+type Awaited = (u64, String);
+
 /// The scrapers to wait for, or why not to wait. A `TooLate` here counts from `start`.
 fn expect(
     seen: &Seen,
     wait: &Wait,
     start: Instant,
     deadline: Instant,
-) -> Result<Vec<usize>, ScrapeOutcome> {
+) -> Result<Vec<Awaited>, ScrapeOutcome> {
     let mut unknown = false;
     let mut earliest: Option<Instant> = None;
     let mut fitting = Vec::new();
-    for (i, s) in seen.scrapers.iter().enumerate() {
+    for s in &seen.scrapers {
         let Some(interval) = s.interval().or(wait.expected_interval) else {
             unknown = true;
             continue;
@@ -114,7 +117,7 @@ fn expect(
         // With room for it to be a little late: one that would end at the deadline exactly
         // is likely to miss it.
         if end + slack(interval) <= deadline {
-            fitting.push(i);
+            fitting.push((s.id, s.label()));
         }
     }
     if !fitting.is_empty() {
@@ -135,7 +138,12 @@ fn expect(
 
 /// Of the scrapers waited for, those without a scrape that started at `start` or later and was
 /// answered in full; under [`ScrapePolicy::Any`] one such scrape, by anyone, is enough.
-fn pending(seen: &Seen, policy: ScrapePolicy, waiting_for: &[usize], start: Instant) -> Vec<usize> {
+fn pending(
+    seen: &Seen,
+    policy: ScrapePolicy,
+    waiting_for: &[Awaited],
+    start: Instant,
+) -> Vec<Awaited> {
     let mut answered = seen.answered.iter().filter(|a| a.started >= start);
     match policy {
         ScrapePolicy::Any => {
@@ -146,11 +154,11 @@ fn pending(seen: &Seen, policy: ScrapePolicy, waiting_for: &[usize], start: Inst
             }
         }
         ScrapePolicy::Every => {
-            let done: Vec<usize> = answered.map(|a| a.scraper).collect();
+            let done: Vec<u64> = answered.map(|a| a.scraper).collect();
             waiting_for
                 .iter()
-                .copied()
-                .filter(|i| !done.contains(i))
+                .filter(|(id, _)| !done.contains(id))
+                .cloned()
                 .collect()
         }
     }
