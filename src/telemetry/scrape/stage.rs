@@ -191,8 +191,8 @@ pub(crate) fn conclude(outcome: &Outcome, result: FinalScrape) -> Result<(), Str
 }
 
 /// What the planner says at start about the scrape: the grace period must hold the drain, one
-/// scrape interval and the scrape's timeout; the stage's share of the Telemetry reserve must
-/// hold one interval and the timeout. Each misfit is one message.
+/// scrape interval, the scrape's timeout and the safety margin; the stage's share of the
+/// Telemetry reserve must hold one interval and the timeout. Each misfit is one message.
 pub(crate) fn plan(
     budget: &crate::Budget,
     usable_at_telemetry: Duration,
@@ -201,14 +201,20 @@ pub(crate) fn plan(
 ) -> Vec<String> {
     let mut misfits = Vec::new();
     if let Some(grace) = budget.grace_period {
-        let needed = budget.drain_delay.max() + budget.drain_timeout + interval + timeout;
+        let needed = budget.drain_delay.max()
+            + budget.drain_timeout
+            + interval
+            + timeout
+            + budget.safety_margin;
         if needed > grace {
             misfits.push(format!(
                 "the grace period {grace:?} cannot hold the drain delay {:?} + drain {:?} + one \
-                 scrape interval {interval:?} + the scrape timeout {timeout:?} = {needed:?}: the \
-                 final scrape may not come before the platform kills the process",
+                 scrape interval {interval:?} + the scrape timeout {timeout:?} + the safety \
+                 margin {:?} = {needed:?}: the final scrape may not come before the platform \
+                 kills the process",
                 budget.drain_delay.max(),
-                budget.drain_timeout
+                budget.drain_timeout,
+                budget.safety_margin
             ));
         }
     }
