@@ -5,7 +5,10 @@
 //!
 //! - a second signal during the wait ends it, and the later Telemetry stages still run;
 //! - a scrape a little late at the Telemetry phase's start is waited for, not skipped;
-//! - the supervisor's takeover names the stage delivered only if a final scrape came.
+//! - the supervisor's takeover names the stage delivered only if a final scrape came;
+//! - scrapers behind one address (a proxy, a NAT) stay apart, a stranger never stands in for
+//!   a scraper waited for, and what cannot be told apart is what the docs say;
+//! - the endpoint bounds a half-sent request head and the number of connections.
 
 #![cfg(unix)]
 // The tests report what they saw (run with `--nocapture` to see it).
@@ -129,10 +132,25 @@ async fn a_second_signal_ends_the_wait_and_the_later_stages_still_run() {
     assert!(line.waited < Duration::from_secs(2), "{line}");
 }
 
-/// The clock edge: the Telemetry phase begins 20 ms after a scrape was due, and that scrape is
-/// 80 ms late. The stage must wait for it, not predict the one an interval later and exit.
+/// The clock edge: the Telemetry phase begins just after a scrape was due (within the 100 ms
+/// slack at a 1 s interval), and that scrape comes late, 30 ms after the phase began. The stage
+/// must wait for it, not predict the one an interval later and exit. The phase's start is
+/// measured; on a machine so loaded that it began past the slack, the attempt cannot probe the
+/// edge and is run again (at most three times).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_slightly_late_at_the_telemetry_start_is_waited_for() {
+    for attempt in 1..=3 {
+        if let Some(line) = slightly_late_attempt().await {
+            assert_eq!(line.outcome, ScrapeOutcome::Scraped, "{line}");
+            return;
+        }
+        eprintln!("attempt {attempt}: the Telemetry phase began past the slack; again");
+    }
+    panic!("the Telemetry phase never began within 100 ms of the trigger");
+}
+
+/// One run; `None` if the Telemetry phase began more than 70 ms after the scrape was due.
+async fn slightly_late_attempt() -> Option<finale::FinalScrape> {
     let finale = finale::testing::builder()
         .drain_delay(Duration::ZERO)
         .total_budget(Duration::from_millis(1800))
@@ -148,6 +166,8 @@ async fn a_scrape_slightly_late_at_the_telemetry_start_is_waited_for() {
     let handle = finale.handle();
     let run = tokio::spawn(finale.run());
     let base = Instant::now() + Duration::from_millis(100);
+    let due = base + Duration::from_secs(4);
+    let (began_tx, began_rx) = std::sync::mpsc::channel::<Instant>();
     let scraper = std::thread::spawn(move || {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -155,18 +175,27 @@ async fn a_scrape_slightly_late_at_the_telemetry_start_is_waited_for() {
             sleep_until(base + Duration::from_secs(1) * k);
             get_kept_alive(&mut s).unwrap();
         }
-        // Due at 4.0 s; arrives at 4.08 s.
-        sleep_until(base + Duration::from_millis(4080));
+        // Due at 4.0 s; comes 30 ms after the Telemetry phase began.
+        let began = began_rx.recv().unwrap();
+        sleep_until(began + Duration::from_millis(30));
         get_kept_alive(&mut s)
     });
-    tokio::time::sleep_until((base + Duration::from_millis(4020)).into()).await;
+    tokio::time::sleep_until((due + Duration::from_millis(10)).into()).await;
     handle.trigger("test");
+    handle.phase_started(Phase::Telemetry).await;
+    let began = Instant::now();
+    began_tx.send(began).unwrap();
     let report = tokio::time::timeout(BOUND, run).await.unwrap().unwrap();
     let late = scraper.join().unwrap();
-    eprintln!("{report}\nthe late scrape: {late:?}");
-    let line = &report.final_scrapes[0];
-    assert_eq!(line.outcome, ScrapeOutcome::Scraped, "{line}");
+    eprintln!(
+        "{report}\nthe phase began {:?} after the due time; the late scrape: {late:?}",
+        began.saturating_duration_since(due)
+    );
+    if began.saturating_duration_since(due) > Duration::from_millis(70) {
+        return None;
+    }
     assert!(late.is_ok(), "the late scrape got {late:?}");
+    Some(report.final_scrapes[0].clone())
 }
 
 /// A wedged runtime, nobody scraping: the takeover runs the stage, which does not wait (no
@@ -607,4 +636,64 @@ async fn every_with_a_real_prometheus_pair_behind_haproxy_stores_the_final_value
         [Some(1.0), Some(1.0)],
         "under ScrapePolicy::Every one replica of the pair never read the final value:\n{report}"
     );
+}
+
+/// Half a request head, then nothing: the endpoint closes the connection at the head timeout
+/// (10 s), as finale's own servers do.
+#[test]
+fn a_half_sent_request_head_is_closed_at_the_head_timeout() {
+    let endpoint = MetricsEndpoint::builder("127.0.0.1:0")
+        .build_with(|| "up 1\n".to_owned())
+        .unwrap();
+    let mut s = TcpStream::connect(endpoint.local_addr()).unwrap();
+    let sent = Instant::now();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut buf = [0u8; 16];
+    let r = s.read(&mut buf);
+    let after = sent.elapsed();
+    eprintln!("closed after {after:?}: {r:?}");
+    assert!(
+        matches!(r, Ok(0))
+            || r.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "still open after {after:?}: {r:?}"
+    );
+    assert!(after >= Duration::from_secs(9), "{after:?}");
+    endpoint.close();
+}
+
+/// 256 connections that send nothing hold every slot: the next one is closed at accept, and a
+/// slot freed serves a scrape again.
+#[test]
+fn connections_past_the_bound_are_closed_at_accept() {
+    let endpoint = MetricsEndpoint::builder("127.0.0.1:0")
+        .build_with(|| "up 1\n".to_owned())
+        .unwrap();
+    let addr = endpoint.local_addr();
+    let mut held: Vec<TcpStream> = (0..256)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    // Each held connection is served (its slot taken) once a scrape on it is answered.
+    for s in held.iter_mut().take(1) {
+        get_kept_alive(s).unwrap();
+    }
+    let mut extra = TcpStream::connect(addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let r = extra.read(&mut buf);
+    assert!(
+        matches!(r, Ok(0))
+            || r.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the 257th connection was not closed: {r:?}"
+    );
+    drop(held.pop());
+    let served = common::components::wait_until(Duration::from_secs(10), || {
+        get(addr, "Prometheus/2.42.0").is_ok()
+    });
+    assert!(served, "a freed slot does not serve again");
+    endpoint.close();
 }

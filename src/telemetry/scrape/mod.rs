@@ -25,6 +25,9 @@
 //!   treats a failed scrape as an empty one and writes staleness markers. The body is sent
 //!   uncompressed, whatever `Accept-Encoding` asks, so that its last byte is the end of the
 //!   scrape.
+//! - A request head must arrive in full within 10 s of its first byte, and a connection with no
+//!   request under way is closed after 5 minutes idle; at most 256 connections are served at
+//!   once, and past that new ones are closed at accept.
 //! - It keeps answering through Announce, Drain, Workers and Telemetry: it is not one of the
 //!   servers finale drains. It closes when the run's report exists (just before
 //!   [`ShutdownReport::exit`](crate::ShutdownReport::exit)), when the `Finale` is dropped
@@ -103,7 +106,7 @@
 //! (target `finale`) when the grace period cannot hold the drain delay + the drain + one scrape
 //! interval + the scrape timeout, or when the stage's share of the telemetry reserve cannot
 //! hold one interval + the timeout: the stage then waits only when the prediction lands in
-//! time. With a 15 s interval, give the telemetry reserve 2 × (15 s + timeout).
+//! time. With a 15 s interval, give the telemetry reserve 2 × (15 s + timeout) + 0.1 s.
 //!
 //! # `/metrics` on your own axum router
 //!
