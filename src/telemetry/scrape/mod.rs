@@ -42,7 +42,9 @@
 //!   `install_recorder` does not start: histograms are drained and idle metrics expire.
 //! - The address is bound by `build`: a bad address or one in use is a [`ScrapeConfigError`]
 //!   there, never a panic. Port `0` picks a free port; [`local_addr`](MetricsEndpoint::local_addr)
-//!   says which.
+//!   says which. `build` runs before the run, not inside graceful start, so finale does not
+//!   turn that error into a start failure (exit code 3) by itself: the caller decides. The
+//!   `full_service` example prints it and exits with code 3.
 //!
 //! # The final-scrape stage
 //!
