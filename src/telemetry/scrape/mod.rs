@@ -25,9 +25,9 @@
 //!   treats a failed scrape as an empty one and writes staleness markers. The body is sent
 //!   uncompressed, whatever `Accept-Encoding` asks, so that its last byte is the end of the
 //!   scrape.
-//! - A request head must arrive in full within 10 s of its first byte, and a connection with no
-//!   request under way is closed after 5 minutes idle; at most 256 connections are served at
-//!   once, and past that new ones are closed at accept.
+//! - A request head must arrive in full within 10 s of its first byte, or the connection is
+//!   closed; at most 256 connections are served at once, and past that new ones are closed at
+//!   accept.
 //! - It keeps answering through Announce, Drain, Workers and Telemetry: it is not one of the
 //!   servers finale drains. It closes when the run's report exists (just before
 //!   [`ShutdownReport::exit`](crate::ShutdownReport::exit)), when the `Finale` is dropped
