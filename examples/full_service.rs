@@ -38,7 +38,8 @@
 //!   thread of its own, through the whole shutdown, and the Telemetry phase waits for a scrape
 //!   of the final values (the `final-scrape` stage). `METRICS_FINAL_SCRAPE=off` serves the
 //!   endpoint without the stage; `METRICS_POLICY=every` waits for every recent scraper;
-//!   `METRICS_INTERVAL` (e.g. `15s`) declares the scrape interval, for the budget planner.
+//!   `METRICS_INTERVAL` (e.g. `15s`) and `METRICS_TIMEOUT` (e.g. `1s`) declare the scrape
+//!   interval and timeout, for the budget planner.
 //! - `OTEL_EXPORTER_OTLP_ENDPOINT` (the collector's base URL) and
 //!   `OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf`, the default, as in the OpenTelemetry
 //!   specification, or `grpc`): without an endpoint, no OTLP. Over gRPC, a collector that
@@ -297,6 +298,9 @@ async fn run() -> ! {
         }
         if let Some(interval) = env("METRICS_INTERVAL").and_then(|v| humantime(&v)) {
             builder = builder.expected_interval(interval);
+        }
+        if let Some(timeout) = env("METRICS_TIMEOUT").and_then(|v| humantime(&v)) {
+            builder = builder.expected_timeout(timeout);
         }
         let endpoint = builder.build(metrics.clone()).unwrap_or_else(|e| {
             eprintln!("{e}");

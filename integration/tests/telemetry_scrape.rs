@@ -327,8 +327,9 @@ fn scrape(addr: SocketAddr, read_body: bool) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(BOUND)).unwrap();
     s.write_all(
+        // A timeout within the 300 ms interval, as Prometheus requires of its config.
         b"GET /metrics HTTP/1.1\r\nhost: x\r\nuser-agent: Prometheus/stand-in\r\n\
-          x-prometheus-scrape-timeout-seconds: 5\r\nconnection: close\r\n\r\n",
+          x-prometheus-scrape-timeout-seconds: 0.25\r\nconnection: close\r\n\r\n",
     )
     .unwrap();
     if read_body {
@@ -474,6 +475,39 @@ fn the_planner_warns_at_start_when_the_grace_period_cannot_hold_a_scrape_interva
         out.contains("final-scrape: did not wait: no scrape was ever seen"),
         "{out}"
     );
+}
+
+/// The operations guide's worked example (15 s interval, 1 s timeout, grace period 45 s), with
+/// its settings as the guide gives them: the planner neither fails the build nor warns.
+#[test]
+fn the_guides_worked_example_passes_the_planner() {
+    let scratch = Scratch::new("guide");
+    let service = Service::start(
+        &scratch,
+        &[
+            ("METRICS_INTERVAL", "15s"),
+            ("METRICS_TIMEOUT", "1s"),
+            ("FINALE_GRACE_PERIOD", "45s"),
+            ("FINALE_TOTAL_BUDGET", "43s"),
+            ("FINALE_SAFETY_MARGIN", "2s"),
+            ("FINALE_DRAIN_DELAY", "5s"),
+            ("FINALE_ANNOUNCE_TIMEOUT", "1s"),
+            ("FINALE_DRAIN_TIMEOUT", "2s"),
+            ("FINALE_WORKERS_TIMEOUT", "2s"),
+            ("FINALE_TELEMETRY_RESERVE", "33s"),
+        ],
+    );
+    let (_, out, _) = service.stop();
+    let warned: Vec<&str> = out
+        .lines()
+        .filter(|l| {
+            l.contains("cannot hold")
+                || l.contains("raise the telemetry reserve")
+                || l.contains("does not fit")
+        })
+        .collect();
+    assert!(warned.is_empty(), "{warned:#?}\n{out}");
+    assert!(out.contains("final-scrape"), "{out}");
 }
 
 #[test]

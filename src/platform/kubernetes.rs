@@ -418,7 +418,9 @@ pub(crate) fn message(report: &ShutdownReport, max: usize) -> String {
                 kv(&mut line, "agent", &shorten(agent, VALUE_MAX));
             }
             kv(&mut line, "samples", &first.samples.to_string());
-        } else {
+        }
+        // Whenever the final scrape did not come, why: a missed one names those waited for.
+        if f.outcome != crate::ScrapeOutcome::Scraped {
             kv(
                 &mut line,
                 "why",

@@ -65,6 +65,9 @@ pub enum ScrapeOutcome {
         /// The scrapers still waited for, as `peer (user agent)`.
         waiting_for: Vec<String>,
     },
+    /// A second signal came before the final scrape did: the stage stopped waiting at once (or
+    /// did not start to), leaving the escalation's short budget to the later stages.
+    Escalated,
 }
 
 impl ScrapeOutcome {
@@ -76,6 +79,7 @@ impl ScrapeOutcome {
             ScrapeOutcome::IntervalUnknown => "interval_unknown",
             ScrapeOutcome::TooLate { .. } => "too_late",
             ScrapeOutcome::Missed { .. } => "missed",
+            ScrapeOutcome::Escalated => "escalated",
         }
     }
 }
@@ -107,6 +111,9 @@ impl fmt::Display for ScrapeOutcome {
                     waiting_for.join(", ")
                 }
             ),
+            ScrapeOutcome::Escalated => {
+                f.write_str("stopped waiting: a second signal came before the final scrape")
+            }
         }
     }
 }

@@ -25,6 +25,9 @@
 //!   treats a failed scrape as an empty one and writes staleness markers. The body is sent
 //!   uncompressed, whatever `Accept-Encoding` asks, so that its last byte is the end of the
 //!   scrape.
+//! - A request head must arrive in full within 10 s of its first byte, or the connection is
+//!   closed; at most 256 connections are served at once, and past that new ones are closed at
+//!   accept.
 //! - It keeps answering through Announce, Drain, Workers and Telemetry: it is not one of the
 //!   servers finale drains. It closes when the run's report exists (just before
 //!   [`ShutdownReport::exit`](crate::ShutdownReport::exit)), when the `Finale` is dropped
@@ -39,7 +42,9 @@
 //!   `install_recorder` does not start: histograms are drained and idle metrics expire.
 //! - The address is bound by `build`: a bad address or one in use is a [`ScrapeConfigError`]
 //!   there, never a panic. Port `0` picks a free port; [`local_addr`](MetricsEndpoint::local_addr)
-//!   says which.
+//!   says which. `build` runs before the run, not inside graceful start, so finale does not
+//!   turn that error into a start failure (exit code 3) by itself: the caller decides. The
+//!   `full_service` example prints it and exits with code 3.
 //!
 //! # The final-scrape stage
 //!
@@ -55,13 +60,20 @@
 //!   and its last byte written to the socket. Under [`ScrapePolicy::Any`] (the default) one such
 //!   scrape by anyone is enough; under [`ScrapePolicy::Every`] every scraper seen recently
 //!   (within two of its intervals and its timeout) whose next scrape is predicted in time must
-//!   have made one (a highly available Prometheus pair scrapes independently).
+//!   have made one (a highly available Prometheus pair scrapes independently). A scraper that
+//!   stopped within that window cannot be told from one still to come: it is waited for, and
+//!   the stage ends missed, naming it.
 //! - **The prediction.** Prometheus scrapes each target at a fixed offset within its interval.
 //!   The endpoint learns each scraper's interval (the median gap between its last scrapes) and
 //!   phase (its last scrape), and the duration of its last scrape; a scraper is a keep-alive
 //!   connection, continued across reconnects by address and `User-Agent`
-//!   (`Prometheus/2.42.0`, `vm_promscrape`: hints, not a filter).
+//!   (`Prometheus/2.42.0`, `vm_promscrape`: hints, not a filter) when the new scrape lands on
+//!   that scraper's phase (what can and cannot be told apart: the `scrapers` module).
 //!   `X-Prometheus-Scrape-Timeout-Seconds` tells how long a scraper may still count as recent.
+//!   The prediction is made when the Telemetry phase begins. A scrape due up to a tenth of the
+//!   interval (at most 100 ms) before that moment that has not come yet is late, not past: it
+//!   is the one predicted. The stage waits only when the predicted scrape ends at least that
+//!   slack before its deadline.
 //! - **When it does not wait**, the report says why ([`ScrapeOutcome`]): no scrape was ever
 //!   seen (or none recently); only one scrape was seen and no interval was
 //!   [declared](MetricsEndpointBuilder::expected_interval); or the next scrape would end after
@@ -69,6 +81,9 @@
 //! - **When the scrape does not come** by the deadline (a scraper that stopped scraping, or
 //!   stalled mid-body) the hook fails, saying which scrapers it waited for, and the run is
 //!   [`TelemetryNotDelivered`](crate::ShutdownStatus::TelemetryNotDelivered).
+//! - **A second signal** ends the wait at once (or keeps it from starting): the outcome is
+//!   [`Escalated`](ScrapeOutcome::Escalated), the hook completes, and the later Telemetry stages
+//!   (traces and logs, the log writer) get what is left of the escalation budget.
 //! - **The report** gets a line per endpoint ([`ShutdownReport::final_scrapes`](crate::ShutdownReport::final_scrapes)):
 //!   when each final scrape came (after the trigger), who made it, the samples it carried and
 //!   how long the stage waited; or why it did not wait. Its JSON and the Kubernetes termination
@@ -82,7 +97,9 @@
 //! own thread and its std clock, from the takeover with the same share of what is left; a
 //! stage that the hook had started already is waited for, not run twice. The takeover's exit
 //! then follows the final scrape, if one came in time. The takeover's report is not built (the
-//! runtime that would build it is wedged), so the line is in the log, not in a report.
+//! runtime that would build it is wedged), so the line is in the log, not in a report; the
+//! takeover's termination message lists the stage under `delivered=` only if the final scrape
+//! came, and under `not_delivered=` otherwise (whether it did not wait or missed).
 //!
 //! # Budget
 //!
@@ -91,7 +108,7 @@
 //! (target `finale`) when the grace period cannot hold the drain delay + the drain + one scrape
 //! interval + the scrape timeout, or when the stage's share of the telemetry reserve cannot
 //! hold one interval + the timeout: the stage then waits only when the prediction lands in
-//! time. With a 15 s interval, give the telemetry reserve 2 × (15 s + timeout).
+//! time. With a 15 s interval, give the telemetry reserve 2 × (15 s + timeout) + 0.1 s.
 //!
 //! # `/metrics` on your own axum router
 //!
@@ -424,9 +441,12 @@ impl MetricsEndpoint {
                     let std_deadline =
                         start + deadline.saturating_duration_since(tokio::time::Instant::now());
                     let trigger = hook_shared.life.trigger().unwrap_or(start);
+                    let life = hook_shared.life.clone();
                     let (inner, held, outcome) = (hook_inner, hook_held, hook_outcome);
                     async move {
                         let name = format!("finale-{}", inner.wait.stage);
+                        let scrapers = inner.scrapers.clone();
+                        let escalated = life.clone();
                         // If the supervisor took the wait first, this reports what its wait
                         // said (bounded by the stage's deadline), not a success of its own.
                         let work = move || {
@@ -437,11 +457,23 @@ impl MetricsEndpoint {
                                     trigger,
                                     start,
                                     std_deadline,
+                                    &|| escalated.escalated.is_cancelled(),
                                 );
                                 stage::conclude(&outcome, result)
                             })
                         };
-                        match run_until(&name, hard, work).await {
+                        let waiting = run_until(&name, hard, work);
+                        tokio::pin!(waiting);
+                        // A second signal ends the wait at once: the phase's deadline is then
+                        // the escalation's, and the later stages need what is left of it.
+                        let ended = tokio::select! {
+                            ended = &mut waiting => ended,
+                            () = life.escalated.cancelled() => {
+                                scrapers.wake();
+                                waiting.await
+                            }
+                        };
+                        match ended {
                             Ok(OffThread::Done(result)) => result.map_err(HookError::msg),
                             Ok(OffThread::Panicked(m)) => Err(HookError::msg(m)),
                             Ok(OffThread::TimedOut) => Err(HookError::msg(
@@ -455,7 +487,7 @@ impl MetricsEndpoint {
             .order(ORDER_METRICS),
         )?;
 
-        let (em_inner, em_outcome, em_shared) = (inner.clone(), outcome.clone(), shared.clone());
+        let (em_inner, em_outcome, em_life) = (inner.clone(), outcome.clone(), shared.life.clone());
         shared.add_emergency(EmergencyStage {
             name: inner.wait.stage.clone(),
             order: ORDER_METRICS,
@@ -463,16 +495,19 @@ impl MetricsEndpoint {
             run: Box::new(move |deadline| {
                 held.run_or_wait(deadline, |()| {
                     let start = std::time::Instant::now();
-                    let trigger = em_shared.life.trigger().unwrap_or(start);
+                    let trigger = em_life.trigger().unwrap_or(start);
                     let result = stage::final_scrape(
                         &em_inner.scrapers,
                         &em_inner.wait,
                         trigger,
                         start,
                         deadline,
+                        &|| em_life.escalated.is_cancelled(),
                     );
                     stage::conclude(&em_outcome, result)
                 })
+                // The takeover names the stage delivered only if the final scrape came.
+                .and_then(|()| stage::delivered(&em_outcome))
             }),
         });
         shared.add_final_scrape(Box::new(move || crate::state::lock(&outcome).clone()));

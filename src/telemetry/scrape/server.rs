@@ -17,12 +17,19 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use super::scrapers::{Request, Scrapers};
 
 /// The largest request head read: 16 KiB.
 const MAX_HEAD: usize = 16 * 1024;
+/// A request head must arrive in full this soon after its first byte, as for finale's servers.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with no request under way is closed after this long: longer than any usual
+/// scrape interval, so a scraper's kept-alive connection stays between scrapes.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Connections served at once; past this, new ones are closed at accept.
+const MAX_CONNECTIONS: usize = 256;
 
 pub(crate) type Render = Arc<dyn Fn() -> String + Send + Sync>;
 pub(crate) type Upkeep = Box<dyn Fn() + Send>;
@@ -115,6 +122,7 @@ async fn serve(
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_conn = 0u64;
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     // Closed by `close()` only: every handle dropped (an endpoint built and not registered)
     // leaves it serving until the process exits.
     let close = async move {
@@ -133,8 +141,16 @@ async fn serve(
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        tracing::debug!(target: "finale", %peer, "metrics endpoint: too many connections");
+                        continue;
+                    };
                     next_conn += 1;
-                    tokio::spawn(connection(stream, peer, next_conn, app.clone()));
+                    let app = app.clone();
+                    tokio::spawn(async move {
+                        connection(stream, peer, next_conn, app).await;
+                        drop(slot);
+                    });
                 }
                 Err(error) => {
                     // Out of file descriptors, say: try again shortly rather than spin.
@@ -165,6 +181,13 @@ async fn exchange(
     conn: u64,
     app: &App,
 ) -> Option<bool> {
+    // Idle until the first byte of a head, then `HEAD_TIMEOUT` for the rest of it.
+    let mut by = tokio::time::Instant::now()
+        + if buf.is_empty() {
+            IDLE_TIMEOUT
+        } else {
+            HEAD_TIMEOUT
+        };
     let head_end = loop {
         if let Some(end) = find_head_end(buf) {
             break end;
@@ -181,9 +204,13 @@ async fn exchange(
             return None;
         }
         let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        let was_empty = buf.is_empty();
+        match tokio::time::timeout_at(by, stream.read(&mut chunk)).await {
+            Ok(Ok(0) | Err(_)) | Err(_) => return None,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if was_empty {
+            by = tokio::time::Instant::now() + HEAD_TIMEOUT;
         }
     };
     let at = Instant::now();
@@ -251,7 +278,7 @@ async fn exchange(
     };
     // Only a GET is a scrape; it is recorded before the render, so a scrape that started after
     // the Telemetry phase began renders the final values.
-    let index = (!head_only).then(|| app.scrapers.started(&req));
+    let scraper = (!head_only).then(|| app.scrapers.started(&req));
     let render = app.render.clone();
     let Ok(body) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| render())) else {
         tracing::error!(target: "finale", "metrics endpoint: the render panicked");
@@ -261,9 +288,9 @@ async fn exchange(
     respond(stream, "200 OK", &body, keep_alive, head_only)
         .await
         .ok()?;
-    if let Some(index) = index {
+    if let Some(scraper) = scraper {
         app.scrapers
-            .answered(index, &req, Instant::now(), count_samples(&body));
+            .answered(scraper, &req, Instant::now(), count_samples(&body));
     }
     Some(keep_alive)
 }

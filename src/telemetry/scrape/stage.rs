@@ -13,7 +13,7 @@ use crate::report::{FinalScrape, ScrapeOutcome, ScrapeSeen};
 use crate::state::lock;
 
 use super::ScrapePolicy;
-use super::scrapers::{Scrapers, Seen};
+use super::scrapers::{Ended, Scrapers, Seen, slack};
 
 /// How the stage waits.
 #[derive(Clone, Debug)]
@@ -34,9 +34,14 @@ pub(crate) fn final_scrape(
     trigger: Instant,
     start: Instant,
     deadline: Instant,
+    stop: &dyn Fn() -> bool,
 ) -> FinalScrape {
     let after_trigger = |t: Instant| t.saturating_duration_since(trigger);
-    let expected = scrapers.read(|seen| expect(seen, wait, start, deadline));
+    let expected = if stop() {
+        Err(ScrapeOutcome::Escalated)
+    } else {
+        scrapers.read(|seen| expect(seen, wait, start, deadline))
+    };
     let outcome = match expected {
         Err(ScrapeOutcome::TooLate { predicted, .. }) => ScrapeOutcome::TooLate {
             // `expect` counts from `start`; the report counts from the trigger.
@@ -45,17 +50,18 @@ pub(crate) fn final_scrape(
         },
         Err(why) => why,
         Ok(waiting_for) => {
-            let result = scrapers.wait_until(deadline, |seen| {
+            let result = scrapers.wait_until(deadline, stop, |seen| {
                 let pending = pending(seen, wait.policy, &waiting_for, start);
                 pending.is_empty().then_some(())
             });
             match result {
                 Ok(()) => ScrapeOutcome::Scraped,
-                Err(()) => ScrapeOutcome::Missed {
+                Err(Ended::Stopped) => ScrapeOutcome::Escalated,
+                Err(Ended::Deadline) => ScrapeOutcome::Missed {
                     waiting_for: scrapers.read(|seen| {
                         pending(seen, wait.policy, &waiting_for, start)
                             .into_iter()
-                            .map(|i| seen.scrapers[i].label())
+                            .map(|(_, label)| label)
                             .collect()
                     }),
                 },
@@ -83,17 +89,20 @@ pub(crate) fn final_scrape(
     }
 }
 
+/// A scraper waited for: its identity and its label for the report.
+type Awaited = (u64, String);
+
 /// The scrapers to wait for, or why not to wait. A `TooLate` here counts from `start`.
 fn expect(
     seen: &Seen,
     wait: &Wait,
     start: Instant,
     deadline: Instant,
-) -> Result<Vec<usize>, ScrapeOutcome> {
+) -> Result<Vec<Awaited>, ScrapeOutcome> {
     let mut unknown = false;
     let mut earliest: Option<Instant> = None;
     let mut fitting = Vec::new();
-    for (i, s) in seen.scrapers.iter().enumerate() {
+    for s in &seen.scrapers {
         let Some(interval) = s.interval().or(wait.expected_interval) else {
             unknown = true;
             continue;
@@ -105,8 +114,10 @@ fn expect(
             continue;
         };
         earliest = Some(earliest.map_or(end, |e| e.min(end)));
-        if end <= deadline {
-            fitting.push(i);
+        // With room for it to be a little late: one that would end at the deadline exactly
+        // is likely to miss it.
+        if end + slack(interval) <= deadline {
+            fitting.push((s.id, s.label()));
         }
     }
     if !fitting.is_empty() {
@@ -127,7 +138,12 @@ fn expect(
 
 /// Of the scrapers waited for, those without a scrape that started at `start` or later and was
 /// answered in full; under [`ScrapePolicy::Any`] one such scrape, by anyone, is enough.
-fn pending(seen: &Seen, policy: ScrapePolicy, waiting_for: &[usize], start: Instant) -> Vec<usize> {
+fn pending(
+    seen: &Seen,
+    policy: ScrapePolicy,
+    waiting_for: &[Awaited],
+    start: Instant,
+) -> Vec<Awaited> {
     let mut answered = seen.answered.iter().filter(|a| a.started >= start);
     match policy {
         ScrapePolicy::Any => {
@@ -138,13 +154,24 @@ fn pending(seen: &Seen, policy: ScrapePolicy, waiting_for: &[usize], start: Inst
             }
         }
         ScrapePolicy::Every => {
-            let done: Vec<usize> = answered.map(|a| a.scraper).collect();
+            let done: Vec<u64> = answered.map(|a| a.scraper).collect();
             waiting_for
                 .iter()
-                .copied()
-                .filter(|i| !done.contains(i))
+                .filter(|(id, _)| !done.contains(id))
+                .cloned()
                 .collect()
         }
+    }
+}
+
+/// What the supervisor's takeover says of the stage: delivered only if the final scrape came.
+/// Not waiting (nobody scrapes, the next scrape too late) is no failure of the hook, but no
+/// delivery either.
+pub(crate) fn delivered(outcome: &Outcome) -> Result<(), String> {
+    match &*lock(outcome) {
+        Some(r) if r.outcome == ScrapeOutcome::Scraped => Ok(()),
+        Some(r) => Err(r.to_string()),
+        None => Err("the stage did not run".to_owned()),
     }
 }
 
@@ -164,8 +191,8 @@ pub(crate) fn conclude(outcome: &Outcome, result: FinalScrape) -> Result<(), Str
 }
 
 /// What the planner says at start about the scrape: the grace period must hold the drain, one
-/// scrape interval and the scrape's timeout; the stage's share of the Telemetry reserve must
-/// hold one interval and the timeout. Each misfit is one message.
+/// scrape interval, the scrape's timeout and the safety margin; the stage's share of the
+/// Telemetry reserve must hold one interval and the timeout. Each misfit is one message.
 pub(crate) fn plan(
     budget: &crate::Budget,
     usable_at_telemetry: Duration,
@@ -174,14 +201,20 @@ pub(crate) fn plan(
 ) -> Vec<String> {
     let mut misfits = Vec::new();
     if let Some(grace) = budget.grace_period {
-        let needed = budget.drain_delay.max() + budget.drain_timeout + interval + timeout;
+        let needed = budget.drain_delay.max()
+            + budget.drain_timeout
+            + interval
+            + timeout
+            + budget.safety_margin;
         if needed > grace {
             misfits.push(format!(
                 "the grace period {grace:?} cannot hold the drain delay {:?} + drain {:?} + one \
-                 scrape interval {interval:?} + the scrape timeout {timeout:?} = {needed:?}: the \
-                 final scrape may not come before the platform kills the process",
+                 scrape interval {interval:?} + the scrape timeout {timeout:?} + the safety \
+                 margin {:?} = {needed:?}: the final scrape may not come before the platform \
+                 kills the process",
                 budget.drain_delay.max(),
-                budget.drain_timeout
+                budget.drain_timeout,
+                budget.safety_margin
             ));
         }
     }
@@ -211,6 +244,10 @@ mod tests {
         }
     }
 
+    fn never() -> bool {
+        false
+    }
+
     fn scrape(model: &Scrapers, conn: u64, at: Instant) {
         let r = Request {
             conn,
@@ -227,7 +264,7 @@ mod tests {
     fn no_wait_without_a_scraper_or_when_the_next_scrape_is_too_late() {
         let model = Scrapers::default();
         let now = Instant::now();
-        let r = final_scrape(&model, &wait(ScrapePolicy::Any), now, now, now);
+        let r = final_scrape(&model, &wait(ScrapePolicy::Any), now, now, now, &never);
         assert_eq!(r.outcome, ScrapeOutcome::NoScraperSeen);
 
         // Scraped every 10 s, last 1 s ago: the next comes in 9 s, the deadline is in 2 s.
@@ -242,6 +279,7 @@ mod tests {
             start,
             start,
             start + Duration::from_secs(2),
+            &never,
         );
         assert!(
             matches!(r.outcome, ScrapeOutcome::TooLate { predicted, deadline }
@@ -252,15 +290,42 @@ mod tests {
     }
 
     #[test]
+    fn a_scrape_predicted_at_the_deadline_exactly_is_not_waited_for() {
+        let model = Scrapers::default();
+        let now = Instant::now();
+        let s = Duration::from_secs(1);
+        // Scraped every second, last 500 ms ago: the next ends 500 ms from now.
+        let base = now - Duration::from_millis(2500);
+        for k in 0..3 {
+            scrape(&model, 1, base + s * k);
+        }
+        let at = |d: u64| now + Duration::from_millis(d);
+        let r = final_scrape(&model, &wait(ScrapePolicy::Any), now, now, at(500), &never);
+        assert!(matches!(r.outcome, ScrapeOutcome::TooLate { .. }), "{r}");
+        // With the slack (100 ms at a 1 s interval) it waits; a stop ends the wait at once.
+        let r = final_scrape(&model, &wait(ScrapePolicy::Any), now, now, at(600), &|| {
+            true
+        });
+        assert_eq!(r.outcome, ScrapeOutcome::Escalated, "{r}");
+    }
+
+    #[test]
     fn a_scraper_seen_once_has_no_interval_unless_one_is_declared() {
         let model = Scrapers::default();
         let now = Instant::now();
         scrape(&model, 1, now - Duration::from_millis(500));
-        let r = final_scrape(&model, &wait(ScrapePolicy::Any), now, now, now);
+        let r = final_scrape(&model, &wait(ScrapePolicy::Any), now, now, now, &never);
         assert_eq!(r.outcome, ScrapeOutcome::IntervalUnknown);
         let mut declared = wait(ScrapePolicy::Any);
         declared.expected_interval = Some(Duration::from_secs(60));
-        let r = final_scrape(&model, &declared, now, now, now + Duration::from_secs(1));
+        let r = final_scrape(
+            &model,
+            &declared,
+            now,
+            now,
+            now + Duration::from_secs(1),
+            &never,
+        );
         assert!(matches!(r.outcome, ScrapeOutcome::TooLate { .. }), "{r}");
     }
 
