@@ -1030,6 +1030,52 @@ async fn a_partial_head_during_the_drain_is_closed_at_the_header_read_timeout() 
     assert!(took < Duration::from_secs(2), "{took:?}");
 }
 
+/// A drain shortened by the total budget (total 2 s, telemetry reserve 900 ms: the drain has
+/// at most 1.1 s, though its timeout is 10 s) leaves no time outside the late margin (1 s)
+/// plus the cut margin (100 ms): registering the server warns, and the `503` a request gets
+/// 50 ms into the drain is counted in the report (its status stays clean: a `503` with
+/// `Retry-After` is an answer). Before, the check looked at the drain timeout only: no warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_shortened_by_the_total_budget_warns_of_its_503s() {
+    use std::sync::Mutex;
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    let served = serve(
+        builder()
+            .total_budget(Duration::from_secs(2))
+            .telemetry_reserve(Duration::from_millis(900)),
+    )
+    .await;
+    drop(guard);
+    let logged = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    assert!(logged.contains("answered 503"), "no warning: {logged}");
+    let mut kept = kept_alive(&served).await;
+    served.handle.trigger("test");
+    served.handle.phase_started(Phase::Drain).await;
+    let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", served.addr);
+    kept.write_all(request.as_bytes()).await.unwrap();
+    let (head, _) = read_response(&mut kept).await;
+    let report = finish(served).await;
+    assert!(head.starts_with("http/1.1 503"), "{head}");
+    assert_eq!(report.requests_rejected, 1, "{report}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn axum_handlers_get_connect_info() {
     // axum's `ConnectInfo<SocketAddr>` extractor answers 500 unless the server provides it:
