@@ -708,6 +708,8 @@ fn validate(b: &Budget) -> Result<(), ConfigError> {
     allow(dead_code)
 )]
 pub(crate) struct LateMisfit {
+    /// The longest the drain can last.
+    pub(crate) drain: Duration,
     pub(crate) drain_timeout: Duration,
     pub(crate) late_margin: Duration,
     pub(crate) cut_margin: Duration,
@@ -717,13 +719,20 @@ impl fmt::Display for LateMisfit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "the drain timeout {:?} is not longer than the late margin {:?} plus the cut margin              {:?}: every HTTP/1 request that arrives during the drain is answered 503 instead of              served; lengthen the drain timeout (FINALE_DRAIN_TIMEOUT) or shorten              Rejection::late_margin",
-            self.drain_timeout, self.late_margin, self.cut_margin
+            "the drain lasts at most {:?} (the drain timeout {:?}, and what the total budget \
+             leaves it after the telemetry reserve and a fixed drain delay), not longer than the \
+             late margin {:?} plus the cut margin {:?}: every HTTP/1 request that arrives during \
+             the drain is answered 503 instead of served; lengthen the drain timeout \
+             (FINALE_DRAIN_TIMEOUT) or the total budget, or shorten Rejection::late_margin",
+            self.drain, self.drain_timeout, self.late_margin, self.cut_margin
         )
     }
 }
 
-/// The budget planner, for a server: do its late answers leave the drain time to serve?
+/// The budget planner, for a server: do its late answers leave the drain time to serve? The
+/// drain lasts at most its timeout, and at most what the total budget leaves it: the total
+/// less the telemetry reserve and a fixed drain delay (a delay that ends when probed or quiet
+/// may end at once, so only a fixed one is counted).
 #[cfg_attr(
     not(any(feature = "axum", feature = "hyper", feature = "tonic")),
     allow(dead_code)
@@ -733,8 +742,18 @@ pub(crate) fn plan_late_answers(
     late_margin: Duration,
     cut_margin: Duration,
 ) -> Result<(), LateMisfit> {
-    if budget.drain_timeout <= late_margin + cut_margin {
+    let delay = match budget.drain_delay {
+        DrainDelay::Fixed(d) => d,
+        DrainDelay::UntilProbed { .. } | DrainDelay::UntilQuiet { .. } => Duration::ZERO,
+    };
+    let left = budget
+        .total
+        .saturating_sub(budget.telemetry_reserve)
+        .saturating_sub(delay);
+    let drain = budget.drain_timeout.min(left);
+    if drain <= late_margin + cut_margin {
         return Err(LateMisfit {
+            drain,
             drain_timeout: budget.drain_timeout,
             late_margin,
             cut_margin,
@@ -849,6 +868,30 @@ mod tests {
         b.drain_timeout = Duration::from_millis(1100);
         assert!(plan_late_answers(&b, late, cut).is_err());
         b.drain_timeout = Duration::from_millis(1500);
+        assert!(plan_late_answers(&b, late, cut).is_ok());
+    }
+
+    #[test]
+    fn a_drain_shortened_by_the_total_budget_within_the_late_margin_is_a_misfit() {
+        let mut b = resolve(BudgetSettings::default(), &[]).unwrap();
+        let (late, cut) = (Duration::from_secs(1), Duration::from_millis(100));
+        b.drain_delay = DrainDelay::Fixed(Duration::ZERO);
+        b.drain_timeout = Duration::from_secs(10);
+        b.total = Duration::from_secs(2);
+        b.telemetry_reserve = Duration::from_millis(900);
+        let misfit = plan_late_answers(&b, late, cut).unwrap_err();
+        assert_eq!(misfit.drain, Duration::from_millis(1100));
+        b.total = Duration::from_secs(3);
+        assert!(plan_late_answers(&b, late, cut).is_ok());
+        // A fixed drain delay comes out of the total too.
+        b.drain_delay = DrainDelay::Fixed(Duration::from_secs(1));
+        assert!(plan_late_answers(&b, late, cut).is_err());
+        // One that may end at once does not.
+        b.drain_delay = DrainDelay::UntilQuiet {
+            probes: 0,
+            idle: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
         assert!(plan_late_answers(&b, late, cut).is_ok());
     }
 

@@ -5,13 +5,17 @@
 //!
 //! - The shutdown is requested once: the first [`Reason`] wins, and the trigger instant is set
 //!   before the `requested` token is cancelled, so whoever wakes on the token sees both.
+//! - A hand-off and a shutdown requested while the successor starts are decided once, by
+//!   one compare-and-swap on `Life::handover`: whichever comes first wins, the other loses.
 //! - The escalation instant is set before the `escalated` token is cancelled, for the same reason.
 //! - A phase's deadline is set before its token is cancelled.
 //! - The registry is `Some` until the sequence starts; after that every registration is refused.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -82,7 +86,13 @@ pub(crate) struct Life {
     exit_code: AtomicI32,
     /// Counted out of [`UNFINISHED`] (finished, or dropped without running).
     settled: AtomicBool,
+    /// Who won between a hand-off and a shutdown: 0 neither yet, [`SHUTDOWN_WON`] a shutdown
+    /// was requested, otherwise the successor's process id (the hand-off won).
+    handover: AtomicU32,
 }
+
+/// [`Life::handover`] once a shutdown was requested before any hand-off was decided.
+const SHUTDOWN_WON: u32 = u32::MAX;
 
 /// `Finale`s of this process built and neither finished nor dropped without running. A
 /// supervisor whose own sequence finished leaves a later signal to them.
@@ -101,7 +111,26 @@ impl Life {
             escalated_at: OnceLock::new(),
             exit_code: AtomicI32::new(0),
             settled: AtomicBool::new(false),
+            handover: AtomicU32::new(0),
         }
+    }
+
+    /// The hand-off to the successor `pid` (ready) wins, unless a shutdown was requested
+    /// first. Returns whether it won; a shutdown requested after it is the hand-off's.
+    #[cfg_attr(not(all(feature = "upgrade", unix)), allow(dead_code))]
+    pub(crate) fn claim_handover(&self, pid: u32) -> bool {
+        pid != 0
+            && pid != SHUTDOWN_WON
+            && self
+                .handover
+                .compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
+    /// Whether a shutdown was requested (and so a hand-off can no longer win).
+    #[cfg_attr(not(all(feature = "upgrade", unix)), allow(dead_code))]
+    pub(crate) fn shutdown_won(&self) -> bool {
+        self.handover.load(Ordering::Acquire) == SHUTDOWN_WON
     }
 
     fn settle(&self) {
@@ -324,11 +353,29 @@ impl Shared {
     }
 
     /// Requests the shutdown; the first reason wins. Returns whether this call requested it.
-    pub(crate) fn request(&self, reason: Reason) -> bool {
+    pub(crate) fn request(&self, mut reason: Reason) -> bool {
+        let mut substituted = false;
         {
             let mut slot = lock(&self.reason);
             if slot.is_some() {
                 return false;
+            }
+            // First, before anything that may block (the log): the hand-off started by the
+            // upgrade decides against the same word.
+            if let Err(pid) = self.life.handover.compare_exchange(
+                0,
+                SHUTDOWN_WON,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) && pid != SHUTDOWN_WON
+                && !matches!(reason, Reason::Upgrade { .. })
+            {
+                // The successor was ready first: it serves, and this shutdown is the
+                // hand-off's (no drain delay, the shared sockets left alone). The caller (a
+                // signal, say) did not request it: to it, this is the first signal after the
+                // hand-off.
+                substituted = true;
+                reason = Reason::Upgrade { successor_pid: pid };
             }
             tracing::info!(target: "finale", %reason, "shutdown requested");
             *slot = Some(reason.clone());
@@ -343,7 +390,7 @@ impl Shared {
         }
         // Before the token: the platform hears of the trigger before any phase starts.
         self.observe(|o| o.requested(self, &reason));
-        self.life.requested.cancel()
+        self.life.requested.cancel() && !substituted
     }
 
     /// Escalates a requested shutdown, as a second signal does. Returns whether this call did.

@@ -885,6 +885,197 @@ async fn the_header_read_timeout_closes_idle_http1_connections_and_leaves_http2_
     assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
 
+/// How long until the server ends `stream` (end of file or an error), `None` if not within
+/// `within`.
+async fn closed_within(mut stream: TcpStream, within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    tokio::time::timeout(within, stream.read_to_end(&mut buf))
+        .await
+        .ok()
+        .map(|_| start.elapsed())
+}
+
+/// Every connection not known to be HTTP/2 is bounded by the header-read timeout while
+/// serving, whatever it sent: nothing at all, `P`, the HTTP/2 preface's first line only (not
+/// the whole preface), a partial request head, or `P` again and again. Before, only a
+/// connection whose first read differed from the preface's start was: the first three stayed
+/// open (the `P` dribble too, each read compared with the preface's start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_read_timeout_bounds_silent_clients_and_partial_prefaces() {
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    let served = serve_with(builder(), |server| server.header_read_timeout(TIMEOUT)).await;
+    let addr = served.addr;
+    let silent = TcpStream::connect(addr).await.unwrap();
+    let mut p = TcpStream::connect(addr).await.unwrap();
+    p.write_all(b"P").await.unwrap();
+    let mut line = TcpStream::connect(addr).await.unwrap();
+    line.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let mut partial = TcpStream::connect(addr).await.unwrap();
+    partial
+        .write_all(b"GET / HTTP/1.1\r\nHost: x")
+        .await
+        .unwrap();
+    // `P` every 100 ms, bounded: 30 writes.
+    let dribble = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let start = Instant::now();
+        for _ in 0..30 {
+            if s.write_all(b"P").await.is_err() {
+                return Some(start.elapsed());
+            }
+            let mut b = [0u8; 64];
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_millis(100), s.read(&mut b)).await
+            {
+                return Some(start.elapsed());
+            }
+        }
+        None
+    });
+    let within = Duration::from_secs(3);
+    let closed = tokio::join!(
+        closed_within(silent, within),
+        closed_within(p, within),
+        closed_within(line, within),
+        closed_within(partial, within),
+    );
+    let dribble = dribble.await.unwrap();
+    eprintln!(
+        "closed after: silent, P, preface line, partial head: {closed:?}; P dribble: {dribble:?}"
+    );
+    for (what, after) in [
+        ("silent", closed.0),
+        ("P", closed.1),
+        ("the preface's first line", closed.2),
+        ("a partial head", closed.3),
+        ("a P every 100 ms", dribble),
+    ] {
+        assert!(
+            after.is_some_and(|t| t < Duration::from_secs(2)),
+            "{what}: not closed within 2 s: {after:?}"
+        );
+    }
+    served.handle.trigger("test");
+    let report = finish(served).await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+/// An h2c prior-knowledge client whose preface arrives in two writes (30 ms apart) is HTTP/2:
+/// idle with no stream open, it is left alone, not closed at the header-read timeout. Before,
+/// the second read was compared with the preface's start, and the connection closed at
+/// ~300 ms, with no GOAWAY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_preface_split_across_writes_is_http2_and_left_alone_when_idle() {
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    let served = serve_with(builder(), |server| server.header_read_timeout(TIMEOUT)).await;
+    let mut h2 = TcpStream::connect(served.addr).await.unwrap();
+    h2.write_all(b"PRI * ").await.unwrap();
+    // Two writes the server reads apart (the rest is what the client sends later).
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    h2.write_all(b"HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let closed = closed_within(h2, 4 * TIMEOUT).await;
+    assert_eq!(closed, None, "the idle HTTP/2 connection was closed");
+    served.handle.trigger("test");
+    let report = finish(served).await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+/// During the drain a partial request head does not hold the connection to the cut: the
+/// header-read timeout bounds it there too. 16 fresh connections; the drain starts (idle grace
+/// 300 ms, header-read timeout 500 ms, drain timeout 3 s); the runtime's two workers are kept
+/// busy from ~50 ms to ~800 ms (as load does: the connection tasks do not run when the grace
+/// ends); a partial head arrives on every connection at ~450 ms. Before, 5 of 16 stayed open
+/// until the cut (exit "forced").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_head_during_the_drain_is_closed_at_the_header_read_timeout() {
+    let served = serve_with(builder().drain_timeout(Duration::from_secs(3)), |server| {
+        server
+            .idle_grace(Duration::from_millis(300))
+            .header_read_timeout(Duration::from_millis(500))
+    })
+    .await;
+    let conns: Vec<std::net::TcpStream> = (0..16)
+        .map(|_| std::net::TcpStream::connect(served.addr).unwrap())
+        .collect();
+    served.handle.trigger("test");
+    served.handle.phase_started(Phase::Drain).await;
+    let t0 = Instant::now();
+    // The input: the workers busy (blocked threads), then the partial heads, on a timeline.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..2 {
+        tokio::spawn(async { std::thread::sleep(Duration::from_millis(750)) });
+    }
+    let sender = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        let mut conns = conns;
+        for c in &mut conns {
+            use std::io::Write;
+            let _ = c.write_all(b"GET / HTTP/1.1\r\nHost: x");
+        }
+        conns
+    });
+    let conns = tokio::task::spawn_blocking(move || sender.join().unwrap())
+        .await
+        .unwrap();
+    let report = finish(served).await;
+    let took = t0.elapsed();
+    eprintln!("drain to the end: {took:?}; {report}");
+    drop(conns);
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+    // The last head at ~450 ms, the timeout 500 ms after the accept: closed well before the
+    // cut (3 s less the cut margin).
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+/// A drain shortened by the total budget (total 2 s, telemetry reserve 900 ms: the drain has
+/// at most 1.1 s, though its timeout is 10 s) leaves no time outside the late margin (1 s)
+/// plus the cut margin (100 ms): registering the server warns, and the `503` a request gets
+/// 50 ms into the drain is counted in the report (its status stays clean: a `503` with
+/// `Retry-After` is an answer). Before, the check looked at the drain timeout only: no warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_shortened_by_the_total_budget_warns_of_its_503s() {
+    use std::sync::Mutex;
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    let served = serve(
+        builder()
+            .total_budget(Duration::from_secs(2))
+            .telemetry_reserve(Duration::from_millis(900)),
+    )
+    .await;
+    drop(guard);
+    let logged = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    assert!(logged.contains("answered 503"), "no warning: {logged}");
+    let mut kept = kept_alive(&served).await;
+    served.handle.trigger("test");
+    served.handle.phase_started(Phase::Drain).await;
+    let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", served.addr);
+    kept.write_all(request.as_bytes()).await.unwrap();
+    let (head, _) = read_response(&mut kept).await;
+    let report = finish(served).await;
+    assert!(head.starts_with("http/1.1 503"), "{head}");
+    assert_eq!(report.requests_rejected, 1, "{report}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn axum_handlers_get_connect_info() {
     // axum's `ConnectInfo<SocketAddr>` extractor answers 500 unless the server provides it:

@@ -602,6 +602,79 @@ fn a_sigterm_just_before_the_successor_is_ready_wins() {
     }
 }
 
+/// A SIGTERM and the successor's `READY=1` swept across each other (the SIGTERM first, then
+/// 0 to ~300 µs of a busy loop, then the successor told to get ready): exactly one wins, in
+/// every round. Either the shutdown won (logged as `reason=signal`): the upgrade is abandoned
+/// and the successor stopped. Or the hand-off won: the old process shuts down with reason
+/// `upgrade`, the SIGTERM counts as the first signal after the hand-off, the successor serves.
+/// Never both: before, a SIGTERM logged just before the ready line (3 of 30 rounds) let the
+/// successor serve while the old process stopped for the signal, "clean", an orphan.
+#[test]
+fn a_sigterm_racing_the_successors_ready_line_has_one_winner() {
+    // Built once: every `probe()` runs cargo.
+    let program = probe();
+    for round in 0..12u64 {
+        let addr = addr();
+        let mut chain = Chain::start(
+            &program,
+            &[
+                ("PROBE_ADDR", addr.to_string()),
+                ("PROBE_SUCCESSOR_READY_ON_USR1", "1".to_owned()),
+                ("PROBE_READY_TIMEOUT_MS", "10000".to_owned()),
+                ("FINALE_DRAIN_DELAY", "0s".to_owned()),
+            ],
+        );
+        ready(addr);
+        let old = chain.first.id();
+        kill("-USR2", old);
+        let warming = chain.wait_line("probe warming pid=");
+        let successor: u32 = field(&warming, "probe warming pid=").parse().unwrap();
+        let spin = round * 24;
+        let script = format!(
+            "kill -TERM {old}; i=0; while [ $i -lt {spin} ]; do i=$((i+1)); done; kill -USR1 {successor}"
+        );
+        assert!(
+            Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let report = chain.wait_line(&format!("probe report pid={old}"));
+        let _ = chain.first.wait();
+        let seen = |what: &str| chain.seen.iter().any(|l| l.contains(what));
+        let by_signal = seen("shutdown requested reason=signal");
+        let by_upgrade = seen("shutdown requested reason=upgrade");
+        let log = chain.seen.join("\n");
+        assert!(
+            by_signal != by_upgrade,
+            "round {round}: one reason, not {by_signal}/{by_upgrade}\n{log}"
+        );
+        if by_signal {
+            assert!(seen("upgrade abandoned"), "round {round}: {log}");
+            assert!(
+                wait_until(BOUND, || !alive(successor)),
+                "round {round}: the successor {successor} serves on (orphan)\n{log}"
+            );
+        } else {
+            assert!(
+                seen("signal while draining after the hand-off"),
+                "round {round}: {log}"
+            );
+            assert!(!seen("upgrade abandoned"), "round {round}: {log}");
+            assert!(alive(successor), "round {round}: {log}");
+            assert_eq!(
+                fresh_get(addr, "/hello").map(|_| ()),
+                Ok(()),
+                "round {round}"
+            );
+            kill("-KILL", successor);
+        }
+        eprintln!("round {round} spin {spin}: signal won: {by_signal}; {report}");
+    }
+}
+
 /// After a hand-off the old process drains what it has in flight; `systemctl stop` (one
 /// SIGTERM to it, `KillMode=control-group`) is the first signal, not a second one: its
 /// requests finish (a 1.5 s request here), the exit is not "forced".

@@ -25,10 +25,12 @@
 //!    finale drains what it already accepted from the shared sockets; SIGKILL after
 //!    [`STOP_WAIT`]), the failure is logged, counted (`finale_upgrades_total{outcome}`), listed
 //!    in the report, and this process goes on serving.
-//! 5. **A shutdown requested while the successor starts** (SIGTERM, `Handle::trigger`) wins,
-//!    also when the successor's `READY=1` arrives right after it (the wait looks at the request
-//!    again once the line is in): the service is to stop, not to be replaced. (One requested
-//!    after that look is after the hand-off: the successor serves, this process drains.) The upgrade is abandoned, the successor
+//! 5. **A shutdown requested while the successor starts** (SIGTERM, `Handle::trigger`) and
+//!    the successor's `READY=1` are decided by one compare-and-swap: exactly one wins. A
+//!    shutdown requested before the old process read the ready line wins: the service is to
+//!    stop, not to be replaced. One requested after it is the hand-off's: the successor
+//!    serves, this process drains with reason `upgrade`, and the signal counts as the first
+//!    after the hand-off. When the shutdown wins, the upgrade is abandoned, the successor
 //!    stopped the same way (SIGKILL once most of the Announce timeout is spent, so that no
 //!    orphan outlives this process), the report says so, and the servers leave the shared
 //!    sockets alone while the successor still holds them.
@@ -587,10 +589,8 @@ async fn try_upgrade(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> {
     );
     shared.observe(|o| o.handed_over(shared, pid));
     state.idle.send_replace(true);
-    if !shared.request(Reason::Upgrade { successor_pid: pid }) {
-        // A signal won the race after the successor was ready: it serves, this one stops.
-        tracing::warn!(target: "finale", successor_pid = pid, "the shutdown had started already");
-    }
+    // A signal requested after the hand-off won requested it already, as the hand-off's.
+    shared.request(Reason::Upgrade { successor_pid: pid });
     Ok(upgraded)
 }
 
@@ -678,7 +678,7 @@ fn wait_ready(
     let deadline = Instant::now() + timeout;
     let mut seen = Vec::new();
     let ended = loop {
-        if life.trigger().is_some() {
+        if life.shutdown_won() {
             break End::Aborted;
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -694,11 +694,15 @@ fn wait_ready(
             Ok(n) => {
                 seen.extend_from_slice(&buf[..n]);
                 if seen.windows(READY_LINE.len()).any(|w| w == READY_LINE) {
-                    // A shutdown requested while the successor got ready (within the last
-                    // slice) still wins: looked at again, not only at the slice's start.
-                    if life.trigger().is_some() {
+                    // One decision, against the shutdown's request: a shutdown requested
+                    // before this instant (within the last slice too) wins; one after it is
+                    // the hand-off's.
+                    if !life.claim_handover(pid) {
                         break End::Aborted;
                     }
+                    // Now, not once the caller hears of it: a signal's request may start the
+                    // sequence first, and its servers must leave the sockets alone.
+                    state.handed_off.store(true, Ordering::Release);
                     return Ok(pid);
                 }
             }

@@ -113,7 +113,14 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
         // The servers were aborted: their connections are dropped on the runtime, and each
         // unfinished request names itself in the report as it goes. A short, bounded wait for
         // that, out of the escalation's budget, so that the report names what was cut.
-        let wait = ESCALATION_NAMING_WAIT.min(budget.escalation_budget / 10);
+        // Never more than a tenth of what is left to the Telemetry phase, whose deadline is
+        // the total's at the latest.
+        let left = clock
+            .telemetry_deadline(shared)
+            .saturating_duration_since(Instant::now());
+        let wait = ESCALATION_NAMING_WAIT
+            .min(budget.escalation_budget / 10)
+            .min(left / 10);
         let _ = tokio::time::timeout(wait, shared.in_flight.wait_idle()).await;
     }
 
@@ -170,7 +177,8 @@ pub(crate) async fn shutdown(shared: &Arc<Shared>, registry: Registry) -> Shutdo
 }
 
 /// How long, after a second signal, the sequence waits for the aborted servers' requests to
-/// be dropped (and named): 100 ms, at most a tenth of the escalation budget.
+/// be dropped (and named): 100 ms, at most a tenth of the escalation budget and a tenth of what
+/// is left to the Telemetry phase.
 const ESCALATION_NAMING_WAIT: Duration = Duration::from_millis(100);
 
 /// How late past the total a sequence may end and still count as within it: the Telemetry

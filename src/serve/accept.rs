@@ -86,7 +86,7 @@ use crate::task::{Task, TaskContext};
 /// request on its way is served (with `Connection: close`) instead of reset: 1 second.
 pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_secs(1);
 /// How long a client may take to send a request's headers: 10 seconds. A slow or stalled
-/// HTTP/1 client is disconnected after it, whatever the drain is doing (see
+/// client (not known to be HTTP/2) is disconnected after it, whatever the drain is doing (see
 /// [`HttpServer::header_read_timeout`]).
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long before the Drain phase's deadline the remaining connections are cut: 100 ms.
@@ -594,13 +594,15 @@ impl<L> HttpServer<L> {
         self
     }
 
-    /// How long a client may take to send a request's headers: an HTTP/1 connection with no
-    /// request in flight that has not sent a complete request head within this time after it
-    /// last did something (accepted, or its last request ended) is closed, whatever the drain
-    /// is doing. An idle keep-alive connection is closed after it too, as hyper's own
-    /// header-read timeout does. finale's connection loop keeps one timer per connection for
-    /// this (moved only when it fires), not hyper's timer per request; an HTTP/2 connection
-    /// with no stream open is idle, not slow, and is left alone.
+    /// How long a client may take to send a request's headers: a connection not known to be
+    /// HTTP/2, with no request in flight, that has not sent a complete request head within
+    /// this time after it last did something (accepted, or its last request ended) is closed,
+    /// whatever the drain is doing: a silent one, a partial head, a partial HTTP/2 preface. An
+    /// idle keep-alive connection is closed after it too, as hyper's own header-read timeout
+    /// does. finale's connection loop keeps one timer per connection for this (moved only when
+    /// it fires), not hyper's timer per request. A connection is known to be HTTP/2 by its
+    /// whole preface (in however many reads), its TLS ALPN `h2`, or its first HTTP/2 request
+    /// (TLS without ALPN); with no stream open it is idle, not slow, and is left alone.
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.settings.header_read_timeout = timeout;
         self

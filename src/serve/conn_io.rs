@@ -1,6 +1,6 @@
 //! A served connection's socket as hyper reads and writes it: reachable (weakly) by the
 //! connection's task after an HTTP/1 upgrade handed it to a handler, and telling HTTP/1 from
-//! HTTP/2 by its first bytes.
+//! HTTP/2 by its first bytes (the whole HTTP/2 preface).
 
 use std::io;
 use std::pin::Pin;
@@ -17,23 +17,32 @@ use crate::serve::transport::Transport;
 pub(super) struct ConnIo<T> {
     pub(super) stream: Arc<T>,
     pub(super) watch: Arc<ConnWatch>,
-    /// The first bytes are still to be looked at (plain connections: HTTP/1 or HTTP/2?).
-    pub(super) sniff: bool,
+    /// How many bytes of the HTTP/2 preface the connection sent so far; [`SNIFFED`] once its
+    /// bytes decided (or under TLS, whose bytes are the handshake's).
+    pub(super) sniffed: u8,
 }
 
-/// The first bytes of every HTTP/2 connection (prior knowledge), up to the first line's end.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+/// The first bytes of every HTTP/2 connection (prior knowledge): the client's preface, whole.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// [`ConnIo::sniffed`] once the first bytes decided: no more looking.
+pub(super) const SNIFFED: u8 = u8::MAX;
 
 impl<T> ConnIo<T> {
-    /// Looks at the first bytes read: anything but the HTTP/2 preface is HTTP/1, which the
-    /// header-read timeout bounds. Only until they decide it.
+    /// Looks at the bytes read until they decide: the whole HTTP/2 preface (in as many reads
+    /// as the client splits it into) makes the connection known HTTP/2; anything else leaves it
+    /// bounded by the header-read timeout, as every connection is until then.
     fn sniff(&mut self, read: &[u8]) {
-        let n = read.len().min(H2_PREFACE.len());
-        if read[..n] != H2_PREFACE[..n] {
-            self.watch.http1.store(true, Ordering::Relaxed);
-            self.sniff = false;
-        } else if n == H2_PREFACE.len() {
-            self.sniff = false;
+        let at = usize::from(self.sniffed);
+        let n = read.len().min(H2_PREFACE.len() - at);
+        if read[..n] != H2_PREFACE[at..at + n] {
+            self.sniffed = SNIFFED;
+        } else if at + n == H2_PREFACE.len() {
+            self.watch.h2_preface.store(true, Ordering::Relaxed);
+            self.sniffed = SNIFFED;
+        } else {
+            // At most 24: fits.
+            self.sniffed = (at + n) as u8;
         }
     }
 }
@@ -52,7 +61,7 @@ impl<T: Transport> tokio::io::AsyncRead for ConnIo<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = self.as_mut().poll_read_inner(cx, buf);
-        if self.sniff && buf.filled().len() > before {
+        if self.sniffed != SNIFFED && buf.filled().len() > before {
             let this = self.get_mut();
             this.sniff(&buf.filled()[before..]);
         }

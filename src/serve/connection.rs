@@ -16,7 +16,7 @@ use hyper_util::server::conn::auto;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::serve::conn_io::ConnIo;
+use crate::serve::conn_io::{ConnIo, SNIFFED};
 use crate::serve::conn_service::ConnService;
 use crate::serve::gate::Gate;
 use crate::serve::tower::ConnWatch;
@@ -81,7 +81,7 @@ pub(super) async fn serve_connection<T, S, B>(
         stream,
         watch: watch.clone(),
         // Under TLS the bytes are the handshake's: its ALPN tells instead.
-        sniff: tls.is_none(),
+        sniffed: if tls.is_none() { 0 } else { SNIFFED },
     };
     let ended = match tls {
         #[cfg(feature = "tls")]
@@ -89,8 +89,10 @@ pub(super) async fn serve_connection<T, S, B>(
             let Some(io) = handshake(&acceptor, io, &watch, &mut stage, settings).await else {
                 return;
             };
-            if io.get_ref().1.alpn_protocol() != Some(b"h2") {
-                watch.http1.store(true, Ordering::Relaxed);
+            // Without ALPN (or with `http/1.1`) the connection stays bounded by the
+            // header-read timeout until its first HTTP/2 request, if any, says otherwise.
+            if io.get_ref().1.alpn_protocol() == Some(b"h2") {
+                watch.h2_preface.store(true, Ordering::Relaxed);
             }
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service)
@@ -175,9 +177,10 @@ where
     B::Error: Into<BoxError>,
     T: Transport,
 {
-    // Slow clients: an HTTP/1 connection with no request in flight that has not sent a
-    // request's headers within the header-read timeout after it last did something (accepted,
-    // or its last request ended) is closed. One timer per connection, moved only when it fires.
+    // Slow clients: a connection not known to be HTTP/2 with no request in flight that has not
+    // sent a request's headers within the header-read timeout after it last did something
+    // (accepted, or its last request ended) is closed: a silent one, a partial head, a partial
+    // HTTP/2 preface. One timer per connection, moved only when it fires.
     let slow = tokio::time::sleep_until(watch.last_active() + settings.header_read_timeout);
     tokio::pin!(slow);
     let gate = Gate::new();
@@ -230,21 +233,10 @@ where
             Event::Stage { closed: false } => {}
             // The accept loop is gone (aborted): close at once.
             Event::Stage { closed: true } => return cut_connection(conn, watch),
-            Event::Slow => {
-                let now = Instant::now();
-                let due = watch.last_active() + settings.header_read_timeout;
-                if watch.active.load(Ordering::Relaxed) > 0 || !watch.http1.load(Ordering::Relaxed)
-                {
-                    // A request in flight (its body, its response), or not HTTP/1: look again
-                    // one timeout from now.
-                    slow.as_mut().reset(now + settings.header_read_timeout);
-                } else if due <= now {
-                    tracing::debug!(target: "finale", peer = %watch.peer, "no request headers within the header-read timeout: closing");
-                    return true;
-                } else {
-                    slow.as_mut().reset(due);
-                }
-            }
+            Event::Slow => match slow_due(watch, settings) {
+                Some(due) => slow.as_mut().reset(due),
+                None => return true,
+            },
             Event::Aged => {
                 aged_checked = true;
                 if watch.http2.load(Ordering::Relaxed) {
@@ -271,6 +263,9 @@ where
         }
         if until > Instant::now() {
             tokio::select! {
+                // The connection first: bytes that arrived are read (a request begun) before
+                // the grace's end is looked at.
+                biased;
                 result = conn.as_mut() => return log_end(watch, result),
                 () = tokio::time::sleep_until(until) => {}
                 _ = stage.wait_for(|s| *s == Stage::Cut) => return cut_connection(conn, watch),
@@ -291,10 +286,40 @@ where
     if !moved && !waiting {
         conn.as_mut().graceful_shutdown();
     }
-    tokio::select! {
-        result = conn.as_mut() => log_end(watch, result),
-        _ = stage.wait_for(|s| *s == Stage::Cut) => cut_connection(conn, watch),
+    // Slow clients stay bounded through the drain: a partial request head (or one still
+    // unread) is closed at the header-read timeout, as while serving, not held to the cut.
+    loop {
+        tokio::select! {
+            biased;
+            result = conn.as_mut() => return log_end(watch, result),
+            _ = stage.wait_for(|s| *s == Stage::Cut) => return cut_connection(conn, watch),
+            () = &mut slow => match slow_due(watch, settings) {
+                Some(due) => slow.as_mut().reset(due),
+                None => return true,
+            },
+        }
     }
+}
+
+/// When the slow-client timer of a connection is next due, or `None` if the connection is
+/// slow: not known to be HTTP/2, no request in flight, and no request's headers within the
+/// header-read timeout after it last did something.
+fn slow_due(watch: &ConnWatch, settings: Settings) -> Option<Instant> {
+    let now = Instant::now();
+    if watch.active.load(Ordering::Relaxed) > 0
+        || watch.h2_preface.load(Ordering::Relaxed)
+        || watch.http2.load(Ordering::Relaxed)
+    {
+        // A request in flight (its body, its response), or HTTP/2: look again one timeout
+        // from now.
+        return Some(now + settings.header_read_timeout);
+    }
+    let due = watch.last_active() + settings.header_read_timeout;
+    if due <= now {
+        tracing::debug!(target: "finale", peer = %watch.peer, "no request headers within the header-read timeout: closing");
+        return None;
+    }
+    Some(due)
 }
 
 /// What woke a serving connection's drain signals.

@@ -54,14 +54,15 @@ pub(crate) struct ConnWatch {
     pub(crate) handle: Handle,
     /// Set by the first HTTP/2 request: connections not known to be HTTP/2 get a grace period.
     pub(crate) http2: AtomicBool,
-    /// Set once the connection's first bytes (or its TLS handshake's ALPN) say HTTP/1: only
-    /// such a connection is bounded by the header-read timeout (an HTTP/2 connection with no
-    /// stream open is idle, not slow).
+    /// Set once the connection is known to be HTTP/2 before any request: its first bytes were
+    /// the whole HTTP/2 preface, or its TLS handshake chose `h2`. Until then (or a first
+    /// HTTP/2 request, `http2`) the header-read timeout bounds it, silent or not (an HTTP/2
+    /// connection with no stream open is idle, not slow).
     #[cfg_attr(
         not(any(feature = "axum", feature = "hyper", feature = "tonic")),
         allow(dead_code)
     )]
-    pub(crate) http1: AtomicBool,
+    pub(crate) h2_preface: AtomicBool,
     /// Set just before the connection is dropped at the deadline: unfinished requests name
     /// themselves in the report as they are dropped.
     pub(crate) cutting: AtomicBool,
@@ -97,7 +98,7 @@ impl ConnWatch {
             peer,
             handle,
             http2: AtomicBool::new(false),
-            http1: AtomicBool::new(false),
+            h2_preface: AtomicBool::new(false),
             cutting: AtomicBool::new(false),
             named: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
