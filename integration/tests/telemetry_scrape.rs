@@ -19,63 +19,24 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+
 use std::process::{Command, ExitStatus};
-use std::sync::OnceLock;
+
 use std::time::{Duration, Instant};
 
 use finale::prometheus::{MetricsEndpoint, ScrapeOutcome};
 use finale::testing::Process;
 use finale::{Finale, Signal};
 
-use common::components::{Prometheus, free_port, wait_until};
+use common::components::{Prometheus, wait_until};
 use common::load;
+use common::scratch::{Scratch, full_service};
 
 /// Wide bound for anything that should take a second or two.
 const BOUND: Duration = Duration::from_secs(20);
 const INTERVAL: Duration = Duration::from_secs(1);
 const LOAD_RATE: u32 = 300;
 const LOAD_MAX: u64 = 10_000;
-
-fn full_service() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| common::examples::example("full_service"))
-        .clone()
-}
-
-/// A scratch directory for one run's log file, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "finale-scrape-{name}-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn log(&self) -> PathBuf {
-        self.0.join("service.log")
-    }
-
-    fn served(&self) -> usize {
-        std::fs::read_to_string(self.log())
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("request served"))
-            .count()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `full_service` in pull mode (no Pushgateway, no OTLP).
 struct Service {

@@ -37,9 +37,9 @@ fn delivered(out: &str, stage: &str) -> (u64, u64) {
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitStatus};
-use std::sync::OnceLock;
+
 use std::time::{Duration, Instant};
 
 use finale::Signal;
@@ -47,6 +47,7 @@ use finale::testing::Process;
 
 use common::components::{Collector, Pushgateway, free_port, http_request, wait_until};
 use common::load;
+use common::scratch::{Scratch, full_service};
 use common::tls_gateway::{PASSWORD, TempDir, USER, tls_gateway};
 
 /// Wide bound for anything that should take a second or two.
@@ -61,38 +62,6 @@ const EXIT_TELEMETRY_NOT_DELIVERED: i32 = 6;
 /// The lossless test's load: requests per second, and at most this many in all.
 const LOAD_RATE: u32 = 400;
 const LOAD_MAX: u64 = 10_000;
-
-fn full_service() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| common::examples::example("full_service"))
-        .clone()
-}
-
-/// A scratch directory for one run's log file, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "finale-telemetry-{name}-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn log(&self) -> PathBuf {
-        self.0.join("service.log")
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The `full_service` example as a child process, through the testing kit (which keeps the
 /// test's own `FINALE_*` and orchestrator variables out of it, and kills it if the test fails).

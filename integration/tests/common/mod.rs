@@ -8,5 +8,6 @@ pub(crate) mod load;
 #[path = "../../../tests/common/logfmt.rs"]
 pub(crate) mod logfmt;
 pub(crate) mod pki;
+pub(crate) mod scratch;
 pub(crate) mod served;
 pub(crate) mod tls_gateway;
