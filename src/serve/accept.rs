@@ -74,7 +74,9 @@ use crate::phase::Phase;
 use crate::serve::conn_service::ConnService;
 #[cfg(feature = "hyper")]
 pub(crate) use crate::serve::conn_service::HyperToTower;
-use crate::serve::connection::{BoxError, Settings, Stage, Tls, serve_connection};
+#[cfg(feature = "tls")]
+use crate::serve::connection::serve_tls;
+use crate::serve::connection::{BoxError, Settings, Stage, serve_plain};
 use crate::serve::listening::{BindError, Binding, Listening, LocalAddr};
 use crate::serve::tower::{ConnWatch, LayerShared, Peer, Rejection, Responder};
 use crate::serve::transport::{Acceptor, TcpAcceptor, is_connection_error};
@@ -640,6 +642,7 @@ impl<L> HttpServer<L> {
         service: S,
     ) -> Result<Listening, ConfigError>
     where
+        S: 'static,
         L: Layer<Responder<S>>,
         L::Service:
             tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -674,6 +677,7 @@ impl<L> HttpServer<L> {
             rejection,
             cut_margin: settings.cut_margin,
         });
+        let service = crate::serve::prepare::prepared(service);
         let service = layer.layer(Responder::new(service, shared.clone()));
         let (listening, binding) = Listening::new(name.clone());
         finale.spawn(Task::service(name, move |ctx| {
@@ -684,6 +688,12 @@ impl<L> HttpServer<L> {
         Ok(listening)
     }
 }
+
+/// The TLS acceptor of an HTTPS server (nothing without the `tls` feature).
+#[cfg(feature = "tls")]
+type Tls = Option<tokio_rustls::TlsAcceptor>;
+#[cfg(not(feature = "tls"))]
+type Tls = Option<std::convert::Infallible>;
 
 /// hyper-util's connection builder, as finale's servers use it.
 type ConnBuilder = auto::Builder<TokioExecutor>;
@@ -794,17 +804,21 @@ where
                 shared: shared.clone(),
                 conn: Arc::new(ConnWatch::new(peer, handle.clone())),
             };
-            // (A `Copy` type without the `tls` feature.)
-            #[cfg_attr(not(feature = "tls"), allow(clippy::clone_on_copy))]
-            let tls = tls.clone();
-            conns.spawn(serve_connection(
-                builder.clone(),
-                stream,
-                service,
-                stage_rx.clone(),
-                settings,
-                tls,
-            ));
+            let stage = stage_rx.clone();
+            match &tls {
+                #[cfg(feature = "tls")]
+                Some(acceptor) => conns.spawn(serve_tls(
+                    builder.clone(),
+                    stream,
+                    service,
+                    stage,
+                    settings,
+                    acceptor.clone(),
+                )),
+                #[cfg(not(feature = "tls"))]
+                Some(never) => match *never {},
+                None => conns.spawn(serve_plain(&builder, stream, service, stage, settings)),
+            };
         }
     };
 

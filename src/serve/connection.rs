@@ -2,6 +2,7 @@
 //! drain (the idle grace, `Connection: close`, GOAWAY, slow clients, the maximum age), an
 //! upgraded connection held until its handler lets go, and the cut at the deadline.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,7 +17,9 @@ use hyper_util::server::conn::auto;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::serve::conn_io::{ConnIo, SNIFFED};
+use crate::serve::conn_io::ConnIo;
+#[cfg(feature = "tls")]
+use crate::serve::conn_io::SNIFFED;
 use crate::serve::conn_service::ConnService;
 use crate::serve::gate::Gate;
 use crate::serve::tower::ConnWatch;
@@ -36,12 +39,6 @@ pub(super) struct Settings {
     pub(super) tls_handshake_timeout: Duration,
 }
 
-/// The TLS acceptor of an HTTPS server (nothing without the `tls` feature).
-#[cfg(feature = "tls")]
-pub(super) type Tls = Option<tokio_rustls::TlsAcceptor>;
-#[cfg(not(feature = "tls"))]
-pub(super) type Tls = Option<std::convert::Infallible>;
-
 /// Where the server is, as every connection task sees it: one `watch` channel for all of them
 /// (a receiver per connection, no per-connection channel or map entry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,13 +55,41 @@ pub(super) enum Stage {
     Cut,
 }
 
-pub(super) async fn serve_connection<T, S, B>(
+/// Serves one plain (not TLS) connection through the drain. Plain and TLS connections are
+/// separate futures (the accept loop spawns one or the other), so that a plain connection's
+/// task holds no room for a TLS session.
+///
+/// Everything but the drive loop is done before the task starts: the task's future holds the
+/// loop's own state and nothing twice (an `async fn`'s arguments keep their room in its future
+/// after they are moved on).
+pub(super) fn serve_plain<T, S, B>(
+    builder: &auto::Builder<TokioExecutor>,
+    stream: T,
+    service: ConnService<S>,
+    stage: watch::Receiver<Stage>,
+    settings: Settings,
+) -> impl Future<Output = ()> + use<T, S, B>
+where
+    T: Transport,
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (io, socket) = open(stream, &service.conn, settings, 0);
+    serve_http(builder, io, service, socket, stage, settings)
+}
+
+/// Serves one TLS connection through the drain: the handshake, then as [`serve_plain`].
+#[cfg(feature = "tls")]
+pub(super) async fn serve_tls<T, S, B>(
     builder: auto::Builder<TokioExecutor>,
     stream: T,
     service: ConnService<S>,
     mut stage: watch::Receiver<Stage>,
     settings: Settings,
-    tls: Tls,
+    acceptor: tokio_rustls::TlsAcceptor,
 ) where
     T: Transport,
     S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -73,43 +98,74 @@ pub(super) async fn serve_connection<T, S, B>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    // The bytes are the handshake's: its ALPN tells instead.
+    let (io, socket) = open(stream, &service.conn, settings, SNIFFED);
+    let Some(io) = handshake(&acceptor, io, &service.conn, &mut stage, settings).await else {
+        return;
+    };
+    // Without ALPN (or with `http/1.1`) the connection stays bounded by the header-read
+    // timeout until its first HTTP/2 request, if any, says otherwise.
+    if io.get_ref().1.alpn_protocol() == Some(b"h2") {
+        service.conn.h2_preface.store(true, Ordering::Relaxed);
+    }
+    serve_http(&builder, io, service, socket, stage, settings).await;
+}
+
+/// A fresh connection's socket as hyper will see it, and the connection task's weak reach to
+/// it.
+fn open<T: Transport>(
+    stream: T,
+    watch: &Arc<ConnWatch>,
+    settings: Settings,
+    sniffed: u8,
+) -> (ConnIo<T>, std::sync::Weak<T>) {
     stream.prepare(settings.tcp_nodelay);
-    let watch = service.conn.clone();
     let stream = Arc::new(stream);
     let socket = Arc::downgrade(&stream);
     let io = ConnIo {
         stream,
         watch: watch.clone(),
-        // Under TLS the bytes are the handshake's: its ALPN tells instead.
-        sniffed: if tls.is_none() { 0 } else { SNIFFED },
+        sniffed,
     };
-    let ended = match tls {
-        #[cfg(feature = "tls")]
-        Some(acceptor) => {
-            let Some(io) = handshake(&acceptor, io, &watch, &mut stage, settings).await else {
-                return;
-            };
-            // Without ALPN (or with `http/1.1`) the connection stays bounded by the
-            // header-read timeout until its first HTTP/2 request, if any, says otherwise.
-            if io.get_ref().1.alpn_protocol() == Some(b"h2") {
-                watch.h2_preface.store(true, Ordering::Relaxed);
-            }
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(io), service)
-                .into_owned();
-            drive(Box::pin(conn), &watch, &socket, &mut stage, settings).await
+    (io, socket)
+}
+
+/// hyper serves `io` (a plain socket, or a TLS session over one) through the drain; an HTTP/1
+/// upgrade's socket is held after.
+fn serve_http<I, S, B, T>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: ConnService<S>,
+    socket: std::sync::Weak<T>,
+    mut stage: watch::Receiver<Stage>,
+    settings: Settings,
+) -> impl Future<Output = ()> + use<I, S, B, T>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    T: Transport,
+{
+    let watch = service.conn.clone();
+    // Boxed: one allocation the size of hyper's connection, and the task's future holds the
+    // drive loop's state only.
+    let conn = Box::pin(Some(
+        builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned(),
+    ));
+    async move {
+        let mut conn = conn;
+        let ended = drive(conn.as_mut(), &watch, &socket, &mut stage, settings).await;
+        // hyper's connection goes first: what it still holds (an upgrade's socket not yet
+        // taken by its handler, the streams of an HTTP/2 connection) is released with it.
+        drop(conn);
+        if ended {
+            hold_upgraded(&watch, &socket, &mut stage).await;
         }
-        #[cfg(not(feature = "tls"))]
-        Some(never) => match never {},
-        None => {
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(io), service)
-                .into_owned();
-            drive(Box::pin(conn), &watch, &socket, &mut stage, settings).await
-        }
-    };
-    if ended {
-        hold_upgraded(&watch, &socket, &mut stage).await;
     }
 }
 
@@ -162,7 +218,7 @@ type Connection<I, S> =
 /// Serves one connection through the drain; `true` if it ended on its own (not cut), which
 /// after an HTTP/1 upgrade means the socket now belongs to the upgrade's handler.
 async fn drive<I, S, B, T>(
-    mut conn: Pin<Box<Connection<I, S>>>,
+    mut conn: Pin<&mut Option<Connection<I, S>>>,
     watch: &ConnWatch,
     socket: &std::sync::Weak<T>,
     stage: &mut watch::Receiver<Stage>,
@@ -186,8 +242,11 @@ where
     let gate = Gate::new();
     // GOAWAY sent already (an HTTP/2 connection moved during the drain delay, or old enough).
     let mut moved = false;
-    // The connection age was looked at (once).
-    let mut aged_checked = settings.max_connection_age.is_none();
+    // The maximum age's timer, boxed (rarely set: no room in every connection's task), until
+    // it fired (once).
+    let mut aged = settings
+        .max_connection_age
+        .map(|age| Box::pin(tokio::time::sleep_until(watch.accepted() + age)));
     let grace_until = loop {
         match *stage.borrow_and_update() {
             Stage::Serving => {}
@@ -195,7 +254,7 @@ where
                 if settings.goaway_on_announce && !moved && watch.http2.load(Ordering::Relaxed) {
                     // The peer learns to open new streams elsewhere while this connection
                     // still serves the ones it has.
-                    conn.as_mut().graceful_shutdown();
+                    live(conn.as_mut()).graceful_shutdown();
                     moved = true;
                 }
             }
@@ -204,10 +263,8 @@ where
         }
         let event = {
             let aged = async {
-                match settings.max_connection_age {
-                    Some(age) if !aged_checked && !moved => {
-                        tokio::time::sleep_until(watch.accepted() + age).await;
-                    }
+                match &mut aged {
+                    Some(sleep) if !moved => sleep.await,
                     _ => std::future::pending().await,
                 }
             };
@@ -225,7 +282,7 @@ where
             gate.open();
             tokio::select! {
                 biased;
-                result = conn.as_mut() => return log_end(watch, result),
+                result = live(conn.as_mut()) => return log_end(watch, result),
                 event = std::future::poll_fn(|cx| gate.poll(signals.as_mut(), cx)) => event,
             }
         };
@@ -238,11 +295,11 @@ where
                 None => return true,
             },
             Event::Aged => {
-                aged_checked = true;
+                aged = None;
                 if watch.http2.load(Ordering::Relaxed) {
                     // Old enough: GOAWAY, the streams it has finish, the client reconnects
                     // (to another instance, behind an L4 balancer).
-                    conn.as_mut().graceful_shutdown();
+                    live(conn.as_mut()).graceful_shutdown();
                     moved = true;
                 }
             }
@@ -266,7 +323,7 @@ where
                 // The connection first: bytes that arrived are read (a request begun) before
                 // the grace's end is looked at.
                 biased;
-                result = conn.as_mut() => return log_end(watch, result),
+                result = live(conn.as_mut()) => return log_end(watch, result),
                 () = tokio::time::sleep_until(until) => {}
                 _ = stage.wait_for(|s| *s == Stage::Cut) => return cut_connection(conn, watch),
             }
@@ -284,14 +341,14 @@ where
     // (its `Connection: close`); with a request still unread hyper would take the connection
     // for idle and close it, so it is left to read it (the response closes it).
     if !moved && !waiting {
-        conn.as_mut().graceful_shutdown();
+        live(conn.as_mut()).graceful_shutdown();
     }
     // Slow clients stay bounded through the drain: a partial request head (or one still
     // unread) is closed at the header-read timeout, as while serving, not held to the cut.
     loop {
         tokio::select! {
             biased;
-            result = conn.as_mut() => return log_end(watch, result),
+            result = live(conn.as_mut()) => return log_end(watch, result),
             _ = stage.wait_for(|s| *s == Stage::Cut) => return cut_connection(conn, watch),
             () = &mut slow => match slow_due(watch, settings) {
                 Some(due) => slow.as_mut().reset(due),
@@ -386,10 +443,16 @@ fn log_end(watch: &ConnWatch, result: Result<(), BoxError>) -> bool {
     true
 }
 
-fn cut_connection<C>(conn: C, watch: &ConnWatch) -> bool {
+/// The connection, while it is not cut.
+fn live<C>(conn: Pin<&mut Option<C>>) -> Pin<&mut C> {
+    conn.as_pin_mut()
+        .expect("the connection is polled only until it is cut")
+}
+
+fn cut_connection<C>(mut conn: Pin<&mut Option<C>>, watch: &ConnWatch) -> bool {
     // Set before the drop: every request dropped with the connection names itself.
     watch.cutting.store(true, Ordering::Relaxed);
-    drop(conn);
+    conn.set(None);
     // Upgraded requests (a 101 not yet handed over, HTTP/2 extended CONNECT streams) are
     // named here: their responses have ended, so nothing else names them.
     let upgrades = name_upgrades(watch, "upgraded stream open");

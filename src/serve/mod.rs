@@ -9,6 +9,7 @@
 //! | `conn_service.rs` | one connection's service: connection info, admission, the call of the user's service |
 //! | `conn_io.rs` | a connection's socket as hyper sees it (HTTP/1 or HTTP/2 by its first bytes) |
 //! | `gate.rs` | a future polled only when its own wake-ups fired (a connection's drain signals) |
+//! | `prepare.rs` | the user's service made ready once (an axum `Router`'s routes), not per request |
 //! | `listening.rs` | what `serve` returns: the bound address, or the typed bind error |
 //! | `transport.rs` | what the accept loop needs from a listener and a socket; TCP's |
 //! | `unix.rs` | Unix domain sockets: binding a path, a stale socket file, its removal |
@@ -32,6 +33,8 @@ mod gate;
 pub mod hyper;
 #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
 mod listening;
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+mod prepare;
 #[cfg(feature = "tls")]
 pub mod tls;
 #[cfg(feature = "tonic")]
