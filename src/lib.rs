@@ -140,6 +140,12 @@
 //!   servers' listening sockets at file descriptors 3, 4, … and `LISTEN_FDS`, `LISTEN_FDNAMES`,
 //!   `FINALE_LISTEN_PARENT` in its environment) and waits for it. In a successor, the passed
 //!   sockets are taken at [`Builder::build`]. See [`upgrade`].
+//! - **The servers' timer threads** (features `axum`, `hyper`, `tonic`): each running server
+//!   has one thread (`finale-slow-clients`) with a `current_thread` tokio runtime that does
+//!   nothing but keep its connections' slow-client timers (the
+//!   header-read timeout, `HttpServer::header_read_timeout`), so that they cost
+//!   the user's runtime nothing per request; from the server's start until its last connection
+//!   ends.
 //! - **The metrics endpoint**, only with a built `prometheus::MetricsEndpoint` (feature
 //!   `prometheus`): one thread (`finale-metrics`) with a `current_thread` tokio runtime of its
 //!   own and the listening socket, from `build` until the run's report exists (registered) or

@@ -78,6 +78,7 @@ pub(crate) use crate::serve::conn_service::HyperToTower;
 use crate::serve::connection::serve_tls;
 use crate::serve::connection::{BoxError, Settings, Stage, serve_plain};
 use crate::serve::listening::{BindError, Binding, Listening, LocalAddr};
+use crate::serve::timers::SlowTimers;
 use crate::serve::tower::{ConnWatch, LayerShared, Peer, Rejection, Responder};
 use crate::serve::transport::{Acceptor, TcpAcceptor, is_connection_error};
 #[cfg(unix)]
@@ -792,6 +793,7 @@ where
         configure(&mut builder);
     }
     let (stage_tx, stage_rx) = watch::channel(Stage::Serving);
+    let timers = SlowTimers::start(ctx.name());
     let mut conns: JoinSet<()> = JoinSet::new();
     let stop = ctx.stop_token();
     let announced = handle.phase_token(Phase::Announce);
@@ -813,11 +815,19 @@ where
                     service,
                     stage,
                     settings,
+                    timers.clone(),
                     acceptor.clone(),
                 )),
                 #[cfg(not(feature = "tls"))]
                 Some(never) => match *never {},
-                None => conns.spawn(serve_plain(&builder, stream, service, stage, settings)),
+                None => conns.spawn(serve_plain(
+                    &builder,
+                    stream,
+                    service,
+                    stage,
+                    settings,
+                    timers.clone(),
+                )),
             };
         }
     };

@@ -22,6 +22,7 @@ use crate::serve::conn_io::ConnIo;
 use crate::serve::conn_io::SNIFFED;
 use crate::serve::conn_service::ConnService;
 use crate::serve::gate::Gate;
+use crate::serve::timers::SlowTimers;
 use crate::serve::tower::ConnWatch;
 use crate::serve::transport::Transport;
 
@@ -68,6 +69,7 @@ pub(super) fn serve_plain<T, S, B>(
     service: ConnService<S>,
     stage: watch::Receiver<Stage>,
     settings: Settings,
+    timers: SlowTimers,
 ) -> impl Future<Output = ()> + use<T, S, B>
 where
     T: Transport,
@@ -78,7 +80,7 @@ where
     B::Error: Into<BoxError>,
 {
     let (io, socket) = open(stream, &service.conn, settings, 0);
-    serve_http(builder, io, service, socket, stage, settings)
+    serve_http(builder, io, service, socket, stage, settings, timers)
 }
 
 /// Serves one TLS connection through the drain: the handshake, then as [`serve_plain`].
@@ -89,6 +91,7 @@ pub(super) async fn serve_tls<T, S, B>(
     service: ConnService<S>,
     mut stage: watch::Receiver<Stage>,
     settings: Settings,
+    timers: SlowTimers,
     acceptor: tokio_rustls::TlsAcceptor,
 ) where
     T: Transport,
@@ -108,7 +111,7 @@ pub(super) async fn serve_tls<T, S, B>(
     if io.get_ref().1.alpn_protocol() == Some(b"h2") {
         service.conn.h2_preface.store(true, Ordering::Relaxed);
     }
-    serve_http(&builder, io, service, socket, stage, settings).await;
+    serve_http(&builder, io, service, socket, stage, settings, timers).await;
 }
 
 /// A fresh connection's socket as hyper will see it, and the connection task's weak reach to
@@ -139,6 +142,7 @@ fn serve_http<I, S, B, T>(
     socket: std::sync::Weak<T>,
     mut stage: watch::Receiver<Stage>,
     settings: Settings,
+    timers: SlowTimers,
 ) -> impl Future<Output = ()> + use<I, S, B, T>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -159,7 +163,15 @@ where
     ));
     async move {
         let mut conn = conn;
-        let ended = drive(conn.as_mut(), &watch, &socket, &mut stage, settings).await;
+        let ended = drive(
+            conn.as_mut(),
+            &watch,
+            &socket,
+            &mut stage,
+            settings,
+            &timers,
+        )
+        .await;
         // hyper's connection goes first: what it still holds (an upgrade's socket not yet
         // taken by its handler, the streams of an HTTP/2 connection) is released with it.
         drop(conn);
@@ -223,6 +235,7 @@ async fn drive<I, S, B, T>(
     socket: &std::sync::Weak<T>,
     stage: &mut watch::Receiver<Stage>,
     settings: Settings,
+    timers: &SlowTimers,
 ) -> bool
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -236,8 +249,9 @@ where
     // Slow clients: a connection not known to be HTTP/2 with no request in flight that has not
     // sent a request's headers within the header-read timeout after it last did something
     // (accepted, or its last request ended) is closed: a silent one, a partial head, a partial
-    // HTTP/2 preface. One timer per connection, moved only when it fires.
-    let slow = tokio::time::sleep_until(watch.last_active() + settings.header_read_timeout);
+    // HTTP/2 preface. One timer per connection, moved only when it fires, kept by the server's
+    // timer thread (see `timers.rs`).
+    let slow = timers.sleep_until(watch.last_active() + settings.header_read_timeout);
     tokio::pin!(slow);
     let gate = Gate::new();
     // GOAWAY sent already (an HTTP/2 connection moved during the drain delay, or old enough).

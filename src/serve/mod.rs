@@ -11,6 +11,7 @@
 //! | `gate.rs` | a future polled only when its own wake-ups fired (a connection's drain signals) |
 //! | `prepare.rs` | the user's service made ready once (an axum `Router`'s routes), not per request |
 //! | `listening.rs` | what `serve` returns: the bound address, or the typed bind error |
+//! | `timers.rs` | the connections' slow-client timers, on a thread of the server's own |
 //! | `transport.rs` | what the accept loop needs from a listener and a socket; TCP's |
 //! | `unix.rs` | Unix domain sockets: binding a path, a stale socket file, its removal |
 //! | `axum.rs`, `hyper.rs`, `tonic.rs` | each framework's `serve` on the accept loop |
@@ -35,6 +36,8 @@ pub mod hyper;
 mod listening;
 #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
 mod prepare;
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+mod timers;
 #[cfg(feature = "tls")]
 pub mod tls;
 #[cfg(feature = "tonic")]
