@@ -100,31 +100,20 @@ impl<T: Transport> ConnIo<T> {
 }
 
 impl<T: Transport> ConnIo<T> {
-    /// One write of `total` bytes by `write`. As tokio's own `TcpStream`: a partial write means
-    /// the send buffer is full, so the readiness is cleared (the closure says WouldBlock) and the
-    /// next write waits for the reactor; the bytes written are still reported.
+    /// One write by `write` (tokio's `try_write`, which clears the readiness when the socket
+    /// would block): the task waits for the reactor only then. A partial write (the send
+    /// buffer full) leaves the readiness set, so the next write finds out with one more
+    /// system call; rare, where the read side's short read is the usual case.
     fn poll_write_with(
         &self,
         cx: &mut Context<'_>,
-        total: usize,
         mut write: impl FnMut(&T) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.stream.poll_write_ready(cx))?;
-            let mut written = None;
-            let result = self.stream.try_io(tokio::io::Interest::WRITABLE, || {
-                let n = write(&self.stream)?;
-                written = Some(n);
-                if n > 0 && n < total {
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(())
-            });
-            match (result, written) {
-                (_, Some(n)) => return Poll::Ready(Ok(n)),
-                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {}
-                (Err(e), None) => return Poll::Ready(Err(e)),
-                (Ok(()), None) => return Poll::Ready(Ok(0)),
+            match write(&self.stream) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                written => return Poll::Ready(written),
             }
         }
     }
@@ -136,7 +125,7 @@ impl<T: Transport> tokio::io::AsyncWrite for ConnIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.poll_write_with(cx, buf.len(), |stream| stream.try_write(buf))
+        self.poll_write_with(cx, |stream| stream.try_write(buf))
     }
 
     fn poll_write_vectored(
@@ -144,8 +133,7 @@ impl<T: Transport> tokio::io::AsyncWrite for ConnIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let total = bufs.iter().map(|b| b.len()).sum();
-        self.poll_write_with(cx, total, |stream| stream.try_write_vectored(bufs))
+        self.poll_write_with(cx, |stream| stream.try_write_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
