@@ -188,14 +188,15 @@ impl Grpc {
     }
 }
 
-/// The request's gRPC kind, from its content type; a `CONNECT` is never gRPC (a `2xx` to it
-/// would upgrade the connection).
+/// The request's gRPC kind, from its content type. Every gRPC call (gRPC-Web too) is a
+/// `POST`: any other method is not gRPC, and is told without a header lookup (a `CONNECT`, whose
+/// `2xx` would upgrade the connection, never is).
 pub(crate) fn grpc_kind<ReqB>(req: &Request<ReqB>) -> Option<Grpc> {
-    let content_type = req.headers().get(CONTENT_TYPE)?.as_bytes();
-    let rest = content_type.strip_prefix(b"application/grpc")?;
-    if req.method() == Method::CONNECT {
+    if req.method() != Method::POST {
         return None;
     }
+    let content_type = req.headers().get(CONTENT_TYPE)?.as_bytes();
+    let rest = content_type.strip_prefix(b"application/grpc")?;
     Some(if rest.starts_with(b"-web-text") {
         Grpc::WebText
     } else if rest.starts_with(b"-web") {
@@ -203,4 +204,36 @@ pub(crate) fn grpc_kind<ReqB>(req: &Request<ReqB>) -> Option<Grpc> {
     } else {
         Grpc::Plain
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: Method, content_type: &str) -> Request<()> {
+        Request::builder()
+            .method(method)
+            .header(CONTENT_TYPE, content_type)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn only_a_post_is_grpc() {
+        assert!(matches!(
+            grpc_kind(&request(Method::POST, "application/grpc+proto")),
+            Some(Grpc::Plain)
+        ));
+        assert!(matches!(
+            grpc_kind(&request(Method::POST, "application/grpc-web-text")),
+            Some(Grpc::WebText)
+        ));
+        assert!(matches!(
+            grpc_kind(&request(Method::POST, "application/grpc-web+proto")),
+            Some(Grpc::Web)
+        ));
+        assert!(grpc_kind(&request(Method::POST, "application/json")).is_none());
+        assert!(grpc_kind(&request(Method::GET, "application/grpc")).is_none());
+        assert!(grpc_kind(&request(Method::CONNECT, "application/grpc")).is_none());
+    }
 }

@@ -72,7 +72,9 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let grpc = grpc_kind(&req);
-        if req.extensions().get::<TooLate>().is_some() {
+        let in_flight = self.shared.handle.in_flight();
+        // Marked only while draining: one relaxed load before the extensions are looked at.
+        if in_flight.is_draining() && req.extensions().get::<TooLate>().is_some() {
             // Counted here, where it is answered: a request a layer answered itself (or
             // stripped of its mark and had served) is not a rejection.
             self.shared.handle.shared.record_rejected_request();
@@ -82,7 +84,6 @@ where
                 },
             };
         }
-        let in_flight = self.shared.handle.in_flight();
         // Ready at once (the usual case): called now, inside the panic isolation, and the
         // request is handed over once. (A waker that does nothing: a service not ready now is
         // polled again, with the task's waker, in the future.)
