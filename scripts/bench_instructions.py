@@ -2,7 +2,7 @@
 """Instructions per HTTP/1.1 keep-alive request: finale's server vs axum::serve, under callgrind.
 
 Usage:
-  python3 scripts/bench_instructions.py [--requests N] [--variants plain-ci,finale]
+  python3 scripts/bench_instructions.py [--requests N] [--repeat R] [--variants plain-ci,finale]
 
 Throughput on a shared machine swings by 15-30% from run to run; the number of user-space
 instructions a server executes per request does not. This script builds
@@ -11,7 +11,11 @@ instructions a server executes per request does not. This script builds
 HTTP/1.1 keep-alive connection, Python's http.client, each answer checked: 200
 "hello, world"), stops it with SIGTERM and reads the total instruction count (Ir) of the
 process. It does so twice, with N and 2N requests, and takes the difference: start-up and
-shutdown cancel out, what is left is N requests' worth.
+shutdown cancel out, what is left is N requests' worth. That is repeated R times (--repeat,
+the variants alternating) and the median is printed: the count is deterministic but for the
+allocator, whose free lists depend on the order in which the threads first allocated (the
+same code gives a few hundred instructions more or less per request from one start to the
+next).
 
   plain-ci  axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
             the peer: finale's server gives handlers the same `ConnectInfo`
@@ -29,6 +33,7 @@ import http.client
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,18 +104,28 @@ def main() -> None:
                    help="N: runs with N and 2N requests are compared")
     p.add_argument("--variants", default="plain-ci,finale",
                    help="comma-separated; ratios are to the first")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="R: each measure is taken R times, the median is printed")
     args = p.parse_args()
     if not 100 <= args.requests <= 20000:
         sys.exit("--requests must be 100..20000")
+    if not 1 <= args.repeat <= 9:
+        sys.exit("--repeat must be 1..9")
     variants = args.variants.split(",")
     binary = build()
-    per_request = {}
-    for variant in variants:
-        low = instructions(binary, variant, args.requests)
-        high = instructions(binary, variant, 2 * args.requests)
-        per_request[variant] = (high - low) / args.requests
-        print(f"{variant:>10}: {per_request[variant]:8.0f} instructions per request "
-              f"({low} at {args.requests}, {high} at {2 * args.requests})", flush=True)
+    runs = {v: [] for v in variants}
+    for r in range(args.repeat):
+        for variant in variants:
+            low = instructions(binary, variant, args.requests)
+            high = instructions(binary, variant, 2 * args.requests)
+            runs[variant].append((high - low) / args.requests)
+            print(f"  run {r + 1}/{args.repeat} {variant:>10}: {runs[variant][-1]:8.0f} "
+                  f"({low} at {args.requests}, {high} at {2 * args.requests})", flush=True)
+    per_request = {v: statistics.median(runs[v]) for v in variants}
+    print()
+    for v in variants:
+        print(f"{v:>10}: {per_request[v]:8.0f} instructions per request (median of "
+              f"{args.repeat}: {', '.join(f'{x:.0f}' for x in runs[v])})")
     peer = variants[0]
     print()
     for v in variants[1:]:
