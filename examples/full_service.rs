@@ -137,11 +137,13 @@ fn otlp_providers(endpoint: &str) -> Result<Providers, opentelemetry_otlp::Expor
         .with_service_name("full_service")
         .build();
     let grpc = matches!(env("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref(), Some("grpc"));
-    let (spans, logs, metrics) = if grpc {
-        // On finale's exporter runtime: tonic's connection tasks then run on a thread of
-        // finale's, and the supervisor can still deliver when this service's runtime is wedged.
-        finale::otlp::with_exporter_runtime(|| {
-            Ok::<_, opentelemetry_otlp::ExporterBuildError>((
+    // On finale's exporter runtime: tonic's connection tasks then run on a thread of finale's,
+    // and the supervisor can still deliver when this service's runtime is wedged. Harmless for
+    // the HTTP exporters (a blocking client), and finale then knows the exporters are built the
+    // way that delivers from a takeover (it warns at registration otherwise).
+    let (spans, logs, metrics) = finale::otlp::with_exporter_runtime(|| {
+        Ok::<_, opentelemetry_otlp::ExporterBuildError>(if grpc {
+            (
                 SpanExporter::builder()
                     .with_tonic()
                     .with_endpoint(endpoint)
@@ -154,29 +156,29 @@ fn otlp_providers(endpoint: &str) -> Result<Providers, opentelemetry_otlp::Expor
                     .with_tonic()
                     .with_endpoint(endpoint)
                     .build()?,
-            ))
-        })?
-    } else {
-        // With HTTP the programmatic endpoint is used as is: add the signal's path.
-        let base = endpoint.trim_end_matches('/');
-        (
-            SpanExporter::builder()
-                .with_http()
-                .with_protocol(Protocol::HttpBinary)
-                .with_endpoint(format!("{base}/v1/traces"))
-                .build()?,
-            LogExporter::builder()
-                .with_http()
-                .with_protocol(Protocol::HttpBinary)
-                .with_endpoint(format!("{base}/v1/logs"))
-                .build()?,
-            MetricExporter::builder()
-                .with_http()
-                .with_protocol(Protocol::HttpBinary)
-                .with_endpoint(format!("{base}/v1/metrics"))
-                .build()?,
-        )
-    };
+            )
+        } else {
+            // With HTTP the programmatic endpoint is used as is: add the signal's path.
+            let base = endpoint.trim_end_matches('/');
+            (
+                SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(Protocol::HttpBinary)
+                    .with_endpoint(format!("{base}/v1/traces"))
+                    .build()?,
+                LogExporter::builder()
+                    .with_http()
+                    .with_protocol(Protocol::HttpBinary)
+                    .with_endpoint(format!("{base}/v1/logs"))
+                    .build()?,
+                MetricExporter::builder()
+                    .with_http()
+                    .with_protocol(Protocol::HttpBinary)
+                    .with_endpoint(format!("{base}/v1/metrics"))
+                    .build()?,
+            )
+        })
+    })?;
     // Counted, so the report says how many spans, log records and metric points went out; the
     // counters are processors too, so a full batch queue shows as dropped.
     let (spans, logs, metrics) = (

@@ -121,8 +121,9 @@
 //!   `finale-sink-*`), so that a blocking
 //!   exporter never stalls the runtime; one that overruns is left behind and dies with the
 //!   process.
-//! - **The termination message.** At the end of [`Finale::run`] (and when the supervisor takes
-//!   over), a summary of at most 4 KiB is written to the file [`Builder::termination_log`] names:
+//! - **The termination message.** At the end of [`Finale::run`] (or, when the supervisor took
+//!   over first, by the supervisor: one of the two, never both), a summary of at most 4 KiB is
+//!   written to the file [`Builder::termination_log`] names:
 //!   by default `/dev/termination-log` when running on Kubernetes and that file is writable
 //!   (the kubelet's file for exactly this), nowhere elsewhere. `FINALE_TERMINATION_LOG=off`
 //!   turns it off.

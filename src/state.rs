@@ -8,6 +8,11 @@
 //! - A hand-off and a shutdown requested while the successor starts are decided once, by
 //!   one compare-and-swap on `Life::handover`: whichever comes first wins, the other loses.
 //! - The escalation instant is set before the `escalated` token is cancelled, for the same reason.
+//! - The end of the process has one owner, decided once by one compare-and-swap on
+//!   `Life::end`: the sequence claims it as `run()` ends, the supervisor before it takes over,
+//!   each before it tells the platform anything final or exits. Whichever comes first owns the
+//!   last word (the termination message, systemd's last status) and the exit code; the other
+//!   neither writes its own nor exits under it.
 //! - A phase's deadline is set before its token is cancelled.
 //! - The registry is `Some` until the sequence starts; after that every registration is refused.
 
@@ -89,6 +94,37 @@ pub(crate) struct Life {
     /// Who won between a hand-off and a shutdown: 0 neither yet, [`SHUTDOWN_WON`] a shutdown
     /// was requested, otherwise the successor's process id (the hand-off won).
     handover: AtomicU32,
+    /// Who owns the end of the process: [`END_OPEN`] not decided yet, otherwise an
+    /// [`EndOwner`] as a number. Set once (see [`Life::claim_end`]).
+    end: AtomicU8,
+}
+
+/// Who ends the process and has the last word: the sequence, whose `run()` returns the
+/// report, or the supervisor, which took over a wedged shutdown and exits with its own code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum EndOwner {
+    Sequence,
+    Supervisor,
+}
+
+/// [`Life::end`] before either side claimed it.
+const END_OPEN: u8 = 0;
+
+impl EndOwner {
+    fn to_u8(self) -> u8 {
+        match self {
+            EndOwner::Sequence => 1,
+            EndOwner::Supervisor => 2,
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(EndOwner::Sequence),
+            2 => Some(EndOwner::Supervisor),
+            _ => None,
+        }
+    }
 }
 
 /// [`Life::handover`] once a shutdown was requested before any hand-off was decided.
@@ -112,7 +148,24 @@ impl Life {
             exit_code: AtomicI32::new(0),
             settled: AtomicBool::new(false),
             handover: AtomicU32::new(0),
+            end: AtomicU8::new(END_OPEN),
         }
+    }
+
+    /// Claims the end of the process for `by`; returns whether this call made `by` its owner.
+    /// The first claim wins and is never undone: the sequence claims as `run()` ends, the
+    /// supervisor before it takes over, so that exactly one of them writes the final
+    /// termination message and decides the exit code, whatever the interleaving. `AcqRel`: the
+    /// loser's failed exchange reads the winner's claim, and what the winner did before it.
+    pub(crate) fn claim_end(&self, by: EndOwner) -> bool {
+        self.end
+            .compare_exchange(END_OPEN, by.to_u8(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Who owns the end of the process, once claimed.
+    pub(crate) fn end_owner(&self) -> Option<EndOwner> {
+        EndOwner::from_u8(self.end.load(Ordering::Acquire))
     }
 
     /// The hand-off to the successor `pid` (ready) wins, unless a shutdown was requested
@@ -231,12 +284,14 @@ pub(crate) trait Observer: Send + Sync {
     fn requested(&self, _shared: &Shared, _reason: &Reason) {}
     /// `phase` starts (or is skipped); its token is not cancelled yet.
     fn phase_started(&self, _shared: &Shared, _phase: Phase) {}
-    /// The run ended with `report`, just before `run()` returns it.
+    /// The run ended with `report`, just before `run()` returns it. The sequence has claimed
+    /// the end by then, or found it the supervisor's ([`Life::end_owner`]): then the
+    /// supervisor has the last word, and the observer says nothing final of its own (it may
+    /// keep the report for the supervisor's word, [`took_over`](Observer::took_over)).
     fn finished(&self, _shared: &Shared, _report: &ShutdownReport) {}
-    /// The supervisor starts taking over a wedged shutdown (on its thread, before it delivers).
-    fn taking_over(&self, _shared: &Shared) {}
-    /// The supervisor took over a wedged shutdown, delivered what its `stages` could (each
-    /// stage's name and outcome), and is about to exit with `code`.
+    /// The supervisor took over a wedged shutdown (it owns the end: the sequence's
+    /// [`finished`](Observer::finished), if it comes, is not the last word), delivered what
+    /// its `stages` could (each stage's name and outcome), and is about to exit with `code`.
     fn took_over(&self, _shared: &Shared, _why: &str, _code: i32, _stages: &[StageOutcome]) {}
     /// An upgrade handed the service over to the process `successor_pid`, which is ready: it
     /// speaks for the service from now on (this process's shutdown follows).
@@ -608,4 +663,42 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Poisoning only means another thread panicked while holding the lock; the data (a reason,
     // a list of registrations) is still consistent, and shutdown must go on.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sequence and the supervisor claim the end of the process at the same instant (two
+    /// threads released together), many times: exactly one claim wins each time, and both
+    /// sides read the winner afterwards.
+    #[test]
+    fn the_end_has_one_owner_whichever_side_claims_first() {
+        let mut wins = [0usize; 2];
+        for _ in 0..1_000 {
+            let life = Arc::new(Life::new());
+            let start = Arc::new(std::sync::Barrier::new(2));
+            let sides = [EndOwner::Sequence, EndOwner::Supervisor].map(|by| {
+                let (life, start) = (life.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    let won = life.claim_end(by);
+                    (won, life.end_owner())
+                })
+            });
+            let [sequence, supervisor] = sides.map(|t| t.join().unwrap());
+            assert!(sequence.0 != supervisor.0, "{sequence:?} {supervisor:?}");
+            let owner = if sequence.0 {
+                EndOwner::Sequence
+            } else {
+                EndOwner::Supervisor
+            };
+            assert_eq!(sequence.1, Some(owner));
+            assert_eq!(supervisor.1, Some(owner));
+            wins[usize::from(supervisor.0)] += 1;
+            // Counted out of the process's unfinished `Finale`s again.
+            life.abandon();
+        }
+        assert_eq!(wins.iter().sum::<usize>(), 1_000);
+    }
 }

@@ -175,9 +175,11 @@ fn wedged(protocol: &str) {
 /// 1 s, margin 500 ms (takeover at about 1.25 s); a Workers hook blocks the only thread until
 /// 1.35 s; an OTLP span exporter takes 300 ms, so the supervisor's flush is in flight when the
 /// runtime comes back. The child calls `report.exit()` if `run()` returns. In every run the
-/// termination message is one whole message: it ends with the supervisor's line, and holds the
-/// report too whenever `run()` returned. No real collector: the exporter's delay is what
-/// matters here, and it stands in for one.
+/// supervisor owns the end (it claimed it before the sequence ended): `run()` never returns
+/// into an exit of its own under it, and the termination message is one whole message that
+/// ends with the supervisor's line (holding the report before it when the sequence ended before
+/// the supervisor wrote). No real collector: the exporter's delay is what matters here, and it
+/// stands in for one.
 #[test]
 fn a_takeover_racing_an_unblocked_runtime_leaves_one_whole_termination_message() {
     const RUNS: usize = 12;
@@ -208,10 +210,11 @@ fn a_takeover_racing_an_unblocked_runtime_leaves_one_whole_termination_message()
             .last()
             .is_some_and(|l| l.starts_with("finale supervisor=took_over"));
         eprintln!(
-            "run {i}: {:?} in {elapsed:?}, run() ended: {ended}\n{message}\n---",
+            "run {i}: {:?} in {elapsed:?}, run() ended: {ended}, report in the message: \
+             {has_report}\n{message}\n---",
             out.status.code()
         );
-        if !has_line || (ended && !has_report) || message.len() > 4096 {
+        if !has_line || ended || message.len() > 4096 {
             broken.push(format!(
                 "run {i}: run() ended: {ended}, message:\n{message}"
             ));
@@ -276,6 +279,164 @@ fn race_child(path: &str) -> ! {
         finale.handle().trigger("race");
         let report = finale.run().await;
         eprintln!("RUN-ENDED at {:?} code {}", t0.elapsed(), report.exit_code);
+        report.exit()
+    })
+}
+
+/// The sequence's end landing on the supervisor's deadline: exactly one of them owns the end of
+/// the process, whichever claims it first. A child process (this test binary, re-run with
+/// `FINALE_END_RACE_CHILD` set) on a `current_thread` runtime, total 400 ms, reserve 200 ms,
+/// margin 200 ms: the supervisor takes over if the sequence has not ended 50 ms (its grace) past
+/// the total, at 450 ms. A Telemetry hook blocks the only thread until `FINALE_END_RACE_AT_US`
+/// after the trigger; the sequence then ends at once. Each run bisects that instant towards the
+/// one where the outcome flips, so most runs end the sequence within a timer tick of the
+/// supervisor's decision. Whatever the interleaving, one of two things holds, never a mix:
+///
+/// - the sequence owns the end: the supervisor does not take over (no takeover logged), `run()`
+///   returns, the process exits with the report's code, and the termination message is the
+///   report alone;
+/// - the supervisor owns it: the takeover is logged, `run()` never returns under it, the process
+///   exits with the supervisor's code (5), and the termination message ends with its line.
+///
+/// The timing makes the window likely, not certain: what makes the two outcomes exclusive is
+/// that both sides take one atomic decision (`Life::claim_end`) before either writes or exits.
+#[test]
+fn a_sequence_ending_at_the_takeover_deadline_leaves_one_owner_of_the_end() {
+    const RUNS: usize = 32;
+    if let Ok(path) = std::env::var("FINALE_END_RACE_CHILD") {
+        end_race_child(&path);
+    }
+    // The hook's end, in µs after the trigger: the sequence surely owns the end at the low
+    // bound, the supervisor surely at the high one.
+    let (mut lo, mut hi) = (300_000u64, 600_000u64);
+    let (mut by_sequence, mut by_supervisor) = (0, 0);
+    let mut broken = Vec::new();
+    for i in 0..RUNS {
+        let at = (lo + hi) / 2;
+        let path = std::env::temp_dir().join(format!("finale-end-race-{}-{i}", std::process::id()));
+        let start = Instant::now();
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_sequence_ending_at_the_takeover_deadline_leaves_one_owner_of_the_end",
+                "--nocapture",
+            ])
+            .env("FINALE_END_RACE_CHILD", &path)
+            .env("FINALE_END_RACE_AT_US", at.to_string())
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let elapsed = start.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let message = std::fs::read_to_string(&path).unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        let took_over = stderr.contains("the shutdown overran its budget");
+        let ended: Option<i32> = stderr
+            .lines()
+            .find_map(|l| l.split("RUN-ENDED code ").nth(1))
+            .and_then(|c| c.trim().parse().ok());
+        let code = out.status.code();
+        let first = message.lines().next().unwrap_or_default();
+        let last = message.lines().last().unwrap_or_default();
+        let supervisor_lines = message
+            .lines()
+            .filter(|l| l.starts_with("finale supervisor="))
+            .count();
+        let whole = match (took_over, ended) {
+            (false, Some(ended)) => {
+                by_sequence += 1;
+                code == Some(ended) && first.starts_with("finale status=") && supervisor_lines == 0
+            }
+            (true, None) => {
+                by_supervisor += 1;
+                code == Some(5)
+                    && last.starts_with("finale supervisor=took_over exit_code=5")
+                    && supervisor_lines == 1
+            }
+            _ => false,
+        };
+        eprintln!(
+            "run {i}: hook until {at} µs: took over {took_over}, run() ended {ended:?}, exit \
+             {code:?}, in {elapsed:?}\n{message}\n---"
+        );
+        if !whole || message.len() > 4096 {
+            broken.push(format!(
+                "run {i} (hook until {at} µs): took over: {took_over}, run() ended: {ended:?}, \
+                 exit code: {code:?}, message:\n{message}\nstderr:\n{stderr}"
+            ));
+        }
+        if took_over {
+            hi = at;
+        } else {
+            lo = at;
+        }
+        // Bisected to below the timers' resolution: widen a little, so that the next runs
+        // still straddle the instant where the outcome flips.
+        if hi - lo < 200 {
+            lo -= 1_000;
+            hi += 1_000;
+        }
+        // The bound: total + margin / 2 = 500 ms after the trigger (the sequence's own end, when
+        // it owns it, comes by 600 ms), plus the process's start.
+        assert!(
+            elapsed < Duration::from_millis(1500),
+            "run {i}: {elapsed:?}"
+        );
+    }
+    eprintln!(
+        "the end owned by the sequence {by_sequence} times, by the supervisor {by_supervisor} times"
+    );
+    assert!(broken.is_empty(), "{}", broken.join("\n=====\n"));
+    assert!(
+        by_sequence > 0 && by_supervisor > 0,
+        "the runs did not straddle the supervisor's decision: {by_sequence} by the sequence, \
+         {by_supervisor} by the supervisor"
+    );
+}
+
+fn end_race_child(path: &str) -> ! {
+    use finale::{Environment, Finale, Hook, Phase, TerminationLog};
+    let at = Duration::from_micros(
+        std::env::var("FINALE_END_RACE_AT_US")
+            .unwrap()
+            .parse()
+            .unwrap(),
+    );
+    // The supervisor's takeover is logged; the parent reads it on stderr.
+    tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let finale = Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .environment(Environment::Local)
+            .total_budget(Duration::from_millis(400))
+            .escalation_budget(Duration::from_millis(200))
+            .telemetry_reserve(Duration::from_millis(200))
+            .safety_margin(Duration::from_millis(200))
+            .termination_log(TerminationLog::Path(path.into()))
+            .build()
+            .unwrap();
+        let t0 = Instant::now();
+        finale
+            .hook(Hook::new(
+                Phase::Telemetry,
+                "blocker",
+                move |_| async move {
+                    // Blocks the runtime's only thread: the scenario, not a synchronisation.
+                    std::thread::sleep((t0 + at).saturating_duration_since(Instant::now()));
+                },
+            ))
+            .unwrap();
+        finale.handle().trigger("end race");
+        let report = finale.run().await;
+        eprintln!("RUN-ENDED code {}", report.exit_code);
         report.exit()
     })
 }

@@ -982,3 +982,157 @@ fn spans_a_json_partial_success_rejected_are_failed_in_either_spelling() {
         );
     }
 }
+
+/// An exporter that cannot deliver from a takeover is named when it is registered: a gRPC
+/// (tonic) exporter built on the application's runtime has its channel's tasks there, so the
+/// supervisor's flush, which runs exactly when that runtime is wedged, delivers nothing. One
+/// built inside `with_exporter_runtime`, and an OTLP/HTTP exporter that sends through the
+/// counting client (a blocking client, no runtime needed), deliver: no warning for them.
+///
+/// In a child process (this test re-run with `FINALE_WARNING_CHILD` set): whether the exporter
+/// runtime was used is known per process, and the steps before the last need it unused.
+#[test]
+fn an_exporter_that_cannot_deliver_from_a_takeover_is_named_at_registration() {
+    if std::env::var_os("FINALE_WARNING_CHILD").is_some() {
+        warning_child();
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "an_exporter_that_cannot_deliver_from_a_takeover_is_named_at_registration",
+            "--nocapture",
+        ])
+        .env("FINALE_WARNING_CHILD", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("WARNING-CHILD-DONE"), "{stdout}\n{stderr}");
+}
+
+/// The child's three registrations, each with its own subscriber: what it warned.
+fn warning_child() {
+    // Registration only: nothing is exported, the endpoint is never reached.
+    let grpc = "http://127.0.0.1:1";
+    // 1. OTLP/HTTP through the counting client, outside any runtime (the blocking client's own
+    //    runtime must not be dropped inside another).
+    let counter = finale::otlp::Counter::default();
+    let exporter = SpanExporter::builder()
+        .with_http()
+        .with_http_client(counter.http_client(reqwest::blocking::Client::new()))
+        .with_endpoint("http://127.0.0.1:1/v1/traces")
+        .build()
+        .unwrap();
+    let tracer = SdkTracerProvider::builder()
+        .with_span_processor(counter.clone())
+        .with_batch_exporter(Counted::with_counter(exporter, counter.clone()))
+        .build();
+    let warned = registration_warnings(Otlp::new().tracer_provider(tracer).span_counter(counter));
+    assert!(
+        warned.is_empty(),
+        "a false alarm for an HTTP exporter:\n{warned}"
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _entered = runtime.enter();
+    // 2. gRPC on the application's runtime, counted or not: every stage is named.
+    let warned = registration_warnings(grpc_providers(grpc));
+    for stage in [HOOK_TRACES, HOOK_LOGS, HOOK_METRICS] {
+        assert!(
+            warned.lines().any(|l| l.contains("WARN")
+                && l.contains(stage)
+                && l.contains("with_exporter_runtime")),
+            "{stage} not named:\n{warned}"
+        );
+    }
+    // 3. gRPC built on finale's exporter runtime, as the docs show: no warning.
+    let warned =
+        registration_warnings(finale::otlp::with_exporter_runtime(|| grpc_providers(grpc)));
+    assert!(
+        warned.is_empty(),
+        "a false alarm for exporters built on the exporter runtime:\n{warned}"
+    );
+    eprintln!("WARNING-CHILD-DONE");
+}
+
+/// gRPC providers for `endpoint`, built where the caller is: the tracer's exporter counted,
+/// the others not.
+fn grpc_providers(endpoint: &str) -> Otlp {
+    let spans = Counted::new(
+        SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .unwrap(),
+    );
+    let counter = spans.counter();
+    let tracer = SdkTracerProvider::builder()
+        .with_span_processor(counter.clone())
+        .with_batch_exporter(spans)
+        .build();
+    let logger = SdkLoggerProvider::builder()
+        .with_batch_exporter(
+            LogExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .unwrap(),
+        )
+        .build();
+    let meter = SdkMeterProvider::builder()
+        .with_periodic_exporter(
+            MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .unwrap(),
+        )
+        .build();
+    Otlp::new()
+        .tracer_provider(tracer)
+        .span_counter(counter)
+        .logger_provider(logger)
+        .meter_provider(meter)
+        .finale_metrics(false)
+}
+
+/// What registering `otlp` with a new `Finale` logged at the warning level, on this thread.
+fn registration_warnings(otlp: Otlp) -> String {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let finale = Finale::builder()
+        .no_signals()
+        .read_env(false)
+        .environment(Environment::Local)
+        .build()
+        .unwrap();
+    otlp.register(&finale).unwrap();
+    String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+}
+
+/// A buffer a test's log lines go to.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -17,15 +17,24 @@
 //! `finale supervisor=took_over exit_code=5 reason=… stuck=… delivered=pushgateway,otlp-traces
 //! not_delivered=otlp-logs` (the telemetry stages the supervisor delivered, and those it did
 //! not; a list with no stage is left out), written once its delivery ended, its values shortened like the
-//! end-of-run message's, so that it too parses and fits. If the runtime unblocks after the
-//! takeover and `run()` still ends, `run()` waits for the supervisor's line (the supervisor ends
-//! the process by its last moment; the wait gives up 500 ms past it) and its message keeps that
-//! line as its last: one message holds both, within the 4 KiB. The two sides compose and write under one
-//! lock, so that neither starts a write while the other's is in progress and the second writes
-//! both. One window stays: a sequence that ends in the instant between the supervisor's last
-//! check and the start of its takeover writes its report alone and returns; if the process then
-//! exits (say [`ShutdownReport::exit`]) while the supervisor writes its own line, that write
-//! may be cut.
+//! end-of-run message's, so that it too parses and fits.
+//!
+//! **One writer of the final message.** The sequence and the supervisor decide who owns the end
+//! of the process once, by one atomic claim that each takes before it writes anything final or
+//! exits: the sequence as `run()` ends, the supervisor before it takes over. Whichever claims
+//! first writes the message, and the other writes none:
+//!
+//! - the sequence first (even in the instant the supervisor's deadline passes): its report is
+//!   the message, `run()` returns it, and the supervisor does not take over;
+//! - the supervisor first: its line is the message. If the runtime unblocks and the sequence
+//!   still ends while the supervisor delivers, the report goes to the supervisor, whose message
+//!   then holds the report and its line last, within the 4 KiB (a report that comes after the
+//!   supervisor wrote is left out). `run()` writes nothing and does not return into an exit
+//!   under the supervisor's write: it waits until the supervisor ends the process (bounded:
+//!   half a second past the process's last moment).
+//!
+//! The report and the line are handed over under one lock, so the supervisor's write sees a
+//! report stored before it.
 //!
 //! # The format
 //!
@@ -65,7 +74,7 @@ use std::time::Duration;
 use crate::config::Environment;
 use crate::phase::Phase;
 use crate::report::{EntryReport, Outcome, ShutdownReport};
-use crate::state::{Observer, Shared, StageOutcome};
+use crate::state::{EndOwner, Observer, Shared, StageOutcome};
 use crate::termination_log::{DEFAULT_TERMINATION_LOG, TerminationLog};
 
 /// The most Kubernetes keeps of a container's termination message: 4096 bytes. finale's
@@ -79,12 +88,10 @@ pub(crate) struct Writer {
     /// An explicit path is created if missing, and a failure is a warning; the automatic one
     /// is only ever the kubelet's file.
     explicit: bool,
-    /// What the message holds so far, and what was written: the end-of-run report and the
-    /// supervisor's line, composed and written under this one lock, so that whichever side
-    /// writes last writes both and no write starts while another is in progress.
+    /// What the message holds so far: the end-of-run report and the supervisor's line. Only
+    /// the owner of the end writes (see the module docs); the lock hands the report to a
+    /// supervisor that owns it.
     both: std::sync::Mutex<Both>,
-    /// Signalled when the supervisor's line arrives.
-    line_arrived: std::sync::Condvar,
 }
 
 /// The two sides of one termination message.
@@ -94,10 +101,6 @@ struct Both {
     report: Option<ShutdownReport>,
     /// The supervisor's line, once it took over and delivered.
     line: Option<String>,
-    /// The supervisor started taking over: its line is coming.
-    taking_over: bool,
-    /// The last message written (a write of the same text again is skipped).
-    written: Option<String>,
 }
 
 /// The writer `setting` (or the environment's `env`, which wins) asks for, if any.
@@ -116,7 +119,6 @@ pub(crate) fn writer(
             path,
             explicit: true,
             both: std::sync::Mutex::default(),
-            line_arrived: std::sync::Condvar::new(),
         }),
         TerminationLog::Auto if environment == Environment::Kubernetes => {
             // The kubelet mounts the file into every container; opening it does not change it.
@@ -125,7 +127,6 @@ pub(crate) fn writer(
                     path: PathBuf::from(DEFAULT_TERMINATION_LOG),
                     explicit: false,
                     both: std::sync::Mutex::default(),
-                    line_arrived: std::sync::Condvar::new(),
                 }),
                 Err(error) => {
                     tracing::debug!(
@@ -204,9 +205,8 @@ impl Writer {
 }
 
 impl Writer {
-    /// Writes what `both` holds, unless that text was written already. Called with the lock
-    /// held: the two sides never write at once, and the second sees what the first stored.
-    fn write_both(&self, shared: &Shared, both: &mut Both) {
+    /// Writes what `both` holds. Called by the owner of the end only, with the lock held.
+    fn write_both(&self, shared: &Shared, both: &Both) {
         let text = match (&both.report, &both.line) {
             // The runtime unblocked after the takeover and the sequence ended too: its report,
             // then the supervisor's line, in one message that still fits.
@@ -220,11 +220,7 @@ impl Writer {
             (None, Some(line)) => line.clone(),
             (None, None) => return,
         };
-        if both.written.as_ref() == Some(&text) {
-            return;
-        }
         self.write(shared, &text);
-        both.written = Some(text);
     }
 }
 
@@ -232,35 +228,12 @@ impl Observer for Writer {
     fn finished(&self, shared: &Shared, report: &ShutdownReport) {
         let mut both = crate::state::lock(&self.both);
         both.report = Some(report.clone());
-        if both.taking_over {
-            // The supervisor is delivering and will write its line, then end the process: wait
-            // for the line, so that one message holds both and `run()` does not return into an
-            // exit that could cut the supervisor's write. Bounded: the supervisor exits by the
-            // process's last moment (plus its write's floor); past that and `WRITE_WAIT` more,
-            // it is stuck itself and the report is written alone.
-            let last = shared
-                .life
-                .trigger()
-                .map(|t0| t0 + shared.budget.total + shared.budget.safety_margin / 2 + WRITE_WAIT);
-            while both.line.is_none() {
-                let left = last.map_or(WRITE_WAIT, |last| {
-                    last.saturating_duration_since(std::time::Instant::now())
-                });
-                if left.is_zero() {
-                    break;
-                }
-                both = self
-                    .line_arrived
-                    .wait_timeout(both, left)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
+        // The supervisor owns the end: its write (if it has not written yet) takes the report
+        // along; `run()` then waits for its exit.
+        if shared.life.end_owner() == Some(EndOwner::Supervisor) {
+            return;
         }
-        self.write_both(shared, &mut both);
-    }
-
-    fn taking_over(&self, _shared: &Shared) {
-        crate::state::lock(&self.both).taking_over = true;
+        self.write_both(shared, &both);
     }
 
     fn took_over(&self, shared: &Shared, why: &str, code: i32, stages: &[StageOutcome]) {
@@ -294,8 +267,7 @@ impl Observer for Writer {
         truncate(&mut line, TERMINATION_MESSAGE_MAX / 2);
         let mut both = crate::state::lock(&self.both);
         both.line = Some(line);
-        self.line_arrived.notify_all();
-        self.write_both(shared, &mut both);
+        self.write_both(shared, &both);
     }
 }
 
@@ -597,20 +569,52 @@ mod tests {
         );
     }
 
-    /// The supervisor took over, then the runtime unblocked and the sequence ended too: the
-    /// end-of-run message keeps the supervisor's line, in one message that fits.
-    #[tokio::test(flavor = "current_thread")]
-    async fn one_termination_message_holds_the_takeover_and_the_report() {
+    /// A report as the sequence ends with it, classified.
+    fn report(reason: &str) -> ShutdownReport {
+        use crate::report::{DeliveryPolicy, ExitCodes, Reason, ShutdownStatus};
+        let mut report = ShutdownReport {
+            reason: Reason::Requested(reason.to_owned().into()),
+            phases: Vec::new(),
+            in_flight_at_drain_start: 0,
+            last_request_after_announce: None,
+            last_probe_after_announce: None,
+            requests_rejected: 0,
+            requests_panicked: 0,
+            cut: Vec::new(),
+            upgrades_failed: Vec::new(),
+            escalated: false,
+            total: Duration::from_secs(1),
+            over_budget: false,
+            delivery: Vec::new(),
+            final_scrapes: Vec::new(),
+            status: ShutdownStatus::Clean,
+            exit_code: 0,
+        };
+        report.classify(&ExitCodes::default(), DeliveryPolicy::default());
+        report
+    }
+
+    /// A writer to a file of its own, and the state of a shutdown requested with a long reason.
+    fn writer_and_state(name: &str) -> (Writer, PathBuf, crate::Finale) {
         let path =
-            std::env::temp_dir().join(format!("finale-termination-both-{}", std::process::id()));
+            std::env::temp_dir().join(format!("finale-termination-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
         let finale = crate::Finale::builder()
             .no_signals()
             .read_env(false)
-            .termination_log(TerminationLog::Path(path.clone()))
             .build()
             .unwrap();
         finale.handle().trigger("x".repeat(5000));
-        let shared = finale.shared.clone();
+        let writer = writer(
+            &TerminationLog::Path(path.clone()),
+            None,
+            Environment::Local,
+        )
+        .unwrap();
+        (writer, path, finale)
+    }
+
+    fn took_over(writer: &Writer, shared: &Shared) {
         let stages = [
             (std::borrow::Cow::Borrowed("otlp-traces"), Ok(())),
             (
@@ -618,15 +622,28 @@ mod tests {
                 Err("timed out".to_owned()),
             ),
         ];
-        shared.observe(|o| {
-            o.took_over(
-                &shared,
-                "the Telemetry phase did not start in time",
-                5,
-                &stages,
-            )
-        });
-        let report = finale.run().await;
+        writer.took_over(
+            shared,
+            "the Telemetry phase did not start in time",
+            5,
+            &stages,
+        );
+    }
+
+    /// The supervisor claimed the end and took over; the runtime unblocked and the sequence
+    /// ended while it delivered: the sequence writes nothing, and the supervisor's message
+    /// holds the report it was handed and its own line last, within the 4 KiB.
+    #[test]
+    fn one_termination_message_holds_the_takeover_and_the_report() {
+        let (writer, path, finale) = writer_and_state("both");
+        let shared = &finale.shared;
+        assert!(shared.life.claim_end(EndOwner::Supervisor));
+        writer.finished(shared, &report(&"x".repeat(5000)));
+        assert!(
+            !path.exists(),
+            "the sequence wrote while the supervisor owned the end"
+        );
+        took_over(&writer, shared);
         let text = std::fs::read_to_string(&path).unwrap();
         let _ = std::fs::remove_file(&path);
         assert!(text.len() <= TERMINATION_MESSAGE_MAX, "{}", text.len());
@@ -644,7 +661,38 @@ mod tests {
             ),
             "{text}"
         );
-        assert_eq!(report.exit_code, 0);
+    }
+
+    /// A report that comes after the supervisor wrote its line changes nothing: the line is the
+    /// whole message.
+    #[test]
+    fn a_report_after_the_supervisors_line_leaves_the_line_alone() {
+        let (writer, path, finale) = writer_and_state("late");
+        let shared = &finale.shared;
+        assert!(shared.life.claim_end(EndOwner::Supervisor));
+        took_over(&writer, shared);
+        let line = std::fs::read_to_string(&path).unwrap();
+        writer.finished(shared, &report("late"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(text, line);
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.starts_with("finale supervisor=took_over"), "{text}");
+    }
+
+    /// The sequence claimed the end: its report is the message (the supervisor, which lost the
+    /// claim, never takes over, see `run::supervisor`).
+    #[test]
+    fn the_sequence_that_owns_the_end_writes_its_report() {
+        let (writer, path, finale) = writer_and_state("sequence");
+        let shared = &finale.shared;
+        assert!(shared.life.claim_end(EndOwner::Sequence));
+        assert!(!shared.life.claim_end(EndOwner::Supervisor));
+        writer.finished(shared, &report("ended"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(text.starts_with("finale status=clean"), "{text}");
+        assert!(!text.contains("supervisor="), "{text}");
     }
 
     #[test]

@@ -89,7 +89,7 @@ use std::time::{Duration, Instant};
 
 use crate::phase::Phase;
 use crate::report::{Reason, ShutdownReport};
-use crate::state::{Life, Observer, Shared, StageOutcome, lock};
+use crate::state::{EndOwner, Life, Observer, Shared, StageOutcome, lock};
 
 // ---------------------------------------------------------------------------------------------
 // Notifications
@@ -297,7 +297,8 @@ impl Observer for Notifier {
     }
 
     fn finished(&self, shared: &Shared, report: &ShutdownReport) {
-        if handed_over(shared) {
+        // After a takeover the supervisor's status is the last word, whenever the sequence ends.
+        if handed_over(shared) || shared.life.end_owner() == Some(EndOwner::Supervisor) {
             return;
         }
         self.send(&format!(

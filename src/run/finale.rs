@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::ConfigError;
 use crate::handle::Handle;
@@ -10,7 +11,7 @@ use crate::hook::{CatchUnwind, Hook, HookError};
 use crate::report::{Reason, ShutdownReport};
 use crate::run::{runtime, sequence, start};
 use crate::signal::Signal;
-use crate::state::{Refused, RunningTask, Shared, TaskResult};
+use crate::state::{EndOwner, Refused, RunningTask, Shared, TaskResult};
 use crate::task::{Task, TaskContext};
 use crate::track::StopToken;
 
@@ -159,6 +160,14 @@ impl Finale {
     /// and ends the process with the deadline-overrun code. See the crate docs, "Threading and
     /// process-wide effects".
     ///
+    /// The end of the process has one owner: the sequence as it ends, or the supervisor as it
+    /// takes over, whichever claims it first. If the runtime unblocks after the supervisor
+    /// took over and the sequence still ends, `run()` does not return into an exit of its own
+    /// under the supervisor's: it waits until the supervisor ends the process (with its code,
+    /// its termination message last), and returns the report only if the supervisor has not
+    /// by half a second past the process's last moment (`total + safety_margin / 2` after the
+    /// trigger).
+    ///
     /// # Cancel safety
     ///
     /// Not cancel safe: dropping the future abandons the sequence where it is.
@@ -167,7 +176,9 @@ impl Finale {
         let shared = self.shared.clone();
         drop(self);
         let registry = shared.take_registry();
-        let report = match runtime::check() {
+        let timers = runtime::check();
+        let with_timers = timers.is_ok();
+        let report = match timers {
             Ok(()) => {
                 start::graceful_start(&shared, &registry.tasks).await;
                 shared.life.requested.cancelled().await;
@@ -175,14 +186,24 @@ impl Finale {
             }
             Err(error) => sequence::without_timers(&shared, registry, error),
         };
+        // The end of the process has one owner: claimed here, or by the supervisor before it
+        // takes over, whichever comes first (`Life::claim_end`).
+        let ours = shared.life.claim_end(EndOwner::Sequence);
         // The platform hears the ending (termination message, systemd's status) while the
-        // supervisor still bounds the process.
+        // supervisor still bounds the process; if the supervisor owns the end, the observers
+        // leave the last word to it.
         shared.observe(|o| o.finished(&shared, &report));
+        if !ours {
+            wait_for_the_supervisors_exit(&shared, with_timers).await;
+        }
         shared.life.finish(report.exit_code);
         report
     }
 
     /// [`run`](Finale::run)s, then ends the process with the report's exit code.
+    ///
+    /// (If the supervisor took the shutdown over before the sequence ended, the supervisor
+    /// ends the process, with its own code: see [`run`](Finale::run).)
     ///
     /// # Why finale exits explicitly
     ///
@@ -311,5 +332,75 @@ impl TaskWatch {
         // A task that ended cannot hold up graceful start.
         self.ready.cancel();
         result
+    }
+}
+
+/// How long past the process's last moment (`trigger + total + safety_margin / 2`, by when the
+/// supervisor exits) `run()` still waits for a supervisor that owns the end: its termination
+/// message's write may take its floor past that moment, and a loaded machine more.
+const SUPERVISOR_EXIT_SLACK: Duration = Duration::from_millis(500);
+
+/// The supervisor claimed the end of the process before the sequence did: it is delivering,
+/// writes the last word and exits with its own code. `run()` does not return into an exit of
+/// its own (the caller's [`ShutdownReport::exit`], or a return from `main`) that would cut the
+/// supervisor's write or exit with another code: it waits for the supervisor's exit, bounded
+/// by the process's last moment plus [`SUPERVISOR_EXIT_SLACK`] (a supervisor that has not
+/// exited by then is stuck itself, and the report is returned).
+///
+/// Awaited on the runtime's timer, so the runtime keeps polling meanwhile (a gRPC exporter
+/// built on it may be what the supervisor's flush is waiting for). A runtime without the time
+/// driver, which the sequence did not run on, blocks its thread instead.
+async fn wait_for_the_supervisors_exit(shared: &Shared, with_timers: bool) {
+    let b = &shared.budget;
+    let past_last = b.total + b.safety_margin / 2 + SUPERVISOR_EXIT_SLACK;
+    tracing::debug!(
+        target: "finale",
+        "the supervisor took the shutdown over before the sequence ended: it ends the process"
+    );
+    if with_timers {
+        let until = shared.life.trigger_tokio().map_or_else(
+            || tokio::time::Instant::now() + past_last,
+            |t0| t0 + past_last,
+        );
+        tokio::time::sleep_until(until).await;
+    } else {
+        let until = shared.life.trigger().map_or_else(
+            || std::time::Instant::now() + past_last,
+            |t0| t0 + past_last,
+        );
+        std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
+    }
+    tracing::warn!(
+        target: "finale",
+        "the supervisor owns the end of the process but has not ended it: returning the report"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The supervisor claimed the end before the sequence ended (it took over; the runtime
+    /// came back): `run()` does not return into an exit of its own under the supervisor's,
+    /// but waits for it until half a second past the process's last moment. (Here no
+    /// supervisor exits: paused time runs to the bound.)
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn run_waits_for_a_supervisor_that_owns_the_end() {
+        let finale = Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .build()
+            .unwrap();
+        finale.handle().trigger("test");
+        let shared = finale.shared.clone();
+        assert!(shared.life.claim_end(EndOwner::Supervisor));
+        let _report = finale.run().await;
+        let b = shared.budget;
+        let bound = shared.life.trigger_tokio().unwrap()
+            + b.total
+            + b.safety_margin / 2
+            + SUPERVISOR_EXIT_SLACK;
+        assert!(tokio::time::Instant::now() >= bound);
+        assert!(shared.life.finished.is_cancelled());
     }
 }

@@ -17,8 +17,7 @@
 //!   deadline-overrun code (forced, after a second signal). The stages get what is left of the
 //!   Telemetry slot, or, when the slot itself was overrun, up to half the safety margin past
 //!   the total: the process always exits by `t0 + total + safety_margin / 2` (a termination
-//!   message that the file system does not take by then may add 10 ms, 20 ms when `run()`'s
-//!   own write is in progress then). After a second
+//!   message that the file system does not take by then may add 10 ms). After a second
 //!   signal the checkpoints move to the escalation: the Telemetry phase must start within
 //!   `min(GRACE, escalation budget / 4)`, and a sequence still running [`GRACE`] after the
 //!   escalation budget's end is ended at once, without a flush (the user asked to leave).
@@ -33,6 +32,12 @@
 //!   a `Finale` dropped without running (a test that builds many) ends the watchdog.
 //! - Without signals the thread ends when the sequence finished or the state was dropped; with
 //!   signals it lives as long as the process, so that signals keep working after `run()`.
+//! - A takeover starts only with the end of the process claimed for the supervisor
+//!   ([`Life::claim_end`]), before it logs, delivers, tells the platform or exits; the sequence
+//!   claims it as `run()` ends. So a sequence that ends in the instant the watchdog decides
+//!   either owns the end (the supervisor steps aside, as after any finished sequence) or finds
+//!   it the supervisor's (its `run()` waits for the supervisor's exit, bounded, and the
+//!   platform hears the supervisor's word last).
 //!
 //! [`Builder::build`]: crate::Builder::build
 //! [`Finale::run`]: crate::Finale::run
@@ -51,7 +56,7 @@ use crate::report::names::{self, metric};
 use crate::report::{ExitCodes, Reason, ShutdownStatus};
 use crate::run::signals::Listener;
 use crate::signal::Signal;
-use crate::state::{EmergencyStage, Life, Shared};
+use crate::state::{EmergencyStage, EndOwner, Life, Shared};
 
 /// How late the sequence may be at a checkpoint before the supervisor takes over: 250 ms, or a
 /// quarter of the telemetry reserve if that is shorter. Long enough for a busy but healthy
@@ -294,6 +299,8 @@ impl Supervisor {
                         continue;
                     }
                     self.take_over(Stuck::BeforeTelemetry, t0, end_by).await;
+                    // Back only if the sequence ended first: it has the last word.
+                    return;
                 }
                 () = sleep_until(end_check) => {
                     if self.life.finished.is_cancelled() {
@@ -302,13 +309,27 @@ impl Supervisor {
                     // After a second signal the user wants out: no flush past the escalation.
                     let deadline = if escalated_at.is_some() { Instant::now() } else { last };
                     self.take_over(Stuck::InTelemetry, t0, deadline).await;
+                    return;
                 }
             }
         }
     }
 
     /// Delivers what the telemetry stages can deliver by `deadline`, then ends the process.
-    async fn take_over(&self, stuck: Stuck, t0: Instant, deadline: Instant) -> ! {
+    /// Returns, having done nothing, only if the sequence claimed the end first.
+    async fn take_over(&self, stuck: Stuck, t0: Instant, deadline: Instant) {
+        // The one decision both sides take before either says anything final or exits: the
+        // `finished` check above can pass in the instant the sequence ends, but only one of the
+        // two claims succeeds. Lost: the sequence's report is the last word, its `run()`
+        // returns it, and the process exits with its code; the supervisor steps aside as after
+        // any finished sequence.
+        if !self.life.claim_end(EndOwner::Supervisor) {
+            tracing::debug!(
+                target: "finale",
+                "{stuck}, but the sequence ended first: it has the last word, no takeover"
+            );
+            return;
+        }
         let status = if self.life.escalated.is_cancelled() {
             ShutdownStatus::Forced
         } else {
@@ -316,11 +337,7 @@ impl Supervisor {
         };
         let code = self.codes.code(status);
         let (state, stages) = match self.shared.upgrade() {
-            Some(shared) => {
-                // First: an end-of-run message written from now on waits for the supervisor's.
-                shared.observe(|o| o.taking_over(&shared));
-                (Some(shared.state()), shared.take_emergency())
-            }
+            Some(shared) => (Some(shared.state()), shared.take_emergency()),
             None => (None, Vec::new()),
         };
         tracing::error!(
@@ -422,4 +439,55 @@ pub(crate) fn deliver(
         logged = results.len();
     }
     results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::termination_log::TerminationLog;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// The watchdog decided to take over in the instant the sequence ended and claimed the end:
+    /// the takeover does nothing (no stage runs, no termination message, no exit: an exit would
+    /// end this test's process) and returns.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_takeover_after_the_sequence_claimed_the_end_does_nothing() {
+        let path =
+            std::env::temp_dir().join(format!("finale-takeover-lost-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let finale = crate::Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .termination_log(TerminationLog::Path(path.clone()))
+            .build()
+            .unwrap();
+        let shared = finale.shared.clone();
+        let ran = Arc::new(AtomicBool::new(false));
+        let stage_ran = ran.clone();
+        shared.add_emergency(EmergencyStage {
+            name: Cow::Borrowed("stage"),
+            order: 0,
+            share: crate::slot::Share::ALL,
+            run: Box::new(move |_| {
+                stage_ran.store(true, Ordering::SeqCst);
+                Ok(())
+            }),
+        });
+        finale.handle().trigger("test");
+        assert!(shared.life.claim_end(EndOwner::Sequence));
+        let supervisor = Supervisor {
+            shared: Arc::downgrade(&shared),
+            life: shared.life.clone(),
+            budget: shared.budget,
+            codes: shared.exit_codes,
+            after_upgrade: Arc::default(),
+        };
+        supervisor
+            .take_over(Stuck::InTelemetry, Instant::now(), Instant::now())
+            .await;
+        assert!(!ran.load(Ordering::SeqCst), "a stage ran");
+        assert_eq!(shared.take_emergency().len(), 1, "the stages were taken");
+        assert!(!path.exists(), "the supervisor wrote a termination message");
+        assert_eq!(shared.life.end_owner(), Some(EndOwner::Sequence));
+    }
 }

@@ -67,7 +67,9 @@
 //!   are awaited), so a `current_thread` or one-worker runtime that is healthy still works, but
 //!   after a takeover of a wedged runtime they deliver nothing (the report says
 //!   `not delivered`). Either way call [`Finale::run`](crate::Finale::run) from inside the
-//!   runtime; do not drop the runtime first.
+//!   runtime; do not drop the runtime first. [`Otlp::register`] warns about each provider
+//!   whose exporter finale cannot tell delivers from a takeover (see there): building the
+//!   exporters inside [`with_exporter_runtime`] silences it.
 //! - **The async-client feature trap.** opentelemetry-otlp's HTTP exporter picks its client by
 //!   cargo feature, and an async client wins: if *any* crate in the build enables
 //!   `opentelemetry-otlp/reqwest-client` or `hyper-client`, the batch threads, which have no
@@ -136,6 +138,7 @@ use crate::telemetry::stages::{Handoff, OffThread, run_until};
 
 mod runtime;
 pub use runtime::with_exporter_runtime;
+mod takeover;
 
 #[cfg(feature = "otlp-http")]
 mod http;
@@ -368,6 +371,22 @@ impl Otlp {
 
     /// Registers one Telemetry hook per provider given.
     ///
+    /// **A warning for an exporter that may not deliver from a takeover.** When the runtime is
+    /// wedged, the supervisor flushes the providers from its own threads; a gRPC (tonic)
+    /// exporter built on your runtime delivers nothing then (see the [module docs](self)).
+    /// finale cannot see the exporter inside a provider, so for each provider it logs a
+    /// warning (target `finale`, field `stage`: `otlp-traces`, `otlp-metrics` or `otlp-logs`)
+    /// unless it can tell that the exporter delivers:
+    ///
+    /// - its [`Counter`] made the [`CountingClient`](Counter::http_client) the exporter sends
+    ///   OTLP/HTTP with (feature `otlp-http`; per provider), or
+    /// - [`with_exporter_runtime`] has run in this process (per process: finale cannot tell
+    ///   which exporters it built, so build every gRPC exporter inside).
+    ///
+    /// Building the exporters inside [`with_exporter_runtime`] is harmless for any exporter and
+    /// silences the warning. Whatever the warning said, the report says which stages the
+    /// supervisor delivered.
+    ///
     /// # Errors
     ///
     /// [`ConfigError::DuplicateName`] if a hook name is taken (say, registered twice).
@@ -382,8 +401,9 @@ impl Otlp {
                 ORDER_METRICS,
                 Share::METRICS,
                 p,
-                self.points,
+                self.points.clone(),
             )?;
+            takeover::warn_unless_known(HOOK_METRICS, self.points.as_ref());
             if let Some(own) = own {
                 finale.shared.add_recorder(own);
             }
@@ -396,8 +416,9 @@ impl Otlp {
                 ORDER_TRACES_LOGS,
                 Share::TRACES_LOGS,
                 p,
-                self.spans,
+                self.spans.clone(),
             )?;
+            takeover::warn_unless_known(HOOK_TRACES, self.spans.as_ref());
         }
         if let Some(p) = self.logger {
             register_flush(
@@ -407,8 +428,9 @@ impl Otlp {
                 ORDER_TRACES_LOGS,
                 Share::TRACES_LOGS,
                 p,
-                self.records,
+                self.records.clone(),
             )?;
+            takeover::warn_unless_known(HOOK_LOGS, self.records.as_ref());
         }
         Ok(())
     }
@@ -929,6 +951,10 @@ struct CounterInner {
     unconfirmed: AtomicU64,
     /// The final flush's shutdown returned in time: nothing was left in the queue.
     drained: AtomicBool,
+    /// A [`CountingClient`](Counter::http_client) was made from this counter: the exporter
+    /// sends OTLP/HTTP with it from the SDK's own threads, which needs no runtime of the
+    /// application's, so it delivers from a takeover too.
+    counting_client: AtomicBool,
 }
 
 impl Counter {

@@ -50,7 +50,13 @@ impl<C: fmt::Debug> fmt::Debug for CountingClient<C> {
 impl Counter {
     /// Wraps `client` so that the items a collector rejects in a partial success count as
     /// failed in this counter. See [`CountingClient`].
+    ///
+    /// An exporter sending through it needs no runtime of yours (the SDK exports from its own
+    /// threads; the client must be a blocking one, see the [module docs](super)), so it
+    /// delivers from a takeover too: [`Otlp::register`](super::Otlp::register) does not warn
+    /// about the stage this counter is handed to.
     pub fn http_client<C: HttpClient>(&self, client: C) -> CountingClient<C> {
+        self.inner.counting_client.store(true, Ordering::Release);
         CountingClient {
             inner: client,
             counter: self.clone(),

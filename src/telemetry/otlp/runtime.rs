@@ -6,9 +6,20 @@
 //! the user's blocks.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The name of the exporter runtime's thread.
 const THREAD: &str = "finale-exporters";
+
+/// Set by the first call of [`with_exporter_runtime`], before its closure runs.
+static USED: AtomicBool = AtomicBool::new(false);
+
+/// Whether [`with_exporter_runtime`] has run a closure in this process: the exporters are built
+/// the way the docs show, as far as finale can see (it cannot tell which exporters a closure
+/// built, nor see the exporter inside a provider).
+pub(super) fn used() -> bool {
+    USED.load(Ordering::Acquire)
+}
 
 /// Runs `build` (the building of OTLP exporters) with a tokio runtime of finale's own entered,
 /// and returns what it returns.
@@ -17,6 +28,11 @@ const THREAD: &str = "finale-exporters";
 /// keep going when every thread of your runtime is blocked, so the supervisor's takeover (see
 /// [`Finale::run`](crate::Finale::run)) can deliver the final spans, log records and metrics.
 /// HTTP exporters with a blocking client need no runtime; building them inside is harmless.
+///
+/// Calling it also tells finale that the exporters are built the way that delivers from a
+/// takeover: [`Otlp::register`](super::Otlp::register) then warns about none of them. finale
+/// knows this per process, not per exporter (it cannot see which exporters the closure built),
+/// so build every gRPC exporter inside.
 ///
 /// The runtime is a `current_thread` runtime on one thread, `finale-exporters`, started by the
 /// first call (only then: nothing starts unless you call this) and kept for the life of the
@@ -41,6 +57,7 @@ const THREAD: &str = "finale-exporters";
 /// ```
 pub fn with_exporter_runtime<T>(build: impl FnOnce() -> T) -> T {
     let _entered = handle().enter();
+    USED.store(true, Ordering::Release);
     build()
 }
 
