@@ -35,13 +35,17 @@ impl<S> fmt::Debug for ConnService<S> {
     }
 }
 
+/// A service's error as hyper takes it.
+pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
 where
     S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
     B: Body<Data = Bytes>,
 {
     type Response = Response<DrainBody<B>>;
-    type Error = S::Error;
+    type Error = BoxError;
     type Future = ResponseFuture<Oneshot<S, Request<Incoming>>, B>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
@@ -109,7 +113,8 @@ where
 pin_project! {
     /// `poll_ready`, then `call`, on an owned tower service: at once if the service is ready
     /// (the usual case: the request is handed over once, no future waits for readiness),
-    /// otherwise when polled.
+    /// otherwise when polled. A service whose readiness failed is not asked again (tower's
+    /// contract: it may panic if it is); its error is the answer.
     #[project = OneshotProj]
     pub(crate) enum Oneshot<S, Req>
     where
@@ -117,35 +122,54 @@ pin_project! {
     {
         Called { #[pin] fut: S::Future },
         Waiting { pending: Option<(S, Req)> },
+        Failed { error: Option<BoxError> },
     }
 }
 
-impl<S: tower::Service<Req>, Req> Oneshot<S, Req> {
+impl<S, Req> Oneshot<S, Req>
+where
+    S: tower::Service<Req>,
+    S::Error: Into<BoxError>,
+{
     fn new(mut service: S, req: Req) -> Self {
         // A waker that does nothing: a service not ready now is polled again, with the
-        // task's waker, when the future is; one that failed is asked again there, and says so
-        // again (its error is not kept here: it need not be `Send`).
+        // task's waker, when the future is.
         match service.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
             Poll::Ready(Ok(())) => Self::Called {
                 fut: service.call(req),
             },
-            Poll::Ready(Err(_)) | Poll::Pending => Self::Waiting {
+            Poll::Ready(Err(error)) => Self::Failed {
+                error: Some(error.into()),
+            },
+            Poll::Pending => Self::Waiting {
                 pending: Some((service, req)),
             },
         }
     }
 }
 
-impl<S: tower::Service<Req>, Req> Future for Oneshot<S, Req> {
-    type Output = Result<S::Response, S::Error>;
+impl<S, Req> Future for Oneshot<S, Req>
+where
+    S: tower::Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             match self.as_mut().project() {
-                OneshotProj::Called { fut } => return fut.poll(cx),
+                OneshotProj::Called { fut } => return fut.poll(cx).map_err(Into::into),
+                OneshotProj::Failed { error } => {
+                    return Poll::Ready(Err(error.take().expect("polled after completion")));
+                }
                 OneshotProj::Waiting { pending } => {
                     let (service, _) = pending.as_mut().expect("polled after completion");
-                    ready!(service.poll_ready(cx))?;
+                    if let Err(error) = ready!(service.poll_ready(cx)) {
+                        self.set(Self::Failed {
+                            error: Some(error.into()),
+                        });
+                        continue;
+                    }
                     let (mut service, req) = pending.take().expect("checked above");
                     let fut = service.call(req);
                     self.set(Self::Called { fut });
@@ -175,5 +199,40 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         self.0.call(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fails its readiness once, and panics if asked again (as tower allows a failed service
+    /// to).
+    struct FailsOnce {
+        failed: bool,
+    }
+
+    impl tower::Service<()> for FailsOnce {
+        type Response = ();
+        type Error = std::io::Error;
+        type Future = std::future::Ready<Result<(), std::io::Error>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            assert!(!self.failed, "poll_ready asked again after it failed");
+            self.failed = true;
+            Poll::Ready(Err(std::io::Error::other("backend gone")))
+        }
+
+        fn call(&mut self, (): ()) -> Self::Future {
+            unreachable!("never ready")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_readiness_is_the_answer_and_not_asked_again() {
+        let error = Oneshot::new(FailsOnce { failed: false }, ())
+            .await
+            .expect_err("the readiness failed");
+        assert_eq!(error.to_string(), "backend gone");
     }
 }
