@@ -1198,3 +1198,104 @@ async fn a_tower_concurrency_limit_holds_under_finales_server() {
     let report = finish_run(run).await;
     assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
+
+/// On a paused clock (`start_paused`) the header-read timeout is virtual time like every other
+/// finale timeout: a partial head is closed at 200 ms of it, and no real time passes. Before,
+/// the connection's timer lived on the server's timer thread (the real clock) while its
+/// deadline came from the paused one: fired on the real clock, found not due on the paused
+/// one, re-armed in the past, the connection task spun at full CPU and the runtime never went
+/// idle, so the paused clock never moved (the read below never returned). A real-time guard on
+/// the blocking pool ends the test instead of hanging it.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn on_a_paused_clock_a_partial_head_is_closed_at_the_header_read_timeout() {
+    const TIMEOUT: Duration = Duration::from_millis(200);
+    let served = serve_with(builder(), |server| server.header_read_timeout(TIMEOUT)).await;
+    let mut slow = TcpStream::connect(served.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: slow")
+        .await
+        .unwrap();
+    let virtual_start = tokio::time::Instant::now();
+    let real_start = Instant::now();
+    // A plain thread, not the blocking pool (a blocking task holds the paused clock still).
+    let (expired, guard) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        std::thread::sleep(BOUND);
+        let _ = expired.send(());
+    });
+    let mut buf = Vec::new();
+    tokio::select! {
+        read = slow.read_to_end(&mut buf) => {
+            read.unwrap();
+        }
+        _ = guard => panic!("not closed within {BOUND:?} of real time"),
+    }
+    let virtual_elapsed = virtual_start.elapsed();
+    eprintln!(
+        "closed after {virtual_elapsed:?} of virtual time, {:?} of real time",
+        real_start.elapsed()
+    );
+    assert!(virtual_elapsed >= TIMEOUT, "{virtual_elapsed:?}");
+    assert!(virtual_elapsed < 5 * TIMEOUT, "{virtual_elapsed:?}");
+    served.handle.trigger("test");
+    let report = finish(served).await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+/// `max_connection_age` moves an HTTP/2 connection known as such by its preface even when it
+/// never opened a stream: GOAWAY at its age. Before, the age was looked at once and only a
+/// connection that had made an HTTP/2 request counted: an idle one was never told. (This
+/// client never answers the server's PING, so the server's graceful close waits for it; the
+/// GOAWAY frame is what is looked for.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connection_age_moves_an_idle_http2_connection() {
+    const AGE: Duration = Duration::from_millis(300);
+    let served = serve_with(builder(), |server| server.max_connection_age(AGE)).await;
+    let mut h2 = TcpStream::connect(served.addr).await.unwrap();
+    let start = Instant::now();
+    // The HTTP/2 preface and an empty SETTINGS frame; no stream, ever.
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    // Frames until a GOAWAY (a frame header: length at least 8, type 7) comes, bounded.
+    let mut received = Vec::new();
+    let goaway = |r: &[u8]| {
+        r.windows(4)
+            .any(|w| w[..2] == [0, 0] && w[2] >= 8 && w[3] == 7)
+    };
+    let told = tokio::time::timeout(BOUND, async {
+        let mut chunk = [0u8; 1024];
+        while !goaway(&received) {
+            match h2.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => received.extend_from_slice(&chunk[..n]),
+            }
+        }
+        true
+    })
+    .await;
+    let elapsed = start.elapsed();
+    assert_eq!(told, Ok(true), "no GOAWAY: {received:?}");
+    assert!(elapsed >= AGE - Duration::from_millis(50), "{elapsed:?}");
+    eprintln!("idle HTTP/2 connection moved after {elapsed:?}");
+    served.handle.trigger("test");
+    let report = finish(served).await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
+/// A timeout or an age too large for the clock means none: the server serves. Before, the
+/// deadline's addition overflowed, the connection task panicked and every client got a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_too_large_for_the_clock_mean_none() {
+    let served = serve_with(builder(), |server| {
+        server
+            .header_read_timeout(Duration::MAX)
+            .max_connection_age(Duration::MAX)
+            .idle_grace(Duration::MAX)
+    })
+    .await;
+    let (status, body) = get_text(&client(), format!("http://{}/", served.addr)).await;
+    assert_eq!(status, 200, "{body:?}");
+    served.handle.trigger("test");
+    let report = finish(served).await;
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}

@@ -76,7 +76,7 @@ use crate::serve::conn_service::ConnService;
 pub(crate) use crate::serve::conn_service::HyperToTower;
 #[cfg(feature = "tls")]
 use crate::serve::connection::serve_tls;
-use crate::serve::connection::{BoxError, Settings, Stage, serve_plain};
+use crate::serve::connection::{BoxError, Settings, Stage, after, serve_plain};
 use crate::serve::listening::{BindError, Binding, Listening, LocalAddr};
 use crate::serve::timers::SlowTimers;
 use crate::serve::tower::{ConnWatch, LayerShared, Peer, Rejection, Responder};
@@ -581,9 +581,12 @@ impl<L> HttpServer<L> {
 
     /// How long an HTTP/2 connection (gRPC) may live: once it is this old it gets GOAWAY, its
     /// streams finish, and the client opens a new connection, which an L4 load balancer can
-    /// send elsewhere (tonic's `Server::max_connection_age`). Off by default. HTTP/1
-    /// connections are left alone: a load balancer balances their requests already, and closing
-    /// an idle one would race its client's next request.
+    /// send elsewhere (tonic's `Server::max_connection_age`). Off by default. A connection
+    /// known to be HTTP/2 before its first request (its whole preface, or its TLS ALPN `h2`)
+    /// counts, idle or not; one whose version is not known yet when it reaches the age is left
+    /// alone. HTTP/1 connections are left alone: a load balancer balances their requests
+    /// already, and closing an idle one would race its client's next request. An age too large
+    /// for the clock (`Duration::MAX`) means none.
     pub fn max_connection_age(mut self, age: Duration) -> Self {
         self.settings.max_connection_age = Some(age);
         self
@@ -605,7 +608,8 @@ impl<L> HttpServer<L> {
     /// does. finale's connection loop keeps one timer per connection for this (moved only when
     /// it fires), not hyper's timer per request. A connection is known to be HTTP/2 by its
     /// whole preface (in however many reads), its TLS ALPN `h2`, or its first HTTP/2 request
-    /// (TLS without ALPN); with no stream open it is idle, not slow, and is left alone.
+    /// (TLS without ALPN); with no stream open it is idle, not slow, and is left alone. A
+    /// timeout too large for the clock (`Duration::MAX`) means none.
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.settings.header_read_timeout = timeout;
         self
@@ -874,7 +878,7 @@ where
             .max(now)
     });
     let grace_until = {
-        let end = now + settings.idle_grace;
+        let end = after(now, settings.idle_grace);
         cut_at.map_or(end, |cut| end.min(cut))
     };
     tracing::debug!(target: "finale", server = ctx.name(), connections = conns.len(), queued, "draining");

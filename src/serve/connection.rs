@@ -204,7 +204,8 @@ async fn handshake<T: Transport>(
                 break Instant::now();
             }
         };
-        tokio::time::sleep_until(grace_until.min(watch.last_active() + settings.idle_grace)).await;
+        tokio::time::sleep_until(grace_until.min(after(watch.last_active(), settings.idle_grace)))
+            .await;
     };
     tokio::select! {
         accepted = tokio::time::timeout(settings.tls_handshake_timeout, acceptor.accept(io)) => {
@@ -251,7 +252,7 @@ where
     // (accepted, or its last request ended) is closed: a silent one, a partial head, a partial
     // HTTP/2 preface. One timer per connection, moved only when it fires, kept by the server's
     // timer thread (see `timers.rs`).
-    let slow = timers.sleep_until(watch.last_active() + settings.header_read_timeout);
+    let slow = timers.sleep_until(after(watch.last_active(), settings.header_read_timeout));
     tokio::pin!(slow);
     let gate = Gate::new();
     // GOAWAY sent already (an HTTP/2 connection moved during the drain delay, or old enough).
@@ -260,12 +261,12 @@ where
     // it fired (once).
     let mut aged = settings
         .max_connection_age
-        .map(|age| Box::pin(tokio::time::sleep_until(watch.accepted() + age)));
+        .map(|age| Box::pin(tokio::time::sleep_until(after(watch.accepted(), age))));
     let grace_until = loop {
         match *stage.borrow_and_update() {
             Stage::Serving => {}
             Stage::Announced => {
-                if settings.goaway_on_announce && !moved && watch.http2.load(Ordering::Relaxed) {
+                if settings.goaway_on_announce && !moved && known_http2(watch) {
                     // The peer learns to open new streams elsewhere while this connection
                     // still serves the ones it has.
                     live(conn.as_mut()).graceful_shutdown();
@@ -305,12 +306,15 @@ where
             // The accept loop is gone (aborted): close at once.
             Event::Stage { closed: true } => return cut_connection(conn, watch),
             Event::Slow => match slow_due(watch, settings) {
-                Some(due) => slow.as_mut().reset(due),
+                Some(due) => slow.as_mut().reset(rearm(due, settings)),
                 None => return true,
             },
             Event::Aged => {
                 aged = None;
-                if watch.http2.load(Ordering::Relaxed) {
+                // Known HTTP/2 by a request or before any (its preface, its ALPN): an idle one
+                // is moved too. (A connection whose version is not known yet at its age is
+                // not: HTTP/1 has no GOAWAY.)
+                if known_http2(watch) {
                     // Old enough: GOAWAY, the streams it has finish, the client reconnects
                     // (to another instance, behind an L4 balancer).
                     live(conn.as_mut()).graceful_shutdown();
@@ -328,7 +332,7 @@ where
     // they arrived) are a request on its way: closing now would reset it, so it gets the grace.
     let mut waiting = false;
     if !watch.http2.load(Ordering::Relaxed) {
-        let mut until = grace_until.min(watch.last_active() + settings.idle_grace);
+        let mut until = grace_until.min(after(watch.last_active(), settings.idle_grace));
         if until <= Instant::now() && unread(socket) {
             until = grace_until;
         }
@@ -365,7 +369,7 @@ where
             result = live(conn.as_mut()) => return log_end(watch, result),
             _ = stage.wait_for(|s| *s == Stage::Cut) => return cut_connection(conn, watch),
             () = &mut slow => match slow_due(watch, settings) {
-                Some(due) => slow.as_mut().reset(due),
+                Some(due) => slow.as_mut().reset(rearm(due, settings)),
                 None => return true,
             },
         }
@@ -383,14 +387,42 @@ fn slow_due(watch: &ConnWatch, settings: Settings) -> Option<Instant> {
     {
         // A request in flight (its body, its response), or HTTP/2: look again one timeout
         // from now.
-        return Some(now + settings.header_read_timeout);
+        return Some(after(now, settings.header_read_timeout));
     }
-    let due = watch.last_active() + settings.header_read_timeout;
+    let due = after(watch.last_active(), settings.header_read_timeout);
     if due <= now {
         tracing::debug!(target: "finale", peer = %watch.peer, "no request headers within the header-read timeout: closing");
         return None;
     }
     Some(due)
+}
+
+/// Whether the connection is known to be HTTP/2: by a request, or before any by its whole
+/// preface or its TLS ALPN.
+fn known_http2(watch: &ConnWatch) -> bool {
+    watch.http2.load(Ordering::Relaxed) || watch.h2_preface.load(Ordering::Relaxed)
+}
+
+/// When the slow-client timer looks again after it fired and found the connection due (at
+/// the earliest) at `due`. `due` is on the runtime's clock and the timer may be on the real
+/// one (the server's timer thread): if the runtime's clock was paused after the server
+/// started, a `due` the real clock has passed would make the timer fire again at once, for
+/// ever; it then looks again a quarter of the timeout later, on the real clock. On one clock
+/// `due` is always ahead (a connection found past it is closed), and is kept.
+fn rearm(due: Instant, settings: Settings) -> Instant {
+    let real_now = Instant::from_std(std::time::Instant::now());
+    if due > real_now {
+        due
+    } else {
+        after(real_now, settings.header_read_timeout / 4)
+    }
+}
+
+/// `at + duration`, or about thirty years after `at` if that does not fit in an `Instant`
+/// (`Duration::MAX` as a timeout means none).
+pub(super) fn after(at: Instant, duration: Duration) -> Instant {
+    at.checked_add(duration)
+        .unwrap_or_else(|| at + Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// What woke a serving connection's drain signals.
