@@ -146,7 +146,8 @@
 //!   nothing but keep its connections' slow-client timers (the
 //!   header-read timeout, `HttpServer::header_read_timeout`), so that they cost
 //!   the user's runtime nothing per request; from the server's start until its last connection
-//!   ends.
+//!   ends. On a paused clock (`start_paused`) the timers stay on the runtime and no thread
+//!   starts.
 //! - **The metrics endpoint**, only with a built `prometheus::MetricsEndpoint` (feature
 //!   `prometheus`): one thread (`finale-metrics`) with a `current_thread` tokio runtime of its
 //!   own and the listening socket, from `build` until the run's report exists (registered) or
