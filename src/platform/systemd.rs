@@ -969,6 +969,7 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        let mut conclusive = 0;
         for round in 0..50 {
             let finale = crate::Finale::builder().no_signals().build().unwrap();
             let shared = finale.shared.clone();
@@ -1020,10 +1021,16 @@ mod tests {
                 .send_to(b"END", &path)
                 .unwrap();
             let seen = reader.join().unwrap();
-            let at = seen
+            // The socket's queue is short (`net.unix.max_dgram_qlen`, often 10): a reader that
+            // stalls lets it fill, and the non-blocking send drops the supervisor's status.
+            // Such a round shows nothing about the order.
+            let Some(at) = seen
                 .iter()
                 .position(|m| m.starts_with("STATUS=stopped by the supervisor"))
-                .unwrap_or_else(|| panic!("round {round}: no supervisor status"));
+            else {
+                continue;
+            };
+            conclusive += 1;
             assert_eq!(
                 seen.len(),
                 at + 1,
@@ -1033,5 +1040,9 @@ mod tests {
             drop(finale);
         }
         let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            conclusive > 0,
+            "every round dropped the supervisor's status"
+        );
     }
 }
