@@ -88,8 +88,10 @@
 //!   became ready skips the drain delay; work acquired on the [`InFlight`] tracker during the
 //!   drain is waited for ([`InFlight::try_acquire`] refuses it instead).
 //! - **A report and an exit code** for every run that reaches its end; see [`ExitCodes`] for the
-//!   table. (When the supervisor takes over, the process exits with the code and a log line
-//!   saying where it was stuck, without a report.)
+//!   table. (When the supervisor takes over, the process exits with its own code and a log line
+//!   saying where it was stuck; `run()` returns no report. If the runtime comes back and the
+//!   sequence ends while the supervisor delivers, the report goes into the supervisor's
+//!   termination message, before its line.)
 //! - **No surprises.** Nothing global is installed unless asked; see below. finale never prints;
 //!   it reports through `tracing` (target `finale`) and the [`metrics`] facade (see [`names`]),
 //!   and through the OTLP meter provider you hand it, if any.

@@ -108,6 +108,18 @@ impl NotifySocket {
         }
     }
 
+    /// Every datagram queued now, without waiting: once the sender has exited, all it sent.
+    fn queued(&self) -> Vec<String> {
+        self.socket.set_nonblocking(true).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut all = Vec::new();
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            all.push(String::from_utf8(buf[..n].to_vec()).expect("UTF-8 datagram"));
+        }
+        self.socket.set_nonblocking(false).unwrap();
+        all
+    }
+
     /// Datagrams until one satisfies `until` (included), within `within`; panics otherwise.
     fn until(&self, within: Duration, seen: &mut Vec<Datagram>, until: impl Fn(&str) -> bool) {
         let deadline = Instant::now() + within;
@@ -526,4 +538,118 @@ fn systemd_socket_activation_errors_are_typed() {
         notify.recv(Duration::from_millis(50)).is_none(),
         "no READY=1 from a service that never started"
     );
+}
+
+/// The supervisor's status is systemd's last word once it owns the end of the process. A child
+/// process (this test binary, re-run with `FINALE_SD_TAKEOVER_CHILD` set) with
+/// `systemd_notify(true)` and this test's datagram socket as `$NOTIFY_SOCKET`, on a
+/// `current_thread` runtime, total 2 s, reserve 1 s, margin 500 ms: a Workers hook blocks the
+/// only thread until 1.40 s after the trigger, so the supervisor takes over at about 1.25 s,
+/// sends `STATUS=stopped by the supervisor…`, then blocks writing its termination message to
+/// a FIFO nobody reads (for up to 500 ms) before it exits. The runtime comes back meanwhile and
+/// the sequence enters its Telemetry phase: it sends nothing more to systemd, so the last
+/// status the service manager holds is the supervisor's.
+#[test]
+fn systemd_last_status_is_the_supervisors_when_it_owns_the_end() {
+    const NAME: &str = "systemd_last_status_is_the_supervisors_when_it_owns_the_end";
+    if let Ok(fifo) = std::env::var("FINALE_SD_TAKEOVER_CHILD") {
+        takeover_child(&fifo);
+    }
+    let dir = TempDir::new("takeover");
+    let notify = NotifySocket::bind(&dir);
+    let fifo = dir.path("termination-log");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut cmd = example_command(&std::env::current_exe().unwrap());
+    cmd.args(["--exact", NAME, "--nocapture"])
+        .env("FINALE_SD_TAKEOVER_CHILD", &fifo)
+        .env("NOTIFY_SOCKET", &notify.path);
+    let mut service = Service::spawn(cmd);
+    let (code, stderr) = service.wait_exit(SOON);
+    assert_eq!(code, 5, "{stderr}");
+    // The scenario: the supervisor took over, then the runtime came back and the sequence
+    // reached its Telemetry phase before the supervisor's exit.
+    let took_over = stderr
+        .find("the shutdown overran its budget")
+        .unwrap_or_else(|| panic!("no takeover:\n{stderr}"));
+    let telemetry = stderr
+        .find("TELEMETRY-REACHED")
+        .unwrap_or_else(|| panic!("the sequence never reached Telemetry:\n{stderr}"));
+    assert!(took_over < telemetry, "{stderr}");
+    assert!(!stderr.contains("RUN-ENDED"), "{stderr}");
+
+    // The child has exited: every datagram it sent is queued.
+    let datagrams = notify.queued();
+    let statuses: Vec<&str> = datagrams
+        .iter()
+        .filter_map(|d| d.lines().find(|l| l.starts_with("STATUS=")))
+        .collect();
+    assert!(
+        statuses.contains(&"STATUS=stopping: workers"),
+        "{datagrams:#?}"
+    );
+    assert_eq!(
+        statuses.last().copied(),
+        Some(
+            "STATUS=stopped by the supervisor: the Telemetry phase did not start in time, exit \
+             code 5"
+        ),
+        "{datagrams:#?}\n{stderr}"
+    );
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| s.starts_with("STATUS=stopped"))
+            .count(),
+        1,
+        "{datagrams:#?}"
+    );
+}
+
+fn takeover_child(fifo: &str) -> ! {
+    use finale::{Environment, Finale, Hook, Phase, TerminationLog};
+    // The supervisor's takeover is logged; the parent reads it on stderr.
+    tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let finale = Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .environment(Environment::Local)
+            .total_budget(Duration::from_secs(2))
+            .telemetry_reserve(Duration::from_secs(1))
+            .safety_margin(Duration::from_millis(500))
+            .systemd_notify(true)
+            .termination_log(TerminationLog::Path(fifo.into()))
+            .build()
+            .unwrap();
+        let t0 = Instant::now();
+        finale
+            .hook(Hook::new(Phase::Workers, "blocker", move |_| async move {
+                // Blocks the runtime's only thread: the scenario, not a synchronisation.
+                let until = t0 + Duration::from_millis(1400);
+                std::thread::sleep(until.saturating_duration_since(Instant::now()));
+            }))
+            .unwrap();
+        finale
+            .hook(Hook::new(Phase::Telemetry, "marker", |_| async {
+                eprintln!("TELEMETRY-REACHED");
+            }))
+            .unwrap();
+        finale.handle().trigger("takeover");
+        let report = finale.run().await;
+        eprintln!("RUN-ENDED code {}", report.exit_code);
+        report.exit()
+    })
 }

@@ -7,12 +7,12 @@
 //!
 //! The report is complete there, whatever the caller does next: [`ShutdownReport::exit`], a
 //! return from `main`, or a test that reads the report. `ShutdownReport::exit` would miss the
-//! last two and knows nothing of the configuration. The write happens before the supervisor
-//! learns that the sequence finished, so its deadline still bounds the process; the write itself
-//! runs on a thread of its own and is waited for at most 500 ms, and not past the process's
-//! last moment (`total + safety_margin / 2` after the trigger; at that moment, 10 ms: a file
-//! that takes writes needs microseconds), so a file system that hangs (NFS, FUSE, a FIFO with
-//! no reader) costs that and no more. When the supervisor takes over a
+//! last two and knows nothing of the configuration. The write happens once the sequence has
+//! claimed the end of the process (see below), so the supervisor no longer takes over: what
+//! bounds it is its own wait. It runs on a thread of its own and is waited for at most 500 ms,
+//! and not past the process's last moment (`total + safety_margin / 2` after the trigger) but
+//! for 10 ms at least (a file that takes writes needs microseconds), so a file system that
+//! hangs (NFS, FUSE, a FIFO with no reader) costs that and no more; the exit follows. When the supervisor takes over a
 //! wedged shutdown it writes a one-line message of its own, the same way, before it exits:
 //! `finale supervisor=took_over exit_code=5 reason=… stuck=… delivered=pushgateway,otlp-traces
 //! not_delivered=otlp-logs` (the telemetry stages the supervisor delivered, and those it did
@@ -31,7 +31,8 @@
 //!   then holds the report and its line last, within the 4 KiB (a report that comes after the
 //!   supervisor wrote is left out). `run()` writes nothing and does not return into an exit
 //!   under the supervisor's write: it waits until the supervisor ends the process (bounded:
-//!   half a second past the process's last moment).
+//!   half a second past the process's last moment, on the real clock, also when tokio's is
+//!   paused).
 //!
 //! The report and the line are handed over under one lock, so the supervisor's write sees a
 //! report stored before it.

@@ -13,7 +13,7 @@
 //! | the shutdown is requested (a signal, a trigger, a failed start...) | `STOPPING=1`, `STATUS=stopping: <reason>`, `EXTEND_TIMEOUT_USEC=<left>` (and `WATCHDOG_USEC=<left>` with the watchdog) |
 //! | each phase starts (or is skipped) | `STATUS=stopping: <phase>`, `EXTEND_TIMEOUT_USEC=<left>` |
 //! | the run ended | `STATUS=stopped: <status>, exit code <code>` |
-//! | the supervisor takes over a wedged shutdown | `STATUS=stopped by the supervisor: <why>, exit code <code>` |
+//! | the supervisor takes over a wedged shutdown | `STATUS=stopped by the supervisor: <why>, exit code <code>`; nothing of the sequence's from its takeover on (a runtime that comes back still runs its phases, unannounced): this is systemd's last status |
 //! | an upgrade handed the service over to its ready successor (feature `upgrade`) | `MAINPID=<successor>`, `STATUS=handed over to pid <successor>`; then nothing more from this process |
 //! | while running, with `$WATCHDOG_USEC` set (and `$WATCHDOG_PID` unset or this process) | `WATCHDOG=1` every half of `$WATCHDOG_USEC` |
 //!
@@ -111,6 +111,10 @@ struct Inner {
     /// service, and this process sends nothing more (with `NotifyAccess=all` its `STATUS=`
     /// would show on the successor). Checked and set under this lock around the send itself,
     /// so that a ping that passed the check cannot go out after `MAINPID=`.
+    ///
+    /// Every datagram goes out under this lock, the supervisor's last status included, and
+    /// the sequence's are checked against the end's owner under it too (see
+    /// [`Notifier::send_unless_ended`]).
     handed: Mutex<bool>,
 }
 
@@ -155,10 +159,30 @@ impl Notifier {
     }
 
     /// Sends one datagram without blocking, unless the service was handed over; a failure is
-    /// logged, never returned.
+    /// logged, never returned. For the supervisor's last word only: every other datagram goes
+    /// through [`send_unless_ended`](Notifier::send_unless_ended).
     fn send(&self, message: &str) {
         let handed = lock(&self.inner.handed);
         if *handed {
+            return;
+        }
+        self.transmit(message);
+    }
+
+    /// Sends one datagram of the service's life (readiness, a ping, the trigger, a phase, the
+    /// run's end) without blocking, unless the service was handed over or the supervisor owns
+    /// the end of the process: then its status is the last word, and this process says nothing
+    /// after it.
+    ///
+    /// Why no such datagram can follow the supervisor's: the owner is read under the lock that
+    /// every send holds, and the supervisor claims the end ([`Life::claim_end`]) before it
+    /// sends its status under that same lock. A datagram whose check ran before the claim goes
+    /// out before the lock is released, so before the supervisor's status; a check after the
+    /// supervisor's send sees the claim (the lock orders it after the send, which came after
+    /// the claim) and sends nothing.
+    fn send_unless_ended(&self, life: &Life, message: &str) {
+        let handed = lock(&self.inner.handed);
+        if *handed || life.end_owner() == Some(EndOwner::Supervisor) {
             return;
         }
         self.transmit(message);
@@ -188,7 +212,7 @@ impl Notifier {
                 biased;
                 () = life.requested.cancelled() => return,
                 () = life.dropped.cancelled() => return,
-                _ = tick.tick() => self.send("WATCHDOG=1"),
+                _ = tick.tick() => self.send_unless_ended(&life, "WATCHDOG=1"),
             }
         }
     }
@@ -251,7 +275,7 @@ fn status(text: &str) -> String {
 
 impl Observer for Notifier {
     fn started(&self, shared: &Shared) {
-        self.send("READY=1\nSTATUS=running");
+        self.send_unless_ended(&shared.life, "READY=1\nSTATUS=running");
         let Some(every) = self.inner.watchdog.map(|w| w / 2) else {
             return;
         };
@@ -281,7 +305,7 @@ impl Observer for Notifier {
                 let _ = write!(message, "\nWATCHDOG_USEC={}", left.as_micros());
             }
         }
-        self.send(&message);
+        self.send_unless_ended(&shared.life, &message);
     }
 
     fn phase_started(&self, shared: &Shared, phase: Phase) {
@@ -293,18 +317,23 @@ impl Observer for Notifier {
         if !left.is_zero() {
             let _ = write!(message, "\nEXTEND_TIMEOUT_USEC={}", left.as_micros());
         }
-        self.send(&message);
+        // A runtime that comes back after the supervisor took over still runs its phases:
+        // their statuses are not sent, the supervisor's is the last word.
+        self.send_unless_ended(&shared.life, &message);
     }
 
     fn finished(&self, shared: &Shared, report: &ShutdownReport) {
-        // After a takeover the supervisor's status is the last word, whenever the sequence ends.
-        if handed_over(shared) || shared.life.end_owner() == Some(EndOwner::Supervisor) {
+        if handed_over(shared) {
             return;
         }
-        self.send(&format!(
-            "STATUS=stopped: {}, exit code {}",
-            report.status, report.exit_code
-        ));
+        // After a takeover the supervisor's status is the last word, whenever the sequence ends.
+        self.send_unless_ended(
+            &shared.life,
+            &format!(
+                "STATUS=stopped: {}, exit code {}",
+                report.status, report.exit_code
+            ),
+        );
     }
 
     fn took_over(&self, shared: &Shared, why: &str, code: i32, _stages: &[StageOutcome]) {
@@ -926,5 +955,94 @@ mod tests {
             );
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Phase statuses from other threads while the supervisor claims the end and sends its
+    /// status: none reaches the socket after the supervisor's (the owner is read under the
+    /// lock the supervisor's send holds, and the claim comes before that send).
+    #[test]
+    fn systemd_no_status_of_the_sequence_follows_the_supervisors() {
+        let dir = std::env::temp_dir().join(format!(
+            "finale-notify-ended-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut conclusive = 0;
+        for round in 0..50 {
+            let finale = crate::Finale::builder().no_signals().build().unwrap();
+            let shared = finale.shared.clone();
+            let path = dir.join(format!("notify-{round}"));
+            let receiver = UnixDatagram::bind(&path).unwrap();
+            receiver
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let notifier = Notifier::new(path.as_os_str(), None).unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let senders: Vec<_> = (0..3)
+                .map(|_| {
+                    let (notifier, stop, shared) = (notifier.clone(), stop.clone(), shared.clone());
+                    std::thread::spawn(move || {
+                        // Bounded, and paced so that the reader keeps the queue from filling.
+                        for _ in 0..20_000 {
+                            if stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            Observer::phase_started(&notifier, &shared, Phase::Telemetry);
+                            std::thread::sleep(Duration::from_micros(20));
+                        }
+                    })
+                })
+                .collect();
+            let (first_tx, first) = std::sync::mpsc::channel();
+            let reader = std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 256];
+                while let Ok(n) = receiver.recv(&mut buf) {
+                    if &buf[..n] == b"END" {
+                        break;
+                    }
+                    seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                    let _ = first_tx.send(());
+                }
+                seen
+            });
+            // The sequence's statuses are going out: the supervisor claims in their midst.
+            first.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert!(shared.life.claim_end(EndOwner::Supervisor));
+            Observer::took_over(&notifier, &shared, "stuck", 5, &[]);
+            stop.store(true, Ordering::Relaxed);
+            for s in senders {
+                s.join().unwrap();
+            }
+            UnixDatagram::unbound()
+                .unwrap()
+                .send_to(b"END", &path)
+                .unwrap();
+            let seen = reader.join().unwrap();
+            // The socket's queue is short (`net.unix.max_dgram_qlen`, often 10): a reader that
+            // stalls lets it fill, and the non-blocking send drops the supervisor's status.
+            // Such a round shows nothing about the order.
+            let Some(at) = seen
+                .iter()
+                .position(|m| m.starts_with("STATUS=stopped by the supervisor"))
+            else {
+                continue;
+            };
+            conclusive += 1;
+            assert_eq!(
+                seen.len(),
+                at + 1,
+                "round {round}: {:?} after the supervisor's status",
+                &seen[at + 1..]
+            );
+            drop(finale);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            conclusive > 0,
+            "every round dropped the supervisor's status"
+        );
     }
 }

@@ -146,7 +146,8 @@ impl Finale {
     /// A shutdown requested before `run` (a signal during initialisation, say) is held: the
     /// sequence starts as soon as `run` is reached, and its budget counts from the trigger.
     ///
-    /// It always returns a report, also when the start fails (then with
+    /// It returns a report whenever the sequence owns the end of the process (always, unless
+    /// the supervisor took over first: see the caveats), also when the start fails (then with
     /// [`ShutdownStatus::StartupFailure`](crate::ShutdownStatus::StartupFailure)), and also on a
     /// runtime without the time driver, which the sequence needs (then a startup failure that
     /// says so, instead of a panic). The IO driver is not needed: signals are received on
@@ -166,7 +167,8 @@ impl Finale {
     /// under the supervisor's: it waits until the supervisor ends the process (with its code,
     /// its termination message last), and returns the report only if the supervisor has not
     /// by half a second past the process's last moment (`total + safety_margin / 2` after the
-    /// trigger).
+    /// trigger). That wait is on the real clock, as the supervisor's deadlines are: paused
+    /// tokio time does not shorten it.
     ///
     /// # Cancel safety
     ///
@@ -176,9 +178,7 @@ impl Finale {
         let shared = self.shared.clone();
         drop(self);
         let registry = shared.take_registry();
-        let timers = runtime::check();
-        let with_timers = timers.is_ok();
-        let report = match timers {
+        let report = match runtime::check() {
             Ok(()) => {
                 start::graceful_start(&shared, &registry.tasks).await;
                 shared.life.requested.cancelled().await;
@@ -189,12 +189,15 @@ impl Finale {
         // The end of the process has one owner: claimed here, or by the supervisor before it
         // takes over, whichever comes first (`Life::claim_end`).
         let ours = shared.life.claim_end(EndOwner::Sequence);
-        // The platform hears the ending (termination message, systemd's status) while the
-        // supervisor still bounds the process; if the supervisor owns the end, the observers
-        // leave the last word to it.
+        // The platform hears the ending (termination message, systemd's status). Ours: the
+        // supervisor no longer takes over (its claim fails), so what bounds this is each
+        // observer's own bound: the termination message's write is waited for at most 500 ms
+        // and not past the process's last moment (10 ms at least), systemd's datagram never
+        // blocks; a third signal still exits at once. The supervisor's: the observers leave the
+        // last word to it, and we wait for its exit below.
         shared.observe(|o| o.finished(&shared, &report));
         if !ours {
-            wait_for_the_supervisors_exit(&shared, with_timers).await;
+            wait_for_the_supervisors_exit(&shared).await;
         }
         shared.life.finish(report.exit_code);
         report
@@ -347,28 +350,35 @@ const SUPERVISOR_EXIT_SLACK: Duration = Duration::from_millis(500);
 /// by the process's last moment plus [`SUPERVISOR_EXIT_SLACK`] (a supervisor that has not
 /// exited by then is stuck itself, and the report is returned).
 ///
-/// Awaited on the runtime's timer, so the runtime keeps polling meanwhile (a gRPC exporter
-/// built on it may be what the supervisor's flush is waiting for). A runtime without the time
-/// driver, which the sequence did not run on, blocks its thread instead.
-async fn wait_for_the_supervisors_exit(shared: &Shared, with_timers: bool) {
+/// The bound is on the std clock, the supervisor's, and is kept by a thread of its own that
+/// sleeps until it and then wakes this future: no tokio timer, which a paused clock (a test's
+/// `start_paused`) would move to the bound at once when the runtime goes idle. The runtime
+/// keeps polling meanwhile (a gRPC exporter built on it may be what the supervisor's flush is
+/// waiting for); no time driver is needed. Only if that thread cannot be started does the wait
+/// block the runtime's thread instead.
+async fn wait_for_the_supervisors_exit(shared: &Shared) {
     let b = &shared.budget;
     let past_last = b.total + b.safety_margin / 2 + SUPERVISOR_EXIT_SLACK;
+    let until = shared.life.trigger().map_or_else(
+        || std::time::Instant::now() + past_last,
+        |t0| t0 + past_last,
+    );
     tracing::debug!(
         target: "finale",
         "the supervisor took the shutdown over before the sequence ended: it ends the process"
     );
-    if with_timers {
-        let until = shared.life.trigger_tokio().map_or_else(
-            || tokio::time::Instant::now() + past_last,
-            |t0| t0 + past_last,
-        );
-        tokio::time::sleep_until(until).await;
-    } else {
-        let until = shared.life.trigger().map_or_else(
-            || std::time::Instant::now() + past_last,
-            |t0| t0 + past_last,
-        );
-        std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
+    let bound = StopToken::new();
+    let at_bound = bound.clone();
+    let spawned = std::thread::Builder::new()
+        .name("finale-exit-wait".to_owned())
+        .spawn(move || {
+            // Never less than asked: the bound is not early.
+            std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
+            at_bound.cancel();
+        });
+    match spawned {
+        Ok(_) => bound.cancelled().await,
+        Err(_) => std::thread::sleep(until.saturating_duration_since(std::time::Instant::now())),
     }
     tracing::warn!(
         target: "finale",
@@ -382,13 +392,20 @@ mod tests {
 
     /// The supervisor claimed the end before the sequence ended (it took over; the runtime
     /// came back): `run()` does not return into an exit of its own under the supervisor's,
-    /// but waits for it until half a second past the process's last moment. (Here no
-    /// supervisor exits: paused time runs to the bound.)
+    /// but waits for it until half a second past the process's last moment, on the real
+    /// clock, the supervisor's: paused tokio time, which jumps to the next timer whenever the
+    /// runtime is idle, does not shorten the wait. (Here no supervisor exits: the wait runs to
+    /// its bound.)
     #[tokio::test(flavor = "current_thread", start_paused = true)]
-    async fn run_waits_for_a_supervisor_that_owns_the_end() {
+    async fn run_waits_for_a_supervisor_that_owns_the_end_on_the_real_clock() {
         let finale = Finale::builder()
             .no_signals()
             .read_env(false)
+            .environment(crate::Environment::Local)
+            .total_budget(Duration::from_millis(200))
+            .telemetry_reserve(Duration::from_millis(100))
+            .escalation_budget(Duration::from_millis(100))
+            .safety_margin(Duration::from_millis(100))
             .build()
             .unwrap();
         finale.handle().trigger("test");
@@ -396,11 +413,10 @@ mod tests {
         assert!(shared.life.claim_end(EndOwner::Supervisor));
         let _report = finale.run().await;
         let b = shared.budget;
-        let bound = shared.life.trigger_tokio().unwrap()
-            + b.total
-            + b.safety_margin / 2
-            + SUPERVISOR_EXIT_SLACK;
-        assert!(tokio::time::Instant::now() >= bound);
+        let bound =
+            shared.life.trigger().unwrap() + b.total + b.safety_margin / 2 + SUPERVISOR_EXIT_SLACK;
+        let now = std::time::Instant::now();
+        assert!(now >= bound, "returned {:?} early", bound - now);
         assert!(shared.life.finished.is_cancelled());
     }
 }

@@ -378,10 +378,16 @@ impl Otlp {
     /// warning (target `finale`, field `stage`: `otlp-traces`, `otlp-metrics` or `otlp-logs`)
     /// unless it can tell that the exporter delivers:
     ///
-    /// - its [`Counter`] made the [`CountingClient`](Counter::http_client) the exporter sends
-    ///   OTLP/HTTP with (feature `otlp-http`; per provider), or
+    /// - its [`Counter`] made a [`CountingClient`](Counter::http_client) before this call
+    ///   (feature `otlp-http`; per provider), or
     /// - [`with_exporter_runtime`] has run in this process (per process: finale cannot tell
     ///   which exporters it built, so build every gRPC exporter inside).
+    ///
+    /// Each is a sign finale can see, not proof: a counting client is taken to be the one the
+    /// exporter sends OTLP/HTTP with, but finale cannot see which client an exporter was built
+    /// with, so a counter whose client the exporter does not use (made up front, then a gRPC
+    /// exporter picked at run time) silences the warning too. Make the counting client only for
+    /// the OTLP/HTTP exporter that sends through it.
     ///
     /// Building the exporters inside [`with_exporter_runtime`] is harmless for any exporter and
     /// silences the warning. Whatever the warning said, the report says which stages the
@@ -951,9 +957,10 @@ struct CounterInner {
     unconfirmed: AtomicU64,
     /// The final flush's shutdown returned in time: nothing was left in the queue.
     drained: AtomicBool,
-    /// A [`CountingClient`](Counter::http_client) was made from this counter: the exporter
-    /// sends OTLP/HTTP with it from the SDK's own threads, which needs no runtime of the
-    /// application's, so it delivers from a takeover too.
+    /// A [`CountingClient`](Counter::http_client) was made from this counter: taken to mean
+    /// that the exporter sends OTLP/HTTP with it from the SDK's own threads, which needs no
+    /// runtime of the application's, so it delivers from a takeover too. Set when the client
+    /// is made: whether an exporter sends through it is not observable before registration.
     counting_client: AtomicBool,
 }
 

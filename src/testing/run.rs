@@ -150,7 +150,9 @@ impl Run {
     ///
     /// The sequence is bounded by its budget: on paused time it takes no real time. (A hook that
     /// blocks its thread past the budget makes finale's supervisor end the process, test runner
-    /// included, as it would end the service.)
+    /// included, as it would end the service: the supervisor's deadlines are on the real clock,
+    /// and so is the wait of a `run()` that finds the end the supervisor's, so paused time
+    /// changes neither.)
     ///
     /// # Panics
     ///

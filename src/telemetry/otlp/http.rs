@@ -54,7 +54,10 @@ impl Counter {
     /// An exporter sending through it needs no runtime of yours (the SDK exports from its own
     /// threads; the client must be a blocking one, see the [module docs](super)), so it
     /// delivers from a takeover too: [`Otlp::register`](super::Otlp::register) does not warn
-    /// about the stage this counter is handed to.
+    /// about the stage this counter is handed to. It goes by this call, not by the exporter:
+    /// finale cannot see which client an exporter was built with, so a client made here and
+    /// then not given to the exporter (a gRPC exporter picked at run time) silences the
+    /// warning too. Make it only for the OTLP/HTTP exporter that sends through it.
     pub fn http_client<C: HttpClient>(&self, client: C) -> CountingClient<C> {
         self.inner.counting_client.store(true, Ordering::Release);
         CountingClient {

@@ -10,15 +10,20 @@
 //! what it can see:
 //!
 //! - **per stage**, the [`Counter`] handed to [`Otlp`](super::Otlp): one that made a
-//!   [`CountingClient`](Counter::http_client) (feature `otlp-http`) counts an OTLP/HTTP exporter
-//!   that sends from the SDK's own threads, which delivers;
+//!   [`CountingClient`](Counter::http_client) (feature `otlp-http`) before registration is
+//!   taken to count an OTLP/HTTP exporter that sends through it from the SDK's own threads,
+//!   which delivers. That is what finale sees, not what the exporter does: the client is
+//!   moved into the exporter's builder and used only once an export runs, so nothing before
+//!   registration shows whether an exporter took it. A counter whose client went unused (made
+//!   up front, then a gRPC exporter picked at run time) silences the warning all the same;
 //! - **per process**, [`with_exporter_runtime`](super::with_exporter_runtime): once it has run,
 //!   the exporters are taken to be built inside it, as the docs show (finale cannot tell which
 //!   exporters a closure built).
 //!
-//! Anything else is named at registration: a warning, not an error (an exporter of another
+//! Every other stage is named at registration: a warning, not an error (an exporter of another
 //! kind, or a gRPC one on a runtime of the application's own that nothing blocks, may deliver
-//! all the same), and never for an exporter known to deliver.
+//! all the same). So the warning is silent for the two signs above, whether or not the
+//! exporter is the kind they stand for, and only for them.
 
 use super::Counter;
 use super::runtime;
@@ -30,7 +35,8 @@ fn delivers_from_takeover(counter: Option<&Counter>) -> bool {
 }
 
 impl Counter {
-    /// A [`CountingClient`](Counter::http_client) was made from this counter.
+    /// A [`CountingClient`](Counter::http_client) was made from this counter (whether an
+    /// exporter sends through it is not observable here).
     fn sends_through_counting_client(&self) -> bool {
         self.inner
             .counting_client
