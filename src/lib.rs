@@ -89,7 +89,9 @@
 //!   drain is waited for ([`InFlight::try_acquire`] refuses it instead).
 //! - **A report and an exit code** for every run that reaches its end; see [`ExitCodes`] for the
 //!   table. (When the supervisor takes over, the process exits with its own code and a log line
-//!   saying where it was stuck; `run()` returns no report. If the runtime comes back and the
+//!   saying where it was stuck; `run()` does not return, unless the supervisor has not
+//!   exited half a second past the process's last moment (then it returns the report, and
+//!   the caller's exit code wins). If the runtime comes back and the
 //!   sequence ends while the supervisor delivers, the report goes into the supervisor's
 //!   termination message, before its line.)
 //! - **No surprises.** Nothing global is installed unless asked; see below. finale never prints;
@@ -128,7 +130,14 @@
 //!   written to the file [`Builder::termination_log`] names:
 //!   by default `/dev/termination-log` when running on Kubernetes and that file is writable
 //!   (the kubelet's file for exactly this), nowhere elsewhere. `FINALE_TERMINATION_LOG=off`
-//!   turns it off.
+//!   turns it off. Each write runs on a short-lived thread (`finale-termination-log`), waited
+//!   for at most 500 ms (a file system that hangs is left behind).
+//! - **The wait for a supervisor that owns the end.** When the supervisor took over and the
+//!   sequence still ends, [`Finale::run`] waits for the supervisor's exit on the real clock:
+//!   one short-lived thread (`finale-exit-wait`) sleeps until the bound (half a second past the
+//!   process's last moment) and wakes it; if that thread cannot start, the runtime's thread
+//!   that runs `run()` sleeps to the bound itself. Dropping `run()` during the wait leaves the
+//!   thread to end at its bound.
 //! - **systemd notifications**, only with `Builder::systemd_notify(true)` (feature `systemd`)
 //!   and when `$NOTIFY_SOCKET` is set: non-blocking datagrams to the service manager from the
 //!   thread where each moment happens, and, when `$WATCHDOG_USEC` is set, one task on your

@@ -13,7 +13,7 @@
 //! | the shutdown is requested (a signal, a trigger, a failed start...) | `STOPPING=1`, `STATUS=stopping: <reason>`, `EXTEND_TIMEOUT_USEC=<left>` (and `WATCHDOG_USEC=<left>` with the watchdog) |
 //! | each phase starts (or is skipped) | `STATUS=stopping: <phase>`, `EXTEND_TIMEOUT_USEC=<left>` |
 //! | the run ended | `STATUS=stopped: <status>, exit code <code>` |
-//! | the supervisor takes over a wedged shutdown | `STATUS=stopped by the supervisor: <why>, exit code <code>`; nothing of the sequence's from its takeover on (a runtime that comes back still runs its phases, unannounced): this is systemd's last status |
+//! | the supervisor takes over a wedged shutdown | `STATUS=stopped by the supervisor: <why>, exit code <code>`; nothing of the sequence's follows it (a runtime that comes back still runs its phases, unannounced): this is systemd's last status. Not after a hand-off: if an upgrade won the hand-off and the runtime wedged before it sent `MAINPID=`, the supervisor says nothing (the shutdown is the upgrade's) and the last status stays as it was |
 //! | an upgrade handed the service over to its ready successor (feature `upgrade`) | `MAINPID=<successor>`, `STATUS=handed over to pid <successor>`; then nothing more from this process |
 //! | while running, with `$WATCHDOG_USEC` set (and `$WATCHDOG_PID` unset or this process) | `WATCHDOG=1` every half of `$WATCHDOG_USEC` |
 //!
@@ -160,7 +160,9 @@ impl Notifier {
 
     /// Sends one datagram without blocking, unless the service was handed over; a failure is
     /// logged, never returned. For the supervisor's last word only: every other datagram goes
-    /// through [`send_unless_ended`](Notifier::send_unless_ended).
+    /// through [`send_unless_ended`](Notifier::send_unless_ended), but the hand-off's
+    /// `MAINPID=`, which never follows a supervisor's status (a won hand-off makes the shutdown
+    /// the upgrade's, and the supervisor then sends none).
     fn send(&self, message: &str) {
         let handed = lock(&self.inner.handed);
         if *handed {
@@ -959,7 +961,9 @@ mod tests {
 
     /// Phase statuses from other threads while the supervisor claims the end and sends its
     /// status: none reaches the socket after the supervisor's (the owner is read under the
-    /// lock the supervisor's send holds, and the claim comes before that send).
+    /// lock the supervisor's send holds, and the claim comes before that send). A round whose
+    /// supervisor status the full datagram queue dropped (the kernel's queue is short) shows
+    /// nothing and is skipped; at least one round must show the order.
     #[test]
     fn systemd_no_status_of_the_sequence_follows_the_supervisors() {
         let dir = std::env::temp_dir().join(format!(

@@ -168,7 +168,9 @@ impl Finale {
     /// its termination message last), and returns the report only if the supervisor has not
     /// by half a second past the process's last moment (`total + safety_margin / 2` after the
     /// trigger). That wait is on the real clock, as the supervisor's deadlines are: paused
-    /// tokio time does not shorten it.
+    /// tokio time does not shorten it. A short-lived thread (`finale-exit-wait`) keeps the time;
+    /// if it cannot start, the thread that runs `run()` sleeps to the bound itself (on a
+    /// `current_thread` runtime, the whole runtime).
     ///
     /// # Cancel safety
     ///
