@@ -858,21 +858,31 @@ mod tests {
         assert!(s.len() <= 200 && s.chars().all(|c| c == 'é'));
     }
 
-    #[test]
-    fn systemd_datagrams_reach_the_socket_and_never_block() {
+    /// A fresh scratch directory for one test (its name, the process and the thread).
+    fn scratch(name: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!(
-            "finale-notify-unit-{}-{:?}",
+            "{name}-{}-{:?}",
             std::process::id(),
             std::thread::current().id()
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A service manager's socket at `path` (its reads bounded by `timeout`) and a notifier
+    /// that sends to it.
+    fn socket_pair(path: &std::path::Path, timeout: Duration) -> (UnixDatagram, Notifier) {
+        let receiver = UnixDatagram::bind(path).unwrap();
+        receiver.set_read_timeout(Some(timeout)).unwrap();
+        (receiver, Notifier::new(path.as_os_str(), None).unwrap())
+    }
+
+    #[test]
+    fn systemd_datagrams_reach_the_socket_and_never_block() {
+        let dir = scratch("finale-notify-unit");
         let path = dir.join("notify");
-        let receiver = UnixDatagram::bind(&path).unwrap();
-        receiver
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let notifier = Notifier::new(path.as_os_str(), None).unwrap();
+        let (receiver, notifier) = socket_pair(&path, Duration::from_secs(5));
         notifier.send("READY=1");
         let mut buf = [0u8; 256];
         let n = receiver.recv(&mut buf).unwrap();
@@ -892,20 +902,10 @@ mod tests {
     #[test]
     fn systemd_no_datagram_follows_mainpid() {
         let finale = crate::Finale::builder().no_signals().build().unwrap();
-        let dir = std::env::temp_dir().join(format!(
-            "finale-notify-handed-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("finale-notify-handed");
         for round in 0..200 {
             let path = dir.join(format!("notify-{round}"));
-            let receiver = UnixDatagram::bind(&path).unwrap();
-            receiver
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            let notifier = Notifier::new(path.as_os_str(), None).unwrap();
+            let (receiver, notifier) = socket_pair(&path, Duration::from_secs(10));
             let stop = Arc::new(AtomicBool::new(false));
             let pingers: Vec<_> = (0..3)
                 .map(|_| {
@@ -966,23 +966,13 @@ mod tests {
     /// nothing and is skipped; at least one round must show the order.
     #[test]
     fn systemd_no_status_of_the_sequence_follows_the_supervisors() {
-        let dir = std::env::temp_dir().join(format!(
-            "finale-notify-ended-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("finale-notify-ended");
         let mut conclusive = 0;
         for round in 0..50 {
             let finale = crate::Finale::builder().no_signals().build().unwrap();
             let shared = finale.shared.clone();
             let path = dir.join(format!("notify-{round}"));
-            let receiver = UnixDatagram::bind(&path).unwrap();
-            receiver
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            let notifier = Notifier::new(path.as_os_str(), None).unwrap();
+            let (receiver, notifier) = socket_pair(&path, Duration::from_secs(10));
             let stop = Arc::new(AtomicBool::new(false));
             let senders: Vec<_> = (0..3)
                 .map(|_| {
