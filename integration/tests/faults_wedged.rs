@@ -338,16 +338,7 @@ fn race_child(path: &str, paused: bool) -> ! {
     use finale::{Environment, Finale, Hook, Phase, TerminationLog};
     use opentelemetry::trace::{Tracer as _, TracerProvider as _};
     // finale's log, for the parent: the wait of `run()` (debug) and the supervisor's stages.
-    tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::new("finale=debug"))
-        .init();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(paused)
-        .build()
-        .unwrap();
+    let runtime = common::child::logged_runtime(Some("finale=debug"), paused);
     runtime.block_on(async {
         let finale = Finale::builder()
             .no_signals()
@@ -503,14 +494,7 @@ fn end_race_child(path: &str) -> ! {
             .unwrap(),
     );
     // The supervisor's takeover is logged; the parent reads it on stderr.
-    tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = common::child::logged_runtime(None, false);
     runtime.block_on(async {
         let finale = Finale::builder()
             .no_signals()

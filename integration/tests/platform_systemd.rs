@@ -614,14 +614,7 @@ fn systemd_last_status_is_the_supervisors_when_it_owns_the_end() {
 fn takeover_child(fifo: &str) -> ! {
     use finale::{Environment, Finale, Hook, Phase, TerminationLog};
     // The supervisor's takeover is logged; the parent reads it on stderr.
-    tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = common::child::logged_runtime(None, false);
     runtime.block_on(async {
         let finale = Finale::builder()
             .no_signals()
