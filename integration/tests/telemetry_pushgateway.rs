@@ -574,7 +574,7 @@ async fn a_type_held_by_another_group_is_warned_of_and_its_refusal_explained() {
         text.contains("type_clash_test_total")
             && (text.contains("is not a GAUGE") || text.contains("is not a COUNTER"))
     };
-    assert!(clash(&body), "{body}");
+    assert!(clash(body), "{body}");
     assert!(clash(&report.to_string()), "{report}");
     // Once at registration, once after the refusal.
     assert_eq!(
