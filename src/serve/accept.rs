@@ -65,7 +65,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tower::Layer;
 use tower::layer::util::{Identity, Stack};
 
 use crate::Finale;
@@ -79,7 +78,7 @@ use crate::serve::connection::serve_tls;
 use crate::serve::connection::{BoxError, Settings, Stage, after, serve_plain};
 use crate::serve::listening::{BindError, Binding, Listening, LocalAddr};
 use crate::serve::timers::SlowTimers;
-use crate::serve::tower::{ConnWatch, LayerShared, Peer, Rejection, Responder};
+use crate::serve::tower::{ConnWatch, LayerShared, Peer, Rejection, Responder, ServerLayers};
 use crate::serve::transport::{Acceptor, TcpAcceptor, is_connection_error};
 #[cfg(unix)]
 use crate::serve::unix;
@@ -648,7 +647,7 @@ impl<L> HttpServer<L> {
     ) -> Result<Listening, ConfigError>
     where
         S: 'static,
-        L: Layer<Responder<S>>,
+        L: ServerLayers<S>,
         L::Service:
             tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
         <L::Service as tower::Service<Request<Incoming>>>::Future: Send + 'static,
@@ -683,11 +682,12 @@ impl<L> HttpServer<L> {
             cut_margin: settings.cut_margin,
         });
         let service = crate::serve::prepare::prepared(service);
-        let service = layer.layer(Responder::new(service, shared.clone()));
+        let bare = L::BARE;
+        let service = layer.around(Responder::new(service, shared.clone()));
         let (listening, binding) = Listening::new(name.clone());
         finale.spawn(Task::service(name, move |ctx| {
             run(
-                ctx, listen, binding, service, shared, settings, tls, configure,
+                ctx, listen, binding, service, bare, shared, settings, tls, configure,
             )
         }))?;
         Ok(listening)
@@ -719,6 +719,7 @@ async fn run<S, B>(
     listen: Listen,
     binding: Binding,
     service: S,
+    bare: bool,
     shared: Arc<LayerShared>,
     settings: Settings,
     tls: Tls,
@@ -743,22 +744,24 @@ where
     let served = match bound {
         Bound::Tcp(acceptor) => {
             binding.send(Ok(LocalAddr::Tcp(acceptor.local)));
-            serve_on(ctx, acceptor, service, shared, settings, tls, configure).await
+            serve_on(ctx, acceptor, service, bare, shared, settings, tls, configure).await
         }
         #[cfg(unix)]
         Bound::Unix(acceptor) => {
             binding.send(Ok(LocalAddr::Unix(acceptor.local().to_string())));
-            serve_on(ctx, acceptor, service, shared, settings, tls, configure).await
+            serve_on(ctx, acceptor, service, bare, shared, settings, tls, configure).await
         }
     };
     Ok(served?)
 }
 
 /// The accept loop and the drain, on one transport's listener.
+#[allow(clippy::too_many_arguments)]
 async fn serve_on<A, S, B>(
     ctx: TaskContext,
     acceptor: A,
     service: S,
+    bare: bool,
     shared: Arc<LayerShared>,
     settings: Settings,
     tls: Tls,
@@ -809,6 +812,7 @@ where
                 in_flight: handle.in_flight(),
                 shared: shared.clone(),
                 conn: Arc::new(ConnWatch::new(peer, handle.clone())),
+                bare,
             };
             let stage = stage_rx.clone();
             match &tls {

@@ -3,9 +3,10 @@
 
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -14,7 +15,7 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
 use crate::serve::tower::{
-    Admission, ConnWatch, DrainBody, LayerShared, Peer, ResponseFuture, TooLate, admit, grpc_kind,
+    Admission, Admitted, ConnWatch, DrainBody, LayerShared, Peer, TooLate, admit, grpc_kind,
 };
 use crate::track::InFlight;
 
@@ -25,6 +26,13 @@ pub(super) struct ConnService<S> {
     pub(super) in_flight: InFlight,
     pub(super) shared: Arc<LayerShared>,
     pub(super) conn: Arc<ConnWatch>,
+    /// `inner` is the user's service itself, with no layer of [`HttpServer::layer`] around
+    /// it: what the [`Responder`](crate::tower::Responder) does inside those layers (a request
+    /// too late in the drain answered, a panic isolated) is done here, with no layer to see
+    /// it.
+    ///
+    /// [`HttpServer::layer`]: crate::axum::HttpServer::layer
+    pub(super) bare: bool,
 }
 
 impl<S> fmt::Debug for ConnService<S> {
@@ -46,7 +54,7 @@ where
 {
     type Response = Response<DrainBody<B>>;
     type Error = BoxError;
-    type Future = ResponseFuture<Oneshot<S, Request<Incoming>>, B>;
+    type Future = ConnFuture<S, Request<Incoming>, B>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         // Who is on the other end, as the frameworks' own servers tell their handlers: axum's
@@ -89,92 +97,189 @@ where
                 let _ = (addr, cred);
             }
         }
-        match admit(self.in_flight, &self.shared, Some(&self.conn), &req, grpc) {
-            Admission::Rejected(response) => ResponseFuture::rejected(response),
-            Admission::Admitted(admitted) => {
-                if admitted.too_late {
-                    // Answered by the `Responder`, inside the user's layers.
-                    req.extensions_mut().insert(TooLate);
-                }
-                // The user's layers are called here: a panic in one is isolated as it is in
-                // their futures (a `500`, counted).
-                let inner = self.inner.clone();
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                    Oneshot::new(inner, req)
-                })) {
-                    Ok(call) => ResponseFuture::admitted(call, admitted),
-                    Err(payload) => ResponseFuture::panicked(admitted, &*payload),
-                }
+        let admitted = match admit(self.in_flight, &self.shared, Some(&self.conn), &req, grpc) {
+            Admission::Admitted(admitted) => admitted,
+            // Only the layer alone rejects here; a connection's requests are admitted.
+            Admission::Rejected(response) => {
+                return ConnFuture {
+                    step: Step::Answered {
+                        response: Some(response),
+                    },
+                    admitted: None,
+                };
+            }
+        };
+        if admitted.too_late {
+            if self.bare {
+                // Counted here, where it is answered.
+                self.shared.handle.shared.record_rejected_request();
+                let response = self.shared.rejection.response(req.version(), grpc);
+                return ConnFuture::answered(admitted, response);
+            }
+            // Answered by the `Responder`, inside the user's layers.
+            req.extensions_mut().insert(TooLate);
+        }
+        // Called now if the service is ready (the usual case: the request is handed over once,
+        // no future waits for readiness), otherwise when polled. A panic in the service's (or
+        // the user's layers') `poll_ready` or `call` is isolated as in their futures: a `500`,
+        // counted. (A waker that does nothing: a service not ready now is polled again, with
+        // the task's waker, when the future is.)
+        ConnFuture::call(self.inner.clone(), req, admitted)
+    }
+}
+
+pin_project! {
+    /// The response future of a connection's request: the user's service called at once if it
+    /// was ready, or its readiness awaited; finale's own answer otherwise. Its response goes
+    /// out tracked ([`Admitted::finish`]). A service whose readiness failed is not asked again
+    /// (tower's contract: it may panic if it is); its error is the answer.
+    pub(super) struct ConnFuture<S, Req, B>
+    where
+        S: tower::Service<Req>,
+    {
+        #[pin]
+        step: Step<S, Req, B>,
+        admitted: Option<Admitted>,
+    }
+
+    impl<S, Req, B> PinnedDrop for ConnFuture<S, Req, B>
+    where
+        S: tower::Service<Req>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped before its response: named if its connection is being cut.
+            if let Some(admitted) = this.project().admitted {
+                admitted.record_if_cut();
             }
         }
     }
 }
 
 pin_project! {
-    /// `poll_ready`, then `call`, on an owned tower service: at once if the service is ready
-    /// (the usual case: the request is handed over once, no future waits for readiness),
-    /// otherwise when polled. A service whose readiness failed is not asked again (tower's
-    /// contract: it may panic if it is); its error is the answer.
-    #[project = OneshotProj]
-    pub(crate) enum Oneshot<S, Req>
+    #[project = StepProj]
+    enum Step<S, Req, B>
     where
         S: tower::Service<Req>,
     {
         Called { #[pin] fut: S::Future },
         Waiting { pending: Option<(S, Req)> },
         Failed { error: Option<BoxError> },
+        Answered { response: Option<Response<DrainBody<B>>> },
     }
 }
 
-impl<S, Req> Oneshot<S, Req>
+impl<S, Req, B> ConnFuture<S, Req, B>
 where
     S: tower::Service<Req>,
     S::Error: Into<BoxError>,
 {
-    fn new(mut service: S, req: Req) -> Self {
-        // A waker that does nothing: a service not ready now is polled again, with the
-        // task's waker, when the future is.
-        match service.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
-            Poll::Ready(Ok(())) => Self::Called {
-                fut: service.call(req),
+    /// `service` called with `req` now if it is ready, otherwise when polled.
+    #[inline]
+    fn call(mut service: S, req: Req, admitted: Admitted) -> Self {
+        let step = std::panic::catch_unwind(AssertUnwindSafe(move || {
+            match service.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
+                Poll::Ready(Ok(())) => Step::Called {
+                    fut: service.call(req),
+                },
+                Poll::Ready(Err(error)) => Step::Failed {
+                    error: Some(error.into()),
+                },
+                Poll::Pending => Step::Waiting {
+                    pending: Some((service, req)),
+                },
+            }
+        }));
+        match step {
+            Ok(step) => Self {
+                step,
+                admitted: Some(admitted),
             },
-            Poll::Ready(Err(error)) => Self::Failed {
-                error: Some(error.into()),
+            Err(payload) => Self {
+                step: Step::Answered {
+                    response: Some(admitted.panicked(&*payload)),
+                },
+                admitted: None,
             },
-            Poll::Pending => Self::Waiting {
-                pending: Some((service, req)),
+        }
+    }
+
+    /// finale's own answer to an admitted request, sent tracked as any response is.
+    #[cold]
+    fn answered(admitted: Admitted, response: Response<DrainBody<B>>) -> Self {
+        Self {
+            step: Step::Answered {
+                response: Some(admitted.answer(response)),
             },
+            admitted: None,
         }
     }
 }
 
-impl<S, Req> Future for Oneshot<S, Req>
+impl<S, Req, B> Future for ConnFuture<S, Req, B>
 where
-    S: tower::Service<Req>,
+    S: tower::Service<Req, Response = Response<B>>,
     S::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
 {
-    type Output = Result<S::Response, BoxError>;
+    type Output = Result<Response<DrainBody<B>>, BoxError>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut step = this.step;
+        let admitted = this.admitted;
         loop {
-            match self.as_mut().project() {
-                OneshotProj::Called { fut } => return fut.poll(cx).map_err(Into::into),
-                OneshotProj::Failed { error } => {
+            // A panic in the service's `poll_ready`, `call` or future is the handler's: the
+            // request is answered `500` and never polled again (no broken invariant can be
+            // observed).
+            let caught = match step.as_mut().project() {
+                StepProj::Called { fut } => {
+                    match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+                        Ok(Poll::Pending) => return Poll::Pending,
+                        Ok(Poll::Ready(result)) => {
+                            let admitted = admitted.take().expect("polled after completion");
+                            return Poll::Ready(match result {
+                                Ok(response) => Ok(admitted.finish(response)),
+                                Err(error) => Err(error.into()),
+                            });
+                        }
+                        Err(payload) => payload,
+                    }
+                }
+                StepProj::Answered { response } => {
+                    return Poll::Ready(Ok(response.take().expect("polled after completion")));
+                }
+                StepProj::Failed { error } => {
+                    admitted.take();
                     return Poll::Ready(Err(error.take().expect("polled after completion")));
                 }
-                OneshotProj::Waiting { pending } => {
+                StepProj::Waiting { pending } => {
                     let (service, _) = pending.as_mut().expect("polled after completion");
-                    if let Err(error) = ready!(service.poll_ready(cx)) {
-                        self.set(Self::Failed {
-                            error: Some(error.into()),
-                        });
-                        continue;
+                    match std::panic::catch_unwind(AssertUnwindSafe(|| service.poll_ready(cx))) {
+                        Ok(Poll::Pending) => return Poll::Pending,
+                        Ok(Poll::Ready(Err(error))) => {
+                            step.set(Step::Failed {
+                                error: Some(error.into()),
+                            });
+                            continue;
+                        }
+                        Ok(Poll::Ready(Ok(()))) => {
+                            let (mut service, req) = pending.take().expect("checked above");
+                            match std::panic::catch_unwind(AssertUnwindSafe(|| service.call(req)))
+                            {
+                                Ok(fut) => {
+                                    step.set(Step::Called { fut });
+                                    continue;
+                                }
+                                Err(payload) => payload,
+                            }
+                        }
+                        Err(payload) => payload,
                     }
-                    let (mut service, req) = pending.take().expect("checked above");
-                    let fut = service.call(req);
-                    self.set(Self::Called { fut });
                 }
-            }
+            };
+            step.set(Step::Answered { response: None });
+            let admitted = admitted.take().expect("polled after completion");
+            return Poll::Ready(Ok(admitted.panicked(&*caught)));
         }
     }
 }
@@ -212,10 +317,10 @@ mod tests {
         failed: bool,
     }
 
-    impl tower::Service<()> for FailsOnce {
-        type Response = ();
+    impl tower::Service<Request<()>> for FailsOnce {
+        type Response = Response<http_body_util::Empty<Bytes>>;
         type Error = std::io::Error;
-        type Future = std::future::Ready<Result<(), std::io::Error>>;
+        type Future = std::future::Ready<Result<Self::Response, std::io::Error>>;
 
         fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
             assert!(!self.failed, "poll_ready asked again after it failed");
@@ -223,16 +328,30 @@ mod tests {
             Poll::Ready(Err(std::io::Error::other("backend gone")))
         }
 
-        fn call(&mut self, (): ()) -> Self::Future {
+        fn call(&mut self, _req: Request<()>) -> Self::Future {
             unreachable!("never ready")
         }
     }
 
     #[tokio::test]
     async fn a_failed_readiness_is_the_answer_and_not_asked_again() {
-        let error = Oneshot::new(FailsOnce { failed: false }, ())
+        let finale = crate::Finale::builder().read_env(false).build().unwrap();
+        let handle = finale.handle();
+        let shared = LayerShared {
+            handle: handle.clone(),
+            rejection: crate::tower::Rejection::default(),
+            cut_margin: std::time::Duration::ZERO,
+        };
+        let req = Request::new(());
+        let Admission::Admitted(admitted) =
+            admit::<_, http_body_util::Empty<Bytes>>(handle.in_flight(), &shared, None, &req, None)
+        else {
+            panic!("admitted before any shutdown");
+        };
+        let error = ConnFuture::call(FailsOnce { failed: false }, req, admitted)
             .await
             .expect_err("the readiness failed");
         assert_eq!(error.to_string(), "backend gone");
+        assert_eq!(handle.in_flight().count(), 0, "no longer in flight");
     }
 }

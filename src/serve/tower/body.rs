@@ -60,12 +60,12 @@ impl<B> DrainBody<B> {
         }
     }
 
-    pub(super) fn tracked(body: B, guard: InFlightGuard, cut: Option<Box<CutName>>) -> Self {
-        Self {
-            kind: Kind::Inner { body },
-            guard: Some(guard),
-            cut,
-        }
+    /// This body, in flight (with `guard`) until it ends or is dropped; named in the report as
+    /// `cut` if it is cut.
+    pub(super) fn tracked(mut self, guard: InFlightGuard, cut: Option<Box<CutName>>) -> Self {
+        self.guard = Some(guard);
+        self.cut = cut;
+        self
     }
 }
 

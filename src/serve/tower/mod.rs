@@ -103,7 +103,7 @@ pub(crate) use rejection::{Grpc, grpc_kind, panic_response};
 #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
 pub(crate) use responder::TooLate;
 pub(crate) use responder::handler_panicked;
-pub use responder::{Responder, ResponderFuture};
+pub use responder::{Responder, ResponderFuture, ServerLayers};
 
 fn is_http1(version: Version) -> bool {
     version <= Version::HTTP_11
@@ -158,6 +158,87 @@ pub(crate) struct Admitted {
     /// Boxed: the name's parts (a method and a URI) are large, and the response and its
     /// futures are moved several times on their way out; one small allocation is cheaper.
     cut: Option<Box<CutName>>,
+}
+
+impl Admitted {
+    /// The service's response, made ready to go out: `Connection: close` on HTTP/1 once the
+    /// shutdown is announced, and its body in flight until its last byte (an upgrade's request
+    /// stays in flight on its connection instead).
+    #[inline]
+    pub(crate) fn finish<B>(self, response: Response<B>) -> Response<DrainBody<B>> {
+        let (parts, body) = response.into_parts();
+        self.finish_parts(parts, DrainBody::untracked(body))
+    }
+
+    /// A handler panicked: the request is answered `500` (gRPC: `grpc-status: 13`), counted,
+    /// and the answer goes out as any other response does.
+    #[cold]
+    pub(crate) fn panicked<B>(self, payload: &(dyn std::any::Any + Send)) -> Response<DrainBody<B>> {
+        let (parts, body) = handler_panicked(self.in_flight, payload, self.grpc).into_parts();
+        self.finish_parts(parts, body)
+    }
+
+    /// finale's own answer to this request (a rejection too late in the drain), sent as any
+    /// other response is.
+    #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+    #[cold]
+    pub(crate) fn answer<B>(self, response: Response<DrainBody<B>>) -> Response<DrainBody<B>> {
+        let (parts, body) = response.into_parts();
+        self.finish_parts(parts, body)
+    }
+
+    fn finish_parts<B>(
+        self,
+        mut parts: http::response::Parts,
+        body: DrainBody<B>,
+    ) -> Response<DrainBody<B>> {
+        // What hyper upgrades: a 101, or a 2xx to a CONNECT (both versions).
+        let upgrade = (self.close_http1 && parts.status == StatusCode::SWITCHING_PROTOCOLS)
+            || (self.connect && parts.status.is_success());
+        if self.close_http1
+            && !upgrade
+            && (self.announced
+                || self.in_flight.is_draining()
+                // finale's own connections know their handle: a request admitted before the
+                // Announce phase and answered during it closes too.
+                || self
+                    .cut
+                    .as_ref()
+                    .is_some_and(|c| c.conn.handle.shared.health.is_announced()))
+        {
+            // Answered once the shutdown is announced: this connection's last, so that a
+            // persistent client reconnects (through the load balancer, to an instance that
+            // stays) while this one still serves. Never on a 101: the upgrade needs
+            // `Connection: upgrade`.
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        let Self {
+            guard,
+            cut,
+            close_http1,
+            ..
+        } = self;
+        let body = match (upgrade, cut) {
+            // On finale's own connections an upgraded request stays in flight after its
+            // (empty) response, for as long as the upgraded connection lives: the connection's
+            // task holds it.
+            (true, Some(cut)) => {
+                cut.upgraded(guard, close_http1);
+                body
+            }
+            (_, cut) => body.tracked(guard, cut),
+        };
+        Response::from_parts(parts, body)
+    }
+
+    /// The name this request gets if it is cut before its response exists.
+    pub(crate) fn record_if_cut(&self) {
+        if let Some(cut) = &self.cut {
+            cut.record_if_cut("no response");
+        }
+    }
 }
 
 /// The hot path, shared by [`Drain`] and finale's servers.
@@ -338,9 +419,8 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             if let StateProj::Pending { admitted, .. } = this.project().state.project()
                 && let Some(admitted) = admitted
-                && let Some(cut) = &admitted.cut
             {
-                cut.record_if_cut("no response");
+                admitted.record_if_cut();
             }
         }
     }
@@ -361,13 +441,6 @@ impl<F, B> ResponseFuture<F, B> {
                 response: Some(response),
             },
         }
-    }
-
-    /// The service panicked when it was called: answered `500` (in gRPC form for gRPC),
-    /// counted, and no longer in flight.
-    #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
-    pub(crate) fn panicked(admitted: Admitted, payload: &(dyn std::any::Any + Send)) -> Self {
-        Self::rejected(handler_panicked(admitted.in_flight, payload, admitted.grpc))
     }
 
     pub(crate) fn admitted(fut: F, admitted: Admitted) -> Self {
@@ -407,57 +480,11 @@ where
                     Ok(Poll::Ready(result)) => result,
                     Err(payload) => {
                         let admitted = admitted.take().expect("polled after completion");
-                        return Poll::Ready(Ok(handler_panicked(
-                            admitted.in_flight,
-                            &*payload,
-                            admitted.grpc,
-                        )));
+                        return Poll::Ready(Ok(admitted.panicked(&*payload)));
                     }
                 };
                 let admitted = admitted.take().expect("polled after completion");
-                Poll::Ready(result.map(|response| {
-                    let (mut parts, body) = response.into_parts();
-                    // What hyper upgrades: a 101, or a 2xx to a CONNECT (both versions).
-                    let upgrade = (admitted.close_http1
-                        && parts.status == StatusCode::SWITCHING_PROTOCOLS)
-                        || (admitted.connect && parts.status.is_success());
-                    if admitted.close_http1
-                        && !upgrade
-                        && (admitted.announced
-                            || admitted.in_flight.is_draining()
-                            // finale's own connections know their handle: a request admitted
-                            // before the Announce phase and answered during it closes too.
-                            || admitted
-                                .cut
-                                .as_ref()
-                                .is_some_and(|c| c.conn.handle.shared.health.is_announced()))
-                    {
-                        // Answered once the shutdown is announced: this connection's last, so
-                        // that a persistent client reconnects (through the load balancer, to an
-                        // instance that stays) while this one still serves. Never on a 101: the
-                        // upgrade needs `Connection: upgrade`.
-                        parts
-                            .headers
-                            .insert(CONNECTION, HeaderValue::from_static("close"));
-                    }
-                    let Admitted {
-                        guard,
-                        cut,
-                        close_http1,
-                        ..
-                    } = admitted;
-                    let body = match (upgrade, cut) {
-                        // On finale's own connections an upgraded request stays in flight
-                        // after its (empty) response, for as long as the upgraded connection
-                        // lives: the connection's task holds it.
-                        (true, Some(cut)) => {
-                            cut.upgraded(guard, close_http1);
-                            DrainBody::untracked(body)
-                        }
-                        (_, cut) => DrainBody::tracked(body, guard, cut),
-                    };
-                    Response::from_parts(parts, body)
-                }))
+                Poll::Ready(result.map(|response| admitted.finish(response)))
             }
         }
     }

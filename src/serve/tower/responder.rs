@@ -126,6 +126,60 @@ where
     }
 }
 
+impl<S> Responder<S> {
+    fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// The layers of [`HttpServer::layer`](crate::axum::HttpServer::layer), as finale's servers put
+/// them around the [`Responder`]. With none (a server no layer was added to, `Identity`), the
+/// server calls the service itself and makes finale's answers (the rejection of a request too
+/// late in the drain, the `500` of a panic) outside it, with no layer to see them: one future
+/// and one response body fewer per request.
+///
+/// Sealed: implemented for what `HttpServer` builds (`Identity`, and the `Stack`s of
+/// `HttpServer::layer`). It shows in the bounds of `HttpServer::serve`.
+pub trait ServerLayers<S>: sealed::Sealed {
+    /// The service the server calls for each request.
+    type Service;
+
+    /// The service is the user's own, with no [`Responder`] in front.
+    #[doc(hidden)]
+    const BARE: bool;
+
+    /// The layers around `responder` (or, with none, the user's service itself).
+    #[doc(hidden)]
+    fn around(self, responder: Responder<S>) -> Self::Service;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for tower::layer::util::Identity {}
+    impl<Inner, Outer> Sealed for tower::layer::util::Stack<Inner, Outer> {}
+}
+
+impl<S> ServerLayers<S> for tower::layer::util::Identity {
+    type Service = S;
+    const BARE: bool = true;
+
+    fn around(self, responder: Responder<S>) -> S {
+        responder.into_inner()
+    }
+}
+
+impl<S, Inner, Outer> ServerLayers<S> for tower::layer::util::Stack<Inner, Outer>
+where
+    Self: ::tower::Layer<Responder<S>>,
+{
+    type Service = <Self as ::tower::Layer<Responder<S>>>::Service;
+    const BARE: bool = false;
+
+    fn around(self, responder: Responder<S>) -> Self::Service {
+        ::tower::Layer::layer(&self, responder)
+    }
+}
+
 pin_project! {
     /// The response future of [`Responder`].
     #[must_use = "futures do nothing unless polled"]
