@@ -52,6 +52,7 @@ impl<B> DrainBody<B> {
         }
     }
 
+    #[inline]
     pub(super) fn untracked(body: B) -> Self {
         Self {
             kind: Kind::Inner { body },
@@ -62,6 +63,7 @@ impl<B> DrainBody<B> {
 
     /// This body, in flight (with `guard`) until it ends or is dropped; named in the report as
     /// `cut` if it is cut.
+    #[inline]
     pub(super) fn tracked(mut self, guard: InFlightGuard, cut: Option<Box<CutName>>) -> Self {
         self.guard = Some(guard);
         self.cut = cut;

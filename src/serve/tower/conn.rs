@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http::uri::PathAndQuery;
 use http::{Method, Uri};
 
 use crate::Handle;
@@ -152,18 +153,42 @@ pub(crate) struct Upgrade {
 /// and the report goes to logs and telemetry.
 pub(crate) struct CutName {
     method: Method,
-    uri: Uri,
+    target: Target,
     pub(super) conn: Arc<ConnWatch>,
 }
 
+/// What a request's name keeps of its URI: the path and query of the usual request (one
+/// shared buffer, cheap to keep), the whole URI otherwise (an authority-form CONNECT).
+enum Target {
+    Path(PathAndQuery),
+    Uri(Box<Uri>),
+}
+
 impl CutName {
-    pub(super) fn new(method: Method, uri: Uri, conn: Arc<ConnWatch>) -> Self {
+    pub(super) fn new(method: Method, uri: &Uri, conn: Arc<ConnWatch>) -> Self {
         conn.active.fetch_add(1, Ordering::Relaxed);
-        Self { method, uri, conn }
+        let target = match uri.path_and_query() {
+            Some(path) if !path.as_str().is_empty() => Target::Path(path.clone()),
+            _ => Target::Uri(Box::new(uri.clone())),
+        };
+        Self {
+            method,
+            target,
+            conn,
+        }
     }
 
-    /// Called on drop of an unfinished request or body.
+    /// Called on drop of an unfinished request or body: names it in the report if its
+    /// connection is being cut.
+    #[inline]
     pub(super) fn record_if_cut(&self, what: &str) {
+        if self.conn.cutting.load(Ordering::Relaxed) || self.conn.handle.shared.is_escalated() {
+            self.record_cut(what);
+        }
+    }
+
+    #[cold]
+    fn record_cut(&self, what: &str) {
         // Relaxed: the server sets `cutting` and then drops the connection on the same task,
         // so this drop is sequenced after the store. (HTTP/2 streams run on tasks of their own
         // and are dropped later; `cutting` was set before, and the connection does not name
@@ -190,7 +215,10 @@ impl CutName {
     /// The name of this request in the report: method and path (a tunnel's target for an
     /// HTTP/1 CONNECT), never the query.
     fn name(&self) -> String {
-        request_name(&self.method, &self.uri, &self.conn.peer)
+        match &self.target {
+            Target::Path(path) => request_name(&self.method, path.path(), &self.conn.peer),
+            Target::Uri(uri) => request_name(&self.method, uri_target(uri), &self.conn.peer),
+        }
     }
 
     /// The request was answered with an upgrade. HTTP/1: the connection's task keeps `guard`
@@ -234,12 +262,21 @@ impl Drop for CutName {
 /// keeps; a longer one is cut there and ends with `…`.
 const MAX_NAME_PART: usize = 128;
 
-/// A request's name in the report: `GET /events from 127.0.0.1:5555`. The method and the path
+/// A request's name in the report: `GET /events from 127.0.0.1:5555`. The method and `target`, the path
 /// (a tunnel's target for an HTTP/1 CONNECT), never the query, nor the userinfo of an authority
 /// (`CONNECT user:password@host:443` is named `CONNECT host:443`): the report goes to logs and
 /// telemetry. Each part is bounded ([`MAX_NAME_PART`] bytes).
-fn request_name(method: &Method, uri: &Uri, peer: &Peer) -> String {
-    let target = match uri.authority() {
+fn request_name(method: &Method, target: &str, peer: &Peer) -> String {
+    format!(
+        "{} {} from {peer}",
+        bounded(method.as_str()),
+        bounded(target)
+    )
+}
+
+/// What a request's name shows of `uri`: its path, or a tunnel's target without userinfo.
+fn uri_target(uri: &Uri) -> &str {
+    match uri.authority() {
         Some(authority) if uri.path().is_empty() => {
             let authority = authority.as_str();
             // The userinfo ends at the last `@` (a password may hold one too).
@@ -248,12 +285,7 @@ fn request_name(method: &Method, uri: &Uri, peer: &Peer) -> String {
                 .map_or(authority, |(_, host)| host)
         }
         _ => uri.path(),
-    };
-    format!(
-        "{} {} from {peer}",
-        bounded(method.as_str()),
-        bounded(target)
-    )
+    }
 }
 
 /// `text` cut to at most [`MAX_NAME_PART`] bytes (on a character boundary), marked with `…`.

@@ -281,11 +281,7 @@ pub(crate) fn admit<ReqB, B>(
         if !is_http1(version) && !conn.http2.load(Ordering::Relaxed) {
             conn.http2.store(true, Ordering::Relaxed);
         }
-        Box::new(CutName::new(
-            req.method().clone(),
-            req.uri().clone(),
-            conn.clone(),
-        ))
+        Box::new(CutName::new(req.method().clone(), req.uri(), conn.clone()))
     });
     let http1 = is_http1(version);
     Admission::Admitted(Admitted {
