@@ -247,6 +247,47 @@ async fn while_draining_the_layer_serves_http1_with_close_and_grpc_as_is_and_rej
     assert_eq!(report.requests_rejected, 1, "{report}");
 }
 
+/// A handler's panic is answered like any other response of the layer: during the drain its
+/// `500` carries `Connection: close` on HTTP/1 (the client moves on), and the request stays in
+/// flight until that answer's body has been read.
+#[tokio::test]
+async fn a_panic_answered_during_the_drain_closes_and_stays_in_flight_until_its_body_ends() {
+    use tower::{Layer, Service, ServiceExt};
+    let finale = Finale::builder()
+        .read_env(false)
+        .no_signals()
+        .environment(finale::Environment::Local)
+        .drain_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let handle = finale.handle();
+    let inner = tower::service_fn(|_req: http::Request<Empty<Bytes>>| async {
+        if true {
+            panic!("handler bug");
+        }
+        Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<Bytes>::new()))
+    });
+    let mut service = finale::tower::DrainLayer::new(&handle).layer(inner);
+    let busy = handle.in_flight().acquire();
+    let run = tokio::spawn(finale.run());
+    handle.trigger("test");
+    handle.phase_started(finale::Phase::Drain).await;
+
+    let request = http::Request::get("/").body(Empty::new()).unwrap();
+    let response = service.ready().await.unwrap().call(request).await.unwrap();
+    assert_eq!(response.status(), 500);
+    assert_eq!(response.headers()["connection"], "close");
+    // `busy` and the answer not yet read.
+    assert_eq!(handle.in_flight().count(), 2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"internal server error\n");
+    assert_eq!(handle.in_flight().count(), 1);
+    drop(busy);
+    let report = run.await.unwrap();
+    assert_eq!(report.requests_panicked, 1, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
 /// The drain delay that knows when the load balancer has let go: it ends once no request has
 /// arrived for the quiet time after readiness turned off (health probes aside), after the probe
 /// count if one is set; a client that ignores the health checks keeps it going to its max.
