@@ -123,10 +123,11 @@ use crate::config::ConfigError;
 use crate::serve::tower::HealthService;
 use crate::{Finale, Handle};
 
-pub use crate::serve::accept::{
-    DEFAULT_CUT_MARGIN, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_GRACE, HttpServer, Listen,
-};
+pub use crate::serve::listen::Listen;
 pub use crate::serve::listening::{BindError, Listening, LocalAddr};
+pub use crate::serve::server::{
+    DEFAULT_CUT_MARGIN, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_GRACE, HttpServer,
+};
 
 /// Serves `router` on `listen` as a [`Task::service`](crate::Task::service) named `name`, with
 /// [`HttpServer`]'s defaults. Every request is tracked as in flight and, once draining,

@@ -264,8 +264,7 @@ where
                         }
                         Ok(Poll::Ready(Ok(()))) => {
                             let (mut service, req) = pending.take().expect("checked above");
-                            match std::panic::catch_unwind(AssertUnwindSafe(|| service.call(req)))
-                            {
+                            match std::panic::catch_unwind(AssertUnwindSafe(|| service.call(req))) {
                                 Ok(fut) => {
                                     step.set(Step::Called { fut });
                                     continue;

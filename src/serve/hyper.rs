@@ -31,12 +31,13 @@ use hyper::body::Incoming;
 
 use crate::Finale;
 use crate::config::ConfigError;
-use crate::serve::accept::HyperToTower;
+use crate::serve::conn_service::HyperToTower;
 
-pub use crate::serve::accept::{
-    DEFAULT_CUT_MARGIN, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_GRACE, HttpServer, Listen,
-};
+pub use crate::serve::listen::Listen;
 pub use crate::serve::listening::{BindError, Listening, LocalAddr};
+pub use crate::serve::server::{
+    DEFAULT_CUT_MARGIN, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_GRACE, HttpServer,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 

@@ -4,7 +4,9 @@
 //! | file | what |
 //! |---|---|
 //! | `tower/` | [`DrainLayer`](tower::DrainLayer) (in-flight tracking, `Connection: close` while draining, 503 only near the deadline, `mod.rs`), the response body (`body.rs`), a connection as its requests see it and their names in the report (`conn.rs`), finale's own answers (`rejection.rs`, `responder.rs`) and the health service (`health.rs`) |
-//! | `accept.rs` | where a server listens, `HttpServer`'s settings, the bounded accept loop: bind in graceful start, drain, cut at the deadline |
+//! | `server.rs` | `HttpServer`: a server's settings, its layers, its `serve` (registers the accept loop as a task) |
+//! | `accept.rs` | the bounded accept loop (and why finale runs its own): bind in graceful start, hyper's connection builder with the user's settings, drain, cut at the deadline |
+//! | `listen.rs` | where a server listens (`Listen`: an address, a `"host:port"` string, a listener, a Unix path) and its bind |
 //! | `connection.rs` | one connection through the drain: the drive loop, slow clients, upgrades, the cut |
 //! | `conn_service.rs` | one connection's service: connection info, admission, the call of the user's service |
 //! | `conn_io.rs` | a connection's socket as hyper sees it (HTTP/1 or HTTP/2 by its first bytes) |
@@ -33,9 +35,13 @@ mod gate;
 #[cfg(feature = "hyper")]
 pub mod hyper;
 #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+mod listen;
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
 mod listening;
 #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
 mod prepare;
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+mod server;
 #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
 mod timers;
 #[cfg(feature = "tls")]

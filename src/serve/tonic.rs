@@ -93,10 +93,11 @@ use crate::phase::Phase;
 use crate::task::Task;
 
 pub use self::grpc_timeout::{GrpcTimeout, GrpcTimeoutBody, GrpcTimeoutFuture, GrpcTimeoutLayer};
-pub use crate::serve::accept::{
-    DEFAULT_CUT_MARGIN, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_GRACE, HttpServer, Listen,
-};
+pub use crate::serve::listen::Listen;
 pub use crate::serve::listening::{BindError, Listening, LocalAddr};
+pub use crate::serve::server::{
+    DEFAULT_CUT_MARGIN, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_GRACE, HttpServer,
+};
 
 mod grpc_timeout;
 

@@ -173,7 +173,10 @@ impl Admitted {
     /// A handler panicked: the request is answered `500` (gRPC: `grpc-status: 13`), counted,
     /// and the answer goes out as any other response does.
     #[cold]
-    pub(crate) fn panicked<B>(self, payload: &(dyn std::any::Any + Send)) -> Response<DrainBody<B>> {
+    pub(crate) fn panicked<B>(
+        self,
+        payload: &(dyn std::any::Any + Send),
+    ) -> Response<DrainBody<B>> {
         let (parts, body) = handler_panicked(self.in_flight, payload, self.grpc).into_parts();
         self.finish_parts(parts, body)
     }
