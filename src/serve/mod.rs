@@ -3,11 +3,11 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `tower/` | [`DrainLayer`](tower::DrainLayer) (in-flight tracking, `Connection: close` while draining, 503 only near the deadline, `mod.rs`), the response body (`body.rs`), a connection as its requests see it and their names in the report (`conn.rs`), finale's own answers (`rejection.rs`, `responder.rs`) and the health service (`health.rs`) |
+//! | `tower/` | the module docs (`mod.rs`); [`DrainLayer`](tower::DrainLayer), its service and response future (`layer.rs`); a request's admission and tracking (in flight until its body ends, `Connection: close` while draining, too late only near the deadline, `admit.rs`); the response body (`body.rs`); a connection as its requests see it and their names in the report (`conn.rs`); finale's own answers (`rejection.rs`, `responder.rs`); the health service (`health.rs`) |
 //! | `server.rs` | `HttpServer`: a server's settings, its layers, its `serve` (registers the accept loop as a task) |
 //! | `accept.rs` | the bounded accept loop (and why finale runs its own): bind in graceful start, hyper's connection builder with the user's settings, drain, cut at the deadline |
 //! | `listen.rs` | where a server listens (`Listen`: an address, a `"host:port"` string, a listener, a Unix path) and its bind |
-//! | `connection.rs` | one connection through the drain: the drive loop, slow clients, upgrades, the cut |
+//! | `connection/` | one connection through the drain: its settings and stage, opened and handed to hyper (`mod.rs`), the TLS handshake (`handshake.rs`), the drive loop (`drive.rs`), slow clients' timing (`slow.rs`), upgrades held and the cut (`cut.rs`) |
 //! | `conn_service.rs` | one connection's service: connection info, admission, the call of the user's service |
 //! | `conn_io.rs` | a connection's socket as hyper sees it (HTTP/1 or HTTP/2 by its first bytes) |
 //! | `gate.rs` | a future polled only when its own wake-ups fired (a connection's drain signals) |

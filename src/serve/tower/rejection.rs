@@ -7,7 +7,8 @@ use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode, Version};
 
-use super::{DrainBody, is_http1};
+use super::DrainBody;
+use super::admit::is_http1;
 
 /// The default `Retry-After` of a rejected request: 1 second.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);

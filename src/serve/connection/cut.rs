@@ -1,0 +1,76 @@
+//! The end of a connection at the drain deadline: cut, with its requests (or, with none, the
+//! connection itself) named in the report; an upgraded connection held until its handler lets
+//! go, shut down at the deadline.
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::watch;
+
+use crate::serve::tower::ConnWatch;
+use crate::serve::transport::Transport;
+
+use super::Stage;
+
+/// After the connection ended on its own: if a request on it was upgraded (HTTP/1: the
+/// socket now belongs to the upgrade's handler, a WebSocket say), it stays in flight until the
+/// handler drops the socket; at the drain deadline the socket is shut down and the request
+/// named. The handler learns that the drain started from the Drain phase's token, and can
+/// send its close frame (see the module docs).
+pub(super) async fn hold_upgraded<T: Transport>(
+    watch: &ConnWatch,
+    socket: &std::sync::Weak<T>,
+    stage: &mut watch::Receiver<Stage>,
+) {
+    if crate::state::lock(&watch.upgrades).is_empty() {
+        return;
+    }
+    tokio::select! {
+        () = watch.io_dropped.notified() => {}
+        _ = stage.wait_for(|s| *s == Stage::Cut) => {
+            if let Some(stream) = socket.upgrade() {
+                // Both directions: the handler's next read ends, the peer sees the close now.
+                let _ = stream.sock_ref().shutdown(std::net::Shutdown::Both);
+            }
+            name_upgrades(watch, "upgraded connection open");
+        }
+    }
+    // Drops the in-flight guards.
+    crate::state::lock(&watch.upgrades).clear();
+}
+
+/// Names every upgraded request of a connection cut at the deadline; how many were named.
+fn name_upgrades(watch: &ConnWatch, what: &str) -> usize {
+    let upgrades = std::mem::take(&mut *crate::state::lock(&watch.upgrades));
+    for upgrade in &upgrades {
+        watch
+            .handle
+            .shared
+            .record_cut(format!("{} ({what} at the drain deadline)", upgrade.name));
+    }
+    upgrades.len()
+}
+
+pub(super) fn cut_connection<C>(mut conn: Pin<&mut Option<C>>, watch: &ConnWatch) -> bool {
+    // Set before the drop: every request dropped with the connection names itself.
+    watch.cutting.store(true, Ordering::Relaxed);
+    conn.set(None);
+    // Upgraded requests (a 101 not yet handed over, HTTP/2 extended CONNECT streams) are
+    // named here: their responses have ended, so nothing else names them.
+    let upgrades = name_upgrades(watch, "upgraded stream open");
+    // A connection with requests in flight is named by them (HTTP/2 streams, on tasks of their
+    // own, name themselves when they are dropped, a moment later); only one with none is named
+    // here, so nothing is reported twice.
+    // `active` first (Acquire, paired with the Release decrement): a stream that named itself
+    // and then went inactive between the two loads is then seen as named.
+    if upgrades == 0
+        && watch.active.load(Ordering::Acquire) == 0
+        && watch.named.load(Ordering::Relaxed) == 0
+    {
+        watch.handle.shared.record_cut(format!(
+            "connection from {} (open at the drain deadline)",
+            watch.peer
+        ));
+    }
+    false
+}
