@@ -100,6 +100,7 @@ impl Admitted {
         self.finish_parts(parts, body)
     }
 
+    #[inline]
     fn finish_parts<B>(
         self,
         mut parts: http::response::Parts,
