@@ -182,9 +182,10 @@ pub(crate) fn admit<ReqB, B>(
         shared.handle.shared.record_rejected_request();
         return Admission::Rejected(shared.rejection.response(version, grpc));
     }
-    // On finale's own connections a request too late is answered (and counted) by the innermost
-    // service, the [`Responder`], so that the user's layers around it see the answer; it stays
-    // tracked until its body ends, as any other.
+    // On finale's own connections a request too late is answered (and counted) by the
+    // connection's service, or, when the user added layers, by the innermost service (the
+    // [`Responder`](super::Responder)), so that those layers see the answer; it stays tracked
+    // until its body ends, as any other.
     let health = &shared.handle.shared.health;
     let announced = health.is_announced();
     if announced && !matches!(req.uri().path(), "/livez" | "/readyz") {
