@@ -40,6 +40,27 @@ pub(super) struct Settings {
     pub(super) tls_handshake_timeout: Duration,
 }
 
+/// What a connection's drive loop reads of the server's [`Settings`]: every connection's task
+/// keeps these, not the whole of them.
+#[derive(Clone, Copy, Debug)]
+struct LoopSettings {
+    idle_grace: Duration,
+    header_read_timeout: Duration,
+    max_connection_age: Option<Duration>,
+    goaway_on_announce: bool,
+}
+
+impl From<Settings> for LoopSettings {
+    fn from(settings: Settings) -> Self {
+        Self {
+            idle_grace: settings.idle_grace,
+            header_read_timeout: settings.header_read_timeout,
+            max_connection_age: settings.max_connection_age,
+            goaway_on_announce: settings.goaway_on_announce,
+        }
+    }
+}
+
 /// Where the server is, as every connection task sees it: one `watch` channel for all of them
 /// (a receiver per connection, no per-connection channel or map entry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,6 +175,7 @@ where
     T: Transport,
 {
     let watch = service.conn.clone();
+    let settings = LoopSettings::from(settings);
     // Boxed: one allocation the size of hyper's connection, and the task's future holds the
     // drive loop's state only.
     let conn = Box::pin(Some(
@@ -168,7 +190,7 @@ where
             &watch,
             &socket,
             &mut stage,
-            settings,
+            &settings,
             &timers,
         )
         .await;
@@ -235,7 +257,8 @@ async fn drive<I, S, B, T>(
     watch: &ConnWatch,
     socket: &std::sync::Weak<T>,
     stage: &mut watch::Receiver<Stage>,
-    settings: Settings,
+    // By reference: the task's future holds the settings once, not once more for the loop.
+    settings: &LoopSettings,
     timers: &SlowTimers,
 ) -> bool
 where
@@ -379,7 +402,7 @@ where
 /// When the slow-client timer of a connection is next due, or `None` if the connection is
 /// slow: not known to be HTTP/2, no request in flight, and no request's headers within the
 /// header-read timeout after it last did something.
-fn slow_due(watch: &ConnWatch, settings: Settings) -> Option<Instant> {
+fn slow_due(watch: &ConnWatch, settings: &LoopSettings) -> Option<Instant> {
     let now = Instant::now();
     if watch.active.load(Ordering::Relaxed) > 0
         || watch.h2_preface.load(Ordering::Relaxed)
@@ -409,7 +432,7 @@ fn known_http2(watch: &ConnWatch) -> bool {
 /// started, a `due` the real clock has passed would make the timer fire again at once, for
 /// ever; it then looks again a quarter of the timeout later, on the real clock. On one clock
 /// `due` is always ahead (a connection found past it is closed), and is kept.
-fn rearm(due: Instant, settings: Settings) -> Instant {
+fn rearm(due: Instant, settings: &LoopSettings) -> Instant {
     let real_now = Instant::from_std(std::time::Instant::now());
     if due > real_now {
         due
