@@ -5,6 +5,11 @@
 //! - `plain-ci`: the same with `into_make_service_with_connect_info::<SocketAddr>()`, so that
 //!   handlers get `ConnectInfo` as they do behind finale's server (the peer of the instruction
 //!   count, `scripts/bench_instructions.py`);
+//! - `plain-ci-task`: `plain-ci` awaited in a spawned task, so that its accept loop runs on the
+//!   runtime's workers as finale's server does (`plain-ci` accepts on the thread of
+//!   `block_on`); glibc gives each thread an arena of its own, and where the accept loop's
+//!   allocations land changes the resident size of idle connections
+//!   (`scripts/bench_memory.py`);
 //! - `finale`: `finale::axum::serve(..)`, finale's accept loop with the drain layer built in;
 //! - `layer`: `axum::serve(listener, router.layer(DrainLayer::new(..)))`, the layer alone;
 //! - `plain-tls`, `finale-tls`: the handler over HTTPS, tokio-rustls + hyper-util vs finale's.
@@ -38,12 +43,13 @@ use finale::Finale;
 use finale::tower::DrainLayer;
 use tokio::signal::unix::{SignalKind, signal};
 
-const USAGE: &str = "usage: http_server <plain|plain-ci|finale|layer|plain-tls|finale-tls|plain-grpc|\
-                     finale-grpc|plain-grpc-tls|finale-grpc-tls> <port>";
+const USAGE: &str = "usage: http_server <plain|plain-ci|plain-ci-task|finale|layer|plain-tls|finale-tls|\
+                     plain-grpc|finale-grpc|plain-grpc-tls|finale-grpc-tls> <port>";
 
-const VARIANTS: [&str; 10] = [
+const VARIANTS: [&str; 11] = [
     "plain",
     "plain-ci",
+    "plain-ci-task",
     "finale",
     "layer",
     "plain-tls",
@@ -213,7 +219,14 @@ async fn run(variant: &str, port: u16) {
             });
             let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
             println!("listening on {addr} ({variant})");
-            if variant == "plain-ci" {
+            if variant == "plain-ci-task" {
+                let service = router.into_make_service_with_connect_info::<SocketAddr>();
+                let served = tokio::spawn(async move { axum::serve(listener, service).await });
+                tokio::select! {
+                    result = served => result.expect("join").expect("serve"),
+                    _ = term.recv() => {}
+                }
+            } else if variant == "plain-ci" {
                 let service = router.into_make_service_with_connect_info::<SocketAddr>();
                 tokio::select! {
                     result = axum::serve(listener, service) => result.expect("serve"),

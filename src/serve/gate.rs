@@ -18,8 +18,9 @@ use std::task::{Context, Poll, Wake, Waker};
 
 /// See the [module docs](self).
 pub(crate) struct Gate {
+    /// Its waker is made when the inner future is polled (only after a wake-up of its own), not
+    /// kept: a gate is in every connection's task.
     flag: Arc<Flag>,
-    waker: Waker,
 }
 
 struct Flag {
@@ -49,8 +50,7 @@ impl Gate {
             woken: AtomicBool::new(true),
             task: OnceLock::new(),
         });
-        let waker = Waker::from(flag.clone());
-        Self { flag, waker }
+        Self { flag }
     }
 
     /// Polls `fut` if one of its wake-ups fired since its last poll (or it was never polled
@@ -69,7 +69,8 @@ impl Gate {
         if !self.flag.woken.swap(false, Ordering::Acquire) {
             return Poll::Pending;
         }
-        fut.poll(&mut Context::from_waker(&self.waker))
+        let waker = Waker::from(self.flag.clone());
+        fut.poll(&mut Context::from_waker(&waker))
     }
 
     /// Opens the gate: the next poll polls the inner future (a new one, say).

@@ -23,7 +23,7 @@ use crate::serve::transport::Transport;
 
 use super::cut::cut_connection;
 use super::slow::{rearm, slow_due};
-use super::{BoxError, Settings, Stage, after};
+use super::{BoxError, LoopSettings, Stage, after};
 
 pub(super) type Connection<I, S> =
     auto::UpgradeableConnection<'static, TokioIo<I>, ConnService<S>, TokioExecutor>;
@@ -35,7 +35,8 @@ pub(super) async fn drive<I, S, B, T>(
     watch: &ConnWatch,
     socket: &std::sync::Weak<T>,
     stage: &mut watch::Receiver<Stage>,
-    settings: Settings,
+    // By reference: the task's future holds the settings once, not once more for the loop.
+    settings: &LoopSettings,
     timers: &SlowTimers,
 ) -> bool
 where

@@ -60,6 +60,27 @@ pub(super) struct Settings {
     pub(super) tls_handshake_timeout: Duration,
 }
 
+/// What a connection's drive loop reads of the server's [`Settings`]: every connection's task
+/// keeps these, not the whole of them.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct LoopSettings {
+    pub(super) idle_grace: Duration,
+    pub(super) header_read_timeout: Duration,
+    pub(super) max_connection_age: Option<Duration>,
+    pub(super) goaway_on_announce: bool,
+}
+
+impl From<Settings> for LoopSettings {
+    fn from(settings: Settings) -> Self {
+        Self {
+            idle_grace: settings.idle_grace,
+            header_read_timeout: settings.header_read_timeout,
+            max_connection_age: settings.max_connection_age,
+            goaway_on_announce: settings.goaway_on_announce,
+        }
+    }
+}
+
 /// Where the server is, as every connection task sees it: one `watch` channel for all of them
 /// (a receiver per connection, no per-connection channel or map entry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,6 +195,7 @@ where
     T: Transport,
 {
     let watch = service.conn.clone();
+    let settings = LoopSettings::from(settings);
     // Boxed: one allocation the size of hyper's connection, and the task's future holds the
     // drive loop's state only.
     let conn = Box::pin(Some(
@@ -188,7 +210,7 @@ where
             &watch,
             &socket,
             &mut stage,
-            settings,
+            &settings,
             &timers,
         )
         .await;

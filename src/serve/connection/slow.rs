@@ -9,12 +9,12 @@ use tokio::time::Instant;
 
 use crate::serve::tower::ConnWatch;
 
-use super::Settings;
+use super::LoopSettings;
 
 /// When the slow-client timer of a connection is next due, or `None` if the connection is
 /// slow: not known to be HTTP/2, no request in flight, and no request's headers within the
 /// header-read timeout after it last did something.
-pub(super) fn slow_due(watch: &ConnWatch, settings: Settings) -> Option<Instant> {
+pub(super) fn slow_due(watch: &ConnWatch, settings: &LoopSettings) -> Option<Instant> {
     let now = Instant::now();
     if watch.active.load(Ordering::Relaxed) > 0
         || watch.h2_preface.load(Ordering::Relaxed)
@@ -38,7 +38,7 @@ pub(super) fn slow_due(watch: &ConnWatch, settings: Settings) -> Option<Instant>
 /// started, a `due` the real clock has passed would make the timer fire again at once, for
 /// ever; it then looks again a quarter of the timeout later, on the real clock. On one clock
 /// `due` is always ahead (a connection found past it is closed), and is kept.
-pub(super) fn rearm(due: Instant, settings: Settings) -> Instant {
+pub(super) fn rearm(due: Instant, settings: &LoopSettings) -> Instant {
     let real_now = Instant::from_std(std::time::Instant::now());
     if due > real_now {
         due
