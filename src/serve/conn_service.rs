@@ -6,7 +6,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -129,10 +129,11 @@ where
 }
 
 pin_project! {
-    /// The response future of a connection's request: the user's service called at once if it
-    /// was ready, or its readiness awaited; finale's own answer otherwise. Its response goes
-    /// out tracked ([`Admitted::finish`]). A service whose readiness failed is not asked again
-    /// (tower's contract: it may panic if it is); its error is the answer.
+    /// The response future of a connection's request: the user's service asked for its
+    /// readiness and called when the future is first polled (hyper polls it at once), all of it
+    /// and the service's own future inside one panic isolation; or finale's own answer. Its
+    /// response goes out tracked ([`Admitted::finish`]). A service whose readiness failed is
+    /// not asked again (tower's contract: it may panic if it is); its error is the answer.
     pub(super) struct ConnFuture<S, Req, B>
     where
         S: tower::Service<Req>,
@@ -161,9 +162,8 @@ pin_project! {
     where
         S: tower::Service<Req>,
     {
-        Called { #[pin] fut: S::Future },
         Waiting { pending: Option<(S, Req)> },
-        Failed { error: Option<BoxError> },
+        Called { #[pin] fut: S::Future },
         Answered { response: Option<Response<DrainBody<B>>> },
     }
 }
@@ -171,35 +171,15 @@ pin_project! {
 impl<S, Req, B> ConnFuture<S, Req, B>
 where
     S: tower::Service<Req>,
-    S::Error: Into<BoxError>,
 {
-    /// `service` called with `req` now if it is ready, otherwise when polled.
+    /// `service` called with `req` when polled.
     #[inline]
-    fn call(mut service: S, req: Req, admitted: Admitted) -> Self {
-        let step = std::panic::catch_unwind(AssertUnwindSafe(move || {
-            match service.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
-                Poll::Ready(Ok(())) => Step::Called {
-                    fut: service.call(req),
-                },
-                Poll::Ready(Err(error)) => Step::Failed {
-                    error: Some(error.into()),
-                },
-                Poll::Pending => Step::Waiting {
-                    pending: Some((service, req)),
-                },
-            }
-        }));
-        match step {
-            Ok(step) => Self {
-                step,
-                admitted: Some(admitted),
+    fn call(service: S, req: Req, admitted: Admitted) -> Self {
+        Self {
+            step: Step::Waiting {
+                pending: Some((service, req)),
             },
-            Err(payload) => Self {
-                step: Step::Answered {
-                    response: Some(admitted.panicked(&*payload)),
-                },
-                admitted: None,
-            },
+            admitted: Some(admitted),
         }
     }
 
@@ -227,58 +207,51 @@ where
         let this = self.project();
         let mut step = this.step;
         let admitted = this.admitted;
-        loop {
-            // A panic in the service's `poll_ready`, `call` or future is the handler's: the
-            // request is answered `500` and never polled again (no broken invariant can be
-            // observed).
-            let caught = match step.as_mut().project() {
-                StepProj::Called { fut } => {
-                    match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
-                        Ok(Poll::Pending) => return Poll::Pending,
-                        Ok(Poll::Ready(result)) => {
-                            let admitted = admitted.take().expect("polled after completion");
-                            return Poll::Ready(match result {
-                                Ok(response) => Ok(admitted.finish(response)),
-                                Err(error) => Err(error.into()),
-                            });
-                        }
-                        Err(payload) => payload,
-                    }
+        if let StepProj::Answered { response } = step.as_mut().project() {
+            return Poll::Ready(Ok(response.take().expect("polled after completion")));
+        }
+        // A panic in the service's `poll_ready`, `call` or future is the handler's: the request
+        // is answered `500` and never polled again (no broken invariant can be observed).
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| poll_service(step.as_mut(), cx)));
+        match polled {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(result)) => {
+                let admitted = admitted.take().expect("polled after completion");
+                Poll::Ready(result.map(|response| admitted.finish(response)))
+            }
+            Err(payload) => {
+                step.set(Step::Answered { response: None });
+                let admitted = admitted.take().expect("polled after completion");
+                Poll::Ready(Ok(admitted.panicked(&*payload)))
+            }
+        }
+    }
+}
+
+/// Asks the service for its readiness and calls it (once), then polls its future.
+fn poll_service<S, Req, B>(
+    mut step: Pin<&mut Step<S, Req, B>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<S::Response, BoxError>>
+where
+    S: tower::Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    loop {
+        match step.as_mut().project() {
+            StepProj::Called { fut } => return fut.poll(cx).map_err(Into::into),
+            StepProj::Waiting { pending } => {
+                let (service, _) = pending.as_mut().expect("polled after completion");
+                if let Err(error) = ready!(service.poll_ready(cx)) {
+                    // Not asked again: the request's answer is this error.
+                    step.set(Step::Answered { response: None });
+                    return Poll::Ready(Err(error.into()));
                 }
-                StepProj::Answered { response } => {
-                    return Poll::Ready(Ok(response.take().expect("polled after completion")));
-                }
-                StepProj::Failed { error } => {
-                    admitted.take();
-                    return Poll::Ready(Err(error.take().expect("polled after completion")));
-                }
-                StepProj::Waiting { pending } => {
-                    let (service, _) = pending.as_mut().expect("polled after completion");
-                    match std::panic::catch_unwind(AssertUnwindSafe(|| service.poll_ready(cx))) {
-                        Ok(Poll::Pending) => return Poll::Pending,
-                        Ok(Poll::Ready(Err(error))) => {
-                            step.set(Step::Failed {
-                                error: Some(error.into()),
-                            });
-                            continue;
-                        }
-                        Ok(Poll::Ready(Ok(()))) => {
-                            let (mut service, req) = pending.take().expect("checked above");
-                            match std::panic::catch_unwind(AssertUnwindSafe(|| service.call(req))) {
-                                Ok(fut) => {
-                                    step.set(Step::Called { fut });
-                                    continue;
-                                }
-                                Err(payload) => payload,
-                            }
-                        }
-                        Err(payload) => payload,
-                    }
-                }
-            };
-            step.set(Step::Answered { response: None });
-            let admitted = admitted.take().expect("polled after completion");
-            return Poll::Ready(Ok(admitted.panicked(&*caught)));
+                let (mut service, req) = pending.take().expect("checked above");
+                let fut = service.call(req);
+                step.set(Step::Called { fut });
+            }
+            StepProj::Answered { .. } => unreachable!("answered before the service is polled"),
         }
     }
 }
