@@ -288,6 +288,66 @@ async fn a_panic_answered_during_the_drain_closes_and_stays_in_flight_until_its_
     assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
 
+/// The layer alone, under a server that is not finale's: a request admitted before the
+/// Announce phase and answered during the drain delay carries `Connection: close` (a panic's
+/// `500` too), so that a persistent client moves while the service still serves.
+#[tokio::test]
+async fn the_layer_alone_closes_answers_made_during_the_drain_delay() {
+    use tower::{Layer, Service, ServiceExt};
+    let finale = Finale::builder()
+        .read_env(false)
+        .no_signals()
+        .environment(finale::Environment::Local)
+        .drain_delay(finale::DrainDelay::Fixed(Duration::from_secs(30)))
+        .build()
+        .unwrap();
+    let handle = finale.handle();
+    // The handlers answer once the test lets them (no permit until the drain delay).
+    let answer = Arc::new(tokio::sync::Semaphore::new(0));
+    let inner = tower::service_fn({
+        let answer = answer.clone();
+        move |req: http::Request<Empty<Bytes>>| {
+            let answer = answer.clone();
+            async move {
+                answer.acquire().await.unwrap().forget();
+                assert!(req.uri().path() != "/panic", "handler bug");
+                Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<Bytes>::new()))
+            }
+        }
+    });
+    let mut service = finale::tower::DrainLayer::new(&handle).layer(inner);
+    let run = tokio::spawn(finale.run());
+    handle.health().started().await;
+    // Admitted (by `call`) before the shutdown.
+    let mut answers = Vec::new();
+    for path in ["/ok", "/panic"] {
+        let request = http::Request::get(path).body(Empty::new()).unwrap();
+        answers.push(tokio::spawn(service.ready().await.unwrap().call(request)));
+    }
+    handle.trigger("test");
+    handle.phase_started(finale::Phase::Announce).await;
+    answer.add_permits(2);
+    let mut seen = Vec::new();
+    for answered in answers {
+        let response = answered.await.unwrap().unwrap();
+        seen.push((
+            response.status().as_u16(),
+            response.headers().get("connection").cloned(),
+        ));
+        response.into_body().collect().await.unwrap();
+    }
+    assert_eq!(
+        seen,
+        [
+            (200, Some(http::HeaderValue::from_static("close"))),
+            (500, Some(http::HeaderValue::from_static("close")))
+        ]
+    );
+    handle.escalate();
+    let report = run.await.unwrap();
+    assert_eq!(report.requests_panicked, 1, "{report}");
+}
+
 /// The drain delay that knows when the load balancer has let go: it ends once no request has
 /// arrived for the quiet time after readiness turned off (health probes aside), after the probe
 /// count if one is set; a client that ignores the health checks keeps it going to its max.

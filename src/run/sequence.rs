@@ -224,6 +224,7 @@ fn enter(shared: &Shared, phase: Phase) {
     match phase {
         Phase::Announce => {
             shared.health.announce();
+            shared.in_flight.announce();
         }
         Phase::Drain => shared.in_flight.begin_drain(),
         Phase::Workers | Phase::Telemetry => {}

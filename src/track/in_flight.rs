@@ -182,6 +182,10 @@ struct TrackerShared {
     orphans_released: AtomicU64,
     /// Requests whose handler panicked (counted by the server integrations).
     panicked: AtomicU64,
+    /// `generation + 1` once the owner's shutdown is announced (0: never): a response answered
+    /// from then on closes its HTTP/1 connection, whoever admitted it. A reused tracker's new
+    /// generation does not match an old mark.
+    announced: AtomicU64,
     /// The drain waiter is parked and wants one wake-up; the first release that sees it takes it.
     waiting: AtomicBool,
     zero: tokio::sync::Notify,
@@ -201,6 +205,7 @@ impl TrackerShared {
             orphans_acquired: AtomicU64::new(0),
             orphans_released: AtomicU64::new(0),
             panicked: AtomicU64::new(0),
+            announced: AtomicU64::new(0),
             waiting: AtomicBool::new(false),
             zero: tokio::sync::Notify::const_new(),
         }
@@ -491,6 +496,21 @@ impl InFlight {
             return 0;
         }
         self.shared.panicked.load(Ordering::Relaxed)
+    }
+
+    /// Marks the owner's shutdown announced (the Announce phase started). One way: nothing
+    /// unmarks it.
+    pub(crate) fn announce(&self) {
+        self.shared
+            .announced
+            .store(self.generation.wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// Whether the owner's shutdown is announced (or its drain started). One atomic load.
+    #[inline]
+    #[cfg_attr(not(feature = "tower"), allow(dead_code))]
+    pub(crate) fn is_announced(&self) -> bool {
+        self.shared.announced.load(Ordering::Relaxed) == self.generation.wrapping_add(1)
     }
 
     /// Starts draining: from now on releases wake [`wait_idle`](InFlight::wait_idle). Does

@@ -112,13 +112,10 @@ impl Admitted {
         if self.close_http1
             && !upgrade
             && (self.announced
-                || self.in_flight.is_draining()
-                // finale's own connections know their handle: a request admitted before the
-                // Announce phase and answered during it closes too.
-                || self
-                    .cut
-                    .as_ref()
-                    .is_some_and(|c| c.conn.handle.shared.health.is_announced()))
+                // A request admitted before the Announce phase and answered during it (or
+                // during the drain) closes too.
+                || self.in_flight.is_announced()
+                || self.in_flight.is_draining())
         {
             // Answered once the shutdown is announced: this connection's last, so that a
             // persistent client reconnects (through the load balancer, to an instance that
