@@ -192,3 +192,31 @@ async fn a_websocket_that_ignores_the_drain_is_cut_at_the_deadline_and_named() {
     assert!(elapsed >= Duration::from_millis(800), "took {elapsed:?}");
     assert_eq!(served.handle.in_flight().count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_names_an_open_websocket_and_closes_it() {
+    if !websockets_installed() {
+        return;
+    }
+    let served = serve(false).await;
+    let mut client = connect(served.addr);
+    assert_eq!(wait_in_flight(&served.handle, 1).await, 1);
+
+    served.handle.trigger("test");
+    served.handle.phase_started(Phase::Drain).await;
+    // The drain is abandoned: the server's task and its connections are aborted. The
+    // WebSocket's handler still holds its socket; the connection names it and shuts it down.
+    assert!(served.handle.escalate());
+    let report = finish(served.run).await;
+    let closed = tokio::task::block_in_place(|| client.wait_for("closed", BOUND));
+    assert_eq!(closed, "closed 1006 -");
+    assert_eq!(report.cut.len(), 1, "{report}");
+    let cut = &report.cut[0];
+    assert!(
+        cut.starts_with("GET /ws from 127.0.0.1:")
+            && cut.ends_with("(upgraded connection open when a second signal abandoned the drain)"),
+        "{report}"
+    );
+    assert!(!report.to_string().contains("s3cret"), "{report}");
+    assert_eq!(served.handle.in_flight().count(), 0);
+}

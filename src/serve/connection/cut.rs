@@ -32,23 +32,55 @@ pub(super) async fn hold_upgraded<T: Transport>(
                 // Both directions: the handler's next read ends, the peer sees the close now.
                 let _ = stream.sock_ref().shutdown(std::net::Shutdown::Both);
             }
-            name_upgrades(watch, "upgraded connection open");
+            name_upgrades(watch, "upgraded connection open", "at the drain deadline");
         }
     }
     // Drops the in-flight guards.
     crate::state::lock(&watch.upgrades).clear();
 }
 
-/// Names every upgraded request of a connection cut at the deadline; how many were named.
-fn name_upgrades(watch: &ConnWatch, what: &str) -> usize {
+/// Names every upgraded request of a connection cut (`when`: at the drain deadline, or when a
+/// second signal abandoned the drain) and lets their in-flight guards go; how many were named.
+fn name_upgrades(watch: &ConnWatch, what: &str, when: &str) -> usize {
     let upgrades = std::mem::take(&mut *crate::state::lock(&watch.upgrades));
     for upgrade in &upgrades {
         watch
             .handle
             .shared
-            .record_cut(format!("{} ({what} at the drain deadline)", upgrade.name));
+            .record_cut(format!("{} ({what} {when})", upgrade.name));
     }
     upgrades.len()
+}
+
+/// Held by a connection's task: if the task is dropped before it ends (a second signal
+/// abandoned the drain and the server's task, with its connections, was aborted), the upgraded
+/// requests the connection still holds (a WebSocket whose handler owns the socket) are named
+/// and let go, and the socket is shut down. Nothing else would: their responses have ended,
+/// and their handlers may hold them for as long as the peer stays.
+pub(super) struct Abandoned<'a, T: Transport> {
+    pub(super) watch: &'a ConnWatch,
+    pub(super) socket: &'a std::sync::Weak<T>,
+    /// The task ended on its own: nothing to do.
+    pub(super) ended: bool,
+}
+
+impl<T: Transport> Drop for Abandoned<'_, T> {
+    fn drop(&mut self) {
+        if self.ended
+            || !self.watch.handle.shared.is_escalated()
+            || crate::state::lock(&self.watch.upgrades).is_empty()
+        {
+            return;
+        }
+        if let Some(stream) = self.socket.upgrade() {
+            let _ = stream.sock_ref().shutdown(std::net::Shutdown::Both);
+        }
+        name_upgrades(
+            self.watch,
+            "upgraded connection open",
+            "when a second signal abandoned the drain",
+        );
+    }
 }
 
 pub(super) fn cut_connection<C>(mut conn: Pin<&mut Option<C>>, watch: &ConnWatch) -> bool {
@@ -57,7 +89,7 @@ pub(super) fn cut_connection<C>(mut conn: Pin<&mut Option<C>>, watch: &ConnWatch
     conn.set(None);
     // Upgraded requests (a 101 not yet handed over, HTTP/2 extended CONNECT streams) are
     // named here: their responses have ended, so nothing else names them.
-    let upgrades = name_upgrades(watch, "upgraded stream open");
+    let upgrades = name_upgrades(watch, "upgraded stream open", "at the drain deadline");
     // A connection with requests in flight is named by them (HTTP/2 streams, on tasks of their
     // own, name themselves when they are dropped, a moment later); only one with none is named
     // here, so nothing is reported twice.

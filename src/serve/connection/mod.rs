@@ -40,7 +40,7 @@ mod drive;
 mod handshake;
 mod slow;
 
-use cut::hold_upgraded;
+use cut::{Abandoned, hold_upgraded};
 use drive::drive;
 #[cfg(feature = "tls")]
 use handshake::handshake;
@@ -204,6 +204,13 @@ where
             .into_owned(),
     ));
     async move {
+        // Declared first, dropped last: when the task is aborted, hyper's connection (and the
+        // requests it holds, which name themselves) goes before the upgrades are named.
+        let mut abandoned = Abandoned {
+            watch: &watch,
+            socket: &socket,
+            ended: false,
+        };
         let mut conn = conn;
         let ended = drive(
             conn.as_mut(),
@@ -220,5 +227,6 @@ where
         if ended {
             hold_upgraded(&watch, &socket, &mut stage).await;
         }
+        abandoned.ended = true;
     }
 }
