@@ -597,3 +597,66 @@ async fn a_panic_in_the_services_call_itself_passes_through_the_servers_layers()
     assert_eq!(report.requests_panicked, 1, "{report}");
     assert_eq!(outside.get(), ["200", "500"]);
 }
+
+/// Fails its readiness once, and panics if asked again (tower allows a service whose readiness
+/// failed to).
+#[derive(Clone)]
+struct FailsOnce {
+    failed: bool,
+}
+
+impl Service<Request<hyper::body::Incoming>> for FailsOnce {
+    type Response = Response<Full<Bytes>>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Self::Response, std::io::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        assert!(!self.failed, "poll_ready asked again after it failed");
+        self.failed = true;
+        Poll::Ready(Err(std::io::Error::other("backend gone")))
+    }
+
+    fn call(&mut self, _req: Request<hyper::body::Incoming>) -> Self::Future {
+        unreachable!("never ready")
+    }
+}
+
+/// A service whose readiness failed is not asked again, with or without layers around it: its
+/// error is the answer (hyper closes the connection), not a panic counted as the handler's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_readiness_is_not_asked_again_with_or_without_layers() {
+    for layered in [false, true] {
+        let finale = builder().build().unwrap();
+        let (listener, addr) = listener();
+        let server = finale::axum::HttpServer::new("http");
+        let service = FailsOnce { failed: false };
+        if layered {
+            server
+                .layer(tower::layer::util::Identity::new())
+                .serve(&finale, listener, service)
+                .unwrap();
+        } else {
+            server.serve(&finale, listener, service).unwrap();
+        }
+        let served = start(finale, addr).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(
+                format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(BOUND, stream.read_to_end(&mut answer))
+            .await
+            .expect("the connection ends");
+        served.handle.trigger("test");
+        let report = finish(served).await;
+        assert!(
+            answer.is_empty(),
+            "layered {layered}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        assert_eq!(report.requests_panicked, 0, "layered {layered}: {report}");
+    }
+}

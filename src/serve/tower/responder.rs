@@ -104,9 +104,11 @@ where
                     },
                 }
             }
-            // Not ready, or failed (asked again in the future, where it says so again: its
-            // error is not kept here, it need not be `Send`).
-            Ok(Poll::Ready(Err(_)) | Poll::Pending) => {
+            // Failed: not asked again (tower's contract: a service may panic if it is); its
+            // error is the answer.
+            Ok(Poll::Ready(Err(error))) => Answer::Failed { error: Some(error) },
+            // Not ready: asked again in the future.
+            Ok(Poll::Pending) => {
                 // The clone that was made for this request goes into the future (tower's usual
                 // clone-and-swap): its readiness and its call both happen there, inside the
                 // panic isolation.
@@ -201,6 +203,7 @@ pin_project! {
         Waiting { call: Option<(S, Req)>, grpc: Option<Grpc>, in_flight: InFlight },
         Called { #[pin] fut: S::Future, grpc: Option<Grpc>, in_flight: InFlight },
         Ready { response: Option<Response<DrainBody<B>>> },
+        Failed { error: Option<S::Error> },
     }
 }
 
@@ -225,6 +228,9 @@ where
             let caught = match state.as_mut().project() {
                 AnswerProj::Ready { response } => {
                     return Poll::Ready(Ok(response.take().expect("polled after completion")));
+                }
+                AnswerProj::Failed { error } => {
+                    return Poll::Ready(Err(error.take().expect("polled after completion")));
                 }
                 AnswerProj::Waiting {
                     call,
