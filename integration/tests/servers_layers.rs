@@ -189,6 +189,9 @@ async fn a_request_too_late_in_the_drain_is_rejected_through_the_servers_layers(
     let (listener, addr) = listener();
     // A late margin longer than the drain: every HTTP/1 request during it is too late.
     finale::axum::HttpServer::new("http")
+        // The kept connection waits out the drain's start (a loaded machine may take longer
+        // than the default idle grace).
+        .idle_grace(Duration::from_secs(5))
         .rejection(finale::tower::Rejection::default().late_margin(Duration::from_secs(60)))
         .layer(outside.layer())
         .serve(&finale, listener, app())
@@ -215,6 +218,9 @@ async fn a_grpc_web_request_too_late_in_the_drain_is_rejected_in_grpc_form() {
     let finale = builder().build().unwrap();
     let (listener, addr) = listener();
     finale::axum::HttpServer::new("http")
+        // The kept connection waits out the drain's start (a loaded machine may take longer
+        // than the default idle grace).
+        .idle_grace(Duration::from_secs(5))
         .rejection(finale::tower::Rejection::default().late_margin(Duration::from_secs(60)))
         .layer(outside.layer())
         .serve(&finale, listener, app())
@@ -402,6 +408,9 @@ async fn a_request_too_late_is_answered_at_once_even_when_the_service_is_not_rea
         .unwrap();
     let (listener, addr) = listener();
     finale::axum::HttpServer::new("http")
+        // The kept connection waits out the drain's start (a loaded machine may take longer
+        // than the default idle grace).
+        .idle_grace(Duration::from_secs(5))
         .rejection(finale::tower::Rejection::default().late_margin(Duration::from_secs(60)))
         .serve(
             &finale,
@@ -437,6 +446,9 @@ async fn a_request_held_by_a_servers_limit_at_the_cut_is_named_once_and_not_coun
         .unwrap();
     let (listener, addr) = listener();
     finale::axum::HttpServer::new("http")
+        // The kept connection waits out the drain's start (a loaded machine may take longer
+        // than the default idle grace).
+        .idle_grace(Duration::from_secs(5))
         .rejection(finale::tower::Rejection::default().late_margin(Duration::from_secs(60)))
         .layer(tower::limit::ConcurrencyLimitLayer::new(1))
         .serve(&finale, listener, with_slow(app()))
@@ -486,6 +498,9 @@ async fn a_late_request_a_layer_had_served_is_not_counted_rejected() {
         }),
     );
     finale::axum::HttpServer::new("http")
+        // The kept connection waits out the drain's start (a loaded machine may take longer
+        // than the default idle grace).
+        .idle_grace(Duration::from_secs(5))
         .rejection(finale::tower::Rejection::default().late_margin(Duration::from_secs(60)))
         .layer(tower::util::MapRequestLayer::new(
             |mut req: Request<hyper::body::Incoming>| {
@@ -522,6 +537,9 @@ async fn grpc_web_answers_keep_the_grpc_web_content_type() {
         }),
     );
     finale::axum::HttpServer::new("http")
+        // The kept connection waits out the drain's start (a loaded machine may take longer
+        // than the default idle grace).
+        .idle_grace(Duration::from_secs(5))
         .rejection(finale::tower::Rejection::default().late_margin(Duration::from_secs(60)))
         .serve(&finale, listener, app)
         .unwrap();

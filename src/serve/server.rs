@@ -236,6 +236,13 @@ impl<L> HttpServer<L> {
     /// alone. HTTP/1 connections are left alone: a load balancer balances their requests
     /// already, and closing an idle one would race its client's next request. An age too large
     /// for the clock (`Duration::MAX`) means none.
+    ///
+    /// A call the client was about to send as the connection went away never reaches the
+    /// server, and tonic's channel does not retry it: it fails with `Cancelled` ("operation was
+    /// canceled", the connection closed) or `Internal` (an h2 `GoAway` error: the stream came
+    /// after the server's last GOAWAY), in about one run in five of the tests here (a call every
+    /// 20 ms, an age of 300 ms). It is safe to retry; gRPC clients with transparent retries
+    /// (grpc-go, grpc-java) do so themselves.
     pub fn max_connection_age(mut self, age: Duration) -> Self {
         self.settings.max_connection_age = Some(age);
         self
