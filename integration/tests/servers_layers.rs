@@ -643,38 +643,45 @@ impl Service<Request<hyper::body::Incoming>> for FailsOnce {
 /// error is the answer (hyper closes the connection), not a panic counted as the handler's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_readiness_is_not_asked_again_with_or_without_layers() {
-    for layered in [false, true] {
+    for layers in ["none", "identity", "buffer"] {
         let finale = builder().build().unwrap();
         let (listener, addr) = listener();
         let server = finale::axum::HttpServer::new("http");
         let service = FailsOnce { failed: false };
-        if layered {
-            server
+        match layers {
+            "identity" => server
                 .layer(tower::layer::util::Identity::new())
-                .serve(&finale, listener, service)
-                .unwrap();
-        } else {
-            server.serve(&finale, listener, service).unwrap();
+                .serve(&finale, listener, service),
+            // One `Responder` for every request: the buffer's worker keeps it.
+            "buffer" => server
+                .layer(tower::buffer::BufferLayer::new(8))
+                .serve(&finale, listener, service),
+            _ => server.serve(&finale, listener, service),
         }
+        .unwrap();
         let served = start(finale, addr).await;
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(
-                format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-            )
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        let _ = tokio::time::timeout(BOUND, stream.read_to_end(&mut answer))
-            .await
-            .expect("the connection ends");
+        // Two requests, one after the other: the second must not find the failed service.
+        for _ in 0..2 {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(
+                    format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(BOUND, stream.read_to_end(&mut answer))
+                .await
+                .expect("the connection ends");
+            assert!(
+                answer.is_empty(),
+                "layers {layers}: {}",
+                String::from_utf8_lossy(&answer)
+            );
+        }
         served.handle.trigger("test");
         let report = finish(served).await;
-        assert!(
-            answer.is_empty(),
-            "layered {layered}: {}",
-            String::from_utf8_lossy(&answer)
-        );
-        assert_eq!(report.requests_panicked, 0, "layered {layered}: {report}");
+        assert_eq!(report.requests_panicked, 0, "layers {layers}: {report}");
     }
 }

@@ -84,16 +84,21 @@ where
                 },
             };
         }
+        // tower's clone-and-swap: this request's service is the one this `Responder` held, and
+        // a clone made before it is asked for readiness stays for the next request. A layer
+        // that keeps one `Responder` for every request (a `Buffer`) never asks a service whose
+        // readiness failed again.
+        let clone = self.inner.clone();
+        let mut service = std::mem::replace(&mut self.inner, clone);
         // Ready at once (the usual case): called now, inside the panic isolation, and the
         // request is handed over once. (A waker that does nothing: a service not ready now is
         // polled again, with the task's waker, in the future.)
         let ready = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            self.inner
-                .poll_ready(&mut Context::from_waker(std::task::Waker::noop()))
+            service.poll_ready(&mut Context::from_waker(std::task::Waker::noop()))
         }));
         let state = match ready {
             Ok(Poll::Ready(Ok(()))) => {
-                match std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
+                match std::panic::catch_unwind(AssertUnwindSafe(|| service.call(req))) {
                     Ok(fut) => Answer::Called {
                         fut,
                         grpc,
@@ -109,11 +114,8 @@ where
             Ok(Poll::Ready(Err(error))) => Answer::Failed { error: Some(error) },
             // Not ready: asked again in the future.
             Ok(Poll::Pending) => {
-                // The clone that was made for this request goes into the future (tower's usual
-                // clone-and-swap): its readiness and its call both happen there, inside the
-                // panic isolation.
-                let clone = self.inner.clone();
-                let service = std::mem::replace(&mut self.inner, clone);
+                // Its readiness and its call both happen in the future, inside the panic
+                // isolation.
                 Answer::Waiting {
                     call: Some((service, req)),
                     grpc,
