@@ -271,7 +271,12 @@ impl<L> HttpServer<L> {
         self
     }
 
-    /// How long before the Drain phase's deadline the remaining connections are cut.
+    /// How long before the Drain phase's deadline the remaining connections are cut. Keep it
+    /// above zero: the cut is what names, in the report, the requests it ends. With no margin
+    /// (or a runtime too busy to run a connection's task between the cut and the deadline) the
+    /// server's task can be aborted at the deadline before its connections saw the cut: what
+    /// they held is let go (an upgraded connection's socket shut down), but may be missing from
+    /// the report.
     pub fn cut_margin(mut self, margin: Duration) -> Self {
         self.settings.cut_margin = margin;
         self

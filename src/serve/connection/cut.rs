@@ -52,11 +52,12 @@ fn name_upgrades(watch: &ConnWatch, what: &str, when: &str) -> usize {
     upgrades.len()
 }
 
-/// Held by a connection's task: if the task is dropped before it ends (a second signal
-/// abandoned the drain and the server's task, with its connections, was aborted), the upgraded
-/// requests the connection still holds (a WebSocket whose handler owns the socket) are named
-/// and let go, and the socket is shut down. Nothing else would: their responses have ended,
-/// and their handlers may hold them for as long as the peer stays.
+/// Held by a connection's task: if the task is dropped before it ends (its server's task, with
+/// its connections, was aborted: a second signal abandoned the drain, or the Drain deadline
+/// came before the connection had seen the cut), the upgraded requests the connection still
+/// holds (a WebSocket whose handler owns the socket) are named and let go, and the socket is
+/// shut down. Nothing else would: their responses have ended, and their handlers may hold them
+/// for as long as the peer stays.
 pub(super) struct Abandoned<'a, T: Transport> {
     pub(super) watch: &'a ConnWatch,
     pub(super) socket: &'a std::sync::Weak<T>,
@@ -66,20 +67,18 @@ pub(super) struct Abandoned<'a, T: Transport> {
 
 impl<T: Transport> Drop for Abandoned<'_, T> {
     fn drop(&mut self) {
-        if self.ended
-            || !self.watch.handle.shared.is_escalated()
-            || crate::state::lock(&self.watch.upgrades).is_empty()
-        {
+        if self.ended || crate::state::lock(&self.watch.upgrades).is_empty() {
             return;
         }
         if let Some(stream) = self.socket.upgrade() {
             let _ = stream.sock_ref().shutdown(std::net::Shutdown::Both);
         }
-        name_upgrades(
-            self.watch,
-            "upgraded connection open",
-            "when a second signal abandoned the drain",
-        );
+        let when = if self.watch.handle.shared.is_escalated() {
+            "when a second signal abandoned the drain"
+        } else {
+            "at the drain deadline"
+        };
+        name_upgrades(self.watch, "upgraded connection open", when);
     }
 }
 
