@@ -28,13 +28,16 @@ struct Served {
     run: JoinHandle<ShutdownReport>,
 }
 
-async fn serve(builder: finale::Builder) -> Served {
-    let finale = builder
+/// A builder that reads no environment, installs no signal handler, and runs as on a laptop.
+fn local() -> finale::Builder {
+    Finale::builder()
         .read_env(false)
         .no_signals()
         .environment(finale::Environment::Local)
-        .build()
-        .unwrap();
+}
+
+async fn serve(builder: finale::Builder) -> Served {
+    let finale = builder.build().unwrap();
     let handle = finale.handle();
     let counted = Arc::new(AtomicU64::new(0));
     let c = counted.clone();
@@ -106,7 +109,7 @@ async fn request(client: &Client<HttpConnector, Empty<Bytes>>, url: &str) -> See
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_isolated_and_counted() {
-    let served = serve(Finale::builder()).await;
+    let served = serve(local()).await;
     let client = client();
     let response = client
         .get(format!("{}/panic", served.base).parse().unwrap())
@@ -137,7 +140,7 @@ async fn a_panicking_handler_is_isolated_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_at_the_shutdown_gets_full_responses_or_503_never_a_reset() {
     // Behind a load balancer: a drain delay, so idle keep-alive connections get their grace.
-    let served = serve(Finale::builder().drain_delay(Duration::from_millis(100))).await;
+    let served = serve(local().drain_delay(Duration::from_millis(100))).await;
     let client = client();
     let url = format!("{}/count", served.base);
     // Warm the client's pool: many open keep-alive connections.
@@ -198,10 +201,7 @@ async fn a_burst_at_the_shutdown_gets_full_responses_or_503_never_a_reset() {
 #[tokio::test]
 async fn while_draining_the_layer_serves_http1_with_close_and_grpc_as_is_and_rejects_only_late() {
     use tower::{Layer, Service, ServiceExt};
-    let finale = Finale::builder()
-        .read_env(false)
-        .no_signals()
-        .environment(finale::Environment::Local)
+    let finale = local()
         .drain_timeout(Duration::from_secs(30))
         .build()
         .unwrap();
@@ -253,10 +253,7 @@ async fn while_draining_the_layer_serves_http1_with_close_and_grpc_as_is_and_rej
 #[tokio::test]
 async fn a_panic_answered_during_the_drain_closes_and_stays_in_flight_until_its_body_ends() {
     use tower::{Layer, Service, ServiceExt};
-    let finale = Finale::builder()
-        .read_env(false)
-        .no_signals()
-        .environment(finale::Environment::Local)
+    let finale = local()
         .drain_timeout(Duration::from_secs(30))
         .build()
         .unwrap();
@@ -294,10 +291,7 @@ async fn a_panic_answered_during_the_drain_closes_and_stays_in_flight_until_its_
 #[tokio::test]
 async fn the_layer_alone_closes_answers_made_during_the_drain_delay() {
     use tower::{Layer, Service, ServiceExt};
-    let finale = Finale::builder()
-        .read_env(false)
-        .no_signals()
-        .environment(finale::Environment::Local)
+    let finale = local()
         .drain_delay(finale::DrainDelay::Fixed(Duration::from_secs(30)))
         .build()
         .unwrap();
@@ -360,10 +354,7 @@ async fn a_quiet_drain_delay_ends_when_the_traffic_stops_and_not_before() {
         max: Duration::from_secs(10),
     };
     for client_ignores_health_checks in [false, true] {
-        let finale = Finale::builder()
-            .read_env(false)
-            .no_signals()
-            .environment(finale::Environment::Local)
+        let finale = local()
             .drain_delay(quiet)
             .announce_timeout(Duration::from_secs(1))
             .build()
