@@ -119,11 +119,9 @@ where
             // Answered by the `Responder`, inside the user's layers.
             req.extensions_mut().insert(TooLate);
         }
-        // Called now if the service is ready (the usual case: the request is handed over once,
-        // no future waits for readiness), otherwise when polled. A panic in the service's (or
-        // the user's layers') `poll_ready` or `call` is isolated as in their futures: a `500`,
-        // counted. (A waker that does nothing: a service not ready now is polled again, with
-        // the task's waker, when the future is.)
+        // Asked for its readiness and called when the future is first polled (hyper polls it at
+        // once): a panic in the service's (or the user's layers') `poll_ready`, `call` or
+        // future is isolated there, a `500`, counted.
         ConnFuture::call(self.inner.clone(), req, admitted)
     }
 }
