@@ -616,6 +616,34 @@ async fn a_panic_in_the_services_call_itself_passes_through_the_servers_layers()
     assert_eq!(outside.get(), ["200", "500"]);
 }
 
+/// With no layer added the server calls the service itself: a panic in its `call` (before its
+/// future exists) is still the handler's, answered `500` and counted once, and the server goes
+/// on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_services_call_on_a_server_with_no_layer_is_answered_500() {
+    let finale = builder().build().unwrap();
+    let (listener, addr) = listener();
+    let service = tower::service_fn(|req: Request<hyper::body::Incoming>| {
+        assert!(
+            req.uri().path() != "/sync-panic",
+            "a bug before the async block"
+        );
+        async {
+            Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }
+    });
+    finale::axum::HttpServer::new("http")
+        .serve(&finale, listener, service)
+        .unwrap();
+    let served = start(finale, addr).await;
+    assert_eq!(get_status(addr, "/sync-panic").await, 500);
+    assert_eq!(get_status(addr, "/").await, 200);
+    served.handle.trigger("test");
+    let report = finish(served).await;
+    assert_eq!(report.requests_panicked, 1, "{report}");
+    assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
+}
+
 /// Fails its readiness once, and panics if asked again (tower allows a service whose readiness
 /// failed to).
 #[derive(Clone)]
