@@ -59,6 +59,12 @@ impl<T: Transport> tokio::io::AsyncRead for ConnIo<T> {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.sniffed == 0 && buf.remaining() == H2_PREFACE.len() {
+            // Nothing read yet, and a reader the preface's size: hyper-util's.
+            if ready!(self.as_mut().poll_first_bytes(cx))? {
+                return Poll::Ready(Ok(()));
+            }
+        }
         let before = buf.filled().len();
         let polled = self.as_mut().poll_read_inner(cx, buf);
         if self.sniffed != SNIFFED && buf.filled().len() > before {
@@ -70,6 +76,28 @@ impl<T: Transport> tokio::io::AsyncRead for ConnIo<T> {
 }
 
 impl<T: Transport> ConnIo<T> {
+    /// The connection's first read is hyper-util's, which looks for the HTTP/2 preface (into a
+    /// buffer the preface's size): on TCP the first bytes are peeked at, not read. If they are
+    /// not the preface, the read ends with nothing read, which hyper-util takes for HTTP/1 with
+    /// no bytes to hand over, and hyper reads the request itself, from its first byte, into its
+    /// own read buffer. (Handed bytes read apart, hyper would grow that buffer from 8 KiB to
+    /// 16 KiB to read the rest of the request, for every connection.) The preface, a part of it,
+    /// or the end of the stream is read as usual. `Ready(true)`: HTTP/1, nothing read.
+    fn poll_first_bytes(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let mut first = [0; H2_PREFACE.len()];
+        let mut peeked = tokio::io::ReadBuf::new(&mut first);
+        let Some(polled) = self.stream.poll_peek(cx, &mut peeked) else {
+            return Poll::Ready(Ok(false));
+        };
+        ready!(polled)?;
+        let bytes = peeked.filled();
+        if bytes.is_empty() || bytes == &H2_PREFACE[..bytes.len()] {
+            return Poll::Ready(Ok(false));
+        }
+        self.get_mut().sniffed = SNIFFED;
+        Poll::Ready(Ok(true))
+    }
+
     fn poll_read_inner(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -146,5 +174,93 @@ impl<T: Transport> tokio::io::AsyncWrite for ConnIo<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(self.stream.sock_ref().shutdown(std::net::Shutdown::Write))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+    use std::mem::MaybeUninit;
+
+    use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A connected loopback pair: the client's end, and the server's wrapped as hyper sees it.
+    async fn pair() -> (TcpStream, ConnIo<TcpStream>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
+        let finale = crate::Finale::builder().read_env(false).build().unwrap();
+        let peer = crate::serve::tower::Peer::Tcp {
+            peer,
+            local: server.local_addr().unwrap(),
+        };
+        let watch = Arc::new(ConnWatch::new(peer, finale.handle()));
+        let io = ConnIo {
+            stream: Arc::new(server),
+            watch,
+            sniffed: 0,
+        };
+        (client, io)
+    }
+
+    /// One read into a buffer of `size` bytes (hyper-util's first read: the preface's size),
+    /// once the server's end has something to read; what it read.
+    async fn read(io: &mut ConnIo<TcpStream>, size: usize) -> Vec<u8> {
+        io.stream.readable().await.unwrap();
+        let mut storage = vec![MaybeUninit::uninit(); size];
+        let mut buf = ReadBuf::uninit(&mut storage);
+        poll_fn(|cx| Pin::new(&mut *io).poll_read(cx, &mut buf))
+            .await
+            .unwrap();
+        buf.filled().to_vec()
+    }
+
+    #[tokio::test]
+    async fn an_http1_request_is_peeked_at_first_and_then_read_whole() {
+        let (mut client, mut io) = pair().await;
+        let request = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n";
+        client.write_all(request).await.unwrap();
+        assert_eq!(
+            read(&mut io, H2_PREFACE.len()).await,
+            b"",
+            "peeked, not read"
+        );
+        assert_eq!(io.sniffed, SNIFFED);
+        assert_eq!(read(&mut io, 8192).await, request, "the request, whole");
+        assert!(!io.watch.h2_preface.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn what_may_still_be_the_preface_is_read_as_before() {
+        // `P` alone, then the rest of an HTTP/1 request: `P` is read, and tells nothing yet.
+        let (mut client, mut io) = pair().await;
+        client.write_all(b"P").await.unwrap();
+        assert_eq!(read(&mut io, H2_PREFACE.len()).await, b"P");
+        client.write_all(b"OST / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(
+            read(&mut io, H2_PREFACE.len() - 1).await,
+            b"OST / HTTP/1.1\r\n\r\n"
+        );
+        assert_eq!(io.sniffed, SNIFFED);
+        assert!(!io.watch.h2_preface.load(Ordering::Relaxed));
+
+        // The HTTP/2 preface in two parts: read, and the connection known HTTP/2.
+        let (mut client, mut io) = pair().await;
+        client.write_all(&H2_PREFACE[..16]).await.unwrap();
+        assert_eq!(read(&mut io, H2_PREFACE.len()).await, &H2_PREFACE[..16]);
+        client.write_all(&H2_PREFACE[16..]).await.unwrap();
+        assert_eq!(read(&mut io, 8).await, &H2_PREFACE[16..]);
+        assert!(io.watch.h2_preface.load(Ordering::Relaxed));
+
+        // A client gone before sending anything: the end of the stream, as read.
+        let (client, mut io) = pair().await;
+        drop(client);
+        assert_eq!(read(&mut io, H2_PREFACE.len()).await, b"");
+        assert_ne!(io.sniffed, SNIFFED, "nothing told");
     }
 }

@@ -51,6 +51,15 @@ pub(crate) trait Transport: Send + Sync + Sized + 'static {
     fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize>;
     /// The socket itself (to peek at unread bytes, to shut it down at the cut).
     fn sock_ref(&self) -> socket2::SockRef<'_>;
+    /// Copies the socket's unread bytes into `buf` without taking them; `None` where the
+    /// transport cannot (a Unix socket: tokio's has no peek).
+    fn poll_peek(
+        &self,
+        _cx: &mut Context<'_>,
+        _buf: &mut ReadBuf<'_>,
+    ) -> Option<Poll<io::Result<usize>>> {
+        None
+    }
 }
 
 /// The readiness methods both tokio streams have, with the same names and meaning.
@@ -97,6 +106,14 @@ impl Transport for TcpStream {
         if tcp_nodelay {
             let _ = self.set_nodelay(true);
         }
+    }
+
+    fn poll_peek(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Option<Poll<io::Result<usize>>> {
+        Some(Self::poll_peek(self, cx, buf))
     }
 
     delegate_readiness!();
