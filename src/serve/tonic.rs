@@ -49,7 +49,7 @@
 //! | `max_connection_age_grace(d)` | none: an aged connection's calls run to their end, bounded by their deadlines and, at shutdown, by the drain deadline. Bound long streams in the handler |
 //! | `tcp_nodelay(b)` | [`HttpServer::tcp_nodelay`] (on by default, as in tonic) |
 //! | `tcp_keepalive`, `tcp_keepalive_interval`, `tcp_keepalive_retries` | none in finale: set them on a `socket2::Socket` you bind and pass it as a `std::net::TcpListener` ([`Listen`]); on Linux accepted sockets inherit them |
-//! | `accept_http1(false)` (tonic's default) | finale serves HTTP/1 and HTTP/2, auto-detected; for HTTP/2 only, `*b = b.clone().http2_only()` |
+//! | `accept_http1(false)` (tonic's default) | none: finale serves HTTP/1 and HTTP/2, auto-detected, always (hyper-util's `http1_only()` and `http2_only()` do not apply to connections served with upgrades, as finale's are) |
 //! | `layer(l)` | [`HttpServer::layer`]`(l)`: outside finale's own answers (a panicking handler's `grpc-status: 13` passes through it), inside the drain tracking; or `l` around the routes, inside those answers |
 //! | `trace_fn` | a tracing layer around the routes (for example `tower-http`'s `TraceLayer`) |
 //! | `tls_config(..)` | `HttpServer::tls` with a `finale::tls::TlsConfig` (feature `tls`; a rustls `ServerConfig` of your own through `TlsConfig::from_rustls`, client certificates included) |
