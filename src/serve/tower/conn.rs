@@ -74,7 +74,8 @@ pub(crate) struct ConnWatch {
     pub(crate) active: AtomicUsize,
     /// When the connection was accepted.
     accepted: tokio::time::Instant,
-    /// When its last request ended, in nanoseconds after `accepted` (0: none yet).
+    /// When its last request ended, in nanoseconds after `accepted` (0: none yet); not kept
+    /// once the connection is known to be HTTP/2, where nothing reads it.
     last_active: AtomicU64,
     /// Requests answered with an upgrade (`101`, or a `2xx` to an HTTP/2 extended CONNECT):
     /// each counts as in flight, and is named if cut, until the server's connection task lets
@@ -248,11 +249,15 @@ impl CutName {
 
 impl Drop for CutName {
     fn drop(&mut self) {
-        let since = tokio::time::Instant::now().saturating_duration_since(self.conn.accepted);
-        self.conn.last_active.store(
-            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        // The last activity is read only of connections not known to be HTTP/2 (the idle
+        // grace, the slow-client timer): an HTTP/2 stream's end does not read the clock.
+        if !self.conn.http2.load(Ordering::Relaxed) {
+            let since = tokio::time::Instant::now().saturating_duration_since(self.conn.accepted);
+            self.conn.last_active.store(
+                u64::try_from(since.as_nanos()).unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
+        }
         // Release: whoever sees the count drop also sees this request's `named` increment.
         self.conn.active.fetch_sub(1, Ordering::Release);
     }
