@@ -65,9 +65,9 @@ pub(crate) struct Admitted {
         allow(dead_code)
     )]
     pub(crate) too_late: bool,
-    /// Boxed: the name's parts (a method and a URI) are large, and the response and its
-    /// futures are moved several times on their way out; one small allocation is cheaper.
-    cut: Option<Box<CutName>>,
+    /// Small (two words): the response and its futures are moved several times on their way
+    /// out.
+    cut: Option<CutName>,
 }
 
 impl Admitted {
@@ -193,7 +193,7 @@ pub(crate) fn admit<ReqB, B>(
         if !is_http1(version) && !conn.http2.load(Ordering::Relaxed) {
             conn.http2.store(true, Ordering::Relaxed);
         }
-        Box::new(CutName::new(req.method().clone(), req.uri(), conn.clone()))
+        CutName::new(req.method(), req.uri(), conn.clone(), is_http1(version))
     });
     let http1 = is_http1(version);
     Admission::Admitted(Admitted {

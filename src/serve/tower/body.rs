@@ -18,7 +18,7 @@ pin_project! {
         #[pin]
         kind: Kind<B>,
         guard: Option<InFlightGuard>,
-        cut: Option<Box<CutName>>,
+        cut: Option<CutName>,
     }
 
     impl<B> PinnedDrop for DrainBody<B> {
@@ -64,7 +64,7 @@ impl<B> DrainBody<B> {
     /// This body, in flight (with `guard`) until it ends or is dropped; named in the report as
     /// `cut` if it is cut.
     #[inline]
-    pub(super) fn tracked(mut self, guard: InFlightGuard, cut: Option<Box<CutName>>) -> Self {
+    pub(super) fn tracked(mut self, guard: InFlightGuard, cut: Option<CutName>) -> Self {
         self.guard = Some(guard);
         self.cut = cut;
         self

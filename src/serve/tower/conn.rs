@@ -72,6 +72,13 @@ pub(crate) struct ConnWatch {
     /// Requests of this connection admitted and not yet answered to their last byte. A
     /// connection with none holds nothing: the drain may close it after the grace.
     pub(crate) active: AtomicUsize,
+    /// The name of this connection's HTTP/1 request in flight (HTTP/1 has one at a time: hyper
+    /// reads the next request once the last one's response body has ended or been dropped),
+    /// written as it is admitted into a buffer the connection keeps, so that naming a request
+    /// costs no allocation of its own. (A layer of `HttpServer::layer` that kept a response's
+    /// body alive after handing hyper another one would have that body named as the request
+    /// after it, if cut.)
+    current: Mutex<Http1Name>,
     /// When the connection was accepted.
     accepted: tokio::time::Instant,
     /// When its last request ended, in nanoseconds after `accepted` (0: none yet); not kept
@@ -104,6 +111,7 @@ impl ConnWatch {
             cutting: AtomicBool::new(false),
             named: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
+            current: Mutex::new(Http1Name::default()),
             accepted: tokio::time::Instant::now(),
             last_active: AtomicU64::new(0),
             upgrades: Mutex::new(Vec::new()),
@@ -153,29 +161,59 @@ pub(crate) struct Upgrade {
 /// The name is the method and the path only: a query string may carry a token or a signed URL,
 /// and the report goes to logs and telemetry.
 pub(crate) struct CutName {
-    method: Method,
-    target: Target,
     pub(super) conn: Arc<ConnWatch>,
+    /// An HTTP/2 stream's own name (streams run side by side). `None` on HTTP/1: the name is
+    /// the connection's [`current`](ConnWatch::current).
+    own: Option<Box<(Method, Target)>>,
 }
 
-/// What a request's name keeps of its URI: the path and query of the usual request (one
+/// What an HTTP/2 stream's name keeps of its URI: the path and query of the usual request (one
 /// shared buffer, cheap to keep), the whole URI otherwise (an authority-form CONNECT).
 enum Target {
     Path(PathAndQuery),
     Uri(Box<Uri>),
 }
 
+/// The name of a connection's HTTP/1 request in flight: its method, and its target as the
+/// report shows it ([`uri_target`]), at most a few bytes past [`MAX_NAME_PART`] (enough for
+/// [`bounded`] to see it was longer). The target's buffer is the connection's, reused by each
+/// request.
+#[derive(Debug, Default)]
+struct Http1Name {
+    method: Method,
+    target: String,
+}
+
+impl Http1Name {
+    fn set(&mut self, method: &Method, uri: &Uri) {
+        method.clone_into(&mut self.method);
+        let target = uri_target(uri);
+        // A character is at most 4 bytes: the cut keeps more than `MAX_NAME_PART` bytes of a
+        // longer target.
+        let mut end = target.len().min(MAX_NAME_PART + 4);
+        while !target.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.target.clear();
+        self.target.push_str(&target[..end]);
+    }
+}
+
 impl CutName {
-    pub(super) fn new(method: Method, uri: &Uri, conn: Arc<ConnWatch>) -> Self {
+    #[inline]
+    pub(super) fn new(method: &Method, uri: &Uri, conn: Arc<ConnWatch>, http1: bool) -> Self {
         conn.active.fetch_add(1, Ordering::Relaxed);
+        if http1 {
+            crate::state::lock(&conn.current).set(method, uri);
+            return Self { conn, own: None };
+        }
         let target = match uri.path_and_query() {
             Some(path) if !path.as_str().is_empty() => Target::Path(path.clone()),
             _ => Target::Uri(Box::new(uri.clone())),
         };
         Self {
-            method,
-            target,
             conn,
+            own: Some(Box::new((method.clone(), target))),
         }
     }
 
@@ -216,9 +254,14 @@ impl CutName {
     /// The name of this request in the report: method and path (a tunnel's target for an
     /// HTTP/1 CONNECT), never the query.
     fn name(&self) -> String {
-        match &self.target {
-            Target::Path(path) => request_name(&self.method, path.path(), &self.conn.peer),
-            Target::Uri(uri) => request_name(&self.method, uri_target(uri), &self.conn.peer),
+        let peer = &self.conn.peer;
+        match self.own.as_deref() {
+            Some((method, Target::Path(path))) => request_name(method, path.path(), peer),
+            Some((method, Target::Uri(uri))) => request_name(method, uri_target(uri), peer),
+            None => {
+                let current = crate::state::lock(&self.conn.current);
+                request_name(&current.method, &current.target, peer)
+            }
         }
     }
 
