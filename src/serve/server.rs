@@ -177,14 +177,16 @@ impl<L> HttpServer<L> {
     /// Closing an idle HTTP/1 connection always leaves a window: a request the client sends as
     /// the close happens is not answered (the client sees the connection end). HTTP/1 allows a
     /// server to close an idle connection at any time, and has clients retry (RFC 9112,
-    /// section 9.3.1). The window is at the grace's end: on loopback, a request sent before it
-    /// was always served, and the first one not served went out about 0.6 ms after it (the
-    /// test `a_request_sent_before_the_idle_grace_ends_is_served_and_the_window_is_bounded`
-    /// measures it, and asserts that requests sent 50 ms before the end are served). A client
-    /// that sends on a fixed period equal to the grace (a poller every second, with the
-    /// default) aims at that window: a 1 s poller saw it 4 times in 1,460 upgrades, and periods
-    /// of 0.5, 0.98, 1.02 or 1.5 s never did (reported against an earlier version of the
-    /// server). Pick a grace apart from your clients' periods.
+    /// section 9.3.1). The window is at the grace's end, which the server counts from when it
+    /// finished the last response (its client reads it a moment later): on an idle loopback
+    /// the first request not served went out about 0.6 ms after the end as the client saw it,
+    /// and on a busy machine some went out up to tens of milliseconds before it (the test
+    /// `a_request_sent_before_the_idle_grace_ends_is_served_and_the_window_is_bounded`
+    /// measures it, and asserts that requests sent 50 ms before the end are served, and that
+    /// the grace ends). A client that sends on a fixed period equal to the grace (a poller
+    /// every second, with the default) aims at that window: a 1 s poller saw it 4 times in
+    /// 1,460 upgrades, and periods of 0.5, 0.98, 1.02 or 1.5 s never did (reported against an
+    /// earlier version of the server). Pick a grace apart from your clients' periods.
     pub fn idle_grace(mut self, grace: Duration) -> Self {
         self.settings.idle_grace = grace;
         self
