@@ -179,7 +179,7 @@ impl<L> HttpServer<L> {
     /// server to close an idle connection at any time, and has clients retry (RFC 9112,
     /// section 9.3.1). The window is at the grace's end, which the server counts from when it
     /// finished the last response (its client reads it a moment later): on an idle loopback
-    /// the first request not served went out about 0.6 ms after the end as the client saw it,
+    /// the first request not served went out 0.1–0.9 ms after the end as the client saw it,
     /// and on a busy machine some went out up to tens of milliseconds before it (the test
     /// `a_request_sent_before_the_idle_grace_ends_is_served_and_the_window_is_bounded`
     /// measures it, and asserts that requests sent 50 ms before the end are served, and that

@@ -75,9 +75,8 @@ pub(crate) struct ConnWatch {
     /// The name of this connection's HTTP/1 request in flight (HTTP/1 has one at a time: hyper
     /// reads the next request once the last one's response body has ended or been dropped),
     /// written as it is admitted into a buffer the connection keeps, so that naming a request
-    /// costs no allocation of its own. (A layer of `HttpServer::layer` that kept a response's
-    /// body alive after handing hyper another one would have that body named as the request
-    /// after it, if cut.)
+    /// costs no allocation of its own. (The name lives in the request's future, then in its
+    /// response body, which is always the outermost one hyper holds, layers or not.)
     current: Mutex<Http1Name>,
     /// When the connection was accepted.
     accepted: tokio::time::Instant,
