@@ -36,6 +36,22 @@ async fn finish(run: JoinHandle<ShutdownReport>) -> ShutdownReport {
         .unwrap()
 }
 
+/// An HTTP server answering `GET /` with `ok`, with `grace` as its idle grace, on a free
+/// loopback port: its address.
+fn serve_ok(finale: &Finale, grace: Duration) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    finale::axum::HttpServer::new("http")
+        .idle_grace(grace)
+        .serve(
+            finale,
+            listener,
+            Router::new().route("/", get(|| async { "ok" })),
+        )
+        .unwrap();
+    addr
+}
+
 /// `HttpServer::idle_grace`: "a request racing the close is served, with
 /// `Connection: close`, instead of reset". A keep-alive connection idle for longer than the
 /// grace is closed at the drain start, unless the kernel already holds bytes for it: a request
@@ -51,16 +67,7 @@ async fn a_request_received_on_a_long_idle_connection_just_before_the_drain_is_s
     const GRACE: Duration = Duration::from_millis(300);
     let finale = builder().build().unwrap();
     let handle = finale.handle();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    finale::axum::HttpServer::new("http")
-        .idle_grace(GRACE)
-        .serve(
-            &finale,
-            listener,
-            Router::new().route("/", get(|| async { "ok" })),
-        )
-        .unwrap();
+    let addr = serve_ok(&finale, GRACE);
     let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     finale
@@ -431,16 +438,7 @@ async fn a_request_sent_before_the_idle_grace_ends_is_served_and_the_window_is_b
         .build()
         .unwrap();
     let handle = finale.handle();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    finale::axum::HttpServer::new("http")
-        .idle_grace(GRACE)
-        .serve(
-            &finale,
-            listener,
-            Router::new().route("/", get(|| async { "ok" })),
-        )
-        .unwrap();
+    let addr = serve_ok(&finale, GRACE);
     let run = tokio::spawn(finale.run());
     tokio::time::timeout(BOUND, handle.health().started())
         .await
