@@ -574,3 +574,84 @@ async fn a_request_sent_before_the_idle_grace_ends_is_served_and_the_window_is_b
         "every request was served, up to 100 ms after its grace's end: the grace never ended"
     );
 }
+
+/// An HTTP/1 request's name for the report is kept in its connection's buffer, overwritten by
+/// each request (HTTP/1 serves one at a time): a request cut at the deadline is named as
+/// itself, never as one answered before it on the same connection, whether those came one
+/// after the other (a `HEAD` among them, whose answer has no body) or pipelined in one write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_request_is_named_as_itself_after_others_on_its_keep_alive_connection() {
+    let finale = builder()
+        .drain_timeout(Duration::from_secs(1))
+        .total_budget(Duration::from_secs(4))
+        .telemetry_reserve(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let handle = finale.handle();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // `/slow` never answers; anything else answers `ok` at once.
+    let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+        if req.uri().path() == "/slow" {
+            std::future::pending::<()>().await;
+        }
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    finale::hyper::serve(&finale, "http", listener, service).unwrap();
+    let run = tokio::spawn(finale.run());
+    tokio::time::timeout(BOUND, handle.health().started())
+        .await
+        .expect("graceful start completes");
+
+    // One after the other: each answer read before the next request goes out.
+    let mut sequential = tokio::net::TcpStream::connect(addr).await.unwrap();
+    for (head, answer_ends) in [
+        ("GET /first?token=x HTTP/1.1\r\nHost: x\r\n\r\n", &b"ok"[..]),
+        ("HEAD /second HTTP/1.1\r\nHost: x\r\n\r\n", &b"\r\n\r\n"[..]),
+    ] {
+        sequential.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !answer.ends_with(answer_ends) {
+            let n = tokio::time::timeout(BOUND, sequential.read(&mut chunk))
+                .await
+                .expect("answered")
+                .unwrap();
+            assert!(n > 0, "closed before the answer to {head:?}");
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    }
+    sequential
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Pipelined: both in one write.
+    let mut pipelined = tokio::net::TcpStream::connect(addr).await.unwrap();
+    pipelined
+        .write_all(b"GET /third HTTP/1.1\r\nHost: x\r\n\r\nGET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Both `/slow` requests reached the service (in flight), polled with a bound.
+    let mut count = handle.in_flight().count();
+    for _ in 0..400 {
+        if count == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        count = handle.in_flight().count();
+    }
+    assert_eq!(count, 2);
+
+    handle.trigger("test");
+    let report = finish(run).await;
+    eprintln!("{report}");
+    assert_eq!(report.cut.len(), 2, "{report}");
+    assert!(
+        report
+            .cut
+            .iter()
+            .all(|c| c.starts_with("GET /slow from 127.0.0.1:")),
+        "each cut request named as itself: {report}"
+    );
+    drop((sequential, pipelined));
+}
