@@ -36,6 +36,30 @@ async fn finish(run: JoinHandle<ShutdownReport>) -> ShutdownReport {
         .unwrap()
 }
 
+/// A finale whose drain lasts at most 1 s (4 s in all, 1 s kept for telemetry).
+fn short_drain() -> Finale {
+    builder()
+        .drain_timeout(Duration::from_secs(1))
+        .total_budget(Duration::from_secs(4))
+        .telemetry_reserve(Duration::from_secs(1))
+        .build()
+        .unwrap()
+}
+
+/// How many requests are in flight once `n` are, or after 2 s of looking (polled with a
+/// bound).
+async fn in_flight_reaches(handle: &finale::Handle, n: usize) -> usize {
+    let mut count = handle.in_flight().count();
+    for _ in 0..400 {
+        if count == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        count = handle.in_flight().count();
+    }
+    count
+}
+
 /// An HTTP server answering `GET /` with `ok`, with `grace` as its idle grace, on a free
 /// loopback port: its address.
 fn serve_ok(finale: &Finale, grace: Duration) -> std::net::SocketAddr {
@@ -136,12 +160,7 @@ async fn a_request_received_on_a_long_idle_connection_just_before_the_drain_is_s
 /// deadline and not named; it outlives the run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_connect_tunnel_counts_in_flight_and_is_cut_like_a_websocket() {
-    let finale = builder()
-        .drain_timeout(Duration::from_secs(1))
-        .total_budget(Duration::from_secs(4))
-        .telemetry_reserve(Duration::from_secs(1))
-        .build()
-        .unwrap();
+    let finale = short_drain();
     let handle = finale.handle();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -209,14 +228,7 @@ async fn an_http1_connect_tunnel_counts_in_flight_and_is_cut_like_a_websocket() 
         "GET /echo HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
     )
     .await;
-    let mut count = handle.in_flight().count();
-    for _ in 0..200 {
-        if count == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        count = handle.in_flight().count();
-    }
+    let count = in_flight_reaches(&handle, 1).await;
     assert_eq!(count, 1, "the 101 upgrade counts (this holds)");
 
     let mut tunnel = open(
@@ -224,14 +236,7 @@ async fn an_http1_connect_tunnel_counts_in_flight_and_is_cut_like_a_websocket() 
         "CONNECT upstream.example:443 HTTP/1.1\r\nHost: upstream.example:443\r\n\r\n",
     )
     .await;
-    let mut count = handle.in_flight().count();
-    for _ in 0..200 {
-        if count == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        count = handle.in_flight().count();
-    }
+    let count = in_flight_reaches(&handle, 2).await;
     eprintln!("in flight with one 101 upgrade and one CONNECT tunnel open: {count}");
 
     handle.trigger("test");
@@ -259,12 +264,7 @@ async fn an_http1_connect_tunnel_counts_in_flight_and_is_cut_like_a_websocket() 
 /// and with a bounded name (a 3,000-byte path is not copied in full).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_request_is_named_without_credentials_and_with_a_bounded_length() {
-    let finale = builder()
-        .drain_timeout(Duration::from_secs(1))
-        .total_budget(Duration::from_secs(4))
-        .telemetry_reserve(Duration::from_secs(1))
-        .build()
-        .unwrap();
+    let finale = short_drain();
     let handle = finale.handle();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -292,14 +292,7 @@ async fn a_cut_request_is_named_without_credentials_and_with_a_bounded_length() 
         conns.push(conn);
     }
     // Both requests reached the service (in flight), polled with a bound.
-    let mut count = handle.in_flight().count();
-    for _ in 0..400 {
-        if count == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        count = handle.in_flight().count();
-    }
+    let count = in_flight_reaches(&handle, 2).await;
     assert_eq!(count, 2);
 
     handle.trigger("test");
@@ -581,12 +574,7 @@ async fn a_request_sent_before_the_idle_grace_ends_is_served_and_the_window_is_b
 /// after the other (a `HEAD` among them, whose answer has no body) or pipelined in one write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_request_is_named_as_itself_after_others_on_its_keep_alive_connection() {
-    let finale = builder()
-        .drain_timeout(Duration::from_secs(1))
-        .total_budget(Duration::from_secs(4))
-        .telemetry_reserve(Duration::from_secs(1))
-        .build()
-        .unwrap();
+    let finale = short_drain();
     let handle = finale.handle();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -632,14 +620,7 @@ async fn a_cut_request_is_named_as_itself_after_others_on_its_keep_alive_connect
         .await
         .unwrap();
     // Both `/slow` requests reached the service (in flight), polled with a bound.
-    let mut count = handle.in_flight().count();
-    for _ in 0..400 {
-        if count == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        count = handle.in_flight().count();
-    }
+    let count = in_flight_reaches(&handle, 2).await;
     assert_eq!(count, 2);
 
     handle.trigger("test");
