@@ -46,7 +46,8 @@
 //!   connection names itself only if it has no request in flight, so nothing is named twice.
 //! - An upgraded request's in-flight guard and name live on its connection's `ConnWatch`
 //!   until that connection's task lets them go; after an HTTP/1 upgrade the task stays, holding
-//!   the socket weakly (to shut it down at the cut) and woken when the handler drops it.
+//!   the socket's other half (to shut it down at the cut) and woken when the handler drops its
+//!   own.
 
 use std::fmt;
 use std::io;

@@ -1,6 +1,7 @@
-//! A served connection's socket as hyper reads and writes it: reachable (weakly) by the
-//! connection's task after an HTTP/1 upgrade handed it to a handler, and telling HTTP/1 from
-//! HTTP/2 by its first bytes (the whole HTTP/2 preface).
+//! A served connection's socket as hyper reads and writes it: read through tokio's own stream
+//! code, its other half kept by the connection's task (to reach the socket after an HTTP/1
+//! upgrade handed it to a handler), and telling HTTP/1 from HTTP/2 by its first bytes (the
+//! whole HTTP/2 preface).
 
 use std::io;
 use std::pin::Pin;
@@ -11,11 +12,12 @@ use std::task::{Context, Poll, ready};
 use crate::serve::tower::ConnWatch;
 use crate::serve::transport::Transport;
 
-/// A served connection's socket: a TCP or Unix stream the server's connection task can still
-/// reach (weakly) after an HTTP/1 upgrade handed it to the handler, to shut it down at the
-/// drain deadline; its drop tells that task the upgraded connection ended.
-pub(super) struct ConnIo<T> {
-    pub(super) stream: Arc<T>,
+/// A served connection's socket as hyper reads and writes it: the read half of a TCP or Unix
+/// stream, whose other half the server's connection task keeps, to reach the socket after an
+/// HTTP/1 upgrade handed this one to the handler (to shut it down at the drain deadline); its
+/// drop tells that task the upgraded connection ended.
+pub(super) struct ConnIo<T: Transport> {
+    pub(super) read: T::Read,
     pub(super) watch: Arc<ConnWatch>,
     /// How many bytes of the HTTP/2 preface the connection sent so far; [`SNIFFED`] once its
     /// bytes decided (or under TLS, whose bytes are the handshake's).
@@ -28,7 +30,12 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// [`ConnIo::sniffed`] once the first bytes decided: no more looking.
 pub(super) const SNIFFED: u8 = u8::MAX;
 
-impl<T> ConnIo<T> {
+impl<T: Transport> ConnIo<T> {
+    /// The socket itself.
+    fn stream(&self) -> &T {
+        self.read.as_ref()
+    }
+
     /// Looks at the bytes read until they decide: the whole HTTP/2 preface (in as many reads
     /// as the client splits it into) makes the connection known HTTP/2; anything else leaves it
     /// bounded by the header-read timeout, as every connection is until then.
@@ -47,14 +54,33 @@ impl<T> ConnIo<T> {
     }
 }
 
-impl<T> Drop for ConnIo<T> {
+impl<T: Transport> Drop for ConnIo<T> {
     fn drop(&mut self) {
         self.watch.io_dropped.notify_one();
     }
 }
 
 impl<T: Transport> tokio::io::AsyncRead for ConnIo<T> {
+    /// tokio's own read (a short read clears the readiness, so that hyper's next read, for the
+    /// next request, waits for the reactor instead of failing once more), once the first bytes
+    /// decided; until then, looking at them too.
+    #[inline]
     fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.sniffed != SNIFFED {
+            return self.poll_read_sniffing(cx, buf);
+        }
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl<T: Transport> ConnIo<T> {
+    /// A read before the first bytes decided.
+    #[inline(never)]
+    fn poll_read_sniffing(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
@@ -66,8 +92,8 @@ impl<T: Transport> tokio::io::AsyncRead for ConnIo<T> {
             }
         }
         let before = buf.filled().len();
-        let polled = self.as_mut().poll_read_inner(cx, buf);
-        if self.sniffed != SNIFFED && buf.filled().len() > before {
+        let polled = tokio::io::AsyncRead::poll_read(Pin::new(&mut self.read), cx, buf);
+        if buf.filled().len() > before {
             let this = self.get_mut();
             this.sniff(&buf.filled()[before..]);
         }
@@ -86,7 +112,7 @@ impl<T: Transport> ConnIo<T> {
     fn poll_first_bytes(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         let mut first = [0; H2_PREFACE.len()];
         let mut peeked = tokio::io::ReadBuf::new(&mut first);
-        let Some(polled) = self.stream.poll_peek(cx, &mut peeked) else {
+        let Some(polled) = self.stream().poll_peek(cx, &mut peeked) else {
             return Poll::Ready(Ok(false));
         };
         ready!(polled)?;
@@ -96,34 +122,6 @@ impl<T: Transport> ConnIo<T> {
         }
         self.get_mut().sniffed = SNIFFED;
         Poll::Ready(Ok(true))
-    }
-
-    fn poll_read_inner(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        loop {
-            ready!(self.stream.poll_read_ready(cx))?;
-            // As tokio's own `TcpStream`: a short read means the socket is drained, so the
-            // readiness is cleared (the closure says WouldBlock) and the next read waits for the
-            // reactor instead of trying (and failing) once more.
-            let mut read = None;
-            let result = self.stream.try_io(tokio::io::Interest::READABLE, || {
-                let wanted = buf.remaining();
-                let n = self.stream.try_read_buf(buf)?;
-                read = Some(n);
-                if n > 0 && n < wanted {
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(())
-            });
-            match (result, read) {
-                (_, Some(_)) | (Ok(()), None) => return Poll::Ready(Ok(())),
-                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {}
-                (Err(e), None) => return Poll::Ready(Err(e)),
-            }
-        }
     }
 }
 
@@ -138,8 +136,8 @@ impl<T: Transport> ConnIo<T> {
         mut write: impl FnMut(&T) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         loop {
-            ready!(self.stream.poll_write_ready(cx))?;
-            match write(&self.stream) {
+            ready!(self.stream().poll_write_ready(cx))?;
+            match write(self.stream()) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 written => return Poll::Ready(written),
             }
@@ -173,7 +171,7 @@ impl<T: Transport> tokio::io::AsyncWrite for ConnIo<T> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.stream.sock_ref().shutdown(std::net::Shutdown::Write))
+        Poll::Ready(self.stream().sock_ref().shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -187,8 +185,13 @@ mod tests {
 
     use super::*;
 
-    /// A connected loopback pair: the client's end, and the server's wrapped as hyper sees it.
-    async fn pair() -> (TcpStream, ConnIo<TcpStream>) {
+    /// A connected loopback pair: the client's end, and the server's wrapped as hyper sees it
+    /// (with the other half, as the connection task keeps it).
+    async fn pair() -> (
+        TcpStream,
+        ConnIo<TcpStream>,
+        tokio::net::tcp::OwnedWriteHalf,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -200,18 +203,19 @@ mod tests {
             local: server.local_addr().unwrap(),
         };
         let watch = Arc::new(ConnWatch::new(peer, finale.handle()));
+        let (read, reach) = server.into_split();
         let io = ConnIo {
-            stream: Arc::new(server),
+            read,
             watch,
             sniffed: 0,
         };
-        (client, io)
+        (client, io, reach)
     }
 
     /// One read into a buffer of `size` bytes (hyper-util's first read: the preface's size),
     /// once the server's end has something to read; what it read.
     async fn read(io: &mut ConnIo<TcpStream>, size: usize) -> Vec<u8> {
-        io.stream.readable().await.unwrap();
+        io.stream().readable().await.unwrap();
         let mut storage = vec![MaybeUninit::uninit(); size];
         let mut buf = ReadBuf::uninit(&mut storage);
         poll_fn(|cx| Pin::new(&mut *io).poll_read(cx, &mut buf))
@@ -222,7 +226,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_http1_request_is_peeked_at_first_and_then_read_whole() {
-        let (mut client, mut io) = pair().await;
+        let (mut client, mut io, _reach) = pair().await;
         let request = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n";
         client.write_all(request).await.unwrap();
         assert_eq!(
@@ -238,7 +242,7 @@ mod tests {
     #[tokio::test]
     async fn what_may_still_be_the_preface_is_read_as_before() {
         // `P` alone, then the rest of an HTTP/1 request: `P` is read, and tells nothing yet.
-        let (mut client, mut io) = pair().await;
+        let (mut client, mut io, _reach) = pair().await;
         client.write_all(b"P").await.unwrap();
         assert_eq!(read(&mut io, H2_PREFACE.len()).await, b"P");
         client.write_all(b"OST / HTTP/1.1\r\n\r\n").await.unwrap();
@@ -250,7 +254,7 @@ mod tests {
         assert!(!io.watch.h2_preface.load(Ordering::Relaxed));
 
         // The HTTP/2 preface in two parts: read, and the connection known HTTP/2.
-        let (mut client, mut io) = pair().await;
+        let (mut client, mut io, _reach) = pair().await;
         client.write_all(&H2_PREFACE[..16]).await.unwrap();
         assert_eq!(read(&mut io, H2_PREFACE.len()).await, &H2_PREFACE[..16]);
         client.write_all(&H2_PREFACE[16..]).await.unwrap();
@@ -258,7 +262,7 @@ mod tests {
         assert!(io.watch.h2_preface.load(Ordering::Relaxed));
 
         // A client gone before sending anything: the end of the stream, as read.
-        let (client, mut io) = pair().await;
+        let (client, mut io, _reach) = pair().await;
         drop(client);
         assert_eq!(read(&mut io, H2_PREFACE.len()).await, b"");
         assert_ne!(io.sniffed, SNIFFED, "nothing told");

@@ -9,7 +9,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::task::{Context, Poll};
 
-use tokio::io::{Interest, ReadBuf};
+use tokio::io::ReadBuf;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::serve::tower::Peer;
@@ -38,15 +38,22 @@ pub(crate) trait Acceptor: Send + 'static {
     fn close(self, handed_off: bool, accept: impl FnMut(Self::Stream, Peer)) -> usize;
 }
 
-/// A connected socket: tokio's readiness API, which `ConnIo` drives itself (to clear the
-/// readiness on a short read or write, as tokio's own streams do).
+/// A connected socket, split in two owned halves (tokio's): the read half is `ConnIo`'s,
+/// read through tokio's own stream code and written through tokio's readiness API; the other
+/// is the connection task's reach to the socket (to peek at unread bytes, to shut an upgraded
+/// socket down at the cut), let go without a shutdown.
 pub(crate) trait Transport: Send + Sync + Sized + 'static {
+    /// The half hyper reads (and, through [`AsRef`], writes).
+    type Read: tokio::io::AsyncRead + AsRef<Self> + Unpin + Send + Sync + 'static;
+    /// The half the connection task keeps.
+    type Reach: AsRef<Self> + Send + Sync + 'static;
     /// Per-connection socket options (`TCP_NODELAY` on TCP; nothing on a Unix socket).
     fn prepare(&self, tcp_nodelay: bool);
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn split(self) -> (Self::Read, Self::Reach);
+    /// Lets go of the reach without shutting the socket's writing down (as dropping tokio's
+    /// write half would).
+    fn release(reach: Self::Reach);
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
-    fn try_read_buf(&self, buf: &mut ReadBuf<'_>) -> io::Result<usize>;
     fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
     fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize>;
     /// The socket itself (to peek at unread bytes, to shut it down at the cut).
@@ -66,24 +73,16 @@ pub(crate) trait Transport: Send + Sync + Sized + 'static {
 macro_rules! delegate_readiness {
     () => {
         #[inline]
-        fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Self::poll_read_ready(self, cx)
-        }
-        #[inline]
         fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
             Self::poll_write_ready(self, cx)
         }
         #[inline]
-        fn try_io<R>(
-            &self,
-            interest: Interest,
-            f: impl FnOnce() -> io::Result<R>,
-        ) -> io::Result<R> {
-            Self::try_io(self, interest, f)
+        fn split(self) -> (Self::Read, Self::Reach) {
+            Self::into_split(self)
         }
         #[inline]
-        fn try_read_buf(&self, buf: &mut ReadBuf<'_>) -> io::Result<usize> {
-            Self::try_read_buf(self, buf)
+        fn release(reach: Self::Reach) {
+            reach.forget();
         }
         #[inline]
         fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
@@ -102,6 +101,9 @@ macro_rules! delegate_readiness {
 pub(crate) use delegate_readiness;
 
 impl Transport for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Reach = tokio::net::tcp::OwnedWriteHalf;
+
     fn prepare(&self, tcp_nodelay: bool) {
         if tcp_nodelay {
             let _ = self.set_nodelay(true);
@@ -195,4 +197,28 @@ pub(crate) fn is_connection_error(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::ConnectionReset
     )
+}
+
+/// The connection task's reach to its socket ([`Transport::Reach`]), let go without a
+/// shutdown: the socket closes once hyper (or an upgrade's handler) and this are both done
+/// with it.
+pub(crate) struct SocketReach<T: Transport>(Option<T::Reach>);
+
+impl<T: Transport> SocketReach<T> {
+    pub(crate) fn new(reach: T::Reach) -> Self {
+        Self(Some(reach))
+    }
+
+    /// The socket.
+    pub(crate) fn get(&self) -> &T {
+        self.0.as_ref().expect("taken only when dropped").as_ref()
+    }
+}
+
+impl<T: Transport> Drop for SocketReach<T> {
+    fn drop(&mut self) {
+        if let Some(reach) = self.0.take() {
+            T::release(reach);
+        }
+    }
 }

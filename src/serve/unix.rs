@@ -9,13 +9,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::io::{Interest, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::serve::tower::Peer;
 use crate::serve::transport::{Acceptor, Transport, delegate_readiness, is_connection_error};
 
 impl Transport for UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Reach = tokio::net::unix::OwnedWriteHalf;
+
     fn prepare(&self, _tcp_nodelay: bool) {}
 
     delegate_readiness!();

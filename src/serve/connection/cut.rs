@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use tokio::sync::watch;
 
 use crate::serve::tower::ConnWatch;
-use crate::serve::transport::Transport;
+use crate::serve::transport::{SocketReach, Transport};
 
 use super::Stage;
 
@@ -19,7 +19,7 @@ use super::Stage;
 /// send its close frame (see the module docs).
 pub(super) async fn hold_upgraded<T: Transport>(
     watch: &ConnWatch,
-    socket: &std::sync::Weak<T>,
+    socket: &SocketReach<T>,
     stage: &mut watch::Receiver<Stage>,
 ) {
     if crate::state::lock(&watch.upgrades).is_empty() {
@@ -28,10 +28,8 @@ pub(super) async fn hold_upgraded<T: Transport>(
     tokio::select! {
         () = watch.io_dropped.notified() => {}
         _ = stage.wait_for(|s| *s == Stage::Cut) => {
-            if let Some(stream) = socket.upgrade() {
-                // Both directions: the handler's next read ends, the peer sees the close now.
-                let _ = stream.sock_ref().shutdown(std::net::Shutdown::Both);
-            }
+            // Both directions: the handler's next read ends, the peer sees the close now.
+            let _ = socket.get().sock_ref().shutdown(std::net::Shutdown::Both);
             name_upgrades(watch, "upgraded connection open", "at the drain deadline");
         }
     }
@@ -60,7 +58,7 @@ fn name_upgrades(watch: &ConnWatch, what: &str, when: &str) -> usize {
 /// for as long as the peer stays.
 pub(super) struct Abandoned<'a, T: Transport> {
     pub(super) watch: &'a ConnWatch,
-    pub(super) socket: &'a std::sync::Weak<T>,
+    pub(super) socket: &'a SocketReach<T>,
     /// The task ended on its own: nothing to do.
     pub(super) ended: bool,
 }
@@ -70,9 +68,11 @@ impl<T: Transport> Drop for Abandoned<'_, T> {
         if self.ended || crate::state::lock(&self.watch.upgrades).is_empty() {
             return;
         }
-        if let Some(stream) = self.socket.upgrade() {
-            let _ = stream.sock_ref().shutdown(std::net::Shutdown::Both);
-        }
+        let _ = self
+            .socket
+            .get()
+            .sock_ref()
+            .shutdown(std::net::Shutdown::Both);
         let when = if self.watch.handle.shared.is_escalated() {
             "when a second signal abandoned the drain"
         } else {

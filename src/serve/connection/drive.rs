@@ -19,7 +19,7 @@ use crate::serve::conn_service::ConnService;
 use crate::serve::gate::Gate;
 use crate::serve::timers::SlowTimers;
 use crate::serve::tower::ConnWatch;
-use crate::serve::transport::Transport;
+use crate::serve::transport::{SocketReach, Transport};
 
 use super::cut::cut_connection;
 use super::slow::{rearm, slow_due};
@@ -33,7 +33,7 @@ pub(super) type Connection<I, S> =
 pub(super) async fn drive<I, S, B, T>(
     mut conn: Pin<&mut Option<Connection<I, S>>>,
     watch: &ConnWatch,
-    socket: &std::sync::Weak<T>,
+    socket: &SocketReach<T>,
     stage: &mut watch::Receiver<Stage>,
     // By reference: the task's future holds the settings once, not once more for the loop.
     settings: &LoopSettings,
@@ -194,11 +194,9 @@ enum Event {
 }
 
 /// Whether the connection's socket holds bytes nobody has read yet.
-fn unread<T: Transport>(socket: &std::sync::Weak<T>) -> bool {
-    socket.upgrade().is_some_and(|stream| {
-        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        matches!(stream.sock_ref().peek(&mut byte), Ok(n) if n > 0)
-    })
+fn unread<T: Transport>(socket: &SocketReach<T>) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(socket.get().sock_ref().peek(&mut byte), Ok(n) if n > 0)
 }
 
 fn log_end(watch: &ConnWatch, result: Result<(), BoxError>) -> bool {

@@ -32,7 +32,7 @@ use crate::serve::conn_io::SNIFFED;
 use crate::serve::conn_service::ConnService;
 use crate::serve::timers::SlowTimers;
 use crate::serve::tower::ConnWatch;
-use crate::serve::transport::Transport;
+use crate::serve::transport::{SocketReach, Transport};
 
 mod cut;
 mod drive;
@@ -155,23 +155,21 @@ pub(super) async fn serve_tls<T, S, B>(
     serve_http(&builder, io, service, socket, stage, settings, timers).await;
 }
 
-/// A fresh connection's socket as hyper will see it, and the connection task's weak reach to
-/// it.
+/// A fresh connection's socket as hyper will see it, and the connection task's reach to it.
 fn open<T: Transport>(
     stream: T,
     watch: &Arc<ConnWatch>,
     settings: Settings,
     sniffed: u8,
-) -> (ConnIo<T>, std::sync::Weak<T>) {
+) -> (ConnIo<T>, SocketReach<T>) {
     stream.prepare(settings.tcp_nodelay);
-    let stream = Arc::new(stream);
-    let socket = Arc::downgrade(&stream);
+    let (read, reach) = stream.split();
     let io = ConnIo {
-        stream,
+        read,
         watch: watch.clone(),
         sniffed,
     };
-    (io, socket)
+    (io, SocketReach::new(reach))
 }
 
 /// hyper serves `io` (a plain socket, or a TLS session over one) through the drain; an HTTP/1
@@ -180,7 +178,7 @@ fn serve_http<I, S, B, T>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     service: ConnService<S>,
-    socket: std::sync::Weak<T>,
+    socket: SocketReach<T>,
     mut stage: watch::Receiver<Stage>,
     settings: Settings,
     timers: SlowTimers,
