@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
 use crate::serve::tower::{
-    Admission, Admitted, ConnWatch, DrainBody, LayerShared, Peer, TooLate, admit, grpc_kind,
+    Admitted, ConnWatch, DrainBody, LayerShared, Peer, TooLate, admit_on, grpc_kind,
 };
 use crate::track::InFlight;
 
@@ -97,18 +97,7 @@ where
                 let _ = (addr, cred);
             }
         }
-        let admitted = match admit(self.in_flight, &self.shared, Some(&self.conn), &req, grpc) {
-            Admission::Admitted(admitted) => admitted,
-            // Only the layer alone rejects here; a connection's requests are admitted.
-            Admission::Rejected(response) => {
-                return ConnFuture {
-                    step: Step::Answered {
-                        response: Some(response),
-                    },
-                    admitted: None,
-                };
-            }
-        };
+        let admitted = admit_on(self.in_flight, &self.shared, &self.conn, &req, grpc);
         if admitted.too_late {
             if self.bare {
                 // Counted here, where it is answered.
@@ -313,11 +302,12 @@ mod tests {
             cut_margin: std::time::Duration::ZERO,
         };
         let req = Request::new(());
-        let Admission::Admitted(admitted) =
-            admit::<_, http_body_util::Empty<Bytes>>(handle.in_flight(), &shared, None, &req, None)
-        else {
-            panic!("admitted before any shutdown");
+        let peer = Peer::Tcp {
+            peer: ([127, 0, 0, 1], 5555).into(),
+            local: ([127, 0, 0, 1], 80).into(),
         };
+        let conn = Arc::new(ConnWatch::new(peer, handle.clone()));
+        let admitted = admit_on(handle.in_flight(), &shared, &conn, &req, None);
         let error = ConnFuture::call(FailsOnce { failed: false }, req, admitted)
             .await
             .expect_err("the readiness failed");

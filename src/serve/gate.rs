@@ -55,6 +55,7 @@ impl Gate {
 
     /// Polls `fut` if one of its wake-ups fired since its last poll (or it was never polled
     /// under this gate); `Pending` otherwise.
+    #[inline]
     pub(crate) fn poll<F: Future>(
         &self,
         fut: Pin<&mut F>,

@@ -78,6 +78,7 @@ impl Health {
 
     /// Whether the shutdown was announced (readiness off for good). One relaxed load.
     #[cfg_attr(not(feature = "tower"), allow(dead_code))]
+    #[inline]
     pub(crate) fn is_announced(&self) -> bool {
         self.inner.announced.load(Ordering::Relaxed)
     }

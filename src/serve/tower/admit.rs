@@ -13,7 +13,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use crate::Handle;
 use crate::track::{InFlight, InFlightGuard};
 
-use super::{ConnWatch, CutName, DrainBody, Grpc, Rejection, handler_panicked};
+use super::{ConnWatch, CutName, DrainBody, Grpc, Rejection, Track, handler_panicked};
 
 pub(super) fn is_http1(version: Version) -> bool {
     version <= Version::HTTP_11
@@ -76,8 +76,9 @@ impl Admitted {
     /// stays in flight on its connection instead).
     #[inline]
     pub(crate) fn finish<B>(self, response: Response<B>) -> Response<DrainBody<B>> {
-        let (parts, body) = response.into_parts();
-        self.finish_parts(parts, DrainBody::untracked(body))
+        let (mut parts, body) = response.into_parts();
+        let track = self.finish_head(&mut parts);
+        Response::from_parts(parts, DrainBody::new(body, track))
     }
 
     /// A handler panicked: the request is answered `500` (gRPC: `grpc-status: 13`), counted,
@@ -87,8 +88,9 @@ impl Admitted {
         self,
         payload: &(dyn std::any::Any + Send),
     ) -> Response<DrainBody<B>> {
-        let (parts, body) = handler_panicked(self.in_flight, payload, self.grpc).into_parts();
-        self.finish_parts(parts, body)
+        let (mut parts, body) = handler_panicked(self.in_flight, payload, self.grpc).into_parts();
+        let track = self.finish_head(&mut parts);
+        Response::from_parts(parts, body.tracked(track))
     }
 
     /// finale's own answer to this request (a rejection too late in the drain), sent as any
@@ -96,16 +98,15 @@ impl Admitted {
     #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
     #[cold]
     pub(crate) fn answer<B>(self, response: Response<DrainBody<B>>) -> Response<DrainBody<B>> {
-        let (parts, body) = response.into_parts();
-        self.finish_parts(parts, body)
+        let (mut parts, body) = response.into_parts();
+        let track = self.finish_head(&mut parts);
+        Response::from_parts(parts, body.tracked(track))
     }
 
-    #[inline]
-    fn finish_parts<B>(
-        self,
-        mut parts: http::response::Parts,
-        body: DrainBody<B>,
-    ) -> Response<DrainBody<B>> {
+    /// The response's head made ready to go out; what its body keeps in flight (`None`: an
+    /// upgrade, whose request stays in flight on its connection).
+    #[inline(always)]
+    fn finish_head(self, parts: &mut http::response::Parts) -> Option<Track> {
         // What hyper upgrades: a 101, or a 2xx to a CONNECT (both versions).
         let upgrade = (self.close_http1 && parts.status == StatusCode::SWITCHING_PROTOCOLS)
             || (self.connect && parts.status.is_success());
@@ -131,17 +132,16 @@ impl Admitted {
             close_http1,
             ..
         } = self;
-        let body = match (upgrade, cut) {
+        match (upgrade, cut) {
             // On finale's own connections an upgraded request stays in flight after its
             // (empty) response, for as long as the upgraded connection lives: the connection's
             // task holds it.
             (true, Some(cut)) => {
                 cut.upgraded(guard, close_http1);
-                body
+                None
             }
-            (_, cut) => body.tracked(guard, cut),
-        };
-        Response::from_parts(parts, body)
+            (_, cut) => Some(Track { _guard: guard, cut }),
+        }
     }
 
     /// The name this request gets if it is cut before its response exists.
@@ -164,39 +164,69 @@ impl Admitted {
 pub(crate) fn admit<ReqB, B>(
     in_flight: InFlight,
     shared: &LayerShared,
-    conn: Option<&Arc<ConnWatch>>,
     req: &Request<ReqB>,
     grpc: Option<Grpc>,
 ) -> Admission<B> {
-    let version = req.version();
     // Count first, then check: a drain that starts at the same moment either sees this guard
     // (and waits for the request) or is seen here. The check is one relaxed load of a
     // `&'static` flag, set when the Drain phase starts.
     let guard = in_flight.acquire();
-    let too_late = in_flight.is_draining() && is_http1(version) && shared.too_late();
-    if too_late && conn.is_none() {
+    let too_late = in_flight.is_draining() && is_http1(req.version()) && shared.too_late();
+    if too_late {
         drop(guard);
         shared.handle.shared.record_rejected_request();
-        return Admission::Rejected(shared.rejection.response(version, grpc));
+        return Admission::Rejected(shared.rejection.response(req.version(), grpc));
     }
-    // On finale's own connections a request too late is answered (and counted) by the
-    // connection's service, or, when the user added layers, by the innermost service (the
-    // [`Responder`](super::Responder)), so that those layers see the answer; it stays tracked
-    // until its body ends, as any other.
+    Admission::Admitted(admitted(guard, false, in_flight, shared, None, req, grpc))
+}
+
+/// [`admit`] on one of finale's own connections: always admitted. A request too late is
+/// answered (and counted) by the connection's service, or, when the user added layers, by the
+/// innermost service (the [`Responder`](super::Responder)), so that those layers see the
+/// answer; it stays tracked until its body ends, as any other.
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+#[inline(always)]
+pub(crate) fn admit_on<ReqB>(
+    in_flight: InFlight,
+    shared: &LayerShared,
+    conn: &Arc<ConnWatch>,
+    req: &Request<ReqB>,
+    grpc: Option<Grpc>,
+) -> Admitted {
+    // Counted first, then checked, as in `admit`.
+    let guard = in_flight.acquire();
+    let too_late = in_flight.is_draining() && is_http1(req.version()) && shared.too_late();
+    admitted(guard, too_late, in_flight, shared, Some(conn), req, grpc)
+}
+
+/// What an admitted request's response needs.
+#[inline(always)]
+fn admitted<ReqB>(
+    guard: InFlightGuard,
+    too_late: bool,
+    in_flight: InFlight,
+    shared: &LayerShared,
+    conn: Option<&Arc<ConnWatch>>,
+    req: &Request<ReqB>,
+    grpc: Option<Grpc>,
+) -> Admitted {
     let health = &shared.handle.shared.health;
     let announced = health.is_announced();
     if announced && !matches!(req.uri().path(), "/livez" | "/readyz") {
         // Traffic still arriving during the drain delay: the load balancer has not let go.
         health.record_activity();
     }
-    let cut = conn.map(|conn| {
-        if !is_http1(version) && !conn.http2.load(Ordering::Relaxed) {
-            conn.http2.store(true, Ordering::Relaxed);
+    let http1 = is_http1(req.version());
+    let cut = match conn {
+        Some(conn) => {
+            if !http1 && !conn.http2.load(Ordering::Relaxed) {
+                conn.http2.store(true, Ordering::Relaxed);
+            }
+            Some(CutName::new(req.method(), req.uri(), conn.clone(), http1))
         }
-        CutName::new(req.method(), req.uri(), conn.clone(), is_http1(version))
-    });
-    let http1 = is_http1(version);
-    Admission::Admitted(Admitted {
+        None => None,
+    };
+    Admitted {
         guard,
         in_flight,
         // Read here (no clone of the health handle per request): a request admitted once the
@@ -208,5 +238,5 @@ pub(crate) fn admit<ReqB, B>(
         connect: req.method() == Method::CONNECT,
         too_late,
         cut,
-    })
+    }
 }

@@ -17,20 +17,24 @@ pin_project! {
     pub struct DrainBody<B> {
         #[pin]
         kind: Kind<B>,
-        guard: Option<InFlightGuard>,
-        cut: Option<CutName>,
+        // Let go at the body's end.
+        track: Option<Track>,
     }
 
     impl<B> PinnedDrop for DrainBody<B> {
         fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            if this.guard.is_some()
-                && let Some(cut) = this.cut
-            {
+            if let Some(Track { cut: Some(cut), .. }) = this.project().track {
                 cut.record_if_cut("stream open");
             }
         }
     }
+}
+
+/// What a response body keeps while it is in flight: the guard, and the name it gets if it is
+/// cut (whose drop tells its connection the request ended).
+pub(crate) struct Track {
+    pub(super) _guard: InFlightGuard,
+    pub(super) cut: Option<CutName>,
 }
 
 pin_project! {
@@ -47,26 +51,29 @@ impl<B> DrainBody<B> {
             kind: Kind::Full {
                 data: (!data.is_empty()).then_some(data),
             },
-            guard: None,
-            cut: None,
+            track: None,
         }
     }
 
     #[inline]
     pub(super) fn untracked(body: B) -> Self {
+        Self::new(body, None)
+    }
+
+    /// `body`, in flight until it ends or is dropped, and named in the report if it is cut, as
+    /// `track` says.
+    #[inline]
+    pub(super) fn new(body: B, track: Option<Track>) -> Self {
         Self {
             kind: Kind::Inner { body },
-            guard: None,
-            cut: None,
+            track,
         }
     }
 
-    /// This body, in flight (with `guard`) until it ends or is dropped; named in the report as
-    /// `cut` if it is cut.
+    /// This body, kept in flight and named as `track` says.
     #[inline]
-    pub(super) fn tracked(mut self, guard: InFlightGuard, cut: Option<CutName>) -> Self {
-        self.guard = Some(guard);
-        self.cut = cut;
+    pub(super) fn tracked(mut self, track: Option<Track>) -> Self {
+        self.track = track;
         self
     }
 }
@@ -74,7 +81,7 @@ impl<B> DrainBody<B> {
 impl<B> fmt::Debug for DrainBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DrainBody")
-            .field("in_flight", &self.guard.is_some())
+            .field("in_flight", &self.track.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -94,7 +101,7 @@ impl<B: Body<Data = Bytes>> Body for DrainBody<B> {
                 let frame = ready!(body.poll_frame(cx));
                 if !matches!(frame, Some(Ok(_))) {
                     // The end, or an error that ends the response: no longer in flight.
-                    this.guard.take();
+                    this.track.take();
                 }
                 Poll::Ready(frame)
             }

@@ -115,7 +115,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        match admit(self.in_flight, &self.shared, None, &req, grpc_kind(&req)) {
+        match admit(self.in_flight, &self.shared, &req, grpc_kind(&req)) {
             Admission::Rejected(response) => ResponseFuture::rejected(response),
             Admission::Admitted(admitted) => {
                 ResponseFuture::admitted(self.inner.call(req), admitted)

@@ -83,8 +83,11 @@ mod layer;
 mod rejection;
 mod responder;
 
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+pub(crate) use admit::admit_on;
 pub(crate) use admit::{Admission, Admitted, LayerShared, admit};
 pub use body::DrainBody;
+pub(crate) use body::Track;
 #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
 pub(crate) use conn::Peer;
 pub(crate) use conn::{ConnWatch, CutName};
