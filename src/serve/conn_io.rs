@@ -22,6 +22,9 @@ pub(super) struct ConnIo<T: Transport> {
     /// How many bytes of the HTTP/2 preface the connection sent so far; [`SNIFFED`] once its
     /// bytes decided (or under TLS, whose bytes are the handshake's).
     pub(super) sniffed: u8,
+    /// The last write waited for the socket: [`ConnWatch::write_blocked`], as this end last
+    /// told it.
+    pub(super) blocked: bool,
 }
 
 /// The first bytes of every HTTP/2 connection (prior knowledge): the client's preface, whole.
@@ -130,17 +133,40 @@ impl<T: Transport> ConnIo<T> {
     /// would block): the task waits for the reactor only then. A partial write (the send
     /// buffer full) leaves the readiness set, so the next write finds out with one more
     /// system call; rare, where the read side's short read is the usual case.
+    ///
+    /// A write that waits for the socket tells the connection ([`ConnWatch::write_blocked`])
+    /// until one goes through.
     fn poll_write_with(
-        &self,
+        &mut self,
         cx: &mut Context<'_>,
         mut write: impl FnMut(&T) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         loop {
-            ready!(self.stream().poll_write_ready(cx))?;
+            match self.stream().poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    self.set_blocked(true);
+                    return Poll::Pending;
+                }
+            }
             match write(self.stream()) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                written => return Poll::Ready(written),
+                written => {
+                    if self.blocked {
+                        self.set_blocked(false);
+                    }
+                    return Poll::Ready(written);
+                }
             }
+        }
+    }
+
+    #[cold]
+    fn set_blocked(&mut self, blocked: bool) {
+        if self.blocked != blocked {
+            self.blocked = blocked;
+            self.watch.write_blocked.store(blocked, Ordering::Relaxed);
         }
     }
 }
@@ -151,7 +177,8 @@ impl<T: Transport> tokio::io::AsyncWrite for ConnIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.poll_write_with(cx, |stream| stream.try_write(buf))
+        self.get_mut()
+            .poll_write_with(cx, |stream| stream.try_write(buf))
     }
 
     fn poll_write_vectored(
@@ -159,7 +186,8 @@ impl<T: Transport> tokio::io::AsyncWrite for ConnIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.poll_write_with(cx, |stream| stream.try_write_vectored(bufs))
+        self.get_mut()
+            .poll_write_with(cx, |stream| stream.try_write_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -208,6 +236,7 @@ mod tests {
             read,
             watch,
             sniffed: 0,
+            blocked: false,
         };
         (client, io, reach)
     }

@@ -168,9 +168,13 @@ impl<L> HttpServer<L> {
     /// first request may still be on its way) stay open after they last did something
     /// (accepted, or their last request ended), once the drain started, so that a request
     /// racing the close is served, with `Connection: close`, instead of reset. After it, a
-    /// connection with no request in flight is closed: one idle for longer than the grace when
-    /// the drain starts is closed at once (a client that never sent a complete request does not
-    /// hold the drain either). The drain ends earlier if every connection has closed.
+    /// connection with no request in flight and no response still going out is closed: one
+    /// idle for longer than the grace when the drain starts is closed at once (a client that
+    /// never sent a complete request does not hold the drain either). One whose client is
+    /// still reading a response (hyper holds bytes the socket has not taken, the handler's
+    /// body done) is closed once the response is out, or cut at the drain's deadline and
+    /// named in the report (`connection from … (a response still being written at the drain
+    /// deadline)`). The drain ends earlier if every connection has closed.
     ///
     /// # Caveats
     ///
@@ -269,7 +273,11 @@ impl<L> HttpServer<L> {
     /// this time after it last did something (accepted, or its last request ended) is closed,
     /// whatever the drain is doing: a silent one, a partial head, a partial HTTP/2 preface. An
     /// idle keep-alive connection is closed after it too, as hyper's own header-read timeout
-    /// does. finale's connection loop keeps one timer per connection for this (moved only when
+    /// does. A connection whose client is still reading a response is not slow to send its
+    /// next request, however slowly it reads (hyper holds the bytes the socket has not taken
+    /// yet, the handler's body done): it stays open until the response is out, or the drain's
+    /// deadline cuts it; finale sets no timeout on a client's reading, as `axum::serve`
+    /// sets none. finale's connection loop keeps one timer per connection for this (moved only when
     /// it fires), not hyper's timer per request. A connection is known to be HTTP/2 by its
     /// whole preface (in however many reads), its TLS ALPN `h2`, or its first HTTP/2 request
     /// (TLS without ALPN); with no stream open it is idle, not slow, and is left alone. A

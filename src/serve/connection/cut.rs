@@ -98,8 +98,15 @@ pub(super) fn cut_connection<C>(mut conn: Pin<&mut Option<C>>, watch: &ConnWatch
         && watch.active.load(Ordering::Acquire) == 0
         && watch.named.load(Ordering::Relaxed) == 0
     {
+        // A response whose body ended but whose bytes hyper still held (its client reads
+        // slower than the server writes) was cut short: said so.
+        let what = if watch.write_blocked.load(Ordering::Relaxed) {
+            "a response still being written"
+        } else {
+            "open"
+        };
         watch.handle.shared.record_cut(format!(
-            "connection from {} (open at the drain deadline)",
+            "connection from {} ({what} at the drain deadline)",
             watch.peer
         ));
     }

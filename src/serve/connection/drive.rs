@@ -147,11 +147,13 @@ where
                 _ = stage.wait_for(|s| *s == Stage::Cut) => return cut_connection(conn, watch),
             }
         }
-        if watch.active.load(Ordering::Relaxed) == 0 {
+        if watch.active.load(Ordering::Relaxed) == 0 && !watch.write_blocked.load(Ordering::Relaxed)
+        {
             waiting = unread(socket);
             if !waiting {
                 // Nothing in flight after the grace (idle, or a client that never sent a
-                // complete request): this connection holds nothing, close it.
+                // complete request) and nothing left to write: this connection holds nothing,
+                // close it.
                 return false;
             }
         }

@@ -168,6 +168,7 @@ fn open<T: Transport>(
         read,
         watch: watch.clone(),
         sniffed,
+        blocked: false,
     };
     (io, SocketReach::new(reach))
 }

@@ -12,16 +12,17 @@ use crate::serve::tower::ConnWatch;
 use super::LoopSettings;
 
 /// When the slow-client timer of a connection is next due, or `None` if the connection is
-/// slow: not known to be HTTP/2, no request in flight, and no request's headers within the
-/// header-read timeout after it last did something.
+/// slow: not known to be HTTP/2, no request in flight, nothing left to write, and no request's
+/// headers within the header-read timeout after it last did something.
 pub(super) fn slow_due(watch: &ConnWatch, settings: &LoopSettings) -> Option<Instant> {
     let now = Instant::now();
     if watch.active.load(Ordering::Relaxed) > 0
+        || watch.write_blocked.load(Ordering::Relaxed)
         || watch.h2_preface.load(Ordering::Relaxed)
         || watch.http2.load(Ordering::Relaxed)
     {
-        // A request in flight (its body, its response), or HTTP/2: look again one timeout
-        // from now.
+        // A request in flight (its body, its response), a response still going out (however
+        // slowly the client reads it), or HTTP/2: look again one timeout from now.
         return Some(after(now, settings.header_read_timeout));
     }
     let due = after(watch.last_active(), settings.header_read_timeout);

@@ -69,8 +69,18 @@ pub(crate) struct ConnWatch {
     /// How many requests of this connection named themselves.
     pub(crate) named: AtomicUsize,
     /// Requests of this connection admitted and not yet answered to their last byte. A
-    /// connection with none holds nothing: the drain may close it after the grace.
+    /// connection with none and nothing left to write holds nothing: the drain may close it
+    /// after the grace.
     pub(crate) active: AtomicUsize,
+    /// Set while the socket takes no more of what the server writes (the client reads slower
+    /// than the server writes): hyper still holds bytes of a response, possibly one whose body
+    /// has ended (hyper takes a body's last chunk whole and drops the body). Such a connection
+    /// is not idle, nor slow to send its next request.
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
+    pub(crate) write_blocked: AtomicBool,
     /// The name of this connection's HTTP/1 request in flight (HTTP/1 has one at a time: hyper
     /// reads the next request once the last one's response body has ended or been dropped),
     /// written as it is admitted into a buffer the connection keeps, so that naming a request
@@ -111,6 +121,7 @@ impl ConnWatch {
             cutting: AtomicBool::new(false),
             named: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
+            write_blocked: AtomicBool::new(false),
             current: Mutex::new(Http1Name::default()),
             accepted,
             last_active: Mutex::new(accepted),

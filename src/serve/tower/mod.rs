@@ -6,7 +6,9 @@
 //!
 //! - **Tracks** every request with the core's [`InFlightGuard`], from the
 //!   call until the response **body** has ended (or was dropped), so a streamed response counts
-//!   until its last byte. The [`Drain`](crate::Phase::Drain) phase waits for these.
+//!   until its last byte is handed to the server. The [`Drain`](crate::Phase::Drain) phase
+//!   waits for these. (hyper may hold the last bytes a while longer, for a client that reads
+//!   slowly; finale's own servers keep such a connection open until they are written.)
 //! - **Serves what still arrives while draining**, without an application error: an HTTP/2 (and
 //!   gRPC) stream reaches the service only if the peer opened it before the final GOAWAY (h2
 //!   refuses later ones itself with `REFUSED_STREAM`, which clients retry transparently), so it

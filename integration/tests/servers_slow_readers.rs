@@ -1,0 +1,150 @@
+//! Clients that read a response slower than the server writes it. hyper takes a body's last
+//! chunk (a whole `Bytes`, say) into its write buffer and drops the body before the socket has
+//! taken those bytes: the request has ended for finale, and the response is still going out.
+//! Such a connection is neither idle (the drain's idle grace) nor slow to send its next request
+//! (the header-read timeout): it stays open while the response goes out, however slowly the
+//! client reads it, and the drain's deadline cuts what is left, named in the report.
+#![cfg(unix)]
+
+mod common;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use bytes::Bytes;
+use finale::{Finale, Handle, ShutdownReport};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+
+use common::served::finish;
+
+const BOUND: Duration = Duration::from_secs(20);
+
+/// Larger than what the kernel's buffers hold on loopback (a few MiB): hyper still holds the
+/// rest of it when its body has ended.
+const BIG: usize = 12 << 20;
+
+/// The header-read timeout of the servers here: the slow client's bound.
+const TIMEOUT: Duration = Duration::from_millis(200);
+
+fn builder(drain: Duration) -> finale::Builder {
+    Finale::builder()
+        .read_env(false)
+        .no_signals()
+        .environment(finale::Environment::Local)
+        .drain_timeout(drain)
+        .total_budget(drain + Duration::from_secs(3))
+        .telemetry_reserve(Duration::from_secs(1))
+}
+
+/// A server of one large response, `GET /big`, as one chunk.
+async fn serve_big(finale: Finale) -> (std::net::SocketAddr, Handle, JoinHandle<ShutdownReport>) {
+    let body = Bytes::from(vec![b'x'; BIG]);
+    let app = Router::new().route("/big", get(move || std::future::ready(body.clone())));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    finale::axum::HttpServer::new("big")
+        .header_read_timeout(TIMEOUT)
+        .idle_grace(Duration::from_millis(100))
+        .serve(&finale, listener, app)
+        .unwrap();
+    let handle = finale.handle();
+    let run = tokio::spawn(finale.run());
+    tokio::time::timeout(BOUND, handle.health().started())
+        .await
+        .expect("the server starts");
+    (addr, handle, run)
+}
+
+/// A client with a small receive buffer that has asked for `/big` and read its head.
+async fn ask_big(addr: std::net::SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut conn = socket.connect(addr).await.unwrap();
+    conn.write_all(b"GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut conn).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains(&format!("content-length: {BIG}")), "{head}");
+    conn
+}
+
+async fn read_head<S: AsyncRead + Unpin>(conn: &mut S) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(BOUND, conn.read(&mut byte))
+            .await
+            .expect("the head within the bound")
+            .unwrap();
+        assert_eq!(n, 1, "closed in the head: {head:?}");
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).to_ascii_lowercase()
+}
+
+/// Reads the body at most 16 KiB (its receive buffer) every 3 ms, about 5 MiB/s (a slow
+/// client's pace, far slower than loopback's), until `BIG` bytes or the end of the stream; how
+/// many bytes it read.
+async fn read_slowly(conn: &mut TcpStream) -> usize {
+    let mut read = 0;
+    let mut buf = vec![0; 64 * 1024];
+    let mut pace = tokio::time::interval(Duration::from_millis(3));
+    let reading = async {
+        while read < BIG {
+            pace.tick().await;
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    };
+    tokio::time::timeout(BOUND, reading)
+        .await
+        .expect("the body, or the end of the stream, within the bound");
+    read
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_response_read_slowly_arrives_whole_while_serving() {
+    let (addr, handle, run) = serve_big(builder(Duration::from_secs(5)).build().unwrap()).await;
+    let mut conn = ask_big(addr).await;
+    // Seconds of reading, many header-read timeouts long, the client reading all along.
+    let read = read_slowly(&mut conn).await;
+    handle.trigger("test");
+    let report = finish(run).await;
+    assert_eq!(read, BIG, "the response was cut short; {report}");
+    assert!(report.is_clean(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_response_read_slowly_arrives_whole_across_the_drain() {
+    let (addr, handle, run) = serve_big(builder(Duration::from_secs(10)).build().unwrap()).await;
+    let mut conn = ask_big(addr).await;
+    // The drain starts with the response on its way: its request has ended for finale (hyper
+    // holds the body's bytes), the idle grace (100 ms) ends long before the client has read.
+    handle.trigger("test");
+    let read = read_slowly(&mut conn).await;
+    let report = finish(run).await;
+    assert_eq!(read, BIG, "the response was cut short; {report}");
+    assert!(report.is_clean(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_still_unread_at_the_drain_deadline_is_cut_and_named() {
+    let (addr, handle, run) =
+        serve_big(builder(Duration::from_millis(1500)).build().unwrap()).await;
+    let _conn = ask_big(addr).await;
+    // The client reads nothing more: the connection holds the drain until its deadline.
+    handle.trigger("test");
+    let report = finish(run).await;
+    assert_eq!(report.cut.len(), 1, "{report}");
+    assert!(
+        report.cut[0].starts_with("connection from 127.0.0.1:")
+            && report.cut[0].ends_with("(a response still being written at the drain deadline)"),
+        "{report}"
+    );
+}
