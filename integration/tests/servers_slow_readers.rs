@@ -42,7 +42,9 @@ fn builder(drain: Duration) -> finale::Builder {
 /// A server of one large response, `GET /big`, as one chunk.
 async fn serve_big(finale: Finale) -> (std::net::SocketAddr, Handle, JoinHandle<ShutdownReport>) {
     let body = Bytes::from(vec![b'x'; BIG]);
-    let app = Router::new().route("/big", get(move || std::future::ready(body.clone())));
+    let app = Router::new()
+        .route("/big", get(move || std::future::ready(body.clone())))
+        .route("/small", get(|| async { "small" }));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     finale::axum::HttpServer::new("big")
@@ -87,8 +89,8 @@ async fn read_head<S: AsyncRead + Unpin>(conn: &mut S) -> String {
 }
 
 /// Reads the body at most 16 KiB (its receive buffer) every 3 ms, about 5 MiB/s (a slow
-/// client's pace, far slower than loopback's), until `BIG` bytes or the end of the stream; how
-/// many bytes it read.
+/// client's pace, far slower than loopback's), until `BIG` bytes (no byte past them) or the end
+/// of the stream; how many bytes it read.
 async fn read_slowly(conn: &mut TcpStream) -> usize {
     let mut read = 0;
     let mut buf = vec![0; 64 * 1024];
@@ -96,7 +98,8 @@ async fn read_slowly(conn: &mut TcpStream) -> usize {
     let reading = async {
         while read < BIG {
             pace.tick().await;
-            match conn.read(&mut buf).await {
+            let room = buf.len().min(BIG - read);
+            match conn.read(&mut buf[..room]).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => read += n,
             }
@@ -143,8 +146,64 @@ async fn a_response_still_unread_at_the_drain_deadline_is_cut_and_named() {
     let report = finish(run).await;
     assert_eq!(report.cut.len(), 1, "{report}");
     assert!(
-        report.cut[0].starts_with("connection from 127.0.0.1:")
-            && report.cut[0].ends_with("(a response still being written at the drain deadline)"),
+        report.cut[0].starts_with("GET /big from 127.0.0.1:")
+            && report.cut[0].ends_with("(response still being written at the drain deadline)"),
         "{report}"
     );
+}
+
+/// `/big` and `/small` in one write (hyper reads both), then `/small` again once `/big`'s head
+/// has come: hyper's read buffer is not empty, so that one stays in the kernel.
+async fn pipeline_three(addr: std::net::SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut conn = socket.connect(addr).await.unwrap();
+    conn.write_all(
+        b"GET /big HTTP/1.1\r\nHost: test\r\n\r\nGET /small HTTP/1.1\r\nHost: test\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut conn).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    conn.write_all(b"GET /small HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    conn
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_pipelined_behind_a_slowly_read_response_does_not_cut_it_at_the_drain() {
+    let (addr, handle, run) = serve_big(builder(Duration::from_secs(10)).build().unwrap()).await;
+    let mut conn = pipeline_three(addr).await;
+    // The drain starts with `/big` going out and a request unread in the kernel: the
+    // connection is left to read its next request (a request on its way is served, with
+    // `Connection: close`) and closed after it, and the socket not before the client is done.
+    handle.trigger("test");
+    let read = read_slowly(&mut conn).await;
+    assert_eq!(read, BIG, "the response was cut short");
+    let next = read_head(&mut conn).await;
+    let report = finish(run).await;
+    assert!(
+        next.starts_with("http/1.1 200") && next.contains("connection: close"),
+        "{next}"
+    );
+    assert!(report.is_clean(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_pipelined_behind_a_slowly_read_response_does_not_cut_it_in_the_drain_delay() {
+    let finale = builder(Duration::from_secs(10))
+        .drain_delay(Duration::from_secs(3))
+        .total_budget(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let (addr, handle, run) = serve_big(finale).await;
+    handle.trigger("test");
+    handle.phase_started(finale::Phase::Announce).await;
+    // Answered with `Connection: close` (the shutdown is announced): hyper closes the
+    // connection after `/big`, with the third request unread in the socket.
+    let mut conn = pipeline_three(addr).await;
+    let read = read_slowly(&mut conn).await;
+    let report = finish(run).await;
+    assert_eq!(read, BIG, "the response was cut short; {report}");
 }

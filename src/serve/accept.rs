@@ -24,10 +24,16 @@
 //!    [idle grace](super::server::HttpServer::idle_grace) after they last did something
 //!    (accepted, or their last request ended): a request that arrives on one is served with
 //!    `Connection: close` (a `503` only within the late margin of the deadline). A connection
-//!    with nothing in flight is closed once its grace is over: at once if it has been idle for
-//!    longer than that (its client is no likelier to use it in the next moment), and a client
-//!    that never sent a complete request does not hold the drain (slow clients are bounded by
-//!    the [header-read timeout](super::server::HttpServer::header_read_timeout) anyway).
+//!    with nothing in flight and nothing left to write is closed once its grace is over: at
+//!    once if it has been idle for longer than that (its client is no likelier to use it in
+//!    the next moment), and a client that never sent a complete request does not hold the
+//!    drain (slow clients are bounded by the
+//!    [header-read timeout](super::server::HttpServer::header_read_timeout) anyway). One whose
+//!    client still reads a response (hyper holds bytes the socket has not taken) is closed
+//!    after it, however long that takes, until the deadline. A connection hyper closed with
+//!    the client's bytes still unread (a pipelined request) keeps its socket open, reading and
+//!    dropping them, until the client closes its end (at most 2 s): closed with bytes unread,
+//!    the socket would be reset, and the end of the response thrown away.
 //!    Upgraded connections (a WebSocket) count as in flight until their handler closes them
 //!    (see [WebSockets](crate::axum#websockets)).
 //! 3. **Drain deadline** minus the [cut margin](super::server::HttpServer::cut_margin):

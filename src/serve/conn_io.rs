@@ -162,11 +162,17 @@ impl<T: Transport> ConnIo<T> {
         }
     }
 
+    /// A write waited for the socket (`blocked`), or one went through after: the connection
+    /// did something then (the header-read timeout of its next request counts from the last
+    /// bytes of a response the socket took, not from its body's end).
     #[cold]
     fn set_blocked(&mut self, blocked: bool) {
         if self.blocked != blocked {
             self.blocked = blocked;
             self.watch.write_blocked.store(blocked, Ordering::Relaxed);
+            if !blocked {
+                self.watch.touch();
+            }
         }
     }
 }

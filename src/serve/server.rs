@@ -173,7 +173,7 @@ impl<L> HttpServer<L> {
     /// never sent a complete request does not hold the drain either). One whose client is
     /// still reading a response (hyper holds bytes the socket has not taken, the handler's
     /// body done) is closed once the response is out, or cut at the drain's deadline and
-    /// named in the report (`connection from … (a response still being written at the drain
+    /// named in the report (`GET /big from … (response still being written at the drain
     /// deadline)`). The drain ends earlier if every connection has closed.
     ///
     /// # Caveats
@@ -274,10 +274,13 @@ impl<L> HttpServer<L> {
     /// whatever the drain is doing: a silent one, a partial head, a partial HTTP/2 preface. An
     /// idle keep-alive connection is closed after it too, as hyper's own header-read timeout
     /// does. A connection whose client is still reading a response is not slow to send its
-    /// next request, however slowly it reads (hyper holds the bytes the socket has not taken
-    /// yet, the handler's body done): it stays open until the response is out, or the drain's
-    /// deadline cuts it; finale sets no timeout on a client's reading, as `axum::serve`
-    /// sets none. finale's connection loop keeps one timer per connection for this (moved only when
+    /// next request, however slowly it reads: while the server still holds bytes of the
+    /// response that the socket has not taken (the handler's body done), it stays open (until
+    /// the drain's deadline cuts it), and the timeout counts from when the socket took the
+    /// last of them. The kernel's own buffers (a few MiB) may still be on their way then: a
+    /// client that takes longer than the timeout to read them finds the connection closed
+    /// after the response's last byte (nothing of it lost) and sends its next request on a
+    /// new one. finale sets no timeout on a client's reading, as `axum::serve` sets none. finale's connection loop keeps one timer per connection for this (moved only when
     /// it fires), not hyper's timer per request. A connection is known to be HTTP/2 by its
     /// whole preface (in however many reads), its TLS ALPN `h2`, or its first HTTP/2 request
     /// (TLS without ALPN); with no stream open it is idle, not slow, and is left alone. A

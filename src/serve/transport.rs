@@ -53,6 +53,8 @@ pub(crate) trait Transport: Send + Sync + Sized + 'static {
     /// Lets go of the reach without shutting the socket's writing down (as dropping tokio's
     /// write half would).
     fn release(reach: Self::Reach);
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
     fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize>;
@@ -72,6 +74,14 @@ pub(crate) trait Transport: Send + Sync + Sized + 'static {
 /// The readiness methods both tokio streams have, with the same names and meaning.
 macro_rules! delegate_readiness {
     () => {
+        #[inline]
+        fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Self::poll_read_ready(self, cx)
+        }
+        #[inline]
+        fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+            Self::try_read(self, buf)
+        }
         #[inline]
         fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
             Self::poll_write_ready(self, cx)

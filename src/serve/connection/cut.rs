@@ -99,16 +99,19 @@ pub(super) fn cut_connection<C>(mut conn: Pin<&mut Option<C>>, watch: &ConnWatch
         && watch.named.load(Ordering::Relaxed) == 0
     {
         // A response whose body ended but whose bytes hyper still held (its client reads
-        // slower than the server writes) was cut short: said so.
-        let what = if watch.write_blocked.load(Ordering::Relaxed) {
-            "a response still being written"
+        // slower than the server writes) was cut short: named as its request.
+        let cut = if watch.write_blocked.load(Ordering::Relaxed) {
+            format!(
+                "{} (response still being written at the drain deadline)",
+                watch.http1_request_name()
+            )
         } else {
-            "open"
+            format!(
+                "connection from {} (open at the drain deadline)",
+                watch.peer
+            )
         };
-        watch.handle.shared.record_cut(format!(
-            "connection from {} ({what} at the drain deadline)",
-            watch.peer
-        ));
+        watch.handle.shared.record_cut(cut);
     }
     false
 }

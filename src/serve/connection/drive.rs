@@ -147,10 +147,9 @@ where
                 _ = stage.wait_for(|s| *s == Stage::Cut) => return cut_connection(conn, watch),
             }
         }
-        if watch.active.load(Ordering::Relaxed) == 0 && !watch.write_blocked.load(Ordering::Relaxed)
-        {
+        if watch.active.load(Ordering::Relaxed) == 0 {
             waiting = unread(socket);
-            if !waiting {
+            if !waiting && !watch.write_blocked.load(Ordering::Relaxed) {
                 // Nothing in flight after the grace (idle, or a client that never sent a
                 // complete request) and nothing left to write: this connection holds nothing,
                 // close it.
@@ -196,7 +195,7 @@ enum Event {
 }
 
 /// Whether the connection's socket holds bytes nobody has read yet.
-fn unread<T: Transport>(socket: &SocketReach<T>) -> bool {
+pub(super) fn unread<T: Transport>(socket: &SocketReach<T>) -> bool {
     let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
     matches!(socket.get().sock_ref().peek(&mut byte), Ok(n) if n > 0)
 }

@@ -10,6 +10,7 @@
 //! | `drive.rs` | the drive loop: serving, the drain delay, the idle grace, the drain, until the connection ends or is cut |
 //! | `slow.rs` | the timing of slow clients: when the header-read timer is due, when it looks again; `after` |
 //! | `cut.rs` | the end at the deadline: the cut and its names in the report, an upgraded connection held until then |
+//! | `linger.rs` | the end of a connection hyper closed with the client's bytes unread: read and dropped first, so that the close is not a reset |
 
 use std::future::Future;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ mod cut;
 mod drive;
 #[cfg(feature = "tls")]
 mod handshake;
+mod linger;
 mod slow;
 
 use cut::{Abandoned, hold_upgraded};
@@ -225,6 +227,8 @@ where
         drop(conn);
         if ended {
             hold_upgraded(&watch, &socket, &mut stage).await;
+            // Boxed: room in the task's future only for connections that linger.
+            Box::pin(linger::linger(&socket, &mut stage)).await;
         }
         abandoned.ended = true;
     }

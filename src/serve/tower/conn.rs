@@ -139,6 +139,26 @@ impl ConnWatch {
         self.accepted
     }
 
+    /// The name of this connection's last HTTP/1 request (its one in flight, if any): on an
+    /// HTTP/1 connection, the request whose response is going out.
+    #[cfg_attr(
+        not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+        allow(dead_code)
+    )]
+    pub(crate) fn http1_request_name(&self) -> String {
+        let current = crate::state::lock(&self.current);
+        request_name(&current.method, &current.target, &self.peer)
+    }
+
+    /// This connection did something now (a request ended, a response's last bytes went to
+    /// the socket). Not kept once it is known to be HTTP/2, where nothing reads it.
+    #[inline]
+    pub(crate) fn touch(&self) {
+        if !self.http2.load(Ordering::Relaxed) {
+            *crate::state::lock(&self.last_active) = tokio::time::Instant::now();
+        }
+    }
+
     /// When this connection last did something: accepted, or its last request ended.
     #[cfg_attr(
         not(any(feature = "axum", feature = "hyper", feature = "tonic")),
@@ -272,10 +292,7 @@ impl CutName {
         match self.own.as_deref() {
             Some((method, Target::Path(path))) => request_name(method, path.path(), peer),
             Some((method, Target::Uri(uri))) => request_name(method, uri_target(uri), peer),
-            None => {
-                let current = crate::state::lock(&self.conn.current);
-                request_name(&current.method, &current.target, peer)
-            }
+            None => self.conn.http1_request_name(),
         }
     }
 
@@ -309,9 +326,7 @@ impl Drop for CutName {
     fn drop(&mut self) {
         // The last activity is read only of connections not known to be HTTP/2 (the idle
         // grace, the slow-client timer): an HTTP/2 stream's end does not read the clock.
-        if !self.conn.http2.load(Ordering::Relaxed) {
-            *crate::state::lock(&self.conn.last_active) = tokio::time::Instant::now();
-        }
+        self.conn.touch();
         // Release: whoever sees the count drop also sees this request's `named` increment.
         self.conn.active.fetch_sub(1, Ordering::Release);
     }
