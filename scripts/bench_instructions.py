@@ -3,6 +3,7 @@
 
 Usage:
   python3 scripts/bench_instructions.py [--requests N] [--repeat R] [--variants plain-ci,finale]
+                                        [--protocol h1|h2]
 
 Throughput on a shared machine swings by 15-30% from run to run; the number of user-space
 instructions a server executes per request does not. This script builds
@@ -22,6 +23,10 @@ next).
   plain     axum::serve(listener, router)
   finale    finale::axum::serve(..)
   layer     axum::serve(listener, router.layer(DrainLayer))
+
+--protocol h2: the requests go over one HTTP/2 connection with 16 streams at a time (`h2load -n N
+-c 1 -m 16`, Debian package `nghttp2-client`), every one checked for a 2xx answer: the cost of
+one stream.
 
 Prints instructions per request for each variant and the ratio of each to the first.
 Needs valgrind (Debian package `valgrind`). Loopback only; bounded: every server is killed if
@@ -45,8 +50,18 @@ from bench_http import build, free_port  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def instructions(binary: str, variant: str, requests: int) -> int:
-    """Total Ir of one run of `variant` serving `requests` keep-alive requests."""
+def send_h2(port: int, variant: str, requests: int) -> None:
+    """`requests` requests on one HTTP/2 connection, 16 streams at a time; each one a 2xx."""
+    out = subprocess.run(
+        ["h2load", "-n", str(requests), "-c", "1", "-m", "16", f"http://127.0.0.1:{port}/"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600).stdout
+    if (f"{requests} succeeded" not in out or f"{requests} 2xx" not in out):
+        sys.exit(f"{variant}: h2load did not get {requests} 2xx answers:\n{out[-800:]}")
+
+
+def instructions(binary: str, variant: str, requests: int, protocol: str = "h1") -> int:
+    """Total Ir of one run of `variant` serving `requests` keep-alive requests (`h2`: streams
+    of one HTTP/2 connection)."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="callgrind-") as tmp:
         out = os.path.join(tmp, "callgrind.out.%p")
@@ -70,13 +85,17 @@ def instructions(binary: str, variant: str, requests: int) -> int:
                     if time.monotonic() > deadline:
                         sys.exit(f"{variant}: no connection on port {port}")
                     time.sleep(0.05)
-            for _ in range(requests):
-                conn.request("GET", "/")
-                response = conn.getresponse()
-                body = response.read()
-                if response.status != 200 or body != b"hello, world":
-                    sys.exit(f"{variant}: unexpected answer {response.status} {body!r}")
-            conn.close()
+            if protocol == "h2":
+                conn.close()
+                send_h2(port, variant, requests)
+            else:
+                for _ in range(requests):
+                    conn.request("GET", "/")
+                    response = conn.getresponse()
+                    body = response.read()
+                    if response.status != 200 or body != b"hello, world":
+                        sys.exit(f"{variant}: unexpected answer {response.status} {body!r}")
+                conn.close()
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -106,6 +125,9 @@ def main() -> None:
                    help="comma-separated; ratios are to the first")
     p.add_argument("--repeat", type=int, default=3,
                    help="R: each measure is taken R times, the median is printed")
+    p.add_argument("--protocol", choices=["h1", "h2"], default="h1",
+                   help="h1: one HTTP/1.1 keep-alive connection; h2: one HTTP/2 connection, "
+                        "16 streams at a time (needs h2load)")
     args = p.parse_args()
     if not 100 <= args.requests <= 20000:
         sys.exit("--requests must be 100..20000")
@@ -116,8 +138,8 @@ def main() -> None:
     runs = {v: [] for v in variants}
     for r in range(args.repeat):
         for variant in variants:
-            low = instructions(binary, variant, args.requests)
-            high = instructions(binary, variant, 2 * args.requests)
+            low = instructions(binary, variant, args.requests, args.protocol)
+            high = instructions(binary, variant, 2 * args.requests, args.protocol)
             runs[variant].append((high - low) / args.requests)
             print(f"  run {r + 1}/{args.repeat} {variant:>10}: {runs[variant][-1]:8.0f} "
                   f"({low} at {args.requests}, {high} at {2 * args.requests})", flush=True)
