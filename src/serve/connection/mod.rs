@@ -227,8 +227,10 @@ where
         drop(conn);
         if ended {
             hold_upgraded(&watch, &socket, &mut stage).await;
-            // Boxed: room in the task's future only for connections that linger.
-            Box::pin(linger::linger(&socket, &mut stage)).await;
+            if linger::unread_input(&socket) {
+                // Boxed: room in the task's future only for connections that linger.
+                Box::pin(linger::linger(&socket, &mut stage)).await;
+            }
         }
         abandoned.ended = true;
     }
