@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use finale::{Finale, Handle, ShutdownReport};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use common::served::finish;
@@ -149,6 +151,80 @@ async fn a_response_still_unread_at_the_drain_deadline_is_cut_and_named() {
         report.cut[0].starts_with("GET /big from 127.0.0.1:")
             && report.cut[0].ends_with("(response still being written at the drain deadline)"),
         "{report}"
+    );
+}
+
+/// A request pipelined while its predecessor's handler runs, after hyper read that one: it
+/// stays in the kernel, and nothing has told tokio's reactor it came (one runtime thread,
+/// busy). The answer before it (`Connection: close`, 512 KiB, all of it in the socket's
+/// buffers at once) still reaches a client that reads it slowly: the socket is not closed with
+/// the request unread under it (which would reset the connection and throw the answer's end
+/// away).
+#[tokio::test(flavor = "current_thread")]
+async fn a_request_pipelined_while_the_answer_before_it_is_made_does_not_reset_that_answer() {
+    const ANSWER: usize = 512 << 10;
+    let started = Arc::new(Notify::new());
+    let go = Arc::new(Notify::new());
+    let app = {
+        let (started, go) = (started.clone(), go.clone());
+        Router::new()
+            .route(
+                "/gated",
+                get(move || {
+                    let (started, go) = (started.clone(), go.clone());
+                    async move {
+                        started.notify_one();
+                        go.notified().await;
+                        Bytes::from(vec![b'x'; ANSWER])
+                    }
+                }),
+            )
+            .route("/small", get(|| async { "small" }))
+    };
+    let finale = builder(Duration::from_secs(5)).build().unwrap();
+    let handle = finale.handle();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    finale::axum::serve(&finale, "gated", listener, app).unwrap();
+    let run = tokio::spawn(finale.run());
+    tokio::time::timeout(BOUND, handle.health().started())
+        .await
+        .expect("the server starts");
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut conn = socket.connect(addr).await.unwrap();
+    conn.write_all(
+        b"GET /gated HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\nGET /small HTTP/1.1\r\nHost: t\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    started.notified().await;
+    conn.write_all(b"GET /small HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    go.notify_one();
+    let head = read_head(&mut conn).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let mut read = 0;
+    let mut buf = vec![0; 16 * 1024];
+    let mut pace = tokio::time::interval(Duration::from_millis(3));
+    let mut ended = Ok(());
+    while read < ANSWER {
+        pace.tick().await;
+        match conn.read(&mut buf[..(ANSWER - read).min(16 * 1024)]).await {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) => {
+                ended = Err(e);
+                break;
+            }
+        }
+    }
+    handle.trigger("test");
+    let report = finish(run).await;
+    assert_eq!(
+        read, ANSWER,
+        "the answer was cut short: {ended:?}; {report}"
     );
 }
 

@@ -427,3 +427,52 @@ async fn h2_websockets_that_ended_leave_nothing_in_flight_and_a_bounded_list() {
     assert_eq!(count, 0);
     assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
+
+/// `finale::axum`'s WebSockets docs: at the deadline "the socket is shut down (the client sees
+/// the connection end, the handler's next read ends)". A handler that ignores the drain and
+/// waits on its read, with a client that sends nothing: its read ends after the cut, and
+/// nothing the connection's task does at its end takes the handler's place as the socket's
+/// reader to wake (one runtime thread: no other worker to notice the socket).
+#[tokio::test(flavor = "current_thread")]
+async fn a_websocket_handler_waiting_on_its_read_sees_it_end_after_the_cut() {
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    let app = Router::new().route(
+        "/ws",
+        any(move |upgrade: WebSocketUpgrade| {
+            let ended_tx = ended_tx.clone();
+            async move {
+                upgrade.on_upgrade(move |mut socket: WebSocket| async move {
+                    let why = loop {
+                        match socket.recv().await {
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) => break "error",
+                            None => break "end",
+                        }
+                    };
+                    let _ = ended_tx.send(why);
+                })
+            }
+        }),
+    );
+    let finale = builder(Duration::from_millis(800)).build().unwrap();
+    let handle = finale.handle();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    finale::axum::serve(&finale, "ws", listener, app).unwrap();
+    let run = tokio::spawn(finale.run());
+    tokio::time::timeout(BOUND, handle.health().started())
+        .await
+        .expect("graceful start completes");
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    conn.write_all(HANDSHAKE.as_bytes()).await.unwrap();
+    let head = read_head(&mut conn).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    handle.trigger("test");
+    let report = finish(run).await;
+    assert_eq!(report.cut.len(), 1, "{report}");
+    let why = tokio::time::timeout(BOUND, ended.recv()).await;
+    assert!(
+        matches!(why, Ok(Some(_))),
+        "the handler's read never ended after the cut"
+    );
+}

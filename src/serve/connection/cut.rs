@@ -17,13 +17,14 @@ use super::Stage;
 /// handler drops the socket; at the drain deadline the socket is shut down and the request
 /// named. The handler learns that the drain started from the Drain phase's token, and can
 /// send its close frame (see the module docs).
+/// Whether the connection had upgraded requests.
 pub(super) async fn hold_upgraded<T: Transport>(
     watch: &ConnWatch,
     socket: &SocketReach<T>,
     stage: &mut watch::Receiver<Stage>,
-) {
+) -> bool {
     if crate::state::lock(&watch.upgrades).is_empty() {
-        return;
+        return false;
     }
     tokio::select! {
         () = watch.io_dropped.notified() => {}
@@ -35,6 +36,7 @@ pub(super) async fn hold_upgraded<T: Transport>(
     }
     // Drops the in-flight guards.
     crate::state::lock(&watch.upgrades).clear();
+    true
 }
 
 /// Names every upgraded request of a connection cut (`when`: at the drain deadline, or when a
@@ -100,16 +102,22 @@ pub(super) fn cut_connection<C>(mut conn: Pin<&mut Option<C>>, watch: &ConnWatch
     {
         // A response whose body ended but whose bytes hyper still held (its client reads
         // slower than the server writes) was cut short: named as its request.
-        let cut = if watch.write_blocked.load(Ordering::Relaxed) {
-            format!(
-                "{} (response still being written at the drain deadline)",
-                watch.http1_request_name()
-            )
-        } else {
-            format!(
+        let cut = match (
+            watch.write_blocked.load(Ordering::Relaxed),
+            watch.http1_request_name(),
+        ) {
+            (true, Some(request)) => {
+                format!("{request} (response still being written at the drain deadline)")
+            }
+            // HTTP/2 (its streams are not a connection's one request).
+            (true, None) => format!(
+                "connection from {} (a response still being written at the drain deadline)",
+                watch.peer
+            ),
+            (false, _) => format!(
                 "connection from {} (open at the drain deadline)",
                 watch.peer
-            )
+            ),
         };
         watch.handle.shared.record_cut(cut);
     }

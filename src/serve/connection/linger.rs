@@ -3,7 +3,6 @@
 //! sent yet (the end of the last response, for a client that reads it slowly).
 
 use std::io;
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -17,22 +16,16 @@ use super::Stage;
 /// to close its end.
 const LINGER: Duration = Duration::from_secs(2);
 
-/// Whether the socket of a connection that ended holds bytes of the client's nobody read. Only
-/// a socket the reactor saw readable since it was last read is looked at (a system call): the
-/// others end with no call at all.
-pub(super) fn unread_input<T: Transport>(socket: &SocketReach<T>) -> bool {
-    let seen = socket
-        .get()
-        .poll_read_ready(&mut Context::from_waker(Waker::noop()));
-    matches!(seen, Poll::Ready(Ok(()))) && super::drive::unread(socket)
-}
-
 /// A connection hyper closed (its writing shut down: the end of stream follows what the socket
-/// still holds) with bytes of the client's still unread ([`unread_input`]), a pipelined request
-/// say: they are read and dropped until the client closes its end (it has the whole response,
-/// and `Connection: close`), for at most [`LINGER`], or until the cut. Only then is the socket
+/// still holds) with bytes of the client's still unread (a peek, one system call as the
+/// connection ends: tokio's readiness may not have seen them yet), a pipelined request say:
+/// they are read and dropped until the client closes its end (it has the whole response, and
+/// `Connection: close`), for at most [`LINGER`], or until the cut. Only then is the socket
 /// closed, with nothing unread, so the kernel sends the rest of the response, then its end,
 /// instead of a reset.
+///
+/// Never after an HTTP/1 upgrade: the handler may still own the read half, and waiting for
+/// the socket's readiness here would take its place as the reader to wake.
 pub(super) async fn linger<T: Transport>(
     socket: &SocketReach<T>,
     stage: &mut watch::Receiver<Stage>,

@@ -226,8 +226,8 @@ where
         // taken by its handler, the streams of an HTTP/2 connection) is released with it.
         drop(conn);
         if ended {
-            hold_upgraded(&watch, &socket, &mut stage).await;
-            if linger::unread_input(&socket) {
+            let upgraded = hold_upgraded(&watch, &socket, &mut stage).await;
+            if !upgraded && drive::unread(&socket) {
                 // Boxed: room in the task's future only for connections that linger.
                 Box::pin(linger::linger(&socket, &mut stage)).await;
             }

@@ -140,14 +140,19 @@ impl ConnWatch {
     }
 
     /// The name of this connection's last HTTP/1 request (its one in flight, if any): on an
-    /// HTTP/1 connection, the request whose response is going out.
+    /// HTTP/1 connection, the request whose response is going out. `None` on a connection
+    /// known to be HTTP/2, or before its first request.
     #[cfg_attr(
         not(any(feature = "axum", feature = "hyper", feature = "tonic")),
         allow(dead_code)
     )]
-    pub(crate) fn http1_request_name(&self) -> String {
+    pub(crate) fn http1_request_name(&self) -> Option<String> {
+        if self.http2.load(Ordering::Relaxed) || self.h2_preface.load(Ordering::Relaxed) {
+            return None;
+        }
         let current = crate::state::lock(&self.current);
-        request_name(&current.method, &current.target, &self.peer)
+        (!current.target.is_empty())
+            .then(|| request_name(&current.method, &current.target, &self.peer))
     }
 
     /// This connection did something now (a request ended, a response's last bytes went to
@@ -292,7 +297,10 @@ impl CutName {
         match self.own.as_deref() {
             Some((method, Target::Path(path))) => request_name(method, path.path(), peer),
             Some((method, Target::Uri(uri))) => request_name(method, uri_target(uri), peer),
-            None => self.conn.http1_request_name(),
+            None => {
+                let current = crate::state::lock(&self.conn.current);
+                request_name(&current.method, &current.target, peer)
+            }
         }
     }
 
