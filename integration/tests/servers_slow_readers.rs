@@ -20,7 +20,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use common::served::finish;
+use common::served::{finish, serve_axum, started};
 
 const BOUND: Duration = Duration::from_secs(20);
 
@@ -54,11 +54,7 @@ async fn serve_big(finale: Finale) -> (std::net::SocketAddr, Handle, JoinHandle<
         .idle_grace(Duration::from_millis(100))
         .serve(&finale, listener, app)
         .unwrap();
-    let handle = finale.handle();
-    let run = tokio::spawn(finale.run());
-    tokio::time::timeout(BOUND, handle.health().started())
-        .await
-        .expect("the server starts");
+    let (handle, run) = started(finale).await;
     (addr, handle, run)
 }
 
@@ -181,15 +177,8 @@ async fn a_request_pipelined_while_the_answer_before_it_is_made_does_not_reset_t
             )
             .route("/small", get(|| async { "small" }))
     };
-    let finale = builder(Duration::from_secs(5)).build().unwrap();
-    let handle = finale.handle();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    finale::axum::serve(&finale, "gated", listener, app).unwrap();
-    let run = tokio::spawn(finale.run());
-    tokio::time::timeout(BOUND, handle.health().started())
-        .await
-        .expect("the server starts");
+    let (addr, handle, run) =
+        serve_axum(builder(Duration::from_secs(5)).build().unwrap(), app).await;
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(16 * 1024).unwrap();
     let mut conn = socket.connect(addr).await.unwrap();

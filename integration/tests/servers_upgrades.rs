@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::served::{finish, wait_in_flight, websockets_installed};
+use common::served::{finish, serve_axum, wait_in_flight, websockets_installed};
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -454,15 +454,8 @@ async fn a_websocket_handler_waiting_on_its_read_sees_it_end_after_the_cut() {
             }
         }),
     );
-    let finale = builder(Duration::from_millis(800)).build().unwrap();
-    let handle = finale.handle();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    finale::axum::serve(&finale, "ws", listener, app).unwrap();
-    let run = tokio::spawn(finale.run());
-    tokio::time::timeout(BOUND, handle.health().started())
-        .await
-        .expect("graceful start completes");
+    let (addr, handle, run) =
+        serve_axum(builder(Duration::from_millis(800)).build().unwrap(), app).await;
     let mut conn = TcpStream::connect(addr).await.unwrap();
     conn.write_all(HANDSHAKE.as_bytes()).await.unwrap();
     let head = read_head(&mut conn).await;

@@ -13,6 +13,28 @@ use tokio::task::JoinHandle;
 
 const BOUND: Duration = Duration::from_secs(15);
 
+/// The run of `finale`, started: its graceful start complete (within a bound).
+pub(crate) async fn started(finale: finale::Finale) -> (Handle, JoinHandle<ShutdownReport>) {
+    let handle = finale.handle();
+    let run = tokio::spawn(finale.run());
+    tokio::time::timeout(BOUND, handle.health().started())
+        .await
+        .expect("graceful start completes");
+    (handle, run)
+}
+
+/// `app` served by `finale` (`finale::axum::serve`) on a fresh loopback port, the run started.
+pub(crate) async fn serve_axum(
+    finale: finale::Finale,
+    app: axum::Router,
+) -> (std::net::SocketAddr, Handle, JoinHandle<ShutdownReport>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    finale::axum::serve(&finale, "http", listener, app).unwrap();
+    let (handle, run) = started(finale).await;
+    (addr, handle, run)
+}
+
 /// The run's report, within a bound.
 pub(crate) async fn finish(run: JoinHandle<ShutdownReport>) -> ShutdownReport {
     tokio::time::timeout(BOUND, run)
