@@ -20,7 +20,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use common::served::{finish, serve_axum, started};
+use common::served::{builder, finish, serve_axum, started};
 
 const BOUND: Duration = Duration::from_secs(20);
 
@@ -30,16 +30,6 @@ const BIG: usize = 12 << 20;
 
 /// The header-read timeout of the servers here: the slow client's bound.
 const TIMEOUT: Duration = Duration::from_millis(200);
-
-fn builder(drain: Duration) -> finale::Builder {
-    Finale::builder()
-        .read_env(false)
-        .no_signals()
-        .environment(finale::Environment::Local)
-        .drain_timeout(drain)
-        .total_budget(drain + Duration::from_secs(3))
-        .telemetry_reserve(Duration::from_secs(1))
-}
 
 /// A server of one large response, `GET /big`, as one chunk.
 async fn serve_big(finale: Finale) -> (std::net::SocketAddr, Handle, JoinHandle<ShutdownReport>) {

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::served::{finish, serve_axum, wait_in_flight, websockets_installed};
+use common::served::{builder, finish, serve_axum, wait_in_flight, websockets_installed};
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -35,16 +35,6 @@ use tokio::task::JoinHandle;
 const BOUND: Duration = Duration::from_secs(15);
 const HANDSHAKE: &str = "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
-
-fn builder(drain: Duration) -> finale::Builder {
-    Finale::builder()
-        .read_env(false)
-        .no_signals()
-        .environment(finale::Environment::Local)
-        .drain_timeout(drain)
-        .total_budget(drain + Duration::from_secs(3))
-        .telemetry_reserve(Duration::from_secs(1))
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {

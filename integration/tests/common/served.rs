@@ -13,6 +13,18 @@ use tokio::task::JoinHandle;
 
 const BOUND: Duration = Duration::from_secs(15);
 
+/// A server test's configuration: no signals, no environment, the Drain phase's timeout `drain`
+/// and room for the rest around it.
+pub(crate) fn builder(drain: Duration) -> finale::Builder {
+    finale::Finale::builder()
+        .read_env(false)
+        .no_signals()
+        .environment(finale::Environment::Local)
+        .drain_timeout(drain)
+        .total_budget(drain + Duration::from_secs(3))
+        .telemetry_reserve(Duration::from_secs(1))
+}
+
 /// The run of `finale`, started: its graceful start complete (within a bound).
 pub(crate) async fn started(finale: finale::Finale) -> (Handle, JoinHandle<ShutdownReport>) {
     let handle = finale.handle();
