@@ -23,7 +23,7 @@ use axum::response::Response;
 use axum::routing::{any, get, post};
 use bytes::Bytes;
 use finale::testing::Process;
-use finale::{Finale, Handle, ShutdownReport, ShutdownStatus};
+use finale::{Handle, ShutdownReport, ShutdownStatus};
 use http::{Method, Request};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
