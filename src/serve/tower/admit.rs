@@ -144,11 +144,36 @@ impl Admitted {
         }
     }
 
-    /// The name this request gets if it is cut before its response exists.
-    pub(crate) fn record_if_cut(&self) {
+    /// The name this request gets if it is cut before its response exists. `request`: the
+    /// request itself, if it never reached the service.
+    pub(crate) fn record_if_cut(&self, request: Option<(&Method, &http::Uri)>) {
         if let Some(cut) = &self.cut {
-            cut.record_if_cut("no response");
+            cut.record_if_cut("no response", request);
         }
+    }
+
+    /// Made ready on the task that calls the service, before the call: an HTTP/2 stream gets
+    /// its own name there (see [`CutName::name_stream`]).
+    #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+    #[inline]
+    pub(crate) fn name_stream<ReqB>(&mut self, req: &Request<ReqB>) {
+        if let (false, Some(cut)) = (self.close_http1, &mut self.cut) {
+            cut.name_stream(req.method(), req.uri());
+        }
+    }
+
+    /// Who is on the other end, on one of finale's own connections.
+    #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+    #[inline]
+    pub(crate) fn peer(&self) -> Option<&super::Peer> {
+        self.cut.as_ref().map(|cut| &cut.conn.peer)
+    }
+
+    /// A gRPC request.
+    #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+    #[inline]
+    pub(crate) fn is_grpc(&self) -> bool {
+        self.grpc.is_some()
     }
 }
 

@@ -24,7 +24,7 @@ pin_project! {
     impl<B> PinnedDrop for DrainBody<B> {
         fn drop(this: Pin<&mut Self>) {
             if let Some(Track { cut: Some(cut), .. }) = this.project().track {
-                cut.record_if_cut("stream open");
+                cut.record_if_cut("stream open", None);
             }
         }
     }

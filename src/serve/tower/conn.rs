@@ -198,8 +198,9 @@ pub(crate) struct Upgrade {
 /// and the report goes to logs and telemetry.
 pub(crate) struct CutName {
     pub(super) conn: Arc<ConnWatch>,
-    /// An HTTP/2 stream's own name (streams run side by side). `None` on HTTP/1: the name is
-    /// the connection's [`current`](ConnWatch::current).
+    /// An HTTP/2 stream's own name (streams run side by side), made on the stream's task
+    /// ([`name_stream`](Self::name_stream)). `None` on HTTP/1: the name is the connection's
+    /// [`current`](ConnWatch::current).
     own: Option<Box<(Method, Target)>>,
 }
 
@@ -239,34 +240,40 @@ impl Http1Name {
 }
 
 impl CutName {
+    /// An admitted request's name, counted as active on its connection. On HTTP/1, written into
+    /// the connection's buffer now; an HTTP/2 stream's own is made on the stream's task, by
+    /// [`name_stream`](Self::name_stream).
     #[inline(always)]
     pub(super) fn new(method: &Method, uri: &Uri, conn: Arc<ConnWatch>, http1: bool) -> Self {
         conn.active.fetch_add(1, Ordering::Relaxed);
         if http1 {
             crate::state::lock(&conn.current).set(method, uri);
-            return Self { conn, own: None };
         }
+        Self { conn, own: None }
+    }
+
+    /// An HTTP/2 stream's own name, kept before its request goes to the service.
+    #[inline]
+    pub(super) fn name_stream(&mut self, method: &Method, uri: &Uri) {
         let target = match uri.path_and_query() {
             Some(path) if !path.as_str().is_empty() => Target::Path(path.clone()),
             _ => Target::Uri(Box::new(uri.clone())),
         };
-        Self {
-            conn,
-            own: Some(Box::new((method.clone(), target))),
-        }
+        self.own = Some(Box::new((method.clone(), target)));
     }
 
     /// Called on drop of an unfinished request or body: names it in the report if its
-    /// connection is being cut.
+    /// connection is being cut. `request`: the request itself, if it never reached the service
+    /// (an HTTP/2 stream has no name of its own until then).
     #[inline]
-    pub(super) fn record_if_cut(&self, what: &str) {
+    pub(super) fn record_if_cut(&self, what: &str, request: Option<(&Method, &Uri)>) {
         if self.conn.cutting.load(Ordering::Relaxed) || self.conn.handle.shared.is_escalated() {
-            self.record_cut(what);
+            self.record_cut(what, request);
         }
     }
 
     #[cold]
-    fn record_cut(&self, what: &str) {
+    fn record_cut(&self, what: &str, request: Option<(&Method, &Uri)>) {
         // Relaxed: the server sets `cutting` and then drops the connection on the same task,
         // so this drop is sequenced after the store. (HTTP/2 streams run on tasks of their own
         // and are dropped later; `cutting` was set before, and the connection does not name
@@ -285,19 +292,20 @@ impl CutName {
         self.conn
             .handle
             .shared
-            .record_cut(format!("{} ({what} {when})", self.name()));
+            .record_cut(format!("{} ({what} {when})", self.name(request)));
     }
 }
 
 impl CutName {
     /// The name of this request in the report: method and path (a tunnel's target for an
-    /// HTTP/1 CONNECT), never the query.
-    fn name(&self) -> String {
+    /// HTTP/1 CONNECT), never the query. `request`: the request itself, if it is still at hand.
+    fn name(&self, request: Option<(&Method, &Uri)>) -> String {
         let peer = &self.conn.peer;
-        match self.own.as_deref() {
-            Some((method, Target::Path(path))) => request_name(method, path.path(), peer),
-            Some((method, Target::Uri(uri))) => request_name(method, uri_target(uri), peer),
-            None => {
+        match (self.own.as_deref(), request) {
+            (Some((method, Target::Path(path))), _) => request_name(method, path.path(), peer),
+            (Some((method, Target::Uri(uri))), _) => request_name(method, uri_target(uri), peer),
+            (None, Some((method, uri))) => request_name(method, uri_target(uri), peer),
+            (None, None) => {
                 let current = crate::state::lock(&self.conn.current);
                 request_name(&current.method, &current.target, peer)
             }
@@ -314,7 +322,7 @@ impl CutName {
         if http1 {
             upgrades.push(Upgrade {
                 _guard: Some(guard),
-                name: self.name(),
+                name: self.name(None),
             });
             return;
         }
@@ -324,7 +332,7 @@ impl CutName {
         }
         upgrades.push(Upgrade {
             _guard: None,
-            name: self.name(),
+            name: self.name(None),
         });
     }
 }

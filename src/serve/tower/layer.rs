@@ -137,7 +137,7 @@ pin_project! {
             if let StateProj::Pending { admitted, .. } = this.project().state.project()
                 && let Some(admitted) = admitted
             {
-                admitted.record_if_cut();
+                admitted.record_if_cut(None);
             }
         }
     }
