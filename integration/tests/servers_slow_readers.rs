@@ -262,3 +262,98 @@ async fn a_request_pipelined_behind_a_slowly_read_response_does_not_cut_it_in_th
     let report = finish(run).await;
     assert_eq!(read, BIG, "the response was cut short; {report}");
 }
+
+/// A client's socket that reads at most `budget` bytes, then nothing more: a client that stops
+/// reading a response. A stand-in around a real socket, because hyper's HTTP/2 client reads all
+/// its window allows as soon as it arrives, and cannot be told to stop.
+struct StopsReading {
+    inner: TcpStream,
+    budget: usize,
+}
+
+impl AsyncRead for StopsReading {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.budget == 0 {
+            // Never woken for reading again: the client reads nothing more.
+            return std::task::Poll::Pending;
+        }
+        let room = buf.remaining().min(self.budget);
+        let mut part = tokio::io::ReadBuf::new(buf.initialize_unfilled_to(room));
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, &mut part);
+        let n = part.filled().len();
+        buf.advance(n);
+        self.budget -= n;
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for StopsReading {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_response_still_unread_at_the_drain_deadline_names_its_connection() {
+    // An HTTP/2 client with a window larger than the response: hyper takes the body's one
+    // chunk whole and the stream ends for finale, its bytes still waiting for the socket. The
+    // connection's streams are not one request: the report names the connection.
+    let (addr, handle, run) =
+        serve_big(builder(Duration::from_millis(1500)).build().unwrap()).await;
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let io = StopsReading {
+        inner: socket.connect(addr).await.unwrap(),
+        // The server's settings, the response's head, a little of its body.
+        budget: 64 * 1024,
+    };
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(32 << 20)
+            .initial_connection_window_size(32 << 20)
+            .handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get("http://test/big")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = tokio::time::timeout(BOUND, send.send_request(request))
+        .await
+        .expect("the response's head within the bound")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The stream has ended for finale: nothing in flight, its bytes in hyper's buffers.
+    assert_eq!(common::served::wait_in_flight(&handle, 0).await, 0);
+    handle.trigger("test");
+    let report = finish(run).await;
+    assert_eq!(report.cut.len(), 1, "{report}");
+    assert!(
+        report.cut[0].starts_with("connection from 127.0.0.1:")
+            && report.cut[0].ends_with("(a response still being written at the drain deadline)"),
+        "{report}"
+    );
+    drop(response);
+}
