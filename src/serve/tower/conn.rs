@@ -206,6 +206,10 @@ pub(crate) struct CutName {
 
 /// What an HTTP/2 stream's name keeps of its URI: the path and query of the usual request (one
 /// shared buffer, cheap to keep), the whole URI otherwise (an authority-form CONNECT).
+#[cfg_attr(
+    not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+    allow(dead_code)
+)]
 enum Target {
     Path(PathAndQuery),
     Uri(Box<Uri>),
@@ -253,6 +257,7 @@ impl CutName {
     }
 
     /// An HTTP/2 stream's own name, kept before its request goes to the service.
+    #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
     #[inline]
     pub(super) fn name_stream(&mut self, method: &Method, uri: &Uri) {
         let target = match uri.path_and_query() {
