@@ -377,6 +377,17 @@ mod tests {
             .unwrap()
     }
 
+    /// The report's name of `GET /events` from the test's connection, cut unanswered.
+    const EVENTS_CUT: &str = "GET /events from 127.0.0.1:5555 (no response at the drain deadline)";
+
+    /// `future` dropped as its connection is cut: what the report names.
+    fn dropped_in_the_cut<F>(handle: &crate::Handle, conn: &ConnWatch, future: F) -> Vec<String> {
+        conn.cutting
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(future);
+        handle.shared.take_cut()
+    }
+
     #[tokio::test]
     async fn an_http2_stream_cut_before_its_first_poll_is_named_by_its_request() {
         // Its own name is made on its first poll (on the stream's task): a stream dropped
@@ -386,13 +397,7 @@ mod tests {
         let admitted = admit_on(handle.in_flight(), &shared, &conn, &req, None);
         let future: ConnFuture<_, _, http_body_util::Empty<Bytes>> =
             ConnFuture::call(NeverReady, req, admitted);
-        conn.cutting
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        drop(future);
-        assert_eq!(
-            handle.shared.take_cut(),
-            ["GET /events from 127.0.0.1:5555 (no response at the drain deadline)"]
-        );
+        assert_eq!(dropped_in_the_cut(&handle, &conn, future), [EVENTS_CUT]);
         assert_eq!(handle.in_flight().count(), 0, "no longer in flight");
     }
 
@@ -404,12 +409,6 @@ mod tests {
         let mut future = Box::pin(ConnFuture::call(NeverReady, req, admitted));
         let polled = std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await;
         assert!(polled.is_pending(), "the service is never ready");
-        conn.cutting
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        drop(future);
-        assert_eq!(
-            handle.shared.take_cut(),
-            ["GET /events from 127.0.0.1:5555 (no response at the drain deadline)"]
-        );
+        assert_eq!(dropped_in_the_cut(&handle, &conn, future), [EVENTS_CUT]);
     }
 }
