@@ -186,6 +186,13 @@ impl Life {
         self.handover.load(Ordering::Acquire) == SHUTDOWN_WON
     }
 
+    /// Whether the hand-off won (a successor's ready line was claimed before any shutdown
+    /// request). The decision itself, read before the upgrade thread has marked anything else.
+    #[cfg_attr(not(all(feature = "upgrade", unix)), allow(dead_code))]
+    pub(crate) fn handover_won(&self) -> bool {
+        !matches!(self.handover.load(Ordering::Acquire), 0 | SHUTDOWN_WON)
+    }
+
     fn settle(&self) {
         if !self.settled.swap(true, Ordering::AcqRel) {
             UNFINISHED.fetch_sub(1, Ordering::AcqRel);
@@ -517,9 +524,21 @@ impl Shared {
     pub(crate) fn upgraded(&self) -> bool {
         #[cfg(all(feature = "upgrade", unix))]
         if let Some(upgrade) = &self.upgrade {
-            return upgrade.succeeded();
+            // The claim decides; the upgrade's own flag follows it an instant later.
+            return self.life.handover_won() || upgrade.succeeded();
         }
         false
+    }
+
+    /// The Announce phase's wait for an upgrade the shutdown abandons, if one is under way:
+    /// see [`Handover::abandon`]. `None` once the hand-off won: the shutdown is the hand-off's,
+    /// even when it was requested in the instant before the upgrade thread marked it done.
+    #[cfg(all(feature = "upgrade", unix))]
+    pub(crate) fn abandon_upgrade(&self, patience: Duration) -> Option<HandoverFuture> {
+        if self.life.handover_won() {
+            return None;
+        }
+        self.upgrade.clone()?.abandon(patience)
     }
 
     /// Whether the listening sockets are shared with an upgrade's successor (ready, or still

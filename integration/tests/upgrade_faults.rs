@@ -661,13 +661,26 @@ fn a_sigterm_racing_the_successors_ready_line_has_one_winner() {
                 "round {round}: the successor {successor} serves on (orphan)\n{log}"
             );
         } else {
-            assert!(!seen("second signal"), "round {round}: {log}");
+            assert!(
+                !seen("second signal"),
+                "round {round}: a second signal\n{log}"
+            );
             assert!(
                 report.contains(": clean, exit code 0"),
-                "round {round}: {log}"
+                "round {round}: not clean\n{log}"
             );
-            assert!(!seen("upgrade abandoned"), "round {round}: {log}");
-            assert!(alive(successor), "round {round}: {log}");
+            assert!(
+                !seen("upgrade abandoned"),
+                "round {round}: the upgrade won, yet is called abandoned\n{log}"
+            );
+            if !alive(successor) {
+                // What the successor said on its way out, if anything.
+                chain.drain_lines(Duration::from_secs(2));
+                panic!(
+                    "round {round}: the successor {successor} is gone after the hand-off\n{}",
+                    chain.seen.join("\n")
+                );
+            }
             assert_eq!(
                 fresh_get(addr, "/hello").map(|_| ()),
                 Ok(()),

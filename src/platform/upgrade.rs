@@ -805,3 +805,46 @@ impl Observer for ReadyReporter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Finale;
+
+    /// The successor's `READY=1` won (the upgrade thread claimed the hand-off) and a signal's
+    /// request came in the instant before the thread marked the hand-off done: the request is
+    /// the hand-off's, and so is the sequence it starts. It must not treat the upgrade as one
+    /// still under way: no "upgrade abandoned" wait (which would SIGKILL a successor that won
+    /// once its patience ran out), no drain delay, and a clean report.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_request_between_the_claim_and_the_hand_off_flag_is_the_hand_offs() {
+        let finale = Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .environment(crate::Environment::Local)
+            .upgrade(Upgrade::new().signal(None))
+            .build()
+            .unwrap();
+        let shared = finale.shared.clone();
+        let upgrade = state(&shared).unwrap();
+        // What the upgrade thread has done at that instant: started, ready line read, claimed.
+        upgrade.busy.store(true, Ordering::Release);
+        upgrade.idle.send_replace(false);
+        assert!(shared.life.claim_handover(4242));
+        assert!(
+            !finale.handle().trigger("signal"),
+            "substituted, not the caller's"
+        );
+        assert!(matches!(
+            shared.reason(),
+            Some(Reason::Upgrade {
+                successor_pid: 4242
+            })
+        ));
+        assert!(shared.upgraded());
+        let report = finale.run().await;
+        let text = report.to_string();
+        assert!(!text.contains("upgrade abandoned"), "{text}");
+        assert!(text.contains("clean"), "{text}");
+    }
+}

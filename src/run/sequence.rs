@@ -253,15 +253,10 @@ fn with_own_waits(
         Phase::Announce => {
             // A successor still starting when the shutdown was requested is stopped (the
             // service is to stop, not to be replaced): the sequence waits for that, before the
-            // Drain lets go of the sockets the successor holds too.
+            // Drain lets go of the sockets the successor holds too. Most of the Announce
+            // timeout for its SIGTERM; then SIGKILL, so that no orphan outlives this process.
             #[cfg(all(feature = "upgrade", unix))]
-            if let Some(wait) = shared
-                .upgrade
-                .clone()
-                // Most of the Announce timeout for its SIGTERM; then SIGKILL, so that no
-                // orphan outlives this process.
-                .and_then(|upgrade| upgrade.abandon(budget.announce_timeout.mul_f32(0.8)))
-            {
+            if let Some(wait) = shared.abandon_upgrade(budget.announce_timeout.mul_f32(0.8)) {
                 entries.push(Entry::wait(
                     "upgrade abandoned",
                     EntryKind::Upgrade,
