@@ -23,7 +23,12 @@
 //! shorter than the plan. Lines of one datagram are separated by `\n`. The socket is
 //! non-blocking: a datagram systemd cannot take at once (its queue full, PID 1 very busy) is
 //! logged and dropped rather than stalling the service, so these promises hold as far as the
-//! datagrams are delivered.
+//! datagrams are delivered. The one exception is the hand-off's `MAINPID=`: dropped, it would
+//! leave systemd taking the old process for the main one, and its exit for the service's end,
+//! which stops the successor. It waits for room in the queue, at most 1 second, on the thread
+//! that completes the upgrade (the supervisor thread for the upgrade signal; for
+//! [`Handle::upgrade`](crate::Handle::upgrade), the runtime thread that awaits it), and is
+//! logged if it still could not go.
 //!
 //! The watchdog pings come from a task on **your** runtime, started when graceful start
 //! completes: if the runtime stops making progress (every worker thread blocked), the pings stop
@@ -32,8 +37,9 @@
 //! shutdown, which finale's own supervisor bounds.
 //!
 //! Every datagram is sent on a non-blocking socket from the thread where the moment happens
-//! (the supervisor thread for a signal, your runtime for the phases): it never blocks and never
-//! prints; a datagram the service manager cannot take is logged through `tracing` and dropped.
+//! (the supervisor thread for a signal, your runtime for the phases): it never blocks (but for
+//! the hand-off's `MAINPID=`, above) and never prints; a datagram the service manager cannot
+//! take is logged through `tracing` and dropped.
 //! `NotifyAccess=main` is enough: every datagram comes from the main process.
 //!
 //! # Socket activation
@@ -100,6 +106,9 @@ use crate::state::{EndOwner, Life, Observer, Shared, StageOutcome, lock};
 pub(crate) struct Notifier {
     inner: Arc<Inner>,
 }
+
+/// How long the hand-off's `MAINPID=` waits for room in systemd's queue, when it is full.
+const MAINPID_PATIENCE: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct Inner {
@@ -188,6 +197,38 @@ impl Notifier {
             return;
         }
         self.transmit(message);
+    }
+
+    /// Sends the hand-off's datagram: as [`transmit`](Notifier::transmit), but if systemd's
+    /// queue is full it waits for room, at most [`MAINPID_PATIENCE`], on a blocking socket of
+    /// its own. Dropped, it would leave systemd taking this process for the service's main
+    /// process, and this process's exit for the service's end (stopping the successor). The
+    /// caller holds `handed`.
+    fn transmit_patiently(&self, message: &str) {
+        match self
+            .inner
+            .socket
+            .send_to_addr(message.as_bytes(), &self.inner.addr)
+        {
+            Ok(_) => tracing::trace!(target: "finale", message, "systemd notified"),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                let waited = UnixDatagram::unbound().and_then(|socket| {
+                    socket.set_write_timeout(Some(MAINPID_PATIENCE))?;
+                    socket.send_to_addr(message.as_bytes(), &self.inner.addr)
+                });
+                match waited {
+                    Ok(_) => {
+                        tracing::debug!(target: "finale", message, "systemd notified once its queue had room")
+                    }
+                    Err(error) => {
+                        tracing::warn!(target: "finale", message, %error, ?MAINPID_PATIENCE, "systemd notification not sent: its queue stayed full")
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(target: "finale", message, %error, "systemd notification not sent")
+            }
+        }
     }
 
     /// Sends one datagram without blocking; a failure is logged. The caller holds `handed`.
@@ -354,7 +395,7 @@ impl Observer for Notifier {
         if *handed {
             return;
         }
-        self.transmit(&format!(
+        self.transmit_patiently(&format!(
             "MAINPID={successor_pid}\nSTATUS=handed over to pid {successor_pid}"
         ));
         *handed = true;
@@ -896,10 +937,78 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// The hand-off's `MAINPID=` finds systemd's queue full (its reader busy): it waits for
+    /// room instead of being dropped (a dropped one leaves systemd taking the old process for
+    /// the service's main process, whose exit it takes for the service's end).
+    #[test]
+    fn systemd_mainpid_waits_for_room_in_a_full_queue() {
+        let finale = crate::Finale::builder().no_signals().build().unwrap();
+        let dir = scratch("finale-notify-full");
+        let path = dir.join("notify");
+        let (receiver, notifier) = socket_pair(&path, Duration::from_secs(3));
+        // Nobody reads yet: the queue fills (the kernel keeps ten datagrams by default).
+        let filler = UnixDatagram::unbound().unwrap();
+        filler.set_nonblocking(true).unwrap();
+        let mut queued = 0;
+        while filler.send_to(b"WATCHDOG=1", &path).is_ok() {
+            queued += 1;
+            assert!(queued < 100_000, "the queue never filled");
+        }
+        let handing = std::thread::spawn(move || {
+            Observer::handed_over(&notifier, &finale.shared, 4242);
+        });
+        // Bounded: a hand-off that drops its datagram returns at once; one that waits is still
+        // waiting here, and the reader makes room.
+        let until = Instant::now() + Duration::from_millis(200);
+        while !handing.is_finished() && Instant::now() < until {
+            std::thread::yield_now();
+        }
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        for _ in 0..=queued {
+            match receiver.recv(&mut buf) {
+                Ok(n) => seen.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(_) => break,
+            }
+        }
+        handing.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            seen.iter().any(|m| m.starts_with("MAINPID=4242\n")),
+            "MAINPID dropped: {} datagrams, none of them MAINPID",
+            seen.len()
+        );
+    }
+
+    /// The wait is bounded: with nobody reading, the hand-off gives up after
+    /// [`MAINPID_PATIENCE`] (logged) instead of holding its thread.
+    #[test]
+    fn systemd_mainpid_waits_at_most_its_patience() {
+        let finale = crate::Finale::builder().no_signals().build().unwrap();
+        let dir = scratch("finale-notify-stuck");
+        let path = dir.join("notify");
+        let (_receiver, notifier) = socket_pair(&path, Duration::from_secs(3));
+        let filler = UnixDatagram::unbound().unwrap();
+        filler.set_nonblocking(true).unwrap();
+        for _ in 0..100_000 {
+            if filler.send_to(b"WATCHDOG=1", &path).is_err() {
+                break;
+            }
+        }
+        let start = Instant::now();
+        Observer::handed_over(&notifier, &finale.shared, 4242);
+        let took = start.elapsed();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            took < MAINPID_PATIENCE + Duration::from_secs(2),
+            "held for {took:?}"
+        );
+    }
+
     /// Watchdog pings from other threads while the service is handed over: none reaches the
     /// socket after `MAINPID=` (the check and the send are one step under the lock that
     /// `handed_over` holds while it sends and sets the flag). 200 rounds that show it: a round
-    /// whose `MAINPID=` found the socket's queue full (the sends never block, and a reader
+    /// whose `MAINPID=` found the socket's queue full for longer than its patience (a reader
     /// starved on a busy machine lets the queue's ten datagrams fill) shows nothing, and
     /// another round runs instead, at most 200 more.
     #[test]
