@@ -141,7 +141,7 @@
 //! - **systemd notifications**, only with `Builder::systemd_notify(true)` (feature `systemd`)
 //!   and when `$NOTIFY_SOCKET` is set: non-blocking datagrams to the service manager from the
 //!   thread where each moment happens (an upgrade's `MAINPID=` alone waits for room in a full
-//!   queue, at most 1 s), and, when `$WATCHDOG_USEC` is set, one task on your
+//!   queue, at most 0.5 s), and, when `$WATCHDOG_USEC` is set, one task on your
 //!   runtime that pings the watchdog from graceful start to the trigger.
 //! - **Socket activation**, only when you call `finale::systemd::listener*` (feature
 //!   `systemd`): the first call takes the sockets systemd passed for the whole process and

@@ -25,10 +25,11 @@
 //! logged and dropped rather than stalling the service, so these promises hold as far as the
 //! datagrams are delivered. The one exception is the hand-off's `MAINPID=`: dropped, it would
 //! leave systemd taking the old process for the main one, and its exit for the service's end,
-//! which stops the successor. It waits for room in the queue, at most 1 second, on the thread
-//! that completes the upgrade (the supervisor thread for the upgrade signal; for
-//! [`Handle::upgrade`](crate::Handle::upgrade), the runtime thread that awaits it), and is
-//! logged if it still could not go.
+//! which stops the successor. It waits for room in the queue, at most 0.5 seconds, on the
+//! thread that completes the upgrade (the supervisor thread for the upgrade signal; for
+//! [`Handle::upgrade`](crate::Handle::upgrade), a worker of your runtime), and is logged if
+//! it still could not go. Meanwhile no other datagram of this process waits for it: each is
+//! dropped (the successor speaks for the service from now on).
 //!
 //! The watchdog pings come from a task on **your** runtime, started when graceful start
 //! completes: if the runtime stops making progress (every worker thread blocked), the pings stop
@@ -108,7 +109,9 @@ pub(crate) struct Notifier {
 }
 
 /// How long the hand-off's `MAINPID=` waits for room in systemd's queue, when it is full.
-const MAINPID_PATIENCE: Duration = Duration::from_secs(1);
+/// Shorter than the default Announce timeout, within which the old process's sequence waits
+/// for it when its shutdown started meanwhile.
+const MAINPID_PATIENCE: Duration = Duration::from_millis(500);
 
 #[derive(Debug)]
 struct Inner {
@@ -199,34 +202,33 @@ impl Notifier {
         self.transmit(message);
     }
 
-    /// Sends the hand-off's datagram: as [`transmit`](Notifier::transmit), but if systemd's
-    /// queue is full it waits for room, at most [`MAINPID_PATIENCE`], on a blocking socket of
-    /// its own. Dropped, it would leave systemd taking this process for the service's main
-    /// process, and this process's exit for the service's end (stopping the successor). The
-    /// caller holds `handed`.
+    /// Waits for room in systemd's queue to send the hand-off's datagram, at most
+    /// [`MAINPID_PATIENCE`], on a blocking socket of its own (a datagram send to a full queue
+    /// waits for room, up to the socket's write timeout); a signal that interrupts the wait
+    /// does not end it. Called without `handed`: the flag is already set, so every other
+    /// datagram is dropped at once meanwhile, none goes out after this one, and no sender waits
+    /// for this one.
     fn transmit_patiently(&self, message: &str) {
-        match self
-            .inner
-            .socket
-            .send_to_addr(message.as_bytes(), &self.inner.addr)
-        {
-            Ok(_) => tracing::trace!(target: "finale", message, "systemd notified"),
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                let waited = UnixDatagram::unbound().and_then(|socket| {
-                    socket.set_write_timeout(Some(MAINPID_PATIENCE))?;
-                    socket.send_to_addr(message.as_bytes(), &self.inner.addr)
-                });
-                match waited {
-                    Ok(_) => {
-                        tracing::debug!(target: "finale", message, "systemd notified once its queue had room")
-                    }
-                    Err(error) => {
-                        tracing::warn!(target: "finale", message, %error, ?MAINPID_PATIENCE, "systemd notification not sent: its queue stayed full")
-                    }
+        let deadline = Instant::now() + MAINPID_PATIENCE;
+        let waited = UnixDatagram::unbound().and_then(|socket| {
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break Err(io::ErrorKind::WouldBlock.into());
+                }
+                socket.set_write_timeout(Some(left))?;
+                match socket.send_to_addr(message.as_bytes(), &self.inner.addr) {
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                    sent => break sent,
                 }
             }
+        });
+        match waited {
+            Ok(_) => {
+                tracing::debug!(target: "finale", message, "systemd notified once its queue had room")
+            }
             Err(error) => {
-                tracing::warn!(target: "finale", message, %error, "systemd notification not sent")
+                tracing::warn!(target: "finale", message, %error, ?MAINPID_PATIENCE, "systemd notification not sent: its queue stayed full")
             }
         }
     }
@@ -390,15 +392,35 @@ impl Observer for Notifier {
     }
 
     fn handed_over(&self, _shared: &Shared, successor_pid: u32) {
-        // The datagram and the flag under one lock: it is the last one this process sends.
-        let mut handed = lock(&self.inner.handed);
-        if *handed {
-            return;
+        let message = format!("MAINPID={successor_pid}\nSTATUS=handed over to pid {successor_pid}");
+        {
+            // The flag and the first try under one lock: this is the last datagram this
+            // process sends.
+            let mut handed = lock(&self.inner.handed);
+            if *handed {
+                return;
+            }
+            *handed = true;
+            match self
+                .inner
+                .socket
+                .send_to_addr(message.as_bytes(), &self.inner.addr)
+            {
+                Ok(_) => {
+                    tracing::trace!(target: "finale", message, "systemd notified");
+                    return;
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => {
+                    tracing::warn!(target: "finale", message, %error, "systemd notification not sent");
+                    return;
+                }
+            }
         }
-        self.transmit_patiently(&format!(
-            "MAINPID={successor_pid}\nSTATUS=handed over to pid {successor_pid}"
-        ));
-        *handed = true;
+        // systemd's queue is full. Dropped, this datagram would leave systemd taking this
+        // process for the service's main process, and its exit for the service's end (stopping
+        // the successor): it waits for room.
+        self.transmit_patiently(&message);
     }
 }
 
@@ -977,6 +999,120 @@ mod tests {
             seen.iter().any(|m| m.starts_with("MAINPID=4242\n")),
             "MAINPID dropped: {} datagrams, none of them MAINPID",
             seen.len()
+        );
+    }
+
+    /// While the hand-off's `MAINPID=` waits for room, another datagram (a watchdog ping from
+    /// the runtime) does not wait for it: it is dropped at once, and `MAINPID=` still goes out
+    /// when the reader makes room.
+    #[test]
+    fn systemd_nothing_waits_behind_a_waiting_mainpid() {
+        let finale = crate::Finale::builder().no_signals().build().unwrap();
+        let finale_life = finale.shared.life.clone();
+        let dir = scratch("finale-notify-behind");
+        let path = dir.join("notify");
+        let (receiver, notifier) = socket_pair(&path, Duration::from_secs(3));
+        let filler = UnixDatagram::unbound().unwrap();
+        filler.set_nonblocking(true).unwrap();
+        let mut queued = 0;
+        while filler.send_to(b"WATCHDOG=1", &path).is_ok() {
+            queued += 1;
+            assert!(queued < 100_000, "the queue never filled");
+        }
+        let (started, handing_started) = std::sync::mpsc::channel();
+        let handing = {
+            let notifier = notifier.clone();
+            std::thread::spawn(move || {
+                started.send(()).unwrap();
+                Observer::handed_over(&notifier, &finale.shared, 4242);
+            })
+        };
+        handing_started.recv().unwrap();
+        // Until the hand-off holds the flag (it waits for room without the lock).
+        let until = Instant::now() + Duration::from_secs(2);
+        while !*lock(&notifier.inner.handed) && Instant::now() < until {
+            std::thread::yield_now();
+        }
+        // With the lock held through the wait, this ping would block until the hand-off gave
+        // up, by which time its `MAINPID=` would be gone for good.
+        notifier.send_unless_ended(&finale_life, "WATCHDOG=1");
+        assert!(!handing.is_finished(), "the hand-off stopped waiting");
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        for _ in 0..=queued {
+            match receiver.recv(&mut buf) {
+                Ok(n) => seen.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(_) => break,
+            }
+        }
+        handing.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            seen.last().map(|m| m.starts_with("MAINPID=4242\n")),
+            Some(true),
+            "{seen:?}"
+        );
+    }
+
+    /// Signals delivered to the thread whose `MAINPID=` waits for room interrupt its send
+    /// (a send with a timeout is never restarted): the wait goes on, and `MAINPID=` goes out
+    /// once the reader makes room.
+    #[test]
+    fn systemd_a_signal_does_not_cut_the_mainpid_wait_short() {
+        use nix::sys::pthread::{pthread_kill, pthread_self};
+        use nix::sys::signal::Signal as NixSignal;
+        // A handler for SIGUSR1 (tokio's, with `SA_RESTART`), so that the signal interrupts
+        // the send rather than end the process.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _usr1 = runtime.block_on(async {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).unwrap()
+        });
+        let finale = crate::Finale::builder().no_signals().build().unwrap();
+        let dir = scratch("finale-notify-eintr");
+        let path = dir.join("notify");
+        let (receiver, notifier) = socket_pair(&path, Duration::from_secs(3));
+        let filler = UnixDatagram::unbound().unwrap();
+        filler.set_nonblocking(true).unwrap();
+        let mut queued = 0;
+        while filler.send_to(b"WATCHDOG=1", &path).is_ok() {
+            queued += 1;
+            assert!(queued < 100_000, "the queue never filled");
+        }
+        let (tx, thread) = std::sync::mpsc::channel();
+        let handing = {
+            let notifier = notifier.clone();
+            std::thread::spawn(move || {
+                tx.send(pthread_self()).unwrap();
+                Observer::handed_over(&notifier, &finale.shared, 4242);
+            })
+        };
+        let thread = thread.recv().unwrap();
+        // Bounded: a signal every 10 ms for 200 ms, while the hand-off waits (it would give up
+        // at the first that lands in its send).
+        for _ in 0..20 {
+            if handing.is_finished() {
+                break;
+            }
+            let _ = pthread_kill(thread, NixSignal::SIGUSR1);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        for _ in 0..=queued {
+            match receiver.recv(&mut buf) {
+                Ok(n) => seen.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(_) => break,
+            }
+        }
+        handing.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            seen.last().map(|m| m.starts_with("MAINPID=4242\n")),
+            Some(true),
+            "{seen:?}"
         );
     }
 
