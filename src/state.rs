@@ -326,6 +326,10 @@ pub(crate) trait Handover: std::any::Any + Send + Sync + std::fmt::Debug {
     /// stops the successor (most of `patience` for it to go, then it is killed) and resolves
     /// once no hand-over is under way. `None` when none is.
     fn abandon(self: Arc<Self>, patience: Duration) -> Option<HandoverFuture>;
+    /// The Announce phase's wait when the hand-over won but is still being completed (the
+    /// platform told: systemd's `MAINPID=`, which may wait for room) as the shutdown starts:
+    /// resolves once it is, so that the process does not end before. `None` when it is.
+    fn completing(self: Arc<Self>) -> Option<HandoverFuture>;
 }
 
 /// What [`Handover`] hands back to run: a boxed future, so that the state never names the
@@ -530,15 +534,23 @@ impl Shared {
         false
     }
 
-    /// The Announce phase's wait for an upgrade the shutdown abandons, if one is under way:
-    /// see [`Handover::abandon`]. `None` once the hand-off won: the shutdown is the hand-off's,
-    /// even when it was requested in the instant before the upgrade thread marked it done.
+    /// The Announce phase's wait for an upgrade, named, if one is under way as the shutdown
+    /// starts: the hand-off won, and is still being completed ([`Handover::completing`]); or
+    /// the shutdown won, and the upgrade is abandoned ([`Handover::abandon`]). Read on the
+    /// claim itself: the shutdown is the hand-off's even when it was requested in the instant
+    /// before the upgrade thread marked the hand-off done.
     #[cfg(all(feature = "upgrade", unix))]
-    pub(crate) fn abandon_upgrade(&self, patience: Duration) -> Option<HandoverFuture> {
+    pub(crate) fn upgrade_wait(
+        &self,
+        patience: Duration,
+    ) -> Option<(&'static str, HandoverFuture)> {
+        let upgrade = self.upgrade.clone()?;
         if self.life.handover_won() {
-            return None;
+            return upgrade.completing().map(|wait| ("upgrade hand-over", wait));
         }
-        self.upgrade.clone()?.abandon(patience)
+        upgrade
+            .abandon(patience)
+            .map(|wait| ("upgrade abandoned", wait))
     }
 
     /// Whether the listening sockets are shared with an upgrade's successor (ready, or still

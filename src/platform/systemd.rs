@@ -29,7 +29,9 @@
 //! thread that completes the upgrade (the supervisor thread for the upgrade signal; for
 //! [`Handle::upgrade`](crate::Handle::upgrade), a worker of your runtime), and is logged if
 //! it still could not go. Meanwhile no other datagram of this process waits for it: each is
-//! dropped (the successor speaks for the service from now on).
+//! dropped (the successor speaks for the service from now on). A shutdown of the old process
+//! that started meanwhile waits for it in its Announce phase, so the process does not end
+//! before it.
 //!
 //! The watchdog pings come from a task on **your** runtime, started when graceful start
 //! completes: if the runtime stops making progress (every worker thread blocked), the pings stop

@@ -30,7 +30,8 @@
 //!    shutdown requested before the old process read the ready line wins: the service is to
 //!    stop, not to be replaced. One requested after it is the hand-off's: the successor
 //!    serves, this process drains with reason `upgrade`, and the signal counts as the first
-//!    after the hand-off. When the shutdown wins, the upgrade is abandoned, the successor
+//!    after the hand-off; if the upgrade had not yet told systemd (`MAINPID=`), the Announce
+//!    phase waits for it, so that this process does not end first. When the shutdown wins, the upgrade is abandoned, the successor
 //!    stopped the same way (SIGKILL once most of the Announce timeout is spent, so that no
 //!    orphan outlives this process), the report says so, and the servers leave the shared
 //!    sockets alone while the successor still holds them.
@@ -214,9 +215,27 @@ impl Handle {
     /// [`Builder::upgrade`](crate::Builder::upgrade), [`InProgress`](UpgradeError::InProgress),
     /// [`ShuttingDown`](UpgradeError::ShuttingDown), or how the successor
     /// failed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future (a caller's timeout, say) does not stop the upgrade: it runs to its
+    /// end on a task of its own, on the current runtime (the successor started, waited for, and
+    /// handed the service or stopped), as one started by the upgrade signal does. Only its
+    /// result is lost; the log and the report still tell it.
     #[cfg_attr(docsrs, doc(cfg(feature = "upgrade")))]
     pub async fn upgrade(&self) -> Result<Upgraded, UpgradeError> {
-        run(&self.shared).await
+        let shared = self.shared.clone();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Not on a tokio runtime: nowhere to hand the upgrade to; run it here.
+            return run(&shared).await;
+        };
+        match runtime.spawn(async move { run(&shared).await }).await {
+            Ok(result) => result,
+            Err(error) => Err(UpgradeError::Spawn {
+                program: PathBuf::new(),
+                error: format!("the upgrade's task ended without an answer: {error}"),
+            }),
+        }
     }
 }
 
@@ -453,6 +472,18 @@ impl Handover for UpgradeState {
         Box::pin(async move {
             let _ = run(&shared).await;
         })
+    }
+
+    fn completing(self: Arc<Self>) -> Option<HandoverFuture> {
+        // `idle` goes back to `true` once the upgrade has told the platform and counted the
+        // hand-over (`try_upgrade`).
+        if *self.idle.borrow() {
+            return None;
+        }
+        Some(Box::pin(async move {
+            let mut idle = self.idle.subscribe();
+            let _ = idle.wait_for(|idle| *idle).await;
+        }))
     }
 
     fn abandon(self: Arc<Self>, patience: Duration) -> Option<HandoverFuture> {
@@ -815,7 +846,9 @@ mod tests {
     /// request came in the instant before the thread marked the hand-off done: the request is
     /// the hand-off's, and so is the sequence it starts. It must not treat the upgrade as one
     /// still under way: no "upgrade abandoned" wait (which would SIGKILL a successor that won
-    /// once its patience ran out), no drain delay, and a clean report.
+    /// once its patience ran out), no drain delay. It waits instead for the hand-off to be
+    /// completed (systemd's `MAINPID=` may wait for room in a full queue): the process must not
+    /// end before the platform was told. Here the upgrade completes 300 ms into Announce.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_request_between_the_claim_and_the_hand_off_flag_is_the_hand_offs() {
         let finale = Finale::builder()
@@ -842,9 +875,90 @@ mod tests {
             })
         ));
         assert!(shared.upgraded());
+        // The upgrade's own task completes the hand-off a moment later.
+        let completing = {
+            let (shared, upgrade) = (shared.clone(), upgrade.clone());
+            tokio::spawn(async move {
+                shared.life.phase_started[crate::Phase::Announce.index()]
+                    .cancelled()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                upgrade.handed_off.store(true, Ordering::Release);
+                upgrade.idle.send_replace(true);
+            })
+        };
         let report = finale.run().await;
+        completing.await.unwrap();
         let text = report.to_string();
         assert!(!text.contains("upgrade abandoned"), "{text}");
         assert!(text.contains("clean"), "{text}");
+        let announce = &report.phases[crate::Phase::Announce.index()];
+        assert!(
+            announce.duration >= Duration::from_millis(300),
+            "the Announce did not wait for the hand-off: {text}"
+        );
+        assert!(
+            announce
+                .entries
+                .iter()
+                .any(|e| e.name == "upgrade hand-over" && e.outcome.is_completed()),
+            "{text}"
+        );
+    }
+
+    /// A caller's timeout drops the future of `Handle::upgrade` while the successor starts: the
+    /// upgrade still runs to its end. The successor reports ready after the timeout; the
+    /// hand-off is completed (the shutdown requested as the upgrade's, nothing left under way)
+    /// rather than left half done with both processes serving.
+    #[tokio::test]
+    async fn an_upgrade_whose_caller_gave_up_still_completes() {
+        let dir =
+            std::env::temp_dir().join(format!("finale-upgrade-dropped-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("successor.sh");
+        // The successor: `finale.ready` is its fd 3 (no listener is handed over here).
+        let pid_file = dir.join("successor.pid");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho $$ > '{}'\nsleep 0.3\nprintf 'READY=1\\n' >&3\nexec sleep 30\n",
+                pid_file.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let finale = Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .environment(crate::Environment::Local)
+            .upgrade(Upgrade::new().signal(None).program(&script))
+            .build()
+            .unwrap();
+        let shared = finale.shared.clone();
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(50), finale.handle().upgrade()).await;
+        assert!(gave_up.is_err(), "the successor reports ready only later");
+        // Bounded: the successor is ready 0.3 s after it started.
+        let until = Instant::now() + Duration::from_secs(10);
+        while shared.reason().is_none() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let reason = shared.reason();
+        // The successor this test started, whatever happened to the hand-off.
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|pid| pid.trim().parse().ok())
+        {
+            signal(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            matches!(reason, Some(Reason::Upgrade { .. })),
+            "the hand-off was left half done: {reason:?}"
+        );
+        let upgrade = state(&shared).unwrap();
+        assert!(!upgrade.in_progress(), "an upgrade still under way");
+        assert!(*upgrade.idle.borrow(), "the hand-off was not completed");
     }
 }

@@ -255,14 +255,11 @@ fn with_own_waits(
             // service is to stop, not to be replaced): the sequence waits for that, before the
             // Drain lets go of the sockets the successor holds too. Most of the Announce
             // timeout for its SIGTERM; then SIGKILL, so that no orphan outlives this process.
+            // A hand-off that won but is still telling the platform (systemd's `MAINPID=`)
+            // is waited for too: this process must not end before it.
             #[cfg(all(feature = "upgrade", unix))]
-            if let Some(wait) = shared.abandon_upgrade(budget.announce_timeout.mul_f32(0.8)) {
-                entries.push(Entry::wait(
-                    "upgrade abandoned",
-                    EntryKind::Upgrade,
-                    -1,
-                    wait,
-                ));
+            if let Some((name, wait)) = shared.upgrade_wait(budget.announce_timeout.mul_f32(0.8)) {
+                entries.push(Entry::wait(name, EntryKind::Upgrade, -1, wait));
             }
             let delay = budget.drain_delay;
             // A service that never became ready was never in the load balancer's rotation:
