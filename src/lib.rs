@@ -151,10 +151,9 @@
 //!   signal (`SIGUSR2` by default), received by the supervisor thread; per upgrade, one
 //!   short-lived thread (`finale-upgrade`) that starts the successor (a child process with the
 //!   servers' listening sockets at file descriptors 3, 4, … and `LISTEN_FDS`, `LISTEN_FDNAMES`,
-//!   `FINALE_LISTEN_PARENT` in its environment) and waits for it; `Handle::upgrade` runs the
-//!   upgrade on a task it spawns on the current runtime (so that dropping its future leaves
-//!   nothing half done). In a successor, the passed sockets are taken at [`Builder::build`].
-//!   See [`upgrade`].
+//!   `FINALE_LISTEN_PARENT` in its environment), waits for it, and completes the hand-off
+//!   (tells systemd, requests the shutdown) or stops it, whatever became of the caller. In a
+//!   successor, the passed sockets are taken at [`Builder::build`]. See [`upgrade`].
 //! - **The servers' timer threads** (features `axum`, `hyper`, `tonic`): each running server
 //!   has one thread (`finale-slow-clients`) with a `current_thread` tokio runtime that does
 //!   nothing but keep its connections' slow-client timers (the

@@ -25,13 +25,12 @@
 //! logged and dropped rather than stalling the service, so these promises hold as far as the
 //! datagrams are delivered. The one exception is the hand-off's `MAINPID=`: dropped, it would
 //! leave systemd taking the old process for the main one, and its exit for the service's end,
-//! which stops the successor. It waits for room in the queue, at most 0.5 seconds, on the
-//! thread that completes the upgrade (the supervisor thread for the upgrade signal; for
-//! [`Handle::upgrade`](crate::Handle::upgrade), a worker of your runtime), and is logged if
-//! it still could not go. Meanwhile no other datagram of this process waits for it: each is
-//! dropped (the successor speaks for the service from now on). A shutdown of the old process
-//! that started meanwhile waits for it in its Announce phase, so the process does not end
-//! before it.
+//! which stops the successor. It waits for room in the queue, at most 0.5 seconds (80% of the
+//! Announce timeout, if that is shorter), on the upgrade's own thread (`finale-upgrade`), and
+//! is logged if it still could not go. Meanwhile no other datagram of this process waits for
+//! it: each is dropped (the successor speaks for the service from now on). A shutdown of the
+//! old process that started meanwhile waits for it in its Announce phase, so the process does
+//! not end before it (unless a second signal asks it to leave at once).
 //!
 //! The watchdog pings come from a task on **your** runtime, started when graceful start
 //! completes: if the runtime stops making progress (every worker thread blocked), the pings stop
@@ -110,10 +109,17 @@ pub(crate) struct Notifier {
     inner: Arc<Inner>,
 }
 
-/// How long the hand-off's `MAINPID=` waits for room in systemd's queue, when it is full.
-/// Shorter than the default Announce timeout, within which the old process's sequence waits
-/// for it when its shutdown started meanwhile.
+/// How long the hand-off's `MAINPID=` waits for room in systemd's queue, when it is full, at
+/// most ([`mainpid_patience`]).
 const MAINPID_PATIENCE: Duration = Duration::from_millis(500);
+
+/// How long the hand-off's `MAINPID=` may wait for room: [`MAINPID_PATIENCE`], or most of the
+/// Announce timeout if that is shorter. A shutdown of the old process that started meanwhile
+/// waits for it in its Announce phase: the wait ends (sent, or given up) within that phase, so
+/// that the process does not end first.
+fn mainpid_patience(shared: &Shared) -> Duration {
+    MAINPID_PATIENCE.min(shared.budget.announce_timeout.mul_f32(0.8))
+}
 
 #[derive(Debug)]
 struct Inner {
@@ -204,14 +210,14 @@ impl Notifier {
         self.transmit(message);
     }
 
-    /// Waits for room in systemd's queue to send the hand-off's datagram, at most
-    /// [`MAINPID_PATIENCE`], on a blocking socket of its own (a datagram send to a full queue
+    /// Waits for room in systemd's queue to send the hand-off's datagram, at most `patience`
+    /// ([`mainpid_patience`]), on a blocking socket of its own (a datagram send to a full queue
     /// waits for room, up to the socket's write timeout); a signal that interrupts the wait
     /// does not end it. Called without `handed`: the flag is already set, so every other
     /// datagram is dropped at once meanwhile, none goes out after this one, and no sender waits
     /// for this one.
-    fn transmit_patiently(&self, message: &str) {
-        let deadline = Instant::now() + MAINPID_PATIENCE;
+    fn transmit_patiently(&self, message: &str, patience: Duration) {
+        let deadline = Instant::now() + patience;
         let waited = UnixDatagram::unbound().and_then(|socket| {
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -230,7 +236,7 @@ impl Notifier {
                 tracing::debug!(target: "finale", message, "systemd notified once its queue had room")
             }
             Err(error) => {
-                tracing::warn!(target: "finale", message, %error, ?MAINPID_PATIENCE, "systemd notification not sent: its queue stayed full")
+                tracing::warn!(target: "finale", message, %error, ?patience, "systemd notification not sent: its queue stayed full")
             }
         }
     }
@@ -393,7 +399,7 @@ impl Observer for Notifier {
         ));
     }
 
-    fn handed_over(&self, _shared: &Shared, successor_pid: u32) {
+    fn handed_over(&self, shared: &Shared, successor_pid: u32) {
         let message = format!("MAINPID={successor_pid}\nSTATUS=handed over to pid {successor_pid}");
         {
             // The flag and the first try under one lock: this is the last datagram this
@@ -422,7 +428,7 @@ impl Observer for Notifier {
         // systemd's queue is full. Dropped, this datagram would leave systemd taking this
         // process for the service's main process, and its exit for the service's end (stopping
         // the successor): it waits for room.
-        self.transmit_patiently(&message);
+        self.transmit_patiently(&message, mainpid_patience(shared));
     }
 }
 
@@ -978,15 +984,20 @@ mod tests {
             queued += 1;
             assert!(queued < 100_000, "the queue never filled");
         }
-        let handing = std::thread::spawn(move || {
-            Observer::handed_over(&notifier, &finale.shared, 4242);
-        });
-        // Bounded: a hand-off that drops its datagram returns at once; one that waits is still
-        // waiting here, and the reader makes room.
-        let until = Instant::now() + Duration::from_millis(200);
-        while !handing.is_finished() && Instant::now() < until {
+        let handing = {
+            let notifier = notifier.clone();
+            std::thread::spawn(move || {
+                Observer::handed_over(&notifier, &finale.shared, 4242);
+            })
+        };
+        // Until the hand-off has tried once (it sets its flag first, under the lock).
+        let until = Instant::now() + Duration::from_secs(2);
+        while !*lock(&notifier.inner.handed) && Instant::now() < until {
             std::thread::yield_now();
         }
+        // The queue is still full: a hand-off that drops its datagram has returned by now; one
+        // that waits for room is waiting, and the reader makes room.
+        assert!(!handing.is_finished(), "the hand-off did not wait for room");
         let mut seen = Vec::new();
         let mut buf = [0u8; 256];
         for _ in 0..=queued {
@@ -1118,29 +1129,46 @@ mod tests {
         );
     }
 
-    /// The wait is bounded: with nobody reading, the hand-off gives up after
-    /// [`MAINPID_PATIENCE`] (logged) instead of holding its thread.
+    /// The wait is bounded: with nobody reading, the hand-off waits its patience, then gives
+    /// up (logged) instead of holding its thread: 0.5 s with the default Announce timeout, 80%
+    /// of a shorter one (a shutdown started meanwhile waits for it within the Announce phase).
     #[test]
     fn systemd_mainpid_waits_at_most_its_patience() {
-        let finale = crate::Finale::builder().no_signals().build().unwrap();
         let dir = scratch("finale-notify-stuck");
-        let path = dir.join("notify");
-        let (_receiver, notifier) = socket_pair(&path, Duration::from_secs(3));
-        let filler = UnixDatagram::unbound().unwrap();
-        filler.set_nonblocking(true).unwrap();
-        for _ in 0..100_000 {
-            if filler.send_to(b"WATCHDOG=1", &path).is_err() {
-                break;
+        for (round, announce_timeout) in [None, Some(Duration::from_millis(200))]
+            .into_iter()
+            .enumerate()
+        {
+            let mut builder = crate::Finale::builder().no_signals().read_env(false);
+            if let Some(timeout) = announce_timeout {
+                builder = builder.announce_timeout(timeout);
             }
+            let finale = builder.build().unwrap();
+            let patience = mainpid_patience(&finale.shared);
+            let expected = announce_timeout.map_or(MAINPID_PATIENCE, |t| t.mul_f32(0.8));
+            assert_eq!(patience, expected);
+            let path = dir.join(format!("notify-{round}"));
+            let (_receiver, notifier) = socket_pair(&path, Duration::from_secs(3));
+            let filler = UnixDatagram::unbound().unwrap();
+            filler.set_nonblocking(true).unwrap();
+            for _ in 0..100_000 {
+                if filler.send_to(b"WATCHDOG=1", &path).is_err() {
+                    break;
+                }
+            }
+            let start = Instant::now();
+            Observer::handed_over(&notifier, &finale.shared, 4242);
+            let took = start.elapsed();
+            assert!(
+                took >= patience.mul_f32(0.9),
+                "waited {took:?} of {patience:?}"
+            );
+            assert!(
+                took < patience + Duration::from_secs(1),
+                "held for {took:?}, patience {patience:?}"
+            );
         }
-        let start = Instant::now();
-        Observer::handed_over(&notifier, &finale.shared, 4242);
-        let took = start.elapsed();
         let _ = std::fs::remove_dir_all(&dir);
-        assert!(
-            took < MAINPID_PATIENCE + Duration::from_secs(2),
-            "held for {took:?}"
-        );
     }
 
     /// Watchdog pings from other threads while the service is handed over: none reaches the

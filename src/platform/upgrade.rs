@@ -31,7 +31,8 @@
 //!    stop, not to be replaced. One requested after it is the hand-off's: the successor
 //!    serves, this process drains with reason `upgrade`, and the signal counts as the first
 //!    after the hand-off; if the upgrade had not yet told systemd (`MAINPID=`), the Announce
-//!    phase waits for it, so that this process does not end first. When the shutdown wins, the upgrade is abandoned, the successor
+//!    phase waits for it, so that this process does not end first (unless a second signal
+//!    asks it to leave at once). When the shutdown wins, the upgrade is abandoned, the successor
 //!    stopped the same way (SIGKILL once most of the Announce timeout is spent, so that no
 //!    orphan outlives this process), the report says so, and the servers leave the shared
 //!    sockets alone while the successor still holds them.
@@ -218,24 +219,13 @@ impl Handle {
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future (a caller's timeout, say) does not stop the upgrade: it runs to its
-    /// end on a task of its own, on the current runtime (the successor started, waited for, and
-    /// handed the service or stopped), as one started by the upgrade signal does. Only its
-    /// result is lost; the log and the report still tell it.
+    /// Dropping the future (a caller's timeout, say), or the runtime that polls it, does not
+    /// stop the upgrade: it runs to its end on its own thread (the successor started, waited
+    /// for, and handed the service or stopped), as one started by the upgrade signal does.
+    /// Only its result is lost; the log and the report still tell it.
     #[cfg_attr(docsrs, doc(cfg(feature = "upgrade")))]
     pub async fn upgrade(&self) -> Result<Upgraded, UpgradeError> {
-        let shared = self.shared.clone();
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // Not on a tokio runtime: nowhere to hand the upgrade to; run it here.
-            return run(&shared).await;
-        };
-        match runtime.spawn(async move { run(&shared).await }).await {
-            Ok(result) => result,
-            Err(error) => Err(UpgradeError::Spawn {
-                program: PathBuf::new(),
-                error: format!("the upgrade's task ended without an answer: {error}"),
-            }),
-        }
+        run(&self.shared).await
     }
 }
 
@@ -525,40 +515,43 @@ impl Drop for ListenerRegistration {
     }
 }
 
-/// Runs one upgrade; see the [module docs](self).
+/// Runs one upgrade; see the [module docs](self). Everything from the successor's start to
+/// the hand-off's completion (the platform told, the shutdown requested) or the successor's
+/// stop runs on the upgrade's own thread: dropping this future, or the runtime that polls it,
+/// leaves nothing half done; only the answer is lost.
 pub(crate) async fn run(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> {
-    let result = try_upgrade(shared).await;
-    // A success is counted and logged before the shutdown is requested (in `try_upgrade`): a
-    // process with nothing to drain may be gone by now.
-    if let Err(e) = &result {
-        crate::names::add(
-            &shared.recorders(),
-            &crate::names::metric::UPGRADES_TOTAL,
-            &[("outcome", e.outcome())],
-            1,
-        );
-        match e {
-            UpgradeError::Aborted { .. } => {
-                tracing::warn!(target: "finale", error = %e, "upgrade abandoned");
-            }
-            _ => tracing::error!(target: "finale", error = %e, "upgrade failed; still serving"),
-        }
-        if let Some(state) = state(shared)
-            && !matches!(
-                e,
-                UpgradeError::NotEnabled
-                    | UpgradeError::InProgress
-                    | UpgradeError::ShuttingDown
-                    | UpgradeError::Aborted { .. }
-            )
-        {
-            lock(&state.failed).push(e.to_string());
+    let state = begin(shared).map_err(|e| ended(shared, e))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let on_thread = (shared.clone(), state.clone());
+    let thread = std::thread::Builder::new()
+        .name("finale-upgrade".to_owned())
+        .spawn(move || {
+            let (shared, state) = on_thread;
+            let _ = tx.send(upgrade_here(&shared, &state));
+        });
+    match thread {
+        Ok(_) => rx.await.unwrap_or_else(|_| {
+            Err(UpgradeError::Spawn {
+                program: PathBuf::new(),
+                error: "the upgrade thread ended without an answer".to_owned(),
+            })
+        }),
+        Err(e) => {
+            state.busy.store(false, Ordering::Release);
+            state.idle.send_replace(true);
+            Err(ended(
+                shared,
+                UpgradeError::Spawn {
+                    program: PathBuf::new(),
+                    error: format!("no thread for the upgrade: {e}"),
+                },
+            ))
         }
     }
-    result
 }
 
-async fn try_upgrade(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> {
+/// The checks before an upgrade starts; marks it under way.
+fn begin(shared: &Shared) -> Result<Arc<UpgradeState>, UpgradeError> {
     let Some(state) = state(shared) else {
         return Err(UpgradeError::NotEnabled);
     };
@@ -569,43 +562,64 @@ async fn try_upgrade(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> {
         return Err(UpgradeError::InProgress);
     }
     state.idle.send_replace(false);
-    let started = Instant::now();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let spawner = state.clone();
-    let life = shared.life.clone();
-    // Spawning and waiting block: on a thread of their own, so that the wait needs nothing of
-    // the caller's runtime.
-    let thread = std::thread::Builder::new()
-        .name("finale-upgrade".to_owned())
-        .spawn(move || {
-            let _ = tx.send(spawn_and_wait(&spawner, &life));
-        });
-    let result = match thread {
-        Ok(_) => rx.await.unwrap_or_else(|_| {
-            Err(UpgradeError::Spawn {
-                program: PathBuf::new(),
-                error: "the upgrade thread ended without an answer".to_owned(),
-            })
-        }),
-        Err(e) => Err(UpgradeError::Spawn {
-            program: PathBuf::new(),
-            error: format!("no thread for the upgrade: {e}"),
-        }),
-    };
-    let pid = match result {
-        Ok(pid) => pid,
-        Err(e) => {
-            state.busy.store(false, Ordering::Release);
-            state.idle.send_replace(true);
-            return Err(e);
+    Ok(state)
+}
+
+/// An upgrade that did not happen: counted, logged, and listed in the report if it failed.
+fn ended(shared: &Shared, e: UpgradeError) -> UpgradeError {
+    crate::names::add(
+        &shared.recorders(),
+        &crate::names::metric::UPGRADES_TOTAL,
+        &[("outcome", e.outcome())],
+        1,
+    );
+    match e {
+        UpgradeError::Aborted { .. } => {
+            tracing::warn!(target: "finale", error = %e, "upgrade abandoned");
         }
-    };
+        _ => tracing::error!(target: "finale", error = %e, "upgrade failed; still serving"),
+    }
+    if let Some(state) = state(shared)
+        && !matches!(
+            e,
+            UpgradeError::NotEnabled
+                | UpgradeError::InProgress
+                | UpgradeError::ShuttingDown
+                | UpgradeError::Aborted { .. }
+        )
+    {
+        lock(&state.failed).push(e.to_string());
+    }
+    e
+}
+
+/// Marks the upgrade settled as its thread ends, however it ends (a panic in a metrics
+/// recorder or a log layer included): the Announce phase's wait for it never outlasts it.
+struct Settled<'a>(&'a UpgradeState);
+
+impl Drop for Settled<'_> {
+    fn drop(&mut self) {
+        if !self.0.succeeded() {
+            self.0.busy.store(false, Ordering::Release);
+        }
+        self.0.idle.send_replace(true);
+    }
+}
+
+/// The upgrade, on its own thread: the successor started and waited for (spawning and waiting
+/// block), then the hand-off completed, or the successor stopped.
+fn upgrade_here(shared: &Arc<Shared>, state: &UpgradeState) -> Result<Upgraded, UpgradeError> {
+    let _settled = Settled(state);
+    let started = Instant::now();
+    let pid = spawn_and_wait(state, &shared.life).map_err(|e| ended(shared, e))?;
     // From here the sockets are the successor's: the servers must leave them as they are.
     state.handed_off.store(true, Ordering::Release);
     let upgraded = Upgraded {
         successor_pid: pid,
         ready_after: started.elapsed(),
     };
+    // Counted and logged before the shutdown is requested: a process with nothing to drain may
+    // be gone soon after.
     crate::names::add(
         &shared.recorders(),
         &crate::names::metric::UPGRADES_TOTAL,
@@ -906,18 +920,37 @@ mod tests {
         );
     }
 
-    /// A caller's timeout drops the future of `Handle::upgrade` while the successor starts: the
-    /// upgrade still runs to its end. The successor reports ready after the timeout; the
+    /// How a caller lets go of `Handle::upgrade`'s future while the successor starts.
+    #[derive(Clone, Copy, Debug)]
+    enum GiveUp {
+        /// A timeout on the caller's runtime.
+        Timeout,
+        /// A timeout on a scratch runtime, which is then dropped.
+        RuntimeDropped,
+        /// Polled once with no runtime at all, then dropped.
+        NoRuntime,
+    }
+
+    /// The caller lets go of `Handle::upgrade` while the successor starts (it reports ready
+    /// 0.3 s after it started): the upgrade still runs to its end on its own thread. The
     /// hand-off is completed (the shutdown requested as the upgrade's, nothing left under way)
-    /// rather than left half done with both processes serving.
+    /// rather than left half done with both processes serving and every later upgrade refused.
     #[tokio::test]
     async fn an_upgrade_whose_caller_gave_up_still_completes() {
-        let dir =
-            std::env::temp_dir().join(format!("finale-upgrade-dropped-{}", std::process::id()));
+        for give_up in [GiveUp::Timeout, GiveUp::RuntimeDropped, GiveUp::NoRuntime] {
+            caller_gives_up(give_up).await;
+        }
+    }
+
+    async fn caller_gives_up(give_up: GiveUp) {
+        let dir = std::env::temp_dir().join(format!(
+            "finale-upgrade-dropped-{}-{give_up:?}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let script = dir.join("successor.sh");
-        // The successor: `finale.ready` is its fd 3 (no listener is handed over here).
         let pid_file = dir.join("successor.pid");
+        // The successor: `finale.ready` is its fd 3 (no listener is handed over here).
         std::fs::write(
             &script,
             format!(
@@ -936,9 +969,34 @@ mod tests {
             .build()
             .unwrap();
         let shared = finale.shared.clone();
-        let gave_up =
-            tokio::time::timeout(Duration::from_millis(50), finale.handle().upgrade()).await;
-        assert!(gave_up.is_err(), "the successor reports ready only later");
+        let handle = finale.handle();
+        match give_up {
+            GiveUp::Timeout => {
+                let gave_up =
+                    tokio::time::timeout(Duration::from_millis(50), handle.upgrade()).await;
+                assert!(gave_up.is_err(), "the successor reports ready only later");
+            }
+            GiveUp::RuntimeDropped => std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let gave_up = runtime.block_on(async {
+                    tokio::time::timeout(Duration::from_millis(50), handle.upgrade()).await
+                });
+                assert!(gave_up.is_err(), "the successor reports ready only later");
+                drop(runtime);
+            })
+            .join()
+            .unwrap(),
+            GiveUp::NoRuntime => std::thread::spawn(move || {
+                let mut upgrade = Box::pin(handle.upgrade());
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                assert!(upgrade.as_mut().poll(&mut cx).is_pending());
+            })
+            .join()
+            .unwrap(),
+        }
         // Bounded: the successor is ready 0.3 s after it started.
         let until = Instant::now() + Duration::from_secs(10);
         while shared.reason().is_none() && Instant::now() < until {
@@ -955,10 +1013,16 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         assert!(
             matches!(reason, Some(Reason::Upgrade { .. })),
-            "the hand-off was left half done: {reason:?}"
+            "{give_up:?}: the hand-off was left half done: {reason:?}"
         );
         let upgrade = state(&shared).unwrap();
-        assert!(!upgrade.in_progress(), "an upgrade still under way");
-        assert!(*upgrade.idle.borrow(), "the hand-off was not completed");
+        assert!(
+            !upgrade.in_progress(),
+            "{give_up:?}: an upgrade still under way"
+        );
+        assert!(
+            *upgrade.idle.borrow(),
+            "{give_up:?}: the hand-off was not completed"
+        );
     }
 }
