@@ -152,7 +152,9 @@
 //!   short-lived thread (`finale-upgrade`) that starts the successor (a child process with the
 //!   servers' listening sockets at file descriptors 3, 4, … and `LISTEN_FDS`, `LISTEN_FDNAMES`,
 //!   `FINALE_LISTEN_PARENT` in its environment), waits for it, and completes the hand-off
-//!   (tells systemd, requests the shutdown) or stops it, whatever became of the caller. In a
+//!   (tells systemd, requests the shutdown) or stops it, whatever became of the caller (its
+//!   log lines and counts come from that thread: a thread-local subscriber or recorder of the
+//!   caller's does not see them). In a
 //!   successor, the passed sockets are taken at [`Builder::build`]. See [`upgrade`].
 //! - **The servers' timer threads** (features `axum`, `hyper`, `tonic`): each running server
 //!   has one thread (`finale-slow-clients`) with a `current_thread` tokio runtime that does

@@ -190,7 +190,16 @@ impl Life {
     /// request). The decision itself, read before the upgrade thread has marked anything else.
     #[cfg_attr(not(all(feature = "upgrade", unix)), allow(dead_code))]
     pub(crate) fn handover_won(&self) -> bool {
-        !matches!(self.handover.load(Ordering::Acquire), 0 | SHUTDOWN_WON)
+        self.handover_pid().is_some()
+    }
+
+    /// The successor the hand-off went to, once it won.
+    #[cfg_attr(not(all(feature = "upgrade", unix)), allow(dead_code))]
+    pub(crate) fn handover_pid(&self) -> Option<u32> {
+        match self.handover.load(Ordering::Acquire) {
+            0 | SHUTDOWN_WON => None,
+            pid => Some(pid),
+        }
     }
 
     fn settle(&self) {
@@ -208,6 +217,15 @@ impl Life {
     pub(crate) fn abandon(&self) {
         self.settle();
         self.dropped.cancel();
+    }
+
+    /// Sets when the shutdown was requested, as if it had been `ago` earlier (tests of what
+    /// depends on the time left).
+    #[cfg(test)]
+    #[cfg_attr(not(all(feature = "systemd", unix)), allow(dead_code))]
+    pub(crate) fn triggered_ago(&self, ago: std::time::Duration) {
+        let (std_now, tokio_now) = now();
+        let _ = self.trigger.set((std_now - ago, tokio_now - ago));
     }
 
     /// When the shutdown was requested, on the std clock. `None` before.

@@ -25,8 +25,9 @@
 //! logged and dropped rather than stalling the service, so these promises hold as far as the
 //! datagrams are delivered. The one exception is the hand-off's `MAINPID=`: dropped, it would
 //! leave systemd taking the old process for the main one, and its exit for the service's end,
-//! which stops the successor. It waits for room in the queue, at most 0.5 seconds (80% of the
-//! Announce timeout, if that is shorter), on the upgrade's own thread (`finale-upgrade`), and
+//! which stops the successor. It waits for room in the queue, at most 0.5 seconds (less when
+//! the Announce phase that would wait for it has less time: 80% of that), on the upgrade's own
+//! thread (`finale-upgrade`), and
 //! is logged if it still could not go. Meanwhile no other datagram of this process waits for
 //! it: each is dropped (the successor speaks for the service from now on). A shutdown of the
 //! old process that started meanwhile waits for it in its Announce phase, so the process does
@@ -113,12 +114,22 @@ pub(crate) struct Notifier {
 /// most ([`mainpid_patience`]).
 const MAINPID_PATIENCE: Duration = Duration::from_millis(500);
 
-/// How long the hand-off's `MAINPID=` may wait for room: [`MAINPID_PATIENCE`], or most of the
-/// Announce timeout if that is shorter. A shutdown of the old process that started meanwhile
-/// waits for it in its Announce phase: the wait ends (sent, or given up) within that phase, so
-/// that the process does not end first.
+/// How long the hand-off's `MAINPID=` may wait for room: [`MAINPID_PATIENCE`], or less, so that
+/// the wait ends (sent, or given up) within the Announce phase of a shutdown that started or
+/// starts meanwhile, which waits for it: the process does not end first. That phase runs at
+/// least the shorter of its own limit and the budget's time before the Telemetry reserve,
+/// from the trigger on: the wait is at most 80% of that, and of what is left of it once the
+/// shutdown was requested.
 fn mainpid_patience(shared: &Shared) -> Duration {
-    MAINPID_PATIENCE.min(shared.budget.announce_timeout.mul_f32(0.8))
+    let budget = &shared.budget;
+    let announce = budget
+        .phase_limit(crate::Phase::Announce)
+        .min(budget.total.saturating_sub(budget.telemetry_reserve));
+    let left = match shared.life.trigger() {
+        Some(trigger) => (trigger + announce).saturating_duration_since(Instant::now()),
+        None => announce,
+    };
+    MAINPID_PATIENCE.min(left * 4 / 5)
 }
 
 #[derive(Debug)]
@@ -1130,23 +1141,49 @@ mod tests {
     }
 
     /// The wait is bounded: with nobody reading, the hand-off waits its patience, then gives
-    /// up (logged) instead of holding its thread: 0.5 s with the default Announce timeout, 80%
-    /// of a shorter one (a shutdown started meanwhile waits for it within the Announce phase).
+    /// up (logged) instead of holding its thread. Its patience fits the Announce phase that
+    /// waits for it: 0.5 s with the default budget, 80% of a shorter Announce timeout, 80% of
+    /// a budget that leaves less before the Telemetry reserve, and 80% of what is left of the
+    /// phase when the shutdown was requested earlier.
     #[test]
     fn systemd_mainpid_waits_at_most_its_patience() {
+        type Shape = fn(crate::Builder) -> crate::Builder;
+        let shapes: [(&str, Shape, Option<Duration>, Duration); 4] = [
+            ("default", |b| b, None, MAINPID_PATIENCE),
+            (
+                "announce 200 ms",
+                |b| b.announce_timeout(Duration::from_millis(200)),
+                None,
+                Duration::from_millis(160),
+            ),
+            (
+                "100 ms before the reserve",
+                |b| {
+                    b.total_budget(Duration::from_secs(3))
+                        .telemetry_reserve(Duration::from_millis(2_900))
+                },
+                None,
+                Duration::from_millis(80),
+            ),
+            (
+                "requested 150 ms before, announce 200 ms",
+                |b| b.announce_timeout(Duration::from_millis(200)),
+                Some(Duration::from_millis(150)),
+                Duration::from_millis(40),
+            ),
+        ];
         let dir = scratch("finale-notify-stuck");
-        for (round, announce_timeout) in [None, Some(Duration::from_millis(200))]
-            .into_iter()
-            .enumerate()
-        {
-            let mut builder = crate::Finale::builder().no_signals().read_env(false);
-            if let Some(timeout) = announce_timeout {
-                builder = builder.announce_timeout(timeout);
+        for (round, (what, shape, triggered_ago, most)) in shapes.into_iter().enumerate() {
+            let builder = crate::Finale::builder().no_signals().read_env(false);
+            let finale = shape(builder).build().unwrap();
+            if let Some(ago) = triggered_ago {
+                finale.shared.life.triggered_ago(ago);
             }
-            let finale = builder.build().unwrap();
             let patience = mainpid_patience(&finale.shared);
-            let expected = announce_timeout.map_or(MAINPID_PATIENCE, |t| t.mul_f32(0.8));
-            assert_eq!(patience, expected);
+            assert!(
+                patience <= most && patience >= most.mul_f32(0.9),
+                "{what}: patience {patience:?}, expected {most:?}"
+            );
             let path = dir.join(format!("notify-{round}"));
             let (_receiver, notifier) = socket_pair(&path, Duration::from_secs(3));
             let filler = UnixDatagram::unbound().unwrap();
@@ -1160,13 +1197,15 @@ mod tests {
             Observer::handed_over(&notifier, &finale.shared, 4242);
             let took = start.elapsed();
             assert!(
-                took >= patience.mul_f32(0.9),
-                "waited {took:?} of {patience:?}"
+                took < most + Duration::from_secs(1),
+                "{what}: held for {took:?}, patience {most:?}"
             );
-            assert!(
-                took < patience + Duration::from_secs(1),
-                "held for {took:?}, patience {patience:?}"
-            );
+            if triggered_ago.is_none() {
+                assert!(
+                    took >= most.mul_f32(0.9),
+                    "{what}: waited {took:?} of {most:?}"
+                );
+            }
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -521,6 +521,7 @@ impl Drop for ListenerRegistration {
 /// leaves nothing half done; only the answer is lost.
 pub(crate) async fn run(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> {
     let state = begin(shared).map_err(|e| ended(shared, e))?;
+    let started = Instant::now();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let on_thread = (shared.clone(), state.clone());
     let thread = std::thread::Builder::new()
@@ -531,10 +532,21 @@ pub(crate) async fn run(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> 
         });
     match thread {
         Ok(_) => rx.await.unwrap_or_else(|_| {
-            Err(UpgradeError::Spawn {
-                program: PathBuf::new(),
-                error: "the upgrade thread ended without an answer".to_owned(),
-            })
+            // The thread panicked (a metrics recorder or a log layer of the user's, say).
+            match shared.life.handover_pid() {
+                // After the hand-off won: its drop guard requested the shutdown.
+                Some(successor_pid) => Ok(Upgraded {
+                    successor_pid,
+                    ready_after: started.elapsed(),
+                }),
+                None => Err(ended(
+                    shared,
+                    UpgradeError::Spawn {
+                        program: PathBuf::new(),
+                        error: "the upgrade thread panicked".to_owned(),
+                    },
+                )),
+            }
         }),
         Err(e) => {
             state.busy.store(false, Ordering::Release);
@@ -594,22 +606,38 @@ fn ended(shared: &Shared, e: UpgradeError) -> UpgradeError {
 }
 
 /// Marks the upgrade settled as its thread ends, however it ends (a panic in a metrics
-/// recorder or a log layer included): the Announce phase's wait for it never outlasts it.
-struct Settled<'a>(&'a UpgradeState);
+/// recorder or a log layer included): the Announce phase's wait for it never outlasts it. A
+/// panic after the hand-off won still requests the shutdown (the successor serves; this
+/// process must not go on serving beside it, refusing every later upgrade).
+struct Settled<'a> {
+    shared: &'a Shared,
+    state: &'a UpgradeState,
+}
 
 impl Drop for Settled<'_> {
     fn drop(&mut self) {
-        if !self.0.succeeded() {
-            self.0.busy.store(false, Ordering::Release);
+        let Self { shared, state } = *self;
+        if let Some(successor_pid) = shared.life.handover_pid() {
+            state.handed_off.store(true, Ordering::Release);
+            if std::thread::panicking() && shared.reason().is_none() {
+                tracing::error!(target: "finale", successor_pid, "the upgrade thread panicked after the hand-off won: shutting down");
+                shared.request(Reason::Upgrade { successor_pid });
+            }
+        } else {
+            if std::thread::panicking() {
+                // A successor started and not yet waited for: it is not to serve.
+                state.kill_successor();
+            }
+            state.busy.store(false, Ordering::Release);
         }
-        self.0.idle.send_replace(true);
+        state.idle.send_replace(true);
     }
 }
 
 /// The upgrade, on its own thread: the successor started and waited for (spawning and waiting
 /// block), then the hand-off completed, or the successor stopped.
 fn upgrade_here(shared: &Arc<Shared>, state: &UpgradeState) -> Result<Upgraded, UpgradeError> {
-    let _settled = Settled(state);
+    let _settled = Settled { shared, state };
     let started = Instant::now();
     let pid = spawn_and_wait(state, &shared.life).map_err(|e| ended(shared, e))?;
     // From here the sockets are the successor's: the servers must leave them as they are.
@@ -1024,5 +1052,68 @@ mod tests {
             *upgrade.idle.borrow(),
             "{give_up:?}: the hand-off was not completed"
         );
+    }
+
+    /// Counts the upgrade's `ready` outcome by panicking: a user's recorder gone wrong.
+    struct PanicsOnReady;
+
+    impl crate::names::Recorder for PanicsOnReady {
+        fn add(&self, metric: &crate::names::Metric, labels: crate::names::Labels<'_>, _: u64) {
+            if metric.name == crate::names::metric::UPGRADES_TOTAL.name
+                && labels.contains(&("outcome", "ready"))
+            {
+                panic!("a recorder that panics on the hand-off");
+            }
+        }
+
+        fn set(&self, _: &crate::names::Metric, _: crate::names::Labels<'_>, _: f64) {}
+    }
+
+    /// The upgrade thread panics after the hand-off won (in a recorder of the user's): the
+    /// shutdown is still requested as the hand-off's, the caller hears of the successor, and
+    /// the process is not left serving beside it, refusing every later upgrade.
+    #[tokio::test]
+    async fn a_panic_after_the_hand_off_won_still_shuts_down() {
+        let dir =
+            std::env::temp_dir().join(format!("finale-upgrade-panicked-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("successor.sh");
+        let pid_file = dir.join("successor.pid");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho $$ > '{}'\nprintf 'READY=1\\n' >&3\nexec sleep 30\n",
+                pid_file.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let finale = Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .environment(crate::Environment::Local)
+            .upgrade(Upgrade::new().signal(None).program(&script))
+            .build()
+            .unwrap();
+        let shared = finale.shared.clone();
+        shared.add_recorder(Arc::new(PanicsOnReady));
+        let answer = finale.handle().upgrade().await;
+        let reason = shared.reason();
+        let again = finale.handle().upgrade().await;
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|pid| pid.trim().parse().ok())
+        {
+            signal(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(answer.is_ok(), "the successor serves: {answer:?}");
+        assert!(
+            matches!(reason, Some(Reason::Upgrade { .. })),
+            "no shutdown requested: {reason:?}"
+        );
+        assert_eq!(again, Err(UpgradeError::ShuttingDown));
+        assert!(*state(&shared).unwrap().idle.borrow());
     }
 }
