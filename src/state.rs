@@ -552,6 +552,28 @@ impl Shared {
         false
     }
 
+    /// The least time the Announce phase has from the trigger on: its own limit, or the budget's
+    /// time before the Telemetry reserve if that is shorter (its deadline is the earlier of the
+    /// two, counted from its start, which is at or after the trigger); less what has passed
+    /// since the trigger, once the shutdown was requested. A wait that must end within the
+    /// phase (the upgrade's) is bounded by this.
+    #[cfg_attr(
+        not(all(any(feature = "systemd", feature = "upgrade"), unix)),
+        allow(dead_code)
+    )]
+    pub(crate) fn announce_time_left(&self) -> Duration {
+        let budget = &self.budget;
+        let announce = budget
+            .phase_limit(crate::Phase::Announce)
+            .min(budget.total.saturating_sub(budget.telemetry_reserve));
+        match self.life.trigger() {
+            Some(trigger) => {
+                (trigger + announce).saturating_duration_since(std::time::Instant::now())
+            }
+            None => announce,
+        }
+    }
+
     /// The Announce phase's wait for an upgrade, named, if one is under way as the shutdown
     /// starts: the hand-off won, and is still being completed ([`Handover::completing`]); or
     /// the shutdown won, and the upgrade is abandoned ([`Handover::abandon`]). Read on the

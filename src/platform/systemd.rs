@@ -121,15 +121,7 @@ const MAINPID_PATIENCE: Duration = Duration::from_millis(500);
 /// from the trigger on: the wait is at most 80% of that, and of what is left of it once the
 /// shutdown was requested.
 fn mainpid_patience(shared: &Shared) -> Duration {
-    let budget = &shared.budget;
-    let announce = budget
-        .phase_limit(crate::Phase::Announce)
-        .min(budget.total.saturating_sub(budget.telemetry_reserve));
-    let left = match shared.life.trigger() {
-        Some(trigger) => (trigger + announce).saturating_duration_since(Instant::now()),
-        None => announce,
-    };
-    MAINPID_PATIENCE.min(left * 4 / 5)
+    MAINPID_PATIENCE.min(shared.announce_time_left() * 4 / 5)
 }
 
 #[derive(Debug)]
@@ -149,10 +141,22 @@ struct Inner {
     handed: Mutex<bool>,
 }
 
+#[cfg(test)]
+thread_local! {
+    /// In the crate's tests: the notify socket a `Finale` built on this thread uses, as if
+    /// `$NOTIFY_SOCKET` named it (the process's environment is shared by every test).
+    pub(crate) static TEST_NOTIFY_SOCKET: std::cell::RefCell<Option<std::path::PathBuf>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 impl Notifier {
     /// The notifier the service manager asked for through the environment; `None` without
     /// `$NOTIFY_SOCKET` (not started by systemd, or `Type=` other than `notify`).
     pub(crate) fn from_env() -> Option<Self> {
+        #[cfg(test)]
+        if let Some(path) = TEST_NOTIFY_SOCKET.with(|socket| socket.borrow().clone()) {
+            return Self::new(path.as_os_str(), None);
+        }
         let socket = std::env::var_os("NOTIFY_SOCKET")?;
         let watchdog = watchdog(
             std::env::var("WATCHDOG_USEC").ok().as_deref(),

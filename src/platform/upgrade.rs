@@ -33,9 +33,10 @@
 //!    after the hand-off; if the upgrade had not yet told systemd (`MAINPID=`), the Announce
 //!    phase waits for it, so that this process does not end first (unless a second signal
 //!    asks it to leave at once). When the shutdown wins, the upgrade is abandoned, the successor
-//!    stopped the same way (SIGKILL once most of the Announce timeout is spent, so that no
-//!    orphan outlives this process), the report says so, and the servers leave the shared
-//!    sockets alone while the successor still holds them.
+//!    stopped the same way (SIGKILL once most of the time the Announce phase has is spent,
+//!    first in that phase, before its hooks, so that no orphan outlives this process), the
+//!    report says so, and the servers leave the shared sockets alone while the successor still
+//!    holds them.
 //!
 //! Decided against shellflip (it does not pass listening sockets, waits for readiness without a
 //! bound and owns the signal handling) and ecdysis (its own socket creation, a fixed 5 s
@@ -539,13 +540,16 @@ pub(crate) async fn run(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> 
                     successor_pid,
                     ready_after: started.elapsed(),
                 }),
-                None => Err(ended(
-                    shared,
-                    UpgradeError::Spawn {
-                        program: PathBuf::new(),
+                None => {
+                    // Not counted here: the panic may have come from counting it there.
+                    let e = UpgradeError::Spawn {
+                        program: state.program.clone().unwrap_or_default(),
                         error: "the upgrade thread panicked".to_owned(),
-                    },
-                )),
+                    };
+                    lock(&state.failed).push(e.to_string());
+                    tracing::error!(target: "finale", error = %e, "upgrade failed; still serving");
+                    Err(e)
+                }
             }
         }),
         Err(e) => {
@@ -628,6 +632,8 @@ impl Drop for Settled<'_> {
                 // A successor started and not yet waited for: it is not to serve.
                 state.kill_successor();
             }
+            // The sockets are this process's alone again.
+            state.sharing.store(false, Ordering::Release);
             state.busy.store(false, Ordering::Release);
         }
         state.idle.send_replace(true);
@@ -646,25 +652,38 @@ fn upgrade_here(shared: &Arc<Shared>, state: &UpgradeState) -> Result<Upgraded, 
         successor_pid: pid,
         ready_after: started.elapsed(),
     };
-    // Counted and logged before the shutdown is requested: a process with nothing to drain may
-    // be gone soon after.
-    crate::names::add(
-        &shared.recorders(),
-        &crate::names::metric::UPGRADES_TOTAL,
-        &[("outcome", "ready")],
-        1,
-    );
-    tracing::info!(
-        target: "finale",
-        successor_pid = pid,
-        ready_after = ?upgraded.ready_after,
-        "upgrade: the successor is ready; shutting down"
-    );
-    shared.observe(|o| o.handed_over(shared, pid));
+    // The steps of the hand-off's completion each run the user's recorders or log layers: a
+    // panic in one does not skip the next (systemd must hear `MAINPID=`, the shutdown must be
+    // requested). Counted and logged before the shutdown is requested: a process with nothing
+    // to drain may be gone soon after.
+    isolated(|| {
+        crate::names::add(
+            &shared.recorders(),
+            &crate::names::metric::UPGRADES_TOTAL,
+            &[("outcome", "ready")],
+            1,
+        );
+    });
+    isolated(|| {
+        tracing::info!(
+            target: "finale",
+            successor_pid = pid,
+            ready_after = ?upgraded.ready_after,
+            "upgrade: the successor is ready; shutting down"
+        );
+    });
+    isolated(|| shared.observe(|o| o.handed_over(shared, pid)));
     state.idle.send_replace(true);
     // A signal requested after the hand-off won requested it already, as the hand-off's.
-    shared.request(Reason::Upgrade { successor_pid: pid });
+    isolated(|| {
+        shared.request(Reason::Upgrade { successor_pid: pid });
+    });
     Ok(upgraded)
+}
+
+/// Runs `step`; a panic in it (a user's recorder or log layer) ends the step, not the thread.
+fn isolated(step: impl FnOnce()) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(step));
 }
 
 fn spawn_and_wait(state: &UpgradeState, life: &Life) -> Result<u32, UpgradeError> {
@@ -721,8 +740,25 @@ fn spawn_and_wait(state: &UpgradeState, life: &Life) -> Result<u32, UpgradeError
     drop(command);
     let pid = child.id();
     state.successor.store(pid, Ordering::Release);
-    tracing::info!(target: "finale", successor_pid = pid, program = %program.display(), "upgrade: successor started");
-    let result = wait_ready(state, life, &mut ours, &mut child, pid);
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        tracing::info!(target: "finale", successor_pid = pid, program = %program.display(), "upgrade: successor started");
+        wait_ready(state, life, &mut ours, &mut child, pid)
+    }));
+    let result = match waited {
+        Ok(result) => result,
+        Err(panic) => {
+            // A log layer of the user's panicked while the successor started: one that is not
+            // waited for is not to serve (stopped and reaped), unless its hand-off won already.
+            if life.handover_pid() != Some(pid) {
+                isolated(|| stop(&mut child, pid));
+                let _ = child.kill();
+                let _ = child.wait();
+                state.successor.store(0, Ordering::Release);
+                state.sharing.store(false, Ordering::Release);
+            }
+            std::panic::resume_unwind(panic)
+        }
+    };
     state.successor.store(0, Ordering::Release);
     if result.is_err() {
         // Stopped and reaped: the sockets are this process's alone again.
@@ -1069,9 +1105,10 @@ mod tests {
         fn set(&self, _: &crate::names::Metric, _: crate::names::Labels<'_>, _: f64) {}
     }
 
-    /// The upgrade thread panics after the hand-off won (in a recorder of the user's): the
-    /// shutdown is still requested as the hand-off's, the caller hears of the successor, and
-    /// the process is not left serving beside it, refusing every later upgrade.
+    /// The upgrade thread panics after the hand-off won (in a recorder of the user's): systemd
+    /// still hears `MAINPID=`, the shutdown is still requested as the hand-off's, the caller
+    /// hears of the successor, and the process is not left serving beside it, refusing every
+    /// later upgrade.
     #[tokio::test]
     async fn a_panic_after_the_hand_off_won_still_shuts_down() {
         let dir =
@@ -1089,18 +1126,36 @@ mod tests {
         .unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
+        let notify = dir.join("notify");
+        let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+        systemd
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        crate::platform::systemd::TEST_NOTIFY_SOCKET
+            .with(|socket| *socket.borrow_mut() = Some(notify.clone()));
         let finale = Finale::builder()
             .no_signals()
             .read_env(false)
             .environment(crate::Environment::Local)
+            .systemd_notify(true)
             .upgrade(Upgrade::new().signal(None).program(&script))
             .build()
             .unwrap();
+        crate::platform::systemd::TEST_NOTIFY_SOCKET.with(|socket| socket.borrow_mut().take());
         let shared = finale.shared.clone();
         shared.add_recorder(Arc::new(PanicsOnReady));
         let answer = finale.handle().upgrade().await;
         let reason = shared.reason();
         let again = finale.handle().upgrade().await;
+        // What systemd heard: every datagram up to `MAINPID=`, or until none comes (bounded).
+        let mut heard = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = systemd.recv(&mut buf) {
+            heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            if heard.last().is_some_and(|m| m.starts_with("MAINPID=")) {
+                break;
+            }
+        }
         if let Some(pid) = std::fs::read_to_string(&pid_file)
             .ok()
             .and_then(|pid| pid.trim().parse().ok())
@@ -1109,11 +1164,109 @@ mod tests {
         }
         let _ = std::fs::remove_dir_all(&dir);
         assert!(answer.is_ok(), "the successor serves: {answer:?}");
+        let successor = answer.as_ref().map(|u| u.successor_pid).unwrap_or_default();
+        assert!(
+            heard
+                .iter()
+                .any(|m| m.starts_with(&format!("MAINPID={successor}\n"))),
+            "systemd never heard MAINPID=: {heard:?}"
+        );
         assert!(
             matches!(reason, Some(Reason::Upgrade { .. })),
             "no shutdown requested: {reason:?}"
         );
         assert_eq!(again, Err(UpgradeError::ShuttingDown));
         assert!(*state(&shared).unwrap().idle.borrow());
+    }
+
+    /// A shutdown wins while the successor starts, and the successor ignores SIGTERM: the
+    /// Announce phase kills it (SIGKILL) before its own deadline, however little time the phase
+    /// has, and whatever Announce hooks run first, so that no orphan outlives this process.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abandoned_successor_never_outlives_the_announce_phase() {
+        type Shape = fn(crate::Builder) -> crate::Builder;
+        let shapes: [(&str, Shape, bool); 2] = [
+            (
+                "300 ms before the Telemetry reserve",
+                |b| {
+                    b.total_budget(Duration::from_secs(3))
+                        .telemetry_reserve(Duration::from_millis(2_700))
+                },
+                false,
+            ),
+            ("a 900 ms Announce hook first", |b| b, true),
+        ];
+        for (round, (what, shape, slow_hook)) in shapes.into_iter().enumerate() {
+            let dir = std::env::temp_dir().join(format!(
+                "finale-upgrade-orphan-{}-{round}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let script = dir.join("successor.sh");
+            let pid_file = dir.join("successor.pid");
+            // Never ready, and deaf to SIGTERM (ignored across the `exec`).
+            std::fs::write(
+                &script,
+                format!(
+                    "#!/bin/sh\ntrap '' TERM\necho $$ > '{}'\nexec sleep 30\n",
+                    pid_file.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+            let builder = Finale::builder()
+                .no_signals()
+                .read_env(false)
+                .environment(crate::Environment::Local)
+                .upgrade(Upgrade::new().signal(None).program(&script));
+            let finale = shape(builder).build().unwrap();
+            if slow_hook {
+                finale
+                    .hook(
+                        crate::Hook::new(crate::Phase::Announce, "slow", |_| {
+                            tokio::time::sleep(Duration::from_millis(900))
+                        })
+                        .order(-10),
+                    )
+                    .unwrap();
+            }
+            let handle = finale.handle();
+            let upgrading = tokio::spawn(async move { handle.upgrade().await });
+            // Bounded: until the successor has started.
+            let until = Instant::now() + Duration::from_secs(10);
+            let successor: Option<u32> = loop {
+                let pid = std::fs::read_to_string(&pid_file)
+                    .ok()
+                    .and_then(|pid| pid.trim().parse().ok());
+                if pid.is_some() || Instant::now() > until {
+                    break pid;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
+            let successor = successor.expect("the successor started");
+            finale.handle().trigger("stop");
+            let report = finale.run().await;
+            let alive =
+                std::fs::read_to_string(format!("/proc/{successor}/stat")).is_ok_and(|stat| {
+                    !stat
+                        .rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                });
+            signal(successor, nix::sys::signal::Signal::SIGKILL);
+            let answer = upgrading.await.unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+            assert!(
+                !alive,
+                "{what}: the successor {successor} outlived the run\n{report}"
+            );
+            assert!(
+                matches!(answer, Err(UpgradeError::Aborted { .. })),
+                "{what}: {answer:?}"
+            );
+        }
     }
 }

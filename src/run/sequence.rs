@@ -253,13 +253,14 @@ fn with_own_waits(
         Phase::Announce => {
             // A successor still starting when the shutdown was requested is stopped (the
             // service is to stop, not to be replaced): the sequence waits for that, before the
-            // Drain lets go of the sockets the successor holds too. Most of the Announce
-            // timeout for its SIGTERM; then SIGKILL, so that no orphan outlives this process.
-            // A hand-off that won but is still telling the platform (systemd's `MAINPID=`)
-            // is waited for too: this process must not end before it.
+            // Drain lets go of the sockets the successor holds too. Most of the time the phase
+            // has for its SIGTERM; then SIGKILL, so that no orphan outlives this process. A
+            // hand-off that won but is still telling the platform (systemd's `MAINPID=`) is
+            // waited for too: this process must not end before it. First in the phase, before
+            // any hook: the patience counts from the phase's start.
             #[cfg(all(feature = "upgrade", unix))]
-            if let Some((name, wait)) = shared.upgrade_wait(budget.announce_timeout.mul_f32(0.8)) {
-                entries.push(Entry::wait(name, EntryKind::Upgrade, -1, wait));
+            if let Some((name, wait)) = shared.upgrade_wait(shared.announce_time_left() * 4 / 5) {
+                entries.push(Entry::wait(name, EntryKind::Upgrade, i32::MIN, wait));
             }
             let delay = budget.drain_delay;
             // A service that never became ready was never in the load balancer's rotation:
