@@ -437,8 +437,11 @@ impl Shared {
     }
 
     /// Requests the shutdown; the first reason wins. Returns whether this call requested it.
+    /// Once the reason is set the shutdown starts, whatever happens after: a panic in the log or
+    /// in an observer (a user's log layer, say) still cancels the token.
     pub(crate) fn request(&self, mut reason: Reason) -> bool {
         let mut substituted = false;
+        let _started;
         {
             let mut slot = lock(&self.reason);
             if slot.is_some() {
@@ -461,10 +464,11 @@ impl Shared {
                 substituted = true;
                 reason = Reason::Upgrade { successor_pid: pid };
             }
-            tracing::info!(target: "finale", %reason, "shutdown requested");
             *slot = Some(reason.clone());
             // The budget starts here, wherever the program is.
             let _ = self.life.trigger.set(now());
+            _started = CancelOnUnwind(&self.life.requested);
+            tracing::info!(target: "finale", %reason, "shutdown requested");
             // The run's telemetry ends here too: what the stages count from now on is the
             // exit's. Atomic loads only; under the reason's lock, so a stage added at the same
             // moment is read either here or by `add_tally`, never twice or not at all.
@@ -552,19 +556,20 @@ impl Shared {
         false
     }
 
-    /// The least time the Announce phase has from the trigger on: its own limit, or the budget's
-    /// time before the Telemetry reserve if that is shorter (its deadline is the earlier of the
-    /// two, counted from its start, which is at or after the trigger); less what has passed
-    /// since the trigger, once the shutdown was requested. A wait that must end within the
-    /// phase (the upgrade's) is bounded by this.
+    /// The time the upgrade's waits in the Announce phase may take, at most: the Announce
+    /// timeout (the phase's own time, the drain delay aside: the drain delay and the hooks
+    /// before it keep theirs), or the budget's time before the Telemetry reserve if that is
+    /// shorter (the phase's deadline is the earlier of its limit and that, counted from its
+    /// start, which is at or after the trigger); less what has passed since the trigger, once
+    /// the shutdown was requested.
     #[cfg_attr(
         not(all(any(feature = "systemd", feature = "upgrade"), unix)),
         allow(dead_code)
     )]
-    pub(crate) fn announce_time_left(&self) -> Duration {
+    pub(crate) fn announce_wait_left(&self) -> Duration {
         let budget = &self.budget;
         let announce = budget
-            .phase_limit(crate::Phase::Announce)
+            .announce_timeout
             .min(budget.total.saturating_sub(budget.telemetry_reserve));
         match self.life.trigger() {
             Some(trigger) => {
@@ -725,6 +730,17 @@ impl Shared {
     }
 }
 
+/// Cancels its token if dropped by a panic: what must happen after a point of no return.
+struct CancelOnUnwind<'a>(&'a StopToken);
+
+impl Drop for CancelOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.cancel();
+        }
+    }
+}
+
 /// Now, on both clocks.
 fn now() -> (std::time::Instant, tokio::time::Instant) {
     (std::time::Instant::now(), tokio::time::Instant::now())
@@ -771,5 +787,42 @@ mod tests {
             life.abandon();
         }
         assert_eq!(wins.iter().sum::<usize>(), 1_000);
+    }
+
+    /// A log layer of the user's that panics: the request that logs "shutdown requested"
+    /// panics with it, yet the shutdown is requested (the reason and the trigger set, the token
+    /// cancelled), so that the sequence starts.
+    #[test]
+    fn a_panicking_log_layer_does_not_leave_a_request_half_done() {
+        use tracing_subscriber::layer::SubscriberExt;
+        struct Panics;
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Panics {
+            fn on_event(
+                &self,
+                _: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                panic!("a log layer that panics");
+            }
+        }
+        let finale = crate::Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .build()
+            .unwrap();
+        let shared = finale.shared.clone();
+        let subscriber = tracing_subscriber::registry().with(Panics);
+        let requested = tracing::subscriber::with_default(subscriber, || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                shared.request(crate::Reason::Requested("test".into()))
+            }))
+        });
+        assert!(requested.is_err(), "the layer panicked");
+        assert!(shared.reason().is_some(), "no reason");
+        assert!(shared.life.trigger().is_some(), "no trigger");
+        assert!(
+            shared.life.requested.is_cancelled(),
+            "the sequence never starts"
+        );
     }
 }

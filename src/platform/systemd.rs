@@ -116,12 +116,10 @@ const MAINPID_PATIENCE: Duration = Duration::from_millis(500);
 
 /// How long the hand-off's `MAINPID=` may wait for room: [`MAINPID_PATIENCE`], or less, so that
 /// the wait ends (sent, or given up) within the Announce phase of a shutdown that started or
-/// starts meanwhile, which waits for it: the process does not end first. That phase runs at
-/// least the shorter of its own limit and the budget's time before the Telemetry reserve,
-/// from the trigger on: the wait is at most 80% of that, and of what is left of it once the
-/// shutdown was requested.
+/// starts meanwhile, which waits for it: the process does not end first. At most 80% of what
+/// [`Shared::announce_wait_left`] gives.
 fn mainpid_patience(shared: &Shared) -> Duration {
-    MAINPID_PATIENCE.min(shared.announce_time_left() * 4 / 5)
+    MAINPID_PATIENCE.min(shared.announce_wait_left() * 4 / 5)
 }
 
 #[derive(Debug)]

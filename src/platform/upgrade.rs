@@ -33,8 +33,9 @@
 //!    after the hand-off; if the upgrade had not yet told systemd (`MAINPID=`), the Announce
 //!    phase waits for it, so that this process does not end first (unless a second signal
 //!    asks it to leave at once). When the shutdown wins, the upgrade is abandoned, the successor
-//!    stopped the same way (SIGKILL once most of the time the Announce phase has is spent,
-//!    first in that phase, before its hooks, so that no orphan outlives this process), the
+//!    stopped the same way (SIGKILL once most of the Announce timeout is spent, or of the
+//!    budget's time before the Telemetry reserve if that is shorter; first in that phase,
+//!    before its hooks; so that no orphan outlives this process), the
 //!    report says so, and the servers leave the shared sockets alone while the successor still
 //!    holds them.
 //!
@@ -825,16 +826,35 @@ fn wait_ready(
             Err(_) => break End::Exited,
         }
     };
+    // It closed its end: it exited (or crashed) before it was ready, or it closed the socket
+    // and runs on (a program that closes the descriptors it inherits). Its exit is waited for
+    // until the ready timeout (or the shutdown), not for ever: then it is stopped.
+    let ended = match ended {
+        End::Exited => loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    return Err(UpgradeError::Exited {
+                        pid,
+                        status: status.to_string(),
+                    });
+                }
+                Ok(None) if life.shutdown_won() => break End::Aborted,
+                Ok(None) if Instant::now() >= deadline => break End::TimedOut,
+                // Polling the child's exit, bounded by the ready timeout.
+                Ok(None) => std::thread::sleep(SLICE.min(Duration::from_millis(10))),
+                Err(e) => {
+                    return Err(UpgradeError::Exited {
+                        pid,
+                        status: format!("unknown ({e})"),
+                    });
+                }
+            }
+        },
+        other => other,
+    };
     match ended {
-        // It closed its end: it exited (or crashed) before it was ready.
-        End::Exited => {
-            let status = match child.wait() {
-                Ok(status) => status.to_string(),
-                Err(e) => format!("unknown ({e})"),
-            };
-            Err(UpgradeError::Exited { pid, status })
-        }
-        End::TimedOut => {
+        // (`Exited` was waited for above: it ends there, or as one of the other two.)
+        End::Exited | End::TimedOut => {
             stop(child, pid);
             Err(UpgradeError::NotReady {
                 pid,
@@ -1268,5 +1288,63 @@ mod tests {
                 "{what}: {answer:?}"
             );
         }
+    }
+
+    /// A successor that closes its ready socket and runs on (a program that closes the
+    /// descriptors it inherits) is not waited for past the ready timeout: it is stopped, and
+    /// the upgrade fails as not ready, the old process serving on.
+    #[tokio::test]
+    async fn a_successor_that_closes_its_ready_socket_is_not_waited_for_for_ever() {
+        let dir =
+            std::env::temp_dir().join(format!("finale-upgrade-closed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("successor.sh");
+        let pid_file = dir.join("successor.pid");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho $$ > '{}'\nexec 3>&-\nexec sleep 30\n",
+                pid_file.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let finale = Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .environment(crate::Environment::Local)
+            .upgrade(
+                Upgrade::new()
+                    .signal(None)
+                    .program(&script)
+                    .ready_timeout(Duration::from_millis(300)),
+            )
+            .build()
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), finale.handle().upgrade()).await;
+        let pid: Option<u32> = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|pid| pid.trim().parse().ok());
+        let alive = pid.is_some_and(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                !stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+        });
+        if let Some(pid) = pid {
+            signal(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            matches!(answer, Ok(Err(UpgradeError::NotReady { .. }))),
+            "{answer:?}"
+        );
+        assert!(!alive, "the successor {pid:?} runs on");
+        assert!(finale.shared.reason().is_none(), "still serving");
     }
 }

@@ -259,7 +259,7 @@ fn with_own_waits(
             // waited for too: this process must not end before it. First in the phase, before
             // any hook: the patience counts from the phase's start.
             #[cfg(all(feature = "upgrade", unix))]
-            if let Some((name, wait)) = shared.upgrade_wait(shared.announce_time_left() * 4 / 5) {
+            if let Some((name, wait)) = shared.upgrade_wait(shared.announce_wait_left() * 4 / 5) {
                 entries.push(Entry::wait(name, EntryKind::Upgrade, i32::MIN, wait));
             }
             let delay = budget.drain_delay;
