@@ -437,18 +437,20 @@ impl Shared {
     }
 
     /// Requests the shutdown; the first reason wins. Returns whether this call requested it.
-    /// Once the reason is set the shutdown starts, whatever happens after: a panic in the log or
-    /// in an observer (a user's log layer, say) still cancels the token.
+    ///
+    /// No code of the user's runs under the reason's lock (a log layer's, a panic hook's that
+    /// requests the shutdown in turn). Once the reason is set, the shutdown starts whatever
+    /// happens after: a panic in the log line is held until the observers have heard of the
+    /// trigger and the token is cancelled, then goes on; one in an observer still cancels the
+    /// token.
     pub(crate) fn request(&self, mut reason: Reason) -> bool {
         let mut substituted = false;
-        let _started;
         {
             let mut slot = lock(&self.reason);
             if slot.is_some() {
                 return false;
             }
-            // First, before anything that may block (the log): the hand-off started by the
-            // upgrade decides against the same word.
+            // First: the hand-off started by the upgrade decides against the same word.
             if let Err(pid) = self.life.handover.compare_exchange(
                 0,
                 SHUTDOWN_WON,
@@ -467,8 +469,6 @@ impl Shared {
             *slot = Some(reason.clone());
             // The budget starts here, wherever the program is.
             let _ = self.life.trigger.set(now());
-            _started = CancelOnUnwind(&self.life.requested);
-            tracing::info!(target: "finale", %reason, "shutdown requested");
             // The run's telemetry ends here too: what the stages count from now on is the
             // exit's. Atomic loads only; under the reason's lock, so a stage added at the same
             // moment is read either here or by `add_tally`, never twice or not at all.
@@ -476,9 +476,17 @@ impl Shared {
                 t.at_trigger.get_or_insert_with(|| t.tally.counts());
             }
         }
+        let _started = CancelOnUnwind(&self.life.requested);
+        let logged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tracing::info!(target: "finale", %reason, "shutdown requested");
+        }));
         // Before the token: the platform hears of the trigger before any phase starts.
         self.observe(|o| o.requested(self, &reason));
-        self.life.requested.cancel() && !substituted
+        let requested = self.life.requested.cancel() && !substituted;
+        if let Err(panic) = logged {
+            std::panic::resume_unwind(panic);
+        }
+        requested
     }
 
     /// Escalates a requested shutdown, as a second signal does. Returns whether this call did.
@@ -789,40 +797,101 @@ mod tests {
         assert_eq!(wins.iter().sum::<usize>(), 1_000);
     }
 
-    /// A log layer of the user's that panics: the request that logs "shutdown requested"
-    /// panics with it, yet the shutdown is requested (the reason and the trigger set, the token
-    /// cancelled), so that the sequence starts.
+    /// A log layer of the user's that panics on "shutdown requested": the request still
+    /// completes (the reason and the trigger set, the platform told, the token cancelled) and
+    /// the panic goes on to the caller. The line is logged without the reason's lock held, so
+    /// that a panic hook that requests the shutdown in turn (`Builder::panic_hook`) cannot
+    /// deadlock on it.
     #[test]
     fn a_panicking_log_layer_does_not_leave_a_request_half_done() {
+        use std::sync::atomic::AtomicU8;
         use tracing_subscriber::layer::SubscriberExt;
-        struct Panics;
+        /// 0: not called; 1: called with the reason's lock free; 2: with it held.
+        struct Panics(Arc<Shared>, Arc<AtomicU8>);
         impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Panics {
             fn on_event(
                 &self,
                 _: &tracing::Event<'_>,
                 _: tracing_subscriber::layer::Context<'_, S>,
             ) {
+                let free = self.0.reason.try_lock().is_ok();
+                self.1.store(if free { 1 } else { 2 }, Ordering::SeqCst);
                 panic!("a log layer that panics");
             }
         }
-        let finale = crate::Finale::builder()
-            .no_signals()
-            .read_env(false)
-            .build()
-            .unwrap();
+        #[cfg(all(feature = "systemd", unix))]
+        let systemd = {
+            let dir =
+                std::env::temp_dir().join(format!("finale-request-panics-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("notify");
+            let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+            socket
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            crate::platform::systemd::TEST_NOTIFY_SOCKET
+                .with(|s| *s.borrow_mut() = Some(path.clone()));
+            (dir, socket)
+        };
+        let builder = crate::Finale::builder().no_signals().read_env(false);
+        #[cfg(all(feature = "systemd", unix))]
+        let builder = builder.systemd_notify(true);
+        let finale = builder.build().unwrap();
+        #[cfg(all(feature = "systemd", unix))]
+        crate::platform::systemd::TEST_NOTIFY_SOCKET.with(|s| s.borrow_mut().take());
         let shared = finale.shared.clone();
-        let subscriber = tracing_subscriber::registry().with(Panics);
+        let seen = Arc::new(AtomicU8::new(0));
+        let subscriber = tracing_subscriber::registry().with(Panics(shared.clone(), seen.clone()));
         let requested = tracing::subscriber::with_default(subscriber, || {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 shared.request(crate::Reason::Requested("test".into()))
             }))
         });
-        assert!(requested.is_err(), "the layer panicked");
+        assert!(
+            requested.is_err(),
+            "the layer's panic goes on to the caller"
+        );
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            1,
+            "logged under the reason's lock"
+        );
         assert!(shared.reason().is_some(), "no reason");
         assert!(shared.life.trigger().is_some(), "no trigger");
         assert!(
             shared.life.requested.is_cancelled(),
             "the sequence never starts"
+        );
+        #[cfg(all(feature = "systemd", unix))]
+        {
+            let (dir, socket) = systemd;
+            let mut buf = [0u8; 512];
+            let heard = socket
+                .recv(&mut buf)
+                .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+            let _ = std::fs::remove_dir_all(&dir);
+            assert!(
+                heard.as_deref().is_ok_and(|m| m.starts_with("STOPPING=1")),
+                "systemd was not told: {heard:?}"
+            );
+        }
+    }
+
+    /// The upgrade's waits in the Announce phase are bounded by the Announce timeout, not by
+    /// the phase's limit with the drain delay in it: the drain delay keeps its time.
+    #[test]
+    fn the_upgrades_announce_waits_leave_the_drain_delay_its_time() {
+        let finale = crate::Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .drain_delay(std::time::Duration::from_secs(2))
+            .announce_timeout(std::time::Duration::from_secs(1))
+            .build()
+            .unwrap();
+        assert_eq!(
+            finale.shared.announce_wait_left(),
+            std::time::Duration::from_secs(1)
         );
     }
 }
