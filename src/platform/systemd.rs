@@ -1212,6 +1212,57 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A log layer of the user's that panics on the shutdown request's log line: systemd is
+    /// still told of the trigger (`STOPPING=1`) before the panic goes on.
+    #[test]
+    fn systemd_hears_the_trigger_when_its_log_line_panics() {
+        use tracing_subscriber::layer::SubscriberExt;
+        struct Panics;
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Panics {
+            fn on_event(
+                &self,
+                _: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                panic!("a log layer that panics");
+            }
+        }
+        let dir = scratch("finale-notify-panicking-log");
+        let path = dir.join("notify");
+        let receiver = UnixDatagram::bind(&path).unwrap();
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        TEST_NOTIFY_SOCKET.with(|socket| *socket.borrow_mut() = Some(path.clone()));
+        let finale = crate::Finale::builder()
+            .no_signals()
+            .read_env(false)
+            .systemd_notify(true)
+            .build()
+            .unwrap();
+        TEST_NOTIFY_SOCKET.with(|socket| socket.borrow_mut().take());
+        let shared = finale.shared.clone();
+        let subscriber = tracing_subscriber::registry().with(Panics);
+        let requested = tracing::subscriber::with_default(subscriber, || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                shared.request(crate::Reason::Requested("test".into()))
+            }))
+        });
+        let mut buf = [0u8; 512];
+        let heard = receiver
+            .recv(&mut buf)
+            .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            requested.is_err(),
+            "the layer's panic goes on to the caller"
+        );
+        assert!(
+            heard.as_deref().is_ok_and(|m| m.starts_with("STOPPING=1")),
+            "systemd was not told: {heard:?}"
+        );
+    }
+
     /// Watchdog pings from other threads while the service is handed over: none reaches the
     /// socket after `MAINPID=` (the check and the send are one step under the lock that
     /// `handed_over` holds while it sends and sets the flag). 200 rounds that show it: a round
