@@ -962,6 +962,32 @@ mod tests {
         (receiver, Notifier::new(path.as_os_str(), None).unwrap())
     }
 
+    /// Fills the queue of the socket at `path` (nobody reads it yet: the kernel keeps ten
+    /// datagrams by default); how many it took.
+    fn fill_queue(path: &std::path::Path) -> usize {
+        let filler = UnixDatagram::unbound().unwrap();
+        filler.set_nonblocking(true).unwrap();
+        let mut queued = 0;
+        while filler.send_to(b"WATCHDOG=1", path).is_ok() {
+            queued += 1;
+            assert!(queued < 100_000, "the queue never filled");
+        }
+        queued
+    }
+
+    /// Up to `n` datagrams from `receiver`, until one does not come within its read timeout.
+    fn read_up_to(receiver: &UnixDatagram, n: usize) -> Vec<String> {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        for _ in 0..n {
+            match receiver.recv(&mut buf) {
+                Ok(n) => seen.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(_) => break,
+            }
+        }
+        seen
+    }
+
     #[test]
     fn systemd_datagrams_reach_the_socket_and_never_block() {
         let dir = scratch("finale-notify-unit");
@@ -990,13 +1016,7 @@ mod tests {
         let path = dir.join("notify");
         let (receiver, notifier) = socket_pair(&path, Duration::from_secs(3));
         // Nobody reads yet: the queue fills (the kernel keeps ten datagrams by default).
-        let filler = UnixDatagram::unbound().unwrap();
-        filler.set_nonblocking(true).unwrap();
-        let mut queued = 0;
-        while filler.send_to(b"WATCHDOG=1", &path).is_ok() {
-            queued += 1;
-            assert!(queued < 100_000, "the queue never filled");
-        }
+        let queued = fill_queue(&path);
         let handing = {
             let notifier = notifier.clone();
             std::thread::spawn(move || {
@@ -1011,14 +1031,7 @@ mod tests {
         // The queue is still full: a hand-off that drops its datagram has returned by now; one
         // that waits for room is waiting, and the reader makes room.
         assert!(!handing.is_finished(), "the hand-off did not wait for room");
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 256];
-        for _ in 0..=queued {
-            match receiver.recv(&mut buf) {
-                Ok(n) => seen.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
-                Err(_) => break,
-            }
-        }
+        let seen = read_up_to(&receiver, queued + 1);
         handing.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         assert!(
@@ -1038,13 +1051,7 @@ mod tests {
         let dir = scratch("finale-notify-behind");
         let path = dir.join("notify");
         let (receiver, notifier) = socket_pair(&path, Duration::from_secs(3));
-        let filler = UnixDatagram::unbound().unwrap();
-        filler.set_nonblocking(true).unwrap();
-        let mut queued = 0;
-        while filler.send_to(b"WATCHDOG=1", &path).is_ok() {
-            queued += 1;
-            assert!(queued < 100_000, "the queue never filled");
-        }
+        let queued = fill_queue(&path);
         let (started, handing_started) = std::sync::mpsc::channel();
         let handing = {
             let notifier = notifier.clone();
@@ -1063,14 +1070,7 @@ mod tests {
         // up, by which time its `MAINPID=` would be gone for good.
         notifier.send_unless_ended(&finale_life, "WATCHDOG=1");
         assert!(!handing.is_finished(), "the hand-off stopped waiting");
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 256];
-        for _ in 0..=queued {
-            match receiver.recv(&mut buf) {
-                Ok(n) => seen.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
-                Err(_) => break,
-            }
-        }
+        let seen = read_up_to(&receiver, queued + 1);
         handing.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(
@@ -1100,13 +1100,7 @@ mod tests {
         let dir = scratch("finale-notify-eintr");
         let path = dir.join("notify");
         let (receiver, notifier) = socket_pair(&path, Duration::from_secs(3));
-        let filler = UnixDatagram::unbound().unwrap();
-        filler.set_nonblocking(true).unwrap();
-        let mut queued = 0;
-        while filler.send_to(b"WATCHDOG=1", &path).is_ok() {
-            queued += 1;
-            assert!(queued < 100_000, "the queue never filled");
-        }
+        let queued = fill_queue(&path);
         let (tx, thread) = std::sync::mpsc::channel();
         let handing = {
             let notifier = notifier.clone();
@@ -1125,14 +1119,7 @@ mod tests {
             let _ = pthread_kill(thread, NixSignal::SIGUSR1);
             std::thread::sleep(Duration::from_millis(10));
         }
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 256];
-        for _ in 0..=queued {
-            match receiver.recv(&mut buf) {
-                Ok(n) => seen.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
-                Err(_) => break,
-            }
-        }
+        let seen = read_up_to(&receiver, queued + 1);
         handing.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(
@@ -1188,13 +1175,7 @@ mod tests {
             );
             let path = dir.join(format!("notify-{round}"));
             let (_receiver, notifier) = socket_pair(&path, Duration::from_secs(3));
-            let filler = UnixDatagram::unbound().unwrap();
-            filler.set_nonblocking(true).unwrap();
-            for _ in 0..100_000 {
-                if filler.send_to(b"WATCHDOG=1", &path).is_err() {
-                    break;
-                }
-            }
+            fill_queue(&path);
             let start = Instant::now();
             Observer::handed_over(&notifier, &finale.shared, 4242);
             let took = start.elapsed();

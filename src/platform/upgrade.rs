@@ -1004,6 +1004,82 @@ mod tests {
         );
     }
 
+    /// A successor of the tests' own: a shell script, `body`, which writes its pid to
+    /// `$PID_FILE` (`finale.ready` is its fd 3: no listener is handed over here). Killed
+    /// (SIGKILL, by the pid it wrote) and its files removed when dropped, whatever the test's
+    /// outcome.
+    struct Successor {
+        dir: std::path::PathBuf,
+        script: std::path::PathBuf,
+        pid_file: std::path::PathBuf,
+    }
+
+    impl Successor {
+        fn new(name: &str, body: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("finale-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let script = dir.join("successor.sh");
+            let pid_file = dir.join("successor.pid");
+            std::fs::write(
+                &script,
+                format!("#!/bin/sh\nPID_FILE='{}'\n{body}", pid_file.display()),
+            )
+            .unwrap();
+            std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+            Self {
+                dir,
+                script,
+                pid_file,
+            }
+        }
+
+        /// A finale whose upgrades start this successor.
+        fn finale(&self, shape: impl FnOnce(crate::Builder) -> crate::Builder) -> Finale {
+            let builder = Finale::builder()
+                .no_signals()
+                .read_env(false)
+                .environment(crate::Environment::Local);
+            shape(builder).build().unwrap()
+        }
+
+        /// The upgrade that starts this successor.
+        fn upgrade(&self) -> Upgrade {
+            Upgrade::new().signal(None).program(&self.script)
+        }
+
+        /// Its pid, once it started.
+        fn pid(&self) -> Option<u32> {
+            std::fs::read_to_string(&self.pid_file)
+                .ok()
+                .and_then(|pid| pid.trim().parse().ok())
+        }
+
+        /// Whether it runs (started, and neither gone nor a zombie).
+        fn alive(&self) -> bool {
+            self.pid().is_some_and(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                    !stat
+                        .rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+            })
+        }
+    }
+
+    impl Drop for Successor {
+        fn drop(&mut self) {
+            if let Some(pid) = self.pid() {
+                signal(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
     /// How a caller lets go of `Handle::upgrade`'s future while the successor starts.
     #[derive(Clone, Copy, Debug)]
     enum GiveUp {
@@ -1027,31 +1103,11 @@ mod tests {
     }
 
     async fn caller_gives_up(give_up: GiveUp) {
-        let dir = std::env::temp_dir().join(format!(
-            "finale-upgrade-dropped-{}-{give_up:?}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let script = dir.join("successor.sh");
-        let pid_file = dir.join("successor.pid");
-        // The successor: `finale.ready` is its fd 3 (no listener is handed over here).
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\necho $$ > '{}'\nsleep 0.3\nprintf 'READY=1\\n' >&3\nexec sleep 30\n",
-                pid_file.display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let finale = Finale::builder()
-            .no_signals()
-            .read_env(false)
-            .environment(crate::Environment::Local)
-            .upgrade(Upgrade::new().signal(None).program(&script))
-            .build()
-            .unwrap();
+        let successor = Successor::new(
+            &format!("upgrade-dropped-{give_up:?}"),
+            "echo $$ > \"$PID_FILE\"\nsleep 0.3\nprintf 'READY=1\\n' >&3\nexec sleep 30\n",
+        );
+        let finale = successor.finale(|b| b.upgrade(successor.upgrade()));
         let shared = finale.shared.clone();
         let handle = finale.handle();
         match give_up {
@@ -1087,14 +1143,6 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let reason = shared.reason();
-        // The successor this test started, whatever happened to the hand-off.
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|pid| pid.trim().parse().ok())
-        {
-            signal(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-        let _ = std::fs::remove_dir_all(&dir);
         assert!(
             matches!(reason, Some(Reason::Upgrade { .. })),
             "{give_up:?}: the hand-off was left half done: {reason:?}"
@@ -1131,21 +1179,11 @@ mod tests {
     /// later upgrade.
     #[tokio::test]
     async fn a_panic_after_the_hand_off_won_still_shuts_down() {
-        let dir =
-            std::env::temp_dir().join(format!("finale-upgrade-panicked-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let script = dir.join("successor.sh");
-        let pid_file = dir.join("successor.pid");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\necho $$ > '{}'\nprintf 'READY=1\\n' >&3\nexec sleep 30\n",
-                pid_file.display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        let successor = Successor::new(
+            "upgrade-panicked",
+            "echo $$ > \"$PID_FILE\"\nprintf 'READY=1\\n' >&3\nexec sleep 30\n",
+        );
+        let dir = &successor.dir;
         let notify = dir.join("notify");
         let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
         systemd
@@ -1153,14 +1191,7 @@ mod tests {
             .unwrap();
         crate::platform::systemd::TEST_NOTIFY_SOCKET
             .with(|socket| *socket.borrow_mut() = Some(notify.clone()));
-        let finale = Finale::builder()
-            .no_signals()
-            .read_env(false)
-            .environment(crate::Environment::Local)
-            .systemd_notify(true)
-            .upgrade(Upgrade::new().signal(None).program(&script))
-            .build()
-            .unwrap();
+        let finale = successor.finale(|b| b.systemd_notify(true).upgrade(successor.upgrade()));
         crate::platform::systemd::TEST_NOTIFY_SOCKET.with(|socket| socket.borrow_mut().take());
         let shared = finale.shared.clone();
         shared.add_recorder(Arc::new(PanicsOnReady));
@@ -1176,13 +1207,6 @@ mod tests {
                 break;
             }
         }
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|pid| pid.trim().parse().ok())
-        {
-            signal(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-        let _ = std::fs::remove_dir_all(&dir);
         assert!(answer.is_ok(), "the successor serves: {answer:?}");
         let successor = answer.as_ref().map(|u| u.successor_pid).unwrap_or_default();
         assert!(
@@ -1217,30 +1241,13 @@ mod tests {
             ("a 900 ms Announce hook first", |b| b, true),
         ];
         for (round, (what, shape, slow_hook)) in shapes.into_iter().enumerate() {
-            let dir = std::env::temp_dir().join(format!(
-                "finale-upgrade-orphan-{}-{round}",
-                std::process::id()
-            ));
-            std::fs::create_dir_all(&dir).unwrap();
-            let script = dir.join("successor.sh");
-            let pid_file = dir.join("successor.pid");
-            // Never ready, and deaf to SIGTERM (ignored across the `exec`).
-            std::fs::write(
-                &script,
-                format!(
-                    "#!/bin/sh\ntrap '' TERM\necho $$ > '{}'\nexec sleep 30\n",
-                    pid_file.display()
-                ),
-            )
-            .unwrap();
-            std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                .unwrap();
-            let builder = Finale::builder()
-                .no_signals()
-                .read_env(false)
-                .environment(crate::Environment::Local)
-                .upgrade(Upgrade::new().signal(None).program(&script));
-            let finale = shape(builder).build().unwrap();
+            // Never ready, and deaf to SIGTERM (ignored across the `exec`) by the time its pid
+            // is known.
+            let successor = Successor::new(
+                &format!("upgrade-orphan-{round}"),
+                "trap '' TERM\necho $$ > \"$PID_FILE\"\nexec sleep 30\n",
+            );
+            let finale = successor.finale(|b| shape(b.upgrade(successor.upgrade())));
             if slow_hook {
                 finale
                     .hook(
@@ -1255,33 +1262,17 @@ mod tests {
             let upgrading = tokio::spawn(async move { handle.upgrade().await });
             // Bounded: until the successor has started.
             let until = Instant::now() + Duration::from_secs(10);
-            let successor: Option<u32> = loop {
-                let pid = std::fs::read_to_string(&pid_file)
-                    .ok()
-                    .and_then(|pid| pid.trim().parse().ok());
-                if pid.is_some() || Instant::now() > until {
-                    break pid;
-                }
+            while successor.pid().is_none() && Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(5)).await;
-            };
-            let successor = successor.expect("the successor started");
+            }
+            let pid = successor.pid().expect("the successor started");
             finale.handle().trigger("stop");
             let report = finale.run().await;
-            let alive =
-                std::fs::read_to_string(format!("/proc/{successor}/stat")).is_ok_and(|stat| {
-                    !stat
-                        .rsplit(')')
-                        .next()
-                        .unwrap_or("")
-                        .trim_start()
-                        .starts_with('Z')
-                });
-            signal(successor, nix::sys::signal::Signal::SIGKILL);
+            let alive = successor.alive();
             let answer = upgrading.await.unwrap();
-            let _ = std::fs::remove_dir_all(&dir);
             assert!(
                 !alive,
-                "{what}: the successor {successor} outlived the run\n{report}"
+                "{what}: the successor {pid} outlived the run\n{report}"
             );
             assert!(
                 matches!(answer, Err(UpgradeError::Aborted { .. })),
@@ -1295,56 +1286,24 @@ mod tests {
     /// the upgrade fails as not ready, the old process serving on.
     #[tokio::test]
     async fn a_successor_that_closes_its_ready_socket_is_not_waited_for_for_ever() {
-        let dir =
-            std::env::temp_dir().join(format!("finale-upgrade-closed-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let script = dir.join("successor.sh");
-        let pid_file = dir.join("successor.pid");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\necho $$ > '{}'\nexec 3>&-\nexec sleep 30\n",
-                pid_file.display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let finale = Finale::builder()
-            .no_signals()
-            .read_env(false)
-            .environment(crate::Environment::Local)
-            .upgrade(
-                Upgrade::new()
-                    .signal(None)
-                    .program(&script)
+        let successor = Successor::new(
+            "upgrade-closed",
+            "echo $$ > \"$PID_FILE\"\nexec 3>&-\nexec sleep 30\n",
+        );
+        let finale = successor.finale(|b| {
+            b.upgrade(
+                successor
+                    .upgrade()
                     .ready_timeout(Duration::from_millis(300)),
             )
-            .build()
-            .unwrap();
-        let answer = tokio::time::timeout(Duration::from_secs(10), finale.handle().upgrade()).await;
-        let pid: Option<u32> = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|pid| pid.trim().parse().ok());
-        let alive = pid.is_some_and(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-                !stat
-                    .rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            })
         });
-        if let Some(pid) = pid {
-            signal(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-        let _ = std::fs::remove_dir_all(&dir);
+        let answer = tokio::time::timeout(Duration::from_secs(10), finale.handle().upgrade()).await;
+        let alive = successor.alive();
         assert!(
             matches!(answer, Ok(Err(UpgradeError::NotReady { .. }))),
             "{answer:?}"
         );
-        assert!(!alive, "the successor {pid:?} runs on");
+        assert!(!alive, "the successor {:?} runs on", successor.pid());
         assert!(finale.shared.reason().is_none(), "still serving");
     }
 }
