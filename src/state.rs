@@ -565,9 +565,9 @@ impl Shared {
     }
 
     /// The time the upgrade's waits in the Announce phase may take, at most: the Announce
-    /// timeout (the phase's own time, the drain delay aside: the drain delay and the hooks
-    /// before it keep theirs), or the budget's time before the Telemetry reserve if that is
-    /// shorter (the phase's deadline is the earlier of its limit and that, counted from its
+    /// timeout (the phase's own time, the drain delay aside, which keeps its own; hooks ordered
+    /// before the drain delay share this time with the waits), or the budget's time before the
+    /// Telemetry reserve if that is shorter (the phase's deadline is the earlier of its limit and that, counted from its
     /// start, which is at or after the trigger); less what has passed since the trigger, once
     /// the shutdown was requested.
     #[cfg_attr(
