@@ -962,6 +962,37 @@ mod tests {
         (receiver, Notifier::new(path.as_os_str(), None).unwrap())
     }
 
+    /// The hand-off to pid 4242 on a thread of its own, once `first` ran there.
+    fn hand_over_on_a_thread(
+        notifier: &Notifier,
+        finale: crate::Finale,
+        first: impl FnOnce() + Send + 'static,
+    ) -> std::thread::JoinHandle<()> {
+        let notifier = notifier.clone();
+        std::thread::spawn(move || {
+            first();
+            Observer::handed_over(&notifier, &finale.shared, 4242);
+        })
+    }
+
+    /// Reads the `queued` datagrams that filled the queue and the one after them, which must
+    /// be the hand-off's `MAINPID=4242`; then the hand-off's thread ends and `dir` goes.
+    fn mainpid_comes_last(
+        receiver: &UnixDatagram,
+        queued: usize,
+        handing: std::thread::JoinHandle<()>,
+        dir: &std::path::Path,
+    ) {
+        let seen = read_up_to(receiver, queued + 1);
+        handing.join().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+        assert_eq!(
+            seen.last().map(|m| m.starts_with("MAINPID=4242\n")),
+            Some(true),
+            "{seen:?}"
+        );
+    }
+
     /// Fills the queue of the socket at `path` (nobody reads it yet: the kernel keeps ten
     /// datagrams by default); how many it took.
     fn fill_queue(path: &std::path::Path) -> usize {
@@ -1017,12 +1048,7 @@ mod tests {
         let (receiver, notifier) = socket_pair(&path, Duration::from_secs(3));
         // Nobody reads yet: the queue fills (the kernel keeps ten datagrams by default).
         let queued = fill_queue(&path);
-        let handing = {
-            let notifier = notifier.clone();
-            std::thread::spawn(move || {
-                Observer::handed_over(&notifier, &finale.shared, 4242);
-            })
-        };
+        let handing = hand_over_on_a_thread(&notifier, finale, || {});
         // Until the hand-off has tried once (it sets its flag first, under the lock).
         let until = Instant::now() + Duration::from_secs(2);
         while !*lock(&notifier.inner.handed) && Instant::now() < until {
@@ -1031,14 +1057,7 @@ mod tests {
         // The queue is still full: a hand-off that drops its datagram has returned by now; one
         // that waits for room is waiting, and the reader makes room.
         assert!(!handing.is_finished(), "the hand-off did not wait for room");
-        let seen = read_up_to(&receiver, queued + 1);
-        handing.join().unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        assert!(
-            seen.iter().any(|m| m.starts_with("MAINPID=4242\n")),
-            "MAINPID dropped: {} datagrams, none of them MAINPID",
-            seen.len()
-        );
+        mainpid_comes_last(&receiver, queued, handing, &dir);
     }
 
     /// While the hand-off's `MAINPID=` waits for room, another datagram (a watchdog ping from
@@ -1053,13 +1072,7 @@ mod tests {
         let (receiver, notifier) = socket_pair(&path, Duration::from_secs(3));
         let queued = fill_queue(&path);
         let (started, handing_started) = std::sync::mpsc::channel();
-        let handing = {
-            let notifier = notifier.clone();
-            std::thread::spawn(move || {
-                started.send(()).unwrap();
-                Observer::handed_over(&notifier, &finale.shared, 4242);
-            })
-        };
+        let handing = hand_over_on_a_thread(&notifier, finale, move || started.send(()).unwrap());
         handing_started.recv().unwrap();
         // Until the hand-off holds the flag (it waits for room without the lock).
         let until = Instant::now() + Duration::from_secs(2);
@@ -1070,14 +1083,7 @@ mod tests {
         // up, by which time its `MAINPID=` would be gone for good.
         notifier.send_unless_ended(&finale_life, "WATCHDOG=1");
         assert!(!handing.is_finished(), "the hand-off stopped waiting");
-        let seen = read_up_to(&receiver, queued + 1);
-        handing.join().unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(
-            seen.last().map(|m| m.starts_with("MAINPID=4242\n")),
-            Some(true),
-            "{seen:?}"
-        );
+        mainpid_comes_last(&receiver, queued, handing, &dir);
     }
 
     /// Signals delivered to the thread whose `MAINPID=` waits for room interrupt its send
@@ -1102,13 +1108,9 @@ mod tests {
         let (receiver, notifier) = socket_pair(&path, Duration::from_secs(3));
         let queued = fill_queue(&path);
         let (tx, thread) = std::sync::mpsc::channel();
-        let handing = {
-            let notifier = notifier.clone();
-            std::thread::spawn(move || {
-                tx.send(pthread_self()).unwrap();
-                Observer::handed_over(&notifier, &finale.shared, 4242);
-            })
-        };
+        let handing = hand_over_on_a_thread(&notifier, finale, move || {
+            tx.send(pthread_self()).unwrap();
+        });
         let thread = thread.recv().unwrap();
         // Bounded: a signal every 10 ms for 200 ms, while the hand-off waits (it would give up
         // at the first that lands in its send).
@@ -1119,14 +1121,7 @@ mod tests {
             let _ = pthread_kill(thread, NixSignal::SIGUSR1);
             std::thread::sleep(Duration::from_millis(10));
         }
-        let seen = read_up_to(&receiver, queued + 1);
-        handing.join().unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(
-            seen.last().map(|m| m.starts_with("MAINPID=4242\n")),
-            Some(true),
-            "{seen:?}"
-        );
+        mainpid_comes_last(&receiver, queued, handing, &dir);
     }
 
     /// The wait is bounded: with nobody reading, the hand-off waits its patience, then gives
