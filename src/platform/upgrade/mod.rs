@@ -104,6 +104,10 @@ pub use config::{DEFAULT_READY_TIMEOUT, Upgrade};
 pub use error::{UpgradeError, Upgraded};
 pub(crate) use ready::ready_reporter;
 pub use ready::{GENERATION_ENV, generation};
+#[cfg_attr(
+    not(any(feature = "axum", feature = "hyper", feature = "tonic")),
+    allow(unused_imports)
+)]
 pub(crate) use state::state;
 pub use successor::STOP_WAIT;
 
