@@ -11,7 +11,9 @@ Modes (each against its peer in the same run):
   churn      wrk with `Connection: close`: a new connection per request
   h2         h2load, HTTP/2 multiplexed (prior knowledge, -c 8 -m 16)
   tls        wrk over HTTPS: finale's server over rustls vs tokio-rustls + hyper-util's
-             auto connection (what axum-server's rustls acceptor does)
+             auto connection (what axum-server's rustls acceptor does), with the connect info
+             finale gives handlers inserted as axum::serve inserts it (plain-tls-ci, the peer);
+             the same without it (plain-tls) beside
   grpc       h2load, unary gRPC (grpc.health.v1.Health/Check, -c 8 -m 16): finale::tonic::serve
              vs tonic's own Server (serve_with_incoming, TCP_NODELAY on)
   grpc-tls   the same over TLS (ALPN h2): finale's HttpServer::tls vs tonic's ServerTlsConfig
@@ -57,7 +59,7 @@ MODES = {
     "keepalive": ["plain-ci", "finale", "plain", "layer"],
     "churn": ["plain-ci", "finale", "plain", "layer"],
     "h2": ["plain-ci", "finale", "plain", "layer"],
-    "tls": ["plain-tls", "finale-tls"],
+    "tls": ["plain-tls-ci", "finale-tls", "plain-tls"],
     "grpc": ["plain-grpc", "finale-grpc"],
     "grpc-tls": ["plain-grpc-tls", "finale-grpc-tls"],
 }
@@ -97,7 +99,7 @@ def build() -> str:
 def start(binary: str, variant: str, port: int) -> subprocess.Popen:
     # The TLS and gRPC variants: bound and accepting is enough (the first load run warms up;
     # the gRPC ones are then checked with a real call).
-    raw = variant.endswith("-tls") or "grpc" in variant
+    raw = "-tls" in variant or "grpc" in variant
     proc = subprocess.Popen([binary, variant, str(port)], cwd=ROOT, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()  # "listening on 127.0.0.1:<port> (<variant>)"

@@ -12,7 +12,10 @@
 //!   (`scripts/bench_memory.py`);
 //! - `finale`: `finale::axum::serve(..)`, finale's accept loop with the drain layer built in;
 //! - `layer`: `axum::serve(listener, router.layer(DrainLayer::new(..)))`, the layer alone;
-//! - `plain-tls`, `finale-tls`: the handler over HTTPS, tokio-rustls + hyper-util vs finale's.
+//! - `plain-tls`, `finale-tls`: the handler over HTTPS, tokio-rustls + hyper-util vs finale's;
+//! - `plain-tls-ci`: `plain-tls` with the same `ConnectInfo<SocketAddr>` finale's server gives
+//!   handlers, inserted as `axum::serve` inserts it (`into_make_service_with_connect_info`,
+//!   asked for each connection's service with the client's address).
 //!
 //! And unary gRPC, tonic-health's `grpc.health.v1.Health/Check` (no codegen needed):
 //!
@@ -43,16 +46,17 @@ use finale::Finale;
 use finale::tower::DrainLayer;
 use tokio::signal::unix::{SignalKind, signal};
 
-const USAGE: &str = "usage: http_server <plain|plain-ci|plain-ci-task|finale|layer|plain-tls|finale-tls|\
+const USAGE: &str = "usage: http_server <plain|plain-ci|plain-ci-task|finale|layer|plain-tls|plain-tls-ci|finale-tls|\
                      plain-grpc|finale-grpc|plain-grpc-tls|finale-grpc-tls> <port>";
 
-const VARIANTS: [&str; 11] = [
+const VARIANTS: [&str; 12] = [
     "plain",
     "plain-ci",
     "plain-ci-task",
     "finale",
     "layer",
     "plain-tls",
+    "plain-tls-ci",
     "finale-tls",
     "plain-grpc",
     "finale-grpc",
@@ -154,9 +158,10 @@ async fn run(variant: &str, port: u16) {
             println!("listening on {addr} ({variant})");
             let _report = finale.run().await;
         }
-        "plain-tls" => {
+        "plain-tls" | "plain-tls-ci" => {
             // What axum-server's rustls acceptor does: tokio-rustls in front of hyper-util's
-            // auto connection, one task per connection, nothing else.
+            // auto connection, one task per connection, nothing else; `plain-tls-ci` adds the
+            // connect info as `axum::serve` does.
             let (cert, key) = self_signed();
             let tls = finale::tls::TlsConfig::from_pem(cert.as_bytes(), key.as_bytes())
                 .expect("a TLS configuration");
@@ -167,23 +172,29 @@ async fn run(variant: &str, port: u16) {
             let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
             let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
             println!("listening on {addr} ({variant})");
-            let service = hyper_util::service::TowerToHyperService::new(app());
+            let connect_info = variant == "plain-tls-ci";
+            let plain = hyper_util::service::TowerToHyperService::new(app());
+            let mut make = app().into_make_service_with_connect_info::<SocketAddr>();
             loop {
                 tokio::select! {
                     accepted = listener.accept() => {
-                        let Ok((stream, _)) = accepted else { continue };
+                        let Ok((stream, peer)) = accepted else { continue };
                         let _ = stream.set_nodelay(true);
-                        let (acceptor, service) = (acceptor.clone(), service.clone());
+                        let (acceptor, plain) = (acceptor.clone(), plain.clone());
+                        let service = tower::Service::call(&mut make, peer);
                         tokio::spawn(async move {
                             let Ok(stream) = acceptor.accept(stream).await else { return };
-                            let _ = hyper_util::server::conn::auto::Builder::new(
+                            let builder = hyper_util::server::conn::auto::Builder::new(
                                 hyper_util::rt::TokioExecutor::new(),
-                            )
-                            .serve_connection_with_upgrades(
-                                hyper_util::rt::TokioIo::new(stream),
-                                service,
-                            )
-                            .await;
+                            );
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            if connect_info {
+                                let Ok(service) = service.await;
+                                let service = hyper_util::service::TowerToHyperService::new(service);
+                                let _ = builder.serve_connection_with_upgrades(io, service).await;
+                            } else {
+                                let _ = builder.serve_connection_with_upgrades(io, plain).await;
+                            }
                         });
                     }
                     _ = term.recv() => break,
