@@ -68,7 +68,7 @@ impl Handover for UpgradeState {
 
     fn completing(self: Arc<Self>) -> Option<HandoverFuture> {
         // `idle` goes back to `true` once the upgrade has told the platform and counted the
-        // hand-over (`try_upgrade`).
+        // hand-over (`upgrade_here`).
         if *self.idle.borrow() {
             return None;
         }
@@ -131,8 +131,7 @@ pub(crate) async fn run(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> 
             }
         }),
         Err(e) => {
-            state.busy.store(false, Ordering::Release);
-            state.idle.send_replace(true);
+            state.end();
             Err(ended(
                 shared,
                 UpgradeError::Spawn {
@@ -144,18 +143,35 @@ pub(crate) async fn run(shared: &Arc<Shared>) -> Result<Upgraded, UpgradeError> 
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Run by `begin` between its check for a shutdown and its mark (tests only).
+    pub(super) static BETWEEN_CHECK_AND_MARK: std::cell::Cell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::Cell::new(None) };
+}
+
 /// The checks before an upgrade starts; marks it under way.
-fn begin(shared: &Shared) -> Result<Arc<UpgradeState>, UpgradeError> {
+pub(super) fn begin(shared: &Shared) -> Result<Arc<UpgradeState>, UpgradeError> {
     let Some(state) = state(shared) else {
         return Err(UpgradeError::NotEnabled);
     };
     if shared.reason().is_some() {
         return Err(UpgradeError::ShuttingDown);
     }
-    if state.busy.swap(true, Ordering::AcqRel) {
+    #[cfg(test)]
+    if let Some(hook) = BETWEEN_CHECK_AND_MARK.take() {
+        hook();
+    }
+    if !state.begin() {
         return Err(UpgradeError::InProgress);
     }
-    state.idle.send_replace(false);
+    // Again, now that it is marked: a shutdown requested since the check above found no upgrade
+    // under way (the Announce phase would neither wait for this one nor stop its successor).
+    // One requested after this look sees it marked.
+    if shared.reason().is_some() {
+        state.end();
+        return Err(UpgradeError::ShuttingDown);
+    }
     Ok(state)
 }
 
@@ -212,7 +228,8 @@ impl Drop for Settled<'_> {
             }
             // The sockets are this process's alone again.
             state.sharing.store(false, Ordering::Release);
-            state.busy.store(false, Ordering::Release);
+            state.end();
+            return;
         }
         state.idle.send_replace(true);
     }

@@ -35,7 +35,8 @@ pub(crate) struct UpgradeState {
     pub(super) listeners: std::sync::Mutex<Vec<(u64, String, OwnedFd)>>,
     /// Upgrades that failed, for the report.
     pub(super) failed: std::sync::Mutex<Vec<String>>,
-    /// Sent `false` when an upgrade ends without a hand-over (failed or abandoned).
+    /// `false` while an upgrade is under way: sent `false` when it begins, `true` when it
+    /// ends (handed over, failed or abandoned).
     pub(super) idle: tokio::sync::watch::Sender<bool>,
     /// The successor being started or stopped (0: none).
     pub(super) successor: std::sync::atomic::AtomicU32,
@@ -66,6 +67,23 @@ impl UpgradeState {
     /// accept-queue sweep).
     pub(crate) fn handed_off(&self) -> bool {
         self.handed_off.load(Ordering::Acquire) || self.sharing.load(Ordering::Acquire)
+    }
+
+    /// Marks an upgrade under way; `false` if one is already.
+    pub(super) fn begin(&self) -> bool {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.idle.send_replace(false);
+        true
+    }
+
+    /// Marks the upgrade under way ended without a hand-over, so that another may begin:
+    /// settled first, then free. (The other way round, an upgrade that began in between would
+    /// be marked settled by this one while its successor starts.)
+    pub(super) fn end(&self) {
+        self.idle.send_replace(true);
+        self.busy.store(false, Ordering::Release);
     }
 
     /// Whether an upgrade is under way (a successor is being started or waited for).

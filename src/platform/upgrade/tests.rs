@@ -374,3 +374,66 @@ async fn a_successor_that_closes_its_ready_socket_is_not_waited_for_for_ever() {
     assert!(!alive, "the successor {:?} runs on", successor.pid());
     assert!(finale.shared.reason().is_none(), "still serving");
 }
+
+/// An upgrade that ends as another begins: the one that begins is never seen settled (`idle`)
+/// while it is under way. (It was, when the ending one let the next begin before it marked
+/// itself settled: the Announce phase then neither waited for the new successor nor stopped
+/// it.) Two threads, started together, begin and end upgrades as fast as they can, 5,000,000
+/// times each.
+#[test]
+fn an_upgrade_that_begins_as_another_ends_is_never_seen_settled() {
+    let state = Arc::new(state::UpgradeState::new(Upgrade::new()));
+    let seen_settled = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let start = Arc::new(std::sync::Barrier::new(2));
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let (state, seen_settled) = (state.clone(), seen_settled.clone());
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                for _ in 0..5_000_000 {
+                    if state.begin() {
+                        if *state.idle.borrow() {
+                            seen_settled.fetch_add(1, Ordering::Relaxed);
+                        }
+                        state.end();
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    assert_eq!(seen_settled.load(Ordering::Relaxed), 0);
+}
+
+/// A shutdown requested in the instant after `begin` found none, before it marked the upgrade
+/// under way: the Announce phase, which looks right after the request, saw no upgrade. The
+/// upgrade must then not go on (its successor would be neither waited for nor stopped): it is
+/// refused.
+#[test]
+fn a_shutdown_as_an_upgrade_begins_refuses_the_upgrade() {
+    let finale = Finale::builder()
+        .no_signals()
+        .read_env(false)
+        .upgrade(Upgrade::new().signal(None))
+        .build()
+        .unwrap();
+    let shared = finale.shared.clone();
+    let requested = shared.clone();
+    let announce_saw = Arc::new(std::sync::Mutex::new(None));
+    let saw = announce_saw.clone();
+    super::handoff::BETWEEN_CHECK_AND_MARK.set(Some(Box::new(move || {
+        requested.request(Reason::Signal(crate::Signal::Terminate));
+        *saw.lock().unwrap() = Some(state(&requested).unwrap().in_progress());
+    })));
+    let began = super::handoff::begin(&shared);
+    assert_eq!(*announce_saw.lock().unwrap(), Some(false), "the hook ran");
+    assert_eq!(began.err(), Some(UpgradeError::ShuttingDown));
+    let upgrade = state(&shared).unwrap();
+    assert!(
+        !upgrade.in_progress() && *upgrade.idle.borrow(),
+        "backed out"
+    );
+}
