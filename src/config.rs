@@ -352,6 +352,13 @@ pub enum ConfigError {
     },
     /// A hook or task has an empty name.
     EmptyName,
+    /// A server's name contains `:`. Its listening socket is passed under its name
+    /// (`LISTEN_FDNAMES`: systemd socket activation, an upgrade's hand-off), where `:` separates
+    /// the names.
+    ServerName {
+        /// The name.
+        name: String,
+    },
     /// A hook's or task's own timeout is longer than its phase can last.
     TimeoutBeyondPhase {
         /// The hook or task.
@@ -427,6 +434,11 @@ impl fmt::Display for ConfigError {
                 "the name {name:?} is used by two hooks or tasks; names identify them in the report"
             ),
             ConfigError::EmptyName => f.write_str("a hook or task needs a non-empty name"),
+            ConfigError::ServerName { name } => write!(
+                f,
+                "the server name {name:?} contains ':', which separates the names of passed \
+                 sockets (LISTEN_FDNAMES): its socket could not be handed over by name"
+            ),
             ConfigError::TimeoutBeyondPhase {
                 name,
                 phase,

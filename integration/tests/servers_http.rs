@@ -1299,3 +1299,22 @@ async fn timeouts_too_large_for_the_clock_mean_none() {
     let report = finish(served).await;
     assert_eq!(report.status, ShutdownStatus::Clean, "{report}");
 }
+
+/// A server's name is the name its listening socket is passed under (`LISTEN_FDNAMES`:
+/// systemd's socket activation, an upgrade's hand-off), where `:` separates the names. A name
+/// with `:` would make every upgrade fail (the successor finds one name too many and takes no
+/// socket): it is refused when the server is registered.
+#[tokio::test]
+async fn a_server_name_with_a_colon_is_refused() {
+    let finale = builder().build().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refused = finale::axum::serve(&finale, "http:main", listener, Router::new());
+    assert_eq!(
+        refused.err(),
+        Some(finale::ConfigError::ServerName {
+            name: "http:main".into()
+        })
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    assert!(finale::axum::serve(&finale, "http-main", listener, Router::new()).is_ok());
+}

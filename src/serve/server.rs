@@ -315,7 +315,8 @@ impl<L> HttpServer<L> {
     ///
     /// # Errors
     ///
-    /// As [`Finale::spawn`]: a duplicate or empty name.
+    /// As [`Finale::spawn`]: a duplicate or empty name; [`ConfigError::ServerName`] for a name
+    /// with `:` (the separator of the names of passed sockets, systemd's and an upgrade's).
     ///
     /// # Panics
     ///
@@ -336,6 +337,11 @@ impl<L> HttpServer<L> {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        if self.name.contains(':') {
+            return Err(ConfigError::ServerName {
+                name: self.name.into_owned(),
+            });
+        }
         let listen = listen.into();
         let HttpServer {
             name,

@@ -63,7 +63,10 @@
 //! - A successor that crashes after `READY=1` leaves nobody serving: the old process has let go.
 //! - In-memory state (caches, sessions, counters) does not move: the successor starts fresh.
 //! - Two upgrades at once: the second is refused ([`UpgradeError::InProgress`]); so is one once
-//!   the shutdown has started.
+//!   the shutdown has started, including one requested while the upgrade begins.
+//! - A server's name is the name its socket is passed under, where `:` separates the names: a
+//!   server named with a `:` is refused when it is registered
+//!   ([`ConfigError::ServerName`](crate::ConfigError::ServerName)).
 //! - Under systemd, the successor's own notifications are accepted only with
 //!   `NotifyAccess=all` (or `exec`); `WATCHDOG_PID` is not passed on, so the successor's
 //!   watchdog applies to it.
@@ -72,17 +75,13 @@
 //!   overwritten by whichever pushes last): [`generation`] counts the upgrades that led to this
 //!   process (`FINALE_UPGRADE_GENERATION`), so `instance="host-{generation}"` or the pid tells
 //!   them apart.
-//!
-//! # Layout
-//!
-//! | file | what |
-//! |---|---|
-//! | `config.rs` | [`Upgrade`], the settings |
-//! | `error.rs` | [`Upgraded`] and [`UpgradeError`], how an upgrade ended |
-//! | `state.rs` | the machinery of one `Finale`: under way, shared, handed off; the servers' sockets |
-//! | `successor.rs` | the successor started with the sockets, its `READY=1` waited for, or stopped |
-//! | `handoff.rs` | one upgrade on its own thread, from the trigger to the hand-off or the failure |
-//! | `ready.rs` | the successor's side: its generation, its `READY=1` |
+
+// Layout: `config.rs` (`Upgrade`, the settings), `error.rs` (`Upgraded`, `UpgradeError`),
+// `state.rs` (the machinery of one `Finale`: under way, shared, handed off; the servers'
+// sockets), `successor.rs` (the successor started with the sockets, its `READY=1` waited for,
+// or stopped), `handoff.rs` (one upgrade on its own thread, from the trigger to the hand-off or
+// the failure; `Handle::upgrade`), `ready.rs` (the successor's side: its generation, its
+// `READY=1`), `tests.rs`.
 
 mod config;
 mod error;
