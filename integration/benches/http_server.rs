@@ -160,8 +160,8 @@ async fn run(variant: &str, port: u16) {
         }
         "plain-tls" | "plain-tls-ci" => {
             // What axum-server's rustls acceptor does: tokio-rustls in front of hyper-util's
-            // auto connection, one task per connection, nothing else; `plain-tls-ci` adds the
-            // connect info as `axum::serve` does.
+            // auto connection, one task per connection; `plain-tls-ci` adds the connect info as
+            // `axum::serve` does (`plain-tls` asks for it too, per connection, and drops it).
             let (cert, key) = self_signed();
             let tls = finale::tls::TlsConfig::from_pem(cert.as_bytes(), key.as_bytes())
                 .expect("a TLS configuration");
