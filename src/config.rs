@@ -352,12 +352,14 @@ pub enum ConfigError {
     },
     /// A hook or task has an empty name.
     EmptyName,
-    /// A server's name contains `:`. Its listening socket is passed under its name
-    /// (`LISTEN_FDNAMES`: systemd socket activation, an upgrade's hand-off), where `:` separates
-    /// the names.
+    /// A server's name cannot name its listening socket, which is passed under it
+    /// (`LISTEN_FDNAMES`: systemd socket activation, an upgrade's hand-off): it contains `:`
+    /// (their separator) or a NUL byte, or it is `finale.ready` (an upgrade's own socket).
     ServerName {
         /// The name.
         name: String,
+        /// Why.
+        reason: &'static str,
     },
     /// A hook's or task's own timeout is longer than its phase can last.
     TimeoutBeyondPhase {
@@ -434,10 +436,9 @@ impl fmt::Display for ConfigError {
                 "the name {name:?} is used by two hooks or tasks; names identify them in the report"
             ),
             ConfigError::EmptyName => f.write_str("a hook or task needs a non-empty name"),
-            ConfigError::ServerName { name } => write!(
+            ConfigError::ServerName { name, reason } => write!(
                 f,
-                "the server name {name:?} contains ':', which separates the names of passed \
-                 sockets (LISTEN_FDNAMES): its socket could not be handed over by name"
+                "the server name {name:?} cannot name its passed socket: {reason}"
             ),
             ConfigError::TimeoutBeyondPhase {
                 name,

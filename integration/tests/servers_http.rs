@@ -1302,19 +1302,22 @@ async fn timeouts_too_large_for_the_clock_mean_none() {
 
 /// A server's name is the name its listening socket is passed under (`LISTEN_FDNAMES`:
 /// systemd's socket activation, an upgrade's hand-off), where `:` separates the names. A name
-/// with `:` would make every upgrade fail (the successor finds one name too many and takes no
-/// socket): it is refused when the server is registered.
+/// with `:` or a NUL byte, or the upgrade's own `finale.ready`, would make every upgrade fail
+/// (the successor finds one name too many and takes no socket; the successor cannot be
+/// started; it takes the server's socket for its ready socket): each is refused when the
+/// server is registered.
 #[tokio::test]
-async fn a_server_name_with_a_colon_is_refused() {
+async fn a_server_name_its_socket_cannot_be_passed_under_is_refused() {
     let finale = builder().build().unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let refused = finale::axum::serve(&finale, "http:main", listener, Router::new());
-    assert_eq!(
-        refused.err(),
-        Some(finale::ConfigError::ServerName {
-            name: "http:main".into()
-        })
-    );
+    for name in ["http:main", "a\0b", "finale.ready"] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let refused = finale::axum::serve(&finale, name, listener, Router::new());
+        assert!(
+            matches!(&refused, Err(finale::ConfigError::ServerName { name: n, .. }) if n == name),
+            "{name:?}: {:?}",
+            refused.err()
+        );
+    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     assert!(finale::axum::serve(&finale, "http-main", listener, Router::new()).is_ok());
 }

@@ -136,7 +136,8 @@ pub use crate::serve::server::{
 ///
 /// # Errors
 ///
-/// As [`Finale::spawn`]: a duplicate or empty name.
+/// As [`Finale::spawn`]: a duplicate or empty name; [`ConfigError::ServerName`] for a name its
+/// socket cannot be passed under ([`HttpServer::serve`]).
 ///
 /// # Panics
 ///

@@ -47,7 +47,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 ///
 /// # Errors
 ///
-/// As [`Finale::spawn`]: a duplicate or empty name.
+/// As [`Finale::spawn`]: a duplicate or empty name; [`ConfigError::ServerName`] for a name its
+/// socket cannot be passed under ([`HttpServer::serve`]).
 ///
 /// # Panics
 ///

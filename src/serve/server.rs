@@ -316,7 +316,8 @@ impl<L> HttpServer<L> {
     /// # Errors
     ///
     /// As [`Finale::spawn`]: a duplicate or empty name; [`ConfigError::ServerName`] for a name
-    /// with `:` (the separator of the names of passed sockets, systemd's and an upgrade's).
+    /// its socket cannot be passed under (systemd's and an upgrade's `LISTEN_FDNAMES`): one with
+    /// `:` (their separator) or a NUL byte, or `finale.ready` (an upgrade's own).
     ///
     /// # Panics
     ///
@@ -337,9 +338,10 @@ impl<L> HttpServer<L> {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        if self.name.contains(':') {
+        if let Some(reason) = unpassable(&self.name) {
             return Err(ConfigError::ServerName {
                 name: self.name.into_owned(),
+                reason,
             });
         }
         let listen = listen.into();
@@ -378,5 +380,32 @@ impl<L> HttpServer<L> {
             )
         }))?;
         Ok(listening)
+    }
+}
+
+/// The name of the socket an upgrade's successor reports ready on, passed beside the servers'
+/// (the upgrade's `READY_NAME`).
+const READY_SOCKET_NAME: &str = "finale.ready";
+
+/// Why a server cannot be named `name`: its socket is passed under its name
+/// (`LISTEN_FDNAMES`, systemd's and an upgrade's), where `:` separates the names, an
+/// environment variable holds no NUL byte, and `finale.ready` is the upgrade's own.
+fn unpassable(name: &str) -> Option<&'static str> {
+    if name.contains(':') {
+        Some("':' separates the names of passed sockets (LISTEN_FDNAMES)")
+    } else if name.contains('\0') {
+        Some("a NUL byte cannot go into LISTEN_FDNAMES")
+    } else if name == READY_SOCKET_NAME {
+        Some("an upgrade passes its own socket under that name")
+    } else {
+        None
+    }
+}
+
+#[cfg(all(test, feature = "upgrade", unix))]
+mod tests {
+    #[test]
+    fn the_reserved_name_is_the_upgrades() {
+        assert_eq!(super::READY_SOCKET_NAME, crate::upgrade::READY_NAME);
     }
 }

@@ -111,7 +111,8 @@ pub const HEALTH_HOOK: &str = "grpc-health";
 ///
 /// # Errors
 ///
-/// As [`Finale::spawn`]: a duplicate or empty name.
+/// As [`Finale::spawn`]: a duplicate or empty name; [`ConfigError::ServerName`] for a name its
+/// socket cannot be passed under ([`HttpServer::serve`]).
 ///
 /// # Panics
 ///

@@ -65,7 +65,8 @@
 //! - Two upgrades at once: the second is refused ([`UpgradeError::InProgress`]); so is one once
 //!   the shutdown has started, including one requested while the upgrade begins.
 //! - A server's name is the name its socket is passed under, where `:` separates the names: a
-//!   server named with a `:` is refused when it is registered
+//!   server named with a `:` or a NUL byte, or named `finale.ready` (the successor's ready
+//!   socket), is refused when it is registered
 //!   ([`ConfigError::ServerName`](crate::ConfigError::ServerName)).
 //! - Under systemd, the successor's own notifications are accepted only with
 //!   `NotifyAccess=all` (or `exec`); `WATCHDOG_PID` is not passed on, so the successor's
@@ -101,6 +102,11 @@ use crate::state::Handover;
 
 pub use config::{DEFAULT_READY_TIMEOUT, Upgrade};
 pub use error::{UpgradeError, Upgraded};
+#[cfg_attr(
+    not(all(test, any(feature = "axum", feature = "hyper", feature = "tonic"))),
+    allow(unused_imports)
+)]
+pub(crate) use ready::READY_NAME;
 pub(crate) use ready::ready_reporter;
 pub use ready::{GENERATION_ENV, generation};
 #[cfg_attr(
