@@ -80,6 +80,10 @@ pub(super) fn spawn_and_wait(state: &UpgradeState, life: &Life) -> Result<u32, U
     command
         .fd_mappings(mappings)
         .map_err(|e| spawn_error(e.to_string()))?;
+    if life.shutdown_won() {
+        // The shutdown came while the successor was being prepared: not started at all.
+        return Err(UpgradeError::ShuttingDown);
+    }
     state.sharing.store(true, Ordering::Release);
     let mut child = match command.spawn() {
         Ok(child) => child,
