@@ -437,3 +437,22 @@ fn a_shutdown_as_an_upgrade_begins_refuses_the_upgrade() {
         "backed out"
     );
 }
+
+/// A shutdown that won while the successor was being prepared (its sockets gathered): the
+/// successor is not started at all, where it was started and then stopped at once (and one
+/// deaf to SIGTERM from its first instant outlived the Announce phase's one kill).
+#[test]
+fn a_shutdown_before_the_spawn_starts_no_successor() {
+    let successor = Successor::new(
+        "upgrade-not-spawned",
+        "echo $$ > \"$PID_FILE\"\nexec sleep 30\n",
+    );
+    let finale = successor.finale(|b| b.upgrade(successor.upgrade()));
+    let shared = finale.shared.clone();
+    let upgrade = state(&shared).unwrap();
+    assert!(upgrade.begin());
+    shared.request(Reason::Signal(crate::Signal::Terminate));
+    let result = super::successor::spawn_and_wait(&upgrade, &shared.life);
+    assert_eq!(result, Err(UpgradeError::ShuttingDown));
+    assert!(!upgrade.handed_off(), "the sockets stay this process's");
+}
