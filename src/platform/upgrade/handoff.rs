@@ -1,5 +1,5 @@
 //! One upgrade from its trigger to its end, on its own thread: the checks, the successor
-//! started and waited for, then the hand-off completed (counted, logged, the platform told,
+//! started and waited for, then the hand-off completed (the platform told, counted, logged,
 //! the shutdown requested) or the failure counted; settled however the thread ends. Also the
 //! upgrade's door on the [`Handle`] and the core's view of it ([`Handover`]).
 
@@ -247,10 +247,12 @@ fn upgrade_here(shared: &Arc<Shared>, state: &UpgradeState) -> Result<Upgraded, 
         successor_pid: pid,
         ready_after: started.elapsed(),
     };
-    // The steps of the hand-off's completion each run the user's recorders or log layers: a
-    // panic in one does not skip the next (systemd must hear `MAINPID=`, the shutdown must be
-    // requested). Counted and logged before the shutdown is requested: a process with nothing
-    // to drain may be gone soon after.
+    // The platform is told first (systemd's `MAINPID=`), before the steps that run the user's
+    // recorders or log layers: one that blocks must not hold it back (the Announce phase waits
+    // for the hand-off only so long). Each step runs isolated from a panic in the step before it
+    // (systemd must hear `MAINPID=`, the shutdown must be requested). Counted and logged before
+    // the shutdown is requested: a process with nothing to drain may be gone soon after.
+    isolated(|| shared.observe(|o| o.handed_over(shared, pid)));
     isolated(|| {
         crate::names::add(
             &shared.recorders(),
@@ -267,7 +269,6 @@ fn upgrade_here(shared: &Arc<Shared>, state: &UpgradeState) -> Result<Upgraded, 
             "upgrade: the successor is ready; shutting down"
         );
     });
-    isolated(|| shared.observe(|o| o.handed_over(shared, pid)));
     state.idle.send_replace(true);
     // A signal requested after the hand-off won requested it already, as the hand-off's.
     isolated(|| {

@@ -456,3 +456,66 @@ fn a_shutdown_before_the_spawn_starts_no_successor() {
     assert_eq!(result, Err(UpgradeError::ShuttingDown));
     assert!(!upgrade.handed_off(), "the sockets stay this process's");
 }
+
+/// Counts the upgrade's `ready` outcome slowly: it waits (at most 10 s) until the test lets it
+/// go. A user's recorder that blocks.
+struct BlocksOnReady(std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
+
+impl crate::names::Recorder for BlocksOnReady {
+    fn add(&self, metric: &crate::names::Metric, labels: crate::names::Labels<'_>, _: u64) {
+        if metric.name == crate::names::metric::UPGRADES_TOTAL.name
+            && labels.contains(&("outcome", "ready"))
+        {
+            let _ = self.0.lock().unwrap().recv_timeout(Duration::from_secs(10));
+        }
+    }
+
+    fn set(&self, _: &crate::names::Metric, _: crate::names::Labels<'_>, _: f64) {}
+}
+
+/// systemd hears `MAINPID=` as soon as the hand-off won, before the user's recorders and log
+/// layers are called: one that blocks must not hold it back (a signal after the hand-off's
+/// claim starts a shutdown whose Announce phase waits for the hand-off only so long).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_mainpid_before_a_blocking_recorder_returns() {
+    let successor = Successor::new(
+        "upgrade-blocked",
+        "echo $$ > \"$PID_FILE\"\nprintf 'READY=1\\n' >&3\nexec sleep 30\n",
+    );
+    let notify = successor.dir.join("notify");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    crate::platform::systemd::TEST_NOTIFY_SOCKET
+        .with(|socket| *socket.borrow_mut() = Some(notify.clone()));
+    let finale = successor.finale(|b| b.systemd_notify(true).upgrade(successor.upgrade()));
+    crate::platform::systemd::TEST_NOTIFY_SOCKET.with(|socket| socket.borrow_mut().take());
+    let (release, held) = std::sync::mpsc::channel();
+    finale
+        .shared
+        .add_recorder(Arc::new(BlocksOnReady(std::sync::Mutex::new(held))));
+    let handle = finale.handle();
+    let upgrading = tokio::spawn(async move { handle.upgrade().await });
+    // What systemd heard while the recorder is held: every datagram up to `MAINPID=`, or
+    // until none comes for 5 s.
+    let heard = tokio::task::spawn_blocking(move || {
+        let (mut heard, mut buf) = (Vec::new(), [0u8; 256]);
+        while let Ok(n) = systemd.recv(&mut buf) {
+            heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            if heard.last().is_some_and(|m| m.starts_with("MAINPID=")) {
+                break;
+            }
+        }
+        heard
+    })
+    .await
+    .unwrap();
+    release.send(()).unwrap();
+    let answer = upgrading.await.unwrap();
+    assert!(answer.is_ok(), "the successor serves: {answer:?}");
+    assert!(
+        heard.last().is_some_and(|m| m.starts_with("MAINPID=")),
+        "systemd did not hear MAINPID= while the recorder was held: {heard:?}"
+    );
+}
