@@ -113,6 +113,21 @@ impl Successor {
         shape(builder).build().unwrap()
     }
 
+    /// A finale that upgrades to this successor and tells systemd, whose notify socket is the
+    /// returned one (read with a 5 s timeout).
+    fn finale_under_systemd(&self) -> (Finale, std::os::unix::net::UnixDatagram) {
+        let notify = self.dir.join("notify");
+        let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+        systemd
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        crate::platform::systemd::TEST_NOTIFY_SOCKET
+            .with(|socket| *socket.borrow_mut() = Some(notify.clone()));
+        let finale = self.finale(|b| b.systemd_notify(true).upgrade(self.upgrade()));
+        crate::platform::systemd::TEST_NOTIFY_SOCKET.with(|socket| socket.borrow_mut().take());
+        (finale, systemd)
+    }
+
     /// The upgrade that starts this successor.
     fn upgrade(&self) -> Upgrade {
         Upgrade::new().signal(None).program(&self.script)
@@ -251,30 +266,13 @@ async fn a_panic_after_the_hand_off_won_still_shuts_down() {
         "upgrade-panicked",
         "echo $$ > \"$PID_FILE\"\nprintf 'READY=1\\n' >&3\nexec sleep 30\n",
     );
-    let dir = &successor.dir;
-    let notify = dir.join("notify");
-    let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
-    systemd
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    crate::platform::systemd::TEST_NOTIFY_SOCKET
-        .with(|socket| *socket.borrow_mut() = Some(notify.clone()));
-    let finale = successor.finale(|b| b.systemd_notify(true).upgrade(successor.upgrade()));
-    crate::platform::systemd::TEST_NOTIFY_SOCKET.with(|socket| socket.borrow_mut().take());
+    let (finale, systemd) = successor.finale_under_systemd();
     let shared = finale.shared.clone();
     shared.add_recorder(Arc::new(PanicsOnReady));
     let answer = finale.handle().upgrade().await;
     let reason = shared.reason();
     let again = finale.handle().upgrade().await;
-    // What systemd heard: every datagram up to `MAINPID=`, or until none comes (bounded).
-    let mut heard = Vec::new();
-    let mut buf = [0u8; 256];
-    while let Ok(n) = systemd.recv(&mut buf) {
-        heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        if heard.last().is_some_and(|m| m.starts_with("MAINPID=")) {
-            break;
-        }
-    }
+    let heard = heard_up_to_mainpid(&systemd);
     assert!(answer.is_ok(), "the successor serves: {answer:?}");
     let successor = answer.as_ref().map(|u| u.successor_pid).unwrap_or_default();
     assert!(
@@ -482,35 +480,17 @@ async fn systemd_hears_mainpid_before_a_blocking_recorder_returns() {
         "upgrade-blocked",
         "echo $$ > \"$PID_FILE\"\nprintf 'READY=1\\n' >&3\nexec sleep 30\n",
     );
-    let notify = successor.dir.join("notify");
-    let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
-    systemd
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    crate::platform::systemd::TEST_NOTIFY_SOCKET
-        .with(|socket| *socket.borrow_mut() = Some(notify.clone()));
-    let finale = successor.finale(|b| b.systemd_notify(true).upgrade(successor.upgrade()));
-    crate::platform::systemd::TEST_NOTIFY_SOCKET.with(|socket| socket.borrow_mut().take());
+    let (finale, systemd) = successor.finale_under_systemd();
     let (release, held) = std::sync::mpsc::channel();
     finale
         .shared
         .add_recorder(Arc::new(BlocksOnReady(std::sync::Mutex::new(held))));
     let handle = finale.handle();
     let upgrading = tokio::spawn(async move { handle.upgrade().await });
-    // What systemd heard while the recorder is held: every datagram up to `MAINPID=`, or
-    // until none comes for 5 s.
-    let heard = tokio::task::spawn_blocking(move || {
-        let (mut heard, mut buf) = (Vec::new(), [0u8; 256]);
-        while let Ok(n) = systemd.recv(&mut buf) {
-            heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            if heard.last().is_some_and(|m| m.starts_with("MAINPID=")) {
-                break;
-            }
-        }
-        heard
-    })
-    .await
-    .unwrap();
+    // What systemd heard while the recorder is held.
+    let heard = tokio::task::spawn_blocking(move || heard_up_to_mainpid(&systemd))
+        .await
+        .unwrap();
     release.send(()).unwrap();
     let answer = upgrading.await.unwrap();
     assert!(answer.is_ok(), "the successor serves: {answer:?}");
@@ -518,4 +498,17 @@ async fn systemd_hears_mainpid_before_a_blocking_recorder_returns() {
         heard.last().is_some_and(|m| m.starts_with("MAINPID=")),
         "systemd did not hear MAINPID= while the recorder was held: {heard:?}"
     );
+}
+
+/// What systemd heard on `systemd`: every datagram up to `MAINPID=`, or until none comes within
+/// the socket's read timeout.
+fn heard_up_to_mainpid(systemd: &std::os::unix::net::UnixDatagram) -> Vec<String> {
+    let (mut heard, mut buf) = (Vec::new(), [0u8; 256]);
+    while let Ok(n) = systemd.recv(&mut buf) {
+        heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        if heard.last().is_some_and(|m| m.starts_with("MAINPID=")) {
+            break;
+        }
+    }
+    heard
 }
